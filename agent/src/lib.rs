@@ -1,0 +1,1 @@
+//! edgewatch gateway agent.

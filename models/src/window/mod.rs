@@ -1,0 +1,82 @@
+//! Event-time windows over one series, with a watermark and allowed lateness.
+//!
+//! A window closes once the series' watermark (the latest event time seen, or a watermark pushed in
+//! from outside for idle series) passes its end plus the allowed lateness. Readings older than the
+//! closed horizon are *late*: they are reported to the caller to count, never silently merged.
+
+mod tumbling;
+
+pub use tumbling::TumblingWindows;
+
+use crate::stats::RunningStats;
+use crate::wire::WindowSummary;
+use serde::{Deserialize, Serialize};
+
+/// Whether a reading was taken into a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// The reading was added to the window starting at `window_start_ms`.
+    Accepted {
+        /// Start of the window it joined.
+        window_start_ms: i64,
+    },
+    /// The reading's window was already closed; the reading was not merged.
+    Late,
+}
+
+/// The aggregate of one window while it is open, and once it has closed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowAggregate {
+    /// Start, inclusive, ms.
+    pub start_ms: i64,
+    /// End, exclusive, ms.
+    pub end_ms: i64,
+    /// Value statistics.
+    pub stats: RunningStats,
+    /// Earliest reading timestamp.
+    pub first_ts_ms: i64,
+    /// Latest reading timestamp.
+    pub last_ts_ms: i64,
+    /// Highest anomaly score seen.
+    pub max_score: f64,
+}
+
+impl WindowAggregate {
+    pub(crate) fn new(start_ms: i64, end_ms: i64) -> Self {
+        Self {
+            start_ms,
+            end_ms,
+            stats: RunningStats::default(),
+            first_ts_ms: i64::MAX,
+            last_ts_ms: i64::MIN,
+            max_score: 0.0,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn add(&mut self, ts_ms: i64, value: f64, score: f64) {
+        self.stats.push(value);
+        self.first_ts_ms = self.first_ts_ms.min(ts_ms);
+        self.last_ts_ms = self.last_ts_ms.max(ts_ms);
+        self.max_score = self.max_score.max(score);
+    }
+
+    /// The wire summary of this window for `device` / `metric`.
+    pub fn to_summary(&self, device: &str, metric: &str) -> WindowSummary {
+        WindowSummary {
+            device: device.to_string(),
+            metric: metric.to_string(),
+            start_ms: self.start_ms,
+            end_ms: self.end_ms,
+            count: self.stats.count,
+            min: self.stats.min,
+            max: self.stats.max,
+            mean: self.stats.mean,
+            std: self.stats.std(),
+            first_ts_ms: self.first_ts_ms,
+            last_ts_ms: self.last_ts_ms,
+            max_score: self.max_score,
+            revision: 0,
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Wire types shared by agent and aggregator, defined once: uplink topics and their JSON payloads.
+//!
+//! Device ids never appear in topic names (they may hold any UTF-8), only agent ids and partition
+//! numbers do. Every payload is JSON so any MQTT tool can read it.
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
+
+/// Default uplink topic prefix.
+pub const DEFAULT_PREFIX: &str = "edgewatch/v1";
+
+/// Summary of one (device, metric) event-time window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowSummary {
+    /// Device id (any UTF-8).
+    pub device: String,
+    /// Metric name.
+    pub metric: String,
+    /// Window start, inclusive, ms since the Unix epoch.
+    pub start_ms: i64,
+    /// Window end, exclusive, ms since the Unix epoch.
+    pub end_ms: i64,
+    /// Number of readings in the window.
+    pub count: u64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// Mean value.
+    pub mean: f64,
+    /// Population standard deviation.
+    pub std: f64,
+    /// Timestamp of the earliest reading, ms.
+    pub first_ts_ms: i64,
+    /// Timestamp of the latest reading, ms.
+    pub last_ts_ms: i64,
+    /// Highest anomaly score of any reading in the window, in [0, 1].
+    pub max_score: f64,
+    /// 0 for the first emission; a late correction of the same window carries a higher revision.
+    #[serde(default)]
+    pub revision: u32,
+}
+
+/// An anomaly detected on one reading.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyEvent {
+    /// Deterministic id: see [`event_id`]. A replayed event has the same id.
+    pub id: String,
+    /// Device id.
+    pub device: String,
+    /// Metric name.
+    pub metric: String,
+    /// Reading timestamp, ms since the Unix epoch.
+    pub ts_ms: i64,
+    /// The reading's value.
+    pub value: f64,
+    /// Anomaly score in [0, 1].
+    pub score: f64,
+    /// Name of the detector that raised it.
+    pub detector: String,
+    /// Start of the window the reading belongs to, ms.
+    pub window_start_ms: i64,
+    /// Id of the agent that detected it.
+    pub agent: String,
+}
+
+/// A record in a lane (agent, partition): a payload with its lane sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sequenced<T> {
+    /// Monotonically increasing per lane, starting at 1.
+    pub seq: u64,
+    /// The payload.
+    #[serde(flatten)]
+    pub item: T,
+}
+
+/// What an agent publishes on a summaries or anomalies topic: records of one lane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch<T> {
+    /// Sending agent.
+    pub agent: String,
+    /// Partition of every record's device.
+    pub partition: u32,
+    /// Records in seq order.
+    pub records: Vec<Sequenced<T>>,
+}
+
+/// Cumulative acknowledgement of one lane: everything up to and including `upto_seq` is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Partition (lane) being acknowledged.
+    pub partition: u32,
+    /// Highest seq applied and durable.
+    pub upto_seq: u64,
+}
+
+/// Acks published by a partition owner to `{prefix}/acks/{agent}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AckBatch {
+    /// Id of the acknowledging aggregator.
+    pub owner: String,
+    /// One entry per acknowledged lane.
+    pub acks: Vec<Ack>,
+}
+
+/// The deterministic anomaly event id: XXH3-64 of (device, metric, reading timestamp, detector), hex.
+pub fn event_id(device: &str, metric: &str, ts_ms: i64, detector: &str) -> String {
+    let mut h = Xxh3::new();
+    // Length prefixes keep ("ab","c") and ("a","bc") apart.
+    for part in [device.as_bytes(), metric.as_bytes(), detector.as_bytes()] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.update(&ts_ms.to_le_bytes());
+    format!("{:016x}", h.digest())
+}
+
+/// Which uplink topic a message arrived on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UplinkTopic<'a> {
+    /// `{prefix}/summaries/{partition}/{agent}`
+    Summaries {
+        /// Partition number.
+        partition: u32,
+        /// Agent id.
+        agent: &'a str,
+    },
+    /// `{prefix}/anomalies/{partition}/{agent}`
+    Anomalies {
+        /// Partition number.
+        partition: u32,
+        /// Agent id.
+        agent: &'a str,
+    },
+    /// `{prefix}/acks/{agent}`
+    Acks {
+        /// Agent id.
+        agent: &'a str,
+    },
+}
+
+/// Builds and parses uplink topic names under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    /// Topics under `prefix` (trailing `/` removed).
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// The prefix in use.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Topic for a batch of summaries of one lane.
+    pub fn summaries(&self, partition: u32, agent: &str) -> String {
+        format!("{}/summaries/{partition}/{agent}", self.prefix)
+    }
+
+    /// Topic for anomaly events of one lane.
+    pub fn anomalies(&self, partition: u32, agent: &str) -> String {
+        format!("{}/anomalies/{partition}/{agent}", self.prefix)
+    }
+
+    /// Topic where owners acknowledge an agent's lanes.
+    pub fn acks(&self, agent: &str) -> String {
+        format!("{}/acks/{agent}", self.prefix)
+    }
+
+    /// Filter for every agent's summaries of one partition.
+    pub fn summaries_filter(&self, partition: u32) -> String {
+        format!("{}/summaries/{partition}/+", self.prefix)
+    }
+
+    /// Filter for all anomaly events of the fleet.
+    pub fn anomalies_filter(&self) -> String {
+        format!("{}/anomalies/+/+", self.prefix)
+    }
+
+    /// Parses an uplink topic; `None` when it is not one of ours.
+    pub fn parse<'t>(&self, topic: &'t str) -> Option<UplinkTopic<'t>> {
+        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
+        let mut parts = rest.split('/');
+        let kind = parts.next()?;
+        let result = match kind {
+            "summaries" | "anomalies" => {
+                let partition = parts.next()?.parse().ok()?;
+                let agent = parts.next()?;
+                if agent.is_empty() {
+                    return None;
+                }
+                if kind == "summaries" {
+                    UplinkTopic::Summaries { partition, agent }
+                } else {
+                    UplinkTopic::Anomalies { partition, agent }
+                }
+            }
+            "acks" => UplinkTopic::Acks {
+                agent: parts.next().filter(|a| !a.is_empty())?,
+            },
+            _ => return None,
+        };
+        parts.next().is_none().then_some(result)
+    }
+}
+
+/// Whether `id` is a valid agent or aggregator id: `[A-Za-z0-9_-]{1,64}` (ids appear in topic names).
+pub fn is_valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip() {
+        let t = Topics::new("edgewatch/v1/");
+        let s = t.summaries(7, "gw-1");
+        assert_eq!(s, "edgewatch/v1/summaries/7/gw-1");
+        assert_eq!(
+            t.parse(&s),
+            Some(UplinkTopic::Summaries {
+                partition: 7,
+                agent: "gw-1"
+            })
+        );
+        assert_eq!(
+            t.parse(&t.anomalies(3, "a")),
+            Some(UplinkTopic::Anomalies {
+                partition: 3,
+                agent: "a"
+            })
+        );
+        assert_eq!(
+            t.parse(&t.acks("a")),
+            Some(UplinkTopic::Acks { agent: "a" })
+        );
+    }
+
+    #[test]
+    fn foreign_topics_do_not_parse() {
+        let t = Topics::new("edgewatch/v1");
+        for bad in [
+            "edgewatch/v1/summaries/x/a",
+            "edgewatch/v1/summaries/1/",
+            "edgewatch/v1/summaries/1/a/b",
+            "edgewatch/v2/summaries/1/a",
+            "edgewatch/v1/other/1/a",
+            "edgewatch/v1",
+        ] {
+            assert_eq!(t.parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn event_id_is_deterministic_and_separates_fields() {
+        let a = event_id("d", "m", 5, "zscore");
+        assert_eq!(a, event_id("d", "m", 5, "zscore"));
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, event_id("d", "m", 6, "zscore"));
+        assert_ne!(event_id("ab", "c", 1, "z"), event_id("a", "bc", 1, "z"));
+    }
+
+    #[test]
+    fn node_ids_are_checked() {
+        assert!(is_valid_node_id("agg-1_A"));
+        assert!(!is_valid_node_id(""));
+        assert!(!is_valid_node_id("a.b"));
+        assert!(!is_valid_node_id("a b"));
+        assert!(!is_valid_node_id(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn batches_serialize_with_flat_records() {
+        let b = Batch {
+            agent: "a".into(),
+            partition: 1,
+            records: vec![Sequenced {
+                seq: 1,
+                item: Ack {
+                    partition: 1,
+                    upto_seq: 2,
+                },
+            }],
+        };
+        let json = serde_json::to_string(&b).unwrap();
+        assert!(json.contains(r#""records":[{"seq":1,"partition":1,"upto_seq":2}]"#), "{json}");
+        let back: Batch<Ack> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, b);
+    }
+}

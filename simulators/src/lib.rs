@@ -1,0 +1,1 @@
+//! edgewatch fleet simulator.

@@ -1,0 +1,2 @@
+//! edgewatch CLI.
+fn main() {}
