@@ -6,6 +6,7 @@
 
 pub mod detect;
 pub mod error;
+pub mod link;
 pub mod partition;
 pub mod stats;
 pub mod window;

@@ -1,0 +1,179 @@
+//! How to reach an MQTT broker: the connection settings every component's YAML shares.
+//!
+//! Plain data and validation only; each crate maps it onto its MQTT client. Secrets never appear in
+//! `Debug` output, and the password may come from an environment variable (`password_env`).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Connection settings for one MQTT link.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttLink {
+    /// Broker host name or address.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Broker TCP port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Client id; defaults to the component's id plus a role suffix.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name, when the broker requires one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password given inline (prefer `password_env`).
+    #[serde(default, skip_serializing)]
+    pub password: Option<String>,
+    /// Name of an environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// MQTT keep-alive interval.
+    #[serde(default = "default_keepalive_secs")]
+    pub keepalive_secs: u64,
+    /// Largest MQTT packet accepted or sent, in bytes; larger incoming packets break the connection,
+    /// so keep this above anything a sensor might send.
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    /// Capacity of the client's request channel (publishes queued towards the socket).
+    #[serde(default = "default_request_channel")]
+    pub request_channel: usize,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".to_string()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_keepalive_secs() -> u64 {
+    30
+}
+fn default_max_packet_bytes() -> usize {
+    4 * 1024 * 1024
+}
+fn default_request_channel() -> usize {
+    1000
+}
+
+impl Default for MqttLink {
+    fn default() -> Self {
+        Self {
+            host: default_host(),
+            port: default_port(),
+            client_id: None,
+            username: None,
+            password: None,
+            password_env: None,
+            keepalive_secs: default_keepalive_secs(),
+            max_packet_bytes: default_max_packet_bytes(),
+            request_channel: default_request_channel(),
+        }
+    }
+}
+
+impl fmt::Debug for MqttLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttLink")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_env", &self.password_env)
+            .field("keepalive_secs", &self.keepalive_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MqttLink {
+    /// Problems with these settings, each as `field: message` (empty when valid).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.host.trim().is_empty() {
+            out.push("host: must not be empty".to_string());
+        }
+        if self.port == 0 {
+            out.push("port: must be in 1..=65535, got 0".to_string());
+        }
+        if self.keepalive_secs < 5 {
+            out.push(format!(
+                "keepalive_secs: must be >= 5, got {}",
+                self.keepalive_secs
+            ));
+        }
+        if self.max_packet_bytes < 1024 {
+            out.push(format!(
+                "max_packet_bytes: must be >= 1024, got {}",
+                self.max_packet_bytes
+            ));
+        }
+        if self.request_channel == 0 {
+            out.push("request_channel: must be > 0, got 0".to_string());
+        }
+        if self.password.is_some() && self.password_env.is_some() {
+            out.push("password: set either password or password_env, not both".to_string());
+        }
+        if self.password.is_some() || self.password_env.is_some() {
+            if self.username.is_none() {
+                out.push("username: required when a password is set".to_string());
+            }
+        }
+        out
+    }
+
+    /// The password, read from `password_env` when set. Errors name the variable, never its value.
+    pub fn resolve_password(&self) -> Result<Option<String>, String> {
+        match (&self.password, &self.password_env) {
+            (Some(p), _) => Ok(Some(p.clone())),
+            (None, Some(var)) => std::env::var(var).map(Some).map_err(|_| {
+                format!("password_env: environment variable {var} is not set (or not UTF-8)")
+            }),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_password() {
+        let link = MqttLink {
+            username: Some("u".into()),
+            password: Some("hunter2".into()),
+            ..Default::default()
+        };
+        let shown = format!("{link:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+        assert!(!serde_json::to_string(&link).unwrap().contains("hunter2"));
+    }
+
+    #[test]
+    fn problems_name_field_and_value() {
+        let link = MqttLink {
+            port: 0,
+            keepalive_secs: 1,
+            password: Some("x".into()),
+            ..Default::default()
+        };
+        let p = link.problems();
+        assert!(p.iter().any(|m| m.starts_with("port:")));
+        assert!(p.iter().any(|m| m.contains("got 1")));
+        assert!(p.iter().any(|m| m.starts_with("username:")));
+        assert!(MqttLink::default().problems().is_empty());
+    }
+
+    #[test]
+    fn missing_password_variable_is_named() {
+        let link = MqttLink {
+            username: Some("u".into()),
+            password_env: Some("EDGEWATCH_TEST_SURELY_UNSET_VAR".into()),
+            ..Default::default()
+        };
+        let e = link.resolve_password().unwrap_err();
+        assert!(e.contains("EDGEWATCH_TEST_SURELY_UNSET_VAR"));
+    }
+}
