@@ -35,6 +35,24 @@ impl Default for DetectorConfig {
 }
 
 impl DetectorConfig {
+    /// Names accepted by [`DetectorConfig::preset`].
+    pub const PRESETS: &'static [&'static str] = &["zscore"];
+
+    /// The default parameters of the detector called `name` (one of [`DetectorConfig::PRESETS`]).
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "zscore" => Some(Self::Zscore(ZScoreConfig::default())),
+            _ => None,
+        }
+    }
+
+    /// The score threshold at which this detector's output should be treated as an anomaly.
+    pub fn recommended_threshold(&self) -> f64 {
+        match self {
+            Self::Zscore(c) => (5.0 / c.z_max).min(1.0),
+        }
+    }
+
     /// Validates the parameters and builds a fresh detector.
     pub fn build(&self) -> Result<AnyDetector, ModelError> {
         Ok(match self {
