@@ -4,8 +4,10 @@
 //! Nothing here touches a socket, a disk or a clock: time is always a value (the reading's timestamp),
 //! so everything is a plain state machine a test — or a data scientist — can drive directly.
 
+pub mod backoff;
 pub mod detect;
 pub mod error;
+pub mod eval;
 pub mod link;
 pub mod partition;
 pub mod stats;

@@ -1,0 +1,430 @@
+//! The agent's YAML configuration: what it subscribes to, how payloads map to readings, windows,
+//! detector and uplink. Deserialised with unknown fields rejected; [`AgentConfig::problems`] then
+//! reports every invalid value, not only the first.
+
+use edgewatch_models::detect::DetectorConfig;
+use edgewatch_models::link::MqttLink;
+use edgewatch_models::wire::{is_valid_node_id, DEFAULT_PREFIX};
+use serde::{Deserialize, Serialize};
+
+/// Top-level agent configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Agent id, `[A-Za-z0-9_-]{1,64}`: it appears in uplink topic names.
+    pub id: String,
+    /// Where sensors publish readings.
+    #[serde(default)]
+    pub source: SourceConfig,
+    /// Where summaries and anomaly events go.
+    #[serde(default)]
+    pub uplink: UplinkConfig,
+    /// Event-time windows per (device, metric).
+    #[serde(default)]
+    pub window: WindowConfig,
+    /// Streaming detector run on every series.
+    #[serde(default)]
+    pub detector: DetectorConfig,
+    /// Anomaly raising policy.
+    #[serde(default)]
+    pub anomaly: AnomalyConfig,
+    /// Internal queue sizes and overload policy.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+}
+
+/// The sensor-side MQTT link and subscriptions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Broker the sensors publish to.
+    #[serde(default)]
+    pub mqtt: MqttLink,
+    /// QoS of the subscriptions (0 or 1).
+    #[serde(default)]
+    pub qos: u8,
+    /// Topic patterns and their payload mappings; the first matching pattern wins.
+    #[serde(default = "default_subscriptions")]
+    pub subscriptions: Vec<Subscription>,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            mqtt: MqttLink::default(),
+            qos: 0,
+            subscriptions: default_subscriptions(),
+        }
+    }
+}
+
+fn default_subscriptions() -> Vec<Subscription> {
+    vec![Subscription {
+        topic: "sensors/{device}/{metric}".into(),
+        metric: None,
+        payload: PayloadFormat::default(),
+    }]
+}
+
+/// One topic pattern, e.g. `sensors/{device}/{metric}` or `plant/{device}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    /// Levels are literals or the placeholders `{device}` (required) and `{metric}`.
+    pub topic: String,
+    /// Metric name when the topic has no `{metric}` level and the payload is a single value.
+    #[serde(default)]
+    pub metric: Option<String>,
+    /// How the payload maps to readings.
+    #[serde(default)]
+    pub payload: PayloadFormat,
+}
+
+/// Payload mappings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PayloadFormat {
+    /// A bare number as text (`21.5`); the reading's time is its arrival time.
+    Number,
+    /// A JSON object with a value field and an optional timestamp field.
+    Json {
+        /// Field holding the value.
+        #[serde(default = "default_value_field")]
+        value_field: String,
+        /// Field holding the timestamp; arrival time is used when absent.
+        #[serde(default = "default_timestamp_field")]
+        timestamp_field: Option<String>,
+        /// Unit of numeric timestamps.
+        #[serde(default)]
+        timestamp_unit: TimestampUnit,
+    },
+    /// A JSON object of metrics: every numeric field except the timestamp is one reading.
+    JsonObject {
+        /// Field holding the timestamp; arrival time is used when absent.
+        #[serde(default = "default_timestamp_field")]
+        timestamp_field: Option<String>,
+        /// Unit of numeric timestamps.
+        #[serde(default)]
+        timestamp_unit: TimestampUnit,
+    },
+}
+
+impl Default for PayloadFormat {
+    fn default() -> Self {
+        Self::Json {
+            value_field: default_value_field(),
+            timestamp_field: default_timestamp_field(),
+            timestamp_unit: TimestampUnit::default(),
+        }
+    }
+}
+
+fn default_value_field() -> String {
+    "value".into()
+}
+fn default_timestamp_field() -> Option<String> {
+    Some("ts".into())
+}
+
+/// Unit of a numeric timestamp since the Unix epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampUnit {
+    /// Seconds (may be fractional).
+    S,
+    /// Milliseconds.
+    #[default]
+    Ms,
+    /// Microseconds.
+    Us,
+    /// Nanoseconds.
+    Ns,
+}
+
+impl TimestampUnit {
+    /// Converts a timestamp in this unit to milliseconds.
+    #[inline]
+    pub fn to_ms(self, t: f64) -> f64 {
+        match self {
+            Self::S => t * 1e3,
+            Self::Ms => t,
+            Self::Us => t / 1e3,
+            Self::Ns => t / 1e6,
+        }
+    }
+}
+
+/// The cloud-side link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Cloud broker; defaults to the source broker.
+    #[serde(default)]
+    pub mqtt: Option<MqttLink>,
+    /// Topic prefix of the uplink namespace.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Number of partitions of the deployment (must match the aggregators').
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// QoS of uplink publishes (0 or 1).
+    #[serde(default = "default_uplink_qos")]
+    pub qos: u8,
+    /// Most summaries in one published batch.
+    #[serde(default = "default_batch_max_records")]
+    pub batch_max_records: usize,
+    /// Longest a summary waits for its batch to fill.
+    #[serde(default = "default_batch_max_delay_ms")]
+    pub batch_max_delay_ms: u64,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self {
+            mqtt: None,
+            prefix: default_prefix(),
+            partitions: default_partitions(),
+            qos: default_uplink_qos(),
+            batch_max_records: default_batch_max_records(),
+            batch_max_delay_ms: default_batch_max_delay_ms(),
+        }
+    }
+}
+
+fn default_prefix() -> String {
+    DEFAULT_PREFIX.into()
+}
+fn default_partitions() -> u32 {
+    edgewatch_models::partition::DEFAULT_PARTITIONS
+}
+fn default_uplink_qos() -> u8 {
+    1
+}
+fn default_batch_max_records() -> usize {
+    200
+}
+fn default_batch_max_delay_ms() -> u64 {
+    500
+}
+
+/// Tumbling event-time windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// Window length.
+    #[serde(default = "default_size_ms")]
+    pub size_ms: i64,
+    /// How long after a window's end readings are still merged into it.
+    #[serde(default = "default_allowed_lateness_ms")]
+    pub allowed_lateness_ms: i64,
+    /// A series that has sent nothing is closed once the agent's newest event time is this far ahead.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: i64,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        Self {
+            size_ms: default_size_ms(),
+            allowed_lateness_ms: default_allowed_lateness_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+        }
+    }
+}
+
+fn default_size_ms() -> i64 {
+    60_000
+}
+fn default_allowed_lateness_ms() -> i64 {
+    5_000
+}
+fn default_idle_timeout_ms() -> i64 {
+    120_000
+}
+
+/// When a score becomes an anomaly event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalyConfig {
+    /// Score at or above which an event is raised; defaults to the detector's recommended threshold.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// After an event, the series re-arms only once its score falls below `threshold × rearm_ratio`.
+    #[serde(default = "default_rearm_ratio")]
+    pub rearm_ratio: f64,
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        Self {
+            threshold: None,
+            rearm_ratio: default_rearm_ratio(),
+        }
+    }
+}
+
+fn default_rearm_ratio() -> f64 {
+    0.8
+}
+
+/// What the MQTT poll loop does when the pipeline queue is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Stop reading from the broker until there is room (the broker buffers or drops).
+    #[default]
+    Block,
+    /// Drop the newest reading and count it.
+    DropNewest,
+}
+
+/// Internal queues and limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Capacity of the queue between the MQTT poll loop and the pipeline, in messages.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Overload policy of that queue.
+    #[serde(default)]
+    pub when_full: WhenFull,
+    /// Payloads larger than this are rejected and counted.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
+    /// Most (device, metric) series tracked at once; readings of further series are rejected and counted.
+    #[serde(default = "default_max_series")]
+    pub max_series: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: default_queue_capacity(),
+            when_full: WhenFull::default(),
+            max_payload_bytes: default_max_payload_bytes(),
+            max_series: default_max_series(),
+        }
+    }
+}
+
+fn default_queue_capacity() -> usize {
+    8192
+}
+fn default_max_payload_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_series() -> usize {
+    100_000
+}
+
+impl AgentConfig {
+    /// A configuration with every default and the given id.
+    pub fn with_id(id: &str) -> Self {
+        Self {
+            id: id.into(),
+            source: SourceConfig::default(),
+            uplink: UplinkConfig::default(),
+            window: WindowConfig::default(),
+            detector: DetectorConfig::default(),
+            anomaly: AnomalyConfig::default(),
+            pipeline: PipelineConfig::default(),
+        }
+    }
+
+    /// The broker summaries and events go to.
+    pub fn uplink_link(&self) -> &MqttLink {
+        self.uplink.mqtt.as_ref().unwrap_or(&self.source.mqtt)
+    }
+
+    /// The score threshold in force.
+    pub fn threshold(&self) -> f64 {
+        self.anomaly
+            .threshold
+            .unwrap_or_else(|| self.detector.recommended_threshold())
+    }
+
+    /// Every invalid value, as `key.path: message`; empty when the configuration is valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !is_valid_node_id(&self.id) {
+            out.push(format!(
+                "id: must match [A-Za-z0-9_-]{{1,64}} (it appears in topic names), got {:?}",
+                self.id
+            ));
+        }
+        out.extend(self.source.mqtt.problems().into_iter().map(|p| format!("source.mqtt.{p}")));
+        if let Some(link) = &self.uplink.mqtt {
+            out.extend(link.problems().into_iter().map(|p| format!("uplink.mqtt.{p}")));
+        }
+        if self.source.qos > 1 {
+            out.push(format!("source.qos: must be 0 or 1, got {}", self.source.qos));
+        }
+        if self.uplink.qos > 1 {
+            out.push(format!("uplink.qos: must be 0 or 1, got {}", self.uplink.qos));
+        }
+        if self.source.subscriptions.is_empty() {
+            out.push("source.subscriptions: at least one topic pattern is required".into());
+        }
+        for (i, s) in self.source.subscriptions.iter().enumerate() {
+            if let Err(e) = crate::ingest::TopicPattern::parse(&s.topic) {
+                out.push(format!("source.subscriptions[{i}].topic: {e}"));
+            } else if let Ok(p) = crate::ingest::TopicPattern::parse(&s.topic) {
+                let single = !matches!(s.payload, PayloadFormat::JsonObject { .. });
+                if single && !p.has_metric() && s.metric.is_none() {
+                    out.push(format!(
+                        "source.subscriptions[{i}].metric: the topic has no {{metric}} level, so give a metric name or use payload type json_object"
+                    ));
+                }
+            }
+        }
+        let prefix = &self.uplink.prefix;
+        if prefix.is_empty()
+            || prefix
+                .chars()
+                .any(|c| matches!(c, '.' | ' ' | '+' | '#'))
+        {
+            out.push(format!(
+                "uplink.prefix: must be non-empty without '.', spaces, '+' or '#', got {prefix:?}"
+            ));
+        }
+        if self.uplink.partitions == 0 {
+            out.push("uplink.partitions: must be > 0, got 0".into());
+        }
+        if self.uplink.batch_max_records == 0 {
+            out.push("uplink.batch_max_records: must be > 0, got 0".into());
+        }
+        if let Err(e) = edgewatch_models::window::TumblingWindows::new(
+            self.window.size_ms,
+            self.window.allowed_lateness_ms,
+        ) {
+            out.push(format!("window.{e}"));
+        }
+        if self.window.idle_timeout_ms <= 0 {
+            out.push(format!(
+                "window.idle_timeout_ms: must be > 0, got {}",
+                self.window.idle_timeout_ms
+            ));
+        }
+        if let Err(e) = self.detector.build() {
+            out.push(format!("detector.{e}"));
+        }
+        let t = self.threshold();
+        if !(t > 0.0 && t <= 1.0) {
+            out.push(format!("anomaly.threshold: must be in (0, 1], got {t}"));
+        }
+        let r = self.anomaly.rearm_ratio;
+        if !(r > 0.0 && r <= 1.0) {
+            out.push(format!("anomaly.rearm_ratio: must be in (0, 1], got {r}"));
+        }
+        if self.pipeline.queue_capacity == 0 {
+            out.push("pipeline.queue_capacity: must be > 0, got 0".into());
+        }
+        if self.pipeline.max_payload_bytes == 0 {
+            out.push("pipeline.max_payload_bytes: must be > 0, got 0".into());
+        }
+        if self.pipeline.max_series == 0 {
+            out.push("pipeline.max_series: must be > 0, got 0".into());
+        }
+        out
+    }
+}

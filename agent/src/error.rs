@@ -1,0 +1,130 @@
+//! Errors of the agent: why a message was rejected, and why the daemon could not start.
+
+use thiserror::Error;
+
+/// Why an incoming sensor message produced no reading. Never fatal: counted, logged with its topic,
+/// and the next message is processed as usual.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum IngestError {
+    /// The topic is not valid UTF-8.
+    #[error("topic is not valid UTF-8")]
+    NonUtf8Topic,
+    /// No configured pattern matches the topic.
+    #[error("topic matches no subscription pattern")]
+    TopicMismatch,
+    /// Some part of the message is not UTF-8 text where text was expected.
+    #[error("{what} is not valid UTF-8")]
+    NotUtf8 {
+        /// Which part.
+        what: &'static str,
+    },
+    /// The payload is empty.
+    #[error("empty payload")]
+    EmptyPayload,
+    /// The payload exceeds `pipeline.max_payload_bytes`.
+    #[error("payload of {size} bytes exceeds max_payload_bytes = {max}")]
+    PayloadTooLarge {
+        /// Payload size.
+        size: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// The payload is not the JSON the mapping expects.
+    #[error("bad json: {detail}")]
+    BadJson {
+        /// serde_json's description, with line and column.
+        detail: String,
+    },
+    /// A bare-number payload does not parse as a number.
+    #[error("not a number: {text:?}")]
+    BadNumber {
+        /// The start of the text.
+        text: String,
+    },
+    /// A required field is absent.
+    #[error("missing field {field:?}")]
+    MissingField {
+        /// Field name.
+        field: String,
+    },
+    /// A value is NaN or infinite.
+    #[error("field {field:?} is not a finite number")]
+    NonFinite {
+        /// Field name.
+        field: String,
+    },
+    /// The timestamp is outside [1970, 2200).
+    #[error("timestamp {value} is out of range (check timestamp_unit)")]
+    TimestampOutOfRange {
+        /// The raw timestamp.
+        value: f64,
+    },
+    /// A device id or metric name is empty or too long.
+    #[error("{what} of {len} bytes is empty or longer than {max} bytes")]
+    BadName {
+        /// `device id` or `metric`.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Neither the topic nor the configuration names the metric.
+    #[error("no metric: the topic has no {{metric}} level and the subscription names none")]
+    NoMetric,
+    /// `pipeline.max_series` series are already tracked.
+    #[error("series limit reached (pipeline.max_series = {max}); reading dropped")]
+    TooManySeries {
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl IngestError {
+    /// A short stable label for metrics (`reason` label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NonUtf8Topic => "non_utf8_topic",
+            Self::TopicMismatch => "topic_mismatch",
+            Self::NotUtf8 { .. } => "not_utf8",
+            Self::EmptyPayload => "empty_payload",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::BadJson { .. } => "bad_json",
+            Self::BadNumber { .. } => "bad_number",
+            Self::MissingField { .. } => "missing_field",
+            Self::NonFinite { .. } => "non_finite",
+            Self::TimestampOutOfRange { .. } => "timestamp_out_of_range",
+            Self::BadName { .. } => "bad_name",
+            Self::NoMetric => "no_metric",
+            Self::TooManySeries { .. } => "too_many_series",
+        }
+    }
+
+    /// Every reason label, for metric exposition.
+    pub const REASONS: [&'static str; 13] = [
+        "non_utf8_topic",
+        "topic_mismatch",
+        "not_utf8",
+        "empty_payload",
+        "payload_too_large",
+        "bad_json",
+        "bad_number",
+        "missing_field",
+        "non_finite",
+        "timestamp_out_of_range",
+        "bad_name",
+        "no_metric",
+        "too_many_series",
+    ];
+}
+
+/// Why the agent could not start or had to stop.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// The configuration is invalid; each entry is `key.path: problem`.
+    #[error("invalid agent configuration:\n  {}", .0.join("\n  "))]
+    Config(Vec<String>),
+    /// A required secret could not be resolved.
+    #[error("{0}")]
+    Secret(String),
+}

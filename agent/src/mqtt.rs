@@ -1,0 +1,87 @@
+//! Mapping the shared link settings onto rumqttc, and the reconnecting poll loop both links use.
+//!
+//! rumqttc reconnects on the next `poll()` with no delay; this loop adds capped exponential backoff
+//! with jitter, counts every connection error and reports (re)connections to the caller.
+
+use crate::error::AgentError;
+use crate::telemetry::AgentMetrics;
+use edgewatch_models::backoff::Backoff;
+use edgewatch_models::link::MqttLink;
+use rumqttc::{Event, EventLoop, MqttOptions, Outgoing, Packet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// rumqttc options for `link`, with the password resolved from the environment if configured.
+pub(crate) fn options(link: &MqttLink, client_id: String) -> Result<MqttOptions, AgentError> {
+    let mut o = MqttOptions::new(client_id, link.host.clone(), link.port);
+    o.set_keep_alive(Duration::from_secs(link.keepalive_secs))
+        .set_max_packet_size(link.max_packet_bytes, link.max_packet_bytes)
+        .set_request_channel_capacity(link.request_channel)
+        .set_inflight(u16::try_from(link.request_channel.clamp(1, 1000)).unwrap_or(1000));
+    if let Some(user) = &link.username {
+        let password = link.resolve_password().map_err(AgentError::Secret)?;
+        o.set_credentials(user.clone(), password.unwrap_or_default());
+    }
+    Ok(o)
+}
+
+/// What the poll loop tells its owner.
+pub(crate) enum LinkEvent {
+    /// Connected (again): subscriptions must be (re)made.
+    Connected,
+    /// A message arrived.
+    Publish(rumqttc::Publish),
+    /// The broker acknowledged a QoS 1 publish.
+    PubAck,
+}
+
+/// Polls `eventloop` until `cancel` or until our own Disconnect has been sent, calling `on_event` for what matters; backs off after errors.
+pub(crate) async fn poll_loop<F, Fut>(
+    mut eventloop: EventLoop,
+    name: &'static str,
+    metrics: &AgentMetrics,
+    cancel: CancellationToken,
+    mut on_event: F,
+) where
+    F: FnMut(LinkEvent) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut backoff = Backoff::new(100, 10_000, u64::from(std::process::id()));
+    let broker = format!(
+        "{}:{}",
+        eventloop.mqtt_options.broker_address().0,
+        eventloop.mqtt_options.broker_address().1
+    );
+    loop {
+        let event = tokio::select! {
+            _ = cancel.cancelled() => return,
+            e = eventloop.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if backoff.attempts() > 0 {
+                    tracing::info!(link = name, %broker, "reconnected");
+                } else {
+                    tracing::debug!(link = name, %broker, "connected");
+                }
+                backoff.reset();
+                on_event(LinkEvent::Connected).await;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => on_event(LinkEvent::Publish(p)).await,
+            Ok(Event::Incoming(Packet::PubAck(_))) => on_event(LinkEvent::PubAck).await,
+            // Everything queued before our Disconnect request has been written: done.
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                metrics.connection_errors_total.fetch_add(1, Relaxed);
+                let delay = backoff.next_delay_ms();
+                tracing::warn!(link = name, %broker, error = %e, retry_in_ms = delay, "mqtt connection error; will reconnect");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                }
+            }
+        }
+    }
+}

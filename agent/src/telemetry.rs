@@ -1,0 +1,113 @@
+//! The agent's metrics, defined once: lock-free counters read by the status line and `/metrics`.
+
+use crate::error::IngestError;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Counters and gauges of one agent.
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    /// Messages received from the source broker.
+    pub messages_total: AtomicU64,
+    /// Readings decoded and processed.
+    pub readings_total: AtomicU64,
+    /// Messages rejected, by [`IngestError::REASONS`] index.
+    pub rejected: [AtomicU64; IngestError::REASONS.len()],
+    /// Readings whose window had already closed (not merged).
+    pub late_readings_total: AtomicU64,
+    /// Messages dropped because the pipeline queue was full (`when_full: drop_newest`).
+    pub queue_dropped_total: AtomicU64,
+    /// Windows closed and handed to the uplink.
+    pub windows_total: AtomicU64,
+    /// Anomaly events raised.
+    pub anomalies_total: AtomicU64,
+    /// Summary records published.
+    pub summaries_published_total: AtomicU64,
+    /// Anomaly events published.
+    pub anomalies_published_total: AtomicU64,
+    /// Publish calls that failed (client channel closed).
+    pub publish_errors_total: AtomicU64,
+    /// Connection errors on either link (each followed by a backoff and reconnect).
+    pub connection_errors_total: AtomicU64,
+    /// Series currently tracked.
+    pub series: AtomicU64,
+    /// Arrival time minus event time of the latest reading, ms.
+    pub event_lag_ms: AtomicI64,
+}
+
+impl AgentMetrics {
+    /// Counts one rejected message.
+    pub fn reject(&self, e: &IngestError) {
+        if let Some(i) = IngestError::REASONS.iter().position(|r| *r == e.reason()) {
+            self.rejected[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Rejected messages of one reason.
+    pub fn rejected(&self, reason: &str) -> u64 {
+        IngestError::REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.rejected[i].load(Relaxed))
+    }
+
+    /// All rejected messages.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// Prometheus text exposition, every series labelled with `agent`.
+    pub fn render(&self, agent: &str, out: &mut String) {
+        let counters = [
+            ("edgewatch_agent_messages_total", &self.messages_total),
+            ("edgewatch_agent_readings_total", &self.readings_total),
+            ("edgewatch_agent_late_readings_total", &self.late_readings_total),
+            ("edgewatch_agent_queue_dropped_total", &self.queue_dropped_total),
+            ("edgewatch_agent_windows_total", &self.windows_total),
+            ("edgewatch_agent_anomalies_total", &self.anomalies_total),
+            ("edgewatch_agent_summaries_published_total", &self.summaries_published_total),
+            ("edgewatch_agent_anomalies_published_total", &self.anomalies_published_total),
+            ("edgewatch_agent_publish_errors_total", &self.publish_errors_total),
+            ("edgewatch_agent_connection_errors_total", &self.connection_errors_total),
+        ];
+        for (name, c) in counters {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name}{{agent=\"{agent}\"}} {}", c.load(Relaxed));
+        }
+        let _ = writeln!(out, "# TYPE edgewatch_agent_rejected_total counter");
+        for (i, reason) in IngestError::REASONS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "edgewatch_agent_rejected_total{{agent=\"{agent}\",reason=\"{reason}\"}} {}",
+                self.rejected[i].load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE edgewatch_agent_series gauge\nedgewatch_agent_series{{agent=\"{agent}\"}} {}",
+            self.series.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE edgewatch_agent_event_lag_ms gauge\nedgewatch_agent_event_lag_ms{{agent=\"{agent}\"}} {}",
+            self.event_lag_ms.load(Relaxed)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_are_counted_by_reason_and_rendered() {
+        let m = AgentMetrics::default();
+        m.reject(&IngestError::EmptyPayload);
+        m.reject(&IngestError::EmptyPayload);
+        m.reject(&IngestError::TopicMismatch);
+        assert_eq!(m.rejected("empty_payload"), 2);
+        assert_eq!(m.rejected_total(), 3);
+        let mut text = String::new();
+        m.render("gw", &mut text);
+        assert!(text.contains(r#"edgewatch_agent_rejected_total{agent="gw",reason="empty_payload"} 2"#), "{text}");
+    }
+}
