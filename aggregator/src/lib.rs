@@ -1,1 +1,147 @@
-//! edgewatch aggregator.
+//! The edgewatch aggregator: consumes the window summaries of the partitions it owns and every
+//! anomaly event, keeps per-device state, and serves the live anomaly feed, an HTTP API and a
+//! dashboard. Several instances split the partitions between them; each serves the whole feed.
+
+pub mod config;
+mod consumer;
+pub mod error;
+pub mod feed;
+mod http;
+pub mod state;
+pub mod telemetry;
+
+pub use config::AggregatorConfig;
+pub use error::AggregatorError;
+pub use telemetry::AggregatorMetrics;
+
+use edgewatch_models::wire::Topics;
+use feed::FeedHub;
+use rumqttc::{AsyncClient, MqttOptions};
+use state::FleetState;
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// State shared by the consumer, the HTTP server and every feed client.
+pub(crate) struct Shared {
+    cfg: AggregatorConfig,
+    owned: BTreeSet<u32>,
+    state: Mutex<FleetState>,
+    feed: FeedHub,
+    metrics: Arc<AggregatorMetrics>,
+    started: Instant,
+}
+
+/// A configured aggregator with its HTTP listener bound.
+pub struct Aggregator {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl Aggregator {
+    /// Validates `cfg` and binds the HTTP listener (so a taken port fails here, clearly).
+    pub async fn bind(cfg: AggregatorConfig) -> Result<Self, AggregatorError> {
+        let problems = cfg.problems();
+        if !problems.is_empty() {
+            return Err(AggregatorError::Config(problems));
+        }
+        let listener = TcpListener::bind(&cfg.http.listen)
+            .await
+            .map_err(|source| AggregatorError::Bind {
+                addr: cfg.http.listen.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| AggregatorError::Bind {
+            addr: cfg.http.listen.clone(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            owned: cfg.owned_set(),
+            state: Mutex::new(FleetState::new(cfg.state.windows_per_series)),
+            feed: FeedHub::new(cfg.feed.history, cfg.feed.client_queue),
+            metrics: Arc::new(AggregatorMetrics::default()),
+            started: Instant::now(),
+            cfg,
+        });
+        Ok(Self {
+            shared,
+            listener,
+            addr,
+        })
+    }
+
+    /// The bound HTTP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The feed's WebSocket URL.
+    pub fn feed_url(&self) -> String {
+        format!("ws://{}/feed", self.addr)
+    }
+
+    /// Live metrics.
+    pub fn metrics(&self) -> Arc<AggregatorMetrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Runs until `shutdown` resolves; then closes feed clients with a "going away" frame and
+    /// disconnects from the broker.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AggregatorError> {
+        let shared = self.shared;
+        let cfg = &shared.cfg;
+        let mut opts = MqttOptions::new(
+            cfg.mqtt
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("edgewatch-{}", cfg.id)),
+            cfg.mqtt.host.clone(),
+            cfg.mqtt.port,
+        );
+        opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keepalive_secs))
+            .set_max_packet_size(cfg.mqtt.max_packet_bytes, cfg.mqtt.max_packet_bytes)
+            .set_request_channel_capacity(cfg.mqtt.request_channel);
+        if let Some(user) = &cfg.mqtt.username {
+            let pw = cfg.mqtt.resolve_password().map_err(AggregatorError::Secret)?;
+            opts.set_credentials(user.clone(), pw.unwrap_or_default());
+        }
+        let (client, eventloop) = AsyncClient::new(opts, cfg.mqtt.request_channel);
+        let filters = consumer::filters(&Topics::new(&cfg.prefix), shared.owned.iter().copied());
+        tracing::info!(aggregator = %cfg.id, http = %self.addr, owned = shared.owned.len(), broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), "aggregator starting");
+
+        let cancel = CancellationToken::new();
+        let (tx, rx) = mpsc::channel(4096);
+        let poll = tokio::spawn(consumer::poll_loop(
+            eventloop,
+            client,
+            filters,
+            shared.clone(),
+            tx,
+            cancel.clone(),
+        ));
+        let apply = tokio::spawn(consumer::apply_loop(rx, shared.clone()));
+        let http = tokio::spawn(http::serve(self.listener, shared.clone(), cancel.clone()));
+
+        shutdown.await;
+        tracing::info!(aggregator = %shared.cfg.id, "aggregator stopping");
+        cancel.cancel();
+        let _ = poll.await;
+        let _ = apply.await;
+        let _ = http.await;
+        // Give feed clients a moment to receive their close frames.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tracing::info!(aggregator = %shared.cfg.id, "aggregator stopped");
+        Ok(())
+    }
+}
+
+/// Binds and runs an aggregator until `shutdown` resolves.
+pub async fn run(cfg: AggregatorConfig, shutdown: impl Future<Output = ()>) -> Result<(), AggregatorError> {
+    Aggregator::bind(cfg).await?.run(shutdown).await
+}

@@ -1,0 +1,254 @@
+//! The aggregator's YAML configuration: its broker, the partitions it owns, its HTTP listener and
+//! the feed's limits. Unknown fields are rejected; [`AggregatorConfig::problems`] reports every
+//! invalid value at once.
+
+use edgewatch_models::link::MqttLink;
+use edgewatch_models::wire::{is_valid_node_id, DEFAULT_PREFIX};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// Top-level aggregator configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorConfig {
+    /// Aggregator id, `[A-Za-z0-9_-]{1,64}`.
+    pub id: String,
+    /// The cloud broker agents publish to.
+    #[serde(default)]
+    pub mqtt: MqttLink,
+    /// Uplink topic prefix (must match the agents').
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Partitions in the deployment (must match the agents').
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// Partitions this instance owns: numbers or inclusive ranges such as `"0-31"`.
+    #[serde(default = "default_owned")]
+    pub owned: Vec<PartitionSpec>,
+    /// HTTP API, dashboard and WebSocket feed.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Live feed limits.
+    #[serde(default)]
+    pub feed: FeedConfig,
+    /// Per-device state limits.
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// A partition number or an inclusive range `"a-b"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PartitionSpec {
+    /// One partition.
+    One(u32),
+    /// `"a-b"`, inclusive.
+    Range(String),
+}
+
+impl PartitionSpec {
+    /// The partitions named, or why the spec is invalid.
+    pub fn expand(&self) -> Result<std::ops::RangeInclusive<u32>, String> {
+        match self {
+            Self::One(p) => Ok(*p..=*p),
+            Self::Range(s) => {
+                let (a, b) = s
+                    .split_once('-')
+                    .ok_or_else(|| format!("expected a number or a range like \"0-31\", got {s:?}"))?;
+                let a: u32 = a.trim().parse().map_err(|_| format!("bad range start in {s:?}"))?;
+                let b: u32 = b.trim().parse().map_err(|_| format!("bad range end in {s:?}"))?;
+                if a > b {
+                    return Err(format!("range {s:?} is empty (start > end)"));
+                }
+                Ok(a..=b)
+            }
+        }
+    }
+}
+
+/// HTTP listener settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on; port 0 picks a free port.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Most concurrent HTTP/WebSocket connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+/// Feed settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedConfig {
+    /// Recent events kept for `?since=<event id>` resumption.
+    #[serde(default = "default_history")]
+    pub history: usize,
+    /// Events queued per client before it is disconnected as too slow.
+    #[serde(default = "default_client_queue")]
+    pub client_queue: usize,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        Self {
+            history: default_history(),
+            client_queue: default_client_queue(),
+        }
+    }
+}
+
+/// State settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Recent windows kept per (device, metric).
+    #[serde(default = "default_windows_per_series")]
+    pub windows_per_series: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            windows_per_series: default_windows_per_series(),
+        }
+    }
+}
+
+fn default_prefix() -> String {
+    DEFAULT_PREFIX.into()
+}
+fn default_partitions() -> u32 {
+    edgewatch_models::partition::DEFAULT_PARTITIONS
+}
+fn default_owned() -> Vec<PartitionSpec> {
+    vec![PartitionSpec::Range(format!("0-{}", default_partitions() - 1))]
+}
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_history() -> usize {
+    10_000
+}
+fn default_client_queue() -> usize {
+    1024
+}
+fn default_windows_per_series() -> usize {
+    60
+}
+
+impl AggregatorConfig {
+    /// Every default, with the given id.
+    pub fn with_id(id: &str) -> Self {
+        Self {
+            id: id.into(),
+            mqtt: MqttLink::default(),
+            prefix: default_prefix(),
+            partitions: default_partitions(),
+            owned: default_owned(),
+            http: HttpConfig::default(),
+            feed: FeedConfig::default(),
+            state: StateConfig::default(),
+        }
+    }
+
+    /// The owned partitions as a set (invalid specs are skipped; see [`AggregatorConfig::problems`]).
+    pub fn owned_set(&self) -> BTreeSet<u32> {
+        self.owned
+            .iter()
+            .filter_map(|s| s.expand().ok())
+            .flatten()
+            .filter(|p| *p < self.partitions)
+            .collect()
+    }
+
+    /// Every invalid value, as `key.path: message`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !is_valid_node_id(&self.id) {
+            out.push(format!(
+                "id: must match [A-Za-z0-9_-]{{1,64}} (it appears in topic names), got {:?}",
+                self.id
+            ));
+        }
+        out.extend(self.mqtt.problems().into_iter().map(|p| format!("mqtt.{p}")));
+        if self.prefix.is_empty() || self.prefix.chars().any(|c| matches!(c, '.' | ' ' | '+' | '#')) {
+            out.push(format!(
+                "prefix: must be non-empty without '.', spaces, '+' or '#', got {:?}",
+                self.prefix
+            ));
+        }
+        if self.partitions == 0 {
+            out.push("partitions: must be > 0, got 0".into());
+        }
+        for (i, spec) in self.owned.iter().enumerate() {
+            match spec.expand() {
+                Err(e) => out.push(format!("owned[{i}]: {e}")),
+                Ok(r) if *r.end() >= self.partitions => out.push(format!(
+                    "owned[{i}]: partition {} is out of range 0..{}",
+                    r.end(),
+                    self.partitions
+                )),
+                Ok(_) => {}
+            }
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            out.push(format!(
+                "http.listen: expected an address such as 127.0.0.1:8080, got {:?}",
+                self.http.listen
+            ));
+        }
+        if self.http.max_connections == 0 {
+            out.push("http.max_connections: must be > 0, got 0".into());
+        }
+        if self.feed.client_queue == 0 {
+            out.push("feed.client_queue: must be > 0, got 0".into());
+        }
+        if self.state.windows_per_series == 0 {
+            out.push("state.windows_per_series: must be > 0, got 0".into());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_and_numbers_expand() {
+        let mut c = AggregatorConfig::with_id("a");
+        c.partitions = 8;
+        c.owned = vec![PartitionSpec::Range("0-2".into()), PartitionSpec::One(5)];
+        assert_eq!(c.owned_set().into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 5]);
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+    }
+
+    #[test]
+    fn bad_ranges_are_reported_with_their_index() {
+        let mut c = AggregatorConfig::with_id("a");
+        c.partitions = 8;
+        c.owned = vec![
+            PartitionSpec::Range("3-1".into()),
+            PartitionSpec::Range("x".into()),
+            PartitionSpec::One(9),
+        ];
+        let p = c.problems();
+        assert!(p[0].starts_with("owned[0]: range"), "{p:?}");
+        assert!(p[1].starts_with("owned[1]:"), "{p:?}");
+        assert!(p[2].contains("out of range"), "{p:?}");
+    }
+}

@@ -1,0 +1,23 @@
+//! Errors of the aggregator.
+
+use thiserror::Error;
+
+/// Why the aggregator could not start or run.
+#[derive(Debug, Error)]
+pub enum AggregatorError {
+    /// The configuration is invalid; each entry is `key.path: problem`.
+    #[error("invalid aggregator configuration:\n  {}", .0.join("\n  "))]
+    Config(Vec<String>),
+    /// The HTTP listener could not bind (port taken, no permission). Retrying will not help until
+    /// the address is freed or changed.
+    #[error("cannot listen on {addr}: {source} (is another process using this port? change http.listen)")]
+    Bind {
+        /// The configured address.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A required secret could not be resolved.
+    #[error("{0}")]
+    Secret(String),
+}

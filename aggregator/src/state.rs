@@ -1,0 +1,220 @@
+//! Per-device state held by a partition owner: recent windows per (device, metric), cumulative
+//! counts, the latest anomaly, and the last applied seq of every lane (agent, partition).
+//!
+//! Applying is idempotent: a summary is keyed by (device, metric, window start), so a replay
+//! overwrites itself and a late correction (higher revision) replaces the original.
+
+use edgewatch_models::wire::{AnomalyEvent, WindowSummary};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// What applying a summary did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// A window not seen before.
+    New,
+    /// Same window again, or an older revision: nothing changed.
+    Duplicate,
+    /// A higher revision replaced the stored window.
+    Revised,
+    /// Older than every kept window: too old to keep, but counted.
+    Expired,
+}
+
+/// One (device, metric) series.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SeriesState {
+    /// Most recent windows, sorted by start.
+    pub windows: VecDeque<WindowSummary>,
+    /// Distinct windows applied since start (replays excluded).
+    pub windows_applied: u64,
+    /// Readings covered by the distinct windows applied.
+    pub readings: u64,
+    /// Anomaly events recorded.
+    pub anomalies: u64,
+    /// The most recent anomaly event.
+    pub last_anomaly: Option<AnomalyEvent>,
+}
+
+/// One device.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceState {
+    /// Its partition.
+    pub partition: u32,
+    /// Series by metric name.
+    pub metrics: BTreeMap<String, SeriesState>,
+}
+
+/// All devices of the partitions one aggregator owns.
+#[derive(Debug, Default)]
+pub struct FleetState {
+    devices: BTreeMap<String, DeviceState>,
+    lanes: HashMap<(String, u32), u64>,
+    windows_per_series: usize,
+}
+
+impl FleetState {
+    /// Empty state keeping `windows_per_series` recent windows per series.
+    pub fn new(windows_per_series: usize) -> Self {
+        Self {
+            windows_per_series: windows_per_series.max(1),
+            ..Self::default()
+        }
+    }
+
+    /// Applies one summary of lane (`agent`, `partition`) with its `seq`.
+    pub fn apply_summary(&mut self, agent: &str, partition: u32, seq: u64, s: &WindowSummary) -> Applied {
+        self.note_seq(agent, partition, seq);
+        let device = self.devices.entry(s.device.clone()).or_default();
+        device.partition = partition;
+        let series = device.metrics.entry(s.metric.clone()).or_default();
+        let pos = series.windows.partition_point(|w| w.start_ms < s.start_ms);
+        if let Some(existing) = series.windows.get_mut(pos).filter(|w| w.start_ms == s.start_ms) {
+            if s.revision > existing.revision {
+                series.readings = series.readings - existing.count + s.count;
+                *existing = s.clone();
+                return Applied::Revised;
+            }
+            return Applied::Duplicate;
+        }
+        let full = series.windows.len() >= self.windows_per_series;
+        if full && pos == 0 {
+            // Older than everything kept: a replay of an evicted window or a very late one.
+            return Applied::Expired;
+        }
+        series.windows.insert(pos, s.clone());
+        if full {
+            series.windows.pop_front();
+        }
+        series.windows_applied += 1;
+        series.readings += s.count;
+        Applied::New
+    }
+
+    /// Records an anomaly event of an owned device (the caller dedupes by event id).
+    pub fn record_anomaly(&mut self, partition: u32, e: &AnomalyEvent) {
+        let device = self.devices.entry(e.device.clone()).or_default();
+        device.partition = partition;
+        let series = device.metrics.entry(e.metric.clone()).or_default();
+        series.anomalies += 1;
+        if series.last_anomaly.as_ref().is_none_or(|l| l.ts_ms <= e.ts_ms) {
+            series.last_anomaly = Some(e.clone());
+        }
+    }
+
+    fn note_seq(&mut self, agent: &str, partition: u32, seq: u64) {
+        match self.lanes.get_mut(&(agent.to_string(), partition)) {
+            Some(s) => *s = (*s).max(seq),
+            None => {
+                self.lanes.insert((agent.to_string(), partition), seq);
+            }
+        }
+    }
+
+    /// Highest seq applied on a lane.
+    pub fn lane_seq(&self, agent: &str, partition: u32) -> Option<u64> {
+        self.lanes.get(&(agent.to_string(), partition)).copied()
+    }
+
+    /// Every device.
+    pub fn devices(&self) -> &BTreeMap<String, DeviceState> {
+        &self.devices
+    }
+
+    /// One device.
+    pub fn device(&self, id: &str) -> Option<&DeviceState> {
+        self.devices.get(id)
+    }
+
+    /// Total readings covered by applied windows.
+    pub fn readings(&self) -> u64 {
+        self.devices
+            .values()
+            .flat_map(|d| d.metrics.values())
+            .map(|s| s.readings)
+            .sum()
+    }
+
+    /// Number of lanes seen.
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn summary(start: i64, count: u64, revision: u32) -> WindowSummary {
+        WindowSummary {
+            device: "d".into(),
+            metric: "m".into(),
+            start_ms: start,
+            end_ms: start + 10,
+            count,
+            min: 0.0,
+            max: 1.0,
+            mean: 0.5,
+            std: 0.1,
+            first_ts_ms: start,
+            last_ts_ms: start + 9,
+            max_score: 0.0,
+            revision,
+        }
+    }
+
+    #[test]
+    fn replay_is_a_duplicate_and_changes_nothing() {
+        let mut st = FleetState::new(10);
+        assert_eq!(st.apply_summary("a", 1, 1, &summary(0, 5, 0)), Applied::New);
+        assert_eq!(st.apply_summary("a", 1, 1, &summary(0, 5, 0)), Applied::Duplicate);
+        assert_eq!(st.readings(), 5);
+        assert_eq!(st.lane_seq("a", 1), Some(1));
+    }
+
+    #[test]
+    fn higher_revision_replaces_the_window() {
+        let mut st = FleetState::new(10);
+        st.apply_summary("a", 1, 1, &summary(0, 5, 0));
+        assert_eq!(st.apply_summary("a", 1, 2, &summary(0, 6, 1)), Applied::Revised);
+        assert_eq!(st.apply_summary("a", 1, 3, &summary(0, 5, 0)), Applied::Duplicate);
+        assert_eq!(st.readings(), 6);
+    }
+
+    #[test]
+    fn only_the_newest_windows_are_kept() {
+        let mut st = FleetState::new(3);
+        for i in 0..5 {
+            st.apply_summary("a", 0, i + 1, &summary(i as i64 * 10, 1, 0));
+        }
+        let s = &st.device("d").unwrap().metrics["m"];
+        assert_eq!(s.windows.iter().map(|w| w.start_ms).collect::<Vec<_>>(), vec![20, 30, 40]);
+        assert_eq!(s.windows_applied, 5);
+        assert_eq!(st.apply_summary("a", 0, 9, &summary(0, 1, 0)), Applied::Expired);
+    }
+
+    proptest! {
+        #[test]
+        fn duplicated_and_reordered_deliveries_change_nothing(
+            order in Just((0..20usize).collect::<Vec<_>>()).prop_shuffle(),
+            dups in prop::collection::vec(0..20usize, 0..20),
+        ) {
+            let windows: Vec<_> = (0..20).map(|i| summary(i as i64 * 10, i as u64 + 1, 0)).collect();
+            let mut reference = FleetState::new(100);
+            for (i, w) in windows.iter().enumerate() {
+                reference.apply_summary("a", 0, i as u64 + 1, w);
+            }
+            let mut st = FleetState::new(100);
+            for &i in order.iter().chain(dups.iter()) {
+                st.apply_summary("a", 0, i as u64 + 1, &windows[i]);
+            }
+            prop_assert_eq!(st.readings(), reference.readings());
+            let a = &st.device("d").unwrap().metrics["m"];
+            let b = &reference.device("d").unwrap().metrics["m"];
+            prop_assert_eq!(&a.windows, &b.windows);
+            prop_assert_eq!(a.windows_applied, b.windows_applied);
+            prop_assert_eq!(st.lane_seq("a", 0), Some(20));
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The aggregator's metrics, defined once.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Counters of one aggregator instance.
+#[derive(Debug, Default)]
+pub struct AggregatorMetrics {
+    /// Summary records received on owned partitions.
+    pub summaries_received_total: AtomicU64,
+    /// Distinct windows applied.
+    pub summaries_applied_total: AtomicU64,
+    /// Replays and stale revisions ignored by idempotent apply.
+    pub summaries_duplicate_total: AtomicU64,
+    /// Higher revisions that replaced a window.
+    pub summaries_revised_total: AtomicU64,
+    /// Anomaly events received (all partitions).
+    pub anomalies_received_total: AtomicU64,
+    /// Anomaly events dropped as duplicates by id.
+    pub anomalies_duplicate_total: AtomicU64,
+    /// Summaries for partitions this instance does not own (a misconfigured agent or subscription).
+    pub misrouted_total: AtomicU64,
+    /// Uplink messages that could not be decoded.
+    pub bad_messages_total: AtomicU64,
+    /// Lane seq gaps observed (a record missing between two received ones).
+    pub seq_gaps_total: AtomicU64,
+    /// MQTT connection errors.
+    pub connection_errors_total: AtomicU64,
+    /// Feed clients disconnected for falling too far behind.
+    pub feed_lagged_total: AtomicU64,
+    /// Feed connections accepted.
+    pub feed_connections_total: AtomicU64,
+    /// HTTP requests served.
+    pub http_requests_total: AtomicU64,
+}
+
+impl AggregatorMetrics {
+    /// Prometheus text exposition, labelled with the aggregator id.
+    pub fn render(&self, id: &str, feed_clients: usize, devices: usize, out: &mut String) {
+        let counters = [
+            ("edgewatch_aggregator_summaries_received_total", &self.summaries_received_total),
+            ("edgewatch_aggregator_summaries_applied_total", &self.summaries_applied_total),
+            ("edgewatch_aggregator_summaries_duplicate_total", &self.summaries_duplicate_total),
+            ("edgewatch_aggregator_summaries_revised_total", &self.summaries_revised_total),
+            ("edgewatch_aggregator_anomalies_received_total", &self.anomalies_received_total),
+            ("edgewatch_aggregator_anomalies_duplicate_total", &self.anomalies_duplicate_total),
+            ("edgewatch_aggregator_misrouted_total", &self.misrouted_total),
+            ("edgewatch_aggregator_bad_messages_total", &self.bad_messages_total),
+            ("edgewatch_aggregator_seq_gaps_total", &self.seq_gaps_total),
+            ("edgewatch_aggregator_connection_errors_total", &self.connection_errors_total),
+            ("edgewatch_aggregator_feed_lagged_total", &self.feed_lagged_total),
+            ("edgewatch_aggregator_feed_connections_total", &self.feed_connections_total),
+            ("edgewatch_aggregator_http_requests_total", &self.http_requests_total),
+        ];
+        for (name, c) in counters {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name}{{aggregator=\"{id}\"}} {}", c.load(Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE edgewatch_aggregator_feed_clients gauge\nedgewatch_aggregator_feed_clients{{aggregator=\"{id}\"}} {feed_clients}"
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE edgewatch_aggregator_devices gauge\nedgewatch_aggregator_devices{{aggregator=\"{id}\"}} {devices}"
+        );
+    }
+}
