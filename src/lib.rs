@@ -1,4 +1,12 @@
 //! The `edgewatch` binary's library half: configuration loading, the demo, the feed client, benchmarks
 //! and evaluation commands. `main.rs` only parses the command line and calls into here.
 
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod config;
+#[cfg(feature = "embedded-broker")]
+pub mod demo;
 pub mod eval;
+pub mod logging;
+pub mod shutdown;
+pub mod tail;

@@ -1,19 +1,77 @@
 //! The `edgewatch` command line: parses arguments, loads configuration, runs one component.
+//! Exit codes: 0 ok, 1 invalid configuration or usage, 2 runtime failure.
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use edgewatch::config::{self, ConfigError};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "edgewatch", version, about = "IoT edge-to-cloud stream analytics")]
+#[command(name = "edgewatch", version, about = "IoT edge-to-cloud stream analytics: gateway agents, sharded aggregators, live anomaly feed")]
 struct Cli {
+    /// Log filter (e.g. info, debug, edgewatch_agent=trace); RUST_LOG overrides it.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway agent: MQTT ingest, windowed detection, uplink.
+    Agent {
+        /// Agent configuration (YAML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Run one aggregator instance: partition state, live feed, HTTP API.
+    Aggregator {
+        /// Aggregator configuration (YAML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Publish a simulated fleet with labelled anomalies over MQTT.
+    Simulate {
+        /// Simulator configuration (YAML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Run everything in one process: embedded broker, simulator, agent, two aggregators, feed.
+    Demo {
+        /// Demo configuration (YAML); built-in defaults when omitted.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Stop after this many seconds (default: run until Ctrl-C or SIGTERM).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Port of the embedded MQTT broker (default 1883; 0 picks a free one).
+        #[arg(long)]
+        broker_port: Option<u16>,
+        /// HTTP port of the first aggregator; the others use the next ports (default 8080; 0 picks free ones).
+        #[arg(long)]
+        http_port: Option<u16>,
+    },
+    /// Print the live anomaly feed.
+    Tail(edgewatch::tail::TailArgs),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Evaluate detectors on a dataset.
     #[command(subcommand)]
     Eval(EvalCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate configuration files; exits 1 with every problem (file, key, line, column) if any is invalid.
+    Check {
+        /// Files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Component the files configure; guessed from each file name when omitted.
+        #[arg(long, value_enum)]
+        kind: Option<Kind>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -22,16 +80,158 @@ enum EvalCommand {
     Nab(edgewatch::eval::EvalNabArgs),
 }
 
-fn main() -> std::process::ExitCode {
+/// Which component a configuration file is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Kind {
+    Agent,
+    Aggregator,
+    Simulator,
+    Demo,
+}
+
+impl Kind {
+    fn guess(path: &Path) -> Option<Kind> {
+        let name = path.file_name()?.to_string_lossy().to_lowercase();
+        [
+            ("aggregator", Kind::Aggregator),
+            ("agent", Kind::Agent),
+            ("simulat", Kind::Simulator),
+            ("demo", Kind::Demo),
+        ]
+        .into_iter()
+        .find(|(k, _)| name.contains(k))
+        .map(|(_, kind)| kind)
+    }
+}
+
+enum Failure {
+    Usage(anyhow::Error),
+    Runtime(anyhow::Error),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Usage(e.into())
+    }
+}
+
+fn runtime(e: impl Into<anyhow::Error>) -> Failure {
+    Failure::Runtime(e.into())
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Eval(EvalCommand::Nab(args)) => edgewatch::eval::run_nab(args),
+    let default_level = match cli.command {
+        Command::Demo { .. } | Command::Tail(_) | Command::Eval(_) | Command::Config(_) => "warn",
+        _ => "info",
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
+    edgewatch::logging::init(cli.log_level.as_deref().unwrap_or(default_level));
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(e)) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::from(2)
+            ExitCode::from(1)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
         }
     }
+}
+
+fn tokio_runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(runtime)
+}
+
+fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Agent { config } => {
+            let cfg: edgewatch_agent::AgentConfig = config::load(&config)?;
+            tokio_runtime()?.block_on(async {
+                let stop = edgewatch::shutdown::on_signal_or_deadline(None);
+                edgewatch_agent::run(cfg, async move { stop.cancelled().await })
+                    .await
+                    .map_err(runtime)
+            })
+        }
+        Command::Aggregator { config } => {
+            let cfg: edgewatch_aggregator::AggregatorConfig = config::load(&config)?;
+            tokio_runtime()?.block_on(async {
+                let stop = edgewatch::shutdown::on_signal_or_deadline(None);
+                let agg = edgewatch_aggregator::Aggregator::bind(cfg).await.map_err(runtime)?;
+                println!("{}", agg.feed_url());
+                agg.run(async move { stop.cancelled().await }).await.map_err(runtime)
+            })
+        }
+        Command::Simulate { config } => {
+            let cfg: edgewatch_simulators::SimulatorConfig = config::load(&config)?;
+            tokio_runtime()?.block_on(async {
+                let stop = edgewatch::shutdown::on_signal_or_deadline(None);
+                let report = edgewatch_simulators::run(cfg, async move { stop.cancelled().await })
+                    .await
+                    .map_err(Failure::Runtime)?;
+                println!(
+                    "published {} readings in {} steps, {} labelled anomalies",
+                    report.published,
+                    report.steps,
+                    report.labels.len()
+                );
+                Ok(())
+            })
+        }
+        Command::Demo {
+            config,
+            duration,
+            broker_port,
+            http_port,
+        } => {
+            let cfg: edgewatch::demo::DemoConfig = match config {
+                Some(path) => config::load(&path)?,
+                None => edgewatch::demo::DemoConfig::default(),
+            };
+            let overrides = edgewatch::demo::DemoOverrides {
+                duration: duration.map(std::time::Duration::from_secs),
+                broker_port,
+                http_port,
+            };
+            tokio_runtime()?.block_on(edgewatch::demo::run(cfg, overrides)).map_err(Failure::Runtime)
+        }
+        Command::Tail(args) => tokio_runtime()?.block_on(edgewatch::tail::run(args)).map_err(Failure::Runtime),
+        Command::Config(ConfigCommand::Check { files, kind }) => check(&files, kind),
+        Command::Eval(EvalCommand::Nab(args)) => edgewatch::eval::run_nab(args).map_err(Failure::Runtime),
+    }
+}
+
+fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
+    let mut failed = 0;
+    for file in files {
+        let Some(kind) = kind.or_else(|| Kind::guess(file)) else {
+            eprintln!(
+                "{}: cannot tell which component this file configures; pass --kind agent|aggregator|simulator|demo",
+                file.display()
+            );
+            failed += 1;
+            continue;
+        };
+        let result = match kind {
+            Kind::Agent => config::load::<edgewatch_agent::AgentConfig>(file).map(|_| ()),
+            Kind::Aggregator => config::load::<edgewatch_aggregator::AggregatorConfig>(file).map(|_| ()),
+            Kind::Simulator => config::load::<edgewatch_simulators::SimulatorConfig>(file).map(|_| ()),
+            Kind::Demo => config::load::<edgewatch::demo::DemoConfig>(file).map(|_| ()),
+        };
+        match result {
+            Ok(()) => println!("{}: ok ({kind:?})", file.display()),
+            Err(e) => {
+                eprintln!("{e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(Failure::Usage(anyhow::anyhow!("{failed} of {} files invalid", files.len())));
+    }
+    Ok(())
 }

@@ -116,6 +116,7 @@ impl Agent {
         // Pipeline: the CPU work, in batches.
         let worker = {
             let agent = cfg.id.clone();
+            let metrics_w = metrics.clone();
             tokio::spawn(async move {
                 let mut batch = Vec::with_capacity(512);
                 let mut log = RejectLog::default();
@@ -127,6 +128,7 @@ impl Agent {
                             if n == 0 {
                                 break;
                             }
+                            metrics_w.queue_depth.store(msg_rx.len() as u64, Relaxed);
                             let now = now_ms();
                             for p in batch.drain(..) {
                                 if let Err(e) = pipeline.handle(p.topic.as_bytes(), &p.payload, now) {

@@ -33,6 +33,8 @@ pub struct AgentMetrics {
     pub series: AtomicU64,
     /// Arrival time minus event time of the latest reading, ms.
     pub event_lag_ms: AtomicI64,
+    /// Messages waiting in the queue between the MQTT poll loop and the pipeline.
+    pub queue_depth: AtomicU64,
 }
 
 impl AgentMetrics {
@@ -85,6 +87,11 @@ impl AgentMetrics {
             out,
             "# TYPE edgewatch_agent_series gauge\nedgewatch_agent_series{{agent=\"{agent}\"}} {}",
             self.series.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE edgewatch_agent_queue_depth gauge\nedgewatch_agent_queue_depth{{agent=\"{agent}\"}} {}",
+            self.queue_depth.load(Relaxed)
         );
         let _ = writeln!(
             out,

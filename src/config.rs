@@ -1,0 +1,278 @@
+//! Loading YAML configuration files into each component's typed config, with errors that name the
+//! file, the key path and the line and column: `configs/agent.yaml: window.size_ms (line 12, col 12): ...`.
+//!
+//! Two steps, as everywhere in edgewatch: serde (unknown fields rejected) gives syntax and type errors
+//! with their position; then the component's `problems()` reports every invalid value, each located
+//! in the file by its key path.
+//!
+//! YAML crate: `serde_norway`, the maintained fork of the deprecated `serde_yaml` (same API, libyaml
+//! parser, security fixes, error locations), so serde-derived configs and `serde_path_to_error` work as is.
+
+use serde::de::DeserializeOwned;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// One problem in one configuration file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigProblem {
+    /// Key path such as `window.size_ms` or `source.subscriptions[0].topic` (empty for syntax errors).
+    pub key: String,
+    /// 1-based line and column, when known.
+    pub location: Option<(usize, usize)>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem found in one file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// Its problems (at least one).
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:", self.file.display())?;
+            if !p.key.is_empty() {
+                write!(f, " {}", p.key)?;
+            }
+            if let Some((line, col)) = p.location {
+                write!(f, " (line {line}, col {col})")?;
+            }
+            write!(f, ": {}", p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A configuration type that can list its own invalid values as `key.path: message`.
+pub trait Validate {
+    /// Every invalid value; empty when valid.
+    fn problems(&self) -> Vec<String>;
+}
+
+impl Validate for edgewatch_agent::AgentConfig {
+    fn problems(&self) -> Vec<String> {
+        edgewatch_agent::AgentConfig::problems(self)
+    }
+}
+
+impl Validate for edgewatch_aggregator::AggregatorConfig {
+    fn problems(&self) -> Vec<String> {
+        edgewatch_aggregator::AggregatorConfig::problems(self)
+    }
+}
+
+impl Validate for edgewatch_simulators::SimulatorConfig {
+    fn problems(&self) -> Vec<String> {
+        edgewatch_simulators::SimulatorConfig::problems(self)
+    }
+}
+
+/// Reads and validates `path` as a `T`.
+pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        problems: vec![ConfigProblem {
+            key: String::new(),
+            location: None,
+            message: format!("cannot read the file: {e}"),
+        }],
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates YAML `text` (from `file`, used in messages) as a `T`.
+pub fn parse<T: DeserializeOwned + Validate>(text: &str, file: &Path) -> Result<T, ConfigError> {
+    let de = serde_norway::Deserializer::from_str(text);
+    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let location = inner.location().map(|l| (l.line(), l.column()));
+        let mut message = inner.to_string();
+        if let Some(at) = message.find(" at line ") {
+            message.truncate(at);
+        }
+        ConfigError {
+            file: file.to_path_buf(),
+            problems: vec![ConfigProblem {
+                key: if key == "." { String::new() } else { key },
+                location,
+                message,
+            }],
+        }
+    })?;
+    let problems = value.problems();
+    if problems.is_empty() {
+        return Ok(value);
+    }
+    Err(ConfigError {
+        file: file.to_path_buf(),
+        problems: problems
+            .into_iter()
+            .map(|p| {
+                let (key, message) = match p.split_once(": ") {
+                    Some((k, m)) if !k.contains(' ') => (k.to_string(), m.to_string()),
+                    _ => (String::new(), p),
+                };
+                ConfigProblem {
+                    location: locate(text, &key),
+                    key,
+                    message,
+                }
+            })
+            .collect(),
+    })
+}
+
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn segments(path: &str) -> Vec<Seg<'_>> {
+    let mut out = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (key, mut rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
+        if !key.is_empty() {
+            out.push(Seg::Key(key));
+        }
+        while let Some((idx, r)) = rest.split_once(']') {
+            if let Ok(i) = idx.parse() {
+                out.push(Seg::Index(i));
+            }
+            rest = r.strip_prefix('[').unwrap_or(r);
+        }
+    }
+    out
+}
+
+/// Best-effort position of `key_path` in block-style YAML `text` (1-based line and column of the key,
+/// or of the closest parent found). Flow style (`{a: 1}`) falls back to the parent's position.
+pub fn locate(text: &str, key_path: &str) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut start = 0usize;
+    let mut parent_indent: isize = -1;
+    let mut found = None;
+    for seg in segments(key_path) {
+        let mut hit = None;
+        let mut seen_items = 0usize;
+        let mut item_indent = None;
+        for (i, raw) in lines.iter().enumerate().skip(start) {
+            let content = raw.trim_start();
+            if content.is_empty() || content.starts_with('#') {
+                continue;
+            }
+            let mut indent = (raw.len() - content.len()) as isize;
+            if i > start && indent <= parent_indent {
+                break;
+            }
+            match seg {
+                Seg::Key(k) => {
+                    let mut c = content;
+                    while let Some(rest) = c.strip_prefix("- ") {
+                        indent += 2 + (rest.len() - rest.trim_start().len()) as isize;
+                        c = rest.trim_start();
+                    }
+                    let key_here = c
+                        .strip_prefix(k)
+                        .is_some_and(|r| r.starts_with(':'))
+                        || c.strip_prefix(&format!("\"{k}\"")).is_some_and(|r| r.starts_with(':'));
+                    if key_here && (i == start || indent > parent_indent) {
+                        hit = Some((i, indent));
+                        break;
+                    }
+                }
+                Seg::Index(n) => {
+                    if content.starts_with("- ") || content == "-" {
+                        if *item_indent.get_or_insert(indent) == indent {
+                            if seen_items == n {
+                                // The item's own keys sit two columns to the right of its dash.
+                                hit = Some((i, indent));
+                                break;
+                            }
+                            seen_items += 1;
+                        }
+                    }
+                }
+            }
+        }
+        match hit {
+            Some((line, indent)) => {
+                found = Some((line + 1, indent as usize + 1));
+                start = line;
+                parent_indent = match seg {
+                    Seg::Key(_) => indent,
+                    Seg::Index(_) => indent,
+                };
+            }
+            None => break,
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = "\
+id: gw-1
+source:
+  mqtt:
+    host: localhost
+  subscriptions:
+    - topic: a/{device}
+      payload: { type: number }
+    - topic: b/{device}/{metric}
+window:
+  size_ms: 0
+";
+
+    #[test]
+    fn locate_finds_nested_keys_and_list_items() {
+        assert_eq!(locate(YAML, "window.size_ms"), Some((10, 3)));
+        assert_eq!(locate(YAML, "source.mqtt.host"), Some((4, 5)));
+        assert_eq!(locate(YAML, "source.subscriptions[1].topic"), Some((8, 7)));
+        assert_eq!(locate(YAML, "source.subscriptions[0].payload"), Some((7, 7)));
+        assert_eq!(locate(YAML, "nothing.here"), None);
+    }
+
+    #[test]
+    fn validation_problems_carry_file_key_and_line() {
+        let e = parse::<edgewatch_agent::AgentConfig>(YAML, Path::new("configs/x.yaml")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("configs/x.yaml: window.size_ms (line 10, col 3): window size must be > 0, got 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_name_the_key_path_line_and_column() {
+        let e = parse::<edgewatch_agent::AgentConfig>("id: a\nwindow:\n  sise_ms: 5\n", Path::new("f.yaml"))
+            .unwrap_err();
+        let p = &e.problems[0];
+        assert_eq!(p.key, "window");
+        assert_eq!(p.location, Some((3, 3)));
+        assert!(p.message.contains("unknown field `sise_ms`"), "{}", p.message);
+    }
+
+    #[test]
+    fn wrong_types_and_syntax_errors_are_located() {
+        let e = parse::<edgewatch_agent::AgentConfig>("id: a\nwindow:\n  size_ms: ten\n", Path::new("f.yaml"))
+            .unwrap_err();
+        assert_eq!(e.problems[0].key, "window.size_ms");
+        assert_eq!(e.problems[0].location.map(|l| l.0), Some(3));
+        let e = parse::<edgewatch_agent::AgentConfig>("id: [a\n", Path::new("f.yaml")).unwrap_err();
+        assert!(e.problems[0].location.is_some(), "{e}");
+    }
+}
