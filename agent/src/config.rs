@@ -61,6 +61,7 @@ impl Default for SourceConfig {
 fn default_subscriptions() -> Vec<Subscription> {
     vec![Subscription {
         topic: "sensors/{device}/{metric}".into(),
+        filter: None,
         metric: None,
         payload: PayloadFormat::default(),
     }]
@@ -72,6 +73,10 @@ fn default_subscriptions() -> Vec<Subscription> {
 pub struct Subscription {
     /// Levels are literals or the placeholders `{device}` (required) and `{metric}`.
     pub topic: String,
+    /// MQTT filter to subscribe to; defaults to the pattern with placeholders as `+`. A wider filter
+    /// (e.g. `sensors/#`) makes non-matching topics visible: they are counted as `topic_mismatch`.
+    #[serde(default)]
+    pub filter: Option<String>,
     /// Metric name when the topic has no `{metric}` level and the payload is a single value.
     #[serde(default)]
     pub metric: Option<String>,
@@ -366,6 +371,12 @@ impl AgentConfig {
             out.push("source.subscriptions: at least one topic pattern is required".into());
         }
         for (i, s) in self.source.subscriptions.iter().enumerate() {
+            if s.filter.as_deref().is_some_and(|f| f.is_empty() || f.contains(['{', '}'])) {
+                out.push(format!(
+                    "source.subscriptions[{i}].filter: must be a non-empty MQTT filter without placeholders, got {:?}",
+                    s.filter.as_deref().unwrap_or_default()
+                ));
+            }
             if let Err(e) = crate::ingest::TopicPattern::parse(&s.topic) {
                 out.push(format!("source.subscriptions[{i}].topic: {e}"));
             } else if let Ok(p) = crate::ingest::TopicPattern::parse(&s.topic) {

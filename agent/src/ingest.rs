@@ -103,6 +103,7 @@ impl TopicPattern {
 #[derive(Debug, Clone)]
 pub struct Mapping {
     pattern: TopicPattern,
+    filter: Option<String>,
     fixed_metric: Option<String>,
     format: PayloadFormat,
 }
@@ -125,6 +126,7 @@ impl Mapping {
     pub fn new(sub: &Subscription) -> Result<Self, String> {
         Ok(Self {
             pattern: TopicPattern::parse(&sub.topic)?,
+            filter: sub.filter.clone(),
             fixed_metric: sub.metric.clone(),
             format: sub.payload.clone(),
         })
@@ -132,7 +134,7 @@ impl Mapping {
 
     /// The MQTT filter to subscribe to.
     pub fn filter(&self) -> String {
-        self.pattern.filter()
+        self.filter.clone().unwrap_or_else(|| self.pattern.filter())
     }
 
     /// Whether this mapping claims `topic`.
@@ -156,6 +158,10 @@ impl Mapping {
             return Err(IngestError::EmptyPayload);
         }
         let metric = topic_metric.or(self.fixed_metric.as_deref());
+        // JSON must be UTF-8; serde_json does not check strings it skips, so check the whole payload.
+        if !matches!(self.format, PayloadFormat::Number) && std::str::from_utf8(payload).is_err() {
+            return Err(IngestError::NotUtf8 { what: "payload" });
+        }
         match &self.format {
             PayloadFormat::Number => {
                 let metric = metric.ok_or(IngestError::NoMetric)?;
@@ -466,6 +472,7 @@ mod tests {
     fn mapping(topic: &str, payload: PayloadFormat, metric: Option<&str>) -> Mapping {
         Mapping::new(&Subscription {
             topic: topic.into(),
+            filter: None,
             metric: metric.map(str::to_string),
             payload,
         })
@@ -565,7 +572,8 @@ mod tests {
             (br#"{"value":NaN}"#, "json"),
             (br#"{"value":1,"ts":-5}"#, "timestamp"),
             (br#"{"value":1} trailing"#, "json"),
-            (b"\xff\xfe", "json"),
+            (b"\xff\xfe", "UTF-8"),
+            (b"{\"value\":1,\"unit\":\"\xff\"}", "UTF-8"),
             (b"[1,2]", "json"),
         ];
         for (payload, want) in cases {

@@ -1,0 +1,146 @@
+//! Helpers shared by the integration tests: real brokers, HTTP GETs, feed clients, waiting.
+
+use edgewatch::broker::{BrokerConfig, EmbeddedBroker};
+use edgewatch_models::wire::AnomalyEvent;
+use futures_util::StreamExt;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+/// An embedded rumqttd on a free loopback port.
+pub fn embedded_broker() -> EmbeddedBroker {
+    EmbeddedBroker::start(&BrokerConfig {
+        listen: "127.0.0.1:0".into(),
+        ..BrokerConfig::default()
+    })
+    .expect("embedded broker starts")
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `mosquitto` broker started for one test, stopped on drop.
+pub struct Mosquitto {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// Path of a required external program, or a panic telling how to install it (tests never skip).
+pub fn require(program: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/sbin"]) {
+        let p = Path::new(dir).join(program);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{program} is not installed: run scripts/test (it apt-installs mosquitto and mosquitto-clients)");
+}
+
+impl Mosquitto {
+    /// Starts mosquitto on a free port with anonymous access.
+    pub fn start() -> Self {
+        let bin = require("mosquitto");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n"),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port, _dir: dir }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET `path` from `addr`; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to HTTP");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("http response");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status code");
+    (status, body.to_string())
+}
+
+/// GET JSON.
+pub fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let (status, body) = http_get(addr, path);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
+/// A feed client collecting every event it receives, in the background.
+pub struct FeedClient {
+    /// Events received so far.
+    pub events: Arc<Mutex<Vec<AnomalyEvent>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FeedClient {
+    /// Connects to `url` and starts collecting.
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("feed connects");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let task = tokio::spawn(async move {
+            let (_w, mut r) = ws.split();
+            while let Some(Ok(m)) = r.next().await {
+                if let Message::Text(t) = m {
+                    let e: AnomalyEvent = serde_json::from_str(&t).expect("feed message is an AnomalyEvent");
+                    sink.lock().unwrap().push(e);
+                }
+            }
+        });
+        Self { events, task }
+    }
+
+    /// A snapshot of the events received.
+    pub fn snapshot(&self) -> Vec<AnomalyEvent> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FeedClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Polls `cond` every 50 ms until true, panicking with `what` after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,90 @@
+//! Every file in `configs/` loads and validates; broken files fail with file, key, line and column.
+
+use edgewatch::config::{self, ConfigError};
+use std::path::Path;
+
+fn load_any(path: &Path) -> Result<&'static str, ConfigError> {
+    let name = path.file_name().unwrap().to_string_lossy().to_string();
+    Ok(if name.contains("aggregator") {
+        config::load::<edgewatch_aggregator::AggregatorConfig>(path)?;
+        "aggregator"
+    } else if name.contains("agent") {
+        config::load::<edgewatch_agent::AgentConfig>(path)?;
+        "agent"
+    } else if name.contains("simulat") {
+        config::load::<edgewatch_simulators::SimulatorConfig>(path)?;
+        "simulator"
+    } else if name.contains("demo") {
+        config::load::<edgewatch::demo::DemoConfig>(path)?;
+        "demo"
+    } else {
+        panic!("{}: file name does not say which component it configures", path.display())
+    })
+}
+
+#[test]
+fn every_file_in_configs_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let kind = load_any(&path).unwrap_or_else(|e| panic!("{e}"));
+            seen.push(kind);
+        }
+    }
+    for kind in ["agent", "aggregator", "simulator", "demo"] {
+        assert!(seen.contains(&kind), "configs/ has no {kind} example (saw {seen:?})");
+    }
+}
+
+#[test]
+fn a_broken_file_reports_its_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.yaml");
+    std::fs::write(&path, "id: gw-1\nwindow:\n  size_ms: 60000\n  allowed_lateness_ms: [1\n").unwrap();
+    let e = load_any(&path).unwrap_err();
+    let text = e.to_string();
+    assert!(text.starts_with(&format!("{}:", path.display())), "{text}");
+    assert!(e.problems[0].location.is_some(), "{text}");
+
+    std::fs::write(&path, "id: gw-1\nuplink:\n  partitions: 0\n  qos: 2\n").unwrap();
+    let e = load_any(&path).unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("uplink.partitions (line 3, col 3): must be > 0, got 0"), "{text}");
+    assert!(text.contains("uplink.qos (line 4, col 3): must be 0 or 1, got 2"), "{text}");
+}
+
+#[test]
+fn config_check_command_exits_1_and_names_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("my-aggregator.yaml");
+    std::fs::write(&path, "id: agg.1\nhttp:\n  listen: nowhere\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("id (line 1, col 1): must match"), "{err}");
+    assert!(err.contains("http.listen (line 3, col 3)"), "{err}");
+
+    let ok = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/agent.yaml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+        .args(["config", "check"])
+        .arg(&ok)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.yaml");
+    std::fs::write(&path, "id: gw-1\nsource:\n  mqtt:\n    password: hunter2\n").unwrap();
+    let e = load_any(&path).unwrap_err().to_string();
+    assert!(e.contains("source.mqtt.username (line 3, col 3): required when a password is set"), "{e}");
+    assert!(!e.contains("hunter2"), "{e}");
+}

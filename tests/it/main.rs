@@ -1,0 +1,8 @@
+//! edgewatch's integration tests: real brokers (embedded rumqttd, Debian's mosquitto), real sockets,
+//! real YAML. One test binary, one module per concern.
+
+mod bad_input;
+mod common;
+mod configs;
+mod e2e;
+mod interop;
