@@ -1,0 +1,493 @@
+//! The simulator's YAML configuration: a serde mirror of the file and its validation.
+//!
+//! Owns field names, defaults (each a named function) and `problems()`, which reports every invalid
+//! field at once. It does not read files or resolve secrets: the caller loads the YAML (with
+//! `serde_path_to_error` for key paths) and `run` resolves the MQTT password.
+
+use crate::anomaly::AnomalyKind;
+use crate::topic::TopicTemplate;
+use edgewatch_models::link::MqttLink;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+/// Everything that defines a simulated fleet and how it is published.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatorConfig {
+    /// Broker to publish to.
+    #[serde(default = "default_mqtt")]
+    pub mqtt: MqttLink,
+    /// Topic template; `{device}` and `{metric}` are replaced per reading.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// MQTT QoS of the publishes: 0 or 1.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// QoS 1 publishes awaiting a PubAck at once (rumqttc's inflight window).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Number of simulated devices.
+    #[serde(default = "default_devices")]
+    pub devices: usize,
+    /// Device ids are this prefix plus a zero-padded index (`dev-0000`, `dev-0001`, ...).
+    #[serde(default = "default_device_prefix")]
+    pub device_prefix: String,
+    /// Metrics every device reports; one series per (device, metric).
+    #[serde(default = "default_metrics")]
+    pub metrics: Vec<MetricSpec>,
+    /// Simulated time between two readings of one series.
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    /// Simulated time of the first reading (Unix ms); `None` = wall clock at start, rounded to the second.
+    #[serde(default)]
+    pub start_ms: Option<i64>,
+    /// Simulated time to run; `None` = until shutdown.
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+    /// Simulated ms per wall ms (1.0 = real time).
+    #[serde(default = "default_speedup")]
+    pub speedup: f64,
+    /// Hard cap on publishes per wall-clock second, whatever the speedup.
+    #[serde(default = "default_max_rate_per_sec")]
+    pub max_rate_per_sec: u64,
+    /// Seed of every random choice: same seed, same readings and labels.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Where to write the ground truth as JSON lines; `None` = not written.
+    #[serde(default)]
+    pub ground_truth_path: Option<PathBuf>,
+    /// Injected anomalies.
+    #[serde(default = "default_anomalies")]
+    pub anomalies: AnomalyConfig,
+}
+
+/// One metric of every device: `base + daily sine + drift + Gaussian noise`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricSpec {
+    /// Metric name, used in topics.
+    pub name: String,
+    /// Mean level, in the metric's unit.
+    pub base: f64,
+    /// Amplitude of the daily sine (period 24 h of simulated time, peak mid-afternoon UTC).
+    #[serde(default)]
+    pub daily_amplitude: f64,
+    /// Standard deviation of the Gaussian noise; anomaly sizes are multiples of it.
+    #[serde(default = "default_noise_std")]
+    pub noise_std: f64,
+    /// Largest slow drift per simulated hour; each series draws its own rate in ±[0.5, 1.5] × this.
+    #[serde(default)]
+    pub drift_per_hour: f64,
+}
+
+/// Which anomalies are injected, how often and how large.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalyConfig {
+    /// Mean anomalies per series per simulated hour (Poisson arrivals); 0 disables injection.
+    #[serde(default = "default_rate_per_series_hour")]
+    pub rate_per_series_hour: f64,
+    /// Kinds to draw from, uniformly.
+    #[serde(default = "default_kinds")]
+    pub kinds: Vec<AnomalyKind>,
+    /// No anomaly starts before `start + warmup_ms` (detectors need history).
+    #[serde(default = "default_warmup_ms")]
+    pub warmup_ms: u64,
+    /// Least simulated time between the end of one anomaly and the start of the next in one series.
+    #[serde(default = "default_min_gap_ms")]
+    pub min_gap_ms: u64,
+    /// Spike/dip offset, `[min, max]` noise standard deviations.
+    #[serde(default = "default_spike_sigma")]
+    pub spike_sigma: [f64; 2],
+    /// Level-shift offset, `[min, max]` noise standard deviations (sign drawn at random).
+    #[serde(default = "default_level_shift_sigma")]
+    pub level_shift_sigma: [f64; 2],
+    /// Level-shift length.
+    #[serde(default = "default_level_shift_duration_ms")]
+    pub level_shift_duration_ms: u64,
+    /// Noise multiplier during a variance burst.
+    #[serde(default = "default_burst_factor")]
+    pub burst_factor: f64,
+    /// Variance-burst length.
+    #[serde(default = "default_burst_duration_ms")]
+    pub burst_duration_ms: u64,
+    /// Stuck-sensor length (the last value repeated exactly).
+    #[serde(default = "default_stuck_duration_ms")]
+    pub stuck_duration_ms: u64,
+    /// Dropout length (no readings at all).
+    #[serde(default = "default_dropout_duration_ms")]
+    pub dropout_duration_ms: u64,
+}
+
+fn default_mqtt() -> MqttLink {
+    MqttLink::default()
+}
+fn default_anomalies() -> AnomalyConfig {
+    AnomalyConfig::default()
+}
+fn default_topic() -> String {
+    "sensors/{device}/{metric}".to_string()
+}
+fn default_qos() -> u8 {
+    0
+}
+fn default_max_inflight() -> u16 {
+    1000
+}
+fn default_devices() -> usize {
+    20
+}
+fn default_device_prefix() -> String {
+    "dev-".to_string()
+}
+fn default_metrics() -> Vec<MetricSpec> {
+    let m = |name: &str, base, daily_amplitude, noise_std, drift_per_hour| MetricSpec {
+        name: name.to_string(),
+        base,
+        daily_amplitude,
+        noise_std,
+        drift_per_hour,
+    };
+    vec![
+        // °C
+        m("temperature", 21.0, 3.0, 0.2, 0.02),
+        // mm/s RMS
+        m("vibration", 2.5, 0.3, 0.1, 0.002),
+        // A
+        m("current", 12.0, 2.0, 0.3, 0.01),
+        // kPa
+        m("pressure", 101.3, 0.5, 0.05, 0.003),
+    ]
+}
+fn default_noise_std() -> f64 {
+    1.0
+}
+fn default_interval_ms() -> u64 {
+    1000
+}
+fn default_speedup() -> f64 {
+    1.0
+}
+fn default_max_rate_per_sec() -> u64 {
+    50_000
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_rate_per_series_hour() -> f64 {
+    0.5
+}
+fn default_kinds() -> Vec<AnomalyKind> {
+    AnomalyKind::ALL.to_vec()
+}
+fn default_warmup_ms() -> u64 {
+    30 * 60_000
+}
+fn default_min_gap_ms() -> u64 {
+    10 * 60_000
+}
+fn default_spike_sigma() -> [f64; 2] {
+    [6.0, 12.0]
+}
+fn default_level_shift_sigma() -> [f64; 2] {
+    [3.0, 6.0]
+}
+fn default_level_shift_duration_ms() -> u64 {
+    15 * 60_000
+}
+fn default_burst_factor() -> f64 {
+    5.0
+}
+fn default_burst_duration_ms() -> u64 {
+    5 * 60_000
+}
+fn default_stuck_duration_ms() -> u64 {
+    10 * 60_000
+}
+fn default_dropout_duration_ms() -> u64 {
+    2 * 60_000
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        Self {
+            mqtt: default_mqtt(),
+            topic: default_topic(),
+            qos: default_qos(),
+            max_inflight: default_max_inflight(),
+            devices: default_devices(),
+            device_prefix: default_device_prefix(),
+            metrics: default_metrics(),
+            interval_ms: default_interval_ms(),
+            start_ms: None,
+            duration_ms: None,
+            speedup: default_speedup(),
+            max_rate_per_sec: default_max_rate_per_sec(),
+            seed: default_seed(),
+            ground_truth_path: None,
+            anomalies: default_anomalies(),
+        }
+    }
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        Self {
+            rate_per_series_hour: default_rate_per_series_hour(),
+            kinds: default_kinds(),
+            warmup_ms: default_warmup_ms(),
+            min_gap_ms: default_min_gap_ms(),
+            spike_sigma: default_spike_sigma(),
+            level_shift_sigma: default_level_shift_sigma(),
+            level_shift_duration_ms: default_level_shift_duration_ms(),
+            burst_factor: default_burst_factor(),
+            burst_duration_ms: default_burst_duration_ms(),
+            stuck_duration_ms: default_stuck_duration_ms(),
+            dropout_duration_ms: default_dropout_duration_ms(),
+        }
+    }
+}
+
+/// Characters a device prefix or metric name may not contain: they would break the topic level
+/// (`/`), make it a wildcard (`+`, `#`) or be rejected by NATS's MQTT listener (`.`, whitespace).
+fn bad_level_char(c: char) -> bool {
+    matches!(c, '/' | '+' | '#' | '.') || c.is_whitespace() || c.is_control()
+}
+
+impl SimulatorConfig {
+    /// Every invalid field, as `field.path: message naming the bad value`; empty when valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .mqtt
+            .problems()
+            .into_iter()
+            .map(|p| format!("mqtt.{p}"))
+            .collect();
+        if let Err(e) = TopicTemplate::parse(&self.topic) {
+            out.push(format!("topic: {e}"));
+        }
+        if self.qos > 1 {
+            out.push(format!("qos: must be 0 or 1, got {}", self.qos));
+        }
+        if self.max_inflight == 0 {
+            out.push("max_inflight: must be > 0, got 0".to_string());
+        }
+        if self.devices == 0 {
+            out.push("devices: must be > 0, got 0".to_string());
+        }
+        // Each series holds its generators in memory (~200 bytes): a million devices is plenty.
+        if self.devices > 1_000_000 {
+            out.push(format!("devices: must be <= 1000000, got {}", self.devices));
+        }
+        if let Some(c) = self.device_prefix.chars().find(|&c| bad_level_char(c)) {
+            out.push(format!(
+                "device_prefix: must not contain {c:?}, got {:?}",
+                self.device_prefix
+            ));
+        }
+        if self.metrics.is_empty() {
+            out.push("metrics: must list at least one metric, got none".to_string());
+        }
+        let mut seen = HashSet::new();
+        for (i, m) in self.metrics.iter().enumerate() {
+            let at = format!("metrics[{i}]");
+            if m.name.is_empty() {
+                out.push(format!("{at}.name: must not be empty"));
+            } else if let Some(c) = m.name.chars().find(|&c| bad_level_char(c)) {
+                out.push(format!(
+                    "{at}.name: must not contain {c:?}, got {:?}",
+                    m.name
+                ));
+            }
+            if !seen.insert(m.name.as_str()) {
+                out.push(format!("{at}.name: duplicate metric name {:?}", m.name));
+            }
+            for (field, v) in [
+                ("base", m.base),
+                ("daily_amplitude", m.daily_amplitude),
+                ("drift_per_hour", m.drift_per_hour),
+            ] {
+                if !v.is_finite() {
+                    out.push(format!("{at}.{field}: must be finite, got {v}"));
+                }
+            }
+            if !(m.noise_std.is_finite() && m.noise_std > 0.0) {
+                out.push(format!(
+                    "{at}.noise_std: must be finite and > 0 (anomaly sizes are multiples of it), got {}",
+                    m.noise_std
+                ));
+            }
+        }
+        if self.interval_ms == 0 {
+            out.push("interval_ms: must be > 0, got 0".to_string());
+        }
+        if let Some(s) = self.start_ms {
+            if s < 0 {
+                out.push(format!("start_ms: must be >= 0, got {s}"));
+            }
+        }
+        if self.duration_ms == Some(0) {
+            out.push("duration_ms: must be > 0 when set, got 0".to_string());
+        }
+        if !(self.speedup.is_finite() && self.speedup > 0.0) {
+            out.push(format!(
+                "speedup: must be finite and > 0, got {}",
+                self.speedup
+            ));
+        }
+        if self.max_rate_per_sec == 0 {
+            out.push("max_rate_per_sec: must be > 0, got 0".to_string());
+        }
+        self.anomalies.problems_into("anomalies", &mut out);
+        out
+    }
+
+    /// Number of series: devices × metrics.
+    pub(crate) fn series(&self) -> usize {
+        self.devices.saturating_mul(self.metrics.len())
+    }
+}
+
+impl AnomalyConfig {
+    fn problems_into(&self, at: &str, out: &mut Vec<String>) {
+        let r = self.rate_per_series_hour;
+        if !(r.is_finite() && r >= 0.0) {
+            out.push(format!(
+                "{at}.rate_per_series_hour: must be finite and >= 0, got {r}"
+            ));
+        }
+        if self.kinds.is_empty() && r > 0.0 {
+            out.push(format!(
+                "{at}.kinds: must list at least one kind when rate_per_series_hour > 0, got none"
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, k) in self.kinds.iter().enumerate() {
+            if !seen.insert(*k) {
+                out.push(format!("{at}.kinds[{i}]: duplicate kind {}", k.as_str()));
+            }
+        }
+        for (field, [lo, hi]) in [
+            ("spike_sigma", self.spike_sigma),
+            ("level_shift_sigma", self.level_shift_sigma),
+        ] {
+            if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
+                out.push(format!(
+                    "{at}.{field}: must be [min, max] with 0 < min <= max, got [{lo}, {hi}]"
+                ));
+            }
+        }
+        if !(self.burst_factor.is_finite() && self.burst_factor > 1.0) {
+            out.push(format!(
+                "{at}.burst_factor: must be finite and > 1, got {}",
+                self.burst_factor
+            ));
+        }
+        for (field, v) in [
+            ("level_shift_duration_ms", self.level_shift_duration_ms),
+            ("burst_duration_ms", self.burst_duration_ms),
+            ("stuck_duration_ms", self.stuck_duration_ms),
+            ("dropout_duration_ms", self.dropout_duration_ms),
+        ] {
+            if v == 0 {
+                out.push(format!("{at}.{field}: must be > 0, got 0"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn has(p: &[String], prefix: &str, needle: &str) -> bool {
+        p.iter()
+            .any(|m| m.starts_with(prefix) && m.contains(needle))
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        assert_eq!(SimulatorConfig::default().problems(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn problems_report_every_bad_field_with_its_value() {
+        let mut cfg = SimulatorConfig {
+            devices: 0,
+            interval_ms: 0,
+            speedup: -2.0,
+            qos: 2,
+            topic: "sensors/{device}/{sensor}".into(),
+            ..Default::default()
+        };
+        cfg.anomalies.spike_sigma = [8.0, 4.0];
+        cfg.anomalies.burst_factor = f64::NAN;
+        cfg.mqtt.port = 0;
+        let p = cfg.problems();
+        assert!(has(&p, "devices:", "got 0"), "{p:#?}");
+        assert!(has(&p, "interval_ms:", "got 0"), "{p:#?}");
+        assert!(has(&p, "speedup:", "got -2"), "{p:#?}");
+        assert!(has(&p, "qos:", "got 2"), "{p:#?}");
+        assert!(has(&p, "topic:", "{sensor}"), "{p:#?}");
+        assert!(has(&p, "anomalies.spike_sigma:", "[8, 4]"), "{p:#?}");
+        assert!(has(&p, "anomalies.burst_factor:", "NaN"), "{p:#?}");
+        assert!(has(&p, "mqtt.port:", "got 0"), "{p:#?}");
+        assert_eq!(p.len(), 8, "{p:#?}");
+    }
+
+    #[test]
+    fn zero_speedup_is_rejected() {
+        let cfg = SimulatorConfig {
+            speedup: 0.0,
+            ..Default::default()
+        };
+        assert!(has(&cfg.problems(), "speedup:", "got 0"));
+    }
+
+    #[test]
+    fn empty_and_duplicate_metric_lists_are_rejected() {
+        let empty = SimulatorConfig {
+            metrics: vec![],
+            ..Default::default()
+        };
+        assert!(has(&empty.problems(), "metrics:", "none"));
+
+        let mut dup = SimulatorConfig::default();
+        dup.metrics[2].name = "temperature".into();
+        dup.metrics[1].noise_std = 0.0;
+        let p = dup.problems();
+        assert!(has(&p, "metrics[2].name:", "\"temperature\""), "{p:#?}");
+        assert!(has(&p, "metrics[1].noise_std:", "got 0"), "{p:#?}");
+    }
+
+    #[test]
+    fn names_that_break_topic_levels_are_rejected() {
+        let mut cfg = SimulatorConfig {
+            device_prefix: "site/a-".into(),
+            ..Default::default()
+        };
+        cfg.metrics[0].name = "temp.c".into();
+        let p = cfg.problems();
+        assert!(has(&p, "device_prefix:", "'/'"), "{p:#?}");
+        assert!(has(&p, "metrics[0].name:", "'.'"), "{p:#?}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let e = serde_json::from_str::<SimulatorConfig>(r#"{"device": 3}"#).unwrap_err();
+        assert!(e.to_string().contains("device"), "{e}");
+        let e =
+            serde_json::from_str::<SimulatorConfig>(r#"{"anomalies": {"rate": 1}}"#).unwrap_err();
+        assert!(e.to_string().contains("rate"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_file_loads_and_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/simulator.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let cfg: SimulatorConfig = serde_norway::from_str(&text).unwrap();
+        assert_eq!(cfg.problems(), Vec::<String>::new());
+        assert_eq!(cfg.anomalies.kinds.len(), 6);
+    }
+}
