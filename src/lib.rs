@@ -2,6 +2,8 @@
 //! and evaluation commands. `main.rs` only parses the command line and calls into here.
 
 #[cfg(feature = "embedded-broker")]
+pub mod bench;
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod config;
 #[cfg(feature = "embedded-broker")]

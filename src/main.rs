@@ -53,6 +53,8 @@ enum Command {
     },
     /// Print the live anomaly feed.
     Tail(edgewatch::tail::TailArgs),
+    /// Measure pipeline throughput, end-to-end throughput and publish-to-feed latency.
+    Bench(edgewatch::bench::BenchArgs),
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -122,7 +124,7 @@ fn runtime(e: impl Into<anyhow::Error>) -> Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo { .. } | Command::Tail(_) | Command::Eval(_) | Command::Config(_) => "warn",
+        Command::Demo { .. } | Command::Bench(_) | Command::Tail(_) | Command::Eval(_) | Command::Config(_) => "warn",
         _ => "info",
     };
     edgewatch::logging::init(cli.log_level.as_deref().unwrap_or(default_level));
@@ -200,6 +202,7 @@ fn run(command: Command) -> Result<(), Failure> {
             tokio_runtime()?.block_on(edgewatch::demo::run(cfg, overrides)).map_err(Failure::Runtime)
         }
         Command::Tail(args) => tokio_runtime()?.block_on(edgewatch::tail::run(args)).map_err(Failure::Runtime),
+        Command::Bench(args) => edgewatch::bench::run(args).map_err(Failure::Runtime),
         Command::Config(ConfigCommand::Check { files, kind }) => check(&files, kind),
         Command::Eval(EvalCommand::Nab(args)) => edgewatch::eval::run_nab(args).map_err(Failure::Runtime),
     }

@@ -2,17 +2,21 @@
 //!
 //! - `eval nab` ([`run_nab`], logic in [`nab`]): the Numenta Anomaly Benchmark, scored by
 //!   `edgewatch_models::eval::nab`.
+//! - `eval sim` ([`run_sim`], in [`sim`]): the fleet simulator's labelled anomalies, scored per kind
+//!   by `edgewatch_models::eval::truth`.
 //!
 //! This module owns the command-line face — arguments, files, progress, printing. Parsing and scoring
 //! live in `edgewatch_models::eval`, which the `nab` example shares.
 
 pub mod nab;
+pub mod sim;
 
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
 
 pub use nab::{evaluate_nab, NabRun, ScoreSource};
+pub use sim::{evaluate_sim, run_sim, EvalSimArgs, SimRun};
 
 /// Arguments of `edgewatch eval nab`.
 #[derive(Debug, Args)]

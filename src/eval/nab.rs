@@ -23,8 +23,8 @@ pub enum ScoreSource {
     Detector {
         /// Name used in output and result paths.
         name: String,
-        /// Its parameters.
-        config: DetectorConfig,
+        /// Its parameters (boxed: a config is large next to the baselines).
+        config: Box<DetectorConfig>,
     },
     /// Never fires (every score 0): normalises to 0.
     Null,
@@ -51,7 +51,10 @@ impl ScoreSource {
                 ),
             },
         };
-        Ok(Self::Detector { name, config })
+        Ok(Self::Detector {
+            name,
+            config: Box::new(config),
+        })
     }
 
     /// Name used in output and in result file paths.
@@ -161,7 +164,7 @@ pub fn evaluate_nab(
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
-    let slots: Mutex<Vec<Option<anyhow::Result<(FileSweep, usize)>>>> =
+    let slots: Mutex<Vec<Option<FileOutcome>>> =
         Mutex::new((0..files.len()).map(|_| None).collect());
     std::thread::scope(|s| {
         for _ in 0..workers {
@@ -208,6 +211,9 @@ pub fn evaluate_nab(
         unscored_labels,
     })
 }
+
+/// One file's sweep and row count, or why it failed.
+type FileOutcome = anyhow::Result<(FileSweep, usize)>;
 
 /// `(category/file.csv, path)` of every CSV one level below `data`, sorted by name.
 fn data_files(data: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
@@ -308,7 +314,7 @@ fn write_results(
 }
 
 fn fmt_score(x: Option<f64>) -> String {
-    x.map_or_else(|| "n/a".to_string(), |v| format!("{v:.1}"))
+    x.map_or_else(|| "n/a".to_string(), |v| format!("{v:.2}"))
 }
 
 impl NabRun {
