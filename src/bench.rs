@@ -54,12 +54,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         args.detector.iter().cloned().map(Some).collect()
     };
-    println!("edgewatch bench ({} cores visible)", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "edgewatch bench ({} cores visible)",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     for preset in presets {
         let detector = match &preset {
             None => DetectorConfig::default(),
-            Some(name) => DetectorConfig::preset(name)
-                .with_context(|| format!("unknown detector {name:?}; choose from {:?}", DetectorConfig::PRESETS))?,
+            Some(name) => DetectorConfig::preset(name).with_context(|| {
+                format!(
+                    "unknown detector {name:?}; choose from {:?}",
+                    DetectorConfig::PRESETS
+                )
+            })?,
         };
         let label = preset.unwrap_or_else(|| "default".into());
         let (rate, windows) = pipeline_throughput(detector, args.readings, args.series)?;
@@ -71,7 +78,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.in_process_only {
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let rate = end_to_end_throughput(args.e2e_readings).await?;
         println!(
@@ -106,7 +115,11 @@ fn workload(readings: usize, series: usize) -> anyhow::Result<Vec<(String, Vec<u
     Ok(out)
 }
 
-fn pipeline_throughput(detector: DetectorConfig, readings: usize, series: usize) -> anyhow::Result<(f64, u64)> {
+fn pipeline_throughput(
+    detector: DetectorConfig,
+    readings: usize,
+    series: usize,
+) -> anyhow::Result<(f64, u64)> {
     let data = workload(readings, series)?;
     let mut cfg = AgentConfig::with_id("bench");
     cfg.detector = detector;
@@ -123,7 +136,10 @@ fn pipeline_throughput(detector: DetectorConfig, readings: usize, series: usize)
     let secs = start.elapsed().as_secs_f64();
     let ok = metrics.readings_total.load(Relaxed);
     if ok != readings as u64 {
-        bail!("pipeline rejected {} of {readings} readings", readings as u64 - ok);
+        bail!(
+            "pipeline rejected {} of {readings} readings",
+            readings as u64 - ok
+        );
     }
     Ok((readings as f64 / secs, metrics.windows_total.load(Relaxed)))
 }
@@ -184,7 +200,11 @@ impl Stack {
     }
 
     fn publisher(&self, id: &str) -> AsyncClient {
-        let mut o = MqttOptions::new(id, self.broker.addr().ip().to_string(), self.broker.addr().port());
+        let mut o = MqttOptions::new(
+            id,
+            self.broker.addr().ip().to_string(),
+            self.broker.addr().port(),
+        );
         o.set_request_channel_capacity(1000).set_inflight(1000);
         let (client, mut el) = AsyncClient::new(o, 1000);
         tokio::spawn(async move { while el.poll().await.is_ok() {} });
@@ -202,7 +222,9 @@ async fn end_to_end_throughput(readings: u64) -> anyhow::Result<f64> {
     let mut published = 0u64;
     for chunk in data.chunks(5_000) {
         for (topic, payload) in chunk {
-            client.publish(topic.clone(), QoS::AtMostOnce, false, payload.clone()).await?;
+            client
+                .publish(topic.clone(), QoS::AtMostOnce, false, payload.clone())
+                .await?;
         }
         published += chunk.len() as u64;
         // Keep at most 50k readings in flight between publisher and agent.
@@ -237,7 +259,11 @@ async fn latency(spikes: usize) -> anyhow::Result<(f64, f64, usize)> {
             while let Some(Ok(Message::Text(t))) = r.next().await {
                 let now = Instant::now();
                 if let Ok(e) = serde_json::from_str::<edgewatch_models::wire::AnomalyEvent>(&t) {
-                    if let Some(at) = sent.lock().ok().and_then(|s| s.get(&(e.device.clone(), e.ts_ms)).copied()) {
+                    if let Some(at) = sent
+                        .lock()
+                        .ok()
+                        .and_then(|s| s.get(&(e.device.clone(), e.ts_ms)).copied())
+                    {
                         if let Ok(mut l) = lat.lock() {
                             l.push(now.duration_since(at).as_secs_f64() * 1e3);
                         }
@@ -254,7 +280,12 @@ async fn latency(spikes: usize) -> anyhow::Result<(f64, f64, usize)> {
         for d in 0..devices {
             let v = 20.0 + ((i * 7 + d as i64) % 5) as f64 * 0.2;
             client
-                .publish(format!("sensors/lat-{d}/temp"), QoS::AtMostOnce, false, format!(r#"{{"ts":{},"value":{v}}}"#, t0 + i * 1000))
+                .publish(
+                    format!("sensors/lat-{d}/temp"),
+                    QoS::AtMostOnce,
+                    false,
+                    format!(r#"{{"ts":{},"value":{v}}}"#, t0 + i * 1000),
+                )
                 .await?;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -268,7 +299,12 @@ async fn latency(spikes: usize) -> anyhow::Result<(f64, f64, usize)> {
         let d = k % devices;
         for other in (0..devices).filter(|o| o % 20 == k % 20 && *o != d) {
             client
-                .publish(format!("sensors/lat-{other}/temp"), QoS::AtMostOnce, false, format!(r#"{{"ts":{},"value":20.2}}"#, t0 + step * 1000))
+                .publish(
+                    format!("sensors/lat-{other}/temp"),
+                    QoS::AtMostOnce,
+                    false,
+                    format!(r#"{{"ts":{},"value":20.2}}"#, t0 + step * 1000),
+                )
                 .await?;
         }
         let ts = t0 + step * 1000;
@@ -276,10 +312,20 @@ async fn latency(spikes: usize) -> anyhow::Result<(f64, f64, usize)> {
             s.insert((format!("lat-{d}"), ts), Instant::now());
         }
         client
-            .publish(format!("sensors/lat-{d}/temp"), QoS::AtMostOnce, false, format!(r#"{{"ts":{ts},"value":90.0}}"#))
+            .publish(
+                format!("sensors/lat-{d}/temp"),
+                QoS::AtMostOnce,
+                false,
+                format!(r#"{{"ts":{ts},"value":90.0}}"#),
+            )
             .await?;
         client
-            .publish(format!("sensors/lat-{d}/temp"), QoS::AtMostOnce, false, format!(r#"{{"ts":{},"value":20.2}}"#, ts + 1000))
+            .publish(
+                format!("sensors/lat-{d}/temp"),
+                QoS::AtMostOnce,
+                false,
+                format!(r#"{{"ts":{},"value":20.2}}"#, ts + 1000),
+            )
             .await?;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;

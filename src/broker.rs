@@ -71,7 +71,9 @@ impl BrokerConfig {
             ));
         }
         if self.max_connections == 0 {
-            out.push("max_connections: must be > 0, got 0 (rumqttd would refuse every client)".into());
+            out.push(
+                "max_connections: must be > 0, got 0 (rumqttd would refuse every client)".into(),
+            );
         }
         if self.segment_bytes < 1024 {
             out.push(format!(
@@ -83,7 +85,10 @@ impl BrokerConfig {
             out.push("segment_count: must be > 0, got 0".into());
         }
         if self.max_payload_bytes < 1024 {
-            out.push(format!("max_payload_bytes: must be >= 1024, got {}", self.max_payload_bytes));
+            out.push(format!(
+                "max_payload_bytes: must be >= 1024, got {}",
+                self.max_payload_bytes
+            ));
         }
         out
     }
@@ -109,13 +114,17 @@ impl EmbeddedBroker {
             let probe = TcpListener::bind(wanted).with_context(|| {
                 format!("cannot start the embedded MQTT broker on {wanted}: port in use or not permitted (choose another with --broker-port)")
             })?;
-            probe.local_addr().context("reading the reserved broker port")?
+            probe
+                .local_addr()
+                .context("reading the reserved broker port")?
         };
-        let mut router_cfg = RouterConfig::default();
-        router_cfg.max_connections = cfg.max_connections;
-        router_cfg.max_outgoing_packet_count = 1000;
-        router_cfg.max_segment_size = cfg.segment_bytes;
-        router_cfg.max_segment_count = cfg.segment_count;
+        let router_cfg = RouterConfig {
+            max_connections: cfg.max_connections,
+            max_outgoing_packet_count: 1000,
+            max_segment_size: cfg.segment_bytes,
+            max_segment_count: cfg.segment_count,
+            ..RouterConfig::default()
+        };
         let router_tx = Router::new(0, router_cfg).spawn();
         let server = ServerSettings {
             name: "edgewatch-embedded".into(),

@@ -182,25 +182,22 @@ pub fn locate(text: &str, key_path: &str) -> Option<(usize, usize)> {
                         indent += 2 + (rest.len() - rest.trim_start().len()) as isize;
                         c = rest.trim_start();
                     }
-                    let key_here = c
-                        .strip_prefix(k)
-                        .is_some_and(|r| r.starts_with(':'))
-                        || c.strip_prefix(&format!("\"{k}\"")).is_some_and(|r| r.starts_with(':'));
+                    let key_here = c.strip_prefix(k).is_some_and(|r| r.starts_with(':'))
+                        || c.strip_prefix(&format!("\"{k}\""))
+                            .is_some_and(|r| r.starts_with(':'));
                     if key_here && (i == start || indent > parent_indent) {
                         hit = Some((i, indent));
                         break;
                     }
                 }
                 Seg::Index(n) => {
-                    if content.starts_with("- ") || content == "-" {
-                        if *item_indent.get_or_insert(indent) == indent {
-                            if seen_items == n {
-                                // The item's own keys sit two columns to the right of its dash.
-                                hit = Some((i, indent));
-                                break;
-                            }
-                            seen_items += 1;
+                    let is_item = content.starts_with("- ") || content == "-";
+                    if is_item && *item_indent.get_or_insert(indent) == indent {
+                        if seen_items == n {
+                            hit = Some((i, indent));
+                            break;
                         }
+                        seen_items += 1;
                     }
                 }
             }
@@ -209,10 +206,7 @@ pub fn locate(text: &str, key_path: &str) -> Option<(usize, usize)> {
             Some((line, indent)) => {
                 found = Some((line + 1, indent as usize + 1));
                 start = line;
-                parent_indent = match seg {
-                    Seg::Key(_) => indent,
-                    Seg::Index(_) => indent,
-                };
+                parent_indent = indent;
             }
             None => break,
         }
@@ -242,34 +236,50 @@ window:
         assert_eq!(locate(YAML, "window.size_ms"), Some((10, 3)));
         assert_eq!(locate(YAML, "source.mqtt.host"), Some((4, 5)));
         assert_eq!(locate(YAML, "source.subscriptions[1].topic"), Some((8, 7)));
-        assert_eq!(locate(YAML, "source.subscriptions[0].payload"), Some((7, 7)));
+        assert_eq!(
+            locate(YAML, "source.subscriptions[0].payload"),
+            Some((7, 7))
+        );
         assert_eq!(locate(YAML, "nothing.here"), None);
     }
 
     #[test]
     fn validation_problems_carry_file_key_and_line() {
-        let e = parse::<edgewatch_agent::AgentConfig>(YAML, Path::new("configs/x.yaml")).unwrap_err();
+        let e =
+            parse::<edgewatch_agent::AgentConfig>(YAML, Path::new("configs/x.yaml")).unwrap_err();
         let text = e.to_string();
         assert!(
-            text.contains("configs/x.yaml: window.size_ms (line 10, col 3): window size must be > 0, got 0"),
+            text.contains(
+                "configs/x.yaml: window.size_ms (line 10, col 3): window size must be > 0, got 0"
+            ),
             "{text}"
         );
     }
 
     #[test]
     fn unknown_fields_name_the_key_path_line_and_column() {
-        let e = parse::<edgewatch_agent::AgentConfig>("id: a\nwindow:\n  sise_ms: 5\n", Path::new("f.yaml"))
-            .unwrap_err();
+        let e = parse::<edgewatch_agent::AgentConfig>(
+            "id: a\nwindow:\n  sise_ms: 5\n",
+            Path::new("f.yaml"),
+        )
+        .unwrap_err();
         let p = &e.problems[0];
         assert_eq!(p.key, "window");
         assert_eq!(p.location, Some((3, 3)));
-        assert!(p.message.contains("unknown field `sise_ms`"), "{}", p.message);
+        assert!(
+            p.message.contains("unknown field `sise_ms`"),
+            "{}",
+            p.message
+        );
     }
 
     #[test]
     fn wrong_types_and_syntax_errors_are_located() {
-        let e = parse::<edgewatch_agent::AgentConfig>("id: a\nwindow:\n  size_ms: ten\n", Path::new("f.yaml"))
-            .unwrap_err();
+        let e = parse::<edgewatch_agent::AgentConfig>(
+            "id: a\nwindow:\n  size_ms: ten\n",
+            Path::new("f.yaml"),
+        )
+        .unwrap_err();
         assert_eq!(e.problems[0].key, "window.size_ms");
         assert_eq!(e.problems[0].location.map(|l| l.0), Some(3));
         let e = parse::<edgewatch_agent::AgentConfig>("id: [a\n", Path::new("f.yaml")).unwrap_err();

@@ -41,10 +41,12 @@ pub struct DemoConfig {
 }
 
 fn default_simulator() -> SimulatorConfig {
-    let mut s = SimulatorConfig::default();
-    s.devices = 20;
-    // One simulated hour per wall minute: anomalies show up within seconds, not hours.
-    s.speedup = 60.0;
+    let mut s = SimulatorConfig {
+        devices: 20,
+        // One simulated hour per wall minute: anomalies show up within seconds, not hours.
+        speedup: 60.0,
+        ..SimulatorConfig::default()
+    };
     s.anomalies.warmup_ms = 10 * 60 * 1000;
     s.anomalies.rate_per_series_hour = 0.5;
     s
@@ -59,7 +61,11 @@ fn default_aggregators() -> Vec<AggregatorConfig> {
     (0..2u32)
         .map(|i| {
             let mut a = AggregatorConfig::with_id(&format!("agg-{}", i + 1));
-            a.owned = vec![PartitionSpec::Range(format!("{}-{}", i * p / 2, (i + 1) * p / 2 - 1))];
+            a.owned = vec![PartitionSpec::Range(format!(
+                "{}-{}",
+                i * p / 2,
+                (i + 1) * p / 2 - 1
+            ))];
             a.http.listen = format!("127.0.0.1:{}", 8080 + i);
             a
         })
@@ -85,14 +91,33 @@ impl Default for DemoConfig {
 impl Validate for DemoConfig {
     fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        out.extend(self.broker.problems().into_iter().map(|p| format!("broker.{p}")));
-        out.extend(self.simulator.problems().into_iter().map(|p| format!("simulator.{p}")));
-        out.extend(self.agent.problems().into_iter().map(|p| format!("agent.{p}")));
+        out.extend(
+            self.broker
+                .problems()
+                .into_iter()
+                .map(|p| format!("broker.{p}")),
+        );
+        out.extend(
+            self.simulator
+                .problems()
+                .into_iter()
+                .map(|p| format!("simulator.{p}")),
+        );
+        out.extend(
+            self.agent
+                .problems()
+                .into_iter()
+                .map(|p| format!("agent.{p}")),
+        );
         if self.aggregators.is_empty() {
             out.push("aggregators: at least one aggregator is required".into());
         }
         for (i, a) in self.aggregators.iter().enumerate() {
-            out.extend(a.problems().into_iter().map(|p| format!("aggregators[{i}].{p}")));
+            out.extend(
+                a.problems()
+                    .into_iter()
+                    .map(|p| format!("aggregators[{i}].{p}")),
+            );
             if a.partitions != self.agent.uplink.partitions {
                 out.push(format!(
                     "aggregators[{i}].partitions: must equal agent.uplink.partitions ({}), got {}",
@@ -117,12 +142,18 @@ impl Validate for DemoConfig {
 }
 
 /// Checks that `aggs` own every partition of `0..partitions` exactly once; returns partition → owner.
-pub fn ownership(aggs: &[AggregatorConfig], partitions: u32) -> Result<BTreeMap<u32, String>, String> {
+pub fn ownership(
+    aggs: &[AggregatorConfig],
+    partitions: u32,
+) -> Result<BTreeMap<u32, String>, String> {
     let mut owner = BTreeMap::new();
     for a in aggs {
         for p in a.owned_set() {
             if let Some(other) = owner.insert(p, a.id.clone()) {
-                return Err(format!("partition {p} is owned by both {other} and {}", a.id));
+                return Err(format!(
+                    "partition {p} is owned by both {other} and {}",
+                    a.id
+                ));
             }
         }
     }
@@ -174,7 +205,11 @@ pub async fn run(mut cfg: DemoConfig, overrides: DemoOverrides) -> anyhow::Resul
     let mut aggregators = Vec::new();
     for a in cfg.aggregators.clone() {
         let id = a.id.clone();
-        aggregators.push(Aggregator::bind(a).await.with_context(|| format!("starting aggregator {id}"))?);
+        aggregators.push(
+            Aggregator::bind(a)
+                .await
+                .with_context(|| format!("starting aggregator {id}"))?,
+        );
     }
     let feed_urls: Vec<String> = aggregators.iter().map(Aggregator::feed_url).collect();
     let agent = Agent::new(cfg.agent.clone()).context("starting the agent")?;
@@ -197,17 +232,35 @@ pub async fn run(mut cfg: DemoConfig, overrides: DemoOverrides) -> anyhow::Resul
     };
     let sim_task = {
         let t = stop_sim.clone();
-        tokio::spawn(edgewatch_simulators::run(cfg.simulator.clone(), async move { t.cancelled().await }))
+        tokio::spawn(edgewatch_simulators::run(
+            cfg.simulator.clone(),
+            async move { t.cancelled().await },
+        ))
     };
 
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "edgewatch demo: broker mqtt://{addr}, {} devices x {} metrics, {} aggregators", cfg.simulator.devices, cfg.simulator.metrics.len(), feed_urls.len())?;
-        writeln!(out, "live anomaly feed (any instance serves the whole fleet):")?;
+        writeln!(
+            out,
+            "edgewatch demo: broker mqtt://{addr}, {} devices x {} metrics, {} aggregators",
+            cfg.simulator.devices,
+            cfg.simulator.metrics.len(),
+            feed_urls.len()
+        )?;
+        writeln!(
+            out,
+            "live anomaly feed (any instance serves the whole fleet):"
+        )?;
         for url in &feed_urls {
             writeln!(out, "{url}")?;
         }
-        writeln!(out, "dashboard: {}", feed_urls[0].replacen("ws://", "http://", 1).trim_end_matches("feed"))?;
+        writeln!(
+            out,
+            "dashboard: {}",
+            feed_urls[0]
+                .replacen("ws://", "http://", 1)
+                .trim_end_matches("feed")
+        )?;
         writeln!(out, "watch it:  edgewatch tail {}", feed_urls[0])?;
         out.flush()?;
     }
@@ -274,7 +327,10 @@ async fn status_loop(
         let readings = agent.readings_total.load(Relaxed);
         let rate = (readings - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-3);
         last = (now, readings);
-        let applied: u64 = aggs.iter().map(|m| m.summaries_applied_total.load(Relaxed)).sum();
+        let applied: u64 = aggs
+            .iter()
+            .map(|m| m.summaries_applied_total.load(Relaxed))
+            .sum();
         println!(
             "status: {rate:>9.0} readings/s | {readings} readings | {} anomalies | {} windows sent, {applied} applied | queue {} msgs | rejected {}",
             agent.anomalies_total.load(Relaxed),

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "edgewatch", version, about = "IoT edge-to-cloud stream analytics: gateway agents, sharded aggregators, live anomaly feed")]
+#[command(
+    name = "edgewatch",
+    version,
+    about = "IoT edge-to-cloud stream analytics: gateway agents, sharded aggregators, live anomaly feed"
+)]
 struct Cli {
     /// Log filter (e.g. info, debug, edgewatch_agent=trace); RUST_LOG overrides it.
     #[arg(long, global = true)]
@@ -124,7 +128,11 @@ fn runtime(e: impl Into<anyhow::Error>) -> Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo { .. } | Command::Bench(_) | Command::Tail(_) | Command::Eval(_) | Command::Config(_) => "warn",
+        Command::Demo { .. }
+        | Command::Bench(_)
+        | Command::Tail(_)
+        | Command::Eval(_)
+        | Command::Config(_) => "warn",
         _ => "info",
     };
     edgewatch::logging::init(cli.log_level.as_deref().unwrap_or(default_level));
@@ -163,9 +171,13 @@ fn run(command: Command) -> Result<(), Failure> {
             let cfg: edgewatch_aggregator::AggregatorConfig = config::load(&config)?;
             tokio_runtime()?.block_on(async {
                 let stop = edgewatch::shutdown::on_signal_or_deadline(None);
-                let agg = edgewatch_aggregator::Aggregator::bind(cfg).await.map_err(runtime)?;
+                let agg = edgewatch_aggregator::Aggregator::bind(cfg)
+                    .await
+                    .map_err(runtime)?;
                 println!("{}", agg.feed_url());
-                agg.run(async move { stop.cancelled().await }).await.map_err(runtime)
+                agg.run(async move { stop.cancelled().await })
+                    .await
+                    .map_err(runtime)
             })
         }
         Command::Simulate { config } => {
@@ -199,12 +211,18 @@ fn run(command: Command) -> Result<(), Failure> {
                 broker_port,
                 http_port,
             };
-            tokio_runtime()?.block_on(edgewatch::demo::run(cfg, overrides)).map_err(Failure::Runtime)
+            tokio_runtime()?
+                .block_on(edgewatch::demo::run(cfg, overrides))
+                .map_err(Failure::Runtime)
         }
-        Command::Tail(args) => tokio_runtime()?.block_on(edgewatch::tail::run(args)).map_err(Failure::Runtime),
+        Command::Tail(args) => tokio_runtime()?
+            .block_on(edgewatch::tail::run(args))
+            .map_err(Failure::Runtime),
         Command::Bench(args) => edgewatch::bench::run(args).map_err(Failure::Runtime),
         Command::Config(ConfigCommand::Check { files, kind }) => check(&files, kind),
-        Command::Eval(EvalCommand::Nab(args)) => edgewatch::eval::run_nab(args).map_err(Failure::Runtime),
+        Command::Eval(EvalCommand::Nab(args)) => {
+            edgewatch::eval::run_nab(args).map_err(Failure::Runtime)
+        }
     }
 }
 
@@ -221,8 +239,12 @@ fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
         };
         let result = match kind {
             Kind::Agent => config::load::<edgewatch_agent::AgentConfig>(file).map(|_| ()),
-            Kind::Aggregator => config::load::<edgewatch_aggregator::AggregatorConfig>(file).map(|_| ()),
-            Kind::Simulator => config::load::<edgewatch_simulators::SimulatorConfig>(file).map(|_| ()),
+            Kind::Aggregator => {
+                config::load::<edgewatch_aggregator::AggregatorConfig>(file).map(|_| ())
+            }
+            Kind::Simulator => {
+                config::load::<edgewatch_simulators::SimulatorConfig>(file).map(|_| ())
+            }
             Kind::Demo => config::load::<edgewatch::demo::DemoConfig>(file).map(|_| ()),
         };
         match result {
@@ -234,7 +256,10 @@ fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
         }
     }
     if failed > 0 {
-        return Err(Failure::Usage(anyhow::anyhow!("{failed} of {} files invalid", files.len())));
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "{failed} of {} files invalid",
+            files.len()
+        )));
     }
     Ok(())
 }

@@ -69,7 +69,9 @@ pub fn feed_url(args: &TailArgs, since: Option<&str>) -> anyhow::Result<String> 
 fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -209,8 +211,14 @@ mod tests {
             since: None,
             count: None,
         };
-        assert_eq!(feed_url(&args, Some("ab")).unwrap(), "ws://h:1/feed?device=pump%207%2Fa&min_score=0.5&since=ab");
-        let bad = TailArgs { url: "http://h".into(), ..args };
+        assert_eq!(
+            feed_url(&args, Some("ab")).unwrap(),
+            "ws://h:1/feed?device=pump%207%2Fa&min_score=0.5&since=ab"
+        );
+        let bad = TailArgs {
+            url: "http://h".into(),
+            ..args
+        };
         assert!(feed_url(&bad, None).is_err());
     }
 }

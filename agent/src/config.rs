@@ -357,21 +357,40 @@ impl AgentConfig {
                 self.id
             ));
         }
-        out.extend(self.source.mqtt.problems().into_iter().map(|p| format!("source.mqtt.{p}")));
+        out.extend(
+            self.source
+                .mqtt
+                .problems()
+                .into_iter()
+                .map(|p| format!("source.mqtt.{p}")),
+        );
         if let Some(link) = &self.uplink.mqtt {
-            out.extend(link.problems().into_iter().map(|p| format!("uplink.mqtt.{p}")));
+            out.extend(
+                link.problems()
+                    .into_iter()
+                    .map(|p| format!("uplink.mqtt.{p}")),
+            );
         }
         if self.source.qos > 1 {
-            out.push(format!("source.qos: must be 0 or 1, got {}", self.source.qos));
+            out.push(format!(
+                "source.qos: must be 0 or 1, got {}",
+                self.source.qos
+            ));
         }
         if self.uplink.qos > 1 {
-            out.push(format!("uplink.qos: must be 0 or 1, got {}", self.uplink.qos));
+            out.push(format!(
+                "uplink.qos: must be 0 or 1, got {}",
+                self.uplink.qos
+            ));
         }
         if self.source.subscriptions.is_empty() {
             out.push("source.subscriptions: at least one topic pattern is required".into());
         }
         for (i, s) in self.source.subscriptions.iter().enumerate() {
-            if s.filter.as_deref().is_some_and(|f| f.is_empty() || f.contains(['{', '}'])) {
+            if s.filter
+                .as_deref()
+                .is_some_and(|f| f.is_empty() || f.contains(['{', '}']))
+            {
                 out.push(format!(
                     "source.subscriptions[{i}].filter: must be a non-empty MQTT filter without placeholders, got {:?}",
                     s.filter.as_deref().unwrap_or_default()
@@ -389,11 +408,7 @@ impl AgentConfig {
             }
         }
         let prefix = &self.uplink.prefix;
-        if prefix.is_empty()
-            || prefix
-                .chars()
-                .any(|c| matches!(c, '.' | ' ' | '+' | '#'))
-        {
+        if prefix.is_empty() || prefix.chars().any(|c| matches!(c, '.' | ' ' | '+' | '#')) {
             out.push(format!(
                 "uplink.prefix: must be non-empty without '.', spaces, '+' or '#', got {prefix:?}"
             ));

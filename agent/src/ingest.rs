@@ -50,9 +50,7 @@ impl TopicPattern {
         }
         let count = |want: &Level| levels.iter().filter(|l| *l == want).count();
         if count(&Level::Device) != 1 {
-            return Err(format!(
-                "{pattern:?} must contain {{device}} exactly once"
-            ));
+            return Err(format!("{pattern:?} must contain {{device}} exactly once"));
         }
         if count(&Level::Metric) > 1 {
             return Err(format!("{pattern:?} may contain {{metric}} at most once"));
@@ -166,9 +164,8 @@ impl Mapping {
             PayloadFormat::Number => {
                 let metric = metric.ok_or(IngestError::NoMetric)?;
                 check_name("metric", metric, MAX_METRIC_BYTES)?;
-                let text = std::str::from_utf8(payload).map_err(|_| IngestError::NotUtf8 {
-                    what: "payload",
-                })?;
+                let text = std::str::from_utf8(payload)
+                    .map_err(|_| IngestError::NotUtf8 { what: "payload" })?;
                 let value: f64 = text.trim().parse().map_err(|_| IngestError::BadNumber {
                     text: preview(text),
                 })?;
@@ -311,7 +308,11 @@ impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
 impl<'de> Visitor<'de> for ValueSeed<'_> {
     type Value = (Option<f64>, Option<f64>);
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "a JSON object with a numeric {:?} field", self.value_field)
+        write!(
+            f,
+            "a JSON object with a numeric {:?} field",
+            self.value_field
+        )
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let (mut value, mut ts) = (None, None);
@@ -354,9 +355,8 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
                 ts = Some(map.next_value::<NumberField>()?.0);
             } else {
                 // Non-numeric fields (labels, units) are not metrics: skip them.
-                match map.next_value::<MaybeNumber>()?.0 {
-                    Some(v) => self.out.push((key.as_str().to_string(), v)),
-                    None => {}
+                if let Some(v) = map.next_value::<MaybeNumber>()?.0 {
+                    self.out.push((key.as_str().to_string(), v));
                 }
             }
         }
@@ -479,7 +479,11 @@ mod tests {
         .unwrap()
     }
 
-    fn decode(m: &Mapping, topic: &str, payload: &[u8]) -> Result<Vec<(String, String, i64, f64)>, IngestError> {
+    fn decode(
+        m: &Mapping,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<Vec<(String, String, i64, f64)>, IngestError> {
         let (device, metric) = m.claims(topic).expect("topic matches");
         let mut out = Vec::new();
         let mut scratch = Vec::new();
@@ -501,15 +505,24 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_explained() {
-        assert!(TopicPattern::parse("a/{metric}").unwrap_err().contains("{device}"));
-        assert!(TopicPattern::parse("a/{device}/#").unwrap_err().contains("wildcards"));
+        assert!(TopicPattern::parse("a/{metric}")
+            .unwrap_err()
+            .contains("{device}"));
+        assert!(TopicPattern::parse("a/{device}/#")
+            .unwrap_err()
+            .contains("wildcards"));
         assert!(TopicPattern::parse("a/{dev}/x").is_err());
     }
 
     #[test]
     fn json_value_with_timestamp_and_extra_fields() {
         let m = mapping("s/{device}/{metric}", PayloadFormat::default(), None);
-        let r = decode(&m, "s/d/t", br#"{"unit":"C","ts":1700000000000,"value":21.5,"tags":{"a":[1]}}"#).unwrap();
+        let r = decode(
+            &m,
+            "s/d/t",
+            br#"{"unit":"C","ts":1700000000000,"value":21.5,"tags":{"a":[1]}}"#,
+        )
+        .unwrap();
         assert_eq!(r, vec![("d".into(), "t".into(), 1_700_000_000_000, 21.5)]);
     }
 
@@ -530,17 +543,29 @@ mod tests {
             },
             None,
         );
-        assert_eq!(decode(&m, "s/d/x", br#"{"t":1700000000.5,"v":2}"#).unwrap()[0].2, 1_700_000_000_500);
+        assert_eq!(
+            decode(&m, "s/d/x", br#"{"t":1700000000.5,"v":2}"#).unwrap()[0].2,
+            1_700_000_000_500
+        );
     }
 
     #[test]
     fn bare_number_with_fixed_metric() {
         let m = mapping("raw/{device}", PayloadFormat::Number, Some("temp"));
-        assert_eq!(decode(&m, "raw/d", b" 3.25\n").unwrap(), vec![("d".into(), "temp".into(), 777, 3.25)]);
+        assert_eq!(
+            decode(&m, "raw/d", b" 3.25\n").unwrap(),
+            vec![("d".into(), "temp".into(), 777, 3.25)]
+        );
         for bad in [&b"NaN"[..], b"inf", b"-Infinity"] {
-            assert!(matches!(decode(&m, "raw/d", bad), Err(IngestError::NonFinite { .. })), "{bad:?}");
+            assert!(
+                matches!(decode(&m, "raw/d", bad), Err(IngestError::NonFinite { .. })),
+                "{bad:?}"
+            );
         }
-        assert!(matches!(decode(&m, "raw/d", b"abc"), Err(IngestError::BadNumber { .. })));
+        assert!(matches!(
+            decode(&m, "raw/d", b"abc"),
+            Err(IngestError::BadNumber { .. })
+        ));
     }
 
     #[test]
@@ -553,10 +578,18 @@ mod tests {
             },
             None,
         );
-        let r = decode(&m, "plant/p1", br#"{"ts":5,"temp":1.5,"label":"x","rpm":3000,"ok":true}"#).unwrap();
+        let r = decode(
+            &m,
+            "plant/p1",
+            br#"{"ts":5,"temp":1.5,"label":"x","rpm":3000,"ok":true}"#,
+        )
+        .unwrap();
         assert_eq!(
             r,
-            vec![("p1".into(), "temp".into(), 5, 1.5), ("p1".into(), "rpm".into(), 5, 3000.0)]
+            vec![
+                ("p1".into(), "temp".into(), 5, 1.5),
+                ("p1".into(), "rpm".into(), 5, 3000.0)
+            ]
         );
     }
 
@@ -587,6 +620,9 @@ mod tests {
     fn oversized_ids_are_rejected() {
         let m = mapping("s/{device}/{metric}", PayloadFormat::default(), None);
         let topic = format!("s/{}/t", "d".repeat(300));
-        assert!(matches!(decode(&m, &topic, br#"{"value":1}"#), Err(IngestError::BadName { .. })));
+        assert!(matches!(
+            decode(&m, &topic, br#"{"value":1}"#),
+            Err(IngestError::BadName { .. })
+        ));
     }
 }

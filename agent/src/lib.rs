@@ -59,7 +59,10 @@ impl Agent {
         let filters = pipeline.filters();
         let source_qos = qos(cfg.source.qos);
 
-        let src_opts = mqtt::options(&cfg.source.mqtt, client_id(&cfg.source.mqtt, &cfg.id, "src"))?;
+        let src_opts = mqtt::options(
+            &cfg.source.mqtt,
+            client_id(&cfg.source.mqtt, &cfg.id, "src"),
+        )?;
         let up_link = cfg.uplink_link();
         let up_opts = mqtt::options(up_link, client_id(up_link, &cfg.id, "up"))?;
         let (src_client, src_loop) = AsyncClient::new(src_opts, cfg.source.mqtt.request_channel);
@@ -158,7 +161,8 @@ impl Agent {
                 mqtt::poll_loop(up_loop, "uplink", &metrics, cancel, |_| async {}).await;
             })
         };
-        let uplink = tokio::spawn(uplink::Uplink::new(&cfg, metrics.clone()).run(out_rx, up_client.clone()));
+        let uplink =
+            tokio::spawn(uplink::Uplink::new(&cfg, metrics.clone()).run(out_rx, up_client.clone()));
 
         shutdown.await;
         tracing::info!(agent = %cfg.id, "agent stopping: draining open windows and pending publishes");
@@ -170,7 +174,10 @@ impl Agent {
         if up_client.disconnect().await.is_err() {
             stop_uplink.cancel();
         }
-        if tokio::time::timeout(Duration::from_secs(5), uplink_loop).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), uplink_loop)
+            .await
+            .is_err()
+        {
             tracing::warn!(agent = %cfg.id, "uplink did not flush within 5 s; pending records dropped");
             stop_uplink.cancel();
         }
@@ -193,9 +200,10 @@ fn qos(q: u8) -> QoS {
 }
 
 fn client_id(link: &edgewatch_models::link::MqttLink, agent: &str, role: &str) -> String {
-    link.client_id
-        .as_ref()
-        .map_or_else(|| format!("edgewatch-{agent}-{role}"), |c| format!("{c}-{role}"))
+    link.client_id.as_ref().map_or_else(
+        || format!("edgewatch-{agent}-{role}"),
+        |c| format!("{c}-{role}"),
+    )
 }
 
 fn now_ms() -> i64 {
@@ -214,7 +222,10 @@ struct RejectLog {
 impl RejectLog {
     fn record(&mut self, agent: &str, topic: &str, e: &IngestError) {
         let now = Instant::now();
-        let entry = self.last.entry(e.reason()).or_insert((now - Duration::from_secs(60), 0));
+        let entry = self
+            .last
+            .entry(e.reason())
+            .or_insert((now - Duration::from_secs(60), 0));
         if now.duration_since(entry.0) >= Duration::from_secs(5) {
             tracing::warn!(agent, topic = %topic.escape_debug(), reason = e.reason(), error = %e, suppressed = entry.1, "rejected sensor message");
             *entry = (now, 0);

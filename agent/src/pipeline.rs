@@ -93,8 +93,9 @@ impl Pipeline {
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                Mapping::new(s)
-                    .map_err(|e| AgentError::Config(vec![format!("source.subscriptions[{i}].topic: {e}")]))
+                Mapping::new(s).map_err(|e| {
+                    AgentError::Config(vec![format!("source.subscriptions[{i}].topic: {e}")])
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let threshold = cfg.threshold();
@@ -131,7 +132,12 @@ impl Pipeline {
 
     /// Processes one MQTT message; returns the number of readings it carried.
     /// Errors are already counted in the metrics; the caller only logs them.
-    pub fn handle(&mut self, topic: &[u8], payload: &[u8], arrival_ms: i64) -> Result<usize, IngestError> {
+    pub fn handle(
+        &mut self,
+        topic: &[u8],
+        payload: &[u8],
+        arrival_ms: i64,
+    ) -> Result<usize, IngestError> {
         self.metrics.messages_total.fetch_add(1, Relaxed);
         let result = self.handle_inner(topic, payload, arrival_ms);
         match &result {
@@ -143,7 +149,12 @@ impl Pipeline {
         result
     }
 
-    fn handle_inner(&mut self, topic: &[u8], payload: &[u8], arrival_ms: i64) -> Result<usize, IngestError> {
+    fn handle_inner(
+        &mut self,
+        topic: &[u8],
+        payload: &[u8],
+        arrival_ms: i64,
+    ) -> Result<usize, IngestError> {
         let topic = std::str::from_utf8(topic).map_err(|_| IngestError::NonUtf8Topic)?;
         if payload.len() > self.params.max_payload_bytes {
             return Err(IngestError::PayloadTooLarge {
@@ -158,14 +169,26 @@ impl Pipeline {
             .ok_or(IngestError::TopicMismatch)?;
         let mut count = 0usize;
         let mut failure = None;
-        let (params, table, outputs, metrics) = (&self.params, &mut self.table, &mut self.outputs, &*self.metrics);
-        mapping.decode(device, metric, payload, arrival_ms, &mut self.scratch, &mut |r| {
-            match table.apply(params, r, outputs, metrics) {
+        let (params, table, outputs, metrics) = (
+            &self.params,
+            &mut self.table,
+            &mut self.outputs,
+            &*self.metrics,
+        );
+        mapping.decode(
+            device,
+            metric,
+            payload,
+            arrival_ms,
+            &mut self.scratch,
+            &mut |r| match table.apply(params, r, outputs, metrics) {
                 Ok(()) => count += 1,
                 Err(e) => failure = Some(e),
-            }
-        })?;
-        metrics.event_lag_ms.store(arrival_ms.saturating_sub(table.max_event_ts), Relaxed);
+            },
+        )?;
+        metrics
+            .event_lag_ms
+            .store(arrival_ms.saturating_sub(table.max_event_ts), Relaxed);
         match failure {
             Some(e) if count == 0 => Err(e),
             _ => Ok(count),
@@ -177,7 +200,10 @@ impl Pipeline {
         if self.table.max_event_ts == i64::MIN {
             return;
         }
-        let watermark = self.table.max_event_ts.saturating_sub(self.params.idle_timeout_ms);
+        let watermark = self
+            .table
+            .max_event_ts
+            .saturating_sub(self.params.idle_timeout_ms);
         let (outputs, metrics) = (&mut self.outputs, &*self.metrics);
         for s in self.table.series.values_mut() {
             let (device, metric, partition) = (&s.device, &s.metric, s.partition);
@@ -192,7 +218,8 @@ impl Pipeline {
         let (outputs, metrics) = (&mut self.outputs, &*self.metrics);
         for s in self.table.series.values_mut() {
             let (device, metric, partition) = (&s.device, &s.metric, s.partition);
-            s.windows.flush(&mut |w| emit_window(outputs, metrics, device, metric, partition, &w));
+            s.windows
+                .flush(&mut |w| emit_window(outputs, metrics, device, metric, partition, &w));
         }
     }
 
@@ -247,7 +274,11 @@ impl Table {
         };
         self.max_event_ts = self.max_event_ts.max(r.ts_ms);
         let score = series.detector.update(r.ts_ms, r.value);
-        let score = if score.is_finite() { score.clamp(0.0, 1.0) } else { 0.0 };
+        let score = if score.is_finite() {
+            score.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let (device, metric, partition) = (&series.device, &series.metric, series.partition);
         let admit = series.windows.push(r.ts_ms, r.value, score, &mut |w| {
             emit_window(outputs, metrics, device, metric, partition, &w)
@@ -319,8 +350,12 @@ mod tests {
 
     fn feed(p: &mut Pipeline, device: &str, ts: i64, value: f64) {
         let payload = format!(r#"{{"ts":{ts},"value":{value}}}"#);
-        p.handle(format!("sensors/{device}/temp").as_bytes(), payload.as_bytes(), ts)
-            .unwrap();
+        p.handle(
+            format!("sensors/{device}/temp").as_bytes(),
+            payload.as_bytes(),
+            ts,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -376,12 +411,31 @@ mod tests {
     fn bad_messages_are_counted_and_good_ones_still_flow() {
         let (mut p, m) = pipeline();
         feed(&mut p, "d", 1000, 1.0);
-        assert_eq!(p.handle(b"sensors/d/temp", b"{bad", 0).unwrap_err().reason(), "bad_json");
-        assert_eq!(p.handle(b"other/topic", b"1", 0).unwrap_err().reason(), "topic_mismatch");
-        assert_eq!(p.handle(b"sensors/\xff/temp", b"{}", 0).unwrap_err().reason(), "non_utf8_topic");
-        assert_eq!(p.handle(b"sensors/d/temp", b"", 0).unwrap_err().reason(), "empty_payload");
+        assert_eq!(
+            p.handle(b"sensors/d/temp", b"{bad", 0)
+                .unwrap_err()
+                .reason(),
+            "bad_json"
+        );
+        assert_eq!(
+            p.handle(b"other/topic", b"1", 0).unwrap_err().reason(),
+            "topic_mismatch"
+        );
+        assert_eq!(
+            p.handle(b"sensors/\xff/temp", b"{}", 0)
+                .unwrap_err()
+                .reason(),
+            "non_utf8_topic"
+        );
+        assert_eq!(
+            p.handle(b"sensors/d/temp", b"", 0).unwrap_err().reason(),
+            "empty_payload"
+        );
         let big = vec![b' '; 1 << 20];
-        assert_eq!(p.handle(b"sensors/d/temp", &big, 0).unwrap_err().reason(), "payload_too_large");
+        assert_eq!(
+            p.handle(b"sensors/d/temp", &big, 0).unwrap_err().reason(),
+            "payload_too_large"
+        );
         feed(&mut p, "d", 2000, 1.0);
         assert_eq!(m.rejected_total(), 5);
         assert_eq!(m.readings_total.load(Relaxed), 2);
@@ -417,12 +471,16 @@ mod tests {
         cfg.pipeline.max_series = 1;
         let m = Arc::new(AgentMetrics::default());
         let mut p = Pipeline::new(&cfg, m.clone()).unwrap();
-        p.handle(b"sensors/a/t", br#"{"value":1,"ts":1000}"#, 0).unwrap();
+        p.handle(b"sensors/a/t", br#"{"value":1,"ts":1000}"#, 0)
+            .unwrap();
         assert_eq!(
-            p.handle(b"sensors/b/t", br#"{"value":1,"ts":1000}"#, 0).unwrap_err().reason(),
+            p.handle(b"sensors/b/t", br#"{"value":1,"ts":1000}"#, 0)
+                .unwrap_err()
+                .reason(),
             "too_many_series"
         );
-        p.handle(b"sensors/a/t", br#"{"value":1,"ts":2000}"#, 0).unwrap();
+        p.handle(b"sensors/a/t", br#"{"value":1,"ts":2000}"#, 0)
+            .unwrap();
         assert_eq!(p.series(), 1);
     }
 

@@ -63,17 +63,39 @@ impl AgentMetrics {
         let counters = [
             ("edgewatch_agent_messages_total", &self.messages_total),
             ("edgewatch_agent_readings_total", &self.readings_total),
-            ("edgewatch_agent_late_readings_total", &self.late_readings_total),
-            ("edgewatch_agent_queue_dropped_total", &self.queue_dropped_total),
+            (
+                "edgewatch_agent_late_readings_total",
+                &self.late_readings_total,
+            ),
+            (
+                "edgewatch_agent_queue_dropped_total",
+                &self.queue_dropped_total,
+            ),
             ("edgewatch_agent_windows_total", &self.windows_total),
             ("edgewatch_agent_anomalies_total", &self.anomalies_total),
-            ("edgewatch_agent_summaries_published_total", &self.summaries_published_total),
-            ("edgewatch_agent_anomalies_published_total", &self.anomalies_published_total),
-            ("edgewatch_agent_publish_errors_total", &self.publish_errors_total),
-            ("edgewatch_agent_connection_errors_total", &self.connection_errors_total),
+            (
+                "edgewatch_agent_summaries_published_total",
+                &self.summaries_published_total,
+            ),
+            (
+                "edgewatch_agent_anomalies_published_total",
+                &self.anomalies_published_total,
+            ),
+            (
+                "edgewatch_agent_publish_errors_total",
+                &self.publish_errors_total,
+            ),
+            (
+                "edgewatch_agent_connection_errors_total",
+                &self.connection_errors_total,
+            ),
         ];
         for (name, c) in counters {
-            let _ = writeln!(out, "# TYPE {name} counter\n{name}{{agent=\"{agent}\"}} {}", c.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "# TYPE {name} counter\n{name}{{agent=\"{agent}\"}} {}",
+                c.load(Relaxed)
+            );
         }
         let _ = writeln!(out, "# TYPE edgewatch_agent_rejected_total counter");
         for (i, reason) in IngestError::REASONS.iter().enumerate() {
@@ -115,6 +137,9 @@ mod tests {
         assert_eq!(m.rejected_total(), 3);
         let mut text = String::new();
         m.render("gw", &mut text);
-        assert!(text.contains(r#"edgewatch_agent_rejected_total{agent="gw",reason="empty_payload"} 2"#), "{text}");
+        assert!(
+            text.contains(r#"edgewatch_agent_rejected_total{agent="gw",reason="empty_payload"} 2"#),
+            "{text}"
+        );
     }
 }

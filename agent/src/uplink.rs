@@ -32,7 +32,11 @@ impl Uplink {
         Self {
             agent: cfg.id.clone(),
             topics: Topics::new(&cfg.uplink.prefix),
-            qos: if cfg.uplink.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
+            qos: if cfg.uplink.qos == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            },
             batch_max: cfg.uplink.batch_max_records,
             max_delay: Duration::from_millis(cfg.uplink.batch_max_delay_ms),
             next_seq: HashMap::new(),
@@ -104,7 +108,9 @@ impl Uplink {
         let due: Vec<u32> = self
             .pending
             .iter()
-            .filter(|(_, (since, r))| !r.is_empty() && (all || now.duration_since(*since) >= self.max_delay))
+            .filter(|(_, (since, r))| {
+                !r.is_empty() && (all || now.duration_since(*since) >= self.max_delay)
+            })
             .map(|(p, _)| *p)
             .collect();
         for p in due {
@@ -128,7 +134,12 @@ impl Uplink {
         }
     }
 
-    async fn publish<T: serde::Serialize>(&self, client: &AsyncClient, topic: String, body: &T) -> bool {
+    async fn publish<T: serde::Serialize>(
+        &self,
+        client: &AsyncClient,
+        topic: String,
+        body: &T,
+    ) -> bool {
         let payload = match serde_json::to_vec(body) {
             Ok(p) => p,
             Err(e) => {
@@ -138,7 +149,10 @@ impl Uplink {
                 return false;
             }
         };
-        match client.publish(topic.clone(), self.qos, false, payload).await {
+        match client
+            .publish(topic.clone(), self.qos, false, payload)
+            .await
+        {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(%topic, error = %e, "uplink publish failed");

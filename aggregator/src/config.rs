@@ -52,11 +52,17 @@ impl PartitionSpec {
         match self {
             Self::One(p) => Ok(*p..=*p),
             Self::Range(s) => {
-                let (a, b) = s
-                    .split_once('-')
-                    .ok_or_else(|| format!("expected a number or a range like \"0-31\", got {s:?}"))?;
-                let a: u32 = a.trim().parse().map_err(|_| format!("bad range start in {s:?}"))?;
-                let b: u32 = b.trim().parse().map_err(|_| format!("bad range end in {s:?}"))?;
+                let (a, b) = s.split_once('-').ok_or_else(|| {
+                    format!("expected a number or a range like \"0-31\", got {s:?}")
+                })?;
+                let a: u32 = a
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad range start in {s:?}"))?;
+                let b: u32 = b
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad range end in {s:?}"))?;
                 if a > b {
                     return Err(format!("range {s:?} is empty (start > end)"));
                 }
@@ -132,7 +138,10 @@ fn default_partitions() -> u32 {
     edgewatch_models::partition::DEFAULT_PARTITIONS
 }
 fn default_owned() -> Vec<PartitionSpec> {
-    vec![PartitionSpec::Range(format!("0-{}", default_partitions() - 1))]
+    vec![PartitionSpec::Range(format!(
+        "0-{}",
+        default_partitions() - 1
+    ))]
 }
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
@@ -184,8 +193,18 @@ impl AggregatorConfig {
                 self.id
             ));
         }
-        out.extend(self.mqtt.problems().into_iter().map(|p| format!("mqtt.{p}")));
-        if self.prefix.is_empty() || self.prefix.chars().any(|c| matches!(c, '.' | ' ' | '+' | '#')) {
+        out.extend(
+            self.mqtt
+                .problems()
+                .into_iter()
+                .map(|p| format!("mqtt.{p}")),
+        );
+        if self.prefix.is_empty()
+            || self
+                .prefix
+                .chars()
+                .any(|c| matches!(c, '.' | ' ' | '+' | '#'))
+        {
             out.push(format!(
                 "prefix: must be non-empty without '.', spaces, '+' or '#', got {:?}",
                 self.prefix
@@ -233,7 +252,10 @@ mod tests {
         let mut c = AggregatorConfig::with_id("a");
         c.partitions = 8;
         c.owned = vec![PartitionSpec::Range("0-2".into()), PartitionSpec::One(5)];
-        assert_eq!(c.owned_set().into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 5]);
+        assert_eq!(
+            c.owned_set().into_iter().collect::<Vec<_>>(),
+            vec![0, 1, 2, 5]
+        );
         assert!(c.problems().is_empty(), "{:?}", c.problems());
     }
 

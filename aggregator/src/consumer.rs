@@ -62,12 +62,18 @@ pub(crate) async fn poll_loop(
 }
 
 /// The subscription filters of an aggregator owning `owned`.
-pub(crate) fn filters(topics: &Topics, owned: impl IntoIterator<Item = u32>) -> Vec<SubscribeFilter> {
+pub(crate) fn filters(
+    topics: &Topics,
+    owned: impl IntoIterator<Item = u32>,
+) -> Vec<SubscribeFilter> {
     let mut f: Vec<SubscribeFilter> = owned
         .into_iter()
         .map(|p| SubscribeFilter::new(topics.summaries_filter(p), QoS::AtLeastOnce))
         .collect();
-    f.push(SubscribeFilter::new(topics.anomalies_filter(), QoS::AtLeastOnce));
+    f.push(SubscribeFilter::new(
+        topics.anomalies_filter(),
+        QoS::AtLeastOnce,
+    ));
     f
 }
 
@@ -92,8 +98,8 @@ pub(crate) async fn apply_loop(mut rx: mpsc::Receiver<rumqttc::Publish>, shared:
 fn apply(shared: &Shared, topics: &Topics, p: &rumqttc::Publish) -> Result<(), String> {
     match topics.parse(&p.topic) {
         Some(UplinkTopic::Summaries { partition, agent }) => {
-            let batch: Batch<WindowSummary> =
-                serde_json::from_slice(&p.payload).map_err(|e| format!("bad summary batch: {e}"))?;
+            let batch: Batch<WindowSummary> = serde_json::from_slice(&p.payload)
+                .map_err(|e| format!("bad summary batch: {e}"))?;
             if batch.partition != partition || batch.agent != agent {
                 return Err(format!(
                     "batch says agent {:?} partition {} but the topic says agent {agent:?} partition {partition}",
@@ -101,9 +107,11 @@ fn apply(shared: &Shared, topics: &Topics, p: &rumqttc::Publish) -> Result<(), S
                 ));
             }
             let m = &shared.metrics;
-            m.summaries_received_total.fetch_add(batch.records.len() as u64, Relaxed);
+            m.summaries_received_total
+                .fetch_add(batch.records.len() as u64, Relaxed);
             if !shared.owned.contains(&partition) {
-                m.misrouted_total.fetch_add(batch.records.len() as u64, Relaxed);
+                m.misrouted_total
+                    .fetch_add(batch.records.len() as u64, Relaxed);
                 return Ok(());
             }
             let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -116,14 +124,16 @@ fn apply(shared: &Shared, topics: &Topics, p: &rumqttc::Publish) -> Result<(), S
                 match state.apply_summary(agent, partition, r.seq, &r.item) {
                     Applied::New => m.summaries_applied_total.fetch_add(1, Relaxed),
                     Applied::Revised => m.summaries_revised_total.fetch_add(1, Relaxed),
-                    Applied::Duplicate | Applied::Expired => m.summaries_duplicate_total.fetch_add(1, Relaxed),
+                    Applied::Duplicate | Applied::Expired => {
+                        m.summaries_duplicate_total.fetch_add(1, Relaxed)
+                    }
                 };
             }
             Ok(())
         }
         Some(UplinkTopic::Anomalies { partition, agent }) => {
-            let batch: Batch<AnomalyEvent> =
-                serde_json::from_slice(&p.payload).map_err(|e| format!("bad anomaly batch: {e}"))?;
+            let batch: Batch<AnomalyEvent> = serde_json::from_slice(&p.payload)
+                .map_err(|e| format!("bad anomaly batch: {e}"))?;
             if batch.partition != partition || batch.agent != agent {
                 return Err(format!(
                     "batch says agent {:?} partition {} but the topic says agent {agent:?} partition {partition}",
@@ -131,7 +141,10 @@ fn apply(shared: &Shared, topics: &Topics, p: &rumqttc::Publish) -> Result<(), S
                 ));
             }
             for r in batch.records {
-                shared.metrics.anomalies_received_total.fetch_add(1, Relaxed);
+                shared
+                    .metrics
+                    .anomalies_received_total
+                    .fetch_add(1, Relaxed);
                 let event = r.item;
                 if !event.score.is_finite() {
                     return Err(format!("event {} has a non-finite score", event.id));
@@ -147,7 +160,10 @@ fn apply(shared: &Shared, topics: &Topics, p: &rumqttc::Publish) -> Result<(), S
                             .record_anomaly(partition, &e);
                     }
                 } else {
-                    shared.metrics.anomalies_duplicate_total.fetch_add(1, Relaxed);
+                    shared
+                        .metrics
+                        .anomalies_duplicate_total
+                        .fetch_add(1, Relaxed);
                 }
             }
             Ok(())

@@ -42,7 +42,9 @@ impl FeedFilter {
                 "device" => f.device = Some(v),
                 "metric" => f.metric = Some(v),
                 "min_score" => {
-                    let s: f64 = v.parse().map_err(|_| format!("min_score: not a number: {v:?}"))?;
+                    let s: f64 = v
+                        .parse()
+                        .map_err(|_| format!("min_score: not a number: {v:?}"))?;
                     if !(0.0..=1.0).contains(&s) {
                         return Err(format!("min_score: must be in [0, 1], got {s}"));
                     }
@@ -50,7 +52,11 @@ impl FeedFilter {
                 }
                 "since" => f.since = Some(v),
                 "token" => {}
-                other => return Err(format!("unknown query parameter {other:?} (device, metric, min_score, since)")),
+                other => {
+                    return Err(format!(
+                        "unknown query parameter {other:?} (device, metric, min_score, since)"
+                    ))
+                }
             }
         }
         Ok(f)
@@ -148,7 +154,10 @@ impl FeedHub {
 
     /// Subscribes: the backlog after `since` (or nothing when `since` is absent or unknown, flagged in
     /// the returned bool) and a live receiver starting right after it.
-    pub fn subscribe(&self, since: Option<&str>) -> (Vec<Arc<FeedItem>>, bool, broadcast::Receiver<Arc<FeedItem>>) {
+    pub fn subscribe(
+        &self,
+        since: Option<&str>,
+    ) -> (Vec<Arc<FeedItem>>, bool, broadcast::Receiver<Arc<FeedItem>>) {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let rx = self.tx.subscribe();
         let (backlog, found) = match since {
@@ -208,7 +217,13 @@ mod tests {
         }
         let (backlog, found, _) = hub.subscribe(Some("2"));
         assert!(found);
-        assert_eq!(backlog.iter().map(|i| i.event.id.as_str()).collect::<Vec<_>>(), vec!["3", "4"]);
+        assert_eq!(
+            backlog
+                .iter()
+                .map(|i| i.event.id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["3", "4"]
+        );
         let (backlog, found, _) = hub.subscribe(Some("unknown"));
         assert!(!found);
         assert_eq!(backlog.len(), 5);
@@ -221,8 +236,12 @@ mod tests {
         assert!(f.matches(&event("1", "pump/7", 0.6)));
         assert!(!f.matches(&event("1", "pump/7", 0.4)));
         assert!(!f.matches(&event("1", "other", 0.9)));
-        assert!(FeedFilter::parse(Some("min_score=2")).unwrap_err().contains("[0, 1]"));
-        assert!(FeedFilter::parse(Some("colour=red")).unwrap_err().contains("colour"));
+        assert!(FeedFilter::parse(Some("min_score=2"))
+            .unwrap_err()
+            .contains("[0, 1]"));
+        assert!(FeedFilter::parse(Some("colour=red"))
+            .unwrap_err()
+            .contains("colour"));
         assert!(FeedFilter::parse(Some("device=%zz")).is_err());
     }
 }

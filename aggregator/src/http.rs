@@ -76,7 +76,11 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: Ca
     }
 }
 
-fn route(req: Request<Incoming>, shared: Arc<Shared>, cancel: CancellationToken) -> Response<Full<Bytes>> {
+fn route(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) -> Response<Full<Bytes>> {
     shared.metrics.http_requests_total.fetch_add(1, Relaxed);
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
@@ -92,7 +96,9 @@ fn route(req: Request<Incoming>, shared: Arc<Shared>, cancel: CancellationToken)
         "/metrics" => {
             let mut out = String::new();
             let devices = shared.state.lock().map(|s| s.devices().len()).unwrap_or(0);
-            shared.metrics.render(&shared.cfg.id, shared.feed.clients(), devices, &mut out);
+            shared
+                .metrics
+                .render(&shared.cfg.id, shared.feed.clients(), devices, &mut out);
             Response::builder()
                 .header(CONTENT_TYPE, "text/plain; version=0.0.4")
                 .body(Full::new(Bytes::from(out)))
@@ -138,7 +144,10 @@ fn route(req: Request<Incoming>, shared: Arc<Shared>, cancel: CancellationToken)
                 ),
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /, /feed, /api/status, /api/devices, /metrics\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /, /feed, /api/status, /api/devices, /metrics\n",
+        ),
     }
 }
 
@@ -162,7 +171,11 @@ fn status(shared: &Shared) -> serde_json::Value {
     })
 }
 
-fn upgrade_feed(mut req: Request<Incoming>, shared: Arc<Shared>, cancel: CancellationToken) -> Response<Full<Bytes>> {
+fn upgrade_feed(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) -> Response<Full<Bytes>> {
     let filter = match FeedFilter::parse(req.uri().query()) {
         Ok(f) => f,
         Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
@@ -173,14 +186,19 @@ fn upgrade_feed(mut req: Request<Incoming>, shared: Arc<Shared>, cancel: Cancell
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let Some(key) = req.headers().get("sec-websocket-key").filter(|_| is_ws) else {
-        return text(StatusCode::UPGRADE_REQUIRED, "the feed is a WebSocket: connect with ws://HOST/feed\n");
+        return text(
+            StatusCode::UPGRADE_REQUIRED,
+            "the feed is a WebSocket: connect with ws://HOST/feed\n",
+        );
     };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+                let ws =
+                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
+                        .await;
                 shared.metrics.feed_connections_total.fetch_add(1, Relaxed);
                 serve_feed(ws, filter, shared, cancel).await;
             }
@@ -198,8 +216,12 @@ fn upgrade_feed(mut req: Request<Incoming>, shared: Arc<Shared>, cancel: Cancell
     resp
 }
 
-async fn serve_feed<S>(ws: WebSocketStream<S>, filter: FeedFilter, shared: Arc<Shared>, cancel: CancellationToken)
-where
+async fn serve_feed<S>(
+    ws: WebSocketStream<S>,
+    filter: FeedFilter,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut sink, mut stream) = ws.split();

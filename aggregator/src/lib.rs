@@ -57,10 +57,12 @@ impl Aggregator {
                 addr: cfg.http.listen.clone(),
                 source,
             })?;
-        let addr = listener.local_addr().map_err(|source| AggregatorError::Bind {
-            addr: cfg.http.listen.clone(),
-            source,
-        })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| AggregatorError::Bind {
+                addr: cfg.http.listen.clone(),
+                source,
+            })?;
         let shared = Arc::new(Shared {
             owned: cfg.owned_set(),
             state: Mutex::new(FleetState::new(cfg.state.windows_per_series)),
@@ -108,7 +110,10 @@ impl Aggregator {
             .set_max_packet_size(cfg.mqtt.max_packet_bytes, cfg.mqtt.max_packet_bytes)
             .set_request_channel_capacity(cfg.mqtt.request_channel);
         if let Some(user) = &cfg.mqtt.username {
-            let pw = cfg.mqtt.resolve_password().map_err(AggregatorError::Secret)?;
+            let pw = cfg
+                .mqtt
+                .resolve_password()
+                .map_err(AggregatorError::Secret)?;
             opts.set_credentials(user.clone(), pw.unwrap_or_default());
         }
         let (client, eventloop) = AsyncClient::new(opts, cfg.mqtt.request_channel);
@@ -142,6 +147,9 @@ impl Aggregator {
 }
 
 /// Binds and runs an aggregator until `shutdown` resolves.
-pub async fn run(cfg: AggregatorConfig, shutdown: impl Future<Output = ()>) -> Result<(), AggregatorError> {
+pub async fn run(
+    cfg: AggregatorConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AggregatorError> {
     Aggregator::bind(cfg).await?.run(shutdown).await
 }

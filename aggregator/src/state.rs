@@ -63,13 +63,23 @@ impl FleetState {
     }
 
     /// Applies one summary of lane (`agent`, `partition`) with its `seq`.
-    pub fn apply_summary(&mut self, agent: &str, partition: u32, seq: u64, s: &WindowSummary) -> Applied {
+    pub fn apply_summary(
+        &mut self,
+        agent: &str,
+        partition: u32,
+        seq: u64,
+        s: &WindowSummary,
+    ) -> Applied {
         self.note_seq(agent, partition, seq);
         let device = self.devices.entry(s.device.clone()).or_default();
         device.partition = partition;
         let series = device.metrics.entry(s.metric.clone()).or_default();
         let pos = series.windows.partition_point(|w| w.start_ms < s.start_ms);
-        if let Some(existing) = series.windows.get_mut(pos).filter(|w| w.start_ms == s.start_ms) {
+        if let Some(existing) = series
+            .windows
+            .get_mut(pos)
+            .filter(|w| w.start_ms == s.start_ms)
+        {
             if s.revision > existing.revision {
                 series.readings = series.readings - existing.count + s.count;
                 *existing = s.clone();
@@ -97,7 +107,11 @@ impl FleetState {
         device.partition = partition;
         let series = device.metrics.entry(e.metric.clone()).or_default();
         series.anomalies += 1;
-        if series.last_anomaly.as_ref().is_none_or(|l| l.ts_ms <= e.ts_ms) {
+        if series
+            .last_anomaly
+            .as_ref()
+            .is_none_or(|l| l.ts_ms <= e.ts_ms)
+        {
             series.last_anomaly = Some(e.clone());
         }
     }
@@ -168,7 +182,10 @@ mod tests {
     fn replay_is_a_duplicate_and_changes_nothing() {
         let mut st = FleetState::new(10);
         assert_eq!(st.apply_summary("a", 1, 1, &summary(0, 5, 0)), Applied::New);
-        assert_eq!(st.apply_summary("a", 1, 1, &summary(0, 5, 0)), Applied::Duplicate);
+        assert_eq!(
+            st.apply_summary("a", 1, 1, &summary(0, 5, 0)),
+            Applied::Duplicate
+        );
         assert_eq!(st.readings(), 5);
         assert_eq!(st.lane_seq("a", 1), Some(1));
     }
@@ -177,8 +194,14 @@ mod tests {
     fn higher_revision_replaces_the_window() {
         let mut st = FleetState::new(10);
         st.apply_summary("a", 1, 1, &summary(0, 5, 0));
-        assert_eq!(st.apply_summary("a", 1, 2, &summary(0, 6, 1)), Applied::Revised);
-        assert_eq!(st.apply_summary("a", 1, 3, &summary(0, 5, 0)), Applied::Duplicate);
+        assert_eq!(
+            st.apply_summary("a", 1, 2, &summary(0, 6, 1)),
+            Applied::Revised
+        );
+        assert_eq!(
+            st.apply_summary("a", 1, 3, &summary(0, 5, 0)),
+            Applied::Duplicate
+        );
         assert_eq!(st.readings(), 6);
     }
 
@@ -189,9 +212,15 @@ mod tests {
             st.apply_summary("a", 0, i + 1, &summary(i as i64 * 10, 1, 0));
         }
         let s = &st.device("d").unwrap().metrics["m"];
-        assert_eq!(s.windows.iter().map(|w| w.start_ms).collect::<Vec<_>>(), vec![20, 30, 40]);
+        assert_eq!(
+            s.windows.iter().map(|w| w.start_ms).collect::<Vec<_>>(),
+            vec![20, 30, 40]
+        );
         assert_eq!(s.windows_applied, 5);
-        assert_eq!(st.apply_summary("a", 0, 9, &summary(0, 1, 0)), Applied::Expired);
+        assert_eq!(
+            st.apply_summary("a", 0, 9, &summary(0, 1, 0)),
+            Applied::Expired
+        );
     }
 
     proptest! {

@@ -38,22 +38,62 @@ impl AggregatorMetrics {
     /// Prometheus text exposition, labelled with the aggregator id.
     pub fn render(&self, id: &str, feed_clients: usize, devices: usize, out: &mut String) {
         let counters = [
-            ("edgewatch_aggregator_summaries_received_total", &self.summaries_received_total),
-            ("edgewatch_aggregator_summaries_applied_total", &self.summaries_applied_total),
-            ("edgewatch_aggregator_summaries_duplicate_total", &self.summaries_duplicate_total),
-            ("edgewatch_aggregator_summaries_revised_total", &self.summaries_revised_total),
-            ("edgewatch_aggregator_anomalies_received_total", &self.anomalies_received_total),
-            ("edgewatch_aggregator_anomalies_duplicate_total", &self.anomalies_duplicate_total),
-            ("edgewatch_aggregator_misrouted_total", &self.misrouted_total),
-            ("edgewatch_aggregator_bad_messages_total", &self.bad_messages_total),
+            (
+                "edgewatch_aggregator_summaries_received_total",
+                &self.summaries_received_total,
+            ),
+            (
+                "edgewatch_aggregator_summaries_applied_total",
+                &self.summaries_applied_total,
+            ),
+            (
+                "edgewatch_aggregator_summaries_duplicate_total",
+                &self.summaries_duplicate_total,
+            ),
+            (
+                "edgewatch_aggregator_summaries_revised_total",
+                &self.summaries_revised_total,
+            ),
+            (
+                "edgewatch_aggregator_anomalies_received_total",
+                &self.anomalies_received_total,
+            ),
+            (
+                "edgewatch_aggregator_anomalies_duplicate_total",
+                &self.anomalies_duplicate_total,
+            ),
+            (
+                "edgewatch_aggregator_misrouted_total",
+                &self.misrouted_total,
+            ),
+            (
+                "edgewatch_aggregator_bad_messages_total",
+                &self.bad_messages_total,
+            ),
             ("edgewatch_aggregator_seq_gaps_total", &self.seq_gaps_total),
-            ("edgewatch_aggregator_connection_errors_total", &self.connection_errors_total),
-            ("edgewatch_aggregator_feed_lagged_total", &self.feed_lagged_total),
-            ("edgewatch_aggregator_feed_connections_total", &self.feed_connections_total),
-            ("edgewatch_aggregator_http_requests_total", &self.http_requests_total),
+            (
+                "edgewatch_aggregator_connection_errors_total",
+                &self.connection_errors_total,
+            ),
+            (
+                "edgewatch_aggregator_feed_lagged_total",
+                &self.feed_lagged_total,
+            ),
+            (
+                "edgewatch_aggregator_feed_connections_total",
+                &self.feed_connections_total,
+            ),
+            (
+                "edgewatch_aggregator_http_requests_total",
+                &self.http_requests_total,
+            ),
         ];
         for (name, c) in counters {
-            let _ = writeln!(out, "# TYPE {name} counter\n{name}{{aggregator=\"{id}\"}} {}", c.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "# TYPE {name} counter\n{name}{{aggregator=\"{id}\"}} {}",
+                c.load(Relaxed)
+            );
         }
         let _ = writeln!(
             out,

@@ -32,12 +32,19 @@ async fn bad_messages_are_counted_and_good_readings_still_flow() {
     };
     tokio::time::sleep(Duration::from_millis(400)).await;
 
-    let mut opts = MqttOptions::new("bad-publisher", broker.addr().ip().to_string(), broker.addr().port());
+    let mut opts = MqttOptions::new(
+        "bad-publisher",
+        broker.addr().ip().to_string(),
+        broker.addr().port(),
+    );
     opts.set_max_packet_size(4 << 20, 4 << 20);
     let (client, mut eventloop) = AsyncClient::new(opts, 100);
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
 
-    let huge = format!(r#"{{"ts":1767225600000,"value":1,"pad":"{}"}}"#, "x".repeat(1 << 20));
+    let huge = format!(
+        r#"{{"ts":1767225600000,"value":1,"pad":"{}"}}"#,
+        "x".repeat(1 << 20)
+    );
     let bad: Vec<(&str, Vec<u8>, &str)> = vec![
         ("sensors/d1/temp", b"{not json".to_vec(), "bad_json"),
         ("sensors/d1/temp", br#"{"ts":1767225600000,"value":"hot"}"#.to_vec(), "bad_json"),
@@ -63,31 +70,63 @@ async fn bad_messages_are_counted_and_good_readings_still_flow() {
         for _ in 0..3 {
             ts += 1000;
             client
-                .publish("sensors/d1/temp", QoS::AtLeastOnce, false, format!(r#"{{"ts":{ts},"value":20.5}}"#))
+                .publish(
+                    "sensors/d1/temp",
+                    QoS::AtLeastOnce,
+                    false,
+                    format!(r#"{{"ts":{ts},"value":20.5}}"#),
+                )
                 .await
                 .unwrap();
             good += 1;
         }
-        client.publish(*topic, QoS::AtLeastOnce, false, payload.clone()).await.unwrap();
+        client
+            .publish(*topic, QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
     }
     ts += 1000;
     client
-        .publish("sensors/d1/temp", QoS::AtLeastOnce, false, format!(r#"{{"ts":{ts},"value":20.5}}"#))
+        .publish(
+            "sensors/d1/temp",
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"ts":{ts},"value":20.5}}"#),
+        )
         .await
         .unwrap();
     good += 1;
 
     let bad_count = bad.len() as u64;
-    wait_until("the agent to see every message", Duration::from_secs(20), || {
-        m.readings_total.load(Relaxed) + m.rejected_total() >= good + bad_count
-    })
+    wait_until(
+        "the agent to see every message",
+        Duration::from_secs(20),
+        || m.readings_total.load(Relaxed) + m.rejected_total() >= good + bad_count,
+    )
     .await;
-    assert_eq!(m.readings_total.load(Relaxed), good, "every good reading flowed");
-    for reason in ["not_utf8", "bad_json", "missing_field", "empty_payload", "payload_too_large", "topic_mismatch", "timestamp_out_of_range", "bad_name"] {
+    assert_eq!(
+        m.readings_total.load(Relaxed),
+        good,
+        "every good reading flowed"
+    );
+    for reason in [
+        "not_utf8",
+        "bad_json",
+        "missing_field",
+        "empty_payload",
+        "payload_too_large",
+        "topic_mismatch",
+        "timestamp_out_of_range",
+        "bad_name",
+    ] {
         let want = bad.iter().filter(|(_, _, r)| *r == reason).count() as u64;
         assert_eq!(m.rejected(reason), want, "rejected as {reason}");
     }
-    assert_eq!(m.connection_errors_total.load(Relaxed), 0, "no bad input broke the connection");
+    assert_eq!(
+        m.connection_errors_total.load(Relaxed),
+        0,
+        "no bad input broke the connection"
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
 }

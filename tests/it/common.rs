@@ -22,7 +22,11 @@ pub fn embedded_broker() -> EmbeddedBroker {
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `mosquitto` broker started for one test, stopped on drop.
@@ -35,7 +39,11 @@ pub struct Mosquitto {
 
 /// Path of a required external program, or a panic telling how to install it (tests never skip).
 pub fn require(program: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/sbin"]) {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+    {
         let p = Path::new(dir).join(program);
         if p.is_file() {
             return p;
@@ -66,10 +74,17 @@ impl Mosquitto {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not listen on {addr}");
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { child, port, _dir: dir }
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
     }
 }
 
@@ -84,11 +99,19 @@ impl Drop for Mosquitto {
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect to HTTP");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").expect("http response");
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status code");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
     (status, body.to_string())
 }
 
@@ -109,14 +132,17 @@ pub struct FeedClient {
 impl FeedClient {
     /// Connects to `url` and starts collecting.
     pub async fn connect(url: &str) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("feed connects");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("feed connects");
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();
         let task = tokio::spawn(async move {
             let (_w, mut r) = ws.split();
             while let Some(Ok(m)) = r.next().await {
                 if let Message::Text(t) = m {
-                    let e: AnomalyEvent = serde_json::from_str(&t).expect("feed message is an AnomalyEvent");
+                    let e: AnomalyEvent =
+                        serde_json::from_str(&t).expect("feed message is an AnomalyEvent");
                     sink.lock().unwrap().push(e);
                 }
             }

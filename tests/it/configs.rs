@@ -18,7 +18,10 @@ fn load_any(path: &Path) -> Result<&'static str, ConfigError> {
         config::load::<edgewatch::demo::DemoConfig>(path)?;
         "demo"
     } else {
-        panic!("{}: file name does not say which component it configures", path.display())
+        panic!(
+            "{}: file name does not say which component it configures",
+            path.display()
+        )
     })
 }
 
@@ -34,7 +37,10 @@ fn every_file_in_configs_loads() {
         }
     }
     for kind in ["agent", "aggregator", "simulator", "demo"] {
-        assert!(seen.contains(&kind), "configs/ has no {kind} example (saw {seen:?})");
+        assert!(
+            seen.contains(&kind),
+            "configs/ has no {kind} example (saw {seen:?})"
+        );
     }
 }
 
@@ -42,7 +48,11 @@ fn every_file_in_configs_loads() {
 fn a_broken_file_reports_its_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.yaml");
-    std::fs::write(&path, "id: gw-1\nwindow:\n  size_ms: 60000\n  allowed_lateness_ms: [1\n").unwrap();
+    std::fs::write(
+        &path,
+        "id: gw-1\nwindow:\n  size_ms: 60000\n  allowed_lateness_ms: [1\n",
+    )
+    .unwrap();
     let e = load_any(&path).unwrap_err();
     let text = e.to_string();
     assert!(text.starts_with(&format!("{}:", path.display())), "{text}");
@@ -51,8 +61,14 @@ fn a_broken_file_reports_its_line_and_column() {
     std::fs::write(&path, "id: gw-1\nuplink:\n  partitions: 0\n  qos: 2\n").unwrap();
     let e = load_any(&path).unwrap_err();
     let text = e.to_string();
-    assert!(text.contains("uplink.partitions (line 3, col 3): must be > 0, got 0"), "{text}");
-    assert!(text.contains("uplink.qos (line 4, col 3): must be 0 or 1, got 2"), "{text}");
+    assert!(
+        text.contains("uplink.partitions (line 3, col 3): must be > 0, got 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("uplink.qos (line 4, col 3): must be 0 or 1, got 2"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -76,7 +92,11 @@ fn config_check_command_exits_1_and_names_the_problem() {
         .arg(&ok)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -85,6 +105,9 @@ fn secrets_never_appear_in_errors() {
     let path = dir.path().join("agent.yaml");
     std::fs::write(&path, "id: gw-1\nsource:\n  mqtt:\n    password: hunter2\n").unwrap();
     let e = load_any(&path).unwrap_err().to_string();
-    assert!(e.contains("source.mqtt.username (line 3, col 3): required when a password is set"), "{e}");
+    assert!(
+        e.contains("source.mqtt.username (line 3, col 3): required when a password is set"),
+        "{e}"
+    );
     assert!(!e.contains("hunter2"), "{e}");
 }

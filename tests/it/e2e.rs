@@ -50,7 +50,10 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
     };
 
     // Both feeds watch from the start; any instance serves the whole fleet.
-    let clients = [FeedClient::connect(&urls[0]).await, FeedClient::connect(&urls[1]).await];
+    let clients = [
+        FeedClient::connect(&urls[0]).await,
+        FeedClient::connect(&urls[1]).await,
+    ];
     // Let the agent's and aggregators' subscriptions land before the fleet publishes.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -68,17 +71,24 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
     sim.anomalies.rate_per_series_hour = 3.0;
     sim.anomalies.warmup_ms = 30 * 60_000;
     let series = sim.devices * sim.metrics.len();
-    let report = edgewatch_simulators::run(sim.clone(), std::future::pending()).await.unwrap();
+    let report = edgewatch_simulators::run(sim.clone(), std::future::pending())
+        .await
+        .unwrap();
     assert!(report.published > 0);
 
-    wait_until("the agent to process every reading", Duration::from_secs(120), || {
-        agent_metrics.readings_total.load(Relaxed) >= report.published
-    })
+    wait_until(
+        "the agent to process every reading",
+        Duration::from_secs(120),
+        || agent_metrics.readings_total.load(Relaxed) >= report.published,
+    )
     .await;
     stop_agent.cancel();
     agent_task.await.unwrap().unwrap();
     let agent_readings = agent_metrics.readings_total.load(Relaxed);
-    assert_eq!(agent_readings, report.published, "the agent saw every published reading");
+    assert_eq!(
+        agent_readings, report.published,
+        "the agent saw every published reading"
+    );
     assert_eq!(agent_metrics.rejected_total(), 0);
 
     // Every window reached its owner: the owners' readings add up to what the agent processed.
@@ -88,27 +98,48 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
             .map(|a| get_json(*a, "/api/status")["readings"].as_u64().unwrap())
             .sum()
     };
-    wait_until("every window to be applied", Duration::from_secs(30), || total() == agent_readings).await;
+    wait_until(
+        "every window to be applied",
+        Duration::from_secs(30),
+        || total() == agent_readings,
+    )
+    .await;
     let raised = agent_metrics.anomalies_total.load(Relaxed) as usize;
-    wait_until("every anomaly event on both feeds", Duration::from_secs(30), || {
-        clients.iter().all(|c| c.snapshot().len() >= raised)
-    })
+    wait_until(
+        "every anomaly event on both feeds",
+        Duration::from_secs(30),
+        || clients.iter().all(|c| c.snapshot().len() >= raised),
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Sharding: each device lives on exactly one aggregator, the one owning its partition.
     let mut owner_of: HashMap<String, usize> = HashMap::new();
     for (i, a) in addrs.iter().enumerate() {
-        let owned: BTreeSet<u32> = if i == 0 { (0..32).collect() } else { (32..64).collect() };
+        let owned: BTreeSet<u32> = if i == 0 {
+            (0..32).collect()
+        } else {
+            (32..64).collect()
+        };
         for d in get_json(*a, "/api/devices").as_array().unwrap() {
             let id = d["device"].as_str().unwrap().to_string();
-            assert!(owned.contains(&partition_of(&id, 64)), "{id} is on agg-{i} but not in its partitions");
-            assert!(owner_of.insert(id.clone(), i).is_none(), "{id} is on two aggregators");
+            assert!(
+                owned.contains(&partition_of(&id, 64)),
+                "{id} is on agg-{i} but not in its partitions"
+            );
+            assert!(
+                owner_of.insert(id.clone(), i).is_none(),
+                "{id} is on two aggregators"
+            );
         }
         let status = get_json(*a, "/api/status");
         assert_eq!(status["bad_messages"], 0);
     }
-    assert_eq!(owner_of.len(), 6, "every device has state somewhere: {owner_of:?}");
+    assert_eq!(
+        owner_of.len(),
+        6,
+        "every device has state somewhere: {owner_of:?}"
+    );
 
     // Exactly once, and the same on both instances.
     let events = clients[0].snapshot();
@@ -122,34 +153,53 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
     let labels = &report.labels;
     let near = |e: &edgewatch_models::wire::AnomalyEvent, slack_ms: i64| {
         labels.iter().any(|l| {
-            l.device == e.device && l.metric == e.metric && e.ts_ms >= l.start_ms && e.ts_ms <= l.end_ms + slack_ms
+            l.device == e.device
+                && l.metric == e.metric
+                && e.ts_ms >= l.start_ms
+                && e.ts_ms <= l.end_ms + slack_ms
         })
     };
     let point: Vec<_> = labels
         .iter()
         .filter(|l| matches!(l.kind, AnomalyKind::Spike | AnomalyKind::Dip))
         .collect();
-    assert!(point.len() >= 10, "too few spikes/dips injected to judge: {}", point.len());
+    assert!(
+        point.len() >= 10,
+        "too few spikes/dips injected to judge: {}",
+        point.len()
+    );
     let caught = point
         .iter()
         .filter(|l| {
-            events
-                .iter()
-                .any(|e| e.device == l.device && e.metric == l.metric && e.ts_ms >= l.start_ms && e.ts_ms <= l.end_ms + 5_000)
+            events.iter().any(|e| {
+                e.device == l.device
+                    && e.metric == l.metric
+                    && e.ts_ms >= l.start_ms
+                    && e.ts_ms <= l.end_ms + 5_000
+            })
         })
         .count();
     let recall = caught as f64 / point.len() as f64;
     for l in &point {
-        let hit = events
-            .iter()
-            .any(|e| e.device == l.device && e.metric == l.metric && e.ts_ms >= l.start_ms && e.ts_ms <= l.end_ms + 5_000);
+        let hit = events.iter().any(|e| {
+            e.device == l.device
+                && e.metric == l.metric
+                && e.ts_ms >= l.start_ms
+                && e.ts_ms <= l.end_ms + 5_000
+        });
         if !hit {
             let before = labels
                 .iter()
                 .filter(|o| o.device == l.device && o.metric == l.metric && o.end_ms < l.start_ms)
                 .map(|o| format!("{:?}@-{}s", o.kind, (l.start_ms - o.end_ms) / 1000))
-                .last();
-            eprintln!("missed {:?} {} {} at +{}s (previous label: {before:?})", l.kind, l.device, l.metric, (l.start_ms - sim.start_ms.unwrap_or(0)) / 1000);
+                .next_back();
+            eprintln!(
+                "missed {:?} {} {} at +{}s (previous label: {before:?})",
+                l.kind,
+                l.device,
+                l.metric,
+                (l.start_ms - sim.start_ms.unwrap_or(0)) / 1000
+            );
         }
     }
     let false_alarms = events.iter().filter(|e| !near(e, 120_000)).count();
@@ -162,8 +212,15 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
         point.len(),
         recall * 100.0
     );
-    assert!(recall >= 0.9, "caught only {caught} of {} spikes and dips", point.len());
-    assert!(fa_rate <= 3.0, "{false_alarms} false alarms in {device_hours} device-hours");
+    assert!(
+        recall >= 0.9,
+        "caught only {caught} of {} spikes and dips",
+        point.len()
+    );
+    assert!(
+        fa_rate <= 3.0,
+        "{false_alarms} false alarms in {device_hours} device-hours"
+    );
 
     stop_aggs.cancel();
     for t in agg_tasks {

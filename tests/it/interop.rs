@@ -29,7 +29,11 @@ async fn readings_from_mosquitto_pub_reach_the_feed() {
 
     let mut cfg = AgentConfig::with_id("gw-mosq");
     cfg.source.mqtt.port = broker.port;
-    cfg.detector = DetectorConfig::Zscore(ZScoreConfig { window: 50, warmup: 20, z_max: 8.0 });
+    cfg.detector = DetectorConfig::Zscore(ZScoreConfig {
+        window: 50,
+        warmup: 20,
+        z_max: 8.0,
+    });
     cfg.anomaly.threshold = Some(0.75);
     cfg.window.size_ms = 10_000;
     let agent = Agent::new(cfg).unwrap();
@@ -44,27 +48,55 @@ async fn readings_from_mosquitto_pub_reach_the_feed() {
     let start = 1_767_225_600_000i64;
     let mut lines = String::new();
     for i in 0..80i64 {
-        let v = if i == 60 { 95.0 } else { 20.0 + (i % 4) as f64 * 0.25 };
+        let v = if i == 60 {
+            95.0
+        } else {
+            20.0 + (i % 4) as f64 * 0.25
+        };
         lines.push_str(&format!("{{\"ts\":{},\"value\":{v}}}\n", start + i * 1000));
     }
     let mut child = Command::new(pub_bin)
-        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1", "-t", "sensors/boiler-3/temperature", "-l"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            "sensors/boiler-3/temperature",
+            "-l",
+        ])
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success(), "mosquitto_pub failed");
 
-    wait_until("the spike on the feed", Duration::from_secs(20), || !feed.snapshot().is_empty()).await;
+    wait_until("the spike on the feed", Duration::from_secs(20), || {
+        !feed.snapshot().is_empty()
+    })
+    .await;
     let events = feed.snapshot();
     assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!((events[0].device.as_str(), events[0].metric.as_str()), ("boiler-3", "temperature"));
+    assert_eq!(
+        (events[0].device.as_str(), events[0].metric.as_str()),
+        ("boiler-3", "temperature")
+    );
     assert_eq!(events[0].ts_ms, start + 60_000);
     assert_eq!(events[0].value, 95.0);
 
     // Windows reached the aggregator through mosquitto too.
     wait_until("windows applied", Duration::from_secs(20), || {
-        get_json(http, "/api/status")["summaries_applied"].as_u64().unwrap_or(0) >= 7
+        get_json(http, "/api/status")["summaries_applied"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 7
     })
     .await;
 
