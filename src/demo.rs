@@ -332,7 +332,7 @@ async fn status_loop(
             .map(|m| m.summaries_applied_total.load(Relaxed))
             .sum();
         println!(
-            "status: {rate:>9.0} readings/s | {readings} readings | {} anomalies | {} windows sent, {applied} applied | queue {} msgs | rejected {}",
+            "status: {rate:>9.0} readings/s | {readings} readings | {} anomalies | {} windows sent, {applied} applied | lag {} queued msgs | rejected {}",
             agent.anomalies_total.load(Relaxed),
             agent.summaries_published_total.load(Relaxed),
             agent.queue_depth.load(Relaxed),

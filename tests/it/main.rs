@@ -2,6 +2,7 @@
 //! real YAML. One test binary, one module per concern.
 
 mod bad_input;
+mod cli;
 mod common;
 mod configs;
 mod e2e;

@@ -1,0 +1,177 @@
+//! The `edgewatch` binary as a user runs it: the demo prints its feed URL and status lines, stops
+//! cleanly on SIGTERM, reports taken ports clearly; `tail` prints the feed.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn edgewatch() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+}
+
+#[test]
+fn demo_prints_the_feed_url_serves_tail_and_stops_on_sigterm() {
+    let mut demo = edgewatch()
+        .args(["demo", "--broker-port", "0", "--http-port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = demo.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let next = |what: &str| -> String {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("demo never printed {what}"));
+            if line.contains(what) {
+                return line;
+            }
+        }
+    };
+    let url = next("ws://");
+    assert!(
+        url.starts_with("ws://127.0.0.1:") && url.ends_with("/feed"),
+        "URL alone on its line: {url:?}"
+    );
+    let status = next("status:");
+    assert!(
+        status.contains("readings/s") && status.contains("anomalies") && status.contains("windows"),
+        "{status}"
+    );
+
+    // Anomalies start once the simulated warm-up (10 simulated minutes, 10 s of wall time) is over.
+    let tail = edgewatch()
+        .args(["tail", &url, "--count", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(tail, Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "tail failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("score=") && text.contains("dev-"),
+        "tail printed {text:?}"
+    );
+
+    let term = Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let exit = wait_status(&mut demo, Duration::from_secs(30));
+    assert_eq!(exit, Some(0), "demo exits 0 after SIGTERM");
+    next("edgewatch demo stopped");
+}
+
+#[test]
+fn a_taken_port_gives_a_clear_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    for (flag, want) in [
+        ("--http-port", "cannot listen on 127.0.0.1:"),
+        ("--broker-port", "embedded MQTT broker on 127.0.0.1:"),
+    ] {
+        let other = if flag == "--http-port" {
+            "--broker-port"
+        } else {
+            "--http-port"
+        };
+        let out = edgewatch()
+            .args(["demo", "--duration", "5", flag, &port, other, "0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {err}");
+        assert!(err.contains(want) && err.contains(&port), "{flag}: {err}");
+    }
+}
+
+#[test]
+fn demo_stops_on_its_own_after_duration() {
+    let out = edgewatch()
+        .args([
+            "demo",
+            "--duration",
+            "3",
+            "--broker-port",
+            "0",
+            "--http-port",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("edgewatch demo stopped:"), "{text}");
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["agent", "--help"],
+        vec!["aggregator", "--help"],
+        vec!["simulate", "--help"],
+        vec!["demo", "--help"],
+        vec!["tail", "--help"],
+        vec!["config", "check", "--help"],
+        vec!["eval", "nab", "--help"],
+        vec!["bench", "--help"],
+    ] {
+        let out = edgewatch().args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage:"),
+            "{args:?}"
+        );
+    }
+    let out = edgewatch().args(["agent"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap's usage errors exit 2");
+}
+
+fn wait_status(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> std::process::Output {
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
