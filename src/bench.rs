@@ -129,7 +129,7 @@ fn pipeline_throughput(
     let start = Instant::now();
     for (topic, payload) in &data {
         // Errors cannot happen with simulator payloads; count them anyway so the figure is honest.
-        let _ = pipeline.handle(topic.as_bytes(), payload, 0);
+        let _ = pipeline.handle_topic(topic, payload, 0);
         pipeline.drain_outputs_into(&mut sink);
         sink.clear();
     }

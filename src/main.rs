@@ -41,6 +41,7 @@ enum Command {
         config: PathBuf,
     },
     /// Run everything in one process: embedded broker, simulator, agent, two aggregators, feed.
+    #[cfg(feature = "embedded-broker")]
     Demo {
         /// Demo configuration (YAML); built-in defaults when omitted.
         #[arg(short, long)]
@@ -58,6 +59,7 @@ enum Command {
     /// Print the live anomaly feed.
     Tail(edgewatch::tail::TailArgs),
     /// Measure pipeline throughput, end-to-end throughput and publish-to-feed latency.
+    #[cfg(feature = "embedded-broker")]
     Bench(edgewatch::bench::BenchArgs),
     /// Configuration tools.
     #[command(subcommand)]
@@ -127,13 +129,10 @@ fn runtime(e: impl Into<anyhow::Error>) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Daemons log at info; interactive commands keep stderr for warnings.
     let default_level = match cli.command {
-        Command::Demo { .. }
-        | Command::Bench(_)
-        | Command::Tail(_)
-        | Command::Eval(_)
-        | Command::Config(_) => "warn",
-        _ => "info",
+        Command::Agent { .. } | Command::Aggregator { .. } | Command::Simulate { .. } => "info",
+        _ => "warn",
     };
     edgewatch::logging::init(cli.log_level.as_deref().unwrap_or(default_level));
     match run(cli.command) {
@@ -196,6 +195,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 Ok(())
             })
         }
+        #[cfg(feature = "embedded-broker")]
         Command::Demo {
             config,
             duration,
@@ -218,6 +218,7 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Tail(args) => tokio_runtime()?
             .block_on(edgewatch::tail::run(args))
             .map_err(Failure::Runtime),
+        #[cfg(feature = "embedded-broker")]
         Command::Bench(args) => edgewatch::bench::run(args).map_err(Failure::Runtime),
         Command::Config(ConfigCommand::Check { files, kind }) => check(&files, kind),
         Command::Eval(EvalCommand::Nab(args)) => {
@@ -245,7 +246,17 @@ fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
             Kind::Simulator => {
                 config::load::<edgewatch_simulators::SimulatorConfig>(file).map(|_| ())
             }
+            #[cfg(feature = "embedded-broker")]
             Kind::Demo => config::load::<edgewatch::demo::DemoConfig>(file).map(|_| ()),
+            #[cfg(not(feature = "embedded-broker"))]
+            Kind::Demo => {
+                eprintln!(
+                    "{}: demo files need the embedded-broker feature",
+                    file.display()
+                );
+                failed += 1;
+                continue;
+            }
         };
         match result {
             Ok(()) => println!("{}: ok ({kind:?})", file.display()),

@@ -134,7 +134,7 @@ impl Agent {
                             metrics_w.queue_depth.store(msg_rx.len() as u64, Relaxed);
                             let now = now_ms();
                             for p in batch.drain(..) {
-                                if let Err(e) = pipeline.handle(p.topic.as_bytes(), &p.payload, now) {
+                                if let Err(e) = pipeline.handle_topic(&p.topic, &p.payload, now) {
                                     log.record(&agent, &p.topic, &e);
                                 }
                             }

@@ -139,23 +139,41 @@ impl Pipeline {
         arrival_ms: i64,
     ) -> Result<usize, IngestError> {
         self.metrics.messages_total.fetch_add(1, Relaxed);
+        let result = std::str::from_utf8(topic)
+            .map_err(|_| IngestError::NonUtf8Topic)
+            .and_then(|topic| self.handle_inner(topic, payload, arrival_ms));
+        self.count(&result);
+        result
+    }
+
+    /// [`Pipeline::handle`] for a topic already known to be UTF-8 (MQTT clients decode topics).
+    pub fn handle_topic(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        arrival_ms: i64,
+    ) -> Result<usize, IngestError> {
+        self.metrics.messages_total.fetch_add(1, Relaxed);
         let result = self.handle_inner(topic, payload, arrival_ms);
-        match &result {
+        self.count(&result);
+        result
+    }
+
+    fn count(&self, result: &Result<usize, IngestError>) {
+        match result {
             Ok(n) => {
                 self.metrics.readings_total.fetch_add(*n as u64, Relaxed);
             }
             Err(e) => self.metrics.reject(e),
         }
-        result
     }
 
     fn handle_inner(
         &mut self,
-        topic: &[u8],
+        topic: &str,
         payload: &[u8],
         arrival_ms: i64,
     ) -> Result<usize, IngestError> {
-        let topic = std::str::from_utf8(topic).map_err(|_| IngestError::NonUtf8Topic)?;
         if payload.len() > self.params.max_payload_bytes {
             return Err(IngestError::PayloadTooLarge {
                 size: payload.len(),
