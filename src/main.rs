@@ -86,6 +86,8 @@ enum ConfigCommand {
 enum EvalCommand {
     /// Score a detector on the Numenta Anomaly Benchmark.
     Nab(edgewatch::eval::EvalNabArgs),
+    /// Score a detector on the fleet simulator's labelled anomalies (precision, recall, F1, delay per kind).
+    Sim(edgewatch::eval::sim::EvalSimArgs),
 }
 
 /// Which component a configuration file is for.
@@ -222,7 +224,13 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Bench(args) => edgewatch::bench::run(args).map_err(Failure::Runtime),
         Command::Config(ConfigCommand::Check { files, kind }) => check(&files, kind),
         Command::Eval(EvalCommand::Nab(args)) => {
+            // An unknown detector name is a usage error (exit 1), not a runtime failure.
+            edgewatch::eval::ScoreSource::from_name(args.detector.as_deref())
+                .map_err(Failure::Usage)?;
             edgewatch::eval::run_nab(args).map_err(Failure::Runtime)
+        }
+        Command::Eval(EvalCommand::Sim(args)) => {
+            edgewatch::eval::sim::run_sim(args).map_err(Failure::Runtime)
         }
     }
 }

@@ -114,10 +114,8 @@ impl MqttLink {
         if self.password.is_some() && self.password_env.is_some() {
             out.push("password: set either password or password_env, not both".to_string());
         }
-        if self.password.is_some() || self.password_env.is_some() {
-            if self.username.is_none() {
-                out.push("username: required when a password is set".to_string());
-            }
+        if (self.password.is_some() || self.password_env.is_some()) && self.username.is_none() {
+            out.push("username: required when a password is set".to_string());
         }
         out
     }

@@ -185,7 +185,9 @@ impl Topics {
 
     /// Parses an uplink topic; `None` when it is not one of ours.
     pub fn parse<'t>(&self, topic: &'t str) -> Option<UplinkTopic<'t>> {
-        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('/')?;
         let mut parts = rest.split('/');
         let kind = parts.next()?;
         let result = match kind {
@@ -294,7 +296,10 @@ mod tests {
             }],
         };
         let json = serde_json::to_string(&b).unwrap();
-        assert!(json.contains(r#""records":[{"seq":1,"partition":1,"upto_seq":2}]"#), "{json}");
+        assert!(
+            json.contains(r#""records":[{"seq":1,"partition":1,"upto_seq":2}]"#),
+            "{json}"
+        );
         let back: Batch<Ack> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, b);
     }

@@ -130,7 +130,7 @@ impl Producer {
     /// Generates, paces and publishes until the configured duration is reached.
     async fn publish_all(&mut self, client: &AsyncClient, pacer: &mut Pacer) -> anyhow::Result<()> {
         let mut readings = Vec::with_capacity(self.fleet.series());
-        while self.end_ms.map_or(true, |end| self.fleet.now_ms() < end) {
+        while self.end_ms.is_none_or(|end| self.fleet.now_ms() < end) {
             readings.clear();
             self.last_ts_ms = self.fleet.now_ms();
             self.fleet.step(&mut readings);

@@ -133,6 +133,9 @@ pub struct NabRun {
     pub elapsed: Duration,
     /// Files named in the labels but absent from `data/` (not scored).
     pub unscored_labels: Vec<String>,
+    /// For a detector: its recommended threshold and the normalised score of each profile there
+    /// (what a deployment with that fixed threshold gets, rather than the hindsight optimum).
+    pub at_recommended: Option<(f64, Vec<Option<f64>>)>,
 }
 
 /// Replays every `DIR/data/<category>/*.csv` through `source`, scores the corpus against
@@ -202,6 +205,18 @@ pub fn evaluate_nab(
         corpus.add(sweep);
     }
     let report = corpus.score();
+    let at_recommended = match source {
+        ScoreSource::Detector { config, .. } => {
+            let t = config.recommended_threshold();
+            let counts = corpus.counts_at(t);
+            let scores = score::PROFILES
+                .iter()
+                .map(|p| counts.normalized(p))
+                .collect();
+            Some((t, scores))
+        }
+        ScoreSource::Null | ScoreSource::Oracle => None,
+    };
     Ok(NabRun {
         detector: source.name().to_string(),
         data: dir.to_path_buf(),
@@ -209,6 +224,7 @@ pub fn evaluate_nab(
         readings,
         elapsed: started.elapsed(),
         unscored_labels,
+        at_recommended,
     })
 }
 
@@ -353,6 +369,13 @@ impl NabRun {
                 "false_positives": p.counts.false_positives,
             });
         }
+        if let Some((t, scores)) = &self.at_recommended {
+            let mut at = json!({ "threshold": t });
+            for (p, s) in score::PROFILES.iter().zip(scores) {
+                at[p.name] = json!(s);
+            }
+            v["at_recommended_threshold"] = at;
+        }
         v["thresholds"] = thresholds;
         v["raw"] = raw;
         v["profiles"] = detail;
@@ -407,6 +430,14 @@ impl NabRun {
                 p.raw,
                 format!("{}/{}", p.counts.detected, p.counts.windows),
                 p.counts.false_positives
+            );
+        }
+        if let Some((t, scores)) = &self.at_recommended {
+            let list: Vec<String> = scores.iter().map(|x| fmt_score(*x)).collect();
+            let _ = writeln!(
+                s,
+                "at the detector's recommended threshold {t:.3} (as deployed): {}",
+                list.join(" / ")
             );
         }
         let _ = writeln!(

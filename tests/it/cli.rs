@@ -137,6 +137,7 @@ fn every_command_has_help() {
         vec!["tail", "--help"],
         vec!["config", "check", "--help"],
         vec!["eval", "nab", "--help"],
+        vec!["eval", "sim", "--help"],
         vec!["bench", "--help"],
     ] {
         let out = edgewatch().args(&args).output().unwrap();

@@ -6,4 +6,5 @@ mod cli;
 mod common;
 mod configs;
 mod e2e;
+mod eval_nab;
 mod interop;

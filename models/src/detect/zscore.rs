@@ -80,6 +80,11 @@ impl ZScore {
             m2: 0.0,
         })
     }
+
+    /// Heap bytes owned (the window).
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.values.capacity() * std::mem::size_of::<f64>()
+    }
 }
 
 impl Detector for ZScore {
@@ -111,6 +116,13 @@ impl Detector for ZScore {
         self.mean += delta / n_now;
         self.m2 = (self.m2 + delta * (value - self.mean)).max(0.0);
         self.values.push_back(value);
+        if !(self.mean.is_finite() && self.m2.is_finite()) {
+            // Only reachable with values near f64::MAX: start afresh rather than carry NaN forever
+            // (which would also make the checkpoint unreadable, as JSON has no NaN).
+            self.values.clear();
+            self.mean = 0.0;
+            self.m2 = 0.0;
+        }
         score
     }
 

@@ -4,8 +4,12 @@
 //! from outside for idle series) passes its end plus the allowed lateness. Readings older than the
 //! closed horizon are *late*: they are reported to the caller to count, never silently merged.
 
+mod hopping;
+mod session;
 mod tumbling;
 
+pub use hopping::{HoppingWindows, MAX_WINDOWS_PER_READING};
+pub use session::SessionWindows;
 pub use tumbling::TumblingWindows;
 
 use crate::stats::RunningStats;

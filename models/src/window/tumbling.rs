@@ -159,7 +159,10 @@ mod tests {
     fn reading_after_its_window_closed_is_late_and_not_merged() {
         let mut w = TumblingWindows::new(1000, 0).unwrap();
         let (out, late) = collect(&mut w, &[(100, 1.0), (2500, 2.0), (500, 9.0), (1500, 9.0)]);
-        assert_eq!(late, 2, "window [0,1000) and the empty [1000,2000) are both closed");
+        assert_eq!(
+            late, 2,
+            "window [0,1000) and the empty [1000,2000) are both closed"
+        );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].stats.max, 1.0);
     }

@@ -116,6 +116,7 @@ fn results_files_follow_the_nab_layout_and_json_has_the_scores() {
     assert_eq!(v["detector"], "zscore");
     assert_eq!(v["readings"], 600);
     assert!(v["thresholds"]["standard"].is_number());
+    assert!(v["at_recommended_threshold"]["threshold"].is_number());
     assert_eq!(v["categories"].as_array().unwrap().len(), 2);
 
     let wave = std::fs::read_to_string(out.join("zscore/catA/zscore_wave.csv")).unwrap();
@@ -187,7 +188,11 @@ fn unknown_detector_is_an_error_listing_the_valid_ones() {
         "--detector",
         "nope",
     ]);
-    assert!(!o.status.success());
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "an unknown detector is a usage error"
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("unknown detector \"nope\""), "{err}");
     for name in DetectorConfig::PRESETS {

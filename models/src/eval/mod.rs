@@ -1,0 +1,12 @@
+//! Evaluation of detectors: the NAB-compatible scorer ([`nab`]) and scoring against the simulator's
+//! labelled ground truth ([`truth`]).
+//!
+//! Everything here is pure: it parses text it is handed and scores vectors it is handed. Listing
+//! folders, reading files, printing and timing belong to the callers (`models/examples/nab.rs` and
+//! `edgewatch eval`).
+
+mod error;
+pub mod nab;
+pub mod truth;
+
+pub use error::EvalError;
