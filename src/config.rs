@@ -264,7 +264,7 @@ window:
         )
         .unwrap_err();
         let p = &e.problems[0];
-        assert_eq!(p.key, "window");
+        assert_eq!(p.key, "window.sise_ms");
         assert_eq!(p.location, Some((3, 3)));
         assert!(
             p.message.contains("unknown field `sise_ms`"),

@@ -21,7 +21,7 @@ use pipeline::Pipeline;
 use rumqttc::{AsyncClient, QoS};
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
@@ -154,15 +154,28 @@ impl Agent {
             })
         };
 
+        // QoS 1 publishes handed to the client vs. acknowledged by the broker: shutdown waits for the
+        // two to meet, because closing a socket with unread PubAcks resets it, and a reset connection
+        // loses whatever the broker had not read yet.
+        let sent = Arc::new(AtomicU64::new(0));
+        let acked = Arc::new(AtomicU64::new(0));
         let uplink_loop = {
             let metrics = metrics.clone();
             let cancel = stop_uplink.clone();
+            let acked = acked.clone();
             tokio::spawn(async move {
-                mqtt::poll_loop(up_loop, "uplink", &metrics, cancel, |_| async {}).await;
+                mqtt::poll_loop(up_loop, "uplink", &metrics, cancel, |ev| {
+                    if matches!(ev, LinkEvent::PubAck) {
+                        acked.fetch_add(1, Relaxed);
+                    }
+                    async {}
+                })
+                .await;
             })
         };
-        let uplink =
-            tokio::spawn(uplink::Uplink::new(&cfg, metrics.clone()).run(out_rx, up_client.clone()));
+        let uplink = tokio::spawn(
+            uplink::Uplink::new(&cfg, metrics.clone(), sent.clone()).run(out_rx, up_client.clone()),
+        );
 
         shutdown.await;
         tracing::info!(agent = %cfg.id, "agent stopping: draining open windows and pending publishes");
@@ -170,6 +183,16 @@ impl Agent {
         let _ = source.await;
         let _ = worker.await;
         let _ = uplink.await;
+        if cfg.uplink.qos > 0 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while acked.load(Relaxed) < sent.load(Relaxed) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let missing = sent.load(Relaxed).saturating_sub(acked.load(Relaxed));
+            if missing > 0 {
+                tracing::warn!(agent = %cfg.id, missing, "uplink publishes not acknowledged within 10 s of shutdown");
+            }
+        }
         // Everything is queued in the client; a Disconnect behind it ends the poll loop once written.
         if up_client.disconnect().await.is_err() {
             stop_uplink.cancel();

@@ -9,7 +9,7 @@ use crate::telemetry::AgentMetrics;
 use edgewatch_models::wire::{AnomalyEvent, Batch, Sequenced, Topics, WindowSummary};
 use rumqttc::{AsyncClient, QoS};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -25,10 +25,16 @@ pub(crate) struct Uplink {
     next_seq: HashMap<u32, u64>,
     pending: HashMap<u32, (Instant, Vec<Sequenced<WindowSummary>>)>,
     metrics: Arc<AgentMetrics>,
+    /// Publishes handed to the client (QoS 1: each one will be acknowledged).
+    sent: Arc<AtomicU64>,
 }
 
 impl Uplink {
-    pub(crate) fn new(cfg: &crate::AgentConfig, metrics: Arc<AgentMetrics>) -> Self {
+    pub(crate) fn new(
+        cfg: &crate::AgentConfig,
+        metrics: Arc<AgentMetrics>,
+        sent: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             agent: cfg.id.clone(),
             topics: Topics::new(&cfg.uplink.prefix),
@@ -42,6 +48,7 @@ impl Uplink {
             next_seq: HashMap::new(),
             pending: HashMap::new(),
             metrics,
+            sent,
         }
     }
 
@@ -153,7 +160,10 @@ impl Uplink {
             .publish(topic.clone(), self.qos, false, payload)
             .await
         {
-            Ok(()) => true,
+            Ok(()) => {
+                self.sent.fetch_add(1, Relaxed);
+                true
+            }
             Err(e) => {
                 tracing::warn!(%topic, error = %e, "uplink publish failed");
                 self.metrics.publish_errors_total.fetch_add(1, Relaxed);

@@ -22,8 +22,6 @@ pub struct AggregatorMetrics {
     pub misrouted_total: AtomicU64,
     /// Uplink messages that could not be decoded.
     pub bad_messages_total: AtomicU64,
-    /// Lane seq gaps observed (a record missing between two received ones).
-    pub seq_gaps_total: AtomicU64,
     /// MQTT connection errors.
     pub connection_errors_total: AtomicU64,
     /// Feed clients disconnected for falling too far behind.
@@ -70,7 +68,6 @@ impl AggregatorMetrics {
                 "edgewatch_aggregator_bad_messages_total",
                 &self.bad_messages_total,
             ),
-            ("edgewatch_aggregator_seq_gaps_total", &self.seq_gaps_total),
             (
                 "edgewatch_aggregator_connection_errors_total",
                 &self.connection_errors_total,

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
+    edgewatch::logging::init("warn");
     let broker = embedded_broker();
     let (host, port) = (broker.addr().ip().to_string(), broker.addr().port());
 
@@ -60,15 +61,16 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
     let mut sim = SimulatorConfig::default();
     sim.mqtt.host = host.clone();
     sim.mqtt.port = port;
-    sim.devices = 6;
+    sim.devices = 12;
     sim.seed = 42;
     sim.interval_ms = 1000;
     sim.start_ms = Some(1_767_225_600_000); // 2026-01-01T00:00:00Z
-    let hours = 3;
+    let hours = 4;
     sim.duration_ms = Some(hours * 3_600_000);
-    sim.speedup = 3_000.0;
-    sim.max_rate_per_sec = 40_000;
-    sim.anomalies.rate_per_series_hour = 3.0;
+    sim.speedup = 1_000.0;
+    sim.max_rate_per_sec = 30_000;
+    // One anomaly per series-hour: twice the simulator's default, for enough spikes in a short run.
+    sim.anomalies.rate_per_series_hour = 1.0;
     sim.anomalies.warmup_ms = 30 * 60_000;
     let series = sim.devices * sim.metrics.len();
     let report = edgewatch_simulators::run(sim.clone(), std::future::pending())
@@ -98,12 +100,35 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
             .map(|a| get_json(*a, "/api/status")["readings"].as_u64().unwrap())
             .sum()
     };
-    wait_until(
-        "every window to be applied",
-        Duration::from_secs(30),
-        || total() == agent_readings,
-    )
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while total() != agent_readings {
+        if std::time::Instant::now() > deadline {
+            let statuses: Vec<_> = addrs
+                .iter()
+                .map(|a| {
+                    crate::common::http_get(*a, "/metrics")
+                        .1
+                        .lines()
+                        .filter(|l| !l.starts_with('#') && !l.ends_with(" 0"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .collect();
+            eprintln!(
+                "agent: publish errors {}, connection errors {}",
+                agent_metrics.publish_errors_total.load(Relaxed),
+                agent_metrics.connection_errors_total.load(Relaxed)
+            );
+            panic!(
+                "windows cover {} readings, the agent processed {agent_readings} (late {}, windows {}, summaries published {}); aggregators: {statuses:?}",
+                total(),
+                agent_metrics.late_readings_total.load(Relaxed),
+                agent_metrics.windows_total.load(Relaxed),
+                agent_metrics.summaries_published_total.load(Relaxed),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let raised = agent_metrics.anomalies_total.load(Relaxed) as usize;
     wait_until(
         "every anomaly event on both feeds",
@@ -137,7 +162,7 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
     }
     assert_eq!(
         owner_of.len(),
-        6,
+        sim.devices,
         "every device has state somewhere: {owner_of:?}"
     );
 
