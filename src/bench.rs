@@ -207,6 +207,7 @@ impl Stack {
         );
         o.set_request_channel_capacity(1000).set_inflight(1000);
         let (client, mut el) = AsyncClient::new(o, 1000);
+        el.network_options.set_tcp_nodelay(true);
         tokio::spawn(async move { while el.poll().await.is_ok() {} });
         client
     }

@@ -65,8 +65,12 @@ impl Agent {
         )?;
         let up_link = cfg.uplink_link();
         let up_opts = mqtt::options(up_link, client_id(up_link, &cfg.id, "up"))?;
-        let (src_client, src_loop) = AsyncClient::new(src_opts, cfg.source.mqtt.request_channel);
-        let (up_client, up_loop) = AsyncClient::new(up_opts, up_link.request_channel);
+        let (src_client, mut src_loop) =
+            AsyncClient::new(src_opts, cfg.source.mqtt.request_channel);
+        let (up_client, mut up_loop) = AsyncClient::new(up_opts, up_link.request_channel);
+        // Small messages, latency matters: no Nagle delay on either link.
+        src_loop.network_options.set_tcp_nodelay(true);
+        up_loop.network_options.set_tcp_nodelay(true);
 
         let (msg_tx, mut msg_rx) = mpsc::channel::<rumqttc::Publish>(cfg.pipeline.queue_capacity);
         let (out_tx, out_rx) = mpsc::channel::<Vec<pipeline::Output>>(64);

@@ -116,7 +116,8 @@ impl Aggregator {
                 .map_err(AggregatorError::Secret)?;
             opts.set_credentials(user.clone(), pw.unwrap_or_default());
         }
-        let (client, eventloop) = AsyncClient::new(opts, cfg.mqtt.request_channel);
+        let (client, mut eventloop) = AsyncClient::new(opts, cfg.mqtt.request_channel);
+        eventloop.network_options.set_tcp_nodelay(true);
         let filters = consumer::filters(&Topics::new(&cfg.prefix), shared.owned.iter().copied());
         tracing::info!(aggregator = %cfg.id, http = %self.addr, owned = shared.owned.len(), broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), "aggregator starting");
 

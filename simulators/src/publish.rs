@@ -268,7 +268,8 @@ pub async fn run(
         .map(TruthFile::create)
         .transpose()?;
     let options = mqtt_options(&cfg)?;
-    let (client, eventloop) = AsyncClient::new(options, cfg.mqtt.request_channel);
+    let (client, mut eventloop) = AsyncClient::new(options, cfg.mqtt.request_channel);
+    eventloop.network_options.set_tcp_nodelay(true);
     let progress = Arc::new(Progress::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let driver = tokio::spawn(drive(eventloop, progress.clone(), stop_rx, cfg.seed));
