@@ -33,6 +33,9 @@ pub struct TailArgs {
     /// Exit after printing this many events.
     #[arg(long)]
     pub count: Option<u64>,
+    /// Bearer token, when the aggregator requires one.
+    #[arg(long, env = "EDGEWATCH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Builds the feed URL with the filters in its query string.
@@ -75,6 +78,24 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// The WebSocket handshake request, with the bearer token when one is given.
+fn request(
+    url: &str,
+    token: Option<&str>,
+) -> anyhow::Result<tokio_tungstenite::tungstenite::handshake::client::Request> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url
+        .into_client_request()
+        .with_context(|| format!("bad feed URL {url}"))?;
+    if let Some(t) = token {
+        let value = format!("Bearer {t}")
+            .parse()
+            .context("the token contains characters not allowed in an HTTP header")?;
+        req.headers_mut().insert("authorization", value);
+    }
+    Ok(req)
 }
 
 /// One readable line for an event.
@@ -127,7 +148,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         let url = feed_url(&args, since.as_deref())?;
         let ws = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            r = tokio_tungstenite::connect_async(url.as_str()) => r,
+            r = tokio_tungstenite::connect_async(request(&url, args.token.as_deref())?) => r,
         };
         let (ws, _) = match ws {
             Ok(c) => c,
@@ -210,6 +231,7 @@ mod tests {
             json: false,
             since: None,
             count: None,
+            token: None,
         };
         assert_eq!(
             feed_url(&args, Some("ab")).unwrap(),

@@ -82,6 +82,11 @@ pub struct HttpConfig {
     /// Most concurrent HTTP/WebSocket connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Name of an environment variable holding a bearer token. When set, the feed and the API answer
+    /// 401 unless the request carries `Authorization: Bearer <token>` (or `?token=<token>`, for
+    /// browsers' WebSockets); `/` and `/healthz` stay open.
+    #[serde(default)]
+    pub auth_token_env: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -89,6 +94,7 @@ impl Default for HttpConfig {
         Self {
             listen: default_listen(),
             max_connections: default_max_connections(),
+            auth_token_env: None,
         }
     }
 }
@@ -228,6 +234,17 @@ impl AggregatorConfig {
             out.push(format!(
                 "http.listen: expected an address such as 127.0.0.1:8080, got {:?}",
                 self.http.listen
+            ));
+        }
+        if self
+            .http
+            .auth_token_env
+            .as_deref()
+            .is_some_and(|v| v.is_empty() || v.contains(['=', '\0']))
+        {
+            out.push(format!(
+                "http.auth_token_env: must name an environment variable, got {:?}",
+                self.http.auth_token_env.as_deref().unwrap_or_default()
             ));
         }
         if self.http.max_connections == 0 {

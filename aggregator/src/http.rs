@@ -86,6 +86,16 @@ fn route(
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
     }
     let path = req.uri().path().to_string();
+    if !matches!(path.as_str(), "/" | "/healthz") && !authorized(&req, shared.token.as_deref()) {
+        shared.metrics.http_unauthorized_total.fetch_add(1, Relaxed);
+        let mut resp = text(
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is required: send Authorization: Bearer <token> (or ?token=<token>)\n",
+        );
+        resp.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        return resp;
+    }
     match path.as_str() {
         "/" => Response::builder()
             .header(CONTENT_TYPE, "text/html; charset=utf-8")
@@ -149,6 +159,36 @@ fn route(
             "not found: try /, /feed, /api/status, /api/devices, /metrics\n",
         ),
     }
+}
+
+/// Whether `req` carries the configured token (always true when none is configured).
+fn authorized(req: &Request<Incoming>, token: Option<&str>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let from_header = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let from_query = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|p| p.strip_prefix("token="))
+            .and_then(percent_decode)
+    });
+    from_header
+        .into_iter()
+        .chain(from_query)
+        .any(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
+}
+
+/// Compares without an early exit, so response time does not reveal how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn status(shared: &Shared) -> serde_json::Value {

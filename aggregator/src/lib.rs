@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     feed: FeedHub,
     metrics: Arc<AggregatorMetrics>,
     started: Instant,
+    /// Bearer token required by the feed and the API, when configured.
+    token: Option<String>,
 }
 
 /// A configured aggregator with its HTTP listener bound.
@@ -63,7 +65,16 @@ impl Aggregator {
                 addr: cfg.http.listen.clone(),
                 source,
             })?;
+        let token = match &cfg.http.auth_token_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                AggregatorError::Secret(format!(
+                    "http.auth_token_env: environment variable {var} is not set (or not UTF-8)"
+                ))
+            })?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            token,
             owned: cfg.owned_set(),
             state: Mutex::new(FleetState::new(cfg.state.windows_per_series)),
             feed: FeedHub::new(cfg.feed.history, cfg.feed.client_queue),

@@ -30,6 +30,8 @@ pub struct AggregatorMetrics {
     pub feed_connections_total: AtomicU64,
     /// HTTP requests served.
     pub http_requests_total: AtomicU64,
+    /// Requests refused for a missing or wrong bearer token.
+    pub http_unauthorized_total: AtomicU64,
 }
 
 impl AggregatorMetrics {
@@ -83,6 +85,10 @@ impl AggregatorMetrics {
             (
                 "edgewatch_aggregator_http_requests_total",
                 &self.http_requests_total,
+            ),
+            (
+                "edgewatch_aggregator_http_unauthorized_total",
+                &self.http_unauthorized_total,
             ),
         ];
         for (name, c) in counters {
