@@ -29,6 +29,8 @@ pub struct FeedFilter {
     pub min_score: Option<f64>,
     /// Resume after this event id.
     pub since: Option<String>,
+    /// Without `since`: start with up to this many of the most recent events.
+    pub last: Option<usize>,
 }
 
 impl FeedFilter {
@@ -51,10 +53,13 @@ impl FeedFilter {
                     f.min_score = Some(s);
                 }
                 "since" => f.since = Some(v),
+                "last" => {
+                    f.last = Some(v.parse().map_err(|_| format!("last: not a count: {v:?}"))?);
+                }
                 "token" => {}
                 other => {
                     return Err(format!(
-                        "unknown query parameter {other:?} (device, metric, min_score, since)"
+                        "unknown query parameter {other:?} (device, metric, min_score, since, last)"
                     ))
                 }
             }
@@ -157,11 +162,16 @@ impl FeedHub {
     pub fn subscribe(
         &self,
         since: Option<&str>,
+        last: Option<usize>,
     ) -> (Vec<Arc<FeedItem>>, bool, broadcast::Receiver<Arc<FeedItem>>) {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let rx = self.tx.subscribe();
         let (backlog, found) = match since {
-            None => (Vec::new(), true),
+            None => {
+                let n = last.unwrap_or(0).min(inner.history.len());
+                let skip = inner.history.len() - n;
+                (inner.history.iter().skip(skip).cloned().collect(), true)
+            }
             Some(id) => match inner.history.iter().position(|i| i.event.id == id) {
                 Some(pos) => (inner.history.iter().skip(pos + 1).cloned().collect(), true),
                 None => (inner.history.iter().cloned().collect(), false),
@@ -202,7 +212,7 @@ mod tests {
     #[test]
     fn duplicate_ids_are_published_once() {
         let hub = FeedHub::new(10, 10);
-        let (_, _, mut rx) = hub.subscribe(None);
+        let (_, _, mut rx) = hub.subscribe(None, None);
         assert!(hub.publish(event("1", "d", 0.9)));
         assert!(!hub.publish(event("1", "d", 0.9)));
         assert_eq!(rx.try_recv().unwrap().event.id, "1");
@@ -215,7 +225,7 @@ mod tests {
         for i in 0..5 {
             hub.publish(event(&i.to_string(), "d", 0.9));
         }
-        let (backlog, found, _) = hub.subscribe(Some("2"));
+        let (backlog, found, _) = hub.subscribe(Some("2"), None);
         assert!(found);
         assert_eq!(
             backlog
@@ -224,9 +234,21 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["3", "4"]
         );
-        let (backlog, found, _) = hub.subscribe(Some("unknown"));
+        let (backlog, found, _) = hub.subscribe(Some("unknown"), None);
         assert!(!found);
         assert_eq!(backlog.len(), 5);
+        let (backlog, _, _) = hub.subscribe(None, Some(2));
+        assert_eq!(
+            backlog
+                .iter()
+                .map(|i| i.event.id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["3", "4"]
+        );
+        assert!(
+            hub.subscribe(None, None).0.is_empty(),
+            "a plain client starts live"
+        );
     }
 
     #[test]

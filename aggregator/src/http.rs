@@ -265,7 +265,7 @@ async fn serve_feed<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut sink, mut stream) = ws.split();
-    let (backlog, _found, mut rx) = shared.feed.subscribe(filter.since.as_deref());
+    let (backlog, _found, mut rx) = shared.feed.subscribe(filter.since.as_deref(), filter.last);
     let mut last_id = filter.since.clone();
     for item in backlog {
         if filter.matches(&item.event) {
