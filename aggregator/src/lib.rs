@@ -8,6 +8,7 @@ pub mod error;
 pub mod feed;
 mod http;
 pub mod state;
+pub mod store;
 pub mod telemetry;
 
 pub use config::AggregatorConfig;
