@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod ingest;
 mod mqtt;
+pub mod outbox;
 pub mod pipeline;
 pub mod telemetry;
 mod uplink;
