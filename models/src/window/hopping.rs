@@ -52,12 +52,7 @@ impl HoppingWindows {
                 ),
             ));
         }
-        if allowed_lateness_ms < 0 {
-            return Err(ModelError::invalid(
-                "allowed_lateness_ms",
-                format!("must be >= 0, got {allowed_lateness_ms}"),
-            ));
-        }
+        super::check_lateness(allowed_lateness_ms)?;
         Ok(Self {
             size_ms,
             hop_ms,
@@ -132,10 +127,7 @@ impl HoppingWindows {
         self.watermark_ms = watermark_ms;
         let horizon = watermark_ms.saturating_sub(self.allowed_lateness_ms);
         // Same size, so sorted by start is sorted by end: the closable ones are a prefix.
-        let n = self.open.iter().take_while(|w| w.end_ms <= horizon).count();
-        for w in self.open.drain(..n) {
-            emit(w);
-        }
+        super::emit_closed(&mut self.open, horizon, emit);
         self.closed_until_ms = self.closed_until_ms.max(horizon);
     }
 

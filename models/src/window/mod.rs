@@ -16,6 +16,29 @@ use crate::stats::RunningStats;
 use crate::wire::WindowSummary;
 use serde::{Deserialize, Serialize};
 
+/// Rejects a negative allowed lateness, naming the value.
+pub(crate) fn check_lateness(allowed_lateness_ms: i64) -> Result<(), crate::ModelError> {
+    if allowed_lateness_ms < 0 {
+        return Err(crate::ModelError::invalid(
+            "allowed_lateness_ms",
+            format!("must be >= 0, got {allowed_lateness_ms}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Hands every window of `open` (sorted by end) that ends at or before `horizon` to `emit`.
+pub(crate) fn emit_closed(
+    open: &mut Vec<WindowAggregate>,
+    horizon: i64,
+    emit: &mut impl FnMut(WindowAggregate),
+) {
+    let n = open.iter().take_while(|w| w.end_ms <= horizon).count();
+    for w in open.drain(..n) {
+        emit(w);
+    }
+}
+
 /// Whether a reading was taken into a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {

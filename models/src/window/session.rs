@@ -46,12 +46,7 @@ impl SessionWindows {
                 format!("session gap must be > 0, got {gap_ms}"),
             ));
         }
-        if allowed_lateness_ms < 0 {
-            return Err(ModelError::invalid(
-                "allowed_lateness_ms",
-                format!("must be >= 0, got {allowed_lateness_ms}"),
-            ));
-        }
+        super::check_lateness(allowed_lateness_ms)?;
         Ok(Self {
             gap_ms,
             allowed_lateness_ms,

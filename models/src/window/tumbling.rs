@@ -26,12 +26,7 @@ impl TumblingWindows {
                 format!("window size must be > 0, got {size_ms}"),
             ));
         }
-        if allowed_lateness_ms < 0 {
-            return Err(ModelError::invalid(
-                "allowed_lateness_ms",
-                format!("must be >= 0, got {allowed_lateness_ms}"),
-            ));
-        }
+        super::check_lateness(allowed_lateness_ms)?;
         Ok(Self {
             size_ms,
             allowed_lateness_ms,
@@ -97,10 +92,7 @@ impl TumblingWindows {
         }
         self.watermark_ms = watermark_ms;
         let horizon = watermark_ms.saturating_sub(self.allowed_lateness_ms);
-        let n = self.open.iter().take_while(|w| w.end_ms <= horizon).count();
-        for w in self.open.drain(..n) {
-            emit(w);
-        }
+        super::emit_closed(&mut self.open, horizon, emit);
         // Everything ending at or before the horizon is closed, whether or not it had readings.
         let aligned = horizon.saturating_sub(horizon.rem_euclid(self.size_ms));
         self.closed_until_ms = self.closed_until_ms.max(aligned);
