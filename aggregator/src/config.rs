@@ -127,12 +127,18 @@ pub struct StateConfig {
     /// Recent windows kept per (device, metric).
     #[serde(default = "default_windows_per_series")]
     pub windows_per_series: usize,
+    /// Directory of the durable state store (sled). With it, state survives restarts and applied
+    /// lanes are acknowledged to the agents once flushed; without it, state lives in memory only and
+    /// nothing is acknowledged.
+    #[serde(default)]
+    pub dir: Option<std::path::PathBuf>,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         Self {
             windows_per_series: default_windows_per_series(),
+            dir: None,
         }
     }
 }

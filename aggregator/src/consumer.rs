@@ -5,10 +5,14 @@
 //! bounded queue. Reconnects back off exponentially with jitter and resubscribe on every ConnAck.
 
 use crate::state::Applied;
+use crate::store::StateStore;
 use crate::Shared;
 use edgewatch_models::backoff::Backoff;
-use edgewatch_models::wire::{AnomalyEvent, Batch, Topics, UplinkTopic, WindowSummary};
+use edgewatch_models::wire::{
+    Ack, AckBatch, AnomalyEvent, Batch, Topics, UplinkTopic, WindowSummary,
+};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,14 +81,32 @@ pub(crate) fn filters(
     f
 }
 
-/// Decodes and applies messages until the queue closes.
-pub(crate) async fn apply_loop(mut rx: mpsc::Receiver<rumqttc::Publish>, shared: Arc<Shared>) {
+/// Lanes applied since the last flush: (agent, partition) → highest seq applied.
+type Touched = BTreeMap<(String, u32), u64>;
+
+/// Decodes and applies messages until the queue closes. Runs on a blocking thread: the store's
+/// writes and flushes block. After each drained batch the store is flushed, and only then — when
+/// the store is durable — the touched lanes are acknowledged on `{prefix}/acks/{agent}`.
+pub(crate) fn apply_loop(
+    mut rx: mpsc::Receiver<rumqttc::Publish>,
+    shared: Arc<Shared>,
+    mut store: Box<dyn StateStore>,
+    acks: Option<AsyncClient>,
+) {
     let topics = Topics::new(&shared.cfg.prefix);
     let mut last_warn = Instant::now() - Duration::from_secs(60);
+    let mut touched = Touched::new();
     let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 256).await > 0 {
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
         for p in batch.drain(..) {
-            if let Err(e) = apply(&shared, &topics, &p) {
+            if let Err(e) = apply(&shared, &topics, &p, store.as_mut(), &mut touched) {
                 shared.metrics.bad_messages_total.fetch_add(1, Relaxed);
                 if last_warn.elapsed() >= Duration::from_secs(5) {
                     last_warn = Instant::now();
@@ -92,10 +114,65 @@ pub(crate) async fn apply_loop(mut rx: mpsc::Receiver<rumqttc::Publish>, shared:
                 }
             }
         }
+        if touched.is_empty() {
+            continue;
+        }
+        match store.flush() {
+            Ok(()) => {
+                if let Some(client) = &acks {
+                    send_acks(&shared, &topics, client, &touched);
+                }
+            }
+            Err(e) => {
+                // Not acknowledged, so the agents resend; nothing is lost by skipping the ack.
+                shared.metrics.store_errors_total.fetch_add(1, Relaxed);
+                tracing::error!(aggregator = %shared.cfg.id, error = %e, "state store flush failed; not acknowledging");
+            }
+        }
+        touched.clear();
     }
 }
 
-fn apply(shared: &Shared, topics: &Topics, p: &rumqttc::Publish) -> Result<(), String> {
+/// Publishes one cumulative [`AckBatch`] per agent for the lanes in `touched`.
+fn send_acks(shared: &Shared, topics: &Topics, client: &AsyncClient, touched: &Touched) {
+    let mut by_agent: BTreeMap<&str, Vec<Ack>> = BTreeMap::new();
+    for ((agent, partition), upto_seq) in touched {
+        by_agent.entry(agent).or_default().push(Ack {
+            partition: *partition,
+            upto_seq: *upto_seq,
+        });
+    }
+    for (agent, acks) in by_agent {
+        let body = AckBatch {
+            owner: shared.cfg.id.clone(),
+            acks,
+        };
+        let payload = match serde_json::to_vec(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "could not encode acks");
+                continue;
+            }
+        };
+        // A full request queue only delays the ack: the next one is cumulative.
+        match client.try_publish(topics.acks(agent), QoS::AtLeastOnce, false, payload) {
+            Ok(()) => {
+                shared.metrics.acks_sent_total.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(aggregator = %shared.cfg.id, agent, error = %e, "ack not sent; the next one covers it");
+            }
+        }
+    }
+}
+
+fn apply(
+    shared: &Shared,
+    topics: &Topics,
+    p: &rumqttc::Publish,
+    store: &mut dyn StateStore,
+    touched: &mut Touched,
+) -> Result<(), String> {
     match topics.parse(&p.topic) {
         Some(UplinkTopic::Summaries { partition, agent }) => {
             let batch: Batch<WindowSummary> = serde_json::from_slice(&p.payload)
@@ -116,6 +193,11 @@ fn apply(shared: &Shared, topics: &Topics, p: &rumqttc::Publish) -> Result<(), S
             }
             let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             for r in &batch.records {
+                // The durable copy first: a store error leaves the lane unacknowledged.
+                store.put_window(partition, &r.item).map_err(|e| {
+                    m.store_errors_total.fetch_add(1, Relaxed);
+                    format!("state store: {e}")
+                })?;
                 match state.apply_summary(agent, partition, r.seq, &r.item) {
                     Applied::New => m.summaries_applied_total.fetch_add(1, Relaxed),
                     Applied::Revised => m.summaries_revised_total.fetch_add(1, Relaxed),
@@ -123,6 +205,13 @@ fn apply(shared: &Shared, topics: &Topics, p: &rumqttc::Publish) -> Result<(), S
                         m.summaries_duplicate_total.fetch_add(1, Relaxed)
                     }
                 };
+            }
+            if let Some(seq) = state.lane_seq(agent, partition) {
+                store.put_lane_seq(agent, partition, seq).map_err(|e| {
+                    m.store_errors_total.fetch_add(1, Relaxed);
+                    format!("state store: {e}")
+                })?;
+                touched.insert((agent.to_string(), partition), seq);
             }
             Ok(())
         }

@@ -17,6 +17,9 @@ pub enum AggregatorError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The durable state store could not be opened or loaded.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A required secret could not be resolved.
     #[error("{0}")]
     Secret(String),

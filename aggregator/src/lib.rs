@@ -43,6 +43,7 @@ pub(crate) struct Shared {
 /// A configured aggregator with its HTTP listener bound.
 pub struct Aggregator {
     shared: Arc<Shared>,
+    store: Box<dyn store::StateStore>,
     listener: TcpListener,
     addr: SocketAddr,
 }
@@ -74,10 +75,20 @@ impl Aggregator {
             })?),
             None => None,
         };
+        let wps = cfg.state.windows_per_series;
+        let (store, state): (Box<dyn store::StateStore>, FleetState) = match &cfg.state.dir {
+            Some(dir) => {
+                let s = store::SledStore::open(dir, wps)?;
+                let state = store::rebuild(store::StateStore::load(&s)?, wps);
+                tracing::info!(aggregator = %cfg.id, dir = %dir.display(), devices = state.devices().len(), "state loaded from the store");
+                (Box::new(s), state)
+            }
+            None => (Box::new(store::MemoryStore::new(wps)), FleetState::new(wps)),
+        };
         let shared = Arc::new(Shared {
             token,
             owned: cfg.owned_set(),
-            state: Mutex::new(FleetState::new(cfg.state.windows_per_series)),
+            state: Mutex::new(state),
             feed: FeedHub::new(cfg.feed.history, cfg.feed.client_queue),
             metrics: Arc::new(AggregatorMetrics::default()),
             started: Instant::now(),
@@ -85,6 +96,7 @@ impl Aggregator {
         });
         Ok(Self {
             shared,
+            store,
             listener,
             addr,
         })
@@ -135,6 +147,8 @@ impl Aggregator {
 
         let cancel = CancellationToken::new();
         let (tx, rx) = mpsc::channel(4096);
+        // Acks promise durability: only a persistent store may send them.
+        let acks = shared.cfg.state.dir.is_some().then(|| client.clone());
         let poll = tokio::spawn(consumer::poll_loop(
             eventloop,
             client,
@@ -143,7 +157,11 @@ impl Aggregator {
             tx,
             cancel.clone(),
         ));
-        let apply = tokio::spawn(consumer::apply_loop(rx, shared.clone()));
+        let store = self.store;
+        let apply_shared = shared.clone();
+        let apply = tokio::task::spawn_blocking(move || {
+            consumer::apply_loop(rx, apply_shared, store, acks)
+        });
         let http = tokio::spawn(http::serve(self.listener, shared.clone(), cancel.clone()));
 
         shutdown.await;

@@ -30,6 +30,10 @@ pub struct AggregatorMetrics {
     pub feed_connections_total: AtomicU64,
     /// HTTP requests served.
     pub http_requests_total: AtomicU64,
+    /// State store writes or flushes that failed (the lanes concerned were not acknowledged).
+    pub store_errors_total: AtomicU64,
+    /// Ack batches published to agents.
+    pub acks_sent_total: AtomicU64,
     /// Requests refused for a missing or wrong bearer token.
     pub http_unauthorized_total: AtomicU64,
 }
@@ -85,6 +89,14 @@ impl AggregatorMetrics {
             (
                 "edgewatch_aggregator_http_requests_total",
                 &self.http_requests_total,
+            ),
+            (
+                "edgewatch_aggregator_store_errors_total",
+                &self.store_errors_total,
+            ),
+            (
+                "edgewatch_aggregator_acks_sent_total",
+                &self.acks_sent_total,
             ),
             (
                 "edgewatch_aggregator_http_unauthorized_total",

@@ -10,3 +10,4 @@ mod dashboard;
 mod e2e;
 mod eval_nab;
 mod interop;
+mod restart;
