@@ -234,6 +234,18 @@ fn apply(
                     return Err(format!("event {} has a non-finite score", event.id));
                 }
                 let owned = shared.owned.contains(&partition);
+                if owned {
+                    // Events share the lane's seqs with summaries: the owner's acks must cover both.
+                    let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.note_seq(agent, partition, r.seq);
+                    if let Some(seq) = state.lane_seq(agent, partition) {
+                        store.put_lane_seq(agent, partition, seq).map_err(|e| {
+                            shared.metrics.store_errors_total.fetch_add(1, Relaxed);
+                            format!("state store: {e}")
+                        })?;
+                        touched.insert((agent.to_string(), partition), seq);
+                    }
+                }
                 let recorded = owned.then(|| event.clone());
                 if shared.feed.publish(event) {
                     if let Some(e) = recorded {

@@ -45,11 +45,24 @@ pub struct DeviceState {
     pub metrics: BTreeMap<String, SeriesState>,
 }
 
+/// How far a lane (agent, partition) has been applied without a hole.
+#[derive(Debug, Default)]
+struct LaneProgress {
+    /// Every seq up to and including this one has been applied: what may be acknowledged.
+    contiguous: u64,
+    /// Seqs applied beyond a hole, waiting for it to fill (the sender resends from the last ack).
+    ahead: std::collections::BTreeSet<u64>,
+}
+
+/// Seqs kept beyond a hole per lane; past this the hole is treated as lost for good and skipped,
+/// so a lane whose sender will never resend cannot grow without bound.
+const MAX_AHEAD: usize = 100_000;
+
 /// All devices of the partitions one aggregator owns.
 #[derive(Debug, Default)]
 pub struct FleetState {
     devices: BTreeMap<String, DeviceState>,
-    lanes: HashMap<(String, u32), u64>,
+    lanes: HashMap<(String, u32), LaneProgress>,
     windows_per_series: usize,
 }
 
@@ -116,18 +129,37 @@ impl FleetState {
         }
     }
 
-    fn note_seq(&mut self, agent: &str, partition: u32, seq: u64) {
-        match self.lanes.get_mut(&(agent.to_string(), partition)) {
-            Some(s) => *s = (*s).max(seq),
-            None => {
-                self.lanes.insert((agent.to_string(), partition), seq);
+    /// Records that `seq` of a lane was applied (summaries and anomaly events share a lane's seqs).
+    /// A lane seen for the first time starts right before its first seq: senders resend from their
+    /// last acknowledged record, so the first one an owner sees is the oldest it must cover.
+    pub fn note_seq(&mut self, agent: &str, partition: u32, seq: u64) {
+        let lane = self
+            .lanes
+            .entry((agent.to_string(), partition))
+            .or_insert_with(|| LaneProgress {
+                contiguous: seq.saturating_sub(1),
+                ahead: Default::default(),
+            });
+        if seq <= lane.contiguous {
+            return;
+        }
+        lane.ahead.insert(seq);
+        while lane.ahead.first() == Some(&(lane.contiguous + 1)) {
+            lane.ahead.pop_first();
+            lane.contiguous += 1;
+        }
+        if lane.ahead.len() > MAX_AHEAD {
+            if let Some(next) = lane.ahead.pop_first() {
+                lane.contiguous = next;
             }
         }
     }
 
-    /// Highest seq applied on a lane.
+    /// Highest seq of a lane up to which everything has been applied (what an ack may cover).
     pub fn lane_seq(&self, agent: &str, partition: u32) -> Option<u64> {
-        self.lanes.get(&(agent.to_string(), partition)).copied()
+        self.lanes
+            .get(&(agent.to_string(), partition))
+            .map(|l| l.contiguous)
     }
 
     /// Every device.
@@ -221,6 +253,27 @@ mod tests {
             st.apply_summary("a", 0, 9, &summary(0, 1, 0)),
             Applied::Expired
         );
+    }
+
+    #[test]
+    fn lane_progress_stops_at_a_hole_until_it_fills() {
+        let mut st = FleetState::new(10);
+        for seq in [1, 2, 4, 5] {
+            st.note_seq("a", 0, seq);
+        }
+        assert_eq!(st.lane_seq("a", 0), Some(2), "3 is missing");
+        st.note_seq("a", 0, 3);
+        assert_eq!(st.lane_seq("a", 0), Some(5));
+        st.note_seq("a", 0, 2);
+        assert_eq!(st.lane_seq("a", 0), Some(5), "replays change nothing");
+    }
+
+    #[test]
+    fn a_new_lane_starts_at_its_first_seq() {
+        let mut st = FleetState::new(10);
+        st.note_seq("b", 3, 41);
+        assert_eq!(st.lane_seq("b", 3), Some(41));
+        assert_eq!(st.lane_seq("b", 4), None);
     }
 
     proptest! {

@@ -172,6 +172,64 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
     assert_eq!(again["readings"], 1200, "replays change nothing");
     assert_eq!(again["summaries_duplicate"], 20);
 
+    // Anomaly events share the lane's seqs: the ack covers them, and stops at a hole.
+    let event = edgewatch_models::wire::AnomalyEvent {
+        id: edgewatch_models::wire::event_id(device, "temperature", 1_767_226_800_500, "ensemble"),
+        device: device.into(),
+        metric: "temperature".into(),
+        ts_ms: 1_767_226_800_500,
+        value: 95.0,
+        score: 0.99,
+        detector: "ensemble".into(),
+        window_start_ms: 1_767_226_800_000,
+        agent: "gw-r".into(),
+    };
+    let anomalies = Batch {
+        agent: "gw-r".to_string(),
+        partition,
+        records: vec![Sequenced {
+            seq: 21,
+            item: event,
+        }],
+    };
+    client
+        .publish(
+            topics.anomalies(partition, "gw-r"),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&anomalies).unwrap(),
+        )
+        .await
+        .unwrap();
+    wait_until(
+        "the ack of the event's seq",
+        Duration::from_secs(15),
+        || upto(&acked) == 21,
+    )
+    .await;
+    send(vec![Sequenced {
+        seq: 23,
+        item: summary(device, 21),
+    }])
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        upto(&acked),
+        21,
+        "seq 22 is missing: the ack must not jump over it"
+    );
+    send(vec![Sequenced {
+        seq: 22,
+        item: summary(device, 20),
+    }])
+    .await;
+    wait_until(
+        "the ack past the filled hole",
+        Duration::from_secs(15),
+        || upto(&acked) == 23,
+    )
+    .await;
+
     stop.cancel();
     task.await.unwrap();
 }
