@@ -66,9 +66,11 @@ impl Agent {
         )?;
         let up_link = cfg.uplink_link();
         let up_opts = mqtt::options(up_link, client_id(up_link, &cfg.id, "up"))?;
+        // `options` yields at least the primary address; the others are tried in turn on failure.
         let (src_client, mut src_loop) =
-            AsyncClient::new(src_opts, cfg.source.mqtt.request_channel);
-        let (up_client, mut up_loop) = AsyncClient::new(up_opts, up_link.request_channel);
+            AsyncClient::new(src_opts[0].clone(), cfg.source.mqtt.request_channel);
+        let (up_client, mut up_loop) =
+            AsyncClient::new(up_opts[0].clone(), up_link.request_channel);
         // Small messages, latency matters: no Nagle delay on either link.
         src_loop.network_options.set_tcp_nodelay(true);
         up_loop.network_options.set_tcp_nodelay(true);
@@ -87,7 +89,7 @@ impl Agent {
             let cancel = stop_source.clone();
             let client = src_client.clone();
             tokio::spawn(async move {
-                mqtt::poll_loop(src_loop, "source", &metrics.clone(), cancel, |ev| {
+                mqtt::poll_loop(src_loop, src_opts, "source", &metrics.clone(), cancel, |ev| {
                     let client = client.clone();
                     let filters = filters.clone();
                     let msg_tx = msg_tx.clone();
@@ -169,7 +171,7 @@ impl Agent {
             let cancel = stop_uplink.clone();
             let acked = acked.clone();
             tokio::spawn(async move {
-                mqtt::poll_loop(up_loop, "uplink", &metrics, cancel, |ev| {
+                mqtt::poll_loop(up_loop, up_opts, "uplink", &metrics, cancel, |ev| {
                     if matches!(ev, LinkEvent::PubAck) {
                         acked.fetch_add(1, Relaxed);
                     }

@@ -12,9 +12,22 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// rumqttc options for `link`, with the password resolved from the environment if configured.
-pub(crate) fn options(link: &MqttLink, client_id: String) -> Result<MqttOptions, AgentError> {
-    let mut o = MqttOptions::new(client_id, link.host.clone(), link.port);
+/// rumqttc options for every address of `link` (primary first, then the alternates), with the
+/// password resolved from the environment if configured.
+pub(crate) fn options(link: &MqttLink, client_id: String) -> Result<Vec<MqttOptions>, AgentError> {
+    link.addresses()
+        .into_iter()
+        .map(|(host, port)| options_for(link, client_id.clone(), host, port))
+        .collect()
+}
+
+fn options_for(
+    link: &MqttLink,
+    client_id: String,
+    host: String,
+    port: u16,
+) -> Result<MqttOptions, AgentError> {
+    let mut o = MqttOptions::new(client_id, host, port);
     o.set_keep_alive(Duration::from_secs(link.keepalive_secs))
         .set_max_packet_size(link.max_packet_bytes, link.max_packet_bytes)
         .set_request_channel_capacity(link.request_channel)
@@ -39,6 +52,7 @@ pub(crate) enum LinkEvent {
 /// Polls `eventloop` until `cancel` or until our own Disconnect has been sent, calling `on_event` for what matters; backs off after errors.
 pub(crate) async fn poll_loop<F, Fut>(
     mut eventloop: EventLoop,
+    addresses: Vec<MqttOptions>,
     name: &'static str,
     metrics: &AgentMetrics,
     cancel: CancellationToken,
@@ -48,11 +62,9 @@ pub(crate) async fn poll_loop<F, Fut>(
     Fut: std::future::Future<Output = ()>,
 {
     let mut backoff = Backoff::new(100, 10_000, u64::from(std::process::id()));
-    let broker = format!(
-        "{}:{}",
-        eventloop.mqtt_options.broker_address().0,
-        eventloop.mqtt_options.broker_address().1
-    );
+    let broker_of = |o: &MqttOptions| format!("{}:{}", o.broker_address().0, o.broker_address().1);
+    let mut broker = broker_of(&eventloop.mqtt_options);
+    let mut current = 0usize;
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -76,7 +88,14 @@ pub(crate) async fn poll_loop<F, Fut>(
             Err(e) => {
                 metrics.connection_errors_total.fetch_add(1, Relaxed);
                 let delay = backoff.next_delay_ms();
-                tracing::warn!(link = name, %broker, error = %e, retry_in_ms = delay, "mqtt connection error; will reconnect");
+                if addresses.len() > 1 {
+                    // Try the next broker of the list on the next attempt.
+                    current = (current + 1) % addresses.len();
+                    eventloop.mqtt_options = addresses[current].clone();
+                }
+                let next = broker_of(&eventloop.mqtt_options);
+                tracing::warn!(link = name, %broker, %next, error = %e, retry_in_ms = delay, "mqtt connection error; will reconnect");
+                broker = next;
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(delay)) => {}

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 /// Runs the MQTT poll loop until `cancel`; hands publishes to [`apply_loop`] through `tx`.
 pub(crate) async fn poll_loop(
     mut eventloop: EventLoop,
+    addresses: Vec<rumqttc::MqttOptions>,
     client: AsyncClient,
     filters: Vec<SubscribeFilter>,
     shared: Arc<Shared>,
@@ -29,7 +30,10 @@ pub(crate) async fn poll_loop(
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new(100, 10_000, u64::from(std::process::id()) ^ 0xA66);
-    let broker = format!("{}:{}", shared.cfg.mqtt.host, shared.cfg.mqtt.port);
+    let broker_of =
+        |o: &rumqttc::MqttOptions| format!("{}:{}", o.broker_address().0, o.broker_address().1);
+    let mut broker = broker_of(&eventloop.mqtt_options);
+    let mut current = 0usize;
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -54,7 +58,14 @@ pub(crate) async fn poll_loop(
             Err(e) => {
                 shared.metrics.connection_errors_total.fetch_add(1, Relaxed);
                 let delay = backoff.next_delay_ms();
-                tracing::warn!(aggregator = %shared.cfg.id, %broker, error = %e, retry_in_ms = delay, "mqtt connection error; will reconnect");
+                if addresses.len() > 1 {
+                    // Try the next broker of the list on the next attempt.
+                    current = (current + 1) % addresses.len();
+                    eventloop.mqtt_options = addresses[current].clone();
+                }
+                let next = broker_of(&eventloop.mqtt_options);
+                tracing::warn!(aggregator = %shared.cfg.id, %broker, %next, error = %e, retry_in_ms = delay, "mqtt connection error; will reconnect");
+                broker = next;
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(delay)) => {}

@@ -122,24 +122,35 @@ impl Aggregator {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AggregatorError> {
         let shared = self.shared;
         let cfg = &shared.cfg;
-        let mut opts = MqttOptions::new(
-            cfg.mqtt
-                .client_id
-                .clone()
-                .unwrap_or_else(|| format!("edgewatch-{}", cfg.id)),
-            cfg.mqtt.host.clone(),
-            cfg.mqtt.port,
-        );
-        opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keepalive_secs))
-            .set_max_packet_size(cfg.mqtt.max_packet_bytes, cfg.mqtt.max_packet_bytes)
-            .set_request_channel_capacity(cfg.mqtt.request_channel);
-        if let Some(user) = &cfg.mqtt.username {
-            let pw = cfg
+        let client_id = cfg
+            .mqtt
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("edgewatch-{}", cfg.id));
+        let password = match &cfg.mqtt.username {
+            Some(_) => cfg
                 .mqtt
                 .resolve_password()
-                .map_err(AggregatorError::Secret)?;
-            opts.set_credentials(user.clone(), pw.unwrap_or_default());
-        }
+                .map_err(AggregatorError::Secret)?,
+            None => None,
+        };
+        // Every broker address, primary first; the poll loop moves to the next one on failure.
+        let addresses: Vec<MqttOptions> = cfg
+            .mqtt
+            .addresses()
+            .into_iter()
+            .map(|(host, port)| {
+                let mut opts = MqttOptions::new(client_id.clone(), host, port);
+                opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keepalive_secs))
+                    .set_max_packet_size(cfg.mqtt.max_packet_bytes, cfg.mqtt.max_packet_bytes)
+                    .set_request_channel_capacity(cfg.mqtt.request_channel);
+                if let Some(user) = &cfg.mqtt.username {
+                    opts.set_credentials(user.clone(), password.clone().unwrap_or_default());
+                }
+                opts
+            })
+            .collect();
+        let opts = addresses[0].clone(); // addresses() always starts with the primary
         let (client, mut eventloop) = AsyncClient::new(opts, cfg.mqtt.request_channel);
         eventloop.network_options.set_tcp_nodelay(true);
         let filters = consumer::filters(&Topics::new(&cfg.prefix), shared.owned.iter().copied());
@@ -151,6 +162,7 @@ impl Aggregator {
         let acks = shared.cfg.state.dir.is_some().then(|| client.clone());
         let poll = tokio::spawn(consumer::poll_loop(
             eventloop,
+            addresses,
             client,
             filters,
             shared.clone(),

@@ -38,6 +38,9 @@ pub struct MqttLink {
     /// Capacity of the client's request channel (publishes queued towards the socket).
     #[serde(default = "default_request_channel")]
     pub request_channel: usize,
+    /// Further brokers (`host:port`), tried in turn after `host:port` whenever the current one fails.
+    #[serde(default)]
+    pub alternates: Vec<String>,
 }
 
 fn default_host() -> String {
@@ -68,6 +71,7 @@ impl Default for MqttLink {
             keepalive_secs: default_keepalive_secs(),
             max_packet_bytes: default_max_packet_bytes(),
             request_channel: default_request_channel(),
+            alternates: Vec::new(),
         }
     }
 }
@@ -82,6 +86,7 @@ impl fmt::Debug for MqttLink {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("password_env", &self.password_env)
             .field("keepalive_secs", &self.keepalive_secs)
+            .field("alternates", &self.alternates)
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +113,13 @@ impl MqttLink {
                 self.max_packet_bytes
             ));
         }
+        for (i, a) in self.alternates.iter().enumerate() {
+            if parse_address(a).is_none() {
+                out.push(format!(
+                    "alternates[{i}]: expected host:port with a port in 1..=65535, got {a:?}"
+                ));
+            }
+        }
         if self.request_channel == 0 {
             out.push("request_channel: must be > 0, got 0".to_string());
         }
@@ -118,6 +130,13 @@ impl MqttLink {
             out.push("username: required when a password is set".to_string());
         }
         out
+    }
+
+    /// Every broker address in the order they are tried: `host:port`, then the alternates.
+    pub fn addresses(&self) -> Vec<(String, u16)> {
+        std::iter::once((self.host.clone(), self.port))
+            .chain(self.alternates.iter().filter_map(|a| parse_address(a)))
+            .collect()
     }
 
     /// The password, read from `password_env` when set. Errors name the variable, never its value.
@@ -132,9 +151,42 @@ impl MqttLink {
     }
 }
 
+/// `host:port` (IPv6 hosts in brackets) with a port in 1..=65535.
+fn parse_address(a: &str) -> Option<(String, u16)> {
+    let (host, port) = a.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    (!host.is_empty()).then(|| (host.to_string(), port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alternates_follow_the_primary_and_bad_ones_are_named() {
+        let link = MqttLink {
+            alternates: vec!["10.0.0.2:1884".into(), "[::1]:1885".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            link.addresses(),
+            vec![
+                ("127.0.0.1".to_string(), 1883),
+                ("10.0.0.2".to_string(), 1884),
+                ("::1".to_string(), 1885)
+            ]
+        );
+        let bad = MqttLink {
+            alternates: vec!["nohost".into(), "h:0".into()],
+            ..Default::default()
+        };
+        let p = bad.problems();
+        assert!(
+            p[0].starts_with("alternates[0]:") && p[1].starts_with("alternates[1]:"),
+            "{p:?}"
+        );
+    }
 
     #[test]
     fn debug_output_hides_the_password() {

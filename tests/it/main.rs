@@ -9,5 +9,6 @@ mod configs;
 mod dashboard;
 mod e2e;
 mod eval_nab;
+mod failover;
 mod interop;
 mod restart;
