@@ -51,8 +51,8 @@ struct Params {
     detector_name: &'static str,
     threshold: f64,
     rearm_below: f64,
-    window_size_ms: i64,
-    allowed_lateness_ms: i64,
+    /// A fresh window set for a new series (validated once, cloned per series).
+    windows: TumblingWindows,
     idle_timeout_ms: i64,
     partitions: u32,
     max_payload_bytes: usize,
@@ -99,6 +99,8 @@ impl Pipeline {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let threshold = cfg.threshold();
+        let windows = TumblingWindows::new(cfg.window.size_ms, cfg.window.allowed_lateness_ms)
+            .map_err(|e| AgentError::Config(vec![format!("window.{e}")]))?;
         Ok(Self {
             params: Params {
                 agent: cfg.id.as_str().into(),
@@ -106,8 +108,7 @@ impl Pipeline {
                 prototype,
                 threshold,
                 rearm_below: threshold * cfg.anomaly.rearm_ratio,
-                window_size_ms: cfg.window.size_ms,
-                allowed_lateness_ms: cfg.window.allowed_lateness_ms,
+                windows,
                 idle_timeout_ms: cfg.window.idle_timeout_ms,
                 partitions: cfg.uplink.partitions,
                 max_payload_bytes: cfg.pipeline.max_payload_bytes,
@@ -276,8 +277,7 @@ impl Table {
                 if self.series.len() >= p.max_series {
                     return Err(IngestError::TooManySeries { max: p.max_series });
                 }
-                let windows = TumblingWindows::new(p.window_size_ms, p.allowed_lateness_ms)
-                    .map_err(|_| IngestError::TooManySeries { max: 0 })?; // validated in Pipeline::new
+                let windows = p.windows.clone(); // validated in Pipeline::new
                 let s = Series {
                     device: r.device.into(),
                     metric: r.metric.into(),

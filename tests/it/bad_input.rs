@@ -66,18 +66,21 @@ async fn bad_messages_are_counted_and_good_readings_still_flow() {
     ];
     let mut good = 0u64;
     let mut ts = 1_767_225_600_000i64;
+    let publish_good = async |ts: &mut i64| {
+        *ts += 1000;
+        client
+            .publish(
+                "sensors/d1/temp",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"ts":{ts},"value":20.5}}"#),
+            )
+            .await
+            .unwrap();
+    };
     for (topic, payload, _) in &bad {
         for _ in 0..3 {
-            ts += 1000;
-            client
-                .publish(
-                    "sensors/d1/temp",
-                    QoS::AtLeastOnce,
-                    false,
-                    format!(r#"{{"ts":{ts},"value":20.5}}"#),
-                )
-                .await
-                .unwrap();
+            publish_good(&mut ts).await;
             good += 1;
         }
         client
@@ -85,16 +88,7 @@ async fn bad_messages_are_counted_and_good_readings_still_flow() {
             .await
             .unwrap();
     }
-    ts += 1000;
-    client
-        .publish(
-            "sensors/d1/temp",
-            QoS::AtLeastOnce,
-            false,
-            format!(r#"{{"ts":{ts},"value":20.5}}"#),
-        )
-        .await
-        .unwrap();
+    publish_good(&mut ts).await;
     good += 1;
 
     let bad_count = bad.len() as u64;

@@ -121,11 +121,13 @@ impl HoppingWindows {
 
     /// Moves the watermark to `watermark_ms` (never backwards) and closes the windows it passes.
     pub fn advance(&mut self, watermark_ms: i64, emit: &mut impl FnMut(WindowAggregate)) {
-        if watermark_ms <= self.watermark_ms {
+        let Some(horizon) = super::raise_watermark(
+            &mut self.watermark_ms,
+            watermark_ms,
+            self.allowed_lateness_ms,
+        ) else {
             return;
-        }
-        self.watermark_ms = watermark_ms;
-        let horizon = watermark_ms.saturating_sub(self.allowed_lateness_ms);
+        };
         // Same size, so sorted by start is sorted by end: the closable ones are a prefix.
         super::emit_closed(&mut self.open, horizon, emit);
         self.closed_until_ms = self.closed_until_ms.max(horizon);

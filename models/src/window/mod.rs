@@ -27,6 +27,16 @@ pub(crate) fn check_lateness(allowed_lateness_ms: i64) -> Result<(), crate::Mode
     Ok(())
 }
 
+/// Moves a watermark forward (never back) and returns the new closing horizon — the watermark minus
+/// the allowed lateness — or `None` when the watermark did not move.
+pub(crate) fn raise_watermark(current: &mut i64, to: i64, allowed_lateness_ms: i64) -> Option<i64> {
+    if to <= *current {
+        return None;
+    }
+    *current = to;
+    Some(to.saturating_sub(allowed_lateness_ms))
+}
+
 /// Hands every window of `open` (sorted by end) that ends at or before `horizon` to `emit`.
 pub(crate) fn emit_closed(
     open: &mut Vec<WindowAggregate>,

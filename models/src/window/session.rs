@@ -101,11 +101,13 @@ impl SessionWindows {
 
     /// Moves the watermark to `watermark_ms` (never backwards) and closes the sessions it passes.
     pub fn advance(&mut self, watermark_ms: i64, emit: &mut impl FnMut(WindowAggregate)) {
-        if watermark_ms <= self.watermark_ms {
+        let Some(horizon) = super::raise_watermark(
+            &mut self.watermark_ms,
+            watermark_ms,
+            self.allowed_lateness_ms,
+        ) else {
             return;
-        }
-        self.watermark_ms = watermark_ms;
-        let horizon = watermark_ms.saturating_sub(self.allowed_lateness_ms);
+        };
         let n = self.open.iter().take_while(|w| w.end_ms <= horizon).count();
         for w in self.open.drain(..n) {
             self.last_closed_end_ms = self.last_closed_end_ms.max(w.end_ms);

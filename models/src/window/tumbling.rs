@@ -87,11 +87,13 @@ impl TumblingWindows {
 
     /// Moves the watermark to `watermark_ms` (never backwards) and closes the windows it passes.
     pub fn advance(&mut self, watermark_ms: i64, emit: &mut impl FnMut(WindowAggregate)) {
-        if watermark_ms <= self.watermark_ms {
+        let Some(horizon) = super::raise_watermark(
+            &mut self.watermark_ms,
+            watermark_ms,
+            self.allowed_lateness_ms,
+        ) else {
             return;
-        }
-        self.watermark_ms = watermark_ms;
-        let horizon = watermark_ms.saturating_sub(self.allowed_lateness_ms);
+        };
         super::emit_closed(&mut self.open, horizon, emit);
         // Everything ending at or before the horizon is closed, whether or not it had readings.
         let aligned = horizon.saturating_sub(horizon.rem_euclid(self.size_ms));
