@@ -203,13 +203,15 @@ fn apply(
                 return Ok(());
             }
             let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.note_floor(agent, partition, batch.acked);
             for r in &batch.records {
                 // The durable copy first: a store error leaves the lane unacknowledged.
                 store.put_window(partition, &r.item).map_err(|e| {
                     m.store_errors_total.fetch_add(1, Relaxed);
                     format!("state store: {e}")
                 })?;
-                match state.apply_summary(agent, partition, r.seq, &r.item) {
+                state.note_seq(agent, partition, r.seq, r.prev_seq());
+                match state.apply_window(partition, &r.item) {
                     Applied::New => m.summaries_applied_total.fetch_add(1, Relaxed),
                     Applied::Revised => m.summaries_revised_total.fetch_add(1, Relaxed),
                     Applied::Duplicate | Applied::Expired => {
@@ -235,11 +237,13 @@ fn apply(
                     batch.agent, batch.partition
                 ));
             }
+            let acked = batch.acked;
             for r in batch.records {
                 shared
                     .metrics
                     .anomalies_received_total
                     .fetch_add(1, Relaxed);
+                let prev = r.prev_seq();
                 let event = r.item;
                 if !event.score.is_finite() {
                     return Err(format!("event {} has a non-finite score", event.id));
@@ -248,7 +252,8 @@ fn apply(
                 if owned {
                     // Events share the lane's seqs with summaries: the owner's acks must cover both.
                     let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-                    state.note_seq(agent, partition, r.seq);
+                    state.note_floor(agent, partition, acked);
+                    state.note_seq(agent, partition, r.seq, prev);
                     if let Some(seq) = state.lane_seq(agent, partition) {
                         store.put_lane_seq(agent, partition, seq).map_err(|e| {
                             shared.metrics.store_errors_total.fetch_add(1, Relaxed);

@@ -158,8 +158,12 @@ impl Aggregator {
 
         let cancel = CancellationToken::new();
         let (tx, rx) = mpsc::channel(4096);
-        // Acks promise durability: only a persistent store may send them.
-        let acks = shared.cfg.state.dir.is_some().then(|| client.clone());
+        // Acks release the agents' outbox records. With a store they follow its flush; without one
+        // the state lives in memory and acks follow the apply (an aggregator restart then loses it).
+        if shared.cfg.state.dir.is_none() {
+            tracing::warn!(aggregator = %shared.cfg.id, "no state.dir: state is kept in memory only and acknowledged on apply; a restart loses it (set state.dir for durable state)");
+        }
+        let acks = Some(client.clone());
         let poll = tokio::spawn(consumer::poll_loop(
             eventloop,
             addresses,

@@ -46,16 +46,58 @@ pub struct DeviceState {
 }
 
 /// How far a lane (agent, partition) has been applied without a hole.
+///
+/// Senders may leave seqs out for good (merged into a coarser summary or evicted under disk
+/// pressure), so every record names the seq before it that the sender still holds (`prev`): a record
+/// whose `prev` is already covered extends the covered range to its own seq, whatever lies between.
 #[derive(Debug, Default)]
 struct LaneProgress {
-    /// Every seq up to and including this one has been applied: what may be acknowledged.
+    /// Every seq up to and including this one has been applied or will never come: what may be
+    /// acknowledged.
     contiguous: u64,
-    /// Seqs applied beyond a hole, waiting for it to fill (the sender resends from the last ack).
-    ahead: std::collections::BTreeSet<u64>,
+    /// Records applied beyond a hole as (prev, seq), waiting for `contiguous` to reach their prev.
+    ahead: std::collections::BTreeSet<(u64, u64)>,
 }
 
-/// Seqs kept beyond a hole per lane; past this the hole is treated as lost for good and skipped,
-/// so a lane whose sender will never resend cannot grow without bound.
+impl LaneProgress {
+    fn note(&mut self, seq: u64, prev: u64) {
+        if seq <= self.contiguous {
+            return;
+        }
+        if prev > self.contiguous {
+            self.ahead.insert((prev, seq));
+            if self.ahead.len() > MAX_AHEAD {
+                // Forget the record furthest from the covered range: it was applied (idempotently)
+                // and the sender resends it after its ack timeout.
+                self.ahead.pop_last();
+            }
+            return;
+        }
+        self.contiguous = seq;
+        self.absorb();
+    }
+
+    fn raise_to(&mut self, floor: u64) {
+        if floor > self.contiguous {
+            self.contiguous = floor;
+            self.absorb();
+        }
+    }
+
+    /// Takes in every waiting record whose prev is now covered (each one at most once).
+    fn absorb(&mut self) {
+        while let Some(&(prev, seq)) = self.ahead.first() {
+            if prev > self.contiguous {
+                break;
+            }
+            self.ahead.pop_first();
+            self.contiguous = self.contiguous.max(seq);
+        }
+    }
+}
+
+/// Records kept beyond a hole per lane; past this the furthest ones are forgotten (and resent by the
+/// sender), so a lane whose hole never fills cannot grow without bound.
 const MAX_AHEAD: usize = 100_000;
 
 /// All devices of the partitions one aggregator owns.
@@ -75,7 +117,8 @@ impl FleetState {
         }
     }
 
-    /// Applies one summary of lane (`agent`, `partition`) with its `seq`.
+    /// Applies one summary of lane (`agent`, `partition`) with its `seq`, taking the seq before
+    /// it as its prev (a sender that skips nothing).
     pub fn apply_summary(
         &mut self,
         agent: &str,
@@ -83,7 +126,12 @@ impl FleetState {
         seq: u64,
         s: &WindowSummary,
     ) -> Applied {
-        self.note_seq(agent, partition, seq);
+        self.note_seq(agent, partition, seq, seq.saturating_sub(1));
+        self.apply_window(partition, s)
+    }
+
+    /// Applies one summary of a device of `partition` (lane progress is noted separately).
+    pub fn apply_window(&mut self, partition: u32, s: &WindowSummary) -> Applied {
         let device = self.devices.entry(s.device.clone()).or_default();
         device.partition = partition;
         let series = device.metrics.entry(s.metric.clone()).or_default();
@@ -129,30 +177,23 @@ impl FleetState {
         }
     }
 
-    /// Records that `seq` of a lane was applied (summaries and anomaly events share a lane's seqs).
-    /// A lane seen for the first time starts right before its first seq: senders resend from their
-    /// last acknowledged record, so the first one an owner sees is the oldest it must cover.
-    pub fn note_seq(&mut self, agent: &str, partition: u32, seq: u64) {
-        let lane = self
-            .lanes
-            .entry((agent.to_string(), partition))
-            .or_insert_with(|| LaneProgress {
-                contiguous: seq.saturating_sub(1),
-                ahead: Default::default(),
-            });
-        if seq <= lane.contiguous {
-            return;
-        }
-        lane.ahead.insert(seq);
-        while lane.ahead.first() == Some(&(lane.contiguous + 1)) {
-            lane.ahead.pop_first();
-            lane.contiguous += 1;
-        }
-        if lane.ahead.len() > MAX_AHEAD {
-            if let Some(next) = lane.ahead.pop_first() {
-                lane.contiguous = next;
-            }
-        }
+    /// Records that `seq` of a lane was applied, `prev` being the seq before it that the sender
+    /// still held (see [`Sequenced::prev_seq`]). Summaries and anomaly events share a lane's seqs.
+    ///
+    /// [`Sequenced::prev_seq`]: edgewatch_models::wire::Sequenced::prev_seq
+    pub fn note_seq(&mut self, agent: &str, partition: u32, seq: u64, prev: u64) {
+        self.lane(agent, partition).note(seq, prev);
+    }
+
+    /// Records the sender's acknowledged seq of a lane (carried by every batch): nothing at or below
+    /// it will be sent again, so an owner that has never seen the lane (or lost its store) does not
+    /// wait for it. Also how a restart restores the lanes from the store.
+    pub fn note_floor(&mut self, agent: &str, partition: u32, floor: u64) {
+        self.lane(agent, partition).raise_to(floor);
+    }
+
+    fn lane(&mut self, agent: &str, partition: u32) -> &mut LaneProgress {
+        self.lanes.entry((agent.to_string(), partition)).or_default()
     }
 
     /// Highest seq of a lane up to which everything has been applied (what an ack may cover).
@@ -259,21 +300,54 @@ mod tests {
     fn lane_progress_stops_at_a_hole_until_it_fills() {
         let mut st = FleetState::new(10);
         for seq in [1, 2, 4, 5] {
-            st.note_seq("a", 0, seq);
+            st.note_seq("a", 0, seq, seq - 1);
         }
         assert_eq!(st.lane_seq("a", 0), Some(2), "3 is missing");
-        st.note_seq("a", 0, 3);
+        st.note_seq("a", 0, 3, 2);
         assert_eq!(st.lane_seq("a", 0), Some(5));
-        st.note_seq("a", 0, 2);
+        st.note_seq("a", 0, 2, 1);
         assert_eq!(st.lane_seq("a", 0), Some(5), "replays change nothing");
     }
 
     #[test]
-    fn a_new_lane_starts_at_its_first_seq() {
+    fn a_new_lane_starts_at_the_senders_floor() {
         let mut st = FleetState::new(10);
-        st.note_seq("b", 3, 41);
-        assert_eq!(st.lane_seq("b", 3), Some(41));
+        st.note_seq("b", 3, 42, 41);
+        assert_eq!(st.lane_seq("b", 3), Some(0), "41 and below may still come");
+        st.note_floor("b", 3, 41);
+        assert_eq!(st.lane_seq("b", 3), Some(42));
+        st.note_floor("b", 3, 7);
+        assert_eq!(st.lane_seq("b", 3), Some(42), "a lower floor changes nothing");
         assert_eq!(st.lane_seq("b", 4), None);
+    }
+
+    #[test]
+    fn seqs_the_sender_skipped_do_not_hold_the_lane_back() {
+        let mut st = FleetState::new(10);
+        st.note_seq("a", 0, 1, 0);
+        // 2..=4 merged or evicted by the sender: 5 names 1 as its prev.
+        st.note_seq("a", 0, 5, 1);
+        assert_eq!(st.lane_seq("a", 0), Some(5));
+        // Out of order: 9 (prev 7) waits for 7, which comes with prev 5.
+        st.note_seq("a", 0, 9, 7);
+        assert_eq!(st.lane_seq("a", 0), Some(5));
+        st.note_seq("a", 0, 7, 5);
+        assert_eq!(st.lane_seq("a", 0), Some(9));
+        // A record resent with a newer prev (its old prev was evicted meanwhile) unblocks the lane.
+        st.note_seq("a", 0, 12, 11);
+        st.note_seq("a", 0, 12, 9);
+        assert_eq!(st.lane_seq("a", 0), Some(12));
+    }
+
+    #[test]
+    fn the_wait_list_is_bounded_by_forgetting_the_furthest() {
+        let mut lane = LaneProgress::default();
+        for seq in 2..(MAX_AHEAD as u64 + 10) {
+            lane.note(seq, seq - 1);
+        }
+        assert_eq!(lane.ahead.len(), MAX_AHEAD);
+        lane.note(1, 0);
+        assert_eq!(lane.contiguous, MAX_AHEAD as u64 + 1, "forgotten ones are resent later");
     }
 
     proptest! {

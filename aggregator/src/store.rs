@@ -516,16 +516,11 @@ impl StateStore for SledStore {
     }
 }
 
-/// Rebuilds the in-memory state after a restart from a store's snapshot, through the public API of
-/// [`FleetState`] (so `state.rs` stays untouched).
+/// Rebuilds the in-memory state after a restart from a store's snapshot: every kept window, and
+/// every lane at its stored seq.
 ///
-/// Limits, until `FleetState` gets a restoring constructor:
-/// - the cumulative counters (`windows_applied`, `readings`) cover the kept windows only, not
-///   windows evicted before the restart; anomaly counters start at zero;
-/// - a lane is restored by re-applying a window of its partition (a duplicate, so nothing else
-///   changes); a lane whose partition has no stored window is not restored (acks should come from
-///   [`StateStore::lane_seqs`] anyway);
-/// - windows of a partition without any lane are applied under the agent id `""` with seq 0.
+/// Limit: the cumulative counters (`windows_applied`, `readings`) cover the kept windows only, not
+/// windows dropped for `windows_per_series` before the restart; anomaly counters start at zero.
 pub fn rebuild(snapshot: Snapshot, windows_per_series: usize) -> FleetState {
     let mut st = FleetState::new(windows_per_series);
     let mut lanes_of: HashMap<u32, Vec<(String, u64)>> = HashMap::new();
@@ -537,21 +532,12 @@ pub fn rebuild(snapshot: Snapshot, windows_per_series: usize) -> FleetState {
     windows.sort_by(|(_, a), (_, b)| {
         (&a.device, &a.metric, a.start_ms).cmp(&(&b.device, &b.metric, b.start_ms))
     });
-    let mut sample: HashMap<u32, usize> = HashMap::new();
-    for (i, (partition, w)) in windows.iter().enumerate() {
-        let (agent, seq) = lanes_of
-            .get(partition)
-            .and_then(|l| l.first())
-            .map_or(("", 0), |(a, s)| (a.as_str(), *s));
-        st.apply_summary(agent, *partition, seq, w);
-        sample.entry(*partition).or_insert(i);
+    for (partition, w) in &windows {
+        st.apply_window(*partition, w);
     }
     for (partition, lanes) in &lanes_of {
-        if let Some(&i) = sample.get(partition) {
-            for (agent, seq) in lanes {
-                // In bounds: `i` came from enumerating `windows`.
-                st.apply_summary(agent, *partition, *seq, &windows[i].1);
-            }
+        for (agent, seq) in lanes {
+            st.note_floor(agent, *partition, *seq);
         }
     }
     st
@@ -819,8 +805,8 @@ mod tests {
     #[test]
     fn rebuild_gives_the_fleet_state_of_applying_the_same_deliveries_directly() {
         let mut deliveries = Vec::new();
-        let mut seq = 0;
         for (d, p) in [("pump/1", 3), ("fan 2", 5)] {
+            let mut seq = 0; // one lane per partition
             for m in ["temp", "rpm"] {
                 for (start, rev) in [(0, 0), (10, 0), (0, 1), (20, 0), (10, 0)] {
                     seq += 1;

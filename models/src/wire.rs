@@ -69,6 +69,11 @@ pub struct AnomalyEvent {
 pub struct Sequenced<T> {
     /// Monotonically increasing per lane, starting at 1.
     pub seq: u64,
+    /// The seq of the record before this one that the sender still holds (or its lane's acked seq):
+    /// seqs between `prev` and `seq` were merged into other records or evicted and will never come.
+    /// Absent means `seq - 1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<u64>,
     /// The payload.
     #[serde(flatten)]
     pub item: T,
@@ -83,6 +88,17 @@ pub struct Batch<T> {
     pub partition: u32,
     /// Records in seq order.
     pub records: Vec<Sequenced<T>>,
+    /// The lane's acknowledged seq when sent: an owner seeing the lane for the first time (a new or
+    /// wiped store) need not wait for anything at or below it — those records are gone from the sender.
+    #[serde(default)]
+    pub acked: u64,
+}
+
+impl<T> Sequenced<T> {
+    /// The seq an owner must have applied before this record makes the lane contiguous.
+    pub fn prev_seq(&self) -> u64 {
+        self.prev.unwrap_or(self.seq.saturating_sub(1))
+    }
 }
 
 /// Cumulative acknowledgement of one lane: everything up to and including `upto_seq` is durable.
@@ -287,20 +303,40 @@ mod tests {
         let b = Batch {
             agent: "a".into(),
             partition: 1,
-            records: vec![Sequenced {
-                seq: 1,
-                item: Ack {
-                    partition: 1,
-                    upto_seq: 2,
+            records: vec![
+                Sequenced {
+                    seq: 1,
+                    prev: None,
+                    item: Ack {
+                        partition: 1,
+                        upto_seq: 2,
+                    },
                 },
-            }],
+                Sequenced {
+                    seq: 5,
+                    prev: Some(1),
+                    item: Ack {
+                        partition: 1,
+                        upto_seq: 3,
+                    },
+                },
+            ],
+            acked: 0,
         };
         let json = serde_json::to_string(&b).unwrap();
         assert!(
-            json.contains(r#""records":[{"seq":1,"partition":1,"upto_seq":2}]"#),
+            json.contains(r#""records":[{"seq":1,"partition":1,"upto_seq":2},{"seq":5,"prev":1,"#),
             "{json}"
         );
         let back: Batch<Ack> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, b);
+        assert_eq!(back.records[0].prev_seq(), 0);
+        assert_eq!(back.records[1].prev_seq(), 1);
+        // Senders without the newer fields are still understood.
+        let old: Batch<Ack> = serde_json::from_str(
+            r#"{"agent":"a","partition":1,"records":[{"seq":3,"partition":1,"upto_seq":2}]}"#,
+        )
+        .unwrap();
+        assert_eq!((old.acked, old.records[0].prev_seq()), (0, 2));
     }
 }

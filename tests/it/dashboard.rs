@@ -46,8 +46,10 @@ async fn dashboard_shows_feed_events_in_a_real_browser() {
         partition: 3,
         records: vec![Sequenced {
             seq: 1,
+            prev: None,
             item: event,
         }],
+        acked: 0,
     };
     client
         .publish(

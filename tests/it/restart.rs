@@ -93,6 +93,7 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
     let records: Vec<_> = (0..20)
         .map(|i| Sequenced {
             seq: i as u64 + 1,
+            prev: None,
             item: summary(device, i),
         })
         .collect();
@@ -105,6 +106,7 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
                     agent: "gw-r".to_string(),
                     partition,
                     records: chunk.to_vec(),
+                    acked: 0,
                 };
                 client
                     .publish(
@@ -189,8 +191,10 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
         partition,
         records: vec![Sequenced {
             seq: 21,
+            prev: None,
             item: event,
         }],
+        acked: 0,
     };
     client
         .publish(
@@ -209,6 +213,7 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
     .await;
     send(vec![Sequenced {
         seq: 23,
+        prev: None,
         item: summary(device, 21),
     }])
     .await;
@@ -220,6 +225,7 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
     );
     send(vec![Sequenced {
         seq: 22,
+        prev: None,
         item: summary(device, 20),
     }])
     .await;
