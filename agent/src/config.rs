@@ -31,6 +31,54 @@ pub struct AgentConfig {
     /// Internal queue sizes and overload policy.
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// Durable state on the gateway: outbox and checkpoints.
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// Where and how the agent keeps its durable state (outbox and pipeline checkpoints, one sled
+/// database).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Directory of the sled database. Without it the outbox lives in a temporary database: nothing
+    /// survives a restart.
+    #[serde(default)]
+    pub dir: Option<std::path::PathBuf>,
+    /// How often open windows, watermarks and detector state are checkpointed.
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
+    /// When sensor readings are acknowledged to the source broker.
+    #[serde(default)]
+    pub ack_mode: AckMode,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            checkpoint_interval_ms: default_checkpoint_interval_ms(),
+            ack_mode: AckMode::default(),
+        }
+    }
+}
+
+fn default_checkpoint_interval_ms() -> u64 {
+    1000
+}
+
+/// When the agent acknowledges sensor readings to the source broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// On receipt: a kill -9 loses the readings since the last checkpoint (estimated and reported
+    /// on restart).
+    #[default]
+    OnReceipt,
+    /// QoS 1 on a persistent session, acknowledged only once a checkpoint covers the reading: the
+    /// broker redelivers what a crash lost, so nothing is lost. Needs `state.dir`, and a broker that
+    /// allows as many unacknowledged messages in flight as arrive in one checkpoint interval.
+    AfterCheckpoint,
 }
 
 /// The sensor-side MQTT link and subscriptions.
@@ -187,6 +235,27 @@ pub struct UplinkConfig {
     /// Longest a summary waits for its batch to fill.
     #[serde(default = "default_batch_max_delay_ms")]
     pub batch_max_delay_ms: u64,
+    /// Disk budget of the outbox (key + value bytes of stored records). When full, normal summaries
+    /// are first merged into coarser windows, then the oldest evicted; anomaly events never.
+    #[serde(default = "default_max_outbox_bytes")]
+    pub max_outbox_bytes: u64,
+    /// A summary with a highest score below this may be merged when the outbox is full; by default
+    /// the anomaly threshold (a window that raised no anomaly is normal).
+    #[serde(default)]
+    pub coarsen_below_score: Option<f64>,
+    /// Resend a lane from its last ack when no ack came for this long (doubles per miss, capped).
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    /// Most records of one lane published and not yet acknowledged.
+    #[serde(default = "default_max_unacked_records")]
+    pub max_unacked_records: u64,
+    /// Pace of the backlog drain after an outage or restart, records per second (live records are
+    /// published at once regardless).
+    #[serde(default = "default_drain_records_per_sec")]
+    pub drain_records_per_sec: u64,
+    /// How long a shutdown waits for the owners' acks (stops early once they stall for 2 s).
+    #[serde(default = "default_shutdown_wait_ms")]
+    pub shutdown_wait_ms: u64,
 }
 
 impl Default for UplinkConfig {
@@ -198,6 +267,12 @@ impl Default for UplinkConfig {
             qos: default_uplink_qos(),
             batch_max_records: default_batch_max_records(),
             batch_max_delay_ms: default_batch_max_delay_ms(),
+            max_outbox_bytes: default_max_outbox_bytes(),
+            coarsen_below_score: None,
+            ack_timeout_ms: default_ack_timeout_ms(),
+            max_unacked_records: default_max_unacked_records(),
+            drain_records_per_sec: default_drain_records_per_sec(),
+            shutdown_wait_ms: default_shutdown_wait_ms(),
         }
     }
 }
@@ -216,6 +291,21 @@ fn default_batch_max_records() -> usize {
 }
 fn default_batch_max_delay_ms() -> u64 {
     500
+}
+fn default_max_outbox_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_ack_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_unacked_records() -> u64 {
+    10_000
+}
+fn default_drain_records_per_sec() -> u64 {
+    5_000
+}
+fn default_shutdown_wait_ms() -> u64 {
+    10_000
 }
 
 /// Tumbling event-time windows.
@@ -339,6 +429,7 @@ impl AgentConfig {
             detector: DetectorConfig::default(),
             anomaly: AnomalyConfig::default(),
             pipeline: PipelineConfig::default(),
+            state: StateConfig::default(),
         }
     }
 
@@ -424,6 +515,37 @@ impl AgentConfig {
         }
         if self.uplink.batch_max_records == 0 {
             out.push("uplink.batch_max_records: must be > 0, got 0".into());
+        }
+        for (field, v) in [
+            ("max_outbox_bytes", self.uplink.max_outbox_bytes),
+            ("ack_timeout_ms", self.uplink.ack_timeout_ms),
+            ("max_unacked_records", self.uplink.max_unacked_records),
+            ("drain_records_per_sec", self.uplink.drain_records_per_sec),
+        ] {
+            if v == 0 {
+                out.push(format!("uplink.{field}: must be > 0, got 0"));
+            }
+        }
+        if let Some(c) = self.uplink.coarsen_below_score {
+            if !(0.0..=1.0).contains(&c) {
+                out.push(format!(
+                    "uplink.coarsen_below_score: must be in [0, 1], got {c}"
+                ));
+            }
+        }
+        if self.state.checkpoint_interval_ms == 0 {
+            out.push("state.checkpoint_interval_ms: must be > 0, got 0".into());
+        }
+        if self.state.ack_mode == AckMode::AfterCheckpoint {
+            if self.state.dir.is_none() {
+                out.push("state.ack_mode: after_checkpoint needs state.dir (checkpoints must survive a crash)".into());
+            }
+            if self.source.qos != 1 {
+                out.push(format!(
+                    "state.ack_mode: after_checkpoint needs source.qos 1, got {}",
+                    self.source.qos
+                ));
+            }
         }
         if let Err(e) = edgewatch_models::window::TumblingWindows::new(
             self.window.size_ms,

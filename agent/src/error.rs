@@ -127,4 +127,10 @@ pub enum AgentError {
     /// A required secret could not be resolved.
     #[error("{0}")]
     Secret(String),
+    /// The outbox (state.dir) could not be opened or read.
+    #[error("outbox: {0}")]
+    Outbox(#[from] crate::outbox::OutboxError),
+    /// A thread or task of the agent could not be started.
+    #[error("{0}")]
+    Io(String),
 }

@@ -17,7 +17,9 @@ pub use config::AgentConfig;
 pub use error::{AgentError, IngestError};
 pub use telemetry::AgentMetrics;
 
+use edgewatch_models::wire::{AckBatch, Topics};
 use mqtt::LinkEvent;
+use outbox::{Outbox, OutboxConfig};
 use pipeline::Pipeline;
 use rumqttc::{AsyncClient, QoS};
 use std::collections::HashMap;
@@ -76,10 +78,12 @@ impl Agent {
         up_loop.network_options.set_tcp_nodelay(true);
 
         let (msg_tx, mut msg_rx) = mpsc::channel::<rumqttc::Publish>(cfg.pipeline.queue_capacity);
-        let (out_tx, out_rx) = mpsc::channel::<Vec<pipeline::Output>>(64);
+        let (out_tx, out_rx) = mpsc::channel::<uplink::ToUplink>(64);
+        let (note_tx, note_rx) = mpsc::unbounded_channel::<uplink::LinkNote>();
         let stop_source = CancellationToken::new();
         let stop_uplink = CancellationToken::new();
         let when_full = cfg.pipeline.when_full;
+        let outbox = open_outbox(&cfg).await?;
 
         tracing::info!(agent = %cfg.id, filters = ?filters, broker = %format!("{}:{}", cfg.source.mqtt.host, cfg.source.mqtt.port), "agent starting");
 
@@ -114,7 +118,7 @@ impl Agent {
                                     }
                                 }
                             },
-                            LinkEvent::PubAck => {}
+                            LinkEvent::PubAck | LinkEvent::Disconnected => {}
                         }
                     }
                 })
@@ -149,14 +153,15 @@ impl Agent {
                         _ = tick.tick() => pipeline.tick(),
                     }
                     let out = pipeline.take_outputs();
-                    if !out.is_empty() && out_tx.send(out).await.is_err() {
+                    if !out.is_empty() && out_tx.send(uplink::ToUplink::Outputs(out)).await.is_err()
+                    {
                         break;
                     }
                 }
                 pipeline.flush();
                 let out = pipeline.take_outputs();
                 if !out.is_empty() {
-                    let _ = out_tx.send(out).await;
+                    let _ = out_tx.send(uplink::ToUplink::Outputs(out)).await;
                 }
             })
         };
@@ -170,19 +175,60 @@ impl Agent {
             let metrics = metrics.clone();
             let cancel = stop_uplink.clone();
             let acked = acked.clone();
+            let client = up_client.clone();
+            let acks_topic = Topics::new(&cfg.uplink.prefix).acks(&cfg.id);
+            let agent = cfg.id.clone();
             tokio::spawn(async move {
                 mqtt::poll_loop(up_loop, up_opts, "uplink", &metrics, cancel, |ev| {
-                    if matches!(ev, LinkEvent::PubAck) {
-                        acked.fetch_add(1, Relaxed);
+                    match ev {
+                        LinkEvent::PubAck => {
+                            acked.fetch_add(1, Relaxed);
+                        }
+                        LinkEvent::Connected => {
+                            if let Err(e) = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce) {
+                                tracing::error!(topic = %acks_topic, error = %e, "subscribe request failed");
+                            }
+                            let _ = note_tx.send(uplink::LinkNote::Up);
+                        }
+                        LinkEvent::Disconnected => {
+                            let _ = note_tx.send(uplink::LinkNote::Down);
+                        }
+                        LinkEvent::Publish(p) => match serde_json::from_slice::<AckBatch>(&p.payload) {
+                            Ok(batch) => {
+                                let _ = note_tx.send(uplink::LinkNote::Acks(batch));
+                            }
+                            Err(e) => {
+                                metrics.bad_acks_total.fetch_add(1, Relaxed);
+                                tracing::warn!(agent = %agent, topic = %p.topic, error = %e, "malformed ack message ignored");
+                            }
+                        },
                     }
                     async {}
                 })
                 .await;
             })
         };
-        let uplink = tokio::spawn(
-            uplink::Uplink::new(&cfg, metrics.clone(), sent.clone()).run(out_rx, up_client.clone()),
-        );
+        let uplink = {
+            let up =
+                uplink::Uplink::new(uplink_settings(&cfg), outbox, metrics.clone(), sent.clone());
+            let client = up_client.clone();
+            // sled calls block: the uplink owns the outbox on a thread of its own.
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name(format!("uplink-{}", cfg.id))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(up.run(out_rx, note_rx, client)),
+                        Err(e) => tracing::error!(error = %e, "could not start the uplink runtime"),
+                    }
+                    let _ = done_tx.send(());
+                })
+                .map_err(|e| AgentError::Io(format!("could not start the uplink thread: {e}")))?;
+            done_rx
+        };
 
         shutdown.await;
         tracing::info!(agent = %cfg.id, "agent stopping: draining open windows and pending publishes");
@@ -197,7 +243,7 @@ impl Agent {
             }
             let missing = sent.load(Relaxed).saturating_sub(acked.load(Relaxed));
             if missing > 0 {
-                tracing::warn!(agent = %cfg.id, missing, "uplink publishes not acknowledged within 10 s of shutdown");
+                tracing::warn!(agent = %cfg.id, missing, "uplink publishes not acknowledged by the broker within 10 s of shutdown");
             }
         }
         // Everything is queued in the client; a Disconnect behind it ends the poll loop once written.
@@ -208,12 +254,55 @@ impl Agent {
             .await
             .is_err()
         {
-            tracing::warn!(agent = %cfg.id, "uplink did not flush within 5 s; pending records dropped");
+            tracing::warn!(agent = %cfg.id, "uplink did not flush within 5 s");
             stop_uplink.cancel();
         }
         tracing::info!(agent = %cfg.id, "agent stopped");
         Ok(())
     }
+}
+
+fn uplink_settings(cfg: &AgentConfig) -> uplink::UplinkSettings {
+    let u = &cfg.uplink;
+    uplink::UplinkSettings {
+        agent: cfg.id.clone(),
+        topics: Topics::new(&u.prefix),
+        qos: qos(u.qos),
+        batch_max: u.batch_max_records,
+        max_delay: Duration::from_millis(u.batch_max_delay_ms),
+        ack_timeout: Duration::from_millis(u.ack_timeout_ms),
+        max_unacked: u.max_unacked_records,
+        drain_rate: u.drain_records_per_sec as f64,
+        shutdown_wait: Duration::from_millis(u.shutdown_wait_ms),
+    }
+}
+
+/// Opens the outbox in `state.dir`, or a temporary one (logged) when there is none.
+async fn open_outbox(cfg: &AgentConfig) -> Result<Outbox, AgentError> {
+    let ocfg = OutboxConfig {
+        max_outbox_bytes: cfg.uplink.max_outbox_bytes,
+        normal_score_below: cfg
+            .uplink
+            .coarsen_below_score
+            .unwrap_or_else(|| cfg.threshold()),
+    };
+    let dir = cfg.state.dir.clone();
+    let agent = cfg.id.clone();
+    let opened = tokio::task::spawn_blocking(move || match &dir {
+        Some(dir) => Outbox::open(dir, ocfg),
+        None => {
+            tracing::warn!(agent = %agent, "no state.dir: the outbox is temporary, so a restart loses what was not yet acknowledged");
+            Outbox::open_temporary(ocfg)
+        }
+    })
+    .await
+    .map_err(|e| AgentError::Io(format!("outbox open task failed: {e}")))?;
+    let outbox = opened.map_err(AgentError::Outbox)?;
+    let pending: usize = outbox.lanes().iter().map(|&p| outbox.len(p)).sum();
+    if pending > 0 {
+        tracing::info!(agent = %cfg.id, records = pending, bytes = outbox.bytes(), "outbox holds records from before the restart; resending them");
+    }
+    Ok(outbox)
 }
 
 /// Runs an agent with `cfg` until `shutdown` resolves.

@@ -47,6 +47,8 @@ pub(crate) enum LinkEvent {
     Publish(rumqttc::Publish),
     /// The broker acknowledged a QoS 1 publish.
     PubAck,
+    /// The connection failed; the loop backs off and reconnects.
+    Disconnected,
 }
 
 /// Polls `eventloop` until `cancel` or until our own Disconnect has been sent, calling `on_event` for what matters; backs off after errors.
@@ -87,6 +89,7 @@ pub(crate) async fn poll_loop<F, Fut>(
             Ok(_) => {}
             Err(e) => {
                 metrics.connection_errors_total.fetch_add(1, Relaxed);
+                on_event(LinkEvent::Disconnected).await;
                 let delay = backoff.next_delay_ms();
                 if addresses.len() > 1 {
                     // Try the next broker of the list on the next attempt.

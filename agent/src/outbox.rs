@@ -31,6 +31,7 @@
 //! `max_outbox_bytes`, the outbox reclaims space down to [`RECLAIM_TARGET_PERCENT`] of the budget (the
 //! headroom keeps reclaiming rare instead of once per append):
 //! 1. **Coarsen.** Within a lane, the *normal* summaries (`max_score < normal_score_below`, revision 0)
+//!    never handed to the network (see below)
 //!    of one series (device + metric), taken in seq order, form runs where each window's `end_ms` equals
 //!    the next one's `start_ms`. Runs are merged oldest first (by first seq, then partition) until the
 //!    target is met; a run becomes one summary with the start of the first window, the end of the last,
@@ -46,10 +47,14 @@
 //! the append is counted in [`OutboxStats::over_budget`]. A summary appended in that state is evicted
 //! at once (it is the only thing that can go).
 //!
-//! Caveat for the uplink: merging renumbers nothing but deletes the later seqs of a run. The owner skips
-//! seqs it already applied, so a run that was *partly* delivered but not yet acked loses the
-//! undelivered part of the run at that owner. Coarsening only happens when the uplink has been
-//! failing long enough to fill the disk, when little is in flight.
+//! # Exposure and skipped seqs
+//! A record handed to the network may have reached its owner even if it was never acked; merging it
+//! into a coarser window would make the owner count its readings twice. So the uplink marks what it
+//! is about to publish with [`Outbox::expose`] (persisted with the flush that precedes the publish),
+//! and only never-exposed records are coarsened. Exposed records are bounded by the uplink's unacked
+//! window, so under a long outage nearly the whole backlog stays coarsenable. Merging and eviction
+//! leave holes in a lane's seqs; [`Outbox::prev_of`] gives, for each record sent, the seq before it
+//! that the lane still holds, which the owner uses to know no record is missing in between.
 
 use edgewatch_models::stats::RunningStats;
 use edgewatch_models::wire::{AnomalyEvent, WindowSummary};
@@ -64,6 +69,8 @@ pub const RECLAIM_TARGET_PERCENT: u64 = 90;
 
 const RECORDS_TREE: &str = "records";
 const META_TREE: &str = "meta";
+const CHECKPOINT_TREE: &str = "checkpoint";
+const CHECKPOINT_KEY: &[u8] = b"pipeline";
 
 /// Settings of an [`Outbox`].
 #[derive(Debug, Clone, PartialEq)]
@@ -206,12 +213,15 @@ pub struct Outbox {
     db: sled::Db,
     records: sled::Tree,
     meta: sled::Tree,
+    checkpoints: sled::Tree,
     lanes: BTreeMap<u32, Lane>,
     bytes: u64,
     summaries: u64,
     stats: OutboxStats,
     /// Whether the last append left anomaly events alone above the budget (logged on the transition).
     over_budget_now: bool,
+    /// When eviction was last logged (rate limit).
+    last_evict_log: Option<std::time::Instant>,
 }
 
 /// In-memory index of one lane.
@@ -219,6 +229,9 @@ pub struct Outbox {
 struct Lane {
     acked: u64,
     next: u64,
+    /// Highest seq ever handed to the network (persisted): records up to it may have reached an
+    /// owner, so they are never merged into coarser summaries (an owner would count them twice).
+    exposed: u64,
     slots: BTreeMap<u64, Slot>,
 }
 
@@ -227,6 +240,7 @@ impl Default for Lane {
         Self {
             acked: 0,
             next: 1,
+            exposed: 0,
             slots: BTreeMap::new(),
         }
     }
@@ -361,19 +375,45 @@ impl Outbox {
             source,
         };
         let db = open_db(path).map_err(open_err)?;
+        Self::with_db(db, path, cfg)
+    }
+
+    /// An outbox in a temporary sled database, deleted when dropped: the same behaviour without
+    /// durability (an agent without `state.dir`).
+    pub fn open_temporary(cfg: OutboxConfig) -> Result<Outbox, OutboxError> {
+        let path = Path::new("(temporary outbox)");
+        let db = sled::Config::new()
+            .temporary(true)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| OutboxError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Self::with_db(db, path, cfg)
+    }
+
+    fn with_db(db: sled::Db, path: &Path, cfg: OutboxConfig) -> Result<Outbox, OutboxError> {
+        let open_err = |source| OutboxError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
         let records = db.open_tree(RECORDS_TREE).map_err(open_err)?;
         let meta = db.open_tree(META_TREE).map_err(open_err)?;
+        let checkpoints = db.open_tree(CHECKPOINT_TREE).map_err(open_err)?;
         let mut outbox = Outbox {
             path: path.to_path_buf(),
             cfg,
             db,
             records,
             meta,
+            checkpoints,
             lanes: BTreeMap::new(),
             bytes: 0,
             summaries: 0,
             stats: OutboxStats::default(),
             over_budget_now: false,
+            last_evict_log: None,
         };
         outbox.load()?;
         Ok(outbox)
@@ -400,18 +440,25 @@ impl Outbox {
             let partition = <[u8; 4]>::try_from(k.as_ref())
                 .map(u32::from_be_bytes)
                 .map_err(|_| malformed(format!("key must be 4 bytes, got {}", k.len())))?;
-            let (acked, next) = <[u8; 16]>::try_from(v.as_ref())
-                .map(|b| {
-                    let (a, n) = b.split_at(8);
-                    // Both halves are 8 bytes by construction.
-                    let a = u64::from_be_bytes(a.try_into().unwrap_or([0; 8]));
-                    let n = u64::from_be_bytes(n.try_into().unwrap_or([0; 8]));
-                    (a, n)
-                })
-                .map_err(|_| malformed(format!("value must be 16 bytes, got {}", v.len())))?;
+            // acked, next and (since exposure tracking) exposed, 8 bytes each, big endian.
+            if v.len() != 16 && v.len() != 24 {
+                return Err(malformed(format!(
+                    "value must be 16 or 24 bytes, got {}",
+                    v.len()
+                )));
+            }
+            let word = |i: usize| {
+                v.get(i * 8..i * 8 + 8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_be_bytes)
+            };
+            let (acked, next) = (word(0), word(1));
+            // A 16-byte value predates exposure tracking: everything stored may have been sent.
+            let exposed = if v.len() == 24 { word(2) } else { u64::MAX };
             let lane = self.lanes.entry(partition).or_default();
             lane.acked = acked;
             lane.next = next.max(acked.saturating_add(1)).max(1);
+            lane.exposed = exposed;
         }
         let mut leftovers = Vec::new();
         for item in self.records.iter() {
@@ -494,9 +541,11 @@ impl Outbox {
     }
 
     fn put_meta_values(&self, partition: u32, acked: u64, next: u64) -> Result<(), OutboxError> {
-        let mut v = [0u8; 16];
+        let exposed = self.lanes.get(&partition).map_or(0, |l| l.exposed);
+        let mut v = [0u8; 24];
         v[..8].copy_from_slice(&acked.to_be_bytes());
-        v[8..].copy_from_slice(&next.to_be_bytes());
+        v[8..16].copy_from_slice(&next.to_be_bytes());
+        v[16..].copy_from_slice(&exposed.to_be_bytes());
         self.meta
             .insert(partition.to_be_bytes(), &v)
             .map_err(self.storage(format!("write meta of partition {partition}")))?;
@@ -603,6 +652,64 @@ impl Outbox {
         self.lanes.get(&partition).map_or(1, |l| l.next)
     }
 
+    /// The seq before `seq` that lane `partition` still holds, or its acked seq when there is none:
+    /// what a receiver must have before `seq` makes the lane contiguous (the wire's `prev`).
+    pub fn prev_of(&self, partition: u32, seq: u64) -> u64 {
+        let Some(lane) = self.lanes.get(&partition) else {
+            return 0;
+        };
+        lane.slots
+            .range(..seq)
+            .next_back()
+            .map_or(lane.acked, |(&s, _)| s.max(lane.acked))
+    }
+
+    /// Marks every record of lane `partition` up to `upto_seq` as handed to the network: from now on
+    /// they are never coarsened. Written to sled, durable with the next [`Outbox::flush`] — which
+    /// must come before the publish.
+    pub fn expose(&mut self, partition: u32, upto_seq: u64) -> Result<(), OutboxError> {
+        let lane = self.lanes.entry(partition).or_default();
+        if upto_seq <= lane.exposed {
+            return Ok(());
+        }
+        lane.exposed = upto_seq;
+        self.put_meta(partition)
+    }
+
+    /// Highest seq of lane `partition` handed to the network so far (see [`Outbox::expose`]).
+    pub fn exposed_seq(&self, partition: u32) -> u64 {
+        self.lanes.get(&partition).map_or(0, |l| l.exposed)
+    }
+
+    /// Number of records stored (not yet acknowledged) in lane `partition`.
+    pub fn len(&self, partition: u32) -> usize {
+        self.lanes.get(&partition).map_or(0, |l| l.slots.len())
+    }
+
+    /// Whether no lane holds a record.
+    pub fn is_empty(&self) -> bool {
+        self.lanes.values().all(|l| l.slots.is_empty())
+    }
+
+    /// Stores the agent's pipeline checkpoint in the same database, so that one [`Outbox::flush`]
+    /// makes a checkpoint and every record appended before it durable together (sled recovers a
+    /// prefix of its writes): a recovered checkpoint never covers a window whose summary was lost.
+    pub fn put_checkpoint(&mut self, bytes: &[u8]) -> Result<(), OutboxError> {
+        self.checkpoints
+            .insert(CHECKPOINT_KEY, bytes)
+            .map_err(self.storage("write checkpoint"))?;
+        Ok(())
+    }
+
+    /// The last stored checkpoint, if any.
+    pub fn checkpoint(&self) -> Result<Option<Vec<u8>>, OutboxError> {
+        Ok(self
+            .checkpoints
+            .get(CHECKPOINT_KEY)
+            .map_err(self.storage("read checkpoint"))?
+            .map(|v| v.to_vec()))
+    }
+
     /// Key + value bytes of the stored records.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -643,7 +750,8 @@ impl Outbox {
         let mut runs = Vec::new();
         for (&partition, lane) in &self.lanes {
             let mut open: HashMap<u64, (i64, Vec<u64>)> = HashMap::new();
-            for (&seq, slot) in &lane.slots {
+            let never_sent = lane.exposed.saturating_add(1);
+            for (&seq, slot) in lane.slots.range(never_sent..) {
                 let SlotKind::Summary {
                     series,
                     start_ms,
@@ -794,7 +902,15 @@ impl Outbox {
                 self.stats.evicted_readings += count;
             }
         }
-        tracing::warn!(path = %self.path.display(), evicted_total = self.stats.evicted, "outbox full: evicted the oldest summaries");
+        let now = std::time::Instant::now();
+        if self
+            .last_evict_log
+            .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(10))
+        {
+            self.last_evict_log = Some(now);
+            tracing::warn!(path = %self.path.display(), evicted_total = self.stats.evicted, evicted_readings_total = self.stats.evicted_readings,
+                "outbox full: evicting the oldest summaries (logged at most every 10 s)");
+        }
         Ok(())
     }
 

@@ -35,6 +35,36 @@ pub struct AgentMetrics {
     pub event_lag_ms: AtomicI64,
     /// Messages waiting in the queue between the MQTT poll loop and the pipeline.
     pub queue_depth: AtomicU64,
+    /// Whether the uplink is connected (1) or not (0).
+    pub uplink_connected: AtomicU64,
+    /// Records stored in the outbox, waiting for their owner's ack.
+    pub outbox_records: AtomicU64,
+    /// Bytes stored in the outbox.
+    pub outbox_bytes: AtomicU64,
+    /// Outbox records acknowledged by their owners (and removed).
+    pub outbox_acked_total: AtomicU64,
+    /// Summaries merged into coarser ones to fit the disk budget.
+    pub outbox_coarsened_total: AtomicU64,
+    /// Summaries evicted to fit the disk budget.
+    pub outbox_evicted_total: AtomicU64,
+    /// Readings covered by the evicted summaries.
+    pub outbox_evicted_readings_total: AtomicU64,
+    /// Appends after which anomaly events alone kept the outbox over its budget.
+    pub outbox_over_budget_total: AtomicU64,
+    /// Outbox flushes (one per round, never per record).
+    pub outbox_flushes_total: AtomicU64,
+    /// Outbox operations that failed (disk errors); logged.
+    pub outbox_errors_total: AtomicU64,
+    /// Ack messages received from owners.
+    pub acks_received_total: AtomicU64,
+    /// Go-back-N resends after an ack timeout.
+    pub resends_total: AtomicU64,
+    /// Backlog records published by the paced drain.
+    pub drained_records_total: AtomicU64,
+    /// Pipeline checkpoints stored.
+    pub checkpoints_total: AtomicU64,
+    /// Messages on the acks topic that could not be decoded (ignored).
+    pub bad_acks_total: AtomicU64,
 }
 
 impl AgentMetrics {
@@ -89,6 +119,45 @@ impl AgentMetrics {
                 "edgewatch_agent_connection_errors_total",
                 &self.connection_errors_total,
             ),
+            (
+                "edgewatch_agent_outbox_acked_total",
+                &self.outbox_acked_total,
+            ),
+            (
+                "edgewatch_agent_outbox_coarsened_total",
+                &self.outbox_coarsened_total,
+            ),
+            (
+                "edgewatch_agent_outbox_evicted_total",
+                &self.outbox_evicted_total,
+            ),
+            (
+                "edgewatch_agent_outbox_evicted_readings_total",
+                &self.outbox_evicted_readings_total,
+            ),
+            (
+                "edgewatch_agent_outbox_over_budget_total",
+                &self.outbox_over_budget_total,
+            ),
+            (
+                "edgewatch_agent_outbox_flushes_total",
+                &self.outbox_flushes_total,
+            ),
+            (
+                "edgewatch_agent_outbox_errors_total",
+                &self.outbox_errors_total,
+            ),
+            (
+                "edgewatch_agent_acks_received_total",
+                &self.acks_received_total,
+            ),
+            ("edgewatch_agent_resends_total", &self.resends_total),
+            (
+                "edgewatch_agent_drained_records_total",
+                &self.drained_records_total,
+            ),
+            ("edgewatch_agent_checkpoints_total", &self.checkpoints_total),
+            ("edgewatch_agent_bad_acks_total", &self.bad_acks_total),
         ];
         for (name, c) in counters {
             let _ = writeln!(
@@ -115,6 +184,17 @@ impl AgentMetrics {
             "# TYPE edgewatch_agent_queue_depth gauge\nedgewatch_agent_queue_depth{{agent=\"{agent}\"}} {}",
             self.queue_depth.load(Relaxed)
         );
+        for (name, g) in [
+            ("edgewatch_agent_uplink_connected", &self.uplink_connected),
+            ("edgewatch_agent_outbox_records", &self.outbox_records),
+            ("edgewatch_agent_outbox_bytes", &self.outbox_bytes),
+        ] {
+            let _ = writeln!(
+                out,
+                "# TYPE {name} gauge\n{name}{{agent=\"{agent}\"}} {}",
+                g.load(Relaxed)
+            );
+        }
         let _ = writeln!(
             out,
             "# TYPE edgewatch_agent_event_lag_ms gauge\nedgewatch_agent_event_lag_ms{{agent=\"{agent}\"}} {}",

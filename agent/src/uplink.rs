@@ -1,143 +1,491 @@
-//! Shipping pipeline outputs to the cloud broker: anomaly events at once, summaries batched per
-//! partition lane, every record numbered with its lane's seq.
+//! Shipping pipeline outputs to the partition owners through the durable outbox.
 //!
-//! Durability (outbox, acks, resend) is not here yet: a record handed to the MQTT client is
-//! considered sent. The lane seqs are already on the wire so aggregators can spot gaps.
+//! Every summary and anomaly event is appended to the [`Outbox`] (one lane per partition, seqs from
+//! 1), flushed, and only then published; it stays in the outbox until its lane's owner acknowledges
+//! it on `{prefix}/acks/{agent}`. The uplink runs on its own thread because sled calls block.
+//!
+//! **Flush policy.** Appends are flushed in rounds: at once when an anomaly event is appended (its
+//! latency matters), otherwise when `batch_max_records` records are waiting or the oldest has waited
+//! `batch_max_delay_ms`, and with every checkpoint. One sled flush per round, never per record.
+//!
+//! **Sending.** Per lane, a cursor says up to which seq everything was published on this connection.
+//! Records appended while the lane is caught up are published at once and move the cursor. After a
+//! reconnect, an ack timeout (go-back-N: the cursor returns to the acked seq, with the timeout
+//! doubling per consecutive miss, capped, with jitter) or a restart, the lane has a backlog: it is
+//! drained in seq order at `drain_records_per_sec` with at most `max_unacked_records` in flight,
+//! while newly appended records are still published at once (live) — the owner applies them out of
+//! order and acks the lane only when the prev chain is complete. Nothing is published while the link
+//! is down: the pipeline keeps detecting and the outbox keeps buffering.
 
+use crate::outbox::{Outbox, OutboxStats, Record};
 use crate::pipeline::Output;
 use crate::telemetry::AgentMetrics;
-use edgewatch_models::wire::{AnomalyEvent, Batch, Sequenced, Topics, WindowSummary};
+use edgewatch_models::wire::{AckBatch, AnomalyEvent, Batch, Sequenced, Topics, WindowSummary};
 use rumqttc::{AsyncClient, QoS};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-/// Batching and numbering state of the uplink.
+/// What the pipeline hands to the uplink.
+pub(crate) enum ToUplink {
+    /// Outputs of one pipeline batch, in order.
+    Outputs(Vec<Output>),
+    /// A pipeline checkpoint covering every output sent before it: stored in the outbox database,
+    /// flushed together with those outputs, then `done` is signalled.
+    #[allow(dead_code)] // sent by the checkpointing pipeline (next step)
+    Checkpoint {
+        bytes: Vec<u8>,
+        done: Option<oneshot::Sender<()>>,
+    },
+}
+
+/// What the uplink's MQTT poll loop reports.
+pub(crate) enum LinkNote {
+    /// Connected (again).
+    Up,
+    /// The connection failed; reconnecting.
+    Down,
+    /// Acks from an owner.
+    Acks(AckBatch),
+}
+
+/// Settings of the uplink, copied from the agent configuration.
+pub(crate) struct UplinkSettings {
+    pub agent: String,
+    pub topics: Topics,
+    pub qos: QoS,
+    pub batch_max: usize,
+    pub max_delay: Duration,
+    pub ack_timeout: Duration,
+    pub max_unacked: u64,
+    pub drain_rate: f64,
+    /// How long shutdown waits for outstanding acks (stopping early once they stall).
+    pub shutdown_wait: Duration,
+}
+
+/// Longest ack timeout after repeated misses.
+const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Shutdown stops waiting for acks when none came for this long.
+const SHUTDOWN_STALL: Duration = Duration::from_secs(2);
+
+/// Send state of one lane on the current connection.
+#[derive(Debug)]
+struct LaneSend {
+    /// Every record with a seq up to this one was published on this connection (or is acked).
+    cursor: u64,
+    /// Records beyond the cursor already published out of order (live ones during a drain).
+    live: BTreeSet<u64>,
+    /// Last time the lane's ack moved (or the wait for it started).
+    last_progress: Instant,
+    /// Consecutive ack timeouts (the next timeout doubles with each).
+    misses: u32,
+}
+
+/// The uplink: owner of the outbox.
 pub(crate) struct Uplink {
-    agent: String,
-    topics: Topics,
-    qos: QoS,
-    batch_max: usize,
-    max_delay: Duration,
-    next_seq: HashMap<u32, u64>,
-    pending: HashMap<u32, (Instant, Vec<Sequenced<WindowSummary>>)>,
+    s: UplinkSettings,
+    outbox: Outbox,
+    lanes: BTreeMap<u32, LaneSend>,
+    connected: bool,
+    /// Records appended since the last round, by lane (published at once when the lane is caught up).
+    fresh: BTreeMap<u32, Vec<(u64, Record)>>,
+    /// Outbox counters when `fresh` started: if coarsening or eviction ran since, `fresh` is stale.
+    fresh_stats: OutboxStats,
+    unflushed: usize,
+    oldest_unflushed: Option<Instant>,
+    urgent: bool,
+    tokens: f64,
+    refilled: Instant,
+    last_ack: Instant,
     metrics: Arc<AgentMetrics>,
-    /// Publishes handed to the client (QoS 1: each one will be acknowledged).
+    /// Publishes handed to the client (QoS 1: each one will be acknowledged by the broker).
     sent: Arc<AtomicU64>,
 }
 
 impl Uplink {
     pub(crate) fn new(
-        cfg: &crate::AgentConfig,
+        s: UplinkSettings,
+        outbox: Outbox,
         metrics: Arc<AgentMetrics>,
         sent: Arc<AtomicU64>,
     ) -> Self {
-        Self {
-            agent: cfg.id.clone(),
-            topics: Topics::new(&cfg.uplink.prefix),
-            qos: if cfg.uplink.qos == 0 {
-                QoS::AtMostOnce
-            } else {
-                QoS::AtLeastOnce
-            },
-            batch_max: cfg.uplink.batch_max_records,
-            max_delay: Duration::from_millis(cfg.uplink.batch_max_delay_ms),
-            next_seq: HashMap::new(),
-            pending: HashMap::new(),
+        let now = Instant::now();
+        let up = Self {
+            s,
+            fresh_stats: outbox.stats(),
+            outbox,
+            lanes: BTreeMap::new(),
+            connected: false,
+            fresh: BTreeMap::new(),
+            unflushed: 0,
+            oldest_unflushed: None,
+            urgent: false,
+            tokens: 0.0,
+            refilled: now,
+            last_ack: now,
             metrics,
             sent,
-        }
+        };
+        up.update_gauges();
+        up
     }
 
-    fn seq(&mut self, partition: u32) -> u64 {
-        let s = self.next_seq.entry(partition).or_insert(1);
-        let seq = *s;
-        *s += 1;
-        seq
-    }
-
-    /// Runs until `rx` closes, then flushes every pending batch.
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Vec<Output>>, client: AsyncClient) {
-        let mut tick = tokio::time::interval(self.max_delay.max(Duration::from_millis(10)) / 2);
+    /// Runs until `rx` closes, then publishes what is left and waits (bounded) for its acks.
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<ToUplink>,
+        mut notes: mpsc::UnboundedReceiver<LinkNote>,
+        client: AsyncClient,
+    ) {
+        let period =
+            (self.s.max_delay / 2).clamp(Duration::from_millis(5), Duration::from_millis(100));
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                batch = rx.recv() => match batch {
-                    Some(outputs) => {
-                        for o in outputs {
-                            self.accept(o, &client).await;
+                msg = rx.recv() => match msg {
+                    Some(ToUplink::Outputs(outputs)) => self.append(outputs),
+                    Some(ToUplink::Checkpoint { bytes, done }) => {
+                        match self.outbox.put_checkpoint(&bytes) {
+                            Ok(()) => {
+                                self.round(&client).await;
+                                self.metrics.checkpoints_total.fetch_add(1, Relaxed);
+                                if let Some(done) = done {
+                                    let _ = done.send(());
+                                }
+                            }
+                            Err(e) => {
+                                // `done` is dropped: the pipeline keeps the readings unacknowledged.
+                                self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
+                                tracing::error!(agent = %self.s.agent, error = %e, "checkpoint not stored");
+                            }
                         }
                     }
                     None => break,
                 },
-                _ = tick.tick() => self.flush_due(&client, false).await,
-            }
-        }
-        self.flush_due(&client, true).await;
-    }
-
-    async fn accept(&mut self, output: Output, client: &AsyncClient) {
-        match output {
-            Output::Anomaly { partition, event } => {
-                let seq = self.seq(partition);
-                let batch: Batch<AnomalyEvent> = Batch {
-                    agent: self.agent.clone(),
-                    partition,
-                    records: vec![Sequenced { seq, item: event }],
-                };
-                let topic = self.topics.anomalies(partition, &self.agent);
-                if self.publish(client, topic, &batch).await {
-                    self.metrics.anomalies_published_total.fetch_add(1, Relaxed);
+                Some(note) = notes.recv() => self.on_note(note),
+                _ = tick.tick() => {
+                    self.check_timeouts();
+                    self.round(&client).await;
+                    continue;
                 }
             }
-            Output::Summary { partition, summary } => {
-                let seq = self.seq(partition);
-                let full = {
-                    let (_, records) = self
-                        .pending
-                        .entry(partition)
-                        .or_insert_with(|| (Instant::now(), Vec::new()));
-                    records.push(Sequenced { seq, item: summary });
-                    records.len() >= self.batch_max
-                };
-                if full {
-                    self.send_lane(client, partition).await;
+            if self.due() {
+                self.round(&client).await;
+            }
+        }
+        self.round(&client).await;
+        self.wait_for_acks(&mut notes, &client).await;
+    }
+
+    fn due(&self) -> bool {
+        self.urgent
+            || self.unflushed >= self.s.batch_max
+            || self
+                .oldest_unflushed
+                .is_some_and(|t| t.elapsed() >= self.s.max_delay)
+    }
+
+    fn append(&mut self, outputs: Vec<Output>) {
+        for o in outputs {
+            let (partition, record) = match o {
+                Output::Summary { partition, summary } => (partition, Record::Summary(summary)),
+                Output::Anomaly { partition, event } => {
+                    self.urgent = true;
+                    (partition, Record::Anomaly(event))
+                }
+            };
+            match self.outbox.append(partition, record.clone()) {
+                Ok(seq) => {
+                    self.fresh.entry(partition).or_default().push((seq, record));
+                    self.unflushed += 1;
+                    self.oldest_unflushed.get_or_insert_with(Instant::now);
+                }
+                Err(e) => {
+                    // Only a failing disk or a non-finite number (which the pipeline never makes)
+                    // gets here; the record is lost and counted.
+                    self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
+                    tracing::error!(agent = %self.s.agent, partition, error = %e, "record not stored in the outbox; dropped");
                 }
             }
         }
     }
 
-    async fn flush_due(&mut self, client: &AsyncClient, all: bool) {
+    fn on_note(&mut self, note: LinkNote) {
+        match note {
+            LinkNote::Up => {
+                self.connected = true;
+                self.metrics.uplink_connected.store(1, Relaxed);
+                let now = Instant::now();
+                // Go back to the acked seq of every lane: whatever was in flight may be lost.
+                for (&p, lane) in &mut self.lanes {
+                    lane.cursor = self.outbox.acked_seq(p);
+                    lane.live.clear();
+                    lane.last_progress = now;
+                }
+            }
+            LinkNote::Down => {
+                self.connected = false;
+                self.metrics.uplink_connected.store(0, Relaxed);
+            }
+            LinkNote::Acks(batch) => {
+                self.metrics.acks_received_total.fetch_add(1, Relaxed);
+                for ack in batch.acks {
+                    let before = self.outbox.acked_seq(ack.partition);
+                    match self.outbox.ack(ack.partition, ack.upto_seq) {
+                        Ok(_) if ack.upto_seq > before => {
+                            self.last_ack = Instant::now();
+                            if let Some(lane) = self.lanes.get_mut(&ack.partition) {
+                                lane.cursor = lane.cursor.max(ack.upto_seq);
+                                lane.live = lane.live.split_off(&(ack.upto_seq + 1));
+                                lane.last_progress = Instant::now();
+                                lane.misses = 0;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
+                            tracing::error!(agent = %self.s.agent, partition = ack.partition, error = %e, "ack not applied to the outbox; the records will be resent");
+                        }
+                    }
+                }
+                self.update_gauges();
+            }
+        }
+    }
+
+    fn timeout_for(&self, partition: u32, misses: u32) -> Duration {
+        let base = self.s.ack_timeout.saturating_mul(1 << misses.min(6));
+        let base = base.min(MAX_ACK_TIMEOUT);
+        // Up to +25 % jitter, different per lane and attempt, so agents do not resend in lockstep.
+        let h = xxhash_rust::xxh3::xxh3_64(
+            &[
+                partition.to_le_bytes(),
+                misses.to_le_bytes(),
+                std::process::id().to_le_bytes(),
+            ]
+            .concat(),
+        );
+        base + base.mul_f64((h % 1000) as f64 / 4000.0)
+    }
+
+    fn check_timeouts(&mut self) {
         let now = Instant::now();
-        let due: Vec<u32> = self
-            .pending
-            .iter()
-            .filter(|(_, (since, r))| {
-                !r.is_empty() && (all || now.duration_since(*since) >= self.max_delay)
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        for p in due {
-            self.send_lane(client, p).await;
+        let mut expired = Vec::new();
+        for (&p, lane) in &self.lanes {
+            let acked = self.outbox.acked_seq(p);
+            let outstanding =
+                self.outbox.len(p) > 0 && (lane.cursor > acked || !lane.live.is_empty());
+            if outstanding
+                && now.duration_since(lane.last_progress) >= self.timeout_for(p, lane.misses)
+            {
+                expired.push((p, acked));
+            }
+        }
+        for (p, acked) in expired {
+            if let Some(lane) = self.lanes.get_mut(&p) {
+                tracing::debug!(agent = %self.s.agent, partition = p, from_seq = acked + 1, misses = lane.misses + 1, "ack timeout; resending the lane from its last ack");
+                lane.cursor = acked;
+                lane.live.clear();
+                lane.last_progress = now;
+                lane.misses += 1;
+                self.metrics.resends_total.fetch_add(1, Relaxed);
+            }
         }
     }
 
-    async fn send_lane(&mut self, client: &AsyncClient, partition: u32) {
-        let Some((_, records)) = self.pending.remove(&partition) else {
-            return;
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let dt = now.duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        // At most one second of budget accumulates.
+        self.tokens = (self.tokens + dt * self.s.drain_rate).min(self.s.drain_rate.max(1.0));
+    }
+
+    /// Flushes what was appended and publishes what each lane may send now.
+    async fn round(&mut self, client: &AsyncClient) {
+        let fresh = std::mem::take(&mut self.fresh);
+        let stats = self.outbox.stats();
+        let fresh_valid = stats.coarsened == self.fresh_stats.coarsened
+            && stats.evicted == self.fresh_stats.evicted;
+        self.fresh_stats = stats;
+        let plan = if self.connected {
+            self.plan(fresh, fresh_valid)
+        } else {
+            BTreeMap::new()
         };
-        let n = records.len() as u64;
-        let batch = Batch {
-            agent: self.agent.clone(),
-            partition,
-            records,
-        };
-        let topic = self.topics.summaries(partition, &self.agent);
-        if self.publish(client, topic, &batch).await {
-            self.metrics.summaries_published_total.fetch_add(n, Relaxed);
+        for (&p, records) in &plan {
+            if let Some((seq, _, _)) = records.last() {
+                if let Err(e) = self.outbox.expose(p, *seq) {
+                    self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
+                    tracing::error!(agent = %self.s.agent, error = %e, "outbox write failed; not publishing");
+                    return;
+                }
+            }
+        }
+        if self.unflushed > 0 || !plan.is_empty() {
+            if let Err(e) = self.outbox.flush() {
+                // Nothing is published unflushed; the next round tries again.
+                self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
+                tracing::error!(agent = %self.s.agent, error = %e, "outbox flush failed; not publishing until it succeeds");
+                return;
+            }
+            self.metrics.outbox_flushes_total.fetch_add(1, Relaxed);
+        }
+        self.unflushed = 0;
+        self.oldest_unflushed = None;
+        self.urgent = false;
+        for (p, records) in plan {
+            self.publish_lane(client, p, records).await;
+        }
+        self.update_gauges();
+    }
+
+    /// What to publish per lane now: (seq, prev, record) in seq order.
+    fn plan(
+        &mut self,
+        fresh: BTreeMap<u32, Vec<(u64, Record)>>,
+        fresh_valid: bool,
+    ) -> BTreeMap<u32, Vec<(u64, u64, Record)>> {
+        self.refill();
+        let now = Instant::now();
+        let mut plan: BTreeMap<u32, Vec<(u64, u64, Record)>> = BTreeMap::new();
+        let mut fresh = if fresh_valid { fresh } else { BTreeMap::new() };
+        for p in self.outbox.lanes() {
+            if self.outbox.len(p) == 0 {
+                continue;
+            }
+            let acked = self.outbox.acked_seq(p);
+            let lane = self.lanes.entry(p).or_insert_with(|| LaneSend {
+                cursor: acked,
+                live: BTreeSet::new(),
+                last_progress: now,
+                misses: 0,
+            });
+            let was_idle = lane.cursor <= acked && lane.live.is_empty();
+            lane.cursor = lane.cursor.max(acked);
+            let mut out = Vec::new();
+            // Live: records appended since the last round go out at once.
+            if let Some(recs) = fresh.remove(&p) {
+                let caught_up = recs
+                    .first()
+                    .is_some_and(|(first, _)| self.outbox.prev_of(p, *first) <= lane.cursor);
+                for (seq, rec) in recs {
+                    if caught_up {
+                        lane.cursor = seq;
+                    } else {
+                        lane.live.insert(seq);
+                    }
+                    out.push((seq, rec));
+                }
+            }
+            // Drain: the backlog in seq order, paced and windowed.
+            let in_flight = lane.cursor.saturating_sub(acked);
+            let room = self.s.max_unacked.saturating_sub(in_flight);
+            let budget = (self.tokens as u64).min(room) as usize;
+            let next_seq = self.outbox.next_seq(p);
+            if budget > 0 && lane.cursor + 1 < next_seq {
+                let want = budget + lane.live.len();
+                match self.outbox.pending(p, lane.cursor, want) {
+                    Ok(records) => {
+                        let exhausted = records.len() < want;
+                        let mut taken = 0usize;
+                        let mut last = lane.cursor;
+                        let mut stopped = false;
+                        for (seq, rec) in records {
+                            if taken >= budget {
+                                stopped = true;
+                                break;
+                            }
+                            last = seq;
+                            if lane.live.contains(&seq) {
+                                continue;
+                            }
+                            taken += 1;
+                            out.push((seq, rec));
+                        }
+                        if taken > 0 {
+                            self.metrics
+                                .drained_records_total
+                                .fetch_add(taken as u64, Relaxed);
+                        }
+                        self.tokens -= taken as f64;
+                        if exhausted && !stopped {
+                            // Nothing else is stored beyond: the rest of the lane's seqs are gone.
+                            last = last.max(next_seq - 1);
+                        }
+                        lane.cursor = last;
+                        lane.live = lane.live.split_off(&(last + 1));
+                    }
+                    Err(e) => {
+                        self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
+                        tracing::error!(agent = %self.s.agent, partition = p, error = %e, "outbox read failed; the lane waits for the next round");
+                    }
+                }
+            }
+            if out.is_empty() {
+                continue;
+            }
+            if was_idle {
+                lane.last_progress = now;
+            }
+            out.sort_by_key(|(seq, _)| *seq);
+            let with_prev = out
+                .into_iter()
+                .map(|(seq, rec)| (seq, self.outbox.prev_of(p, seq), rec))
+                .collect();
+            plan.insert(p, with_prev);
+        }
+        plan
+    }
+
+    async fn publish_lane(
+        &mut self,
+        client: &AsyncClient,
+        p: u32,
+        records: Vec<(u64, u64, Record)>,
+    ) {
+        let acked = self.outbox.acked_seq(p);
+        let mut summaries: Vec<Sequenced<WindowSummary>> = Vec::new();
+        let mut events: Vec<Sequenced<AnomalyEvent>> = Vec::new();
+        for (seq, prev, rec) in records {
+            let prev = (prev + 1 != seq).then_some(prev);
+            match rec {
+                Record::Summary(item) => summaries.push(Sequenced { seq, prev, item }),
+                Record::Anomaly(item) => events.push(Sequenced { seq, prev, item }),
+            }
+        }
+        if !events.is_empty() {
+            let n = events.len() as u64;
+            let batch = Batch {
+                agent: self.s.agent.clone(),
+                partition: p,
+                records: events,
+                acked,
+            };
+            let topic = self.s.topics.anomalies(p, &self.s.agent);
+            if self.publish(client, topic, &batch).await {
+                self.metrics.anomalies_published_total.fetch_add(n, Relaxed);
+            }
+        }
+        let mut rest = summaries;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(self.s.batch_max.max(1)));
+            let n = rest.len() as u64;
+            let batch = Batch {
+                agent: self.s.agent.clone(),
+                partition: p,
+                records: rest,
+                acked,
+            };
+            let topic = self.s.topics.summaries(p, &self.s.agent);
+            if self.publish(client, topic, &batch).await {
+                self.metrics.summaries_published_total.fetch_add(n, Relaxed);
+            }
+            rest = tail;
         }
     }
 
@@ -150,25 +498,83 @@ impl Uplink {
         let payload = match serde_json::to_vec(body) {
             Ok(p) => p,
             Err(e) => {
-                // Only non-finite floats could fail here, and the pipeline never produces them.
+                // Only non-finite floats could fail here, and the outbox refuses them.
                 tracing::error!(%topic, error = %e, "could not encode uplink record");
                 self.metrics.publish_errors_total.fetch_add(1, Relaxed);
                 return false;
             }
         };
         match client
-            .publish(topic.clone(), self.qos, false, payload)
+            .publish(topic.clone(), self.s.qos, false, payload)
             .await
         {
             Ok(()) => {
-                self.sent.fetch_add(1, Relaxed);
+                if self.s.qos != QoS::AtMostOnce {
+                    self.sent.fetch_add(1, Relaxed);
+                }
                 true
             }
             Err(e) => {
-                tracing::warn!(%topic, error = %e, "uplink publish failed");
+                tracing::warn!(%topic, error = %e, "uplink publish failed; the outbox resends it");
                 self.metrics.publish_errors_total.fetch_add(1, Relaxed);
                 false
             }
         }
+    }
+
+    /// After the last round: waits for the owners' acks, up to `shutdown_wait`, stopping once none
+    /// came for [`SHUTDOWN_STALL`]. Whatever stays unacknowledged stays in the outbox.
+    async fn wait_for_acks(
+        &mut self,
+        notes: &mut mpsc::UnboundedReceiver<LinkNote>,
+        client: &AsyncClient,
+    ) {
+        let deadline = Instant::now() + self.s.shutdown_wait;
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        while !self.outbox.is_empty() && Instant::now() < deadline {
+            let last = self.last_ack.max(started);
+            if last.elapsed() >= SHUTDOWN_STALL {
+                break;
+            }
+            tokio::select! {
+                Some(note) = notes.recv() => self.on_note(note),
+                _ = tick.tick() => {
+                    self.check_timeouts();
+                    self.round(client).await;
+                }
+            }
+        }
+        let left: usize = self
+            .outbox
+            .lanes()
+            .iter()
+            .map(|&p| self.outbox.len(p))
+            .sum();
+        if left > 0 {
+            tracing::info!(agent = %self.s.agent, records = left, "records not yet acknowledged stay in the outbox and are resent on the next start");
+        }
+        if let Err(e) = self.outbox.flush() {
+            tracing::error!(agent = %self.s.agent, error = %e, "final outbox flush failed");
+        }
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        let st = self.outbox.stats();
+        m.outbox_bytes.store(self.outbox.bytes(), Relaxed);
+        let records: usize = self
+            .outbox
+            .lanes()
+            .iter()
+            .map(|&p| self.outbox.len(p))
+            .sum();
+        m.outbox_records.store(records as u64, Relaxed);
+        m.outbox_coarsened_total.store(st.coarsened, Relaxed);
+        m.outbox_evicted_total.store(st.evicted, Relaxed);
+        m.outbox_evicted_readings_total
+            .store(st.evicted_readings, Relaxed);
+        m.outbox_over_budget_total.store(st.over_budget, Relaxed);
+        m.outbox_acked_total.store(st.acked, Relaxed);
     }
 }

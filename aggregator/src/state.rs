@@ -193,7 +193,9 @@ impl FleetState {
     }
 
     fn lane(&mut self, agent: &str, partition: u32) -> &mut LaneProgress {
-        self.lanes.entry((agent.to_string(), partition)).or_default()
+        self.lanes
+            .entry((agent.to_string(), partition))
+            .or_default()
     }
 
     /// Highest seq of a lane up to which everything has been applied (what an ack may cover).
@@ -317,7 +319,11 @@ mod tests {
         st.note_floor("b", 3, 41);
         assert_eq!(st.lane_seq("b", 3), Some(42));
         st.note_floor("b", 3, 7);
-        assert_eq!(st.lane_seq("b", 3), Some(42), "a lower floor changes nothing");
+        assert_eq!(
+            st.lane_seq("b", 3),
+            Some(42),
+            "a lower floor changes nothing"
+        );
         assert_eq!(st.lane_seq("b", 4), None);
     }
 
@@ -347,7 +353,11 @@ mod tests {
         }
         assert_eq!(lane.ahead.len(), MAX_AHEAD);
         lane.note(1, 0);
-        assert_eq!(lane.contiguous, MAX_AHEAD as u64 + 1, "forgotten ones are resent later");
+        assert_eq!(
+            lane.contiguous,
+            MAX_AHEAD as u64 + 1,
+            "forgotten ones are resent later"
+        );
     }
 
     proptest! {

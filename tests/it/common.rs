@@ -55,13 +55,17 @@ pub fn require(program: &str) -> PathBuf {
 impl Mosquitto {
     /// Starts mosquitto on a free port with anonymous access.
     pub fn start() -> Self {
+        Self::start_on(free_port(), "persistence false\n")
+    }
+
+    /// Starts mosquitto on `port` with anonymous access, unlimited queues and `extra` config lines.
+    pub fn start_on(port: u16, extra: &str) -> Self {
         let bin = require("mosquitto");
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n{extra}"),
         )
         .unwrap();
         let child = Command::new(bin)

@@ -11,4 +11,5 @@ mod e2e;
 mod eval_nab;
 mod failover;
 mod interop;
+mod outage;
 mod restart;
