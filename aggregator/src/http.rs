@@ -201,6 +201,7 @@ fn status(shared: &Shared) -> serde_json::Value {
         "devices": state.devices().len(),
         "readings": state.readings(),
         "lanes": state.lanes(),
+        "lane_progress": state.lane_progress(),
         "summaries_applied": m.summaries_applied_total.load(Relaxed),
         "summaries_duplicate": m.summaries_duplicate_total.load(Relaxed),
         "anomalies_received": m.anomalies_received_total.load(Relaxed),

@@ -96,6 +96,21 @@ impl LaneProgress {
     }
 }
 
+/// How far one lane has been applied, for the status API.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LaneReport {
+    /// Sending agent.
+    pub agent: String,
+    /// Partition.
+    pub partition: u32,
+    /// Everything up to this seq is applied (what acks cover).
+    pub applied_seq: u64,
+    /// Records applied beyond a hole.
+    pub waiting: usize,
+    /// The seq the first of them waits for.
+    pub waiting_for: Option<u64>,
+}
+
 /// Records kept beyond a hole per lane; past this the furthest ones are forgotten (and resent by the
 /// sender), so a lane whose hole never fills cannot grow without bound.
 const MAX_AHEAD: usize = 100_000;
@@ -227,6 +242,23 @@ impl FleetState {
     /// Number of lanes seen.
     pub fn lanes(&self) -> usize {
         self.lanes.len()
+    }
+
+    /// Progress of every lane, sorted by (agent, partition).
+    pub fn lane_progress(&self) -> Vec<LaneReport> {
+        let mut out: Vec<LaneReport> = self
+            .lanes
+            .iter()
+            .map(|((agent, partition), l)| LaneReport {
+                agent: agent.clone(),
+                partition: *partition,
+                applied_seq: l.contiguous,
+                waiting: l.ahead.len(),
+                waiting_for: l.ahead.first().map(|&(prev, _)| prev),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.agent, a.partition).cmp(&(&b.agent, b.partition)));
+        out
     }
 }
 

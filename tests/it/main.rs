@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod common;
 mod configs;
+mod crash;
 mod dashboard;
 mod e2e;
 mod eval_nab;
