@@ -1,5 +1,5 @@
-//! The `edgewatch` binary's library half: configuration loading, the demo, the feed client, benchmarks
-//! and evaluation commands. `main.rs` only parses the command line and calls into here.
+//! The `edgewatch` binary's library half: configuration loading, the demo, the feed client, benchmarks,
+//! evaluation commands and delivery verification. `main.rs` only parses the command line and calls into here.
 
 #[cfg(feature = "embedded-broker")]
 pub mod bench;
@@ -12,3 +12,4 @@ pub mod eval;
 pub mod logging;
 pub mod shutdown;
 pub mod tail;
+pub mod verify;

@@ -1,5 +1,6 @@
 //! The `edgewatch` command line: parses arguments, loads configuration, runs one component.
-//! Exit codes: 0 ok, 1 invalid configuration or usage, 2 runtime failure.
+//! Exit codes: 0 ok, 1 invalid configuration or usage, 2 runtime failure; `verify` exits 1 on
+//! mismatches and 2 on any error.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use edgewatch::config::{self, ConfigError};
@@ -67,6 +68,9 @@ enum Command {
     /// Evaluate detectors on a dataset.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Reconcile a simulator readings log with the windows the aggregators hold.
+    /// Exits 0 when every reading is counted exactly once, 1 on mismatches, 2 on errors.
+    Verify(edgewatch::verify::VerifyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +121,8 @@ impl Kind {
 enum Failure {
     Usage(anyhow::Error),
     Runtime(anyhow::Error),
+    /// `verify` found mismatches and has printed them: exit 1, nothing more to say.
+    Mismatch,
 }
 
 impl From<ConfigError> for Failure {
@@ -147,6 +153,7 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+        Err(Failure::Mismatch) => ExitCode::from(1),
     }
 }
 
@@ -232,6 +239,13 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Eval(EvalCommand::Sim(args)) => {
             edgewatch::eval::sim::run_sim(args).map_err(Failure::Runtime)
         }
+        // Bad arguments and unreadable inputs exit 2 here (like clap's own usage errors), because
+        // 1 means "mismatches found" to scripts checking delivery.
+        Command::Verify(args) => match tokio_runtime()?.block_on(edgewatch::verify::run(args)) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Failure::Mismatch),
+            Err(e) => Err(Failure::Runtime(e)),
+        },
     }
 }
 

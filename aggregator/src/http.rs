@@ -1,5 +1,6 @@
 //! The aggregator's HTTP face on one port: the WebSocket live feed (`/feed`), the JSON API
-//! (`/api/status`, `/api/devices`, `/api/devices/{id}`), Prometheus `/metrics` and the dashboard (`/`).
+//! (`/api/status`, `/api/devices`, `/api/devices/{id}`, `/api/windows`), Prometheus `/metrics` and
+//! the dashboard (`/`).
 //!
 //! One task per connection, capped by a semaphore; every WebSocket client has its own bounded queue
 //! (a broadcast receiver) and is disconnected, with a resumable close reason, when it falls behind.
@@ -141,6 +142,28 @@ fn route(
                 .collect();
             json_response(StatusCode::OK, &serde_json::Value::Array(list))
         }
+        "/api/windows" => {
+            // Every held window of every series (or one device's): what `edgewatch verify` reads.
+            let device = match query_param(req.uri().query(), "device") {
+                Ok(d) => d,
+                Err(e) => return text(StatusCode::BAD_REQUEST, &e),
+            };
+            let held = {
+                let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                state.held_series(device.as_deref())
+            };
+            // Serialised outside the lock, straight to bytes: this can be the biggest response.
+            match serde_json::to_vec(&held) {
+                Ok(body) => Response::builder()
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap_or_default(),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("cannot serialise the windows: {e}\n"),
+                ),
+            }
+        }
         p if p.starts_with("/api/devices/") => {
             let Some(id) = percent_decode(&p["/api/devices/".len()..]) else {
                 return text(StatusCode::BAD_REQUEST, "device id: bad percent-encoding\n");
@@ -156,9 +179,22 @@ fn route(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /, /feed, /api/status, /api/devices, /metrics\n",
+            "not found: try /, /feed, /api/status, /api/devices, /api/windows, /metrics\n",
         ),
     }
+}
+
+/// The percent-decoded value of `name` in a query string, if present.
+fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, String> {
+    let Some(raw) = query.and_then(|q| {
+        q.split('&')
+            .find_map(|p| p.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+    }) else {
+        return Ok(None);
+    };
+    percent_decode(raw)
+        .map(Some)
+        .ok_or_else(|| format!("{name}: bad percent-encoding, got {raw:?}\n"))
 }
 
 /// Whether `req` carries the configured token (always true when none is configured).

@@ -262,6 +262,71 @@ impl FleetState {
     }
 }
 
+/// One series as `GET /api/windows` reports it: what `edgewatch verify` reconciles.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct HeldSeries {
+    /// Device id.
+    pub device: String,
+    /// Metric name.
+    pub metric: String,
+    /// The device's partition.
+    pub partition: u32,
+    /// Readings covered by the distinct windows applied (held or since evicted).
+    pub readings: u64,
+    /// Distinct windows applied (held or since evicted).
+    pub windows_applied: u64,
+    /// The windows held, sorted by start.
+    pub windows: Vec<HeldWindow>,
+}
+
+/// One held window, reduced to what verification needs.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct HeldWindow {
+    /// Start, inclusive (Unix ms).
+    pub start_ms: i64,
+    /// End, exclusive (Unix ms); a coarsened window spans several window lengths.
+    pub end_ms: i64,
+    /// Readings in the window.
+    pub count: u64,
+    /// Their mean (`None` when not finite, which JSON cannot carry).
+    pub mean: Option<f64>,
+    /// Revision of the window.
+    pub revision: u32,
+}
+
+// Read-only views for verification; kept apart from the apply logic above.
+impl FleetState {
+    /// Every series held, by device then metric; only `device`'s when given.
+    pub fn held_series(&self, device: Option<&str>) -> Vec<HeldSeries> {
+        let devices: Box<dyn Iterator<Item = (&String, &DeviceState)>> = match device {
+            Some(id) => Box::new(self.devices.get_key_value(id).into_iter()),
+            None => Box::new(self.devices.iter()),
+        };
+        devices
+            .flat_map(|(id, d)| {
+                d.metrics.iter().map(move |(metric, s)| HeldSeries {
+                    device: id.clone(),
+                    metric: metric.clone(),
+                    partition: d.partition,
+                    readings: s.readings,
+                    windows_applied: s.windows_applied,
+                    windows: s
+                        .windows
+                        .iter()
+                        .map(|w| HeldWindow {
+                            start_ms: w.start_ms,
+                            end_ms: w.end_ms,
+                            count: w.count,
+                            mean: w.mean.is_finite().then_some(w.mean),
+                            revision: w.revision,
+                        })
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,5 +479,39 @@ mod tests {
             prop_assert_eq!(a.windows_applied, b.windows_applied);
             prop_assert_eq!(st.lane_seq("a", 0), Some(20));
         }
+    }
+
+    #[test]
+    fn held_series_lists_every_series_with_its_windows_and_totals() {
+        let mut st = FleetState::new(2);
+        for i in 0..3 {
+            st.apply_summary("a", 7, i + 1, &summary(i as i64 * 10, 2, 0));
+        }
+        let mut other = summary(0, 4, 0);
+        other.device = "e".into();
+        other.mean = f64::NAN;
+        st.apply_summary("a", 7, 4, &other);
+        let all = st.held_series(None);
+        assert_eq!(all.len(), 2);
+        let d = &all[0];
+        assert_eq!(
+            (d.device.as_str(), d.metric.as_str(), d.partition),
+            ("d", "m", 7)
+        );
+        assert_eq!(
+            (d.readings, d.windows_applied),
+            (6, 3),
+            "cumulative, evicted included"
+        );
+        assert_eq!(
+            d.windows
+                .iter()
+                .map(|w| (w.start_ms, w.end_ms, w.count))
+                .collect::<Vec<_>>(),
+            vec![(10, 20, 2), (20, 30, 2)]
+        );
+        assert_eq!(d.windows[0].mean, Some(0.5));
+        assert_eq!(st.held_series(Some("e"))[0].windows[0].mean, None);
+        assert!(st.held_series(Some("nobody")).is_empty());
     }
 }

@@ -57,6 +57,10 @@ pub struct SimulatorConfig {
     /// Where to write the ground truth as JSON lines; `None` = not written.
     #[serde(default)]
     pub ground_truth_path: Option<PathBuf>,
+    /// Where to write every reading handed to the MQTT client, one CSV line
+    /// `device,metric,ts_ms,value` each (for `edgewatch verify`); `None` = not written.
+    #[serde(default)]
+    pub readings_log_path: Option<PathBuf>,
     /// Injected anomalies.
     #[serde(default = "default_anomalies")]
     pub anomalies: AnomalyConfig,
@@ -226,6 +230,7 @@ impl Default for SimulatorConfig {
             max_rate_per_sec: default_max_rate_per_sec(),
             seed: default_seed(),
             ground_truth_path: None,
+            readings_log_path: None,
             anomalies: default_anomalies(),
         }
     }
@@ -321,6 +326,16 @@ impl SimulatorConfig {
         }
         if self.interval_ms == 0 {
             out.push("interval_ms: must be > 0, got 0".to_string());
+        }
+        if let Some(p) = self
+            .readings_log_path
+            .as_ref()
+            .filter(|p| self.ground_truth_path.as_ref() == Some(*p))
+        {
+            out.push(format!(
+                "readings_log_path: must differ from ground_truth_path, both are {}",
+                p.display()
+            ));
         }
         if let Some(s) = self.start_ms {
             if s < 0 {
@@ -471,6 +486,16 @@ mod tests {
         let p = cfg.problems();
         assert!(has(&p, "device_prefix:", "'/'"), "{p:#?}");
         assert!(has(&p, "metrics[0].name:", "'.'"), "{p:#?}");
+    }
+
+    #[test]
+    fn the_readings_log_and_the_ground_truth_need_their_own_files() {
+        let cfg = SimulatorConfig {
+            ground_truth_path: Some("out/x".into()),
+            readings_log_path: Some("out/x".into()),
+            ..Default::default()
+        };
+        assert!(has(&cfg.problems(), "readings_log_path:", "out/x"));
     }
 
     #[test]

@@ -3,16 +3,18 @@
 //!
 //! [`Fleet`] is the pure generator (no I/O, no clock), so tests and the evaluator can drive it
 //! directly; [`run`] is the thin async shell that paces it, publishes it with rumqttc and writes
-//! the ground truth. Loading YAML and printing errors belong to the `edgewatch` binary.
+//! the ground truth and the readings log. Loading YAML and printing errors belong to the `edgewatch` binary.
 
 mod anomaly;
 mod config;
 mod fleet;
 mod pace;
 mod publish;
+mod readings_log;
 mod topic;
 
 pub use anomaly::{AnomalyKind, GroundTruth};
 pub use config::{AnomalyConfig, MetricSpec, SimulatorConfig};
 pub use fleet::{Fleet, SimReading};
 pub use publish::{payload, run, SimReport};
+pub use readings_log::{format_line, parse_line, LoggedReading, ReadingsLogError};

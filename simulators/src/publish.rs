@@ -1,4 +1,5 @@
-//! The async shell: paces a [`Fleet`], publishes its readings over MQTT, writes its ground truth.
+//! The async shell: paces a [`Fleet`], publishes its readings over MQTT, writes its ground truth
+//! and, when configured, the readings log (every reading handed to the MQTT client).
 //!
 //! One task drives rumqttc's event loop (reconnecting with capped, jittered backoff and counting
 //! what was written and acknowledged); the caller's task generates, paces and publishes. All
@@ -8,6 +9,7 @@ use crate::anomaly::GroundTruth;
 use crate::config::SimulatorConfig;
 use crate::fleet::{Fleet, SimReading};
 use crate::pace::Pacer;
+use crate::readings_log::ReadingsLog;
 use crate::topic::TopicTemplate;
 use anyhow::Context as _;
 use rand::rngs::SmallRng;
@@ -124,6 +126,7 @@ struct Producer {
     last_ts_ms: i64,
     labels_written: usize,
     truth: Option<TruthFile>,
+    readings_log: Option<ReadingsLog>,
 }
 
 impl Producer {
@@ -147,6 +150,11 @@ impl Producer {
                     )
                     .await
                     .context("mqtt event loop stopped")?;
+                // Logged only once the client has the publish, and before the next await, so a
+                // cancelled loop never leaves a handed-over reading out of the log.
+                if let Some(log) = &mut self.readings_log {
+                    log.append(r)?;
+                }
                 self.published += 1;
                 pacer.tick().await;
             }
@@ -267,6 +275,12 @@ pub async fn run(
         .clone()
         .map(TruthFile::create)
         .transpose()?;
+    let readings_log = cfg
+        .readings_log_path
+        .as_deref()
+        .map(ReadingsLog::create)
+        .transpose()
+        .context("readings_log_path")?;
     let options = mqtt_options(&cfg)?;
     let (client, mut eventloop) = AsyncClient::new(options, cfg.mqtt.request_channel);
     eventloop.network_options.set_tcp_nodelay(true);
@@ -299,6 +313,7 @@ pub async fn run(
         last_ts_ms: start_ms.saturating_sub(i64::try_from(cfg.interval_ms).unwrap_or(0)),
         labels_written: 0,
         truth,
+        readings_log,
     };
     let mut pacer = Pacer::new(per_sec);
     let outcome = tokio::select! {
@@ -309,7 +324,10 @@ pub async fn run(
         }
     };
 
-    // Final labels first: they are worth keeping even when publishing failed.
+    // Final labels and the readings log first: they are worth keeping even when publishing failed.
+    if let Some(log) = &mut p.readings_log {
+        log.finish().context("readings_log_path")?;
+    }
     p.write_new_labels()?;
     let open = p.fleet.in_progress();
     if let Some(t) = &mut p.truth {

@@ -36,7 +36,13 @@ async fn feed_and_api_require_the_bearer_token_when_configured() {
         tokio::spawn(agg.run(async move { t.cancelled().await }))
     };
 
-    for path in ["/api/status", "/api/devices", "/metrics", "/feed"] {
+    for path in [
+        "/api/status",
+        "/api/devices",
+        "/api/windows",
+        "/metrics",
+        "/feed",
+    ] {
         let (status, body) = http_get(addr, path);
         assert_eq!(status, 401, "{path} without a token: {body}");
         let (status, _) = get_with(addr, path, "wrong");

@@ -14,3 +14,4 @@ mod failover;
 mod interop;
 mod outage;
 mod restart;
+mod verify;
