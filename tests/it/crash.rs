@@ -180,12 +180,16 @@ async fn an_aggregator_killed_mid_stream_resumes_from_its_store_exactly() {
         || m.readings_total.load(Relaxed) >= report.published,
     )
     .await;
+    let drain_started = Instant::now();
+    wait_until("the agent's outbox to drain", Duration::from_secs(120), || {
+        m.outbox_records.load(Relaxed) == 0
+    })
+    .await;
     stop.cancel();
     task.await.unwrap().unwrap();
     assert_eq!(m.readings_total.load(Relaxed), report.published);
     let expected = report.published - m.late_readings_total.load(Relaxed);
-    let drain_started = Instant::now();
-    let deadline = drain_started + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while readings(addr) != expected {
         if Instant::now() > deadline {
             panic!(
@@ -202,7 +206,7 @@ async fn an_aggregator_killed_mid_stream_resumes_from_its_store_exactly() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!(
-        "aggregator kill: caught up {:.1} s after the agent stopped; {} resends",
+        "aggregator kill: caught up {:.1} s after the stream ended; {} resends",
         drain_started.elapsed().as_secs_f64(),
         m.resends_total.load(Relaxed)
     );
