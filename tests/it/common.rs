@@ -55,15 +55,21 @@ pub fn require(program: &str) -> PathBuf {
 impl Mosquitto {
     /// Starts mosquitto on a free port with anonymous access.
     pub fn start() -> Self {
-        let bin = require("mosquitto");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n"),
+        Self::start_with(
+            dir,
+            port,
+            "allow_anonymous true\nmax_queued_messages 0\npersistence false\n",
         )
-        .unwrap();
+    }
+
+    /// Starts mosquitto with `listener PORT 127.0.0.1` followed by `settings`, its config file in
+    /// `dir` (which holds whatever else the settings name, and lives as long as the broker).
+    pub fn start_with(dir: tempfile::TempDir, port: u16, settings: &str) -> Self {
+        let bin = require("mosquitto");
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{settings}")).unwrap();
         let child = Command::new(bin)
             .arg("-c")
             .arg(&conf)

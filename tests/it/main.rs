@@ -12,3 +12,4 @@ mod eval_nab;
 mod failover;
 mod interop;
 mod restart;
+mod tls;
