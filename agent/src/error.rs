@@ -133,4 +133,12 @@ pub enum AgentError {
     /// A thread or task of the agent could not be started.
     #[error("{0}")]
     Io(String),
+    /// The TLS files of a link could not be loaded; retrying will not help until they are fixed.
+    #[error("mqtt link to {broker}: {source}")]
+    Tls {
+        /// The link's primary broker, `host:port`.
+        broker: String,
+        /// Which file or setting, and why.
+        source: edgewatch_models::TlsError,
+    },
 }

@@ -1,24 +1,50 @@
 //! Mapping the shared link settings onto rumqttc, and the reconnecting poll loop both links use.
 //!
 //! rumqttc reconnects on the next `poll()` with no delay; this loop adds capped exponential backoff
-//! with jitter, counts every connection error and reports (re)connections to the caller.
+//! with jitter, counts every connection error and reports (re)connections to the caller. TLS comes
+//! from [`edgewatch_models::tls`]: the files are read here, once per link, when options are built.
 
 use crate::error::AgentError;
 use crate::telemetry::AgentMetrics;
 use edgewatch_models::backoff::Backoff;
-use edgewatch_models::link::MqttLink;
-use rumqttc::{Event, EventLoop, MqttOptions, Outgoing, Packet};
+use edgewatch_models::link::{self, MqttLink};
+use rumqttc::{
+    ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, TlsConfiguration, Transport,
+};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// rumqttc options for every address of `link` (primary first, then the alternates), with the
-/// password resolved from the environment if configured.
+/// password resolved from the environment and the TLS files read, if configured.
 pub(crate) fn options(link: &MqttLink, client_id: String) -> Result<Vec<MqttOptions>, AgentError> {
+    let tls = match &link.tls {
+        Some(t) => Some(t.client_config().map_err(|source| AgentError::Tls {
+            broker: format!("{}:{}", link.host, link.port),
+            source,
+        })?),
+        None => None,
+    };
     link.addresses()
         .into_iter()
-        .map(|(host, port)| options_for(link, client_id.clone(), host, port))
+        .map(|(host, port)| {
+            let mut o = options_for(link, client_id.clone(), host, port)?;
+            if let Some(cfg) = &tls {
+                o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                    cfg.clone(),
+                )));
+            }
+            Ok(o)
+        })
         .collect()
+}
+
+/// One line naming `broker` and why the connection failed (refusal code, TLS problem, I/O error).
+pub(crate) fn describe(broker: &str, e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => link::refusal_message(broker, *code as u8),
+        other => link::failure_message(broker, other),
+    }
 }
 
 fn options_for(
@@ -97,7 +123,8 @@ pub(crate) async fn poll_loop<F, Fut>(
                     eventloop.mqtt_options = addresses[current].clone();
                 }
                 let next = broker_of(&eventloop.mqtt_options);
-                tracing::warn!(link = name, %broker, %next, error = %e, retry_in_ms = delay, "mqtt connection error; will reconnect");
+                let error = describe(&broker, &e);
+                tracing::warn!(link = name, %broker, %next, %error, retry_in_ms = delay, "mqtt connection error; will reconnect");
                 broker = next;
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -105,5 +132,36 @@ pub(crate) async fn poll_loop<F, Fut>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgewatch_models::tls::TlsSettings;
+
+    #[test]
+    fn a_missing_ca_file_names_the_broker_the_field_and_the_path() {
+        let link = MqttLink {
+            port: 8883,
+            tls: Some(TlsSettings::with_ca("/nonexistent/edgewatch-ca.pem")),
+            ..Default::default()
+        };
+        let e = options(&link, "c".into()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("mqtt link to 127.0.0.1:8883: tls.ca_file: cannot read /nonexistent/edgewatch-ca.pem"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn refusals_are_described_with_the_broker_and_the_reason() {
+        let e = ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::BadUserNamePassword);
+        assert_eq!(
+            describe("127.0.0.1:8883", &e),
+            "broker 127.0.0.1:8883 refused the connection: bad user name or password"
+        );
+        let e = ConnectionError::Io(std::io::Error::other("reset"));
+        assert_eq!(describe("h:1", &e), "connection to h:1 failed: I/O: reset");
     }
 }

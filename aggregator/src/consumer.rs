@@ -8,10 +8,11 @@ use crate::state::Applied;
 use crate::store::StateStore;
 use crate::Shared;
 use edgewatch_models::backoff::Backoff;
+use edgewatch_models::link;
 use edgewatch_models::wire::{
     Ack, AckBatch, AnomalyEvent, Batch, Topics, UplinkTopic, WindowSummary,
 };
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, Packet, QoS, SubscribeFilter};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -64,7 +65,8 @@ pub(crate) async fn poll_loop(
                     eventloop.mqtt_options = addresses[current].clone();
                 }
                 let next = broker_of(&eventloop.mqtt_options);
-                tracing::warn!(aggregator = %shared.cfg.id, %broker, %next, error = %e, retry_in_ms = delay, "mqtt connection error; will reconnect");
+                let error = describe(&broker, &e);
+                tracing::warn!(aggregator = %shared.cfg.id, %broker, %next, %error, retry_in_ms = delay, "mqtt connection error; will reconnect");
                 broker = next;
                 tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -74,6 +76,14 @@ pub(crate) async fn poll_loop(
         }
     }
     let _ = client.try_disconnect();
+}
+
+/// One line naming `broker` and why the connection failed (refusal code, TLS problem, I/O error).
+fn describe(broker: &str, e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => link::refusal_message(broker, *code as u8),
+        other => link::failure_message(broker, other),
+    }
 }
 
 /// The subscription filters of an aggregator owning `owned`.

@@ -23,4 +23,13 @@ pub enum AggregatorError {
     /// A required secret could not be resolved.
     #[error("{0}")]
     Secret(String),
+    /// The TLS files of the MQTT link could not be loaded; retrying will not help until they are
+    /// fixed.
+    #[error("mqtt link to {broker}: {source}")]
+    Tls {
+        /// The link's primary broker, `host:port`.
+        broker: String,
+        /// Which file or setting, and why.
+        source: edgewatch_models::TlsError,
+    },
 }

@@ -17,7 +17,7 @@ pub use telemetry::AggregatorMetrics;
 
 use edgewatch_models::wire::Topics;
 use feed::FeedHub;
-use rumqttc::{AsyncClient, MqttOptions};
+use rumqttc::{AsyncClient, MqttOptions, TlsConfiguration, Transport};
 use state::FleetState;
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -134,6 +134,14 @@ impl Aggregator {
                 .map_err(AggregatorError::Secret)?,
             None => None,
         };
+        // The TLS files are read once; every address of the link shares the configuration.
+        let tls = match &cfg.mqtt.tls {
+            Some(t) => Some(t.client_config().map_err(|source| AggregatorError::Tls {
+                broker: format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port),
+                source,
+            })?),
+            None => None,
+        };
         // Every broker address, primary first; the poll loop moves to the next one on failure.
         let addresses: Vec<MqttOptions> = cfg
             .mqtt
@@ -146,6 +154,11 @@ impl Aggregator {
                     .set_request_channel_capacity(cfg.mqtt.request_channel);
                 if let Some(user) = &cfg.mqtt.username {
                     opts.set_credentials(user.clone(), password.clone().unwrap_or_default());
+                }
+                if let Some(tls) = &tls {
+                    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                        tls.clone(),
+                    )));
                 }
                 opts
             })

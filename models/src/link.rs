@@ -1,8 +1,11 @@
 //! How to reach an MQTT broker: the connection settings every component's YAML shares.
 //!
-//! Plain data and validation only; each crate maps it onto its MQTT client. Secrets never appear in
-//! `Debug` output, and the password may come from an environment variable (`password_env`).
+//! Plain data and validation only; each crate maps it onto its MQTT client (TLS through
+//! [`crate::tls`]). Secrets never appear in `Debug` output, and the password may come from an
+//! environment variable (`password_env`). Also the wording of connection failures, so every link
+//! names the broker and the reason the same way.
 
+use crate::tls::TlsSettings;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -41,6 +44,9 @@ pub struct MqttLink {
     /// Further brokers (`host:port`), tried in turn after `host:port` whenever the current one fails.
     #[serde(default)]
     pub alternates: Vec<String>,
+    /// TLS towards every broker of the link; plain TCP when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
 }
 
 fn default_host() -> String {
@@ -72,6 +78,7 @@ impl Default for MqttLink {
             max_packet_bytes: default_max_packet_bytes(),
             request_channel: default_request_channel(),
             alternates: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -87,6 +94,7 @@ impl fmt::Debug for MqttLink {
             .field("password_env", &self.password_env)
             .field("keepalive_secs", &self.keepalive_secs)
             .field("alternates", &self.alternates)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -129,6 +137,9 @@ impl MqttLink {
         if (self.password.is_some() || self.password_env.is_some()) && self.username.is_none() {
             out.push("username: required when a password is set".to_string());
         }
+        if let Some(tls) = &self.tls {
+            out.extend(tls.problems().into_iter().map(|p| format!("tls.{p}")));
+        }
         out
     }
 
@@ -149,6 +160,31 @@ impl MqttLink {
             (None, None) => Ok(None),
         }
     }
+}
+
+/// Why connecting to `broker` (`host:port`) failed, in one line that names it:
+/// `TLS handshake with 127.0.0.1:8883 failed: invalid peer certificate: UnknownIssuer` when TLS is
+/// the cause anywhere in the error's source chain, else `connection to 127.0.0.1:8883 failed: …`.
+pub fn failure_message(broker: &str, err: &(dyn std::error::Error + 'static)) -> String {
+    #[cfg(feature = "tls")]
+    if let Some(tls) = crate::tls::rustls_cause(err) {
+        return format!("TLS handshake with {broker} failed: {tls}");
+    }
+    format!("connection to {broker} failed: {err}")
+}
+
+/// Why `broker` refused an MQTT 3.1.1 CONNECT, from the CONNACK return code:
+/// `broker 127.0.0.1:8883 refused the connection: bad user name or password`.
+pub fn refusal_message(broker: &str, return_code: u8) -> String {
+    let why = match return_code {
+        1 => "unacceptable protocol version".to_string(),
+        2 => "client id rejected".to_string(),
+        3 => "server unavailable".to_string(),
+        4 => "bad user name or password".to_string(),
+        5 => "not authorized (check the user name, password and client certificate)".to_string(),
+        other => format!("return code {other}"),
+    };
+    format!("broker {broker} refused the connection: {why}")
 }
 
 /// `host:port` (IPv6 hosts in brackets) with a port in 1..=65535.
@@ -214,6 +250,59 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("got 1")));
         assert!(p.iter().any(|m| m.starts_with("username:")));
         assert!(MqttLink::default().problems().is_empty());
+    }
+
+    #[test]
+    fn tls_problems_are_prefixed_with_the_tls_key() {
+        let link = MqttLink {
+            tls: Some(TlsSettings {
+                client_cert_file: Some("client.pem".into()),
+                ..TlsSettings::with_ca("")
+            }),
+            ..Default::default()
+        };
+        let p = link.problems();
+        assert!(
+            p.contains(&"tls.ca_file: must not be empty".to_string()),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(&"tls.client_key_file: required when client_cert_file is set".to_string()),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn tls_block_parses_and_shows_paths_but_no_secrets_in_debug() {
+        let link: MqttLink = serde_json::from_str(
+            r#"{"host":"b","port":8883,"username":"u","password":"hunter2",
+                "tls":{"ca_file":"/etc/ca.pem","client_cert_file":"c.pem","client_key_file":"k.pem"}}"#,
+        )
+        .unwrap();
+        assert!(link.problems().is_empty(), "{:?}", link.problems());
+        let shown = format!("{link:?}");
+        assert!(
+            shown.contains("/etc/ca.pem") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        let e = serde_json::from_str::<MqttLink>(r#"{"tls":{"ca_file":"a","key":"k"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `key`"), "{e}");
+    }
+
+    #[test]
+    fn refusals_and_failures_name_the_broker() {
+        assert_eq!(
+            refusal_message("127.0.0.1:8883", 4),
+            "broker 127.0.0.1:8883 refused the connection: bad user name or password"
+        );
+        assert!(refusal_message("h:1", 9).ends_with("return code 9"));
+        let e = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(
+            failure_message("h:1", &e),
+            "connection to h:1 failed: refused"
+        );
     }
 
     #[test]

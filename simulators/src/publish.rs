@@ -12,9 +12,13 @@ use crate::pace::Pacer;
 use crate::readings_log::ReadingsLog;
 use crate::topic::TopicTemplate;
 use anyhow::Context as _;
+use edgewatch_models::link;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
 use serde::Serialize;
 use std::fs::File;
 use std::future::Future;
@@ -199,6 +203,12 @@ fn mqtt_options(cfg: &SimulatorConfig) -> anyhow::Result<MqttOptions> {
         let password = link.resolve_password().map_err(anyhow::Error::msg)?;
         o.set_credentials(user.clone(), password.unwrap_or_default());
     }
+    if let Some(tls) = &link.tls {
+        let cfg = tls
+            .client_config()
+            .with_context(|| format!("mqtt link to {}:{}", link.host, link.port))?;
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(cfg)));
+    }
     Ok(o)
 }
 
@@ -241,7 +251,15 @@ async fn drive(
             Err(e) => {
                 let failures = progress.connection_errors.fetch_add(1, Ordering::Relaxed) + 1;
                 let wait = backoff.mul_f64(jitter.gen_range(0.5..=1.0));
-                warn!(error = %e, failures, retry_in_ms = wait.as_millis() as u64, "mqtt connection failed; retrying");
+                let (host, port) = eventloop.mqtt_options.broker_address();
+                let broker = format!("{host}:{port}");
+                let error = match &e {
+                    ConnectionError::ConnectionRefused(code) => {
+                        link::refusal_message(&broker, *code as u8)
+                    }
+                    other => link::failure_message(&broker, other),
+                };
+                warn!(%broker, %error, failures, retry_in_ms = wait.as_millis() as u64, "mqtt connection failed; retrying");
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -439,6 +457,21 @@ mod tests {
         assert_eq!(o.request_channel_capacity(), 1000);
         assert_eq!(o.max_packet_size(), 4 * 1024 * 1024);
         assert!(o.credentials().is_some());
+    }
+
+    #[test]
+    fn a_missing_tls_file_is_named_with_the_broker() {
+        let mut cfg = SimulatorConfig::default();
+        cfg.mqtt.tls = Some(edgewatch_models::tls::TlsSettings::with_ca(
+            "/nonexistent/sim-ca.pem",
+        ));
+        let e = format!("{:#}", mqtt_options(&cfg).unwrap_err());
+        assert!(
+            e.starts_with(
+                "mqtt link to 127.0.0.1:1883: tls.ca_file: cannot read /nonexistent/sim-ca.pem"
+            ),
+            "{e}"
+        );
     }
 
     #[tokio::test]

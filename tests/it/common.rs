@@ -58,16 +58,22 @@ impl Mosquitto {
         Self::start_on(free_port(), "persistence false\n")
     }
 
-    /// Starts mosquitto on `port` with anonymous access, unlimited queues and `extra` config lines.
+    /// Starts mosquitto on `port` with anonymous access, unlimited queues and in-flight windows,
+    /// and `extra` config lines.
     pub fn start_on(port: u16, extra: &str) -> Self {
-        let bin = require("mosquitto");
-        let dir = tempfile::tempdir().unwrap();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n{extra}"),
+        Self::start_with(
+            tempfile::tempdir().unwrap(),
+            port,
+            &format!("allow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n{extra}"),
         )
-        .unwrap();
+    }
+
+    /// Starts mosquitto with `listener PORT 127.0.0.1` followed by `settings`, its config file in
+    /// `dir` (which holds whatever else the settings name, and lives as long as the broker).
+    pub fn start_with(dir: tempfile::TempDir, port: u16, settings: &str) -> Self {
+        let bin = require("mosquitto");
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{settings}")).unwrap();
         let child = Command::new(bin)
             .arg("-c")
             .arg(&conf)

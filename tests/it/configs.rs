@@ -111,3 +111,40 @@ fn secrets_never_appear_in_errors() {
     );
     assert!(!e.contains("hunter2"), "{e}");
 }
+
+#[test]
+fn tls_blocks_are_validated_and_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.yaml");
+    std::fs::write(
+        &path,
+        "id: gw-1\nsource:\n  mqtt:\n    port: 8883\n    tls:\n      ca_file: \"\"\n      client_cert_file: gw.pem\n",
+    )
+    .unwrap();
+    let text = load_any(&path).unwrap_err().to_string();
+    assert!(
+        text.contains("source.mqtt.tls.ca_file (line 6, col 7): must not be empty"),
+        "{text}"
+    );
+    assert!(
+        text.contains("source.mqtt.tls.client_key_file (line 5, col 5): required when client_cert_file is set"),
+        "{text}"
+    );
+
+    std::fs::write(
+        &path,
+        "id: gw-1\nuplink:\n  mqtt:\n    tls:\n      ca_file: ca.pem\n      keyfile: k.pem\n",
+    )
+    .unwrap();
+    let e = load_any(&path).unwrap_err();
+    let p = &e.problems[0];
+    assert_eq!(p.key, "uplink.mqtt.tls.keyfile", "{e}");
+    assert!(p.message.contains("unknown field `keyfile`"), "{e}");
+
+    std::fs::write(
+        &path,
+        "id: gw-1\nsource:\n  mqtt:\n    tls:\n      ca_file: ca.pem\n      client_cert_file: gw.pem\n      client_key_file: gw.key\n      server_name: broker.example\n",
+    )
+    .unwrap();
+    assert_eq!(load_any(&path).unwrap(), "agent");
+}

@@ -14,4 +14,5 @@ mod failover;
 mod interop;
 mod outage;
 mod restart;
+mod tls;
 mod verify;
