@@ -141,4 +141,60 @@ pub enum AgentError {
         /// Which file or setting, and why.
         source: edgewatch_models::TlsError,
     },
+    /// A pipeline snapshot could not be restored; the caller starts with empty state.
+    #[error("cannot restore pipeline snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// Why a pipeline snapshot could not be written or read back. Never a panic: a snapshot comes from
+/// disk, so anything may be in it. Whatever the cause, restoring is safe to give up on: the agent
+/// starts with empty state (retrying the same bytes gives the same answer).
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum SnapshotError {
+    /// Shorter than the version byte, fingerprint and checksum alone.
+    #[error("snapshot of {len} bytes is truncated")]
+    Truncated {
+        /// Its length.
+        len: usize,
+    },
+    /// Written in another format version.
+    #[error("snapshot format version {found} is not the supported version {expected}")]
+    Version {
+        /// Version byte found.
+        found: u8,
+        /// The version this agent writes and reads.
+        expected: u8,
+    },
+    /// The checksum does not match: the bytes were damaged or cut short.
+    #[error("snapshot is corrupt: checksum {found:016x}, computed {expected:016x}")]
+    Checksum {
+        /// Checksum stored in the snapshot.
+        found: u64,
+        /// Checksum of the bytes read.
+        expected: u64,
+    },
+    /// Taken under another window size or lateness, detector configuration or partition count (or
+    /// by an agent whose detector or window types differ).
+    #[error(
+        "snapshot was taken with another window, detector or partitions configuration \
+         (fingerprint {found:016x}, expected {expected:016x})"
+    )]
+    Incompatible {
+        /// Fingerprint stored in the snapshot.
+        found: u64,
+        /// Fingerprint of the current configuration.
+        expected: u64,
+    },
+    /// The checksum matched but the body does not decode into consistent state.
+    #[error("snapshot is corrupt: {detail}")]
+    Invalid {
+        /// What is wrong.
+        detail: String,
+    },
+    /// The state could not be encoded.
+    #[error("cannot encode snapshot: {detail}")]
+    Encode {
+        /// The encoder's message.
+        detail: String,
+    },
 }

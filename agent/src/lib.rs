@@ -14,7 +14,7 @@ pub mod telemetry;
 mod uplink;
 
 pub use config::AgentConfig;
-pub use error::{AgentError, IngestError};
+pub use error::{AgentError, IngestError, SnapshotError};
 pub use telemetry::AgentMetrics;
 
 use edgewatch_models::wire::{AckBatch, Topics};

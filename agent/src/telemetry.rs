@@ -15,9 +15,12 @@ pub struct AgentMetrics {
     pub rejected: [AtomicU64; IngestError::REASONS.len()],
     /// Readings whose window had already closed (not merged).
     pub late_readings_total: AtomicU64,
+    /// Readings merged into a window already sent (late, but within `allowed_lateness_ms`); the
+    /// window is sent again, at revision 1, when it closes.
+    pub corrections_total: AtomicU64,
     /// Messages dropped because the pipeline queue was full (`when_full: drop_newest`).
     pub queue_dropped_total: AtomicU64,
-    /// Windows closed and handed to the uplink.
+    /// Window summaries handed to the uplink, corrected revisions included.
     pub windows_total: AtomicU64,
     /// Anomaly events raised.
     pub anomalies_total: AtomicU64,
@@ -97,6 +100,7 @@ impl AgentMetrics {
                 "edgewatch_agent_late_readings_total",
                 &self.late_readings_total,
             ),
+            ("edgewatch_agent_corrections_total", &self.corrections_total),
             (
                 "edgewatch_agent_queue_dropped_total",
                 &self.queue_dropped_total,
@@ -219,6 +223,20 @@ mod tests {
         m.render("gw", &mut text);
         assert!(
             text.contains(r#"edgewatch_agent_rejected_total{agent="gw",reason="empty_payload"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn corrections_are_rendered() {
+        let m = AgentMetrics::default();
+        m.corrections_total.fetch_add(3, Relaxed);
+        let mut text = String::new();
+        m.render("gw", &mut text);
+        assert!(
+            text.contains(
+                "# TYPE edgewatch_agent_corrections_total counter\nedgewatch_agent_corrections_total{agent=\"gw\"} 3\n"
+            ),
             "{text}"
         );
     }

@@ -146,8 +146,12 @@ impl DetectorConfig {
 }
 
 /// A built detector of any kind; cheap to clone, serde for checkpoints.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+///
+/// Self-describing formats (JSON) see it internally tagged, `{"type": "ewma", ...}`, like the
+/// configuration. Binary formats such as postcard cannot read that form (it needs
+/// `deserialize_any`), so for them (`is_human_readable() == false`) it is externally tagged: the
+/// variant index, then the state. That binary form changes if variants are reordered.
+#[derive(Debug, Clone, PartialEq)]
 pub enum AnyDetector {
     /// See [`ZScore`].
     Zscore(ZScore),
@@ -168,6 +172,60 @@ pub enum AnyDetector {
     /// See [`Ensemble`] (boxed: it is much larger than the others).
     Ensemble(Box<Ensemble>),
 }
+
+/// The serde faces of [`AnyDetector`]: one list of variants, four mirrors (tagged or indexed, to
+/// write by reference or to read owned).
+macro_rules! detector_repr {
+    ($($variant:ident($ty:ty)),* $(,)?) => {
+        #[derive(Serialize)]
+        #[serde(rename = "AnyDetector", tag = "type", rename_all = "snake_case")]
+        enum TaggedRef<'a> { $($variant(&'a $ty)),* }
+
+        #[derive(Serialize)]
+        #[serde(rename = "AnyDetector", rename_all = "snake_case")]
+        enum IndexedRef<'a> { $($variant(&'a $ty)),* }
+
+        #[derive(Deserialize)]
+        #[serde(rename = "AnyDetector", tag = "type", rename_all = "snake_case")]
+        enum Tagged { $($variant($ty)),* }
+
+        #[derive(Deserialize)]
+        #[serde(rename = "AnyDetector", rename_all = "snake_case")]
+        enum Indexed { $($variant($ty)),* }
+
+        impl Serialize for AnyDetector {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                if s.is_human_readable() {
+                    match self { $(Self::$variant(d) => TaggedRef::$variant(d).serialize(s)),* }
+                } else {
+                    match self { $(Self::$variant(d) => IndexedRef::$variant(d).serialize(s)),* }
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for AnyDetector {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                Ok(if d.is_human_readable() {
+                    match Tagged::deserialize(d)? { $(Tagged::$variant(x) => Self::$variant(x)),* }
+                } else {
+                    match Indexed::deserialize(d)? { $(Indexed::$variant(x) => Self::$variant(x)),* }
+                })
+            }
+        }
+    };
+}
+
+detector_repr!(
+    Zscore(ZScore),
+    Ewma(Ewma),
+    Mad(Mad),
+    Cusum(Cusum),
+    Seasonal(Seasonal),
+    Hst(Hst),
+    Stuck(Stuck),
+    Likelihood(Likelihood),
+    Ensemble(Box<Ensemble>),
+);
 
 impl AnyDetector {
     /// Bytes of state this detector holds per series: its inline size plus everything it owns on the heap.
@@ -303,6 +361,45 @@ mod tests {
                 let (t, v) = series(i);
                 let (a, b) = (d.update(t, v), restored.update(t, v));
                 assert!((a - b).abs() < 1e-9, "{name} at {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_checkpoints_keep_the_type_tag() {
+        let d = DetectorConfig::preset("likelihood")
+            .unwrap()
+            .build()
+            .unwrap();
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(
+            json.starts_with(r#"{"type":"likelihood","inner":{"type":"ewma","#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<AnyDetector>(&json).unwrap(), d);
+    }
+
+    #[test]
+    fn binary_checkpoint_restored_mid_stream_gives_bit_identical_scores() {
+        for (name, cfg) in every_preset() {
+            let mut d = cfg.build().unwrap();
+            let series = |i: i64| {
+                (
+                    i * 60_000,
+                    ((i * 7919) % 101) as f64 + (i % 97 == 0) as i64 as f64 * 500.0,
+                )
+            };
+            for i in 0..700 {
+                let (t, v) = series(i);
+                d.update(t, v);
+            }
+            let bytes = postcard::to_stdvec(&d).unwrap();
+            let mut restored: AnyDetector = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(restored, d, "{name}");
+            for i in 700..1000 {
+                let (t, v) = series(i);
+                let (a, b) = (d.update(t, v), restored.update(t, v));
+                assert_eq!(a.to_bits(), b.to_bits(), "{name} at {i}");
             }
         }
     }

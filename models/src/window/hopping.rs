@@ -5,6 +5,10 @@
 //! closed, the whole reading is reported [`Admit::Late`] and merged nowhere, so a count of late
 //! readings says exactly what the summaries miss. (Adding it to the still-open later windows would
 //! make those more complete, but then "late" would no longer mean "not counted".)
+//!
+//! Each window is emitted once, at revision 0, when the watermark passes its end plus the allowed
+//! lateness: unlike [`TumblingWindows`](super::TumblingWindows), no early firing and no late
+//! corrections ([`Admit::Corrected`] is never returned).
 
 use super::{Admit, WindowAggregate};
 use crate::ModelError;
@@ -262,6 +266,7 @@ mod tests {
                         accepted.push(t);
                     }
                     Admit::Late => {}
+                    Admit::Corrected { .. } => prop_assert!(false, "hopping windows never correct"),
                 }
             }
             w.flush(&mut |a| out.push(a));

@@ -1,8 +1,17 @@
 //! Event-time windows over one series, with a watermark and allowed lateness.
 //!
-//! A window closes once the series' watermark (the latest event time seen, or a watermark pushed in
-//! from outside for idle series) passes its end plus the allowed lateness. Readings older than the
-//! closed horizon are *late*: they are reported to the caller to count, never silently merged.
+//! The watermark is the latest event time seen, or a watermark pushed in from outside for idle series.
+//! Readings older than the closed horizon (watermark minus allowed lateness) are *late*: they are
+//! reported to the caller to count ([`Admit::Late`]), never silently merged.
+//!
+//! The two families treat the time between a window's end and its end plus the allowed lateness
+//! differently:
+//! - [`TumblingWindows`] (what the agent runs) fire early and correct: a window is emitted at
+//!   revision 0 as soon as the watermark passes its end, kept until the watermark passes end +
+//!   lateness, and re-emitted once at revision 1 if readings arrived for it meanwhile
+//!   ([`Admit::Corrected`]). `tumbling.rs` states the policy.
+//! - [`HoppingWindows`] and [`SessionWindows`] emit each window once, at revision 0, when the watermark
+//!   passes its end + lateness; they never report `Corrected`.
 
 mod hopping;
 mod session;
@@ -37,7 +46,8 @@ pub(crate) fn raise_watermark(current: &mut i64, to: i64, allowed_lateness_ms: i
     Some(to.saturating_sub(allowed_lateness_ms))
 }
 
-/// Hands every window of `open` (sorted by end) that ends at or before `horizon` to `emit`.
+/// Hands every window of `open` (sorted by end) that ends at or before `horizon` to `emit`
+/// (hopping windows; tumbling windows fire and retain instead).
 pub(crate) fn emit_closed(
     open: &mut Vec<WindowAggregate>,
     horizon: i64,
@@ -55,6 +65,13 @@ pub enum Admit {
     /// The reading was added to the window starting at `window_start_ms`.
     Accepted {
         /// Start of the window it joined.
+        window_start_ms: i64,
+    },
+    /// The reading joined the window starting at `window_start_ms`, which had already been emitted
+    /// and is still retained for corrections: it will be emitted again with a higher revision.
+    /// Only [`TumblingWindows`] report this.
+    Corrected {
+        /// Start of the (already emitted) window it joined.
         window_start_ms: i64,
     },
     /// The reading's window was already closed; the reading was not merged.
@@ -76,6 +93,10 @@ pub struct WindowAggregate {
     pub last_ts_ms: i64,
     /// Highest anomaly score seen.
     pub max_score: f64,
+    /// Revision the window carries when emitted: 0 the first time, higher for a late correction.
+    /// While a tumbling window is retained after firing, this is the revision of its *next*
+    /// emission, so a value above 0 there means it holds corrections not yet sent.
+    pub revision: u32,
 }
 
 impl WindowAggregate {
@@ -87,6 +108,7 @@ impl WindowAggregate {
             first_ts_ms: i64::MAX,
             last_ts_ms: i64::MIN,
             max_score: 0.0,
+            revision: 0,
         }
     }
 
@@ -113,7 +135,7 @@ impl WindowAggregate {
             first_ts_ms: self.first_ts_ms,
             last_ts_ms: self.last_ts_ms,
             max_score: self.max_score,
-            revision: 0,
+            revision: self.revision,
         }
     }
 }

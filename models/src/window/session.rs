@@ -7,6 +7,10 @@
 //! [`Admit::Late`] — counted by the caller, merged nowhere — when it would extend a session already
 //! closed, or when its own session would already be past the horizon. Readings exactly `gap_ms` apart
 //! start separate sessions.
+//!
+//! Each session is emitted once, at revision 0, when it closes: unlike
+//! [`TumblingWindows`](super::TumblingWindows), no early firing and no late corrections
+//! ([`Admit::Corrected`] is never returned).
 
 use super::{Admit, WindowAggregate};
 use crate::ModelError;
