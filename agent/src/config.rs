@@ -51,6 +51,11 @@ pub struct StateConfig {
     /// When sensor readings are acknowledged to the source broker.
     #[serde(default)]
     pub ack_mode: AckMode,
+    /// Close every open window at shutdown and send it (decommissioning a gateway, or checking
+    /// totals). By default, with `dir` set, open windows stay in the final checkpoint and carry on
+    /// after the restart; without `dir` they are always closed at shutdown.
+    #[serde(default)]
+    pub flush_on_exit: bool,
 }
 
 impl Default for StateConfig {
@@ -59,6 +64,7 @@ impl Default for StateConfig {
             dir: None,
             checkpoint_interval_ms: default_checkpoint_interval_ms(),
             ack_mode: AckMode::default(),
+            flush_on_exit: false,
         }
     }
 }

@@ -58,14 +58,24 @@ impl Agent {
     /// and disconnects cleanly.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         let Agent { cfg, metrics } = self;
-        let mut pipeline = Pipeline::new(&cfg, metrics.clone())?;
+        let outbox = open_outbox(&cfg).await?;
+        let mut pipeline = restore_pipeline(&cfg, &metrics, &outbox)?;
         let filters = pipeline.filters();
         let source_qos = qos(cfg.source.qos);
+        let after_checkpoint = cfg.state.ack_mode == config::AckMode::AfterCheckpoint;
 
-        let src_opts = mqtt::options(
+        let mut src_opts = mqtt::options(
             &cfg.source.mqtt,
             client_id(&cfg.source.mqtt, &cfg.id, "src"),
         )?;
+        if cfg.state.dir.is_some() {
+            // A durable agent has a persistent session: the broker queues readings while it
+            // restarts. In after_checkpoint mode it also keeps the unacknowledged ones and
+            // redelivers them; we acknowledge a reading only once a checkpoint covers it.
+            for o in &mut src_opts {
+                o.set_clean_session(false).set_manual_acks(after_checkpoint);
+            }
+        }
         let up_link = cfg.uplink_link();
         let up_opts = mqtt::options(up_link, client_id(up_link, &cfg.id, "up"))?;
         // `options` yields at least the primary address; the others are tried in turn on failure.
@@ -83,21 +93,24 @@ impl Agent {
         let stop_source = CancellationToken::new();
         let stop_uplink = CancellationToken::new();
         let when_full = cfg.pipeline.when_full;
-        let outbox = open_outbox(&cfg).await?;
 
         tracing::info!(agent = %cfg.id, filters = ?filters, broker = %format!("{}:{}", cfg.source.mqtt.host, cfg.source.mqtt.port), "agent starting");
 
+        let accepting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let stop_worker = CancellationToken::new();
         // Source link: decode nothing here, only hand off (the poll loop must never wait on slow work).
         let source = {
             let metrics = metrics.clone();
             let cancel = stop_source.clone();
             let client = src_client.clone();
+            let accepting = accepting.clone();
             tokio::spawn(async move {
                 mqtt::poll_loop(src_loop, src_opts, "source", &metrics.clone(), cancel, |ev| {
                     let client = client.clone();
                     let filters = filters.clone();
                     let msg_tx = msg_tx.clone();
                     let metrics = metrics.clone();
+                    let accepting = accepting.clone();
                     async move {
                         match ev {
                             LinkEvent::Connected => {
@@ -107,6 +120,9 @@ impl Agent {
                                     }
                                 }
                             }
+                            // Stopping in after_checkpoint mode: leave it unacknowledged for the
+                            // broker to redeliver after the restart.
+                            LinkEvent::Publish(_) if !accepting.load(Relaxed) => {}
                             LinkEvent::Publish(p) => match when_full {
                                 config::WhenFull::Block => {
                                     // Closed only during shutdown; the message is then moot.
@@ -127,15 +143,26 @@ impl Agent {
             })
         };
 
-        // Pipeline: the CPU work, in batches.
+        // Pipeline: the CPU work, in batches, with a checkpoint every `checkpoint_interval_ms`.
         let worker = {
             let agent = cfg.id.clone();
             let metrics_w = metrics.clone();
+            let interval = Duration::from_millis(cfg.state.checkpoint_interval_ms);
+            let src_client = src_client.clone();
+            let flush_on_exit = cfg.state.dir.is_none() || cfg.state.flush_on_exit;
+            let stop = stop_worker.clone();
             tokio::spawn(async move {
                 let mut batch = Vec::with_capacity(512);
                 let mut log = RejectLog::default();
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut checkpoint = tokio::time::interval(interval);
+                checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // after_checkpoint: readings processed since the last checkpoint, acknowledged once
+                // the next checkpoint is durable.
+                let mut unacked: Vec<rumqttc::Publish> = Vec::new();
+                let mut acker = Acker::default();
+                let mut checkpoints = CheckpointClock::default();
                 loop {
                     tokio::select! {
                         n = msg_rx.recv_many(&mut batch, 512) => {
@@ -148,9 +175,23 @@ impl Agent {
                                 if let Err(e) = pipeline.handle_topic(&p.topic, &p.payload, now) {
                                     log.record(&agent, &p.topic, &e);
                                 }
+                                if after_checkpoint {
+                                    unacked.push(p);
+                                }
                             }
                         }
                         _ = tick.tick() => pipeline.tick(),
+                        _ = stop.cancelled() => break,
+                        _ = checkpoint.tick() => {
+                            let out = pipeline.take_outputs();
+                            if !out.is_empty() && out_tx.send(uplink::ToUplink::Outputs(out)).await.is_err() {
+                                break;
+                            }
+                            if !take_checkpoint(&agent, &pipeline, &out_tx, &metrics_w, &mut unacked, &mut acker, &src_client, &mut checkpoints).await {
+                                break;
+                            }
+                            continue;
+                        }
                     }
                     let out = pipeline.take_outputs();
                     if !out.is_empty() && out_tx.send(uplink::ToUplink::Outputs(out)).await.is_err()
@@ -158,11 +199,29 @@ impl Agent {
                         break;
                     }
                 }
-                pipeline.flush();
+                // Shutdown. With durable state, open windows stay open in a final checkpoint and
+                // carry on after the restart; without it (or with flush_on_exit) they are closed and
+                // sent now.
+                if flush_on_exit {
+                    pipeline.flush();
+                }
                 let out = pipeline.take_outputs();
                 if !out.is_empty() {
                     let _ = out_tx.send(uplink::ToUplink::Outputs(out)).await;
                 }
+                checkpoints.clean = true;
+                take_checkpoint(
+                    &agent,
+                    &pipeline,
+                    &out_tx,
+                    &metrics_w,
+                    &mut unacked,
+                    &mut acker,
+                    &src_client,
+                    &mut checkpoints,
+                )
+                .await;
+                acker.finish().await;
             })
         };
 
@@ -232,9 +291,27 @@ impl Agent {
 
         shutdown.await;
         tracing::info!(agent = %cfg.id, "agent stopping: draining open windows and pending publishes");
-        stop_source.cancel();
-        let _ = source.await;
-        let _ = worker.await;
+        if after_checkpoint {
+            // Keep the source connection up until the final checkpoint's readings are
+            // acknowledged; whatever arrives meanwhile stays unacknowledged for redelivery.
+            accepting.store(false, Relaxed);
+            stop_worker.cancel();
+            let _ = worker.await;
+            if src_client.disconnect().await.is_err() {
+                stop_source.cancel();
+            }
+            if tokio::time::timeout(Duration::from_secs(5), source)
+                .await
+                .is_err()
+            {
+                tracing::warn!(agent = %cfg.id, "source link did not close within 5 s");
+                stop_source.cancel();
+            }
+        } else {
+            stop_source.cancel();
+            let _ = source.await;
+            let _ = worker.await;
+        }
         let _ = uplink.await;
         if cfg.uplink.qos > 0 {
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -303,6 +380,186 @@ async fn open_outbox(cfg: &AgentConfig) -> Result<Outbox, AgentError> {
         tracing::info!(agent = %cfg.id, records = pending, bytes = outbox.bytes(), "outbox holds records from before the restart; resending them");
     }
     Ok(outbox)
+}
+
+/// The header stored in front of a pipeline snapshot: when it was taken, whether it was the clean
+/// shutdown's, and the reading rate before it (for the loss estimate after a crash).
+const CHECKPOINT_HEADER: usize = 1 + 8 + 8 + 1;
+const CHECKPOINT_FORMAT: u8 = 1;
+
+/// Rate bookkeeping between checkpoints.
+#[derive(Default)]
+struct CheckpointClock {
+    last: Option<(Instant, u64)>,
+    rate: f64,
+    clean: bool,
+}
+
+fn encode_checkpoint(snapshot: &[u8], wall_ms: i64, rate: f64, clean: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CHECKPOINT_HEADER + snapshot.len());
+    out.push(CHECKPOINT_FORMAT);
+    out.extend_from_slice(&wall_ms.to_le_bytes());
+    out.extend_from_slice(&rate.to_le_bytes());
+    out.push(u8::from(clean));
+    out.extend_from_slice(snapshot);
+    out
+}
+
+/// (wall ms, readings per second, clean, snapshot) of a stored checkpoint.
+fn decode_checkpoint(bytes: &[u8]) -> Option<(i64, f64, bool, &[u8])> {
+    let (&format, rest) = bytes.split_first()?;
+    if format != CHECKPOINT_FORMAT {
+        return None;
+    }
+    let (wall, rest) = rest.split_first_chunk::<8>()?;
+    let (rate, rest) = rest.split_first_chunk::<8>()?;
+    let (&clean, snapshot) = rest.split_first()?;
+    Some((
+        i64::from_le_bytes(*wall),
+        f64::from_le_bytes(*rate),
+        clean == 1,
+        snapshot,
+    ))
+}
+
+/// Snapshots the pipeline and hands the checkpoint to the uplink (which stores it with the outputs
+/// sent before it and flushes both); in `after_checkpoint` mode the readings it covers are then
+/// acknowledged. Returns false when the uplink is gone.
+#[allow(clippy::too_many_arguments)]
+async fn take_checkpoint(
+    agent: &str,
+    pipeline: &Pipeline,
+    out_tx: &mpsc::Sender<uplink::ToUplink>,
+    metrics: &AgentMetrics,
+    unacked: &mut Vec<rumqttc::Publish>,
+    acker: &mut Acker,
+    src: &AsyncClient,
+    clock: &mut CheckpointClock,
+) -> bool {
+    let snapshot = match pipeline.snapshot() {
+        Ok(b) => b,
+        Err(e) => {
+            metrics.checkpoint_errors_total.fetch_add(1, Relaxed);
+            tracing::error!(agent, error = %e, "pipeline snapshot failed; keeping the previous checkpoint");
+            return true;
+        }
+    };
+    let now = Instant::now();
+    let readings = metrics.readings_total.load(Relaxed);
+    if let Some((at, before)) = clock.last {
+        let secs = now.duration_since(at).as_secs_f64();
+        if secs > 0.0 {
+            clock.rate = readings.saturating_sub(before) as f64 / secs;
+        }
+    }
+    clock.last = Some((now, readings));
+    let bytes = encode_checkpoint(&snapshot, now_ms(), clock.rate, clock.clean);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    if out_tx
+        .send(uplink::ToUplink::Checkpoint {
+            bytes,
+            done: Some(done_tx),
+        })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    if !unacked.is_empty() {
+        acker.push(src, done_rx, std::mem::take(unacked));
+    }
+    true
+}
+
+/// Acknowledges source readings (manual acks) once the checkpoint covering them is durable, in
+/// order, on a task of its own so the pipeline never waits for the disk.
+#[derive(Default)]
+struct Acker {
+    tx: Option<mpsc::UnboundedSender<(tokio::sync::oneshot::Receiver<()>, Vec<rumqttc::Publish>)>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Acker {
+    fn push(
+        &mut self,
+        src: &AsyncClient,
+        done: tokio::sync::oneshot::Receiver<()>,
+        readings: Vec<rumqttc::Publish>,
+    ) {
+        let tx = self.tx.get_or_insert_with(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<(
+                tokio::sync::oneshot::Receiver<()>,
+                Vec<rumqttc::Publish>,
+            )>();
+            let client = src.clone();
+            self.task = Some(tokio::spawn(async move {
+                while let Some((done, readings)) = rx.recv().await {
+                    if done.await.is_err() {
+                        // The checkpoint was not stored: leave the readings unacknowledged, so the
+                        // broker redelivers them after the next reconnect.
+                        continue;
+                    }
+                    for p in &readings {
+                        if client.ack(p).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }));
+            tx
+        });
+        let _ = tx.send((done, readings));
+    }
+
+    /// Waits until every pushed batch is acknowledged (or dropped with its checkpoint).
+    async fn finish(self) {
+        drop(self.tx);
+        if let Some(task) = self.task {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The pipeline of the last checkpoint in the outbox database, or a fresh one (logged) when there
+/// is none or it cannot be used. In `on_receipt` mode, after a crash, estimates the readings lost
+/// since that checkpoint from the rate before it (log and metric).
+fn restore_pipeline(
+    cfg: &AgentConfig,
+    metrics: &Arc<AgentMetrics>,
+    outbox: &Outbox,
+) -> Result<Pipeline, AgentError> {
+    let stored = match outbox.checkpoint() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(agent = %cfg.id, error = %e, "cannot read the checkpoint; starting with empty state");
+            None
+        }
+    };
+    let Some(stored) = stored else {
+        return Pipeline::new(cfg, metrics.clone());
+    };
+    let Some((wall_ms, rate, clean, snapshot)) = decode_checkpoint(&stored) else {
+        tracing::warn!(agent = %cfg.id, "checkpoint in an unknown format; starting with empty state");
+        return Pipeline::new(cfg, metrics.clone());
+    };
+    match Pipeline::restore(cfg, metrics.clone(), snapshot) {
+        Ok(mut p) => {
+            p.supersede_after_restore();
+            let age_ms = now_ms().saturating_sub(wall_ms).max(0);
+            tracing::info!(agent = %cfg.id, series = p.series(), age_ms, clean, "resumed from the last checkpoint");
+            if !clean && cfg.state.ack_mode == config::AckMode::OnReceipt {
+                let window = age_ms.min(cfg.state.checkpoint_interval_ms as i64) as f64 / 1000.0;
+                let lost = (rate * window).round() as u64;
+                metrics.restart_loss_estimate.store(lost, Relaxed);
+                tracing::warn!(agent = %cfg.id, estimated_lost_readings = lost, rate_per_sec = rate.round(), "the agent did not stop cleanly: readings received after the last checkpoint were lost (ack_mode on_receipt); use after_checkpoint to have the broker redeliver them");
+            }
+            Ok(p)
+        }
+        Err(e) => {
+            tracing::warn!(agent = %cfg.id, error = %e, "checkpoint not usable (configuration changed?); starting with empty state");
+            Pipeline::new(cfg, metrics.clone())
+        }
+    }
 }
 
 /// Runs an agent with `cfg` until `shutdown` resolves.

@@ -33,7 +33,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3, Xxh3DefaultBuilder};
 /// Version of the snapshot layout. Bump it when the header or the body's shape changes; the
 /// fingerprint also catches most changes to detector and window fields, but not all (a reorder of
 /// two fields of one type).
-pub const SNAPSHOT_VERSION: u8 = 1;
+pub const SNAPSHOT_VERSION: u8 = 2;
 /// Version byte + fingerprint before the body, checksum after it.
 const SNAPSHOT_OVERHEAD: usize = 1 + 8 + 8;
 
@@ -296,6 +296,14 @@ impl Pipeline {
     /// Moves everything produced so far into `into` (keeps both allocations).
     pub fn drain_outputs_into(&mut self, into: &mut Vec<Output>) {
         into.append(&mut self.outputs);
+    }
+
+    /// Raises the revision of every held window (see [`TumblingWindows::supersede`]): after a
+    /// restore, what the windows emit replaces what they may have emitted after the checkpoint.
+    pub fn supersede_after_restore(&mut self) {
+        for s in &mut self.table.series {
+            s.windows.supersede();
+        }
     }
 
     /// Number of series tracked.

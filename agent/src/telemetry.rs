@@ -68,6 +68,10 @@ pub struct AgentMetrics {
     pub checkpoints_total: AtomicU64,
     /// Messages on the acks topic that could not be decoded (ignored).
     pub bad_acks_total: AtomicU64,
+    /// Pipeline snapshots that failed (the previous checkpoint stays).
+    pub checkpoint_errors_total: AtomicU64,
+    /// After a crash in `on_receipt` mode: estimated readings lost since the last checkpoint.
+    pub restart_loss_estimate: AtomicU64,
 }
 
 impl AgentMetrics {
@@ -162,6 +166,10 @@ impl AgentMetrics {
             ),
             ("edgewatch_agent_checkpoints_total", &self.checkpoints_total),
             ("edgewatch_agent_bad_acks_total", &self.bad_acks_total),
+            (
+                "edgewatch_agent_checkpoint_errors_total",
+                &self.checkpoint_errors_total,
+            ),
         ];
         for (name, c) in counters {
             let _ = writeln!(
@@ -192,6 +200,10 @@ impl AgentMetrics {
             ("edgewatch_agent_uplink_connected", &self.uplink_connected),
             ("edgewatch_agent_outbox_records", &self.outbox_records),
             ("edgewatch_agent_outbox_bytes", &self.outbox_bytes),
+            (
+                "edgewatch_agent_restart_loss_estimate",
+                &self.restart_loss_estimate,
+            ),
         ] {
             let _ = writeln!(
                 out,

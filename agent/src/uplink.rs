@@ -35,7 +35,6 @@ pub(crate) enum ToUplink {
     Outputs(Vec<Output>),
     /// A pipeline checkpoint covering every output sent before it: stored in the outbox database,
     /// flushed together with those outputs, then `done` is signalled.
-    #[allow(dead_code)] // sent by the checkpointing pipeline (next step)
     Checkpoint {
         bytes: Vec<u8>,
         done: Option<oneshot::Sender<()>>,
@@ -95,6 +94,8 @@ pub(crate) struct Uplink {
     /// Outbox counters when `fresh` started: if coarsening or eviction ran since, `fresh` is stale.
     fresh_stats: OutboxStats,
     unflushed: usize,
+    /// Something other than appends needs the next round to flush (a checkpoint).
+    must_flush: bool,
     oldest_unflushed: Option<Instant>,
     urgent: bool,
     tokens: f64,
@@ -121,6 +122,7 @@ impl Uplink {
             connected: false,
             fresh: BTreeMap::new(),
             unflushed: 0,
+            must_flush: false,
             oldest_unflushed: None,
             urgent: false,
             tokens: 0.0,
@@ -151,10 +153,12 @@ impl Uplink {
                     Some(ToUplink::Checkpoint { bytes, done }) => {
                         match self.outbox.put_checkpoint(&bytes) {
                             Ok(()) => {
-                                self.round(&client).await;
-                                self.metrics.checkpoints_total.fetch_add(1, Relaxed);
-                                if let Some(done) = done {
-                                    let _ = done.send(());
+                                self.must_flush = true;
+                                if self.round(&client).await {
+                                    self.metrics.checkpoints_total.fetch_add(1, Relaxed);
+                                    if let Some(done) = done {
+                                        let _ = done.send(());
+                                    }
                                 }
                             }
                             Err(e) => {
@@ -305,8 +309,9 @@ impl Uplink {
         self.tokens = (self.tokens + dt * self.s.drain_rate).min(self.s.drain_rate.max(1.0));
     }
 
-    /// Flushes what was appended and publishes what each lane may send now.
-    async fn round(&mut self, client: &AsyncClient) {
+    /// Flushes what was appended and publishes what each lane may send now. Returns whether the
+    /// flush (if one was needed) succeeded.
+    async fn round(&mut self, client: &AsyncClient) -> bool {
         let fresh = std::mem::take(&mut self.fresh);
         let stats = self.outbox.stats();
         let fresh_valid = stats.coarsened == self.fresh_stats.coarsened
@@ -322,26 +327,28 @@ impl Uplink {
                 if let Err(e) = self.outbox.expose(p, *seq) {
                     self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
                     tracing::error!(agent = %self.s.agent, error = %e, "outbox write failed; not publishing");
-                    return;
+                    return false;
                 }
             }
         }
-        if self.unflushed > 0 || !plan.is_empty() {
+        if self.unflushed > 0 || self.must_flush || !plan.is_empty() {
             if let Err(e) = self.outbox.flush() {
                 // Nothing is published unflushed; the next round tries again.
                 self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
                 tracing::error!(agent = %self.s.agent, error = %e, "outbox flush failed; not publishing until it succeeds");
-                return;
+                return false;
             }
             self.metrics.outbox_flushes_total.fetch_add(1, Relaxed);
         }
         self.unflushed = 0;
+        self.must_flush = false;
         self.oldest_unflushed = None;
         self.urgent = false;
         for (p, records) in plan {
             self.publish_lane(client, p, records).await;
         }
         self.update_gauges();
+        true
     }
 
     /// What to publish per lane now: (seq, prev, record) in seq order.

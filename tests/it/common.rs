@@ -64,7 +64,9 @@ impl Mosquitto {
         Self::start_with(
             tempfile::tempdir().unwrap(),
             port,
-            &format!("allow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n{extra}"),
+            &format!(
+                "allow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n{extra}"
+            ),
         )
     }
 

@@ -181,9 +181,11 @@ async fn an_aggregator_killed_mid_stream_resumes_from_its_store_exactly() {
     )
     .await;
     let drain_started = Instant::now();
-    wait_until("the agent's outbox to drain", Duration::from_secs(120), || {
-        m.outbox_records.load(Relaxed) == 0
-    })
+    wait_until(
+        "the agent's outbox to drain",
+        Duration::from_secs(120),
+        || m.outbox_records.load(Relaxed) == 0,
+    )
     .await;
     stop.cancel();
     task.await.unwrap().unwrap();

@@ -97,6 +97,9 @@ pub struct WindowAggregate {
     /// While a tumbling window is retained after firing, this is the revision of its *next*
     /// emission, so a value above 0 there means it holds corrections not yet sent.
     pub revision: u32,
+    /// Fired, then corrected: to be emitted again (at `revision`) when dropped or flushed.
+    #[serde(default)]
+    pub dirty: bool,
 }
 
 impl WindowAggregate {
@@ -109,6 +112,7 @@ impl WindowAggregate {
             last_ts_ms: i64::MIN,
             max_score: 0.0,
             revision: 0,
+            dirty: false,
         }
     }
 

@@ -19,7 +19,7 @@
 //!
 //! Invariant: a held window has fired iff its end is at or before the watermark (the watermark never
 //! moves back, and a window opened behind it fires at once). Hence no per-window "fired" flag, and the
-//! dirty flag is the window's pending [`WindowAggregate::revision`] (0 clean, 1 dirty).
+//! dirty flag is [`WindowAggregate::dirty`]; a correction raises the revision once per firing.
 
 use super::{Admit, WindowAggregate};
 use crate::ModelError;
@@ -106,8 +106,11 @@ impl TumblingWindows {
                     let w = &mut self.open[i];
                     w.add(ts_ms, value, score);
                     if fired {
-                        // Emitted once at revision 0 so far; the drop (or flush) sends revision 1.
-                        w.revision = 1;
+                        // Emitted at its revision so far; the drop (or flush) sends the next one.
+                        if !w.dirty {
+                            w.dirty = true;
+                            w.revision += 1;
+                        }
                         Admit::Corrected {
                             window_start_ms: start,
                         }
@@ -153,7 +156,7 @@ impl TumblingWindows {
             let fire_to = self.open.partition_point(|w| w.end_ms <= watermark_ms);
             for (i, w) in self.open.drain(..dropped).enumerate() {
                 // Fired and dropped at once (revision 0), or retained with corrections (revision 1).
-                if i >= fired_before || w.revision > 0 {
+                if i >= fired_before || w.dirty {
                     emit(w);
                 }
             }
@@ -167,12 +170,22 @@ impl TumblingWindows {
         self.closed_until_ms = self.closed_until_ms.max(aligned);
     }
 
+    /// Raises the revision of every held window by one, so that whatever they emit from now on
+    /// replaces what they emitted before. Used after restoring a checkpoint: windows may have been
+    /// emitted after it was taken (with readings the restore does not have, or a crash replays),
+    /// and the receiver keeps the highest revision.
+    pub fn supersede(&mut self) {
+        for w in &mut self.open {
+            w.revision += 1;
+        }
+    }
+
     /// Drops every held window regardless of the watermark (shutdown, drain): open windows are
     /// emitted at revision 0, retained ones only if dirty (at revision 1).
     pub fn flush(&mut self, emit: &mut impl FnMut(WindowAggregate)) {
         for w in self.open.drain(..) {
             self.closed_until_ms = self.closed_until_ms.max(w.end_ms);
-            if w.end_ms > self.watermark_ms || w.revision > 0 {
+            if w.end_ms > self.watermark_ms || w.dirty {
                 emit(w);
             }
         }
@@ -301,6 +314,20 @@ mod tests {
         let mut out = Vec::new();
         w.advance(5000, &mut |a| out.push(a));
         assert_eq!(spans(&out), vec![(0, 1, 2), (1000, 0, 1)]);
+    }
+
+    #[test]
+    fn superseded_windows_emit_above_every_earlier_revision() {
+        let mut w = TumblingWindows::new(1000, 500).unwrap();
+        let mut out = Vec::new();
+        w.push(100, 1.0, 0.0, &mut |a| out.push(a));
+        w.push(1100, 1.0, 0.0, &mut |a| out.push(a)); // fires [0, 1000) at revision 0
+        assert_eq!(spans(&out), vec![(0, 0, 1)]);
+        w.supersede(); // as after a restore: [0, 1000) retained, [1000, 2000) open
+        w.push(900, 2.0, 0.0, &mut |a| out.push(a)); // correction: 1 + 1
+                                                     // Drops [0, 1000), dirty, at 2; fires [1000, 2000) at 1.
+        w.push(2100, 1.0, 0.0, &mut |a| out.push(a));
+        assert_eq!(spans(&out), vec![(0, 0, 1), (0, 2, 2), (1000, 1, 1)]);
     }
 
     #[test]
