@@ -220,3 +220,162 @@ async fn an_aggregator_killed_mid_stream_resumes_from_its_store_exactly() {
     agg.terminate();
     drop(broker);
 }
+
+/// Writes an agent config for `ack_mode`, durable in `dir`, closing its windows on a clean stop.
+fn agent_yaml(dir: &Path, broker: u16, ack_mode: &str) -> PathBuf {
+    let path = dir.join("agent.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "id: gw-crash\n\
+             source: {{ mqtt: {{ host: 127.0.0.1, port: {broker} }}, qos: 1 }}\n\
+             uplink: {{ ack_timeout_ms: 2000 }}\n\
+             window: {{ size_ms: 10000, allowed_lateness_ms: 0, idle_timeout_ms: 20000 }}\n\
+             state: {{ dir: \"{}\", checkpoint_interval_ms: 500, ack_mode: {ack_mode}, flush_on_exit: true }}\n",
+            dir.join("agent-state").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Runs `edgewatch verify`; returns (exit code, stdout + stderr).
+fn verify(log: &Path, addr: SocketAddr, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+        .arg("verify")
+        .arg("--readings")
+        .arg(log)
+        .args([
+            "--aggregator",
+            &format!("http://{addr}"),
+            "--window-ms",
+            "10000",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Waits until the aggregator's readings stop changing for `quiet` (the agent is a separate
+/// process, so its own counters are not at hand).
+async fn wait_settled(addr: SocketAddr, quiet: Duration, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    let (mut last, mut since) = (readings(addr), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = readings(addr);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= quiet {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readings never settled (at {now})"
+        );
+    }
+}
+
+/// Simulator → mosquitto → agent process (killed with SIGKILL mid-stream, restarted on its state)
+/// → durable aggregator; then `edgewatch verify` against the simulator's readings log.
+async fn kill_the_agent_mid_stream(
+    ack_mode: &str,
+    verify_args: &[&str],
+) -> (i32, String, String, u64) {
+    edgewatch::logging::init("warn");
+    let dir = tempfile::tempdir().unwrap();
+    // Unlimited in-flight and queued messages: after_checkpoint holds up to one checkpoint
+    // interval of readings unacknowledged, and the broker queues readings during the restart.
+    let mosq = Mosquitto::start_on(free_port(), "persistence false\n");
+    let http = free_port();
+    let mut agg_cfg = edgewatch_aggregator::AggregatorConfig::with_id("agg-c");
+    agg_cfg.mqtt.port = mosq.port;
+    agg_cfg.http.listen = format!("127.0.0.1:{http}");
+    agg_cfg.state.dir = Some(dir.path().join("agg-state"));
+    agg_cfg.state.windows_per_series = 100_000;
+    let agg = edgewatch_aggregator::Aggregator::bind(agg_cfg)
+        .await
+        .unwrap();
+    let addr = agg.local_addr();
+    let stop_agg = CancellationToken::new();
+    let agg_task = {
+        let t = stop_agg.clone();
+        tokio::spawn(agg.run(async move { t.cancelled().await }))
+    };
+
+    let conf = agent_yaml(dir.path(), mosq.port, ack_mode);
+    let log = dir.path().join("agent.log");
+    let args = ["agent", "--config", conf.to_str().unwrap()];
+    let agent = Proc::spawn("agent", &args, &log);
+    // Its persistent session must exist before the fleet publishes, or the broker drops readings.
+    wait_until("the agent's session", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("agent starting"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let readings_log = dir.path().join("readings.csv");
+    let mut sim = fleet(mosq.port, 2, 9);
+    sim.readings_log_path = Some(readings_log.clone());
+    let sim = tokio::spawn(edgewatch_simulators::run(sim, std::future::pending()));
+    wait_until(
+        "some windows at the aggregator",
+        Duration::from_secs(60),
+        || readings(addr) > 20_000,
+    )
+    .await;
+    agent.kill9();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let agent = Proc::spawn("agent", &args, &log);
+    let report = sim.await.unwrap().unwrap();
+    assert!(readings(addr) < report.published, "killed mid-stream");
+    // Everything the broker holds for the agent is processed, then a clean stop sends the rest.
+    wait_settled(addr, Duration::from_secs(3), Duration::from_secs(120)).await;
+    agent.terminate();
+    let held = wait_settled(addr, Duration::from_secs(2), Duration::from_secs(60)).await;
+    let (code, out) = verify(&readings_log, addr, verify_args);
+    stop_agg.cancel();
+    agg_task.await.unwrap().unwrap();
+    let agent_log = std::fs::read_to_string(&log).unwrap();
+    eprintln!(
+        "{ack_mode}: {} published, {held} held\n{out}",
+        report.published
+    );
+    (code, out, agent_log, report.published - held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_stream_with_after_checkpoint_loses_nothing() {
+    let (code, out, log, missing) = kill_the_agent_mid_stream("after_checkpoint", &[]).await;
+    assert!(log.contains("resumed from the last checkpoint"), "{log}");
+    assert_eq!(missing, 0, "every reading held once:\n{out}");
+    assert_eq!(code, 0, "verify is exact, with no loss tolerated:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_stream_with_on_receipt_loses_at_most_one_checkpoint_interval() {
+    let (code, out, log, missing) =
+        kill_the_agent_mid_stream("on_receipt", &["--tolerate-loss", "4000"]).await;
+    assert!(log.contains("resumed from the last checkpoint"), "{log}");
+    // 8,000 readings/s for one 500 ms checkpoint interval.
+    assert!(
+        missing <= 4_000,
+        "lost {missing} readings, more than one checkpoint interval:\n{out}"
+    );
+    assert_eq!(
+        code, 0,
+        "nothing doubled, loss within the tolerance:\n{out}"
+    );
+    assert!(
+        log.contains("estimated_lost_readings"),
+        "the loss estimate is reported:\n{log}"
+    );
+}
