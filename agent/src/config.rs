@@ -552,6 +552,9 @@ impl AgentConfig {
                     self.source.qos
                 ));
             }
+            if self.pipeline.when_full != WhenFull::Block {
+                out.push("state.ack_mode: after_checkpoint needs pipeline.when_full: block (a dropped reading could never be acknowledged)".into());
+            }
         }
         if let Err(e) = edgewatch_models::window::TumblingWindows::new(
             self.window.size_ms,
@@ -586,5 +589,46 @@ impl AgentConfig {
             out.push("pipeline.max_series: must be > 0, got 0".into());
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(yaml: &str) -> Vec<String> {
+        let cfg: AgentConfig = serde_norway::from_str(yaml).expect("parses");
+        cfg.problems()
+    }
+
+    #[test]
+    fn after_checkpoint_needs_durable_state_qos_1_and_blocking_queues() {
+        let p = problems("id: gw\nstate: { ack_mode: after_checkpoint }\nsource: { qos: 0 }\npipeline: { when_full: drop_newest }\n");
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("state.ack_mode") && m.contains("state.dir")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|m| m.contains("source.qos 1")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("when_full: block")), "{p:?}");
+        let ok = problems("id: gw\nstate: { ack_mode: after_checkpoint, dir: /tmp/x }\n");
+        assert!(ok.is_empty(), "{ok:?}");
+    }
+
+    #[test]
+    fn outbox_settings_are_checked() {
+        let p = problems("id: gw\nuplink: { max_outbox_bytes: 0, ack_timeout_ms: 0, drain_records_per_sec: 0, coarsen_below_score: 2.0 }\nstate: { checkpoint_interval_ms: 0 }\n");
+        for key in [
+            "uplink.max_outbox_bytes",
+            "uplink.ack_timeout_ms",
+            "uplink.drain_records_per_sec",
+            "uplink.coarsen_below_score",
+            "state.checkpoint_interval_ms",
+        ] {
+            assert!(
+                p.iter().any(|m| m.starts_with(key)),
+                "{key} not reported in {p:?}"
+            );
+        }
     }
 }
