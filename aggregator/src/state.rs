@@ -459,6 +459,43 @@ mod tests {
 
     proptest! {
         #[test]
+        fn a_lane_with_skipped_seqs_completes_in_any_order_and_stops_at_a_real_hole(
+            kept in prop::collection::vec(any::<bool>(), 1..60),
+            order in Just((0..60usize).collect::<Vec<_>>()).prop_shuffle(),
+            dups in prop::collection::vec(0..60usize, 0..20),
+            lose in any::<prop::sample::Index>(),
+        ) {
+            // The sender still holds the seqs marked kept (the others were merged or evicted);
+            // each names the kept one before it as its prev.
+            let mut records = Vec::new();
+            let mut prev = 0;
+            for (i, k) in kept.iter().enumerate() {
+                let seq = i as u64 + 1;
+                if *k {
+                    records.push((seq, prev));
+                    prev = seq;
+                }
+            }
+            prop_assume!(!records.is_empty());
+            let deliveries: Vec<(u64, u64)> = order.iter().chain(dups.iter())
+                .filter_map(|&i| records.get(i).copied())
+                .collect();
+            let mut all = LaneProgress::default();
+            for &(seq, prev) in &deliveries {
+                all.note(seq, prev);
+            }
+            prop_assert_eq!(all.contiguous, prev, "complete chain: up to the last seq");
+            prop_assert!(all.ahead.is_empty());
+            // Lose one record in transit: the lane stops right before it.
+            let lost = records[lose.index(records.len())];
+            let mut some = LaneProgress::default();
+            for &(seq, prev) in deliveries.iter().filter(|r| **r != lost) {
+                some.note(seq, prev);
+            }
+            prop_assert_eq!(some.contiguous, lost.1, "stops at the lost record's prev");
+        }
+
+        #[test]
         fn duplicated_and_reordered_deliveries_change_nothing(
             order in Just((0..20usize).collect::<Vec<_>>()).prop_shuffle(),
             dups in prop::collection::vec(0..20usize, 0..20),

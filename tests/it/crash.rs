@@ -139,6 +139,7 @@ async fn an_aggregator_killed_mid_stream_resumes_from_its_store_exactly() {
     cfg.window.size_ms = 10_000;
     cfg.window.allowed_lateness_ms = 0;
     cfg.window.idle_timeout_ms = 20_000;
+    cfg.state.flush_on_exit = true;
     let agent = Agent::new(cfg).unwrap();
     let m: Arc<AgentMetrics> = agent.metrics();
     let stop = CancellationToken::new();
