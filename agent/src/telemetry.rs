@@ -28,7 +28,7 @@ pub struct AgentMetrics {
     pub summaries_published_total: AtomicU64,
     /// Anomaly events published.
     pub anomalies_published_total: AtomicU64,
-    /// Publish calls that failed (client channel closed).
+    /// Publishes the MQTT client could not queue (request queue full, link down): sent again from the outbox.
     pub publish_errors_total: AtomicU64,
     /// Connection errors on either link (each followed by a backoff and reconnect).
     pub connection_errors_total: AtomicU64,

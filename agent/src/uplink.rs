@@ -345,7 +345,7 @@ impl Uplink {
         self.oldest_unflushed = None;
         self.urgent = false;
         for (p, records) in plan {
-            self.publish_lane(client, p, records).await;
+            self.publish_lane(client, p, records);
         }
         self.update_gauges();
         true
@@ -449,12 +449,14 @@ impl Uplink {
         plan
     }
 
-    async fn publish_lane(
-        &mut self,
-        client: &AsyncClient,
-        p: u32,
-        records: Vec<(u64, u64, Record)>,
-    ) {
+    /// Publishes a lane's records of this round (events in one batch, summaries in batches of
+    /// `batch_max_records`). If the client refuses one (its request queue is full, e.g. the link
+    /// just dropped), the lane's cursor goes back before this round's records, so a later round
+    /// sends them again (replays are idempotent at the owner).
+    fn publish_lane(&mut self, client: &AsyncClient, p: u32, records: Vec<(u64, u64, Record)>) {
+        let Some(lowest) = records.first().map(|r| r.0) else {
+            return;
+        };
         let acked = self.outbox.acked_seq(p);
         let mut summaries: Vec<Sequenced<WindowSummary>> = Vec::new();
         let mut events: Vec<Sequenced<AnomalyEvent>> = Vec::new();
@@ -465,6 +467,7 @@ impl Uplink {
                 Record::Anomaly(item) => events.push(Sequenced { seq, prev, item }),
             }
         }
+        let mut ok = true;
         if !events.is_empty() {
             let n = events.len() as u64;
             let batch = Batch {
@@ -474,12 +477,13 @@ impl Uplink {
                 acked,
             };
             let topic = self.s.topics.anomalies(p, &self.s.agent);
-            if self.publish(client, topic, &batch).await {
+            ok = self.publish(client, topic, &batch);
+            if ok {
                 self.metrics.anomalies_published_total.fetch_add(n, Relaxed);
             }
         }
         let mut rest = summaries;
-        while !rest.is_empty() {
+        while ok && !rest.is_empty() {
             let tail = rest.split_off(rest.len().min(self.s.batch_max.max(1)));
             let n = rest.len() as u64;
             let batch = Batch {
@@ -489,19 +493,21 @@ impl Uplink {
                 acked,
             };
             let topic = self.s.topics.summaries(p, &self.s.agent);
-            if self.publish(client, topic, &batch).await {
+            ok = self.publish(client, topic, &batch);
+            if ok {
                 self.metrics.summaries_published_total.fetch_add(n, Relaxed);
             }
             rest = tail;
         }
+        if !ok {
+            if let Some(lane) = self.lanes.get_mut(&p) {
+                lane.cursor = lane.cursor.min(lowest - 1).max(acked);
+                lane.live.retain(|&s| s < lowest);
+            }
+        }
     }
 
-    async fn publish<T: serde::Serialize>(
-        &self,
-        client: &AsyncClient,
-        topic: String,
-        body: &T,
-    ) -> bool {
+    fn publish<T: serde::Serialize>(&self, client: &AsyncClient, topic: String, body: &T) -> bool {
         let payload = match serde_json::to_vec(body) {
             Ok(p) => p,
             Err(e) => {
@@ -511,10 +517,9 @@ impl Uplink {
                 return false;
             }
         };
-        match client
-            .publish(topic.clone(), self.s.qos, false, payload)
-            .await
-        {
+        // Never wait on the client: a full request queue means the link is down or saturated,
+        // and the records stay in the outbox for a later round.
+        match client.try_publish(topic.clone(), self.s.qos, false, payload) {
             Ok(()) => {
                 if self.s.qos != QoS::AtMostOnce {
                     self.sent.fetch_add(1, Relaxed);
@@ -522,7 +527,7 @@ impl Uplink {
                 true
             }
             Err(e) => {
-                tracing::warn!(%topic, error = %e, "uplink publish failed; the outbox resends it");
+                tracing::debug!(%topic, error = %e, "uplink publish not queued; the outbox sends it again");
                 self.metrics.publish_errors_total.fetch_add(1, Relaxed);
                 false
             }
