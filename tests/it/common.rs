@@ -100,6 +100,24 @@ impl Mosquitto {
     }
 }
 
+impl Mosquitto {
+    /// A clean stop: SIGTERM (mosquitto then writes its persistence store), and waits up to 10 s
+    /// for it to exit. The port is free once this returns.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto (pid {pid}) did not stop within 10 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod broker_restart;
 mod cli;
 mod common;
 mod configs;
