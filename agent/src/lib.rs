@@ -234,6 +234,7 @@ impl Agent {
             let metrics = metrics.clone();
             let cancel = stop_uplink.clone();
             let acked = acked.clone();
+            let sent = sent.clone();
             let client = up_client.clone();
             let acks_topic = Topics::new(&cfg.uplink.prefix).acks(&cfg.id);
             let agent = cfg.id.clone();
@@ -244,6 +245,9 @@ impl Agent {
                             acked.fetch_add(1, Relaxed);
                         }
                         LinkEvent::Connected => {
+                            // Publishes of the previous connection will never be acknowledged
+                            // (rumqttc drops them with a clean session); the outbox resends them.
+                            acked.store(sent.load(Relaxed), Relaxed);
                             if let Err(e) = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce) {
                                 tracing::error!(topic = %acks_topic, error = %e, "subscribe request failed");
                             }

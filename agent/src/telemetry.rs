@@ -60,7 +60,7 @@ pub struct AgentMetrics {
     pub outbox_errors_total: AtomicU64,
     /// Ack messages received from owners.
     pub acks_received_total: AtomicU64,
-    /// Go-back-N resends after an ack timeout.
+    /// Go-back-N resends of a lane (after an ack timeout, or a reconnect with records in flight).
     pub resends_total: AtomicU64,
     /// Backlog records published by the paced drain.
     pub drained_records_total: AtomicU64,

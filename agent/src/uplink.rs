@@ -226,7 +226,11 @@ impl Uplink {
                 let now = Instant::now();
                 // Go back to the acked seq of every lane: whatever was in flight may be lost.
                 for (&p, lane) in &mut self.lanes {
-                    lane.cursor = self.outbox.acked_seq(p);
+                    let acked = self.outbox.acked_seq(p);
+                    if lane.cursor > acked || !lane.live.is_empty() {
+                        self.metrics.resends_total.fetch_add(1, Relaxed);
+                    }
+                    lane.cursor = acked;
                     lane.live.clear();
                     lane.last_progress = now;
                 }
