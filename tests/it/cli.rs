@@ -151,6 +151,63 @@ fn every_command_has_help() {
     assert_eq!(out.status.code(), Some(2), "clap's usage errors exit 2");
 }
 
+/// Every section of `edgewatch bench` at tiny sizes, so the bench code cannot rot; the figures of
+/// a debug build mean nothing and are not checked.
+#[test]
+fn bench_runs_every_section_with_tiny_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = edgewatch()
+        .args([
+            "bench",
+            "--readings",
+            "2000",
+            "--series",
+            "100",
+            "--detector",
+            "zscore",
+            "--e2e-readings",
+            "2000",
+            "--latency-spikes",
+            "20",
+            "--durability-readings",
+            "2000",
+            "--drain-readings",
+            "10000",
+            "--drain-rate",
+            "50000",
+            "--restart-series",
+            "50",
+            "--restart-readings-per-series",
+            "5",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "in-process pipeline [zscore]",
+        "end to end via embedded broker",
+        "publish -> feed event latency",
+        "durability, acked by the aggregator",
+        "drain at drain_records_per_sec 50000: backlog",
+        "restart with 50 series",
+        "restart steps alone",
+    ] {
+        assert!(text.contains(line), "no {line:?} in {text}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the bench removes its state directories"
+    );
+}
+
 fn wait_status(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
     let deadline = Instant::now() + timeout;
     loop {

@@ -1,12 +1,15 @@
 //! `edgewatch bench`: figures anyone can reproduce on their own machine — the agent pipeline's
-//! in-process throughput on one core, end-to-end throughput through the embedded broker, and the
-//! latency from a sensor publish to the anomaly event on the feed.
+//! in-process throughput on one core, end-to-end throughput through the embedded broker, the latency
+//! from a sensor publish to the anomaly event on the feed, and the delivery figures of
+//! [`delivery`]: the cost of durable state, the backlog drain after an outage, and restart time.
 //!
 //! Run it from a release build (`cargo run --release -- bench`); debug builds are 10–50× slower.
 
+mod delivery;
+
 use crate::broker::{BrokerConfig, EmbeddedBroker};
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use edgewatch_agent::pipeline::Pipeline;
 use edgewatch_agent::{Agent, AgentConfig, AgentMetrics};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
@@ -15,6 +18,7 @@ use edgewatch_simulators::{Fleet, SimulatorConfig};
 use futures_util::StreamExt;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +28,9 @@ use tokio_util::sync::CancellationToken;
 /// Arguments of `edgewatch bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    /// Sections to run (repeatable; default: all of them, in this order).
+    #[arg(long = "section", value_enum)]
+    pub sections: Vec<Section>,
     /// Readings replayed through the in-process pipeline.
     #[arg(long, default_value_t = 2_000_000)]
     pub readings: usize,
@@ -39,25 +46,124 @@ pub struct BenchArgs {
     /// Detector presets to bench in process (default: the default detector and zscore).
     #[arg(long)]
     pub detector: Vec<String>,
-    /// Skip the broker-based figures.
+    /// Only the in-process pipeline (same as `--section pipeline`).
     #[arg(long)]
     pub in_process_only: bool,
+    /// Readings per end-to-end run of the durability section (one run without state.dir, one with).
+    #[arg(long, default_value_t = 500_000)]
+    pub durability_readings: u64,
+    /// Readings processed while the uplink is down in the drain section (1,000 series, one reading
+    /// per series every 10 s of event time: about one outbox record per 6 readings).
+    #[arg(long, default_value_t = 200_000)]
+    pub drain_readings: usize,
+    /// `uplink.drain_records_per_sec` values to drain the backlog at (default: the configuration's
+    /// default, then 100000 to show the ceiling).
+    #[arg(long)]
+    pub drain_rate: Vec<u64>,
+    /// Series in the checkpoint of the restart section.
+    #[arg(long, default_value_t = 1_000)]
+    pub restart_series: usize,
+    /// Readings per series before the restart.
+    #[arg(long, default_value_t = 50)]
+    pub restart_readings_per_series: usize,
+    /// Where the durable sections keep their sled databases (a fresh directory inside it, removed
+    /// afterwards); put it on the disk you want measured. Default: the system temp directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
-/// Runs every benchmark and prints the figures.
+/// A part of `edgewatch bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Section {
+    /// In-process pipeline throughput, per detector preset.
+    Pipeline,
+    /// End-to-end throughput through the embedded broker.
+    EndToEnd,
+    /// Publish → feed event latency.
+    Latency,
+    /// End to end without and with `state.dir` (agent and aggregator): the cost of durability.
+    Durability,
+    /// Backlog built while the uplink is down, then drained once the cloud side starts.
+    Drain,
+    /// Restart of an agent with a checkpoint: outbox open, pipeline restore, first reading.
+    Restart,
+}
+
+/// Runs the selected benchmarks and prints the figures.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build; figures will be far below a release build's (cargo run --release -- bench)");
     }
+    let mut sections = if args.in_process_only {
+        vec![Section::Pipeline]
+    } else if args.sections.is_empty() {
+        Section::value_variants().to_vec()
+    } else {
+        args.sections.clone()
+    };
+    sections.sort();
+    sections.dedup();
+    println!(
+        "edgewatch bench ({} cores visible)",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    if sections.contains(&Section::Pipeline) {
+        pipeline_section(&args)?;
+    }
+    if sections.iter().all(|s| *s == Section::Pipeline) {
+        return Ok(());
+    }
+    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        for section in sections {
+            match section {
+                Section::Pipeline => {}
+                Section::EndToEnd => {
+                    let r = end_to_end(args.e2e_readings, None).await?;
+                    println!(
+                        "end to end via embedded broker: {:>12.0} readings/s (simulator publish -> agent -> summaries applied; {} readings)",
+                        r.ingest_per_sec, args.e2e_readings
+                    );
+                }
+                Section::Latency => {
+                    let (p50, p99, n) = latency(args.latency_spikes).await?;
+                    println!(
+                        "publish -> feed event latency: p50 {p50:.2} ms, p99 {p99:.2} ms ({n} events)"
+                    );
+                }
+                Section::Durability => delivery::durability(args.durability_readings, &base).await?,
+                Section::Drain => {
+                    let rates = if args.drain_rate.is_empty() {
+                        vec![
+                            edgewatch_agent::config::UplinkConfig::default().drain_records_per_sec,
+                            100_000,
+                        ]
+                    } else {
+                        args.drain_rate.clone()
+                    };
+                    for rate in rates {
+                        delivery::drain(args.drain_readings, rate, &base).await?;
+                    }
+                }
+                Section::Restart => {
+                    delivery::restart(args.restart_series, args.restart_readings_per_series, &base)
+                        .await?
+                }
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn pipeline_section(args: &BenchArgs) -> anyhow::Result<()> {
     let presets = if args.detector.is_empty() {
         vec![None, Some("zscore".to_string())]
     } else {
         args.detector.iter().cloned().map(Some).collect()
     };
-    println!(
-        "edgewatch bench ({} cores visible)",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
     for preset in presets {
         let detector = match &preset {
             None => DetectorConfig::default(),
@@ -75,30 +181,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             rate, args.readings, args.series
         );
     }
-    if args.in_process_only {
-        return Ok(());
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let rate = end_to_end_throughput(args.e2e_readings).await?;
-        println!(
-            "end to end via embedded broker: {rate:>12.0} readings/s (simulator publish -> agent -> summaries applied; {} readings)",
-            args.e2e_readings
-        );
-        let (p50, p99, n) = latency(args.latency_spikes).await?;
-        println!("publish -> feed event latency: p50 {p50:.2} ms, p99 {p99:.2} ms ({n} events)");
-        anyhow::Ok(())
-    })
+    Ok(())
 }
 
-/// Pre-serialised (topic, payload) pairs from the simulator's generator.
-fn workload(readings: usize, series: usize) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+/// Pre-serialised (topic, payload) pairs from the simulator's generator, one reading per series
+/// every `interval_ms` of event time.
+fn workload(
+    readings: usize,
+    series: usize,
+    interval_ms: u64,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut sim = SimulatorConfig::default();
     let metrics = sim.metrics.len();
     sim.devices = series.div_ceil(metrics).max(1);
     sim.seed = 1;
+    sim.interval_ms = interval_ms;
     let mut fleet = Fleet::new(&sim, 1_767_225_600_000)?;
     let mut out = Vec::with_capacity(readings);
     let mut step = Vec::new();
@@ -120,7 +217,7 @@ fn pipeline_throughput(
     readings: usize,
     series: usize,
 ) -> anyhow::Result<(f64, u64)> {
-    let data = workload(readings, series)?;
+    let data = workload(readings, series, 1000)?;
     let mut cfg = AgentConfig::with_id("bench");
     cfg.detector = detector;
     let metrics = Arc::new(AgentMetrics::default());
@@ -152,22 +249,32 @@ struct Stack {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-async fn stack(detector: DetectorConfig) -> anyhow::Result<Stack> {
-    let broker = EmbeddedBroker::start(&BrokerConfig {
+/// An embedded broker on a free loopback port.
+fn broker() -> anyhow::Result<EmbeddedBroker> {
+    EmbeddedBroker::start(&BrokerConfig {
         listen: "127.0.0.1:0".into(),
         ..BrokerConfig::default()
-    })?;
+    })
+}
+
+/// Broker, aggregator and agent in this process. With `state`, both keep durable state in it
+/// (`state.dir` of the agent and of the aggregator); without, the agent's outbox is temporary and
+/// the aggregator's state in memory.
+async fn stack(detector: DetectorConfig, state: Option<&Path>) -> anyhow::Result<Stack> {
+    let broker = broker()?;
     let (host, port) = (broker.addr().ip().to_string(), broker.addr().port());
     let mut agg = AggregatorConfig::with_id("bench-agg");
     agg.mqtt.host = host.clone();
     agg.mqtt.port = port;
     agg.http.listen = "127.0.0.1:0".into();
+    agg.state.dir = state.map(|d| d.join("aggregator"));
     let agg = Aggregator::bind(agg).await?;
     let feed_url = agg.feed_url();
     let mut cfg = AgentConfig::with_id("bench-gw");
     cfg.source.mqtt.host = host;
     cfg.source.mqtt.port = port;
     cfg.detector = detector;
+    cfg.state.dir = state.map(|d| d.join("agent"));
     let agent = Agent::new(cfg)?;
     let metrics = agent.metrics();
     let stop = CancellationToken::new();
@@ -200,26 +307,29 @@ impl Stack {
     }
 
     fn publisher(&self, id: &str) -> AsyncClient {
-        let mut o = MqttOptions::new(
-            id,
-            self.broker.addr().ip().to_string(),
-            self.broker.addr().port(),
-        );
-        o.set_request_channel_capacity(1000).set_inflight(1000);
-        let (client, mut el) = AsyncClient::new(o, 1000);
-        el.network_options.set_tcp_nodelay(true);
-        tokio::spawn(async move { while el.poll().await.is_ok() {} });
-        client
+        publisher(&self.broker, id)
     }
 }
 
-async fn end_to_end_throughput(readings: u64) -> anyhow::Result<f64> {
-    let stack = stack(DetectorConfig::default()).await?;
-    let data = workload(readings as usize, 1_000)?;
-    let client = stack.publisher("bench-pub");
-    let start = Instant::now();
-    // Paced by the agent's progress so rumqttd's per-subscription buffer never overflows (it drops
-    // instead of applying backpressure).
+/// A QoS 0 publisher on `broker` with room for bursts.
+fn publisher(broker: &EmbeddedBroker, id: &str) -> AsyncClient {
+    let mut o = MqttOptions::new(id, broker.addr().ip().to_string(), broker.addr().port());
+    o.set_request_channel_capacity(1000).set_inflight(1000);
+    let (client, mut el) = AsyncClient::new(o, 1000);
+    el.network_options.set_tcp_nodelay(true);
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    client
+}
+
+/// Publishes `data`, paced by the agent's progress so rumqttd's per-subscription buffer never
+/// overflows (it drops instead of applying backpressure), and waits until the agent has processed
+/// every reading.
+async fn publish_paced(
+    client: &AsyncClient,
+    data: &[(String, Vec<u8>)],
+    agent: &AgentMetrics,
+) -> anyhow::Result<()> {
+    let before = agent.readings_total.load(Relaxed);
     let mut published = 0u64;
     for chunk in data.chunks(5_000) {
         for (topic, payload) in chunk {
@@ -229,27 +339,69 @@ async fn end_to_end_throughput(readings: u64) -> anyhow::Result<f64> {
         }
         published += chunk.len() as u64;
         // Keep at most 50k readings in flight between publisher and agent.
-        while published.saturating_sub(stack.agent.readings_total.load(Relaxed)) > 50_000 {
+        while published.saturating_sub(agent.readings_total.load(Relaxed) - before) > 50_000 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
+    let want = before + data.len() as u64;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while stack.agent.readings_total.load(Relaxed) < readings {
+    while agent.readings_total.load(Relaxed) < want {
         if Instant::now() > deadline {
             bail!(
-                "only {} of {readings} readings reached the agent (the broker dropped some)",
-                stack.agent.readings_total.load(Relaxed)
+                "only {} of {} readings reached the agent (the broker dropped some)",
+                agent.readings_total.load(Relaxed) - before,
+                data.len()
             );
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let secs = start.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// Figures of one end-to-end run.
+struct EndToEnd {
+    /// Readings processed by the agent per second (publish start to last reading processed).
+    ingest_per_sec: f64,
+    /// Readings per second until the aggregator also acknowledged every record the agent produced
+    /// (the outbox holds nothing the pipeline has handed over).
+    delivered_per_sec: f64,
+}
+
+async fn end_to_end(readings: u64, state: Option<&Path>) -> anyhow::Result<EndToEnd> {
+    let stack = stack(DetectorConfig::default(), state).await?;
+    let data = workload(readings as usize, 1_000, 1000)?;
+    let client = stack.publisher("bench-pub");
+    let start = Instant::now();
+    publish_paced(&client, &data, &stack.agent).await?;
+    let ingest = start.elapsed().as_secs_f64();
+    let m = &stack.agent;
+    // Every summary and event the pipeline produced is an outbox record until its owner acks it.
+    let produced = || m.windows_total.load(Relaxed) + m.anomalies_total.load(Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while m.outbox_acked_total.load(Relaxed) < produced() {
+        if Instant::now() > deadline {
+            bail!(
+                "the aggregator acknowledged only {} of {} records within 60 s",
+                m.outbox_acked_total.load(Relaxed),
+                produced()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let delivered = start.elapsed().as_secs_f64();
     stack.stop().await;
-    Ok(readings as f64 / secs)
+    Ok(EndToEnd {
+        ingest_per_sec: readings as f64 / ingest,
+        delivered_per_sec: readings as f64 / delivered,
+    })
 }
 
 async fn latency(spikes: usize) -> anyhow::Result<(f64, f64, usize)> {
-    let stack = stack(DetectorConfig::preset("zscore").context("zscore preset")?).await?;
+    let stack = stack(
+        DetectorConfig::preset("zscore").context("zscore preset")?,
+        None,
+    )
+    .await?;
     let (ws, _) = tokio_tungstenite::connect_async(stack.feed_url.as_str()).await?;
     let sent: Arc<Mutex<HashMap<(String, i64), Instant>>> = Arc::default();
     let lat: Arc<Mutex<Vec<f64>>> = Arc::default();
