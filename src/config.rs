@@ -285,4 +285,30 @@ window:
         let e = parse::<edgewatch_agent::AgentConfig>("id: [a\n", Path::new("f.yaml")).unwrap_err();
         assert!(e.problems[0].location.is_some(), "{e}");
     }
+
+    #[test]
+    fn aggregator_cluster_problems_are_located_in_the_file() {
+        let yaml = "id: a\ncluster:\n  type: nats\n  servers:\n    - nats://n1:4222\n    - n2:4222\n  heartbeat_ms: 9000\n";
+        let e = parse::<edgewatch_aggregator::AggregatorConfig>(yaml, Path::new("agg.yaml"))
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains(
+                "agg.yaml: cluster.servers[1] (line 6, col 5): expected nats://host:port"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "agg.yaml: cluster.heartbeat_ms (line 7, col 3): must be > 0 and at most"
+            ),
+            "{text}"
+        );
+        let e = parse::<edgewatch_aggregator::AggregatorConfig>(
+            "id: a\ncluster:\n  type: nats\n  servers: []\n  lease_ttl: 5\n",
+            Path::new("agg.yaml"),
+        )
+        .unwrap_err();
+        assert_eq!(e.problems[0].key, "cluster.lease_ttl");
+    }
 }

@@ -1,7 +1,8 @@
-//! The aggregator's YAML configuration: its broker, the partitions it owns, its HTTP listener and
-//! the feed's limits. Unknown fields are rejected; [`AggregatorConfig::problems`] reports every
-//! invalid value at once.
+//! The aggregator's YAML configuration: its broker, the partitions it owns, its HTTP listener,
+//! the feed's limits and (not used yet) the cluster it coordinates through. Unknown fields are
+//! rejected; [`AggregatorConfig::problems`] reports every invalid value at once.
 
+use crate::cluster::ClusterConfig;
 use edgewatch_models::link::MqttLink;
 use edgewatch_models::wire::{is_valid_node_id, DEFAULT_PREFIX};
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,10 @@ pub struct AggregatorConfig {
     /// Per-device state limits.
     #[serde(default)]
     pub state: StateConfig,
+    /// Cluster coordination on NATS JetStream (in progress): parsed and validated, but not used by
+    /// the running aggregator yet, which still owns the static `owned:` partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// A partition number or an inclusive range `"a-b"`.
@@ -183,6 +188,7 @@ impl AggregatorConfig {
             http: HttpConfig::default(),
             feed: FeedConfig::default(),
             state: StateConfig::default(),
+            cluster: None,
         }
     }
 
@@ -262,6 +268,9 @@ impl AggregatorConfig {
         if self.state.windows_per_series == 0 {
             out.push("state.windows_per_series: must be > 0, got 0".into());
         }
+        if let Some(c) = &self.cluster {
+            out.extend(c.problems().into_iter().map(|p| format!("cluster.{p}")));
+        }
         out
     }
 }
@@ -295,5 +304,17 @@ mod tests {
         assert!(p[0].starts_with("owned[0]: range"), "{p:?}");
         assert!(p[1].starts_with("owned[1]:"), "{p:?}");
         assert!(p[2].contains("out of range"), "{p:?}");
+    }
+
+    #[test]
+    fn cluster_problems_are_reported_under_the_cluster_key() {
+        let mut c = AggregatorConfig::with_id("a");
+        let mut cluster = ClusterConfig::nats(vec!["nats://n1:4222".into()]);
+        assert!(c.problems().is_empty());
+        cluster.heartbeat_ms = 0;
+        c.cluster = Some(cluster);
+        let p = c.problems();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("cluster.heartbeat_ms: "), "{p:?}");
     }
 }

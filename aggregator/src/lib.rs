@@ -2,6 +2,7 @@
 //! anomaly event, keeps per-device state, and serves the live anomaly feed, an HTTP API and a
 //! dashboard. Several instances split the partitions between them; each serves the whole feed.
 
+pub mod cluster;
 pub mod config;
 mod consumer;
 pub mod error;

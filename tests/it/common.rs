@@ -49,7 +49,7 @@ pub fn require(program: &str) -> PathBuf {
             return p;
         }
     }
-    panic!("{program} is not installed: run scripts/test (it apt-installs mosquitto, mosquitto-clients and chromium)");
+    panic!("{program} is not installed: run scripts/test (it apt-installs mosquitto, mosquitto-clients, nats-server and chromium)");
 }
 
 impl Mosquitto {

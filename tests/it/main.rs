@@ -1,4 +1,4 @@
-//! edgewatch's integration tests: real brokers (embedded rumqttd, Debian's mosquitto), real sockets,
+//! edgewatch's integration tests: real brokers (embedded rumqttd, Debian's mosquitto and nats-server), real sockets,
 //! real YAML. One test binary, one module per concern.
 
 mod auth;
@@ -13,6 +13,7 @@ mod e2e;
 mod eval_nab;
 mod failover;
 mod interop;
+mod nats;
 mod outage;
 mod restart;
 mod tls;

@@ -1,0 +1,220 @@
+//! The NATS side of cluster mode: connecting to the cluster and opening JetStream KV buckets, with
+//! errors that name the servers, the bucket and the key.
+//!
+//! Buckets are opened through [`ensure_bucket`], never `create_key_value`: async-nats 0.51 cannot
+//! create a bucket on nats-server 2.9 (it requires an account-info field that appears only in
+//! 2.10.8), so the bucket's backing stream `KV_<bucket>` is created here with the settings a KV
+//! bucket has, and then opened with `get_key_value` (see shared NATS.md). Every bucket has history
+//! 1 and `allow_direct: false`, so reads go to the stream leader and see this client's own writes.
+//!
+//! Not owned here: what the buckets hold ([`super::lease`], [`super::checkpoint`]).
+
+use super::config::ClusterConfig;
+use async_nats::jetstream::{self, kv, stream};
+use async_nats::ServerAddr;
+use std::time::Duration;
+
+/// Errors talking to the NATS cluster's KV.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// `cluster.credentials.password_env` names a variable that is not set; retrying will not help.
+    #[error("{0}")]
+    Password(String),
+    /// A server address could not be parsed; retrying will not help until the config is fixed.
+    #[error("nats server {server:?}: invalid address: {source}")]
+    Address {
+        /// The configured address.
+        server: String,
+        /// The parse error.
+        source: std::io::Error,
+    },
+    /// No server of the cluster accepted the connection (down, unreachable, or login refused).
+    #[error("nats cluster {servers}: cannot connect: {source} (retry with backoff; check cluster.credentials if login was refused)")]
+    Connect {
+        /// The configured servers, comma-separated.
+        servers: String,
+        /// The client's error.
+        source: async_nats::ConnectError,
+    },
+    /// The bucket's backing stream could not be looked up or created (no JetStream, no quorum,
+    /// timeout); retry with backoff.
+    #[error("kv bucket {bucket}: cannot create stream KV_{bucket}: {source} (retry with backoff)")]
+    CreateBucket {
+        /// The bucket.
+        bucket: String,
+        /// The client's error.
+        source: jetstream::context::CreateStreamError,
+    },
+    /// The bucket's stream exists but could not be opened as a bucket; retry with backoff.
+    #[error("kv bucket {bucket}: cannot open: {source} (retry with backoff)")]
+    OpenBucket {
+        /// The bucket.
+        bucket: String,
+        /// The client's error.
+        source: jetstream::context::KeyValueError,
+    },
+    /// The bucket exists with settings that break its use (another TTL, history, replica count or
+    /// direct gets); retrying will not help until the stream `KV_<bucket>` is fixed or removed.
+    #[error("kv bucket {bucket}: exists with other settings: {what} (fix or delete stream KV_{bucket}; never retried)")]
+    Mismatch {
+        /// The bucket.
+        bucket: String,
+        /// Which settings differ, expected and found.
+        what: String,
+    },
+    /// A read or write of one key failed for another reason than a revision conflict (timeout,
+    /// leader election, connection lost); retry with backoff.
+    #[error("kv bucket {bucket}: {op} {key} failed: {source} (retry with backoff)")]
+    Op {
+        /// The bucket.
+        bucket: String,
+        /// What was being done (`create`, `update`, `delete`, `read`).
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// The client's error.
+        source: async_nats::Error,
+    },
+}
+
+impl KvError {
+    /// An [`KvError::Op`] for `key` of `store`.
+    pub(crate) fn op(
+        store: &kv::Store,
+        op: &'static str,
+        key: &str,
+        source: impl Into<async_nats::Error>,
+    ) -> Self {
+        Self::Op {
+            bucket: store.name.clone(),
+            op,
+            key: key.to_string(),
+            source: source.into(),
+        }
+    }
+}
+
+/// How long a connection attempt to one server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to the cluster, as client `name` (shown in the servers' connection lists), trying every
+/// configured server once. The client then follows the cluster by itself: it reconnects to any
+/// server, including ones it learns from the cluster, and buffers requests meanwhile.
+pub async fn connect(cfg: &ClusterConfig, name: &str) -> Result<async_nats::Client, KvError> {
+    let addrs = cfg
+        .servers
+        .iter()
+        .map(|s| {
+            s.parse::<ServerAddr>().map_err(|source| KvError::Address {
+                server: s.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(CONNECT_TIMEOUT);
+    if let Some(c) = &cfg.credentials {
+        let password = c.resolve_password().map_err(KvError::Password)?;
+        opts = opts.user_and_password(c.user.clone(), password);
+    }
+    opts.connect(addrs)
+        .await
+        .map_err(|source| KvError::Connect {
+            servers: cfg.servers.join(","),
+            source,
+        })
+}
+
+/// The stream settings of bucket `name`: what `create_key_value` would send, with history 1,
+/// `max_age` = `ttl` (none: keys never expire) and `allow_direct: false`.
+fn stream_config(name: &str, ttl: Option<Duration>, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_messages: -1,
+        max_bytes: -1,
+        max_message_size: -1,
+        max_age: ttl.unwrap_or_default(),
+        allow_rollup: true,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: false,
+        discard: stream::DiscardPolicy::New,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
+/// Opens KV bucket `name`, creating it first when it does not exist: `ttl` is the lifetime of every
+/// key after its last write (JetStream's minimum is 100 ms), `replicas` its replication (3 in a
+/// 3-node cluster; at most the number of nodes).
+///
+/// An existing bucket whose TTL, history, replicas or direct-get setting differ is refused
+/// ([`KvError::Mismatch`]) rather than silently used: a lease bucket with another TTL would break
+/// every owner's self-fencing. Creating concurrently from several aggregators is safe: JetStream
+/// accepts the same stream definition twice.
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    ttl: Option<Duration>,
+    replicas: usize,
+) -> Result<kv::Store, KvError> {
+    let want = stream_config(name, ttl, replicas);
+    let stream = js
+        .get_or_create_stream(want.clone())
+        .await
+        .map_err(|source| KvError::CreateBucket {
+            bucket: name.to_string(),
+            source,
+        })?;
+    let got = &stream.cached_info().config;
+    let mut diffs = Vec::new();
+    if got.max_age != want.max_age {
+        diffs.push(format!(
+            "max_age {:?} (want {:?})",
+            got.max_age, want.max_age
+        ));
+    }
+    if got.max_messages_per_subject != 1 {
+        diffs.push(format!("history {} (want 1)", got.max_messages_per_subject));
+    }
+    if got.num_replicas != replicas {
+        diffs.push(format!("replicas {} (want {replicas})", got.num_replicas));
+    }
+    if got.allow_direct {
+        diffs.push("allow_direct true (want false: reads must see our own writes)".into());
+    }
+    if !diffs.is_empty() {
+        return Err(KvError::Mismatch {
+            bucket: name.to_string(),
+            what: diffs.join(", "),
+        });
+    }
+    js.get_key_value(name)
+        .await
+        .map_err(|source| KvError::OpenBucket {
+            bucket: name.to_string(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_has_the_settings_of_a_kv_bucket() {
+        let c = stream_config("leases", Some(Duration::from_secs(20)), 3);
+        assert_eq!(c.name, "KV_leases");
+        assert_eq!(c.subjects, vec!["$KV.leases.>".to_string()]);
+        assert_eq!(c.max_messages_per_subject, 1);
+        assert!(c.allow_rollup && c.deny_delete && !c.allow_direct);
+        assert_eq!(c.discard, stream::DiscardPolicy::New);
+        assert_eq!(c.max_age, Duration::from_secs(20));
+        assert_eq!(c.num_replicas, 3);
+        assert_eq!(stream_config("c", None, 1).max_age, Duration::ZERO);
+    }
+}

@@ -1,0 +1,349 @@
+//! Cluster mode against a real 3-node NATS cluster (Debian's nats-server 2.9, started on loopback
+//! by the tests): KV buckets created through the 2.9 workaround, partition leases by
+//! compare-and-set with a TTL, and checkpoints fenced by the lease revision.
+//!
+//! The tests share one cluster while any of them runs (each uses its own buckets); it is killed
+//! when the last one finishes.
+
+use crate::common::{free_port, http_get, require};
+use async_nats::jetstream;
+use edgewatch_aggregator::cluster::{
+    self, CheckpointError, ClusterConfig, KvCheckpoints, KvError, LeaseError, LeaseTiming, Leases,
+};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// A 3-node nats-server cluster with JetStream on loopback, killed on drop.
+pub struct NatsCluster {
+    nodes: Vec<Child>,
+    /// `nats://127.0.0.1:<client port>` of each node.
+    pub urls: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+struct Ports {
+    client: u16,
+    route: u16,
+    monitor: u16,
+    mqtt: u16,
+}
+
+impl NatsCluster {
+    /// Starts the three nodes and waits until each answers `GET /healthz` with 200.
+    pub fn start() -> Self {
+        let bin = require("nats-server");
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<Ports> = (0..3)
+            .map(|_| Ports {
+                client: free_port(),
+                route: free_port(),
+                monitor: free_port(),
+                mqtt: free_port(),
+            })
+            .collect();
+        let routes = ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{}", p.route))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let conf = dir.path().join(format!("{name}.conf"));
+            let store = dir.path().join(&name);
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\n\
+                     jetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 2GB }}\n\
+                     cluster {{\n  name: edgewatch\n  listen: 127.0.0.1:{}\n  routes: [ {routes} ]\n}}\n\
+                     mqtt {{ listen: 127.0.0.1:{} }}\n",
+                    p.client,
+                    p.monitor,
+                    store.display().to_string(),
+                    p.route,
+                    p.mqtt
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+            let child = Command::new(&bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("nats-server starts");
+            nodes.push(child);
+        }
+        let mut cluster = Self {
+            nodes,
+            urls: ports
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{}", p.client))
+                .collect(),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (i, p) in ports.iter().enumerate() {
+            let addr: SocketAddr = format!("127.0.0.1:{}", p.monitor).parse().unwrap();
+            loop {
+                if let Ok(Some(status)) = cluster.nodes[i].try_wait() {
+                    panic!(
+                        "nats-server n{} exited ({status}):\n{}",
+                        i + 1,
+                        cluster.log(i)
+                    );
+                }
+                let healthy = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                    && http_get(addr, "/healthz").0 == 200;
+                if healthy {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server n{} not healthy on {addr}:\n{}",
+                    i + 1,
+                    cluster.log(i)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// The log of node `i` (0-based), for failure messages.
+    pub fn log(&self, i: usize) -> String {
+        let path: PathBuf = self.dir.path().join(format!("n{}.log", i + 1));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// A client connected through node `i` only (the others are learnt from the cluster).
+    pub async fn client(&self, i: usize) -> async_nats::Client {
+        let cfg = ClusterConfig::nats(vec![self.urls[i].clone()]);
+        cluster::connect(&cfg, &format!("test-n{}", i + 1))
+            .await
+            .expect("connect to nats")
+    }
+
+    /// A JetStream context through node `i`.
+    pub async fn js(&self, i: usize) -> jetstream::Context {
+        jetstream::new(self.client(i).await)
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for child in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The cluster shared by the tests running now; started by the first, stopped after the last.
+fn shared() -> Arc<NatsCluster> {
+    static SHARED: Mutex<Weak<NatsCluster>> = Mutex::new(Weak::new());
+    let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = slot.upgrade() {
+        return c;
+    }
+    let c = Arc::new(NatsCluster::start());
+    *slot = Arc::downgrade(&c);
+    c
+}
+
+fn timing(ttl_ms: u64, margin_ms: u64) -> LeaseTiming {
+    LeaseTiming::new(
+        Duration::from_millis(ttl_ms),
+        Duration::from_millis(margin_ms),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_2_9_buckets_are_created_through_their_stream_and_checked_on_reopen() {
+    let nats = shared();
+    let js = nats.js(0).await;
+    let ttl = Some(Duration::from_secs(5));
+    let kv = cluster::ensure_bucket(&js, "t_create", ttl, 3)
+        .await
+        .expect("bucket created on 2.9");
+    let mut stream = js.get_stream("KV_t_create").await.unwrap();
+    let cfg = stream.info().await.unwrap().config.clone();
+    assert_eq!(cfg.num_replicas, 3);
+    assert_eq!(cfg.max_age, Duration::from_secs(5));
+    assert_eq!(cfg.max_messages_per_subject, 1);
+    assert!(!cfg.allow_direct);
+
+    let rev = kv.put("k", "v1".into()).await.unwrap();
+    assert_eq!(kv.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
+    assert!(kv.create("k", "again".into()).await.is_err());
+    kv.update("k", "v2".into(), rev).await.unwrap();
+    assert!(kv.update("k", "v3".into(), rev).await.is_err());
+
+    // Reopening through another node with the same settings is fine; other settings are refused.
+    let js2 = nats.js(1).await;
+    let again = cluster::ensure_bucket(&js2, "t_create", ttl, 3)
+        .await
+        .unwrap();
+    assert_eq!(again.get("k").await.unwrap().as_deref(), Some(&b"v2"[..]));
+    let e = cluster::ensure_bucket(&js2, "t_create", Some(Duration::from_secs(9)), 3)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, KvError::Mismatch { .. }), "{e}");
+    assert!(
+        e.to_string().contains("t_create") && e.to_string().contains("max_age"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_contenders_exactly_one_wins_a_partition() {
+    let nats = shared();
+    let t = timing(20_000, 4_000);
+    let a = Leases::open(&nats.js(0).await, "t_contend", t, 3, "agg-a")
+        .await
+        .unwrap();
+    let b = Leases::open(&nats.js(1).await, "t_contend", t, 3, "agg-b")
+        .await
+        .unwrap();
+    let (ra, rb) = tokio::join!(a.try_acquire(5), b.try_acquire(5));
+    let (winner, loser, lease) = match (ra.unwrap(), rb.unwrap()) {
+        (Some(l), None) => (&a, &b, l),
+        (None, Some(l)) => (&b, &a, l),
+        other => panic!("expected exactly one winner, got {other:?}"),
+    };
+    assert_eq!(lease.partition, 5);
+    assert!(loser.try_acquire(5).await.unwrap().is_none());
+    assert!(
+        winner.try_acquire(5).await.unwrap().is_none(),
+        "create never re-grants"
+    );
+    let renewed = winner.renew(&lease).await.unwrap();
+    assert!(renewed.revision > lease.revision);
+    assert!(loser.try_acquire(5).await.unwrap().is_none());
+
+    // Released: the other takes it at once, under a higher revision.
+    winner.release(renewed.clone()).await.unwrap();
+    let taken = loser
+        .try_acquire(5)
+        .await
+        .unwrap()
+        .expect("free after release");
+    assert!(taken.revision > renewed.revision);
+    assert!(matches!(
+        winner.renew(&renewed).await,
+        Err(LeaseError::Lost { partition: 5, .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewing_or_releasing_a_stale_revision_reports_the_lease_lost() {
+    let nats = shared();
+    let leases = Leases::open(
+        &nats.js(2).await,
+        "t_stale",
+        timing(20_000, 4_000),
+        3,
+        "agg-a",
+    )
+    .await
+    .unwrap();
+    let first = leases.try_acquire(1).await.unwrap().unwrap();
+    let second = leases.renew(&first).await.unwrap();
+    let e = leases.renew(&first).await.unwrap_err();
+    assert!(matches!(e, LeaseError::Lost { partition: 1, revision } if revision == first.revision));
+    assert!(e.to_string().contains("p1"), "{e}");
+    assert!(matches!(
+        leases.release(first.clone()).await,
+        Err(LeaseError::Lost { .. })
+    ));
+    // The current revision is untouched by the failed attempts.
+    let third = leases.renew(&second).await.unwrap();
+    leases.release(third).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrenewed_lease_expires_and_the_other_contender_takes_it_with_a_higher_revision() {
+    let nats = shared();
+    let t = timing(2_000, 500);
+    let a = Leases::open(&nats.js(0).await, "t_expire", t, 3, "agg-a")
+        .await
+        .unwrap();
+    let b = Leases::open(&nats.js(2).await, "t_expire", t, 3, "agg-b")
+        .await
+        .unwrap();
+    let held = a.try_acquire(9).await.unwrap().expect("free partition");
+    assert!(b.try_acquire(9).await.unwrap().is_none());
+    assert!(a.is_valid_locally(&held, Instant::now()));
+
+    // A stops renewing; B retries on a timer (2.9 sends no watch event on expiry).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let taken = loop {
+        if let Some(l) = b.try_acquire(9).await.unwrap() {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "lease never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Self-fencing is conservative: A stopped trusting its lease before the servers dropped it.
+    assert!(!a.is_valid_locally(&held, Instant::now()));
+    assert!(taken.revision > held.revision);
+    assert!(matches!(
+        a.renew(&held).await,
+        Err(LeaseError::Lost { partition: 9, .. })
+    ));
+    b.release(taken).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_owner_cannot_write_a_checkpoint_after_a_take_over() {
+    let nats = shared();
+    let (js_a, js_b) = (nats.js(0).await, nats.js(1).await);
+    let t = timing(20_000, 4_000);
+    let leases_a = Leases::open(&js_a, "t_fence_leases", t, 3, "agg-a")
+        .await
+        .unwrap();
+    let leases_b = Leases::open(&js_b, "t_fence_leases", t, 3, "agg-b")
+        .await
+        .unwrap();
+    let ckpt_a = KvCheckpoints::open(&js_a, "t_fence_ckpt", 3).await.unwrap();
+    let ckpt_b = KvCheckpoints::open(&js_b, "t_fence_ckpt", 3).await.unwrap();
+
+    let lease_a = leases_a.try_acquire(7).await.unwrap().unwrap();
+    let (state, mut fence_a) = ckpt_a.take_over(7, lease_a.revision).await.unwrap();
+    assert_eq!(state, None, "never checkpointed");
+    ckpt_a.write(&mut fence_a, b"a1").await.unwrap();
+
+    // A's lease goes (released here; expiry is the same to the checkpoints) and B takes over.
+    leases_a.release(lease_a.clone()).await.unwrap();
+    let lease_b = leases_b.try_acquire(7).await.unwrap().unwrap();
+    assert!(lease_b.revision > lease_a.revision);
+    let (state, mut fence_b) = ckpt_b.take_over(7, lease_b.revision).await.unwrap();
+    assert_eq!(
+        state.as_deref(),
+        Some(&b"a1"[..]),
+        "B resumes from A's last checkpoint"
+    );
+
+    // A, unaware, writes again: fenced. Nor can it take the partition back with its old epoch.
+    let e = ckpt_a.write(&mut fence_a, b"a2").await.unwrap_err();
+    assert!(
+        matches!(e, CheckpointError::Fenced { partition: 7, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("fenced"), "{e}");
+    let e = ckpt_a.take_over(7, lease_a.revision).await.unwrap_err();
+    assert!(matches!(e, CheckpointError::Fenced { .. }), "{e}");
+
+    ckpt_b.write(&mut fence_b, b"b1").await.unwrap();
+    let stored = ckpt_a.read(7).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.epoch, &stored.state[..]),
+        (lease_b.revision, &b"b1"[..])
+    );
+}
