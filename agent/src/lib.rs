@@ -22,7 +22,7 @@ use mqtt::LinkEvent;
 use outbox::{Outbox, OutboxConfig};
 use pipeline::Pipeline;
 use rumqttc::{AsyncClient, QoS};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -59,7 +59,7 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         let Agent { cfg, metrics } = self;
         let outbox = open_outbox(&cfg).await?;
-        let mut pipeline = restore_pipeline(&cfg, &metrics, &outbox)?;
+        let (mut pipeline, mut covered) = restore_pipeline(&cfg, &metrics, &outbox)?;
         let filters = pipeline.filters();
         let source_qos = qos(cfg.source.qos);
         let after_checkpoint = cfg.state.ack_mode == config::AckMode::AfterCheckpoint;
@@ -172,6 +172,18 @@ impl Agent {
                             metrics_w.queue_depth.store(msg_rx.len() as u64, Relaxed);
                             let now = now_ms();
                             for p in batch.drain(..) {
+                                if after_checkpoint && !covered.is_empty() {
+                                    if p.dup && covered.remove(&p.pkid) {
+                                        // Redelivered, but the restored checkpoint holds it.
+                                        metrics_w.replays_skipped_total.fetch_add(1, Relaxed);
+                                        unacked.push(p);
+                                        continue;
+                                    }
+                                    if !p.dup {
+                                        // Redeliveries come first: a fresh message ends them.
+                                        covered.clear();
+                                    }
+                                }
                                 if let Err(e) = pipeline.handle_topic(&p.topic, &p.payload, now) {
                                     log.record(&agent, &p.topic, &e);
                                 }
@@ -388,8 +400,8 @@ async fn open_outbox(cfg: &AgentConfig) -> Result<Outbox, AgentError> {
 
 /// The header stored in front of a pipeline snapshot: when it was taken, whether it was the clean
 /// shutdown's, and the reading rate before it (for the loss estimate after a crash).
-const CHECKPOINT_HEADER: usize = 1 + 8 + 8 + 1;
-const CHECKPOINT_FORMAT: u8 = 1;
+const CHECKPOINT_HEADER: usize = 1 + 8 + 8 + 1 + 4;
+const CHECKPOINT_FORMAT: u8 = 2;
 
 /// Rate bookkeeping between checkpoints.
 #[derive(Default)]
@@ -399,31 +411,60 @@ struct CheckpointClock {
     clean: bool,
 }
 
-fn encode_checkpoint(snapshot: &[u8], wall_ms: i64, rate: f64, clean: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(CHECKPOINT_HEADER + snapshot.len());
+/// A stored checkpoint: its header and the pipeline snapshot.
+struct StoredCheckpoint<'a> {
+    wall_ms: i64,
+    rate: f64,
+    clean: bool,
+    /// after_checkpoint: packet ids of the readings this checkpoint covers whose acks were still
+    /// to be sent. After a crash the broker redelivers them (same packet id, DUP set); they are
+    /// already counted, so they are acknowledged and skipped.
+    covered_pkids: Vec<u16>,
+    snapshot: &'a [u8],
+}
+
+fn encode_checkpoint(
+    snapshot: &[u8],
+    wall_ms: i64,
+    rate: f64,
+    clean: bool,
+    pkids: &[u16],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CHECKPOINT_HEADER + 2 * pkids.len() + snapshot.len());
     out.push(CHECKPOINT_FORMAT);
     out.extend_from_slice(&wall_ms.to_le_bytes());
     out.extend_from_slice(&rate.to_le_bytes());
     out.push(u8::from(clean));
+    out.extend_from_slice(&(pkids.len() as u32).to_le_bytes());
+    for p in pkids {
+        out.extend_from_slice(&p.to_le_bytes());
+    }
     out.extend_from_slice(snapshot);
     out
 }
 
-/// (wall ms, readings per second, clean, snapshot) of a stored checkpoint.
-fn decode_checkpoint(bytes: &[u8]) -> Option<(i64, f64, bool, &[u8])> {
+fn decode_checkpoint(bytes: &[u8]) -> Option<StoredCheckpoint<'_>> {
     let (&format, rest) = bytes.split_first()?;
     if format != CHECKPOINT_FORMAT {
         return None;
     }
     let (wall, rest) = rest.split_first_chunk::<8>()?;
     let (rate, rest) = rest.split_first_chunk::<8>()?;
-    let (&clean, snapshot) = rest.split_first()?;
-    Some((
-        i64::from_le_bytes(*wall),
-        f64::from_le_bytes(*rate),
-        clean == 1,
-        snapshot,
-    ))
+    let (&clean, rest) = rest.split_first()?;
+    let (n, mut rest) = rest.split_first_chunk::<4>()?;
+    let mut covered_pkids = Vec::new();
+    for _ in 0..u32::from_le_bytes(*n) {
+        let (p, r) = rest.split_first_chunk::<2>()?;
+        covered_pkids.push(u16::from_le_bytes(*p));
+        rest = r;
+    }
+    Some(StoredCheckpoint {
+        wall_ms: i64::from_le_bytes(*wall),
+        rate: f64::from_le_bytes(*rate),
+        clean: clean == 1,
+        covered_pkids,
+        snapshot: rest,
+    })
 }
 
 /// Snapshots the pipeline and hands the checkpoint to the uplink (which stores it with the outputs
@@ -457,7 +498,8 @@ async fn take_checkpoint(
         }
     }
     clock.last = Some((now, readings));
-    let bytes = encode_checkpoint(&snapshot, now_ms(), clock.rate, clock.clean);
+    let pkids: Vec<u16> = unacked.iter().map(|p| p.pkid).collect();
+    let bytes = encode_checkpoint(&snapshot, now_ms(), clock.rate, clock.clean, &pkids);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     if out_tx
         .send(uplink::ToUplink::Checkpoint {
@@ -531,7 +573,7 @@ fn restore_pipeline(
     cfg: &AgentConfig,
     metrics: &Arc<AgentMetrics>,
     outbox: &Outbox,
-) -> Result<Pipeline, AgentError> {
+) -> Result<(Pipeline, HashSet<u16>), AgentError> {
     let stored = match outbox.checkpoint() {
         Ok(s) => s,
         Err(e) => {
@@ -540,11 +582,18 @@ fn restore_pipeline(
         }
     };
     let Some(stored) = stored else {
-        return Pipeline::new(cfg, metrics.clone());
+        return Ok((Pipeline::new(cfg, metrics.clone())?, HashSet::new()));
     };
-    let Some((wall_ms, rate, clean, snapshot)) = decode_checkpoint(&stored) else {
+    let Some(StoredCheckpoint {
+        wall_ms,
+        rate,
+        clean,
+        covered_pkids,
+        snapshot,
+    }) = decode_checkpoint(&stored)
+    else {
         tracing::warn!(agent = %cfg.id, "checkpoint in an unknown format; starting with empty state");
-        return Pipeline::new(cfg, metrics.clone());
+        return Ok((Pipeline::new(cfg, metrics.clone())?, HashSet::new()));
     };
     match Pipeline::restore(cfg, metrics.clone(), snapshot) {
         Ok(mut p) => {
@@ -557,11 +606,11 @@ fn restore_pipeline(
                 metrics.restart_loss_estimate.store(lost, Relaxed);
                 tracing::warn!(agent = %cfg.id, estimated_lost_readings = lost, rate_per_sec = rate.round(), "the agent did not stop cleanly: readings received after the last checkpoint were lost (ack_mode on_receipt); use after_checkpoint to have the broker redeliver them");
             }
-            Ok(p)
+            Ok((p, covered_pkids.into_iter().collect()))
         }
         Err(e) => {
             tracing::warn!(agent = %cfg.id, error = %e, "checkpoint not usable (configuration changed?); starting with empty state");
-            Pipeline::new(cfg, metrics.clone())
+            Ok((Pipeline::new(cfg, metrics.clone())?, HashSet::new()))
         }
     }
 }

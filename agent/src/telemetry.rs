@@ -72,6 +72,8 @@ pub struct AgentMetrics {
     pub checkpoint_errors_total: AtomicU64,
     /// After a crash in `on_receipt` mode: estimated readings lost since the last checkpoint.
     pub restart_loss_estimate: AtomicU64,
+    /// after_checkpoint: redelivered readings the restored checkpoint already held (skipped).
+    pub replays_skipped_total: AtomicU64,
 }
 
 impl AgentMetrics {
@@ -166,6 +168,10 @@ impl AgentMetrics {
             ),
             ("edgewatch_agent_checkpoints_total", &self.checkpoints_total),
             ("edgewatch_agent_bad_acks_total", &self.bad_acks_total),
+            (
+                "edgewatch_agent_replays_skipped_total",
+                &self.replays_skipped_total,
+            ),
             (
                 "edgewatch_agent_checkpoint_errors_total",
                 &self.checkpoint_errors_total,
