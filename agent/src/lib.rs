@@ -195,11 +195,7 @@ impl Agent {
                         _ = tick.tick() => pipeline.tick(),
                         _ = stop.cancelled() => break,
                         _ = checkpoint.tick() => {
-                            let out = pipeline.take_outputs();
-                            if !out.is_empty() && out_tx.send(uplink::ToUplink::Outputs(out)).await.is_err() {
-                                break;
-                            }
-                            if !take_checkpoint(&agent, &pipeline, &out_tx, &metrics_w, &mut unacked, &mut acker, &src_client, &mut checkpoints).await {
+                            if !take_checkpoint(&agent, &mut pipeline, &out_tx, &metrics_w, &mut unacked, &mut acker, &src_client, &mut checkpoints).await {
                                 break;
                             }
                             continue;
@@ -217,14 +213,10 @@ impl Agent {
                 if flush_on_exit {
                     pipeline.flush();
                 }
-                let out = pipeline.take_outputs();
-                if !out.is_empty() {
-                    let _ = out_tx.send(uplink::ToUplink::Outputs(out)).await;
-                }
                 checkpoints.clean = true;
                 take_checkpoint(
                     &agent,
-                    &pipeline,
+                    &mut pipeline,
                     &out_tx,
                     &metrics_w,
                     &mut unacked,
@@ -391,7 +383,7 @@ async fn open_outbox(cfg: &AgentConfig) -> Result<Outbox, AgentError> {
     .await
     .map_err(|e| AgentError::Io(format!("outbox open task failed: {e}")))?;
     let outbox = opened.map_err(AgentError::Outbox)?;
-    let pending: usize = outbox.lanes().iter().map(|&p| outbox.len(p)).sum();
+    let pending = outbox.records();
     if pending > 0 {
         tracing::info!(agent = %cfg.id, records = pending, bytes = outbox.bytes(), "outbox holds records from before the restart; resending them");
     }
@@ -467,13 +459,13 @@ fn decode_checkpoint(bytes: &[u8]) -> Option<StoredCheckpoint<'_>> {
     })
 }
 
-/// Snapshots the pipeline and hands the checkpoint to the uplink (which stores it with the outputs
-/// sent before it and flushes both); in `after_checkpoint` mode the readings it covers are then
-/// acknowledged. Returns false when the uplink is gone.
+/// Hands the pipeline's pending outputs, then a snapshot of it, to the uplink (which stores the
+/// checkpoint behind those outputs and flushes both); in `after_checkpoint` mode the readings it
+/// covers are then acknowledged. Returns false when the uplink is gone.
 #[allow(clippy::too_many_arguments)]
 async fn take_checkpoint(
     agent: &str,
-    pipeline: &Pipeline,
+    pipeline: &mut Pipeline,
     out_tx: &mpsc::Sender<uplink::ToUplink>,
     metrics: &AgentMetrics,
     unacked: &mut Vec<rumqttc::Publish>,
@@ -481,6 +473,10 @@ async fn take_checkpoint(
     src: &AsyncClient,
     clock: &mut CheckpointClock,
 ) -> bool {
+    let out = pipeline.take_outputs();
+    if !out.is_empty() && out_tx.send(uplink::ToUplink::Outputs(out)).await.is_err() {
+        return false;
+    }
     let snapshot = match pipeline.snapshot() {
         Ok(b) => b,
         Err(e) => {

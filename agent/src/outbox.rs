@@ -686,6 +686,11 @@ impl Outbox {
         self.lanes.get(&partition).map_or(0, |l| l.slots.len())
     }
 
+    /// Number of records stored (not yet acknowledged) in every lane.
+    pub fn records(&self) -> usize {
+        self.lanes.values().map(|l| l.slots.len()).sum()
+    }
+
     /// Whether no lane holds a record.
     pub fn is_empty(&self) -> bool {
         self.lanes.values().all(|l| l.slots.is_empty())

@@ -561,12 +561,7 @@ impl Uplink {
                 }
             }
         }
-        let left: usize = self
-            .outbox
-            .lanes()
-            .iter()
-            .map(|&p| self.outbox.len(p))
-            .sum();
+        let left = self.outbox.records();
         if left > 0 {
             tracing::info!(agent = %self.s.agent, records = left, "records not yet acknowledged stay in the outbox and are resent on the next start");
         }
@@ -579,12 +574,7 @@ impl Uplink {
         let m = &self.metrics;
         let st = self.outbox.stats();
         m.outbox_bytes.store(self.outbox.bytes(), Relaxed);
-        let records: usize = self
-            .outbox
-            .lanes()
-            .iter()
-            .map(|&p| self.outbox.len(p))
-            .sum();
+        let records = self.outbox.records();
         m.outbox_records.store(records as u64, Relaxed);
         m.outbox_coarsened_total.store(st.coarsened, Relaxed);
         m.outbox_evicted_total.store(st.evicted, Relaxed);

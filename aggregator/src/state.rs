@@ -6,7 +6,7 @@
 
 use edgewatch_models::wire::{AnomalyEvent, WindowSummary};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 /// What applying a summary did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +119,8 @@ const MAX_AHEAD: usize = 100_000;
 #[derive(Debug, Default)]
 pub struct FleetState {
     devices: BTreeMap<String, DeviceState>,
-    lanes: HashMap<(String, u32), LaneProgress>,
+    /// Lanes by agent, then partition: looked up by `&str` on the per-record path, no allocation.
+    lanes: BTreeMap<String, BTreeMap<u32, LaneProgress>>,
     windows_per_series: usize,
 }
 
@@ -208,15 +209,21 @@ impl FleetState {
     }
 
     fn lane(&mut self, agent: &str, partition: u32) -> &mut LaneProgress {
+        if !self.lanes.contains_key(agent) {
+            self.lanes.insert(agent.to_string(), BTreeMap::new());
+        }
         self.lanes
-            .entry((agent.to_string(), partition))
+            .get_mut(agent)
+            .expect("inserted above")
+            .entry(partition)
             .or_default()
     }
 
     /// Highest seq of a lane up to which everything has been applied (what an ack may cover).
     pub fn lane_seq(&self, agent: &str, partition: u32) -> Option<u64> {
         self.lanes
-            .get(&(agent.to_string(), partition))
+            .get(agent)
+            .and_then(|l| l.get(&partition))
             .map(|l| l.contiguous)
     }
 
@@ -241,24 +248,23 @@ impl FleetState {
 
     /// Number of lanes seen.
     pub fn lanes(&self) -> usize {
-        self.lanes.len()
+        self.lanes.values().map(BTreeMap::len).sum()
     }
 
     /// Progress of every lane, sorted by (agent, partition).
     pub fn lane_progress(&self) -> Vec<LaneReport> {
-        let mut out: Vec<LaneReport> = self
-            .lanes
+        self.lanes
             .iter()
-            .map(|((agent, partition), l)| LaneReport {
-                agent: agent.clone(),
-                partition: *partition,
-                applied_seq: l.contiguous,
-                waiting: l.ahead.len(),
-                waiting_for: l.ahead.first().map(|&(prev, _)| prev),
+            .flat_map(|(agent, lanes)| {
+                lanes.iter().map(move |(partition, l)| LaneReport {
+                    agent: agent.clone(),
+                    partition: *partition,
+                    applied_seq: l.contiguous,
+                    waiting: l.ahead.len(),
+                    waiting_for: l.ahead.first().map(|&(prev, _)| prev),
+                })
             })
-            .collect();
-        out.sort_by(|a, b| (&a.agent, a.partition).cmp(&(&b.agent, b.partition)));
-        out
+            .collect()
     }
 }
 
