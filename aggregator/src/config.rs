@@ -1,5 +1,5 @@
-//! The aggregator's YAML configuration: its broker, the partitions it owns, its HTTP listener,
-//! the feed's limits and (not used yet) the cluster it coordinates through. Unknown fields are
+//! The aggregator's YAML configuration: its broker, the partitions it owns (or the NATS cluster it
+//! wins them through), its HTTP listener and the feed's limits. Unknown fields are
 //! rejected; [`AggregatorConfig::problems`] reports every invalid value at once.
 
 use crate::cluster::ClusterConfig;
@@ -23,7 +23,8 @@ pub struct AggregatorConfig {
     /// Partitions in the deployment (must match the agents').
     #[serde(default = "default_partitions")]
     pub partitions: u32,
-    /// Partitions this instance owns: numbers or inclusive ranges such as `"0-31"`.
+    /// Partitions this instance owns: numbers or inclusive ranges such as `"0-31"`. Ignored in
+    /// cluster mode, where partitions are won by lease.
     #[serde(default = "default_owned")]
     pub owned: Vec<PartitionSpec>,
     /// HTTP API, dashboard and WebSocket feed.
@@ -35,8 +36,8 @@ pub struct AggregatorConfig {
     /// Per-device state limits.
     #[serde(default)]
     pub state: StateConfig,
-    /// Cluster coordination on NATS JetStream (in progress): parsed and validated, but not used by
-    /// the running aggregator yet, which still owns the static `owned:` partitions.
+    /// Cluster mode on NATS JetStream: partitions are won by lease among the live members and
+    /// their state is checkpointed to the cluster's KV (then `state.dir` must be absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
 }
@@ -231,7 +232,13 @@ impl AggregatorConfig {
         if self.partitions == 0 {
             out.push("partitions: must be > 0, got 0".into());
         }
-        for (i, spec) in self.owned.iter().enumerate() {
+        // In cluster mode partitions are won by lease and `owned:` is ignored.
+        let static_owned = if self.cluster.is_some() {
+            &[][..]
+        } else {
+            &self.owned[..]
+        };
+        for (i, spec) in static_owned.iter().enumerate() {
             match spec.expand() {
                 Err(e) => out.push(format!("owned[{i}]: {e}")),
                 Ok(r) if *r.end() >= self.partitions => out.push(format!(
@@ -270,6 +277,12 @@ impl AggregatorConfig {
         }
         if let Some(c) = &self.cluster {
             out.extend(c.problems().into_iter().map(|p| format!("cluster.{p}")));
+            if let Some(dir) = &self.state.dir {
+                out.push(format!(
+                    "state.dir: not used in cluster mode (partition state is checkpointed to the cluster's KV); remove it, got {}",
+                    dir.display()
+                ));
+            }
         }
         out
     }
@@ -304,6 +317,20 @@ mod tests {
         assert!(p[0].starts_with("owned[0]: range"), "{p:?}");
         assert!(p[1].starts_with("owned[1]:"), "{p:?}");
         assert!(p[2].contains("out of range"), "{p:?}");
+    }
+
+    #[test]
+    fn cluster_mode_refuses_a_state_dir() {
+        let mut c = AggregatorConfig::with_id("a1");
+        c.cluster = Some(ClusterConfig::nats(vec!["nats://n1:4222".into()]));
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        c.state.dir = Some("/var/lib/x".into());
+        let p = c.problems();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("state.dir: not used in cluster mode"),
+            "{p:?}"
+        );
     }
 
     #[test]

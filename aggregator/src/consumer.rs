@@ -20,16 +20,28 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Runs the MQTT poll loop until `cancel`; hands publishes to [`apply_loop`] through `tx`.
+/// What the apply loop receives: messages from the poll loop and, in cluster mode, ownership
+/// changes from the coordinator, in one queue so they apply in order.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// A message from the broker.
+    Publish(rumqttc::Publish),
+    /// An ownership change (cluster mode only).
+    Control(crate::cluster::node::Control),
+}
+
+/// Runs the MQTT poll loop until `cancel`; hands publishes to the apply loop through `tx`. At
+/// every ConnAck it subscribes to the summaries of every partition owned at that moment and to
+/// every anomaly topic.
 pub(crate) async fn poll_loop(
     mut eventloop: EventLoop,
     addresses: Vec<rumqttc::MqttOptions>,
     client: AsyncClient,
-    filters: Vec<SubscribeFilter>,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<rumqttc::Publish>,
+    tx: mpsc::Sender<Input>,
     cancel: CancellationToken,
 ) {
+    let topics = Topics::new(&shared.cfg.prefix);
     let mut backoff = Backoff::new(100, 10_000, u64::from(std::process::id()) ^ 0xA66);
     let broker_of =
         |o: &rumqttc::MqttOptions| format!("{}:{}", o.broker_address().0, o.broker_address().1);
@@ -46,12 +58,13 @@ pub(crate) async fn poll_loop(
                     tracing::info!(aggregator = %shared.cfg.id, %broker, "reconnected");
                 }
                 backoff.reset();
-                if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                let filters = filters(&topics, shared.owned.list());
+                if let Err(e) = client.try_subscribe_many(filters) {
                     tracing::error!(error = %e, "subscribe request failed");
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(p).await.is_err() {
+                if tx.send(Input::Publish(p)).await.is_err() {
                     break;
                 }
             }
@@ -103,13 +116,13 @@ pub(crate) fn filters(
 }
 
 /// Lanes applied since the last flush: (agent, partition) → highest seq applied.
-type Touched = BTreeMap<(String, u32), u64>;
+pub(crate) type Touched = BTreeMap<(String, u32), u64>;
 
 /// Decodes and applies messages until the queue closes. Runs on a blocking thread: the store's
 /// writes and flushes block. After each drained batch the store is flushed, and only then — when
 /// the store is durable — the touched lanes are acknowledged on `{prefix}/acks/{agent}`.
 pub(crate) fn apply_loop(
-    mut rx: mpsc::Receiver<rumqttc::Publish>,
+    mut rx: mpsc::Receiver<Input>,
     shared: Arc<Shared>,
     mut store: Box<dyn StateStore>,
     acks: Option<AsyncClient>,
@@ -119,22 +132,28 @@ pub(crate) fn apply_loop(
     let mut touched = Touched::new();
     let mut batch = Vec::with_capacity(256);
     while let Some(first) = rx.blocking_recv() {
+        // Static ownership: no coordinator sends controls.
+        let Input::Publish(first) = first else {
+            continue;
+        };
         batch.push(first);
         // Small rounds: every round ends with a flush and acks, so senders see steady progress.
-        while batch.len() < 32 {
+        while batch.len() < ROUND {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(Input::Publish(p)) => batch.push(p),
+                Ok(Input::Control(_)) => {}
                 Err(_) => break,
             }
         }
         for p in batch.drain(..) {
-            if let Err(e) = apply(&shared, &topics, &p, store.as_mut(), &mut touched) {
-                shared.metrics.bad_messages_total.fetch_add(1, Relaxed);
-                if last_warn.elapsed() >= Duration::from_secs(5) {
-                    last_warn = Instant::now();
-                    tracing::warn!(aggregator = %shared.cfg.id, topic = %p.topic, error = %e, "rejected uplink message");
-                }
-            }
+            apply_logged(
+                &shared,
+                &topics,
+                &p,
+                store.as_mut(),
+                &mut touched,
+                &mut last_warn,
+            );
         }
         if touched.is_empty() {
             continue;
@@ -155,8 +174,29 @@ pub(crate) fn apply_loop(
     }
 }
 
+/// Messages per apply round: every round ends with a flush (or checkpoint) and acks.
+pub(crate) const ROUND: usize = 32;
+
+/// [`apply`], counting and logging (at most every 5 s) a rejected message.
+pub(crate) fn apply_logged(
+    shared: &Shared,
+    topics: &Topics,
+    p: &rumqttc::Publish,
+    store: &mut dyn StateStore,
+    touched: &mut Touched,
+    last_warn: &mut Instant,
+) {
+    if let Err(e) = apply(shared, topics, p, store, touched) {
+        shared.metrics.bad_messages_total.fetch_add(1, Relaxed);
+        if last_warn.elapsed() >= Duration::from_secs(5) {
+            *last_warn = Instant::now();
+            tracing::warn!(aggregator = %shared.cfg.id, topic = %p.topic, error = %e, "rejected uplink message");
+        }
+    }
+}
+
 /// Publishes one cumulative [`AckBatch`] per agent for the lanes in `touched`.
-fn send_acks(shared: &Shared, topics: &Topics, client: &AsyncClient, touched: &Touched) {
+pub(crate) fn send_acks(shared: &Shared, topics: &Topics, client: &AsyncClient, touched: &Touched) {
     let mut by_agent: BTreeMap<&str, Vec<Ack>> = BTreeMap::new();
     for ((agent, partition), upto_seq) in touched {
         by_agent.entry(agent).or_default().push(Ack {
@@ -208,7 +248,7 @@ fn apply(
             let m = &shared.metrics;
             m.summaries_received_total
                 .fetch_add(batch.records.len() as u64, Relaxed);
-            if !shared.owned.contains(&partition) {
+            if !shared.owned.contains(partition) {
                 m.misrouted_total
                     .fetch_add(batch.records.len() as u64, Relaxed);
                 return Ok(());
@@ -223,6 +263,7 @@ fn apply(
                     continue;
                 }
                 // The durable copy first: a store error leaves the lane unacknowledged.
+                shared.owned.count_applied(partition, 1);
                 store.put_window(partition, &r.item).map_err(|e| {
                     m.store_errors_total.fetch_add(1, Relaxed);
                     format!("state store: {e}")
@@ -265,7 +306,7 @@ fn apply(
                 if !event.score.is_finite() {
                     return Err(format!("event {} has a non-finite score", event.id));
                 }
-                let owned = shared.owned.contains(&partition);
+                let owned = shared.owned.contains(partition);
                 if owned {
                     // Events share the lane's seqs with summaries: the owner's acks must cover both.
                     let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -32,4 +32,7 @@ pub enum AggregatorError {
         /// Which file or setting, and why.
         source: edgewatch_models::TlsError,
     },
+    /// The NATS cluster could not be joined (unreachable, login refused, buckets not creatable).
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::KvError),
 }

@@ -233,7 +233,7 @@ fn status(shared: &Shared) -> serde_json::Value {
     json!({
         "id": shared.cfg.id,
         "partitions": shared.cfg.partitions,
-        "owned": shared.owned.iter().collect::<Vec<_>>(),
+        "owned": shared.owned.list(),
         "devices": state.devices().len(),
         "readings": state.readings(),
         "lanes": state.lanes(),

@@ -8,6 +8,7 @@ mod consumer;
 pub mod error;
 pub mod feed;
 mod http;
+pub mod ownership;
 pub mod state;
 pub mod store;
 pub mod telemetry;
@@ -16,11 +17,9 @@ pub use config::AggregatorConfig;
 pub use error::AggregatorError;
 pub use telemetry::AggregatorMetrics;
 
-use edgewatch_models::wire::Topics;
 use feed::FeedHub;
 use rumqttc::{AsyncClient, MqttOptions, TlsConfiguration, Transport};
 use state::FleetState;
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -32,7 +31,10 @@ use tokio_util::sync::CancellationToken;
 /// State shared by the consumer, the HTTP server and every feed client.
 pub(crate) struct Shared {
     cfg: AggregatorConfig,
-    owned: BTreeSet<u32>,
+    /// Partitions owned right now (fixed from `owned:`, or won in the cluster).
+    owned: ownership::Ownership,
+    /// The cluster's buckets, in cluster mode.
+    cluster: Option<cluster::node::Buckets>,
     state: Mutex<FleetState>,
     feed: FeedHub,
     metrics: Arc<AggregatorMetrics>,
@@ -44,7 +46,8 @@ pub(crate) struct Shared {
 /// A configured aggregator with its HTTP listener bound.
 pub struct Aggregator {
     shared: Arc<Shared>,
-    store: Box<dyn store::StateStore>,
+    /// The state store of static ownership (cluster mode checkpoints to the KV instead).
+    store: Option<Box<dyn store::StateStore>>,
     listener: TcpListener,
     addr: SocketAddr,
 }
@@ -77,18 +80,27 @@ impl Aggregator {
             None => None,
         };
         let wps = cfg.state.windows_per_series;
-        let (store, state): (Box<dyn store::StateStore>, FleetState) = match &cfg.state.dir {
-            Some(dir) => {
-                let s = store::SledStore::open(dir, wps)?;
-                let state = store::rebuild(store::StateStore::load(&s)?, wps);
-                tracing::info!(aggregator = %cfg.id, dir = %dir.display(), devices = state.devices().len(), "state loaded from the store");
-                (Box::new(s), state)
-            }
-            None => (Box::new(store::MemoryStore::new(wps)), FleetState::new(wps)),
+        let (store, state, cluster, owned) = if let Some(c) = &cfg.cluster {
+            // State lives in the cluster's KV; partitions are owned as their leases are won.
+            let buckets = cluster::node::Buckets::open(c, &cfg.prefix, &cfg.id)
+                .await
+                .map_err(AggregatorError::Cluster)?;
+            tracing::info!(aggregator = %cfg.id, servers = %c.servers.join(","), "joined the nats cluster");
+            (
+                None,
+                FleetState::new(wps),
+                Some(buckets),
+                ownership::Ownership::new(cfg.partitions),
+            )
+        } else {
+            let (store, state) = Self::open_store(&cfg)?;
+            let owned = ownership::Ownership::fixed(cfg.partitions, cfg.owned_set());
+            (Some(store), state, None, owned)
         };
         let shared = Arc::new(Shared {
             token,
-            owned: cfg.owned_set(),
+            owned,
+            cluster,
             state: Mutex::new(state),
             feed: FeedHub::new(cfg.feed.history, cfg.feed.client_queue),
             metrics: Arc::new(AggregatorMetrics::default()),
@@ -100,6 +112,22 @@ impl Aggregator {
             store,
             listener,
             addr,
+        })
+    }
+
+    /// The store and state of static ownership: sled under `state.dir`, or memory.
+    fn open_store(
+        cfg: &AggregatorConfig,
+    ) -> Result<(Box<dyn store::StateStore>, FleetState), AggregatorError> {
+        let wps = cfg.state.windows_per_series;
+        Ok(match &cfg.state.dir {
+            Some(dir) => {
+                let s = store::SledStore::open(dir, wps)?;
+                let state = store::rebuild(store::StateStore::load(&s)?, wps);
+                tracing::info!(aggregator = %cfg.id, dir = %dir.display(), devices = state.devices().len(), "state loaded from the store");
+                (Box::new(s), state)
+            }
+            None => (Box::new(store::MemoryStore::new(wps)), FleetState::new(wps)),
         })
     }
 
@@ -167,35 +195,78 @@ impl Aggregator {
         let opts = addresses[0].clone(); // addresses() always starts with the primary
         let (client, mut eventloop) = AsyncClient::new(opts, cfg.mqtt.request_channel);
         eventloop.network_options.set_tcp_nodelay(true);
-        let filters = consumer::filters(&Topics::new(&cfg.prefix), shared.owned.iter().copied());
-        tracing::info!(aggregator = %cfg.id, http = %self.addr, owned = shared.owned.len(), broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), "aggregator starting");
+        tracing::info!(aggregator = %cfg.id, http = %self.addr, owned = shared.owned.list().len(), cluster = shared.cluster.is_some(), broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), "aggregator starting");
 
         let cancel = CancellationToken::new();
         let (tx, rx) = mpsc::channel(4096);
-        // Acks release the agents' outbox records. With a store they follow its flush; without one
-        // the state lives in memory and acks follow the apply (an aggregator restart then loses it).
-        if shared.cfg.state.dir.is_none() {
-            tracing::warn!(aggregator = %shared.cfg.id, "no state.dir: state is kept in memory only and acknowledged on apply; a restart loses it (set state.dir for durable state)");
-        }
-        let acks = Some(client.clone());
         let poll = tokio::spawn(consumer::poll_loop(
             eventloop,
             addresses,
-            client,
-            filters,
+            client.clone(),
             shared.clone(),
-            tx,
+            tx.clone(),
             cancel.clone(),
         ));
-        let store = self.store;
         let apply_shared = shared.clone();
-        let apply = tokio::task::spawn_blocking(move || {
-            consumer::apply_loop(rx, apply_shared, store, acks)
-        });
+        // The coordinator stops first, so partitions are given back (final checkpoints, acks)
+        // while the MQTT link is still up.
+        let leaving = CancellationToken::new();
+        let (apply, coordinator) = match (self.store, &shared.cluster) {
+            (Some(store), _) => {
+                // Acks release the agents' outbox records. With a store they follow its flush;
+                // without one the state lives in memory and acks follow the apply.
+                if shared.cfg.state.dir.is_none() {
+                    tracing::warn!(aggregator = %shared.cfg.id, "no state.dir: state is kept in memory only and acknowledged on apply; a restart loses it (set state.dir for durable state)");
+                }
+                drop(tx);
+                let acks = Some(client);
+                let apply = tokio::task::spawn_blocking(move || {
+                    consumer::apply_loop(rx, apply_shared, store, acks)
+                });
+                (apply, None)
+            }
+            (None, Some(buckets)) => {
+                let c = cfg
+                    .cluster
+                    .as_ref()
+                    .expect("cluster mode has a cluster config");
+                let handle = tokio::runtime::Handle::current();
+                let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+                let kv = cluster::store::KvStore::new(
+                    buckets.checkpoints.clone(),
+                    handle.clone(),
+                    cfg.state.windows_per_series,
+                    Duration::from_millis(c.lease_ttl_ms / 2),
+                );
+                let interval = Duration::from_millis(c.checkpoint_interval_ms);
+                let acks = client.clone();
+                let apply = tokio::task::spawn_blocking(move || {
+                    cluster::node::apply_loop(rx, apply_shared, kv, acks, lost_tx, handle, interval)
+                });
+                let coordinator = cluster::node::Coordinator {
+                    shared: shared.clone(),
+                    buckets: buckets.clone(),
+                    cluster: c.clone(),
+                    http: self.addr.to_string(),
+                    ctl: tx,
+                    client,
+                    lost: lost_rx,
+                    held: Default::default(),
+                    started_ms: cluster::lease::now_ms(),
+                    last_applied: (Instant::now(), shared.owned.applied()),
+                };
+                (apply, Some(tokio::spawn(coordinator.run(leaving.clone()))))
+            }
+            (None, None) => unreachable!("bind makes a store or joins a cluster"),
+        };
         let http = tokio::spawn(http::serve(self.listener, shared.clone(), cancel.clone()));
 
         shutdown.await;
         tracing::info!(aggregator = %shared.cfg.id, "aggregator stopping");
+        leaving.cancel();
+        if let Some(c) = coordinator {
+            let _ = c.await;
+        }
         cancel.cancel();
         let _ = poll.await;
         let _ = apply.await;

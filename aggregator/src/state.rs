@@ -227,6 +227,37 @@ impl FleetState {
             .map(|l| l.contiguous)
     }
 
+    /// Forgets every device and lane of `partition` (it moved to another owner).
+    pub fn drop_partition(&mut self, partition: u32) {
+        self.devices.retain(|_, d| d.partition != partition);
+        for lanes in self.lanes.values_mut() {
+            lanes.remove(&partition);
+        }
+        self.lanes.retain(|_, l| !l.is_empty());
+    }
+
+    /// Takes in the stored state of `partition` (after taking it over): its kept windows, oldest
+    /// first, and its lanes at their stored seqs. Counters cover the kept windows only, as in
+    /// [`crate::store::rebuild`].
+    pub fn load_partition(
+        &mut self,
+        partition: u32,
+        windows: &[WindowSummary],
+        lanes: &[(String, u64)],
+    ) {
+        self.drop_partition(partition);
+        let mut order: Vec<&WindowSummary> = windows.iter().collect();
+        order.sort_by(|a, b| {
+            (&a.device, &a.metric, a.start_ms).cmp(&(&b.device, &b.metric, b.start_ms))
+        });
+        for w in order {
+            self.apply_window(partition, w);
+        }
+        for (agent, seq) in lanes {
+            self.note_floor(agent, partition, *seq);
+        }
+    }
+
     /// Every device.
     pub fn devices(&self) -> &BTreeMap<String, DeviceState> {
         &self.devices

@@ -96,6 +96,23 @@ pub enum StoreError {
         /// Why it was refused.
         reason: String,
     },
+    /// The partition is not owned by this instance (cluster mode): nothing is stored for it.
+    #[error("partition {partition}: not owned here (it moved to another aggregator); not stored")]
+    NotOwned {
+        /// The partition.
+        partition: u32,
+    },
+    /// Writing a partition checkpoint to the cluster's KV failed (cluster mode). Retryable unless
+    /// the partition was fenced (taken over), which drops it.
+    #[error("partition {partition}: checkpoint failed: {reason}")]
+    Checkpoint {
+        /// The partition.
+        partition: u32,
+        /// What failed.
+        reason: String,
+        /// Whether a later write may succeed (false when another owner took the partition).
+        retryable: bool,
+    },
 }
 
 fn retry_hint(e: &sled::Error) -> &'static str {
@@ -112,7 +129,10 @@ impl StoreError {
             StoreError::Open { source, .. } | StoreError::Sled { source, .. } => {
                 matches!(source, sled::Error::Io(_))
             }
-            StoreError::Corrupt { .. } | StoreError::Invalid { .. } => false,
+            StoreError::Corrupt { .. }
+            | StoreError::Invalid { .. }
+            | StoreError::NotOwned { .. } => false,
+            StoreError::Checkpoint { retryable, .. } => *retryable,
         }
     }
 }
@@ -236,8 +256,9 @@ fn sort_snapshot(s: &mut Snapshot) {
     s.lanes.sort();
 }
 
-/// The reference model: everything in memory, lost on drop. `flush` does nothing.
-#[derive(Debug, Default)]
+/// The reference model: everything in memory, lost on drop. `flush` does nothing. Cluster mode
+/// keeps one per owned partition as the state its checkpoints serialise.
+#[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
     series: BTreeMap<(String, String), BTreeMap<i64, (u32, WindowSummary)>>,
     lanes: BTreeMap<(String, u32), u64>,

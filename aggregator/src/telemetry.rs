@@ -36,6 +36,18 @@ pub struct AggregatorMetrics {
     pub acks_sent_total: AtomicU64,
     /// Requests refused for a missing or wrong bearer token.
     pub http_unauthorized_total: AtomicU64,
+    /// Partition checkpoints written to the cluster's KV (cluster mode).
+    pub checkpoints_total: AtomicU64,
+    /// Bytes of partition checkpoints written.
+    pub checkpoint_bytes_total: AtomicU64,
+    /// Checkpoint writes that failed and were retried later (timeouts, unreachable KV).
+    pub checkpoint_errors_total: AtomicU64,
+    /// Partitions whose lease was won (taken over from their last checkpoint).
+    pub partitions_acquired_total: AtomicU64,
+    /// Partitions given back to a member that wants them (after a final checkpoint).
+    pub partitions_released_total: AtomicU64,
+    /// Partitions lost: the lease expired or another owner fenced a checkpoint write.
+    pub partitions_lost_total: AtomicU64,
 }
 
 impl AggregatorMetrics {
@@ -101,6 +113,30 @@ impl AggregatorMetrics {
             (
                 "edgewatch_aggregator_http_unauthorized_total",
                 &self.http_unauthorized_total,
+            ),
+            (
+                "edgewatch_aggregator_checkpoints_total",
+                &self.checkpoints_total,
+            ),
+            (
+                "edgewatch_aggregator_checkpoint_bytes_total",
+                &self.checkpoint_bytes_total,
+            ),
+            (
+                "edgewatch_aggregator_checkpoint_errors_total",
+                &self.checkpoint_errors_total,
+            ),
+            (
+                "edgewatch_aggregator_partitions_acquired_total",
+                &self.partitions_acquired_total,
+            ),
+            (
+                "edgewatch_aggregator_partitions_released_total",
+                &self.partitions_released_total,
+            ),
+            (
+                "edgewatch_aggregator_partitions_lost_total",
+                &self.partitions_lost_total,
             ),
         ];
         for (name, c) in counters {

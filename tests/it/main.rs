@@ -5,6 +5,7 @@ mod auth;
 mod bad_input;
 mod broker_restart;
 mod cli;
+mod cluster;
 mod common;
 mod configs;
 mod crash;

@@ -12,6 +12,7 @@
 //! default). Not owned here: how state is serialised, when checkpoints are taken, the lease.
 
 use super::kv::KvError;
+use super::lease::key;
 use async_nats::jetstream::kv;
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -49,6 +50,17 @@ pub enum CheckpointError {
         /// Why it cannot be decoded.
         reason: String,
     },
+    /// The write was not answered in time; it may or may not have landed. Retry with the next
+    /// checkpoint ([`KvCheckpoints::write`] resynchronises its fence on the conflict).
+    #[error(
+        "checkpoint p{partition}: no answer within {after:?} (retried with the next checkpoint)"
+    )]
+    Timeout {
+        /// The partition.
+        partition: u32,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
     /// The KV could not be reached or answered otherwise (see [`KvError`] for retrying).
     #[error(transparent)]
     Kv(#[from] KvError),
@@ -81,10 +93,6 @@ pub struct Checkpoint {
 #[derive(Debug, Clone)]
 pub struct KvCheckpoints {
     store: kv::Store,
-}
-
-fn key(partition: u32) -> String {
-    format!("p{partition}")
 }
 
 fn encode(epoch: u64, state: &[u8]) -> Bytes {
@@ -224,7 +232,32 @@ impl KvCheckpoints {
     /// Writes `state` as the checkpoint of `fence.partition` under `fence.epoch`, by
     /// compare-and-set on the revision of this owner's previous write; advances the fence.
     /// [`CheckpointError::Fenced`] when anyone else wrote since (a newer owner took over).
+    ///
+    /// A write that timed out may still have landed, leaving the fence one revision behind. So on
+    /// a conflict the stored value is read once: if it carries this owner's own epoch (no other
+    /// owner ever writes under it), the fence adopts its revision and the write is retried.
     pub async fn write(
+        &self,
+        fence: &mut CheckpointFence,
+        state: &[u8],
+    ) -> Result<u64, CheckpointError> {
+        match self.write_once(fence, state).await {
+            Err(fenced @ CheckpointError::Fenced { .. }) => {
+                match self.read(fence.partition).await? {
+                    Some(current)
+                        if current.epoch == fence.epoch && current.revision != fence.revision =>
+                    {
+                        fence.revision = current.revision;
+                        self.write_once(fence, state).await
+                    }
+                    _ => Err(fenced),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn write_once(
         &self,
         fence: &mut CheckpointFence,
         state: &[u8],

@@ -29,6 +29,10 @@ pub struct ClusterConfig {
     /// Period of the checkpoint of each owned partition's state.
     #[serde(default = "default_checkpoint_interval_ms")]
     pub checkpoint_interval_ms: u64,
+    /// Replicas of the KV buckets (members, leases, checkpoints): 3 survives one node down; at
+    /// most the number of NATS nodes.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
 }
 
 /// The coordination backend (`type:`).
@@ -71,6 +75,9 @@ fn default_heartbeat_ms() -> u64 {
 fn default_checkpoint_interval_ms() -> u64 {
     200
 }
+fn default_replicas() -> usize {
+    3
+}
 
 /// The smallest `max_age` JetStream accepts for a bucket.
 const MIN_LEASE_TTL_MS: u64 = 100;
@@ -85,7 +92,18 @@ impl ClusterConfig {
             lease_ttl_ms: default_lease_ttl_ms(),
             heartbeat_ms: default_heartbeat_ms(),
             checkpoint_interval_ms: default_checkpoint_interval_ms(),
+            replicas: default_replicas(),
         }
+    }
+
+    /// The lease timing: trusted locally until one heartbeat before the TTL (the margin covers
+    /// clock-rate differences and a renewal's latency; validation keeps it below the TTL).
+    pub fn lease_timing(&self) -> super::LeaseTiming {
+        let ttl = std::time::Duration::from_millis(self.lease_ttl_ms.max(MIN_LEASE_TTL_MS));
+        let margin = std::time::Duration::from_millis(self.heartbeat_ms).min(ttl / 2);
+        super::LeaseTiming::new(ttl, margin).unwrap_or_else(|_| {
+            super::LeaseTiming::new(ttl, std::time::Duration::ZERO).expect("zero margin is valid")
+        })
     }
 
     /// Every invalid value, as `key.path: message` relative to this section (the caller adds
@@ -132,6 +150,12 @@ impl ClusterConfig {
         }
         if self.checkpoint_interval_ms == 0 {
             out.push("checkpoint_interval_ms: must be > 0, got 0".into());
+        }
+        if !(1..=5).contains(&self.replicas) {
+            out.push(format!(
+                "replicas: must be 1 to 5 (JetStream's limit), got {}",
+                self.replicas
+            ));
         }
         out
     }

@@ -32,6 +32,8 @@ pub struct Lease {
     /// When the write that gave `revision` was *sent* (before the server stamped it, so a local
     /// deadline counted from here never outlives the server's expiry).
     pub acquired_at: Instant,
+    /// Wall-clock time (Unix ms) the lease was first won, kept across renewals (for status).
+    pub since_ms: i64,
 }
 
 /// Errors of lease operations.
@@ -61,8 +63,12 @@ pub enum LeaseError {
 
 /// What a lease key holds.
 #[derive(Debug, Serialize, Deserialize)]
-struct LeaseValue<'a> {
-    owner: &'a str,
+pub struct LeaseValue {
+    /// The owner's aggregator id.
+    pub owner: String,
+    /// When the owner won the lease (Unix ms, its own clock); kept across renewals.
+    #[serde(default)]
+    pub since_ms: i64,
 }
 
 /// How long a lease lives on the servers (`ttl`, the bucket's `max_age`) and how long before
@@ -108,7 +114,7 @@ pub struct Leases {
 }
 
 /// The key of a partition's lease.
-fn key(partition: u32) -> String {
+pub(crate) fn key(partition: u32) -> String {
     format!("p{partition}")
 }
 
@@ -134,9 +140,13 @@ impl Leases {
         Ok(Self::new(store, timing, owner))
     }
 
-    fn value(&self) -> Bytes {
-        // Serialising a struct of one string cannot fail.
-        Bytes::from(serde_json::to_vec(&LeaseValue { owner: &self.owner }).unwrap_or_default())
+    fn value(&self, since_ms: i64) -> Bytes {
+        let v = LeaseValue {
+            owner: self.owner.clone(),
+            since_ms,
+        };
+        // Serialising a string and a number cannot fail.
+        Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
     }
 
     /// Takes the lease of `partition` if nobody holds it (never held, released, or expired).
@@ -145,11 +155,13 @@ impl Leases {
     pub async fn try_acquire(&self, partition: u32) -> Result<Option<Lease>, LeaseError> {
         let k = key(partition);
         let sent = Instant::now();
-        match self.store.create(&k, self.value()).await {
+        let since_ms = now_ms();
+        match self.store.create(&k, self.value(since_ms)).await {
             Ok(revision) => Ok(Some(Lease {
                 partition,
                 revision,
                 acquired_at: sent,
+                since_ms,
             })),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
             Err(e) => Err(KvError::op(&self.store, "create", &k, e).into()),
@@ -163,11 +175,16 @@ impl Leases {
     pub async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseError> {
         let k = key(lease.partition);
         let sent = Instant::now();
-        match self.store.update(&k, self.value(), lease.revision).await {
+        match self
+            .store
+            .update(&k, self.value(lease.since_ms), lease.revision)
+            .await
+        {
             Ok(revision) => Ok(Lease {
                 partition: lease.partition,
                 revision,
                 acquired_at: sent,
+                since_ms: lease.since_ms,
             }),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(LeaseError::Lost {
                 partition: lease.partition,
@@ -206,6 +223,13 @@ impl Leases {
     pub fn timing(&self) -> LeaseTiming {
         self.timing
     }
+}
+
+/// Wall-clock now in Unix ms.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The partitions of `0..partition_count` that `me` wins by rendezvous (highest random weight)
@@ -306,6 +330,7 @@ mod tests {
             partition: 3,
             revision: 7,
             acquired_at: t0,
+            since_ms: 0,
         };
         assert!(timing.is_valid_locally(&lease, t0 + Duration::from_millis(15_999)));
         assert!(!timing.is_valid_locally(&lease, t0 + Duration::from_secs(16)));

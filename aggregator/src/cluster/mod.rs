@@ -13,6 +13,9 @@ pub mod checkpoint;
 pub mod config;
 pub mod kv;
 pub mod lease;
+pub mod members;
+pub mod node;
+pub mod store;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointFence, KvCheckpoints};
 pub use config::{ClusterConfig, ClusterKind, NatsCredentials};

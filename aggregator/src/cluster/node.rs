@@ -1,0 +1,518 @@
+//! One aggregator as a cluster member: the coordinator task that heartbeats, wins, renews and gives
+//! back partition leases, and the apply loop that owns partition state and checkpoints it.
+//!
+//! Ownership changes reach the apply loop as [`Control`] messages in the same queue as the MQTT
+//! messages, so they apply in order. Taking a partition: win its lease, take its checkpoint over
+//! under the lease revision (fencing any previous owner), load it, and only then subscribe. Giving
+//! it back: unsubscribe, write a final checkpoint, acknowledge, drop it, release the lease. Losing
+//! it (renewal refused, local validity run out, or a checkpoint write fenced): drop it without
+//! acknowledging anything more. Acks for a partition go out only once its state is checkpointed.
+
+use super::checkpoint::{CheckpointError, CheckpointFence, KvCheckpoints};
+use super::config::ClusterConfig;
+use super::lease::{wanted, Lease, LeaseError, Leases};
+use super::members::{MemberInfo, Members, OwnedPartition};
+use super::store::{KvStore, PartitionState};
+use crate::consumer::{self, Input, Touched};
+use crate::Shared;
+use edgewatch_models::wire::Topics;
+use rumqttc::{AsyncClient, QoS};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// An ownership change for the apply loop.
+#[derive(Debug)]
+pub enum Control {
+    /// Start owning a partition taken over under `fence`, from `state`.
+    Own {
+        /// The fence of the take-over.
+        fence: CheckpointFence,
+        /// The state it resumes from.
+        state: PartitionState,
+        /// Answered once the partition is owned.
+        done: oneshot::Sender<()>,
+    },
+    /// Give a partition back: a final checkpoint, its acks, then drop it. Answers whether the
+    /// final checkpoint was written.
+    Disown {
+        /// The partition.
+        partition: u32,
+        /// Answered once dropped.
+        done: oneshot::Sender<bool>,
+    },
+    /// The lease is lost: drop the partition without writing or acknowledging anything more.
+    Lost {
+        /// The partition.
+        partition: u32,
+    },
+}
+
+/// The KV side of a member: its buckets.
+#[derive(Debug, Clone)]
+pub struct Buckets {
+    /// Heartbeats.
+    pub members: Members,
+    /// Partition leases.
+    pub leases: Leases,
+    /// Partition checkpoints.
+    pub checkpoints: KvCheckpoints,
+}
+
+impl Buckets {
+    /// Connects to the cluster as `id` and opens (creating if needed) the three buckets of the
+    /// deployment with uplink prefix `prefix` (see [`bucket_name`]).
+    pub async fn open(cfg: &ClusterConfig, prefix: &str, id: &str) -> Result<Self, super::KvError> {
+        let client = super::kv::connect(cfg, &format!("edgewatch-aggregator-{id}")).await?;
+        let js = async_nats::jetstream::new(client);
+        let ttl = Duration::from_millis(cfg.lease_ttl_ms);
+        let members = Members::open(
+            &js,
+            &bucket_name(prefix, super::members::MEMBERS_BUCKET),
+            ttl,
+            cfg.replicas,
+        )
+        .await?;
+        let leases = Leases::new(
+            super::kv::ensure_bucket(
+                &js,
+                &bucket_name(prefix, super::lease::LEASES_BUCKET),
+                Some(ttl),
+                cfg.replicas,
+            )
+            .await?,
+            cfg.lease_timing(),
+            id,
+        );
+        let checkpoints = KvCheckpoints::new(
+            super::kv::ensure_bucket(
+                &js,
+                &bucket_name(prefix, super::checkpoint::CHECKPOINTS_BUCKET),
+                None,
+                cfg.replicas,
+            )
+            .await?,
+        );
+        Ok(Self {
+            members,
+            leases,
+            checkpoints,
+        })
+    }
+}
+
+/// The KV bucket `what` (members, leases, checkpoints) of the deployment whose uplink prefix is
+/// `prefix`: `{prefix}_{what}`, with every character a bucket name cannot hold replaced by `_`, so
+/// deployments with different prefixes share a NATS cluster without meeting.
+pub fn bucket_name(prefix: &str, what: &str) -> String {
+    let p: String = prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{p}_{what}")
+}
+
+/// The coordinator of one member.
+pub(crate) struct Coordinator {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) buckets: Buckets,
+    pub(crate) cluster: ClusterConfig,
+    pub(crate) http: String,
+    pub(crate) ctl: mpsc::Sender<Input>,
+    pub(crate) client: AsyncClient,
+    pub(crate) lost: mpsc::UnboundedReceiver<u32>,
+    pub(crate) held: BTreeMap<u32, Lease>,
+    pub(crate) started_ms: i64,
+    pub(crate) last_applied: (Instant, Vec<u64>),
+}
+
+impl Coordinator {
+    fn id(&self) -> &str {
+        &self.shared.cfg.id
+    }
+
+    /// Runs ticks every heartbeat until `cancel`, then gives every partition back and leaves.
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        let period = Duration::from_millis(self.cluster.heartbeat_ms);
+        // Wanted partitions held by others are retried more often than the heartbeat, so a
+        // partition given back is taken within a fraction of it.
+        let retry = (period / 4).max(Duration::from_millis(50));
+        let mut next_heartbeat = Instant::now();
+        loop {
+            let now = Instant::now();
+            let full = now >= next_heartbeat;
+            if full {
+                next_heartbeat = now + period;
+            }
+            self.tick(full).await;
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(p) = self.lost.recv() => self.forget(p, "a checkpoint write was fenced").await,
+                _ = tokio::time::sleep(retry) => {}
+            }
+        }
+        self.leave().await;
+    }
+
+    /// One round: heartbeat and renewals (when `full`), then give back and take partitions.
+    async fn tick(&mut self, full: bool) {
+        if full {
+            let info = self.info();
+            if let Err(e) = self.buckets.members.heartbeat(&info).await {
+                tracing::warn!(aggregator = %self.id(), error = %e, "heartbeat failed");
+            }
+            self.renew_all().await;
+        }
+        let members = match self.buckets.members.ids().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(aggregator = %self.id(), error = %e, "cannot list members; ownership unchanged this round");
+                return;
+            }
+        };
+        let want: BTreeSet<u32> = wanted(self.shared.cfg.partitions, &members, self.id())
+            .into_iter()
+            .collect();
+        let unwanted: Vec<u32> = self
+            .held
+            .keys()
+            .copied()
+            .filter(|p| !want.contains(p))
+            .collect();
+        for p in unwanted {
+            self.give_back(p).await;
+        }
+        for p in want {
+            if !self.held.contains_key(&p) {
+                self.take(p).await;
+            }
+        }
+    }
+
+    /// Renews every held lease at once; drops those lost or past their local validity.
+    async fn renew_all(&mut self) {
+        let leases = self.buckets.leases.clone();
+        let renewals = self.held.values().cloned().map(|lease| {
+            let leases = leases.clone();
+            async move {
+                let r = leases.renew(&lease).await;
+                (lease, r)
+            }
+        });
+        let results = futures_util::future::join_all(renewals).await;
+        for (old, r) in results {
+            match r {
+                Ok(lease) => {
+                    self.held.insert(lease.partition, lease);
+                }
+                Err(LeaseError::Lost { .. }) => {
+                    self.forget(old.partition, "its lease was lost (expired or taken)")
+                        .await
+                }
+                Err(e) => {
+                    if !leases.is_valid_locally(&old, Instant::now()) {
+                        self.forget(old.partition, "its lease could not be renewed in time")
+                            .await;
+                    } else {
+                        tracing::warn!(aggregator = %self.id(), partition = old.partition, error = %e, "lease renewal failed; retrying at the next heartbeat");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops partition `p` at once: it is no longer ours.
+    async fn forget(&mut self, p: u32, why: &str) {
+        if self.held.remove(&p).is_none() && !self.shared.owned.contains(p) {
+            return;
+        }
+        tracing::warn!(aggregator = %self.id(), partition = p, why, "partition lost; dropping it");
+        self.shared
+            .metrics
+            .partitions_lost_total
+            .fetch_add(1, Relaxed);
+        let _ = self.unsubscribe(p).await;
+        let _ = self
+            .ctl
+            .send(Input::Control(Control::Lost { partition: p }))
+            .await;
+    }
+
+    /// Tries to win `p`: the lease, then the checkpoint, then the state, then the subscription.
+    async fn take(&mut self, p: u32) {
+        let lease = match self.buckets.leases.try_acquire(p).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return, // held by another member: retried next round
+            Err(e) => {
+                tracing::warn!(aggregator = %self.id(), partition = p, error = %e, "cannot take lease");
+                return;
+            }
+        };
+        let state = match self.buckets.checkpoints.take_over(p, lease.revision).await {
+            Ok((bytes, fence)) => {
+                match PartitionState::decode(bytes.as_deref().unwrap_or_default()) {
+                    Ok(state) => Some((fence, state)),
+                    Err(e) => {
+                        tracing::error!(aggregator = %self.id(), partition = p, error = %e, "checkpoint cannot be decoded; not taking the partition (repair or delete key p{p} of the checkpoints bucket)");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(aggregator = %self.id(), partition = p, error = %e, "take-over failed");
+                None
+            }
+        };
+        let Some((fence, state)) = state else {
+            let _ = self.buckets.leases.release(lease).await;
+            return;
+        };
+        let (done, wait) = oneshot::channel();
+        let windows = state.windows.len();
+        if self
+            .ctl
+            .send(Input::Control(Control::Own { fence, state, done }))
+            .await
+            .is_err()
+            || wait.await.is_err()
+        {
+            return; // shutting down
+        }
+        self.held.insert(p, lease.clone());
+        self.shared
+            .metrics
+            .partitions_acquired_total
+            .fetch_add(1, Relaxed);
+        if let Err(e) = self.subscribe(p).await {
+            tracing::warn!(aggregator = %self.id(), partition = p, error = %e, "subscribe request failed; the next reconnect subscribes");
+        }
+        tracing::info!(aggregator = %self.id(), partition = p, epoch = lease.revision, windows, "partition taken");
+    }
+
+    /// Gives `p` back: unsubscribe, final checkpoint and acks, release.
+    async fn give_back(&mut self, p: u32) {
+        let Some(lease) = self.held.remove(&p) else {
+            return;
+        };
+        let _ = self.unsubscribe(p).await;
+        let (done, wait) = oneshot::channel();
+        let _ = self
+            .ctl
+            .send(Input::Control(Control::Disown { partition: p, done }))
+            .await;
+        let checkpointed = wait.await.unwrap_or(false);
+        if checkpointed {
+            if let Err(e) = self.buckets.leases.release(lease).await {
+                tracing::warn!(aggregator = %self.id(), partition = p, error = %e, "lease release failed; it expires by itself");
+            }
+        }
+        // Without a final checkpoint the lease is left to expire: the next owner then resumes
+        // from the last checkpoint and the agents resend the rest.
+        self.shared
+            .metrics
+            .partitions_released_total
+            .fetch_add(1, Relaxed);
+        tracing::info!(aggregator = %self.id(), partition = p, checkpointed, "partition given back");
+    }
+
+    async fn subscribe(&self, p: u32) -> Result<(), rumqttc::ClientError> {
+        let topics = Topics::new(&self.shared.cfg.prefix);
+        self.client
+            .subscribe(topics.summaries_filter(p), QoS::AtLeastOnce)
+            .await
+    }
+
+    async fn unsubscribe(&self, p: u32) -> Result<(), rumqttc::ClientError> {
+        let topics = Topics::new(&self.shared.cfg.prefix);
+        self.client.unsubscribe(topics.summaries_filter(p)).await
+    }
+
+    /// This member's heartbeat, with per-partition throughput since the last one.
+    fn info(&mut self) -> MemberInfo {
+        let now = Instant::now();
+        let applied = self.shared.owned.applied();
+        let secs = now
+            .duration_since(self.last_applied.0)
+            .as_secs_f64()
+            .max(1e-3);
+        let owned = self
+            .held
+            .values()
+            .map(|l| {
+                let i = l.partition as usize;
+                let before = self.last_applied.1.get(i).copied().unwrap_or(0);
+                OwnedPartition {
+                    partition: l.partition,
+                    epoch: l.revision,
+                    records_per_sec: applied.get(i).copied().unwrap_or(0).saturating_sub(before)
+                        as f64
+                        / secs,
+                }
+            })
+            .collect();
+        self.last_applied = (now, applied);
+        MemberInfo {
+            id: self.id().to_string(),
+            http: self.http.clone(),
+            started_ms: self.started_ms,
+            at_ms: super::lease::now_ms(),
+            owned,
+        }
+    }
+
+    /// Gives every partition back (final checkpoints) and leaves the member list.
+    async fn leave(&mut self) {
+        let held: Vec<u32> = self.held.keys().copied().collect();
+        for p in held {
+            self.give_back(p).await;
+        }
+        if let Err(e) = self.buckets.members.leave(self.id()).await {
+            tracing::warn!(aggregator = %self.id(), error = %e, "could not leave the member list; the heartbeat expires by itself");
+        }
+    }
+}
+
+/// The apply loop of a cluster member: applies messages of owned partitions to the state and the
+/// [`KvStore`], checkpoints dirty partitions every `interval`, and acknowledges lanes whose
+/// partition is checkpointed. Runs on a blocking thread; ends when the queue closes (after a
+/// final checkpoint of whatever is still owned).
+pub(crate) fn apply_loop(
+    mut rx: mpsc::Receiver<Input>,
+    shared: Arc<Shared>,
+    mut store: KvStore,
+    client: AsyncClient,
+    lost: mpsc::UnboundedSender<u32>,
+    handle: tokio::runtime::Handle,
+    interval: Duration,
+) {
+    let mut l = Loop {
+        shared,
+        topics: Topics::new(""),
+        touched: Touched::new(),
+        last_warn: Instant::now(),
+        client,
+        lost,
+    };
+    l.topics = Topics::new(&l.shared.cfg.prefix);
+    let mut next = Instant::now() + interval;
+    loop {
+        let wait = next.saturating_duration_since(Instant::now());
+        let first = handle.block_on(async { tokio::time::timeout(wait, rx.recv()).await });
+        match first {
+            Ok(None) => break,
+            Ok(Some(input)) => {
+                l.handle(input, &mut store);
+                for _ in 1..consumer::ROUND {
+                    match rx.try_recv() {
+                        Ok(input) => l.handle(input, &mut store),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(_) => {}
+        }
+        if Instant::now() >= next {
+            l.checkpoint(&mut store, None);
+            next = Instant::now() + interval;
+        }
+    }
+    l.checkpoint(&mut store, None);
+}
+
+struct Loop {
+    shared: Arc<Shared>,
+    topics: Topics,
+    touched: Touched,
+    last_warn: Instant,
+    client: AsyncClient,
+    lost: mpsc::UnboundedSender<u32>,
+}
+
+impl Loop {
+    fn handle(&mut self, input: Input, store: &mut KvStore) {
+        match input {
+            Input::Publish(p) => consumer::apply_logged(
+                &self.shared,
+                &self.topics,
+                &p,
+                store,
+                &mut self.touched,
+                &mut self.last_warn,
+            ),
+            Input::Control(Control::Own { fence, state, done }) => {
+                let p = fence.partition;
+                let epoch = fence.epoch;
+                self.lock().load_partition(p, &state.windows, &state.lanes);
+                store.own(fence, &state);
+                self.shared.owned.set(p, epoch);
+                let _ = done.send(());
+            }
+            Input::Control(Control::Disown { partition, done }) => {
+                let ok = self.checkpoint(store, Some(&[partition]));
+                self.drop_partition(partition, store);
+                let _ = done.send(ok);
+            }
+            Input::Control(Control::Lost { partition }) => self.drop_partition(partition, store),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, crate::state::FleetState> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn drop_partition(&mut self, p: u32, store: &mut KvStore) {
+        self.shared.owned.clear(p);
+        store.disown(p);
+        self.lock().drop_partition(p);
+        self.touched.retain(|(_, partition), _| *partition != p);
+    }
+
+    /// Checkpoints the dirty partitions (of `only`, or all), then acknowledges every touched lane
+    /// whose partition is owned and clean. Returns whether every partition written succeeded.
+    fn checkpoint(&mut self, store: &mut KvStore, only: Option<&[u32]>) -> bool {
+        let shared = self.shared.clone();
+        let m = &shared.metrics;
+        let mut all_ok = true;
+        for w in store.checkpoint(only) {
+            match w.result {
+                Ok(()) => {
+                    m.checkpoints_total.fetch_add(1, Relaxed);
+                    m.checkpoint_bytes_total.fetch_add(w.bytes as u64, Relaxed);
+                }
+                Err(CheckpointError::Fenced { .. }) => {
+                    all_ok = false;
+                    tracing::warn!(aggregator = %self.shared.cfg.id, partition = w.partition, "checkpoint fenced: another aggregator owns the partition; dropping it");
+                    self.drop_partition(w.partition, store);
+                    let _ = self.lost.send(w.partition);
+                }
+                Err(e) => {
+                    all_ok = false;
+                    m.checkpoint_errors_total.fetch_add(1, Relaxed);
+                    tracing::warn!(aggregator = %self.shared.cfg.id, partition = w.partition, error = %e, "checkpoint failed; not acknowledging, retrying with the next one");
+                }
+            }
+        }
+        let mut ready = Touched::new();
+        self.touched.retain(|(agent, p), seq| {
+            if store.owns(*p) && !store.is_dirty(*p) {
+                ready.insert((agent.clone(), *p), *seq);
+                false
+            } else {
+                store.owns(*p)
+            }
+        });
+        if !ready.is_empty() {
+            consumer::send_acks(&self.shared, &self.topics, &self.client, &ready);
+        }
+        all_ok
+    }
+}

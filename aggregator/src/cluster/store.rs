@@ -1,0 +1,341 @@
+//! The [`StateStore`] of cluster mode: the state of every owned partition, checkpointed to the
+//! `checkpoints` KV bucket by compare-and-set under the partition's lease epoch.
+//!
+//! Each owned partition keeps its kept windows and lane seqs in a [`MemoryStore`]; a put marks the
+//! partition dirty, and [`KvStore::checkpoint`] writes every dirty partition's whole state as one
+//! value, concurrently, and reports per partition. Acks for a partition may go out only after its
+//! write succeeded; a fenced write means another aggregator took the partition over, so the
+//! caller drops it. Writes block on the tokio runtime the store was made on, so call them from a
+//! blocking thread (the apply loop runs on one).
+//!
+//! Value: format byte `1`, then postcard of the partition's windows and (agent, seq) lanes. A value
+//! is one NATS message, bounded by the servers' `max_payload` (1 MiB by default); partitions whose
+//! state outgrows it need more partitions or a higher `max_payload`.
+
+use super::checkpoint::{CheckpointError, CheckpointFence, KvCheckpoints};
+use crate::state::Applied;
+use crate::store::{MemoryStore, Snapshot, StateStore, StoreError};
+use edgewatch_models::wire::WindowSummary;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const FORMAT: u8 = 1;
+
+/// The state of one partition as its checkpoint holds it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionState {
+    /// Kept windows, by (device, metric, start).
+    pub windows: Vec<WindowSummary>,
+    /// (agent, last applied seq) of every lane of the partition.
+    pub lanes: Vec<(String, u64)>,
+}
+
+impl PartitionState {
+    /// The checkpoint value.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![FORMAT];
+        // Serialising plain structs into a Vec cannot fail.
+        out.extend(postcard::to_allocvec(self).unwrap_or_default());
+        out
+    }
+
+    /// Decodes a checkpoint value (an empty value is an empty state: a partition taken over
+    /// before anything was checkpointed).
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        match bytes.split_first() {
+            None => Ok(Self::default()),
+            Some((&FORMAT, rest)) => {
+                postcard::from_bytes(rest).map_err(|e| format!("undecodable state: {e}"))
+            }
+            Some((v, _)) => Err(format!("unknown state format {v}")),
+        }
+    }
+}
+
+/// One owned partition.
+#[derive(Debug)]
+struct Owned {
+    /// The kept windows.
+    model: MemoryStore,
+    /// Last applied seq by agent.
+    lanes: BTreeMap<String, u64>,
+    fence: CheckpointFence,
+    dirty: bool,
+    last_written: Instant,
+}
+
+impl Owned {
+    fn state(&self) -> PartitionState {
+        let snap = self.model.load().unwrap_or_default();
+        PartitionState {
+            windows: snap.windows.into_iter().map(|(_, w)| w).collect(),
+            lanes: self.lanes.iter().map(|(a, s)| (a.clone(), *s)).collect(),
+        }
+    }
+}
+
+/// What one checkpoint write did.
+#[derive(Debug)]
+pub struct Written {
+    /// The partition.
+    pub partition: u32,
+    /// Ok, or why not (fenced means the partition was taken over: drop it).
+    pub result: Result<(), CheckpointError>,
+    /// Bytes written.
+    pub bytes: usize,
+}
+
+/// Owned partitions' state, checkpointed to the KV.
+pub struct KvStore {
+    checkpoints: KvCheckpoints,
+    handle: tokio::runtime::Handle,
+    windows_per_series: usize,
+    owned: BTreeMap<u32, Owned>,
+    write_timeout: Duration,
+}
+
+impl std::fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvStore")
+            .field("owned", &self.owned.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl KvStore {
+    /// A store writing to `checkpoints` on the runtime of `handle`; a write not answered within
+    /// `write_timeout` counts as failed (and is retried with the next checkpoint).
+    pub fn new(
+        checkpoints: KvCheckpoints,
+        handle: tokio::runtime::Handle,
+        windows_per_series: usize,
+        write_timeout: Duration,
+    ) -> Self {
+        Self {
+            checkpoints,
+            handle,
+            windows_per_series,
+            owned: BTreeMap::new(),
+            write_timeout,
+        }
+    }
+
+    /// Starts owning `fence.partition` from `state` (what the take-over read).
+    pub fn own(&mut self, fence: CheckpointFence, state: &PartitionState) {
+        let partition = fence.partition;
+        let mut model = MemoryStore::new(self.windows_per_series);
+        let mut windows: Vec<&WindowSummary> = state.windows.iter().collect();
+        windows.sort_by(|a, b| {
+            (&a.device, &a.metric, a.start_ms).cmp(&(&b.device, &b.metric, b.start_ms))
+        });
+        for w in windows {
+            // Stored windows were validated when first put.
+            let _ = model.put_window(partition, w);
+        }
+        self.owned.insert(
+            partition,
+            Owned {
+                model,
+                lanes: state.lanes.iter().cloned().collect(),
+                fence,
+                dirty: false,
+                last_written: Instant::now(),
+            },
+        );
+    }
+
+    /// Stops owning `partition`, without writing anything.
+    pub fn disown(&mut self, partition: u32) {
+        self.owned.remove(&partition);
+    }
+
+    /// Whether `partition` is owned.
+    pub fn owns(&self, partition: u32) -> bool {
+        self.owned.contains_key(&partition)
+    }
+
+    /// Whether `partition` has changes not yet checkpointed.
+    pub fn is_dirty(&self, partition: u32) -> bool {
+        self.owned.get(&partition).is_some_and(|o| o.dirty)
+    }
+
+    /// The epoch `partition` is owned under.
+    pub fn epoch(&self, partition: u32) -> Option<u64> {
+        self.owned.get(&partition).map(|o| o.fence.epoch)
+    }
+
+    /// Time since `partition`'s last successful checkpoint (or since it was taken over).
+    pub fn checkpoint_age(&self, partition: u32) -> Option<Duration> {
+        self.owned.get(&partition).map(|o| o.last_written.elapsed())
+    }
+
+    /// The state `partition` would checkpoint now.
+    pub fn state(&self, partition: u32) -> Option<PartitionState> {
+        self.owned.get(&partition).map(|o| o.state())
+    }
+
+    /// Writes the state of every dirty partition in `only` (every dirty partition when `None`),
+    /// all at once, and waits for the answers. A partition stays dirty until its write succeeds.
+    pub fn checkpoint(&mut self, only: Option<&[u32]>) -> Vec<Written> {
+        let mut tasks = Vec::new();
+        for (&partition, o) in &self.owned {
+            if !o.dirty || only.is_some_and(|ps| !ps.contains(&partition)) {
+                continue;
+            }
+            let bytes = o.state().encode();
+            let mut fence = o.fence.clone();
+            let cps = self.checkpoints.clone();
+            let timeout = self.write_timeout;
+            tasks.push(self.handle.spawn(async move {
+                let len = bytes.len();
+                let result =
+                    match tokio::time::timeout(timeout, cps.write(&mut fence, &bytes)).await {
+                        Ok(r) => r.map(|_| ()),
+                        Err(_) => Err(CheckpointError::Timeout {
+                            partition: fence.partition,
+                            after: timeout,
+                        }),
+                    };
+                (fence, result, len)
+            }));
+        }
+        let done = self.handle.block_on(async {
+            let mut done = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                if let Ok(r) = t.await {
+                    done.push(r);
+                }
+            }
+            done
+        });
+        let mut out = Vec::with_capacity(done.len());
+        for (fence, result, bytes) in done {
+            let partition = fence.partition;
+            if let Some(o) = self.owned.get_mut(&partition) {
+                if result.is_ok() {
+                    o.dirty = false;
+                    o.last_written = Instant::now();
+                }
+                // A timed-out write keeps the old revision; `write` re-reads on the conflict.
+                if fence.revision > o.fence.revision {
+                    o.fence = fence;
+                }
+            }
+            out.push(Written {
+                partition,
+                result,
+                bytes,
+            });
+        }
+        out
+    }
+
+    fn owned_mut(&mut self, partition: u32) -> Result<&mut Owned, StoreError> {
+        self.owned
+            .get_mut(&partition)
+            .ok_or(StoreError::NotOwned { partition })
+    }
+}
+
+impl StateStore for KvStore {
+    fn put_window(
+        &mut self,
+        partition: u32,
+        summary: &WindowSummary,
+    ) -> Result<Applied, StoreError> {
+        let o = self.owned_mut(partition)?;
+        let applied = o.model.put_window(partition, summary)?;
+        if applied != Applied::Duplicate {
+            o.dirty = true;
+        }
+        Ok(applied)
+    }
+
+    fn put_lane_seq(&mut self, agent: &str, partition: u32, seq: u64) -> Result<(), StoreError> {
+        let o = self.owned_mut(partition)?;
+        // Looked up by &str: this runs for every batch, and resends must not mark it dirty.
+        match o.lanes.get_mut(agent) {
+            Some(s) if *s >= seq => return Ok(()),
+            Some(s) => *s = seq,
+            None => {
+                o.lanes.insert(agent.to_string(), seq);
+            }
+        }
+        o.dirty = true;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        for w in self.checkpoint(None) {
+            if let Err(e) = w.result {
+                return Err(StoreError::Checkpoint {
+                    partition: w.partition,
+                    retryable: !matches!(e, CheckpointError::Fenced { .. }),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let mut s = Snapshot::default();
+        for (&partition, o) in &self.owned {
+            s.windows.extend(o.model.load()?.windows);
+            s.lanes
+                .extend(o.lanes.iter().map(|(a, seq)| (a.clone(), partition, *seq)));
+        }
+        s.windows.sort_by(|(_, a), (_, b)| {
+            (&a.device, &a.metric, a.start_ms).cmp(&(&b.device, &b.metric, b.start_ms))
+        });
+        s.lanes.sort();
+        Ok(s)
+    }
+
+    fn lane_seqs(&self) -> Result<Vec<(String, u32, u64)>, StoreError> {
+        Ok(self.load()?.lanes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(device: &str, start: i64) -> WindowSummary {
+        WindowSummary {
+            device: device.into(),
+            metric: "temp".into(),
+            start_ms: start,
+            end_ms: start + 1000,
+            count: 10,
+            min: 1.0,
+            max: 2.0,
+            mean: 1.5,
+            std: 0.1,
+            first_ts_ms: start,
+            last_ts_ms: start + 900,
+            max_score: 0.2,
+            revision: 0,
+        }
+    }
+
+    #[test]
+    fn a_partition_state_round_trips_and_bad_values_are_named() {
+        let st = PartitionState {
+            windows: vec![window("d/1 ü", 0), window("d2", 1000)],
+            lanes: vec![("agent-1".into(), 42)],
+        };
+        assert_eq!(PartitionState::decode(&st.encode()).unwrap(), st);
+        assert_eq!(
+            PartitionState::decode(&[]).unwrap(),
+            PartitionState::default()
+        );
+        assert!(PartitionState::decode(&[7, 1])
+            .unwrap_err()
+            .contains("format 7"));
+        assert!(PartitionState::decode(&[FORMAT, 200, 200, 200])
+            .unwrap_err()
+            .contains("undecodable"));
+    }
+}
