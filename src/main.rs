@@ -65,6 +65,9 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Cluster mode tools (NATS JetStream).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Evaluate detectors on a dataset.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -83,6 +86,21 @@ enum ConfigCommand {
         /// Component the files configure; guessed from each file name when omitted.
         #[arg(long, value_enum)]
         kind: Option<Kind>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Print the members, the owner and lease age of every partition, checkpoint lag and
+    /// per-partition throughput, read from the cluster's KV. Exits 2 when the cluster cannot be read.
+    Status {
+        /// Configuration of any aggregator of the deployment (its `cluster:`, `prefix` and
+        /// `partitions` are used).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON (the same document as `GET /api/cluster`) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -230,6 +248,36 @@ fn run(command: Command) -> Result<(), Failure> {
         #[cfg(feature = "embedded-broker")]
         Command::Bench(args) => edgewatch::bench::run(args).map_err(Failure::Runtime),
         Command::Config(ConfigCommand::Check { files, kind }) => check(&files, kind),
+        Command::Cluster(ClusterCommand::Status { config, json }) => {
+            let cfg: edgewatch_aggregator::AggregatorConfig = config::load(&config)?;
+            let Some(cluster) = &cfg.cluster else {
+                return Err(Failure::Usage(anyhow::anyhow!(
+                    "{}: has no cluster: section; give the configuration of an aggregator in cluster mode",
+                    config.display()
+                )));
+            };
+            let status = tokio_runtime()?.block_on(async {
+                let buckets = edgewatch_aggregator::cluster::node::Buckets::open(
+                    cluster,
+                    &cfg.prefix,
+                    &format!("status-{}", std::process::id()),
+                )
+                .await
+                .map_err(runtime)?;
+                edgewatch_aggregator::cluster::status::collect(&buckets, cfg.partitions)
+                    .await
+                    .map_err(runtime)
+            })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).map_err(runtime)?
+                );
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
         Command::Eval(EvalCommand::Nab(args)) => {
             // An unknown detector name is a usage error (exit 1), not a runtime failure.
             edgewatch::eval::ScoreSource::from_name(args.detector.as_deref())

@@ -59,7 +59,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: Ca
             let service = service_fn(move |req| {
                 let shared = svc_shared.clone();
                 let cancel = svc_cancel.clone();
-                async move { Ok::<_, Infallible>(route(req, shared, cancel)) }
+                async move { Ok::<_, Infallible>(route(req, shared, cancel).await) }
             });
             let conn = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -77,7 +77,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: Ca
     }
 }
 
-fn route(
+async fn route(
     req: Request<Incoming>,
     shared: Arc<Shared>,
     cancel: CancellationToken,
@@ -116,6 +116,21 @@ fn route(
                 .unwrap_or_default()
         }
         "/api/status" => json_response(StatusCode::OK, &status(&shared)),
+        "/api/cluster" => match &shared.cluster {
+            None => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": format!("aggregator {} is not in cluster mode (no cluster: in its configuration)", shared.cfg.id)}),
+            ),
+            Some(buckets) => {
+                match crate::cluster::status::collect(buckets, shared.cfg.partitions).await {
+                    Ok(s) => json_response(StatusCode::OK, &json!(s)),
+                    Err(e) => json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({"error": format!("cluster status unavailable: {e}")}),
+                    ),
+                }
+            }
+        },
         "/api/devices" => {
             let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             let list: Vec<_> = state

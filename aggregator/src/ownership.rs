@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct Ownership {
     epochs: Vec<AtomicU64>,
     applied: Vec<AtomicU64>,
+    lag_ms: Vec<AtomicU64>,
 }
 
 impl Ownership {
@@ -19,6 +20,7 @@ impl Ownership {
         Self {
             epochs: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             applied: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            lag_ms: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -70,6 +72,20 @@ impl Ownership {
         if let Some(a) = self.applied.get(partition as usize) {
             a.fetch_add(n, Relaxed);
         }
+    }
+
+    /// Sets the checkpoint lag of `partition` (cluster mode; see `KvStore::lag`).
+    pub fn set_lag(&self, partition: u32, lag_ms: u64) {
+        if let Some(l) = self.lag_ms.get(partition as usize) {
+            l.store(lag_ms, Relaxed);
+        }
+    }
+
+    /// The checkpoint lag of `partition` as last set, in ms.
+    pub fn lag_ms(&self, partition: u32) -> u64 {
+        self.lag_ms
+            .get(partition as usize)
+            .map_or(0, |l| l.load(Relaxed))
     }
 
     /// Records applied to each partition since start.

@@ -141,9 +141,65 @@ async fn members_split_the_partitions_and_hand_them_over_on_leave_and_join_exact
     wait_until(
         "the joiner owns its share and every partition has one owner",
         Duration::from_secs(15),
-        || each_partition_has_one_owner(&[&a, &b, &d]) && owners(&[&d]).len() >= 1,
+        || each_partition_has_one_owner(&[&a, &b, &d]) && !owners(&[&d]).is_empty(),
     )
     .await;
+
+    // Status over HTTP and from the CLI agree with the members' own view.
+    let status = get_json(a.addr, "/api/cluster");
+    assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
+    assert_eq!(status["unowned"].as_array().unwrap().len(), 0, "{status}");
+    let by_status: BTreeMap<u32, String> = status["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["partition"].as_u64().unwrap() as u32,
+                l["owner"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(by_status.len(), PARTITIONS as usize);
+    assert!(
+        by_status
+            .values()
+            .all(|o| ["agg-a", "agg-b", "agg-d"].contains(&o.as_str())),
+        "{by_status:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("aggregator.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "id: status-probe\nprefix: {prefix}\npartitions: {PARTITIONS}\ncluster:\n  type: nats\n  servers: [{}]\n  lease_ttl_ms: 3000\n  heartbeat_ms: 500\n",
+            nats.urls.join(", ")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+        .args(["cluster", "status", "--json", "--config"])
+        .arg(&yaml)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cli["members"].as_array().unwrap().len(), 3, "{cli}");
+    assert_eq!(cli["unowned"].as_array().unwrap().len(), 0, "{cli}");
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+        .args(["cluster", "status", "--config"])
+        .arg(&yaml)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.starts_with("3 member(s), 16 partition(s), 0 unowned"),
+        "{table}"
+    );
 
     let report = fleet.await.unwrap().unwrap();
     wait_until(

@@ -62,7 +62,7 @@ pub enum LeaseError {
 }
 
 /// What a lease key holds.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseValue {
     /// The owner's aggregator id.
     pub owner: String,
@@ -210,6 +210,30 @@ impl Leases {
             }),
             Err(e) => Err(KvError::op(&self.store, "delete", &k, e).into()),
         }
+    }
+
+    /// Who holds the lease of `partition`, for status: its value, revision, and the ms since its
+    /// last renewal by the server's clock. `None` when nobody holds it.
+    pub async fn holder(
+        &self,
+        partition: u32,
+    ) -> Result<Option<(LeaseValue, u64, i64)>, LeaseError> {
+        let k = key(partition);
+        let entry = self
+            .store
+            .entry(&k)
+            .await
+            .map_err(|e| KvError::op(&self.store, "read", &k, e))?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| {
+                let value = serde_json::from_slice(&e.value).unwrap_or(LeaseValue {
+                    owner: String::from_utf8_lossy(&e.value).into_owned(),
+                    since_ms: 0,
+                });
+                let renewed = now_ms() - (e.created.unix_timestamp_nanos() / 1_000_000) as i64;
+                (value, e.revision, renewed)
+            }))
     }
 
     /// Whether this process may still act as the owner at `now` without hearing from the servers:

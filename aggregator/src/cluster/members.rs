@@ -37,6 +37,10 @@ pub struct OwnedPartition {
     pub partition: u32,
     /// The lease revision it is owned under.
     pub epoch: u64,
+    /// When it was won (Unix ms, the member's clock).
+    pub since_ms: i64,
+    /// How long its oldest change not yet checkpointed has waited (0: all checkpointed).
+    pub checkpoint_lag_ms: u64,
     /// Records applied per second over the last heartbeat period.
     pub records_per_sec: f64,
 }

@@ -15,6 +15,7 @@ pub mod kv;
 pub mod lease;
 pub mod members;
 pub mod node;
+pub mod status;
 pub mod store;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointFence, KvCheckpoints};

@@ -353,6 +353,8 @@ impl Coordinator {
                 OwnedPartition {
                     partition: l.partition,
                     epoch: l.revision,
+                    since_ms: l.since_ms,
+                    checkpoint_lag_ms: self.shared.owned.lag_ms(l.partition),
                     records_per_sec: applied.get(i).copied().unwrap_or(0).saturating_sub(before)
                         as f64
                         / secs,
@@ -500,6 +502,10 @@ impl Loop {
                     tracing::warn!(aggregator = %self.shared.cfg.id, partition = w.partition, error = %e, "checkpoint failed; not acknowledging, retrying with the next one");
                 }
             }
+        }
+        for p in store.partitions() {
+            let lag = store.lag(p).unwrap_or_default();
+            self.shared.owned.set_lag(p, lag.as_millis() as u64);
         }
         let mut ready = Touched::new();
         self.touched.retain(|(agent, p), seq| {

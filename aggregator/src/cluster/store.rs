@@ -62,7 +62,16 @@ struct Owned {
     lanes: BTreeMap<String, u64>,
     fence: CheckpointFence,
     dirty: bool,
+    /// When the oldest change not yet checkpointed was made.
+    dirty_since: Option<Instant>,
     last_written: Instant,
+}
+
+impl Owned {
+    fn mark_dirty(&mut self) {
+        self.dirty = true;
+        self.dirty_since.get_or_insert_with(Instant::now);
+    }
 }
 
 impl Owned {
@@ -140,6 +149,7 @@ impl KvStore {
                 lanes: state.lanes.iter().cloned().collect(),
                 fence,
                 dirty: false,
+                dirty_since: None,
                 last_written: Instant::now(),
             },
         );
@@ -168,6 +178,19 @@ impl KvStore {
     /// Time since `partition`'s last successful checkpoint (or since it was taken over).
     pub fn checkpoint_age(&self, partition: u32) -> Option<Duration> {
         self.owned.get(&partition).map(|o| o.last_written.elapsed())
+    }
+
+    /// How long the oldest change of `partition` not yet checkpointed has waited (zero when
+    /// everything is checkpointed): its checkpoint lag.
+    pub fn lag(&self, partition: u32) -> Option<Duration> {
+        self.owned
+            .get(&partition)
+            .map(|o| o.dirty_since.map_or(Duration::ZERO, |t| t.elapsed()))
+    }
+
+    /// The owned partitions.
+    pub fn partitions(&self) -> Vec<u32> {
+        self.owned.keys().copied().collect()
     }
 
     /// The state `partition` would checkpoint now.
@@ -215,6 +238,7 @@ impl KvStore {
             if let Some(o) = self.owned.get_mut(&partition) {
                 if result.is_ok() {
                     o.dirty = false;
+                    o.dirty_since = None;
                     o.last_written = Instant::now();
                 }
                 // A timed-out write keeps the old revision; `write` re-reads on the conflict.
@@ -247,7 +271,7 @@ impl StateStore for KvStore {
         let o = self.owned_mut(partition)?;
         let applied = o.model.put_window(partition, summary)?;
         if applied != Applied::Duplicate {
-            o.dirty = true;
+            o.mark_dirty();
         }
         Ok(applied)
     }
@@ -262,7 +286,7 @@ impl StateStore for KvStore {
                 o.lanes.insert(agent.to_string(), seq);
             }
         }
-        o.dirty = true;
+        o.mark_dirty();
         Ok(())
     }
 
