@@ -9,7 +9,8 @@ use crate::telemetry::AgentMetrics;
 use edgewatch_models::backoff::Backoff;
 use edgewatch_models::link::{self, MqttLink};
 use rumqttc::{
-    ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, TlsConfiguration, Transport,
+    ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, SubscribeReasonCode,
+    TlsConfiguration, Transport,
 };
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -98,7 +99,7 @@ pub(crate) async fn poll_loop<F, Fut>(
             _ = cancel.cancelled() => return,
             e = eventloop.poll() => e,
         };
-        match event {
+        let failure = match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 if backoff.attempts() > 0 {
                     tracing::info!(link = name, %broker, "reconnected");
@@ -107,32 +108,62 @@ pub(crate) async fn poll_loop<F, Fut>(
                 }
                 backoff.reset();
                 on_event(LinkEvent::Connected).await;
+                None
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => on_event(LinkEvent::Publish(p)).await,
-            Ok(Event::Incoming(Packet::PubAck(_))) => on_event(LinkEvent::PubAck).await,
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                on_event(LinkEvent::Publish(p)).await;
+                None
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                on_event(LinkEvent::PubAck).await;
+                None
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) if refused(&ack.return_codes) > 0 => {
+                // The connection stays up but nothing will ever arrive on that subscription: drop
+                // it and start over (the owner subscribes again on the next Connected).
+                eventloop.clean();
+                Some(refusal_message(&broker, refused(&ack.return_codes)))
+            }
             // Everything queued before our Disconnect request has been written: done.
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-            Ok(_) => {}
-            Err(e) => {
-                metrics.connection_errors_total.fetch_add(1, Relaxed);
-                on_event(LinkEvent::Disconnected).await;
-                let delay = backoff.next_delay_ms();
-                if addresses.len() > 1 {
-                    // Try the next broker of the list on the next attempt.
-                    current = (current + 1) % addresses.len();
-                    eventloop.mqtt_options = addresses[current].clone();
-                }
-                let next = broker_of(&eventloop.mqtt_options);
-                let error = describe(&broker, &e);
-                tracing::warn!(link = name, %broker, %next, %error, retry_in_ms = delay, "mqtt connection error; will reconnect");
-                broker = next;
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
-                }
+            Ok(_) => None,
+            Err(e) => Some(describe(&broker, &e)),
+        };
+        if let Some(error) = failure {
+            metrics.connection_errors_total.fetch_add(1, Relaxed);
+            on_event(LinkEvent::Disconnected).await;
+            let delay = backoff.next_delay_ms();
+            if addresses.len() > 1 {
+                // Try the next broker of the list on the next attempt.
+                current = (current + 1) % addresses.len();
+                eventloop.mqtt_options = addresses[current].clone();
+            }
+            let next = broker_of(&eventloop.mqtt_options);
+            tracing::warn!(link = name, %broker, %next, %error, retry_in_ms = delay, "mqtt connection error; will reconnect");
+            broker = next;
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
             }
         }
     }
+}
+
+/// How many subscriptions of one SUBACK the broker refused (return code 0x80).
+fn refused(codes: &[SubscribeReasonCode]) -> usize {
+    codes
+        .iter()
+        .filter(|c| matches!(c, SubscribeReasonCode::Failure))
+        .count()
+}
+
+/// Why a connection whose SUBACK refused `count` subscriptions is dropped. NATS refuses a QoS 1
+/// subscription when it cannot create its JetStream consumer, e.g. during a leader election.
+fn refusal_message(broker: &str, count: usize) -> String {
+    format!(
+        "broker {broker} refused {count} subscription(s), so nothing would arrive on them; \
+         on NATS: a JetStream consumer could not be created (e.g. during a leader election)"
+    )
 }
 
 #[cfg(test)]
@@ -163,5 +194,20 @@ mod tests {
         );
         let e = ConnectionError::Io(std::io::Error::other("reset"));
         assert_eq!(describe("h:1", &e), "connection to h:1 failed: I/O: reset");
+    }
+
+    #[test]
+    fn refused_subscriptions_are_counted_and_named_with_the_broker() {
+        let codes = [
+            SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce),
+            SubscribeReasonCode::Failure,
+        ];
+        assert_eq!(refused(&codes), 1);
+        assert_eq!(refused(&codes[..1]), 0);
+        let why = refusal_message("127.0.0.1:1885", 1);
+        assert!(
+            why.starts_with("broker 127.0.0.1:1885 refused 1 subscription(s)"),
+            "{why}"
+        );
     }
 }

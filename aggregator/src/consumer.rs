@@ -12,7 +12,10 @@ use edgewatch_models::link;
 use edgewatch_models::wire::{
     Ack, AckBatch, AnomalyEvent, Batch, Topics, UplinkTopic, WindowSummary,
 };
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, Packet, QoS, SubscribeFilter};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Packet, QoS, SubscribeFilter,
+    SubscribeReasonCode,
+};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -47,6 +50,9 @@ pub(crate) async fn poll_loop(
         |o: &rumqttc::MqttOptions| format!("{}:{}", o.broker_address().0, o.broker_address().1);
     let mut broker = broker_of(&eventloop.mqtt_options);
     let mut current = 0usize;
+    // The filters of the last SUBSCRIBE of the whole set (partition changes in cluster mode
+    // subscribe one filter at a time and are not matched against SUBACKs here).
+    let mut subscribed: Vec<SubscribeFilter> = Vec::new();
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -58,14 +64,25 @@ pub(crate) async fn poll_loop(
                     tracing::info!(aggregator = %shared.cfg.id, %broker, "reconnected");
                 }
                 backoff.reset();
-                let filters = filters(&topics, shared.owned.list());
-                if let Err(e) = client.try_subscribe_many(filters) {
+                subscribed = filters(
+                    &topics,
+                    &shared.owned.list(),
+                    shared.cfg.partitions,
+                    shared.cluster.is_some(),
+                );
+                if let Err(e) = client.try_subscribe_many(subscribed.clone()) {
                     tracing::error!(error = %e, "subscribe request failed");
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if tx.send(Input::Publish(p)).await.is_err() {
                     break;
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = refused(&subscribed, &ack.return_codes);
+                if !refused.is_empty() {
+                    tracing::error!(aggregator = %shared.cfg.id, %broker, ?refused, "the broker refused subscriptions: nothing arrives on these filters (a NATS session takes at most 63 QoS 1 subscriptions with its default max_ack_pending)");
                 }
             }
             Ok(_) => {}
@@ -99,15 +116,54 @@ fn describe(broker: &str, e: &ConnectionError) -> String {
     }
 }
 
-/// The subscription filters of an aggregator owning `owned`.
+/// The filters of one SUBSCRIBE that its SUBACK refused (return code 0x80), in order.
+fn refused(filters: &[SubscribeFilter], codes: &[SubscribeReasonCode]) -> Vec<String> {
+    filters
+        .iter()
+        .zip(codes)
+        .filter(|(_, c)| matches!(c, SubscribeReasonCode::Failure))
+        .map(|(f, _)| f.path.clone())
+        .collect()
+}
+
+/// The subscription filters of an aggregator owning `owned` (each below `partitions`): one per
+/// owned partition, or a single wildcard when it owns every partition, then the anomalies.
+///
+/// One filter for all partitions matters on NATS: each QoS 1 subscription is a JetStream consumer
+/// (about half a second each to create on 2.9, while the connection's reads wait), and a session's
+/// subscriptions may reserve at most 65,535 unacknowledged messages, 1,024 each by default — so a
+/// session holds at most 63 of them and the rest are refused. Summaries of partitions not owned
+/// are still counted as misrouted and never applied, whatever the filter lets through.
+///
+/// In cluster mode (`cluster`) partitions come and go, so each has its own filter at QoS 0 (see
+/// [`crate::cluster::node::PARTITION_QOS`]).
 pub(crate) fn filters(
     topics: &Topics,
-    owned: impl IntoIterator<Item = u32>,
+    owned: &[u32],
+    partitions: u32,
+    cluster: bool,
 ) -> Vec<SubscribeFilter> {
-    let mut f: Vec<SubscribeFilter> = owned
-        .into_iter()
-        .map(|p| SubscribeFilter::new(topics.summaries_filter(p), QoS::AtLeastOnce))
-        .collect();
+    let mut f: Vec<SubscribeFilter> = if cluster {
+        owned
+            .iter()
+            .map(|&p| {
+                SubscribeFilter::new(
+                    topics.summaries_filter(p),
+                    crate::cluster::node::PARTITION_QOS,
+                )
+            })
+            .collect()
+    } else if owned.len() == partitions as usize {
+        vec![SubscribeFilter::new(
+            topics.all_summaries_filter(),
+            QoS::AtLeastOnce,
+        )]
+    } else {
+        owned
+            .iter()
+            .map(|&p| SubscribeFilter::new(topics.summaries_filter(p), QoS::AtLeastOnce))
+            .collect()
+    };
     f.push(SubscribeFilter::new(
         topics.anomalies_filter(),
         QoS::AtLeastOnce,
@@ -339,5 +395,70 @@ fn apply(
             Ok(())
         }
         Some(UplinkTopic::Acks { .. }) | None => Err("not a summaries or anomalies topic".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(f: &[SubscribeFilter]) -> Vec<&str> {
+        f.iter().map(|f| f.path.as_str()).collect()
+    }
+
+    #[test]
+    fn an_owner_of_every_partition_subscribes_once_for_all_summaries() {
+        let topics = Topics::new("edgewatch/v1");
+        let all: Vec<u32> = (0..64).collect();
+        let f = filters(&topics, &all, 64, false);
+        assert_eq!(
+            paths(&f),
+            ["edgewatch/v1/summaries/+/+", "edgewatch/v1/anomalies/+/+"]
+        );
+        assert!(f.iter().all(|f| f.qos == QoS::AtLeastOnce));
+        assert_eq!(
+            paths(&filters(&topics, &[3, 5], 64, false)),
+            [
+                "edgewatch/v1/summaries/3/+",
+                "edgewatch/v1/summaries/5/+",
+                "edgewatch/v1/anomalies/+/+"
+            ]
+        );
+        // 63 of 64 is not all: one filter each.
+        let most: Vec<u32> = (1..64).collect();
+        assert_eq!(filters(&topics, &most, 64, false).len(), 64);
+    }
+
+    #[test]
+    fn cluster_members_subscribe_per_partition_at_qos_0_and_anomalies_at_qos_1() {
+        let topics = Topics::new("p");
+        let all: Vec<u32> = (0..4).collect();
+        let f = filters(&topics, &all, 4, true);
+        assert_eq!(
+            paths(&f),
+            [
+                "p/summaries/0/+",
+                "p/summaries/1/+",
+                "p/summaries/2/+",
+                "p/summaries/3/+",
+                "p/anomalies/+/+"
+            ]
+        );
+        assert!(f[..4].iter().all(|f| f.qos == QoS::AtMostOnce));
+        assert_eq!(f[4].qos, QoS::AtLeastOnce);
+        assert_eq!(paths(&filters(&topics, &[], 4, true)), ["p/anomalies/+/+"]);
+    }
+
+    #[test]
+    fn refused_filters_are_named_in_subscribe_order() {
+        let topics = Topics::new("p");
+        let f = filters(&topics, &[1, 2], 8, false);
+        let codes = [
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Failure,
+        ];
+        assert_eq!(refused(&f, &codes), ["p/summaries/2/+", "p/anomalies/+/+"]);
+        assert!(refused(&f, &codes[..1]).is_empty());
     }
 }

@@ -194,6 +194,12 @@ impl Topics {
         format!("{}/summaries/{partition}/+", self.prefix)
     }
 
+    /// Filter for every agent's summaries of every partition: what an owner of all partitions
+    /// subscribes to (one subscription instead of one per partition).
+    pub fn all_summaries_filter(&self) -> String {
+        format!("{}/summaries/+/+", self.prefix)
+    }
+
     /// Filter for all anomaly events of the fleet.
     pub fn anomalies_filter(&self) -> String {
         format!("{}/anomalies/+/+", self.prefix)
@@ -263,6 +269,8 @@ mod tests {
             t.parse(&t.acks("a")),
             Some(UplinkTopic::Acks { agent: "a" })
         );
+        assert_eq!(t.summaries_filter(7), "edgewatch/v1/summaries/7/+");
+        assert_eq!(t.all_summaries_filter(), "edgewatch/v1/summaries/+/+");
     }
 
     #[test]

@@ -39,6 +39,11 @@ impl Proc {
         }
     }
 
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no drain, no flush, no goodbye.
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
@@ -111,7 +116,8 @@ pub fn fleet(port: u16, hours: u64, seed: u64) -> SimulatorConfig {
     sim
 }
 
-fn readings(addr: SocketAddr) -> u64 {
+/// Cumulative readings the aggregator at `addr` holds (`/api/status`).
+pub fn readings(addr: SocketAddr) -> u64 {
     get_json(addr, "/api/status")["readings"].as_u64().unwrap()
 }
 
@@ -267,7 +273,7 @@ fn verify(log: &Path, addr: SocketAddr, extra: &[&str]) -> (i32, String) {
 
 /// Waits until the aggregator's readings stop changing for `quiet` (the agent is a separate
 /// process, so its own counters are not at hand).
-async fn wait_settled(addr: SocketAddr, quiet: Duration, timeout: Duration) -> u64 {
+pub async fn wait_settled(addr: SocketAddr, quiet: Duration, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
     let (mut last, mut since) = (readings(addr), Instant::now());
     loop {

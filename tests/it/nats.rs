@@ -2,25 +2,33 @@
 //! by the tests): KV buckets created through the 2.9 workaround, partition leases by
 //! compare-and-set with a TTL, and checkpoints fenced by the lease revision.
 //!
-//! The tests share one cluster while any of them runs (each uses its own buckets); it is killed
-//! when the last one finishes.
+//! Also the harness other modules build on: [`NatsCluster`] starts three nodes (client, route,
+//! monitor and MQTT ports picked at run time), kills and restarts single nodes on their store, and
+//! reads which node leads a JetStream stream from the monitor port. Most tests here share one
+//! cluster while any of them runs (each uses its own buckets; it is killed when the last one
+//! finishes); tests that kill nodes start their own with [`NatsCluster::start`].
 
 use crate::common::{free_port, http_get, require};
 use async_nats::jetstream;
 use edgewatch_aggregator::cluster::{
     self, CheckpointError, ClusterConfig, KvCheckpoints, KvError, LeaseError, LeaseTiming, Leases,
 };
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-/// A 3-node nats-server cluster with JetStream on loopback, killed on drop.
+/// A 3-node nats-server cluster with JetStream and MQTT listeners on loopback, killed on drop.
+/// Nodes are numbered 0, 1, 2 here; their server names are `n1`, `n2`, `n3`.
 pub struct NatsCluster {
-    nodes: Vec<Child>,
+    /// The running process of each node; `None` while killed.
+    nodes: Vec<Option<Child>>,
+    ports: Vec<Ports>,
     /// `nats://127.0.0.1:<client port>` of each node.
     pub urls: Vec<String>,
+    bin: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -31,11 +39,23 @@ struct Ports {
     mqtt: u16,
 }
 
+/// How long a node may take to answer `/healthz` with 200: ~0.6 s fresh, ~8 s restarting on a
+/// store with data (2.9), more on a loaded machine.
+const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
+
 impl NatsCluster {
-    /// Starts the three nodes and waits until each answers `GET /healthz` with 200.
+    /// Starts a cluster of its own (three nodes, fresh stores) and waits until each node answers
+    /// `GET /healthz` with 200. For tests that kill or restart nodes; the others share one.
     pub fn start() -> Self {
         let bin = require("nats-server");
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
+        if std::env::var_os("EDGEWATCH_IT_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!(
+                "EDGEWATCH_IT_KEEP: keeping the NATS cluster's directory {}",
+                dir.path().display()
+            );
+        }
         let ports: Vec<Ports> = (0..3)
             .map(|_| Ports {
                 client: free_port(),
@@ -49,13 +69,11 @@ impl NatsCluster {
             .map(|p| format!("nats-route://127.0.0.1:{}", p.route))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut nodes = Vec::new();
         for (i, p) in ports.iter().enumerate() {
             let name = format!("n{}", i + 1);
-            let conf = dir.path().join(format!("{name}.conf"));
             let store = dir.path().join(&name);
             std::fs::write(
-                &conf,
+                dir.path().join(format!("{name}.conf")),
                 format!(
                     "server_name: {name}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\n\
                      jetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 2GB }}\n\
@@ -69,50 +87,138 @@ impl NatsCluster {
                 ),
             )
             .unwrap();
-            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
-            let child = Command::new(&bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("nats-server starts");
-            nodes.push(child);
         }
         let mut cluster = Self {
-            nodes,
+            nodes: (0..3).map(|_| None).collect(),
             urls: ports
                 .iter()
                 .map(|p| format!("nats://127.0.0.1:{}", p.client))
                 .collect(),
+            ports,
+            bin,
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for (i, p) in ports.iter().enumerate() {
-            let addr: SocketAddr = format!("127.0.0.1:{}", p.monitor).parse().unwrap();
-            loop {
-                if let Ok(Some(status)) = cluster.nodes[i].try_wait() {
-                    panic!(
-                        "nats-server n{} exited ({status}):\n{}",
-                        i + 1,
-                        cluster.log(i)
-                    );
-                }
-                let healthy = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                    && http_get(addr, "/healthz").0 == 200;
-                if healthy {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "nats-server n{} not healthy on {addr}:\n{}",
-                    i + 1,
-                    cluster.log(i)
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        for i in 0..3 {
+            cluster.nodes[i] = Some(cluster.spawn(i));
+        }
+        for i in 0..3 {
+            cluster.wait_healthy(i);
         }
         cluster
+    }
+
+    /// Starts node `i`'s process on its config file; its log is appended to `n<i+1>.log`.
+    fn spawn(&self, i: usize) -> Child {
+        let name = format!("n{}", i + 1);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .unwrap();
+        Command::new(&self.bin)
+            .arg("-c")
+            .arg(self.dir.path().join(format!("{name}.conf")))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server starts")
+    }
+
+    /// Waits until node `i` answers `GET /healthz` with 200 (JetStream current), panicking with
+    /// its log if it exits or takes longer than [`HEALTHY_WITHIN`].
+    fn wait_healthy(&mut self, i: usize) {
+        let addr = self.monitor_addr(i);
+        let deadline = Instant::now() + HEALTHY_WITHIN;
+        loop {
+            let child = self.nodes[i].as_mut().expect("node is running");
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nats-server n{} exited ({status}):\n{}", i + 1, self.log(i));
+            }
+            let healthy = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                && http_get(addr, "/healthz").0 == 200;
+            if healthy {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server n{} not healthy on {addr}:\n{}",
+                i + 1,
+                self.log(i)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs node `i` (no shutdown, no flush) and reaps it. Panics if it is not running.
+    pub fn kill_node(&mut self, i: usize) {
+        let mut child = self.nodes[i]
+            .take()
+            .unwrap_or_else(|| panic!("n{} is not running", i + 1));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Starts node `i` again with the same config, ports and store directory, and waits until it
+    /// is healthy (it has caught up with the cluster). Panics if it is running.
+    pub fn restart_node(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "n{} is still running", i + 1);
+        self.nodes[i] = Some(self.spawn(i));
+        self.wait_healthy(i);
+    }
+
+    /// The port of node `i`'s MQTT listener.
+    pub fn mqtt_port(&self, i: usize) -> u16 {
+        self.ports[i].mqtt
+    }
+
+    /// Node `i`'s MQTT listener as `127.0.0.1:<port>` (the form of an `alternates:` entry).
+    pub fn mqtt_addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i].mqtt)
+    }
+
+    /// The port of node `i`'s monitoring endpoint (`/healthz`, `/jsz`, `/connz`, ...).
+    pub fn monitor_port(&self, i: usize) -> u16 {
+        self.ports[i].monitor
+    }
+
+    fn monitor_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.monitor_port(i)))
+    }
+
+    /// What node `i` reports about JetStream stream `stream` in `GET /jsz?streams=true`: the
+    /// entry of `account_details[].stream_detail[]` with that name (`cluster.leader` is the leader's
+    /// server name, `state.messages` the node's own replica). `None` when the node is down, does
+    /// not answer or does not know the stream.
+    pub fn stream_info(&self, i: usize, stream: &str) -> Option<serde_json::Value> {
+        let jsz = self.monitor_json(i, "/jsz?streams=true")?;
+        jsz.get("account_details")?
+            .as_array()?
+            .iter()
+            .filter_map(|a| a.get("stream_detail")?.as_array())
+            .flatten()
+            .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(stream))
+            .cloned()
+    }
+
+    /// GET `path` (e.g. `/connz?subs=detail`) from node `i`'s monitoring endpoint, as JSON. `None`
+    /// when the node is down or does not answer 200 with JSON.
+    pub fn monitor_json(&self, i: usize, path: &str) -> Option<serde_json::Value> {
+        self.nodes[i].as_ref()?;
+        serde_json::from_str(&monitor_get(self.monitor_addr(i), path)?).ok()
+    }
+
+    /// The node leading JetStream stream `stream` (the KV bucket `leases` is stream `KV_leases`),
+    /// as the first running node that knows one reports it. `None` while there is no leader (an
+    /// election is running) or when the named leader is not running (a stale view after a kill).
+    pub fn stream_leader(&self, stream: &str) -> Option<usize> {
+        (0..self.nodes.len())
+            .filter_map(|i| self.stream_info(i, stream))
+            .find_map(|s| {
+                let leader = s.get("cluster")?.get("leader")?.as_str()?;
+                let n: usize = leader.strip_prefix('n')?.parse().ok()?;
+                let i = n.checked_sub(1)?;
+                self.nodes.get(i)?.as_ref().map(|_| i)
+            })
     }
 
     /// The log of node `i` (0-based), for failure messages.
@@ -137,11 +243,24 @@ impl NatsCluster {
 
 impl Drop for NatsCluster {
     fn drop(&mut self) {
-        for child in &mut self.nodes {
+        for child in self.nodes.iter_mut().flatten() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+}
+
+/// GET `path` from a monitoring endpoint; `None` when it cannot be reached or answers other than
+/// 200 (a node being killed or starting must not fail the caller). HTTP/1.0, so that Go's server
+/// answers a large body in one piece instead of chunks.
+fn monitor_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    (head.split(' ').nth(1) == Some("200")).then(|| body.to_string())
 }
 
 /// The cluster shared by the tests running now; started by the first, stopped after the last.
@@ -345,5 +464,91 @@ async fn a_fenced_owner_cannot_write_a_checkpoint_after_a_take_over() {
     assert_eq!(
         (stored.epoch, &stored.state[..]),
         (lease_b.revision, &b"b1"[..])
+    );
+}
+
+/// The harness itself, on a cluster of its own: the leader of the `leases` bucket's stream is read
+/// from `/jsz`, SIGKILLed, replaced by a survivor that takes writes again, and once restarted on
+/// its store the node catches up with what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_stream_leader_is_replaced_and_the_restarted_node_catches_up() {
+    let mut nats = NatsCluster::start();
+    let ttl = Some(Duration::from_secs(20));
+    let kv = cluster::ensure_bucket(&nats.js(0).await, "leases", ttl, 3)
+        .await
+        .unwrap();
+    kv.put("p1", "a".into()).await.unwrap();
+    let leader = nats
+        .stream_leader("KV_leases")
+        .expect("KV_leases has a leader");
+    for i in 0..3 {
+        let info = nats
+            .stream_info(i, "KV_leases")
+            .expect("every node hosts a replica");
+        assert_eq!(
+            info["cluster"]["leader"],
+            format!("n{}", leader + 1),
+            "{info}"
+        );
+    }
+
+    nats.kill_node(leader);
+    let killed = Instant::now();
+    assert!(nats.stream_info(leader, "KV_leases").is_none());
+    let survivor = (leader + 1) % 3;
+    let new_leader = loop {
+        if let Some(l) = nats.stream_leader("KV_leases") {
+            break l;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no new leader for KV_leases within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(new_leader, leader);
+    let kv = cluster::ensure_bucket(&nats.js(survivor).await, "leases", ttl, 3)
+        .await
+        .unwrap();
+    while let Err(e) = kv.put("p2", "b".into()).await {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no KV write within 30 s of the kill: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "n{} killed: n{} leads KV_leases, writes resumed after {:.1} s",
+        leader + 1,
+        new_leader + 1,
+        killed.elapsed().as_secs_f64()
+    );
+
+    nats.restart_node(leader);
+    let messages = |i| {
+        nats.stream_info(i, "KV_leases")
+            .map(|s| s["state"]["messages"].clone())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while messages(leader) != Some(2.into()) {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted n{} holds {:?} of KV_leases' 2 messages",
+            leader + 1,
+            messages(leader)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        nats.js(leader)
+            .await
+            .get_key_value("leases")
+            .await
+            .unwrap()
+            .get("p2")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"b"[..])
     );
 }

@@ -168,6 +168,30 @@ impl Leases {
         }
     }
 
+    /// Takes back the lease of `partition` when it is held under this owner's id but by no
+    /// [`Lease`] of this process (a previous run of the same member, killed before the lease
+    /// expired): renews the stored revision, so the result is a fresh epoch. `None` when another
+    /// owner holds it (or nobody: then [`Leases::try_acquire`] is the way).
+    pub async fn adopt(&self, partition: u32) -> Result<Option<Lease>, LeaseError> {
+        let Some((value, revision, _)) = self.holder(partition).await? else {
+            return Ok(None);
+        };
+        if value.owner != self.owner {
+            return Ok(None);
+        }
+        let stale = Lease {
+            partition,
+            revision,
+            acquired_at: Instant::now(),
+            since_ms: now_ms(),
+        };
+        match self.renew(&stale).await {
+            Ok(l) => Ok(Some(l)),
+            Err(LeaseError::Lost { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Renews `lease` by compare-and-set on its revision; the returned lease has the new revision.
     /// A conflict means the lease expired or was taken: [`LeaseError::Lost`]. After a timeout the
     /// write may still have happened, so the next renew of the old revision reports Lost: the

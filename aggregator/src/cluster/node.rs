@@ -24,6 +24,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+/// QoS of the per-partition summaries subscriptions in cluster mode: 0. Delivery rests on the
+/// agents' outboxes and the owner's acks after checkpoint (a message lost on the way is resent
+/// after the agent's ack timeout), not on MQTT QoS. And on NATS's MQTT listener a QoS 1
+/// subscription is a JetStream consumer: about half a second to create on 2.9, and a session
+/// holds at most 63 of them, while QoS 0 subscriptions are plain NATS subscriptions that come and
+/// go at once as partitions move.
+pub(crate) const PARTITION_QOS: QoS = QoS::AtMostOnce;
+
 /// An ownership change for the apply loop.
 #[derive(Debug)]
 pub enum Control {
@@ -146,7 +154,17 @@ impl Coordinator {
         // Wanted partitions held by others are retried more often than the heartbeat, so a
         // partition given back is taken within a fraction of it.
         let retry = (period / 4).max(Duration::from_millis(50));
-        let mut next_heartbeat = Instant::now();
+        // Heartbeat first and wait one retry period before taking anything, so members started
+        // together see each other instead of taking everything and giving most of it back.
+        let info = self.info();
+        if let Err(e) = self.buckets.members.heartbeat(&info).await {
+            tracing::warn!(aggregator = %self.id(), error = %e, "first heartbeat failed");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return self.leave().await,
+            _ = tokio::time::sleep(retry) => {}
+        }
+        let mut next_heartbeat = Instant::now() + period;
         loop {
             let now = Instant::now();
             let full = now >= next_heartbeat;
@@ -251,7 +269,19 @@ impl Coordinator {
     async fn take(&mut self, p: u32) {
         let lease = match self.buckets.leases.try_acquire(p).await {
             Ok(Some(l)) => l,
-            Ok(None) => return, // held by another member: retried next round
+            Ok(None) => match self.buckets.leases.adopt(p).await {
+                // Held under this id by a previous run of this member (killed before its lease
+                // expired): renewing that revision fences the previous run like any takeover.
+                Ok(Some(l)) => {
+                    tracing::info!(aggregator = %self.id(), partition = p, "lease of a previous run adopted");
+                    l
+                }
+                Ok(None) => return, // held by another member: retried next round
+                Err(e) => {
+                    tracing::warn!(aggregator = %self.id(), partition = p, error = %e, "cannot adopt lease");
+                    return;
+                }
+            },
             Err(e) => {
                 tracing::warn!(aggregator = %self.id(), partition = p, error = %e, "cannot take lease");
                 return;
@@ -327,7 +357,7 @@ impl Coordinator {
     async fn subscribe(&self, p: u32) -> Result<(), rumqttc::ClientError> {
         let topics = Topics::new(&self.shared.cfg.prefix);
         self.client
-            .subscribe(topics.summaries_filter(p), QoS::AtLeastOnce)
+            .subscribe(topics.summaries_filter(p), PARTITION_QOS)
             .await
     }
 
@@ -499,7 +529,10 @@ impl Loop {
                 Err(e) => {
                     all_ok = false;
                     m.checkpoint_errors_total.fetch_add(1, Relaxed);
-                    tracing::warn!(aggregator = %self.shared.cfg.id, partition = w.partition, error = %e, "checkpoint failed; not acknowledging, retrying with the next one");
+                    if self.last_warn.elapsed() >= Duration::from_secs(5) {
+                        self.last_warn = Instant::now();
+                        tracing::warn!(aggregator = %self.shared.cfg.id, partition = w.partition, error = %e, bytes = w.bytes, "checkpoint failed; not acknowledging, retrying with the next one (failures so far: edgewatch_aggregator_checkpoint_errors_total)");
+                    }
                 }
             }
         }
