@@ -7,6 +7,7 @@
 use crate::common::*;
 use crate::crash::{wait_http, Proc};
 use crate::nats::NatsCluster;
+use crate::nats_mqtt::wait_subscribed;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -239,6 +240,21 @@ impl Run {
         }
     }
 
+    /// Waits until both agents' source subscriptions (persistent sessions: JetStream consumers on
+    /// NATS, which keep readings from then on) and uplink ack subscriptions are in place, so the
+    /// fleet may start.
+    async fn wait_agents_subscribed(&self) {
+        for (id, source, devices) in [
+            ("gw-a", 0, 0..DEVICES / 2),
+            ("gw-b", 2, DEVICES / 2..DEVICES),
+        ] {
+            let wanted: Vec<String> = devices.map(|n| format!("sensors.dev-{n:04}.*")).collect();
+            wait_subscribed(&self.nats, &format!("edgewatch-{id}-src"), &wanted).await;
+            let acks = vec![format!("edgewatch.v1.acks.{id}")];
+            wait_subscribed(&self.nats, &format!("edgewatch-{id}-up"), &acks).await;
+        }
+    }
+
     /// The simulator's config: `minutes` of simulated time for the fleet at 3,000 readings/s,
     /// published to node `node`.
     fn simulator(&self, minutes: i64, node: usize) -> PathBuf {
@@ -403,7 +419,7 @@ async fn cluster_members_killed_restarted_and_added_lose_nothing() {
     assert!(before.values().all(|&n| n >= 8), "unbalanced: {before:?}");
     let feed = FeedClient::connect(&format!("ws://{}/feed", run.aggs["agg-1"].addr)).await;
     run.start_agents();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    run.wait_agents_subscribed().await;
     let sim = tokio::spawn(simulate(run.simulator(20, 0), run.path("simulator.log")));
 
     wait_until("some windows applied", Duration::from_secs(60), || {
@@ -526,7 +542,7 @@ async fn cluster_a_stopped_owner_is_fenced_when_it_wakes() {
     run.wait_members(&["agg-1", "agg-2"], Duration::from_secs(30))
         .await;
     run.start_agents();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    run.wait_agents_subscribed().await;
     let sim = tokio::spawn(simulate(run.simulator(15, 0), run.path("simulator.log")));
     wait_until("some windows applied", Duration::from_secs(60), || {
         run.readings() > 5_000
@@ -604,7 +620,7 @@ async fn cluster_killing_the_lease_leader_node_loses_nothing() {
         .stream_leader("KV_edgewatch_v1_leases")
         .expect("the lease bucket has a leader");
     run.start_agents();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    run.wait_agents_subscribed().await;
     // The simulator's readings log counts what its client accepted, so it publishes to a node that
     // stays up: the node under test is the lease leader.
     let sim_node = (leader + 1) % 3;

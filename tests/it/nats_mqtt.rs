@@ -88,7 +88,7 @@ fn write(dir: &Path, name: &str, yaml: &str) -> PathBuf {
 
 /// Topic filters subscribed by the MQTT client `client_id` on node `i`, as NATS subjects
 /// (`sensors.dev-0000.*`), from `/connz?subs=detail`; empty while it is not connected there.
-fn subjects(nats: &NatsCluster, i: usize, client_id: &str) -> Vec<String> {
+pub(crate) fn subjects(nats: &NatsCluster, i: usize, client_id: &str) -> Vec<String> {
     let Some(connz) = nats.monitor_json(i, "/connz?subs=detail") else {
         return Vec::new();
     };
@@ -110,7 +110,7 @@ fn subjects(nats: &NatsCluster, i: usize, client_id: &str) -> Vec<String> {
 /// Waits until `client_id` has subscribed to every subject in `want`, on whichever node it got
 /// connected to (a first connect while the cluster creates its MQTT streams may time out and the
 /// client move on to an alternate).
-async fn wait_subscribed(nats: &NatsCluster, client_id: &str, want: &[String]) {
+pub(crate) async fn wait_subscribed(nats: &NatsCluster, client_id: &str, want: &[String]) {
     let started = Instant::now();
     let mut node = None;
     wait_until(
