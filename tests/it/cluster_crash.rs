@@ -1,6 +1,7 @@
-//! Cluster mode with every part a real process on a real 3-node NATS cluster (nats-server 2.9):
-//! the simulator, two agents and the aggregators all speak MQTT to the NATS nodes' listeners, and
-//! the aggregators coordinate through the cluster's KV. Aggregators are SIGKILLed, SIGSTOPped past
+//! Cluster mode with every part a real process on a real 3-node NATS cluster (nats-server 2.9), in
+//! the deployment's shape: sensors publish to the gateways' local broker (mosquitto), two agents
+//! read it and send their uplinks to the NATS nodes' MQTT listeners, and the aggregators take
+//! their data from those listeners and coordinate through the cluster's KV. Aggregators are SIGKILLed, SIGSTOPped past
 //! their lease, restarted and added; the NATS node leading the lease bucket is SIGKILLed. After
 //! each, `edgewatch verify` must reconcile the simulator's readings log exactly.
 
@@ -28,6 +29,8 @@ struct Timing {
 /// One run: the NATS cluster, the aggregators by id, the agents.
 struct Run {
     nats: NatsCluster,
+    /// The gateways' local broker.
+    sensors: Mosquitto,
     dir: tempfile::TempDir,
     timing: Timing,
     aggs: BTreeMap<String, Member>,
@@ -67,6 +70,7 @@ impl Run {
         let readings_log = dir.path().join("readings.csv");
         Self {
             nats,
+            sensors: Mosquitto::start(),
             dir,
             timing,
             aggs: BTreeMap::new(),
@@ -204,10 +208,10 @@ impl Run {
         t0.elapsed()
     }
 
-    /// Starts two agents: gw-a reads half the devices through node 0, gw-b the rest through
-    /// node 2; both uplinks start on node 1 with the others as alternates.
+    /// Starts two agents reading half the devices each from the local broker; gw-a's uplink starts
+    /// on node 0, gw-b's on node 2, each with the other nodes as alternates.
     fn start_agents(&mut self) {
-        for (id, source, devices) in [
+        for (id, uplink, devices) in [
             ("gw-a", 0, 0..DEVICES / 2),
             ("gw-b", 2, DEVICES / 2..DEVICES),
         ] {
@@ -223,12 +227,12 @@ impl Run {
                 id,
                 &format!(
                     "id: {id}\n\
-                     source:\n  mqtt: {}\n  qos: 1\n  subscriptions:\n{subscriptions}\
+                     source:\n  mqtt: {{ host: 127.0.0.1, port: {} }}\n  qos: 1\n  subscriptions:\n{subscriptions}\
                      uplink: {{ mqtt: {}, partitions: {PARTITIONS}, ack_timeout_ms: 2000 }}\n\
                      window: {{ size_ms: {WINDOW_MS}, allowed_lateness_ms: 5000, idle_timeout_ms: 20000 }}\n\
                      state: {{ dir: \"{}\", checkpoint_interval_ms: 500, flush_on_exit: true }}\n",
-                    link(&self.nats, source),
-                    link(&self.nats, 1),
+                    self.sensors.port,
+                    link(&self.nats, uplink),
                     self.path(&format!("{id}-state")).display()
                 ),
             );
@@ -240,24 +244,19 @@ impl Run {
         }
     }
 
-    /// Waits until both agents' source subscriptions (persistent sessions: JetStream consumers on
-    /// NATS, which keep readings from then on) and uplink ack subscriptions are in place, so the
-    /// fleet may start.
+    /// Waits until both agents' uplinks subscribe to their acks on NATS (their sources, on the
+    /// local broker, are in place sooner), so the fleet may start.
     async fn wait_agents_subscribed(&self) {
-        for (id, source, devices) in [
-            ("gw-a", 0, 0..DEVICES / 2),
-            ("gw-b", 2, DEVICES / 2..DEVICES),
-        ] {
-            let wanted: Vec<String> = devices.map(|n| format!("sensors.dev-{n:04}.*")).collect();
-            wait_subscribed(&self.nats, &format!("edgewatch-{id}-src"), &wanted).await;
+        for id in ["gw-a", "gw-b"] {
             let acks = vec![format!("edgewatch.v1.acks.{id}")];
             wait_subscribed(&self.nats, &format!("edgewatch-{id}-up"), &acks).await;
         }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
     /// The simulator's config: `minutes` of simulated time for the fleet at 3,000 readings/s,
-    /// published to node `node`.
-    fn simulator(&self, minutes: i64, node: usize) -> PathBuf {
+    /// published to the local broker.
+    fn simulator(&self, minutes: i64) -> PathBuf {
         write(
             self.dir.path(),
             "simulator",
@@ -266,7 +265,7 @@ impl Run {
                  interval_ms: 1000\nstart_ms: {START_MS}\nduration_ms: {}\nspeedup: 100\n\
                  max_rate_per_sec: 3000\nreadings_log_path: \"{}\"\n\
                  anomalies: {{ rate_per_series_hour: 2.0, warmup_ms: 300000 }}\n",
-                self.nats.mqtt_port(node),
+                self.sensors.port,
                 minutes * 60_000,
                 self.readings_log.display()
             ),
@@ -337,6 +336,7 @@ impl Run {
 
     /// Stops the agents (they send their open windows and wait for acks), waits until the live
     /// aggregators hold every logged reading, and runs `verify` against them.
+    ///
     async fn finish(&mut self, published: u64) -> (i32, String) {
         let logged = std::fs::read_to_string(&self.readings_log)
             .unwrap()
@@ -344,7 +344,7 @@ impl Run {
             .count() as u64;
         assert_eq!(
             logged, published,
-            "every reading in the log was acknowledged"
+            "every reading in the log was acknowledged by the local broker"
         );
         self.wait_quiet(Duration::from_secs(3), Duration::from_secs(120))
             .await;
@@ -372,6 +372,7 @@ impl Run {
             String::from_utf8_lossy(&out.stderr)
         );
         eprintln!("{logged} readings logged\n{text}");
+        assert!(text.contains("doubled: 0"), "{text}");
         (out.status.code().unwrap_or(-1), text)
     }
 }
@@ -420,7 +421,7 @@ async fn cluster_members_killed_restarted_and_added_lose_nothing() {
     let feed = FeedClient::connect(&format!("ws://{}/feed", run.aggs["agg-1"].addr)).await;
     run.start_agents();
     run.wait_agents_subscribed().await;
-    let sim = tokio::spawn(simulate(run.simulator(20, 0), run.path("simulator.log")));
+    let sim = tokio::spawn(simulate(run.simulator(20), run.path("simulator.log")));
 
     wait_until("some windows applied", Duration::from_secs(60), || {
         run.readings() > 5_000
@@ -543,7 +544,7 @@ async fn cluster_a_stopped_owner_is_fenced_when_it_wakes() {
         .await;
     run.start_agents();
     run.wait_agents_subscribed().await;
-    let sim = tokio::spawn(simulate(run.simulator(15, 0), run.path("simulator.log")));
+    let sim = tokio::spawn(simulate(run.simulator(15), run.path("simulator.log")));
     wait_until("some windows applied", Duration::from_secs(60), || {
         run.readings() > 5_000
     })
@@ -621,13 +622,7 @@ async fn cluster_killing_the_lease_leader_node_loses_nothing() {
         .expect("the lease bucket has a leader");
     run.start_agents();
     run.wait_agents_subscribed().await;
-    // The simulator's readings log counts what its client accepted, so it publishes to a node that
-    // stays up: the node under test is the lease leader.
-    let sim_node = (leader + 1) % 3;
-    let sim = tokio::spawn(simulate(
-        run.simulator(15, sim_node),
-        run.path("simulator.log"),
-    ));
+    let sim = tokio::spawn(simulate(run.simulator(15), run.path("simulator.log")));
     wait_until("some windows applied", Duration::from_secs(60), || {
         run.readings() > 5_000
     })
