@@ -57,6 +57,26 @@ fn link(nats: &NatsCluster, primary: usize) -> String {
     )
 }
 
+/// GET `path` from `addr` as JSON; `None` on any failure (a member starting, stopping or busy:
+/// the callers poll).
+fn try_json(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    serde_json::from_str(body).ok()
+}
+
 fn write(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, yaml).unwrap();
@@ -147,11 +167,9 @@ impl Run {
     fn owners(&self) -> BTreeMap<u32, Vec<String>> {
         let mut out: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         for (id, addr) in self.live() {
-            let (code, body) = http_get(addr, "/api/status");
-            if code != 200 {
+            let Some(status) = try_json(addr, "/api/status") else {
                 continue;
-            }
-            let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+            };
             for p in status["owned"].as_array().unwrap() {
                 out.entry(p.as_u64().unwrap() as u32)
                     .or_default()
@@ -276,13 +294,7 @@ impl Run {
         self.live()
             .iter()
             .map(|(_, a)| {
-                let (code, body) = http_get(*a, "/api/status");
-                if code != 200 {
-                    return 0;
-                }
-                serde_json::from_str::<serde_json::Value>(&body).unwrap()["readings"]
-                    .as_u64()
-                    .unwrap_or(0)
+                try_json(*a, "/api/status").map_or(0, |s| s["readings"].as_u64().unwrap_or(0))
             })
             .sum()
     }
@@ -562,12 +574,8 @@ async fn cluster_a_stopped_owner_is_fenced_when_it_wakes() {
         "agg-1 to own every partition",
         Duration::from_secs(30),
         || {
-            let (_, body) = http_get(run.aggs["agg-1"].addr, "/api/status");
-            serde_json::from_str::<serde_json::Value>(&body).unwrap()["owned"]
-                .as_array()
-                .unwrap()
-                .len()
-                == PARTITIONS as usize
+            try_json(run.aggs["agg-1"].addr, "/api/status")
+                .is_some_and(|s| s["owned"].as_array().unwrap().len() == PARTITIONS as usize)
         },
     )
     .await;
