@@ -1,7 +1,9 @@
 //! Mapping the shared link settings onto rumqttc, and the reconnecting poll loop both links use.
 //!
 //! rumqttc reconnects on the next `poll()` with no delay; this loop adds capped exponential backoff
-//! with jitter, counts every connection error and reports (re)connections to the caller. TLS comes
+//! with jitter, counts every connection error and reports (re)connections to the caller. A SUBACK
+//! refusing a subscription counts as a connection error: the connection is dropped and made again
+//! (NATS refuses QoS 1 subscriptions while a JetStream leader election is running). TLS comes
 //! from [`edgewatch_models::tls`]: the files are read here, once per link, when options are built.
 
 use crate::error::AgentError;

@@ -2,7 +2,9 @@
 //! topic, decodes batches, and applies them to the state and the feed.
 //!
 //! The poll loop only hands messages off; decoding and applying run in their own task behind a
-//! bounded queue. Reconnects back off exponentially with jitter and resubscribe on every ConnAck.
+//! bounded queue. Reconnects back off exponentially with jitter and resubscribe on every ConnAck;
+//! a SUBACK that refuses a filter counts as a connection failure (the connection is dropped and
+//! made again), since nothing would ever arrive on it.
 
 use crate::state::Applied;
 use crate::store::StateStore;
@@ -50,15 +52,15 @@ pub(crate) async fn poll_loop(
         |o: &rumqttc::MqttOptions| format!("{}:{}", o.broker_address().0, o.broker_address().1);
     let mut broker = broker_of(&eventloop.mqtt_options);
     let mut current = 0usize;
-    // The filters of the last SUBSCRIBE of the whole set (partition changes in cluster mode
-    // subscribe one filter at a time and are not matched against SUBACKs here).
+    // The filters of the last SUBSCRIBE of the whole set, to name refused ones (partition
+    // changes in cluster mode subscribe one filter at a time).
     let mut subscribed: Vec<SubscribeFilter> = Vec::new();
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => break,
             e = eventloop.poll() => e,
         };
-        match event {
+        let failure = match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 if backoff.attempts() > 0 {
                     tracing::info!(aggregator = %shared.cfg.id, %broker, "reconnected");
@@ -73,35 +75,46 @@ pub(crate) async fn poll_loop(
                 if let Err(e) = client.try_subscribe_many(subscribed.clone()) {
                     tracing::error!(error = %e, "subscribe request failed");
                 }
+                None
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if tx.send(Input::Publish(p)).await.is_err() {
                     break;
                 }
+                None
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let refused = refused(&subscribed, &ack.return_codes);
-                if !refused.is_empty() {
-                    tracing::error!(aggregator = %shared.cfg.id, %broker, ?refused, "the broker refused subscriptions: nothing arrives on these filters (a NATS session takes at most 63 QoS 1 subscriptions with its default max_ack_pending)");
-                }
+            Ok(Event::Incoming(Packet::SubAck(ack))) if refused_count(&ack.return_codes) > 0 => {
+                // The connection stays up but nothing would ever arrive on those filters: drop it
+                // and start over, as after a connection error (the ConnAck resubscribes).
+                let named = if ack.return_codes.len() == subscribed.len() {
+                    refused(&subscribed, &ack.return_codes)
+                } else {
+                    Vec::new()
+                };
+                eventloop.clean();
+                Some(refusal_message(
+                    &broker,
+                    refused_count(&ack.return_codes),
+                    &named,
+                ))
             }
-            Ok(_) => {}
-            Err(e) => {
-                shared.metrics.connection_errors_total.fetch_add(1, Relaxed);
-                let delay = backoff.next_delay_ms();
-                if addresses.len() > 1 {
-                    // Try the next broker of the list on the next attempt.
-                    current = (current + 1) % addresses.len();
-                    eventloop.mqtt_options = addresses[current].clone();
-                }
-                let next = broker_of(&eventloop.mqtt_options);
-                let error = describe(&broker, &e);
-                tracing::warn!(aggregator = %shared.cfg.id, %broker, %next, %error, retry_in_ms = delay, "mqtt connection error; will reconnect");
-                broker = next;
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
-                }
+            Ok(_) => None,
+            Err(e) => Some(describe(&broker, &e)),
+        };
+        if let Some(error) = failure {
+            shared.metrics.connection_errors_total.fetch_add(1, Relaxed);
+            let delay = backoff.next_delay_ms();
+            if addresses.len() > 1 {
+                // Try the next broker of the list on the next attempt.
+                current = (current + 1) % addresses.len();
+                eventloop.mqtt_options = addresses[current].clone();
+            }
+            let next = broker_of(&eventloop.mqtt_options);
+            tracing::warn!(aggregator = %shared.cfg.id, %broker, %next, %error, retry_in_ms = delay, "mqtt connection error; will reconnect");
+            broker = next;
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
             }
         }
     }
@@ -114,6 +127,26 @@ fn describe(broker: &str, e: &ConnectionError) -> String {
         ConnectionError::ConnectionRefused(code) => link::refusal_message(broker, *code as u8),
         other => link::failure_message(broker, other),
     }
+}
+
+/// How many subscriptions of one SUBACK the broker refused (return code 0x80).
+fn refused_count(codes: &[SubscribeReasonCode]) -> usize {
+    codes
+        .iter()
+        .filter(|c| matches!(c, SubscribeReasonCode::Failure))
+        .count()
+}
+
+/// Why a connection whose SUBACK refused `count` subscriptions (`named`, when known) is dropped.
+/// NATS refuses a QoS 1 subscription when it cannot create the subscription's JetStream consumer:
+/// during a leader election (a timeout; the next connection usually succeeds), or beyond 63 QoS 1
+/// subscriptions in one session (each reserves `max_ack_pending`, 1,024 by default, of 65,535).
+fn refusal_message(broker: &str, count: usize, named: &[String]) -> String {
+    format!(
+        "broker {broker} refused {count} subscription(s) {named:?}, so nothing would arrive on them; \
+         on NATS: a JetStream consumer could not be created (leader election, or more than 63 QoS 1 \
+         subscriptions in one session)"
+    )
 }
 
 /// The filters of one SUBSCRIBE that its SUBACK refused (return code 0x80), in order.
@@ -460,5 +493,11 @@ mod tests {
         ];
         assert_eq!(refused(&f, &codes), ["p/summaries/2/+", "p/anomalies/+/+"]);
         assert!(refused(&f, &codes[..1]).is_empty());
+        assert_eq!(refused_count(&codes), 2);
+        let why = refusal_message("127.0.0.1:1885", 2, &refused(&f, &codes));
+        assert!(
+            why.starts_with("broker 127.0.0.1:1885 refused 2 subscription(s) [\"p/summaries/2/+\""),
+            "{why}"
+        );
     }
 }

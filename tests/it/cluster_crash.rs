@@ -8,7 +8,7 @@
 use crate::common::*;
 use crate::crash::{wait_http, Proc};
 use crate::nats::NatsCluster;
-use crate::nats_mqtt::wait_subscribed;
+use crate::nats_mqtt::{simulate, wait_subscribed};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -101,6 +101,33 @@ impl Run {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// A NATS cluster with aggregators `ids` (the i-th on node i mod 3), once they share every
+    /// partition.
+    async fn with_members(timing: Timing, ids: &[&str]) -> Self {
+        let mut run = Self::new(timing);
+        for (i, id) in ids.iter().enumerate() {
+            run.start_aggregator(id, i % 3);
+        }
+        run.wait_members(ids, Duration::from_secs(30)).await;
+        run
+    }
+
+    /// Starts the agents and, once they are subscribed, `minutes` of simulated fleet; returns
+    /// the simulator's task (its published count) once some windows are applied.
+    async fn start_stream(&mut self, minutes: i64) -> tokio::task::JoinHandle<u64> {
+        self.start_agents();
+        self.wait_agents_subscribed().await;
+        let sim = tokio::spawn(simulate(
+            self.simulator(minutes),
+            self.path("simulator.log"),
+        ));
+        wait_until("some windows applied", Duration::from_secs(60), || {
+            self.readings() > 5_000
+        })
+        .await;
+        sim
     }
 
     /// Writes the config of aggregator `id` (MQTT on node `node`) and starts it.
@@ -389,25 +416,6 @@ impl Run {
     }
 }
 
-/// Runs `edgewatch simulate`; returns the readings it published.
-async fn simulate(conf: PathBuf, log: PathBuf) -> u64 {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgewatch"))
-        .args(["simulate", "--config"])
-        .arg(&conf)
-        .env("RUST_LOG", "info")
-        .output()
-        .await
-        .unwrap();
-    std::fs::write(&log, &out.stderr).unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "simulate failed: {stdout}");
-    stdout
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no \"published N readings\" in {stdout:?}"))
-}
-
 /// 3 aggregators and 2 agents: every partition has one owner. One aggregator is SIGKILLed
 /// mid-stream: its partitions are owned again within the lease TTL plus a few seconds; it is
 /// restarted and takes its share back; a fourth joins and takes about a quarter. `verify` is exact
@@ -419,26 +427,15 @@ async fn cluster_members_killed_restarted_and_added_lose_nothing() {
         ttl_ms: 4_000,
         heartbeat_ms: 1_000,
     };
-    let mut run = Run::new(timing);
-    for (i, id) in ["agg-1", "agg-2", "agg-3"].iter().enumerate() {
-        run.start_aggregator(id, i);
-    }
-    run.wait_members(&["agg-1", "agg-2", "agg-3"], Duration::from_secs(30))
-        .await;
+    let mut run = Run::with_members(timing, &["agg-1", "agg-2", "agg-3"]).await;
     let before: BTreeMap<&str, usize> = ["agg-1", "agg-2", "agg-3"]
         .iter()
         .map(|id| (*id, run.owned_by(id).len()))
         .collect();
     assert!(before.values().all(|&n| n >= 8), "unbalanced: {before:?}");
     let feed = FeedClient::connect(&format!("ws://{}/feed", run.aggs["agg-1"].addr)).await;
-    run.start_agents();
-    run.wait_agents_subscribed().await;
-    let sim = tokio::spawn(simulate(run.simulator(20), run.path("simulator.log")));
-
-    wait_until("some windows applied", Duration::from_secs(60), || {
-        run.readings() > 5_000
-    })
-    .await;
+    let feed3 = FeedClient::connect(&format!("ws://{}/feed", run.aggs["agg-3"].addr)).await;
+    let sim = run.start_stream(20).await;
     let lost = run.owned_by("agg-2");
     run.kill9("agg-2");
     let reowned = run
@@ -523,7 +520,7 @@ async fn cluster_members_killed_restarted_and_added_lose_nothing() {
     let (code, out) = run.finish(published).await;
     assert_eq!(code, 0, "verify exact:\n{out}\n{}", run.logs());
 
-    // The feed of agg-1, up all along: every event the agents raised, once.
+    // The feeds of agg-1 and agg-3, up all along: every event once.
     let events = feed.snapshot();
     let ids: BTreeSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(
@@ -532,6 +529,10 @@ async fn cluster_members_killed_restarted_and_added_lose_nothing() {
         "an event appeared twice on the feed"
     );
     assert!(!events.is_empty(), "the fleet raised no anomaly event");
+    // No gap: another member, subscribed on its own through all the moves, saw the same events.
+    let other = feed3.snapshot();
+    let other_ids: BTreeSet<&str> = other.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, other_ids, "agg-1's and agg-3's feeds differ");
     let acquired: u64 = ["agg-1", "agg-3", "agg-4"]
         .iter()
         .map(|id| run.metric(id, "edgewatch_aggregator_partitions_acquired_total"))
@@ -548,19 +549,8 @@ async fn cluster_a_stopped_owner_is_fenced_when_it_wakes() {
         ttl_ms: 3_000,
         heartbeat_ms: 1_000,
     };
-    let mut run = Run::new(timing);
-    for (i, id) in ["agg-1", "agg-2"].iter().enumerate() {
-        run.start_aggregator(id, i);
-    }
-    run.wait_members(&["agg-1", "agg-2"], Duration::from_secs(30))
-        .await;
-    run.start_agents();
-    run.wait_agents_subscribed().await;
-    let sim = tokio::spawn(simulate(run.simulator(15), run.path("simulator.log")));
-    wait_until("some windows applied", Duration::from_secs(60), || {
-        run.readings() > 5_000
-    })
-    .await;
+    let mut run = Run::with_members(timing, &["agg-1", "agg-2"]).await;
+    let sim = run.start_stream(15).await;
 
     let stale = run.owned_by("agg-2");
     let pid = run.pid("agg-2").to_string();
@@ -618,23 +608,12 @@ async fn cluster_killing_the_lease_leader_node_loses_nothing() {
         ttl_ms: 15_000,
         heartbeat_ms: 1_000,
     };
-    let mut run = Run::new(timing);
-    for (i, id) in ["agg-1", "agg-2", "agg-3"].iter().enumerate() {
-        run.start_aggregator(id, i);
-    }
-    run.wait_members(&["agg-1", "agg-2", "agg-3"], Duration::from_secs(30))
-        .await;
+    let mut run = Run::with_members(timing, &["agg-1", "agg-2", "agg-3"]).await;
     let leader = run
         .nats
         .stream_leader("KV_edgewatch_v1_leases")
         .expect("the lease bucket has a leader");
-    run.start_agents();
-    run.wait_agents_subscribed().await;
-    let sim = tokio::spawn(simulate(run.simulator(15), run.path("simulator.log")));
-    wait_until("some windows applied", Duration::from_secs(60), || {
-        run.readings() > 5_000
-    })
-    .await;
+    let sim = run.start_stream(15).await;
     eprintln!("killing n{}, the leader of the lease bucket", leader + 1);
     run.nats.kill_node(leader);
     let killed = Instant::now();

@@ -1,7 +1,34 @@
-//! Every file in `configs/` loads and validates; broken files fail with file, key, line and column.
+//! Every file in `configs/` (subdirectories included) loads and validates — YAML with edgewatch,
+//! nats-server configs with `nats-server -t`; broken files fail with file, key, line and column.
 
+use crate::common::require;
 use edgewatch::config::{self, ConfigError};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Every file under `configs/` whose extension is one of `exts`, subdirectories included, sorted.
+fn config_files(exts: &[&str]) -> Vec<PathBuf> {
+    fn walk(dir: &Path, exts: &[&str], out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, exts, out);
+            } else if path
+                .extension()
+                .is_some_and(|e| exts.iter().any(|x| e == *x))
+            {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("configs"),
+        exts,
+        &mut out,
+    );
+    out.sort();
+    out
+}
 
 fn load_any(path: &Path) -> Result<&'static str, ConfigError> {
     let name = path.file_name().unwrap().to_string_lossy().to_string();
@@ -27,19 +54,54 @@ fn load_any(path: &Path) -> Result<&'static str, ConfigError> {
 
 #[test]
 fn every_file_in_configs_loads() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
     let mut seen = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            let kind = load_any(&path).unwrap_or_else(|e| panic!("{e}"));
-            seen.push(kind);
-        }
+    for path in config_files(&["yaml", "yml"]) {
+        let kind = load_any(&path).unwrap_or_else(|e| panic!("{e}"));
+        seen.push((kind, path));
     }
     for kind in ["agent", "aggregator", "simulator", "demo"] {
         assert!(
-            seen.contains(&kind),
+            seen.iter().any(|(k, _)| *k == kind),
             "configs/ has no {kind} example (saw {seen:?})"
+        );
+    }
+    // The cluster examples are among them, and every aggregator there names the NATS cluster.
+    let cluster: Vec<_> = seen
+        .iter()
+        .filter(|(_, p)| p.parent().is_some_and(|d| d.ends_with("configs/cluster")))
+        .collect();
+    assert_eq!(cluster.len(), 5, "configs/cluster/*.yaml: {cluster:?}");
+    for (kind, path) in cluster {
+        if *kind == "aggregator" {
+            let cfg: edgewatch_aggregator::AggregatorConfig = config::load(path).unwrap();
+            let c = cfg.cluster.expect("a cluster: block");
+            assert_eq!(c.servers.len(), 3, "{}", path.display());
+            assert_eq!(cfg.mqtt.addresses().len(), 3, "{}", path.display());
+        }
+    }
+}
+
+#[test]
+fn every_nats_server_config_in_configs_is_valid() {
+    let bin = require("nats-server");
+    let confs = config_files(&["conf"]);
+    assert_eq!(confs.len(), 3, "configs/cluster/n1..n3.conf: {confs:?}");
+    for conf in confs {
+        let out = std::process::Command::new(&bin)
+            .arg("-t")
+            .arg("-c")
+            .arg(&conf)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("is valid"),
+            "nats-server -t -c {}: {text}",
+            conf.display()
         );
     }
 }

@@ -1,10 +1,19 @@
 //! edgewatch end to end over the MQTT listeners of a real 3-node NATS cluster (nats-server 2.9),
-//! every component a real `edgewatch` process configured by YAML: a simulator publishing to node 1
-//! with a readings log, two agents splitting the fleet (sources on nodes 1 and 3, uplinks on node 2
-//! with the other listeners as alternates, persistent sessions, windows flushed on exit) and one
-//! durable aggregator owning every partition on node 2 with node 3 as alternate. `edgewatch verify`
-//! must then reconcile the log exactly — also when node 2 is SIGKILLed mid-stream and the
-//! aggregator and the agents' uplinks fail over to the other listeners.
+//! every component a real `edgewatch` process configured by YAML, sensors included: a simulator
+//! publishing to node 1 with a readings log, two agents splitting the fleet (sources on nodes 1
+//! and 3, uplinks on node 2 with the other listeners as alternates, persistent sessions, windows
+//! flushed on exit) and one durable aggregator owning every partition on node 2 with node 3 as
+//! alternate. `edgewatch verify` must reconcile the log exactly.
+//!
+//! Node failures are tested in `cluster_crash`, with the sensors on the gateways' local broker as
+//! deployed: with sensors on NATS 2.9's listener, a node kill loses or doubles a few QoS 1
+//! deliveries between sensor and agent (the closing notes and the README's limits have the
+//! evidence), which no part of edgewatch sees.
+//!
+//! Every reading goes to exactly one QoS 1 subscription, on purpose: with nats-server 2.9.10, when
+//! a message matches QoS 1 subscriptions of two sessions, a few deliveries are silently lost (two
+//! persistent `mosquitto_sub -q 1` sessions with overlapping filters each missed different
+//! messages of 15,000, never redelivered; one session alone missed none). So no extra observer.
 
 use crate::common::*;
 use crate::crash::{readings, wait_http, wait_settled, Proc};
@@ -22,6 +31,11 @@ const ALT_NODE: usize = 2;
 const WINDOW_MS: i64 = 10_000;
 const START_MS: i64 = 1_767_225_600_000;
 const DEVICES: usize = 4;
+/// The agents' allowed lateness: the whole run. At 125× speed the default 5 s of event time is
+/// 40 ms of wall time, so any redelivery by the broker would be dropped as late; with this, every
+/// reading an agent receives is counted (late ones as corrections), and a count that differs from
+/// the log means a reading lost or received twice.
+const LATENESS_MS: i64 = 600_000;
 /// Set to keep each run's directory (configs, process logs, readings log, the nodes' logs).
 const KEEP_VAR: &str = "EDGEWATCH_IT_KEEP";
 
@@ -107,29 +121,62 @@ pub(crate) fn subjects(nats: &NatsCluster, i: usize, client_id: &str) -> Vec<Str
         .collect()
 }
 
+/// The node where `client_id` has subscribed to every subject in `want`, if any.
+fn subscribed_on(nats: &NatsCluster, client_id: &str, want: &[String]) -> Option<usize> {
+    (0..3).find(|&i| {
+        let have = subjects(nats, i, client_id);
+        want.iter().all(|w| have.contains(w))
+    })
+}
+
 /// Waits until `client_id` has subscribed to every subject in `want`, on whichever node it got
 /// connected to (a first connect while the cluster creates its MQTT streams may time out and the
-/// client move on to an alternate).
-pub(crate) async fn wait_subscribed(nats: &NatsCluster, client_id: &str, want: &[String]) {
+/// client move on to an alternate); returns that node.
+pub(crate) async fn wait_subscribed(nats: &NatsCluster, client_id: &str, want: &[String]) -> usize {
     let started = Instant::now();
     let mut node = None;
     wait_until(
         &format!("{client_id} to subscribe to {want:?}"),
         Duration::from_secs(30),
         || {
-            node = (0..3).find(|&i| {
-                let have = subjects(nats, i, client_id);
-                want.iter().all(|w| have.contains(w))
-            });
+            node = subscribed_on(nats, client_id, want);
             node.is_some()
         },
     )
     .await;
+    let node = node.unwrap_or_default();
     eprintln!(
         "{client_id}: subscribed on n{} after {:.1} s",
-        node.unwrap_or_default() + 1,
+        node + 1,
         started.elapsed().as_secs_f64()
     );
+    node
+}
+
+/// The aggregator's MQTT client id and its summaries subscription, as a NATS subject.
+const AGG_CLIENT: &str = "edgewatch-agg-n";
+const AGG_SUBJECT: &str = "edgewatch.v1.summaries.*.*";
+
+/// Makes the cluster create its MQTT streams ($MQTT_sess, $MQTT_msgs, ...) with one throwaway
+/// connection: NATS does it on an account's first MQTT connect, which can take over the 4 s its
+/// API requests wait, and concurrent first connects then fail and move to their alternates.
+async fn create_mqtt_streams(nats: &NatsCluster) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = rumqttc::MqttOptions::new("edgewatch-it-warmup", "127.0.0.1", nats.mqtt_port(0));
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+        let connected = tokio::time::timeout(Duration::from_secs(10), el.poll()).await;
+        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) = connected {
+            let _ = client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_secs(2), el.poll()).await;
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no MQTT connect to n1 within 30 s: {connected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Starts the aggregator and both agents against `nats`, waits until their subscriptions are in
@@ -141,6 +188,7 @@ async fn start_fleet(nats: &NatsCluster) -> (Fleet, PathBuf) {
         eprintln!("{KEEP_VAR}: keeping {}", dir.path().display());
     }
     let d = dir.path();
+    create_mqtt_streams(nats).await;
     let http = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
     let agg_conf = write(
@@ -181,7 +229,7 @@ async fn start_fleet(nats: &NatsCluster) -> (Fleet, PathBuf) {
                 "id: {id}\n\
                  source:\n  mqtt: {}\n  qos: 1\n  subscriptions:\n{subscriptions}\
                  uplink: {{ mqtt: {}, ack_timeout_ms: 2000 }}\n\
-                 window: {{ size_ms: {WINDOW_MS}, allowed_lateness_ms: 5000, idle_timeout_ms: 20000 }}\n\
+                 window: {{ size_ms: {WINDOW_MS}, allowed_lateness_ms: {LATENESS_MS}, idle_timeout_ms: 20000 }}\n\
                  state: {{ dir: \"{}\", checkpoint_interval_ms: 500, flush_on_exit: true }}\n",
                 link(nats, source, &alternates),
                 link(nats, AGG_NODE, &[ALT_NODE, SIM_NODE]),
@@ -199,8 +247,7 @@ async fn start_fleet(nats: &NatsCluster) -> (Fleet, PathBuf) {
     // Persistent sessions: once the subscriptions exist the cluster keeps the readings for the
     // agents, so the fleet may start. The aggregator needs its summaries subscription too, or the
     // first batches wait for a resend.
-    let summaries = "edgewatch.v1.summaries.*.*".to_string();
-    wait_subscribed(nats, "edgewatch-agg-n", &[summaries]).await;
+    wait_subscribed(nats, AGG_CLIENT, &[AGG_SUBJECT.to_string()]).await;
     for (id, _, devices) in &agents {
         let wanted: Vec<String> = devices
             .clone()
@@ -241,7 +288,7 @@ async fn start_fleet(nats: &NatsCluster) -> (Fleet, PathBuf) {
 }
 
 /// Runs `edgewatch simulate`; returns the readings it reports published (acknowledged by n1).
-async fn simulate(conf: PathBuf, log: PathBuf) -> u64 {
+pub(crate) async fn simulate(conf: PathBuf, log: PathBuf) -> u64 {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgewatch"))
         .args(["simulate", "--config"])
         .arg(&conf)
@@ -302,8 +349,20 @@ async fn finish(mut fleet: Fleet, published: u64) -> (i32, String) {
     let last_ts = logged.iter().map(|r| r.ts_ms).max().unwrap();
     let last_window = last_ts - last_ts.rem_euclid(WINDOW_MS);
     let fired = logged.iter().filter(|r| r.ts_ms < last_window).count() as u64;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let waiting = Instant::now();
+    let deadline = waiting + Duration::from_secs(90);
+    let mut shown = Instant::now();
     while readings(fleet.addr) < fired {
+        if shown.elapsed() > Duration::from_secs(5) {
+            shown = Instant::now();
+            let st = get_json(fleet.addr, "/api/status");
+            eprintln!(
+                "{:.0} s: held {} of {fired}; lanes {}",
+                waiting.elapsed().as_secs_f64(),
+                st["readings"],
+                st["lane_progress"]
+            );
+        }
         assert!(
             Instant::now() < deadline,
             "the aggregator holds {} readings, expected at least {fired} of {lines} before the flush\n{}",
@@ -312,6 +371,10 @@ async fn finish(mut fleet: Fleet, published: u64) -> (i32, String) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    eprintln!(
+        "all fired windows held {:.1} s after the simulator ended",
+        waiting.elapsed().as_secs_f64()
+    );
     wait_settled(fleet.addr, Duration::from_secs(2), Duration::from_secs(60)).await;
     let before_flush = readings(fleet.addr);
     let flush = Instant::now();
@@ -351,104 +414,6 @@ async fn nats_mqtt_a_fleet_over_three_nats_listeners_verifies_exactly() {
     );
     let (code, out) = finish(fleet, published).await;
     assert_eq!(code, 0, "verify is exact over NATS MQTT:\n{out}");
-    assert!(out.contains("OK"), "{out}");
-    eprintln!("run took {:.1} s", started.elapsed().as_secs_f64());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_mqtt_killing_the_aggregators_node_mid_stream_loses_nothing() {
-    let started = Instant::now();
-    let mut nats = NatsCluster::start();
-    let (fleet, sim_conf) = start_fleet(&nats).await;
-    let witness_out = std::fs::File::create("/tmp/nats-evidence/witness.txt").unwrap();
-    let mut witness = std::process::Command::new("stdbuf")
-        .args([
-            "-oL",
-            "mosquitto_sub",
-            "-d",
-            "-v",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &nats.mqtt_port(SIM_NODE).to_string(),
-            "-t",
-            "sensors/#",
-            "-q",
-            "1",
-            "-c",
-            "-i",
-            "witness",
-        ])
-        .stdout(witness_out)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let sim = tokio::spawn(simulate(sim_conf, fleet.dir.path().join("simulator.log")));
-    wait_until(
-        "the aggregator to apply some windows",
-        Duration::from_secs(30),
-        || readings(fleet.addr) > 2_000,
-    )
-    .await;
-    let leaders: Vec<_> = ["$MQTT_sess", "$MQTT_msgs"]
-        .iter()
-        .map(|s| (*s, nats.stream_leader(s).map(|i| format!("n{}", i + 1))))
-        .collect();
-    nats.kill_node(AGG_NODE);
-    let killed_at = (Instant::now(), readings(fleet.addr));
-    eprintln!(
-        "killed n{} at {} readings held; stream leaders before the kill: {leaders:?}",
-        AGG_NODE + 1,
-        killed_at.1
-    );
-    assert!(
-        !sim.is_finished(),
-        "the kill happened while the fleet was publishing"
-    );
-    let published = sim.await.unwrap();
-    assert!(
-        killed_at.1 < published,
-        "killed mid-stream ({} of {published})",
-        killed_at.1
-    );
-    // The aggregator resumes on n3, the alternate it was given, and receives again.
-    wait_until(
-        "the aggregator to receive again after the kill",
-        Duration::from_secs(60),
-        || readings(fleet.addr) > killed_at.1,
-    )
-    .await;
-    eprintln!(
-        "the aggregator received again {:.1} s after the kill",
-        killed_at.0.elapsed().as_secs_f64()
-    );
-    let n3 = nats.mqtt_addr(ALT_NODE);
-    let agg_log = fleet.log("aggregator");
-    assert!(
-        agg_log
-            .lines()
-            .any(|l| l.contains("reconnected") && l.contains(&n3)),
-        "the aggregator reconnected through {n3}:\n{agg_log}"
-    );
-    let dead = nats.mqtt_addr(AGG_NODE);
-    for id in ["gw-a", "gw-b"] {
-        let log = fleet.log(id);
-        assert!(
-            log.lines()
-                .any(|l| l.contains("reconnected") && l.contains("uplink") && !l.contains(&dead)),
-            "{id}'s uplink reconnected through another node:\n{log}"
-        );
-    }
-    let (code, out) = finish(fleet, published).await;
-    let _ = witness.kill();
-    for i in 0..3 {
-        std::fs::write(format!("/tmp/nats-evidence/n{}.log", i + 1), nats.log(i)).unwrap();
-    }
-    assert_eq!(
-        code, 0,
-        "verify is exact after the aggregator's node was killed:\n{out}"
-    );
     assert!(out.contains("OK"), "{out}");
     eprintln!("run took {:.1} s", started.elapsed().as_secs_f64());
 }
