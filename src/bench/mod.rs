@@ -1,10 +1,13 @@
 //! `edgewatch bench`: figures anyone can reproduce on their own machine — the agent pipeline's
 //! in-process throughput on one core, end-to-end throughput through the embedded broker, the latency
-//! from a sensor publish to the anomaly event on the feed, and the delivery figures of
-//! [`delivery`]: the cost of durable state, the backlog drain after an outage, and restart time.
+//! from a sensor publish to the anomaly event on the feed, the delivery figures of
+//! [`delivery`]: the cost of durable state, the backlog drain after an outage, and restart time,
+//! and the figures of [`cluster`]: aggregators in cluster mode on a 3-node NATS cluster
+//! (throughput with 1–3 aggregators, failover after a SIGKILL).
 //!
 //! Run it from a release build (`cargo run --release -- bench`); debug builds are 10–50× slower.
 
+mod cluster;
 mod delivery;
 
 use crate::broker::{BrokerConfig, EmbeddedBroker};
@@ -66,10 +69,38 @@ pub struct BenchArgs {
     /// Readings per series before the restart.
     #[arg(long, default_value_t = 50)]
     pub restart_readings_per_series: usize,
-    /// Where the durable sections keep their sled databases (a fresh directory inside it, removed
-    /// afterwards); put it on the disk you want measured. Default: the system temp directory.
+    /// Where the durable sections keep their sled databases and the cluster section its NATS
+    /// servers' JetStream store (a fresh directory inside it, removed afterwards); put it on the
+    /// disk you want measured. Default: the system temp directory.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Aggregator counts of the cluster throughput runs (repeatable; default 1, 2 and 3).
+    #[arg(long)]
+    pub cluster_aggregators: Vec<usize>,
+    /// Window summaries published per cluster throughput run, spread evenly over every lane
+    /// (agent, partition).
+    #[arg(long, default_value_t = 2_560_000)]
+    pub cluster_summaries: u64,
+    /// `cluster.lease_ttl_ms` of the cluster section's aggregators (heartbeat_ms is a sixth of it).
+    #[arg(long, default_value_t = 3_000)]
+    pub cluster_lease_ttl_ms: u64,
+    /// `cluster.checkpoint_interval_ms` of the cluster section's aggregators.
+    #[arg(long, default_value_t = 200)]
+    pub cluster_checkpoint_ms: u64,
+    /// Synthetic agents (MQTT clients) of the cluster section; each has a lane per partition.
+    #[arg(long, default_value_t = 4)]
+    pub cluster_agents: usize,
+    /// Records per batch the synthetic agents publish.
+    #[arg(long, default_value_t = 200)]
+    pub cluster_batch: usize,
+    /// The synthetic agents resend a lane's unacknowledged records after this long without ack
+    /// progress (the real agent's uplink.ack_timeout_ms defaults to 5000). Part of the failover
+    /// figure; too short for the acks' queueing delay on a busy machine, it resends needlessly.
+    #[arg(long, default_value_t = 2_000)]
+    pub cluster_ack_timeout_ms: u64,
+    /// Aggregators of the cluster failover run, one of which is killed (0 skips the run).
+    #[arg(long, default_value_t = 3)]
+    pub cluster_failover_aggregators: usize,
 }
 
 /// A part of `edgewatch bench`.
@@ -87,6 +118,10 @@ pub enum Section {
     Drain,
     /// Restart of an agent with a checkpoint: outbox open, pipeline restore, first reading.
     Restart,
+    /// Aggregators in cluster mode on a 3-node NATS cluster (needs nats-server): throughput with
+    /// 1, 2 and 3 aggregators, and failover after a SIGKILL. Skipped, with a note, by a run of
+    /// every section when nats-server is not installed.
+    Cluster,
 }
 
 /// Runs the selected benchmarks and prints the figures.
@@ -94,6 +129,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build; figures will be far below a release build's (cargo run --release -- bench)");
     }
+    let every_section = args.sections.is_empty() && !args.in_process_only;
     let mut sections = if args.in_process_only {
         vec![Section::Pipeline]
     } else if args.sections.is_empty() {
@@ -151,6 +187,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Section::Restart => {
                     delivery::restart(args.restart_series, args.restart_readings_per_series, &base)
                         .await?
+                }
+                Section::Cluster => {
+                    if every_section && cluster::find_nats_server().is_none() {
+                        println!("cluster: skipped (nats-server not found on PATH or in /usr/sbin; apt-get install -y nats-server, then run --section cluster)");
+                        continue;
+                    }
+                    let b = cluster::ClusterBench {
+                        aggregators: if args.cluster_aggregators.is_empty() {
+                            vec![1, 2, 3]
+                        } else {
+                            args.cluster_aggregators.clone()
+                        },
+                        summaries: args.cluster_summaries,
+                        lease_ttl_ms: args.cluster_lease_ttl_ms,
+                        checkpoint_ms: args.cluster_checkpoint_ms,
+                        agents: args.cluster_agents,
+                        batch: args.cluster_batch,
+                        ack_timeout_ms: args.cluster_ack_timeout_ms,
+                        failover_aggregators: args.cluster_failover_aggregators,
+                    };
+                    cluster::run(&b, &base).await?
                 }
             }
         }

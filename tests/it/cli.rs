@@ -151,14 +151,26 @@ fn every_command_has_help() {
     assert_eq!(out.status.code(), Some(2), "clap's usage errors exit 2");
 }
 
-/// Every section of `edgewatch bench` at tiny sizes, so the bench code cannot rot; the figures of
-/// a debug build mean nothing and are not checked.
+/// Every section of `edgewatch bench` but `cluster` (below) at tiny sizes, so the bench code cannot
+/// rot; the figures of a debug build mean nothing and are not checked.
 #[test]
 fn bench_runs_every_section_with_tiny_sizes() {
     let dir = tempfile::tempdir().unwrap();
+    let mut sections = Vec::new();
+    for s in [
+        "pipeline",
+        "end-to-end",
+        "latency",
+        "durability",
+        "drain",
+        "restart",
+    ] {
+        sections.extend(["--section", s]);
+    }
     let out = edgewatch()
+        .arg("bench")
+        .args(&sections)
         .args([
-            "bench",
             "--readings",
             "2000",
             "--series",
@@ -205,6 +217,58 @@ fn bench_runs_every_section_with_tiny_sizes() {
         std::fs::read_dir(dir.path()).unwrap().count(),
         0,
         "the bench removes its state directories"
+    );
+}
+
+/// The `cluster` section of `edgewatch bench` at tiny sizes: its own 3-node nats-server cluster,
+/// aggregators as child processes, a throughput run with two of them and a failover run (one of
+/// two killed). Needs nats-server, like the cluster tests.
+#[test]
+fn bench_cluster_section_runs_with_tiny_sizes() {
+    crate::common::require("nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    let out = edgewatch()
+        .args([
+            "bench",
+            "--section",
+            "cluster",
+            "--cluster-aggregators",
+            "2",
+            "--cluster-summaries",
+            "2560",
+            "--cluster-agents",
+            "2",
+            "--cluster-batch",
+            "10",
+            "--cluster-lease-ttl-ms",
+            "1500",
+            "--cluster-failover-aggregators",
+            "2",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "cluster: 3-node nats-server",
+        "cluster load: 2 synthetic agents x 64 partitions = 128 lanes",
+        "cluster throughput, 2 aggregators:",
+        "2560 summaries, first publish to last ack",
+        "cluster failover, SIGKILL 1 of 2 aggregators under load (lease_ttl_ms 1500): every partition owned again",
+        "every lane acked to its last published seq",
+    ] {
+        assert!(text.contains(line), "no {line:?} in {text}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the bench removes its NATS store and aggregator files"
     );
 }
 

@@ -385,7 +385,28 @@ impl Run {
             logged, published,
             "every reading in the log was acknowledged by the local broker"
         );
-        self.wait_quiet(Duration::from_secs(3), Duration::from_secs(120))
+        // Every window the agents have fired (all but each series' last) must arrive before they
+        // stop: after an outage their resends back off (up to a minute), and a stopped agent's
+        // outbox keeps what was not acknowledged.
+        let logged_ts: Vec<i64> = std::fs::read_to_string(&self.readings_log)
+            .unwrap()
+            .lines()
+            .map(|l| edgewatch_simulators::parse_line(l).unwrap().ts_ms)
+            .collect();
+        let last_ts = logged_ts.iter().copied().max().unwrap_or_default();
+        let last_window = last_ts - last_ts.rem_euclid(WINDOW_MS);
+        let fired = logged_ts.iter().filter(|&&t| t < last_window).count() as u64;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.readings() < fired {
+            assert!(
+                Instant::now() < deadline,
+                "the members hold {} readings, expected at least {fired} before the agents stop\n{}",
+                self.readings(),
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.wait_quiet(Duration::from_secs(2), Duration::from_secs(120))
             .await;
         for agent in std::mem::take(&mut self.agents) {
             agent.terminate();

@@ -46,7 +46,27 @@ const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
 impl NatsCluster {
     /// Starts a cluster of its own (three nodes, fresh stores) and waits until each node answers
     /// `GET /healthz` with 200. For tests that kill or restart nodes; the others share one.
+    ///
+    /// Ports are picked free just before the nodes bind them, so another test may take one in
+    /// between: a node that exits on "address already in use" restarts the whole cluster on fresh
+    /// ports (up to three attempts).
     pub fn start() -> Self {
+        for attempt in 1..=3 {
+            match Self::try_start() {
+                Ok(c) => return c,
+                Err(log) if attempt < 3 && log.contains("address already in use") => {
+                    eprintln!(
+                        "nats cluster: a port was taken meanwhile, starting again on fresh ports"
+                    );
+                }
+                Err(log) => panic!("nats cluster did not start:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// One attempt of [`NatsCluster::start`]; the failing node's log when a node exits.
+    fn try_start() -> Result<Self, String> {
         let bin = require("nats-server");
         let mut dir = tempfile::tempdir().unwrap();
         if std::env::var_os("EDGEWATCH_IT_KEEP").is_some() {
@@ -102,9 +122,9 @@ impl NatsCluster {
             cluster.nodes[i] = Some(cluster.spawn(i));
         }
         for i in 0..3 {
-            cluster.wait_healthy(i);
+            cluster.healthy(i)?;
         }
-        cluster
+        Ok(cluster)
     }
 
     /// Starts node `i`'s process on its config file; its log is appended to `n<i+1>.log`.
@@ -127,17 +147,28 @@ impl NatsCluster {
     /// Waits until node `i` answers `GET /healthz` with 200 (JetStream current), panicking with
     /// its log if it exits or takes longer than [`HEALTHY_WITHIN`].
     fn wait_healthy(&mut self, i: usize) {
+        if let Err(e) = self.healthy(i) {
+            panic!("{e}");
+        }
+    }
+
+    /// [`NatsCluster::wait_healthy`], with the node's exit reported as an error (with its log).
+    fn healthy(&mut self, i: usize) -> Result<(), String> {
         let addr = self.monitor_addr(i);
         let deadline = Instant::now() + HEALTHY_WITHIN;
         loop {
             let child = self.nodes[i].as_mut().expect("node is running");
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("nats-server n{} exited ({status}):\n{}", i + 1, self.log(i));
+                return Err(format!(
+                    "nats-server n{} exited ({status}):\n{}",
+                    i + 1,
+                    self.log(i)
+                ));
             }
             let healthy = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
                 && http_get(addr, "/healthz").0 == 200;
             if healthy {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,

@@ -3,7 +3,7 @@
 //! says where the member serves HTTP and what it owns, for `edgewatch cluster status`.
 //!
 //! On nats-server 2.9 an expired key makes no watch event, so members are listed on every tick
-//! rather than watched. Not owned here: what a member does with the list ([`super::node`]).
+//! rather than watched, from the stream's subjects (no consumer; see [`Members::ids`]). Not owned here: what a member does with the list ([`super::node`]).
 
 use super::kv::KvError;
 use async_nats::jetstream::kv;
@@ -83,15 +83,36 @@ impl Members {
     }
 
     /// The ids of the live members, sorted.
+    ///
+    /// Listed from the stream's subjects (a stream info request), then each key read once to skip
+    /// members that left (a delete marker), with no consumer: a KV key listing creates a consumer
+    /// per call, and on 2.9 one that is created while keys are rewritten or expire may never see
+    /// its last key, which would stall the caller (found under CPU contention).
     pub async fn ids(&self) -> Result<Vec<String>, KvError> {
-        let mut keys = self
+        let prefix = format!("$KV.{}.", self.store.name);
+        let mut subjects = self
             .store
-            .keys()
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
             .await
             .map_err(|e| KvError::op(&self.store, "list", "*", e))?;
-        let mut out = Vec::new();
-        while let Some(k) = keys.next().await {
-            out.push(k.map_err(|e| KvError::op(&self.store, "list", "*", e))?);
+        let mut keys = Vec::new();
+        while let Some(item) = subjects.next().await {
+            let (subject, _) = item.map_err(|e| KvError::op(&self.store, "list", "*", e))?;
+            if let Some(k) = subject.strip_prefix(&prefix) {
+                keys.push(k.to_string());
+            }
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            let entry = self
+                .store
+                .entry(&k)
+                .await
+                .map_err(|e| KvError::op(&self.store, "read", &k, e))?;
+            if entry.is_some_and(|e| e.operation == kv::Operation::Put) {
+                out.push(k);
+            }
         }
         out.sort();
         out.dedup();

@@ -190,10 +190,16 @@ impl Coordinator {
             }
             self.renew_all().await;
         }
-        let members = match self.buckets.members.ids().await {
-            Ok(m) => m,
-            Err(e) => {
+        // Bounded: a listing that hangs must not hold up the next heartbeat and renewals.
+        let period = Duration::from_millis(self.cluster.heartbeat_ms);
+        let members = match tokio::time::timeout(period, self.buckets.members.ids()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
                 tracing::warn!(aggregator = %self.id(), error = %e, "cannot list members; ownership unchanged this round");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(aggregator = %self.id(), after = ?period, "listing members timed out; ownership unchanged this round");
                 return;
             }
         };
