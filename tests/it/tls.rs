@@ -356,3 +356,114 @@ async fn a_missing_tls_file_stops_the_agent_with_the_field_and_the_path() {
         "{e}"
     );
 }
+
+/// A single nats-server with JetStream that accepts only TLS clients with a certificate of the
+/// test CA (server certificate for 127.0.0.1); returns it, its client URL and the PKI.
+fn tls_nats() -> (std::process::Child, String, Pki, tempfile::TempDir) {
+    let bin = require("nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let root = ca("edgewatch test CA");
+    let ca_pem = d.join("ca.pem");
+    std::fs::write(&ca_pem, root.0.pem()).unwrap();
+    let (server_cert, server_key) = leaf(
+        d,
+        "server",
+        &["127.0.0.1", "localhost"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &root,
+    );
+    let (client_cert, client_key) = leaf(
+        d,
+        "client",
+        &["edgewatch-aggregator"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &root,
+    );
+    let other_ca = d.join("other-ca.pem");
+    std::fs::write(&other_ca, ca("unrelated CA").0.pem()).unwrap();
+    let port = free_port();
+    let conf = d.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server_name: tls1\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n\
+             tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\n",
+            d.join("js").display().to_string(),
+            server_cert.display().to_string(),
+            server_key.display().to_string(),
+            ca_pem.display().to_string()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(d.join("nats.log")).unwrap();
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nats-server did not listen on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pki = Pki {
+        ca: ca_pem,
+        client_cert,
+        client_key,
+        other_ca,
+    };
+    (child, format!("tls://127.0.0.1:{port}"), pki, dir)
+}
+
+/// Cluster mode over TLS: with the right CA and a client certificate an aggregator's buckets open
+/// and work; with an untrusted CA the error names the servers; a missing file names the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_connects_to_nats_over_tls_and_names_what_fails() {
+    use edgewatch_aggregator::cluster::{node::Buckets, ClusterConfig};
+    let (mut nats, url, pki, _dir) = tls_nats();
+    let mut cfg = ClusterConfig::nats(vec![url.clone()]);
+    cfg.replicas = 1;
+    let mut tls = TlsSettings::with_ca(&pki.ca);
+    tls.client_cert_file = Some(pki.client_cert.clone());
+    tls.client_key_file = Some(pki.client_key.clone());
+    cfg.tls = Some(tls.clone());
+    assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+    let buckets = Buckets::open(&cfg, "tls-test", "agg-tls").await;
+    let buckets = match buckets {
+        Ok(b) => b,
+        Err(e) => panic!("TLS connect failed: {e}"),
+    };
+    let lease = buckets.leases.try_acquire(3).await.unwrap();
+    assert!(lease.is_some(), "a lease over TLS");
+
+    let mut wrong = cfg.clone();
+    let mut untrusted = tls.clone();
+    untrusted.ca_file = pki.other_ca.clone();
+    wrong.tls = Some(untrusted);
+    let e = Buckets::open(&wrong, "tls-test", "agg-tls")
+        .await
+        .unwrap_err()
+        .to_string();
+    eprintln!("untrusted CA: {e}");
+    assert!(e.contains(&url) && e.contains("cannot connect"), "{e}");
+
+    let mut missing = cfg.clone();
+    missing.tls = Some(TlsSettings::with_ca("/nonexistent/edgewatch/ca.pem"));
+    let e = Buckets::open(&missing, "tls-test", "agg-tls")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cluster.tls") && e.contains("/nonexistent/edgewatch/ca.pem"),
+        "{e}"
+    );
+    let _ = nats.kill();
+    let _ = nats.wait();
+}

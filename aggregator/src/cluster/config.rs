@@ -1,8 +1,8 @@
 //! The `cluster:` key of the aggregator's configuration: which NATS cluster coordinates the fleet's
 //! aggregators, how to log in to it, and the timings of leases, heartbeats and checkpoints.
 //!
-//! Parsed and validated only: the running aggregator does not use it yet (it still owns the static
-//! `owned:` partitions). Not owned here: connecting ([`super::kv`]), leases ([`super::lease`]).
+//! Not owned here: connecting ([`super::kv`]), leases ([`super::lease`]), running a member
+//! ([`super::node`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,10 @@ pub struct ClusterConfig {
     /// Login to the NATS servers; anonymous when absent.
     #[serde(default)]
     pub credentials: Option<NatsCredentials>,
+    /// TLS to the NATS servers (required for every server when present): `ca_file`, optional
+    /// `client_cert_file` + `client_key_file`, `server_name` — the same block as an MQTT link's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<edgewatch_models::tls::TlsSettings>,
     /// Lifetime of a partition lease without renewal (the KV bucket's `max_age`). Leader elections
     /// on nats-server 2.9 stop writes for 4–9 s, so production values stay around 20 s.
     #[serde(default = "default_lease_ttl_ms")]
@@ -89,6 +93,7 @@ impl ClusterConfig {
             kind: ClusterKind::Nats,
             servers,
             credentials: None,
+            tls: None,
             lease_ttl_ms: default_lease_ttl_ms(),
             heartbeat_ms: default_heartbeat_ms(),
             checkpoint_interval_ms: default_checkpoint_interval_ms(),
@@ -134,6 +139,9 @@ impl ClusterConfig {
                 ));
             }
         }
+        if let Some(t) = &self.tls {
+            out.extend(t.problems().into_iter().map(|p| format!("tls.{p}")));
+        }
         if self.lease_ttl_ms < MIN_LEASE_TTL_MS {
             out.push(format!(
                 "lease_ttl_ms: must be >= {MIN_LEASE_TTL_MS} (the smallest bucket max_age), got {}",
@@ -161,11 +169,12 @@ impl ClusterConfig {
     }
 }
 
-/// Checks `nats://host:port` (plain TCP: TLS to the cluster is not supported yet).
+/// Checks `nats://host:port` or `tls://host:port` (TLS settings come from `cluster.tls`).
 fn check_server(s: &str) -> Result<(), &'static str> {
     let rest = s
         .strip_prefix("nats://")
-        .ok_or("expected nats://host:port")?;
+        .or_else(|| s.strip_prefix("tls://"))
+        .ok_or("expected nats://host:port (or tls://host:port)")?;
     let (host, port) = rest
         .rsplit_once(':')
         .ok_or("expected nats://host:port (the port is required)")?;

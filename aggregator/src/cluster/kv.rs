@@ -20,6 +20,15 @@ pub enum KvError {
     /// `cluster.credentials.password_env` names a variable that is not set; retrying will not help.
     #[error("{0}")]
     Password(String),
+    /// The TLS files of `cluster.tls` could not be loaded; retrying will not help until they are
+    /// fixed.
+    #[error("nats cluster {servers}: cluster.tls: {source}")]
+    Tls {
+        /// The configured servers, comma-separated.
+        servers: String,
+        /// Which file or setting, and why.
+        source: edgewatch_models::TlsError,
+    },
     /// A server address could not be parsed; retrying will not help until the config is fixed.
     #[error("nats server {server:?}: invalid address: {source}")]
     Address {
@@ -117,6 +126,15 @@ pub async fn connect(cfg: &ClusterConfig, name: &str) -> Result<async_nats::Clie
     if let Some(c) = &cfg.credentials {
         let password = c.resolve_password().map_err(KvError::Password)?;
         opts = opts.user_and_password(c.user.clone(), password);
+    }
+    if let Some(t) = &cfg.tls {
+        let client = t.client_config().map_err(|source| KvError::Tls {
+            servers: cfg.servers.join(","),
+            source,
+        })?;
+        opts = opts
+            .require_tls(true)
+            .tls_client_config(client.as_ref().clone());
     }
     opts.connect(addrs)
         .await

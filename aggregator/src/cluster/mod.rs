@@ -1,13 +1,13 @@
-//! Cluster mode on NATS JetStream (in progress): aggregators coordinate through the KV of a NATS
-//! cluster — a lease per partition taken by compare-and-set with a bucket TTL, fenced by the
-//! lease revision, and checkpoints of partition state written by compare-and-set under that
-//! revision (see `DESIGN.md`, "Partition ownership", and the shared NATS notes).
+//! Cluster mode on NATS JetStream: aggregators coordinate through the KV of a NATS cluster — a
+//! heartbeat per member ([`members`]), a lease per partition taken by compare-and-set with a bucket
+//! TTL and fenced by its revision ([`lease`]), and checkpoints of partition state written by
+//! compare-and-set under that revision ([`checkpoint`], [`store`]); see `DESIGN.md`, "Partition
+//! ownership", and the shared NATS notes.
 //!
-//! What exists: the `cluster:` configuration ([`config`]), connecting and opening buckets on
-//! nats-server 2.9 ([`kv`]), leases and rendezvous hashing ([`lease`]), fenced checkpoints
-//! ([`checkpoint`]). What does not yet: membership heartbeats, the timers that renew leases and
-//! retry orphaned partitions, a KV-backed `StateStore`, and wiring any of it into
-//! [`crate::Aggregator`], which still owns the static `owned:` partitions.
+//! [`node`] runs a member: the coordinator that takes, renews and gives back partitions, and the
+//! apply loop that checkpoints them and acknowledges after each checkpoint. [`status`] reads the
+//! cluster for `edgewatch cluster status` and `GET /api/cluster`; [`kv`] connects (TLS included)
+//! and opens buckets on nats-server 2.9; [`config`] is the `cluster:` key.
 
 pub mod checkpoint;
 pub mod config;
