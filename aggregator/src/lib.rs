@@ -82,7 +82,7 @@ impl Aggregator {
         let wps = cfg.state.windows_per_series;
         let (store, state, cluster, owned) = if let Some(c) = &cfg.cluster {
             // State lives in the cluster's KV; partitions are owned as their leases are won.
-            let buckets = cluster::node::Buckets::open(c, &cfg.prefix, &cfg.id)
+            let buckets = cluster::node::Buckets::join(c, &cfg.prefix, &cfg.id)
                 .await
                 .map_err(AggregatorError::Cluster)?;
             tracing::info!(aggregator = %cfg.id, servers = %c.servers.join(","), "joined the nats cluster");

@@ -110,7 +110,7 @@ impl Run {
         for (i, id) in ids.iter().enumerate() {
             run.start_aggregator(id, i % 3);
         }
-        run.wait_members(ids, Duration::from_secs(30)).await;
+        run.wait_members(ids, Duration::from_secs(90)).await;
         run
     }
 

@@ -29,6 +29,16 @@ pub enum KvError {
         /// Which file or setting, and why.
         source: edgewatch_models::TlsError,
     },
+    /// Joining the cluster did not finish in time, attempt after attempt.
+    #[error("nats cluster {servers}: no answer after {attempts} attempts of {each:?} each (are the servers up and JetStream enabled?)")]
+    Timeout {
+        /// The configured servers, comma-separated.
+        servers: String,
+        /// Attempts made.
+        attempts: u32,
+        /// How long each one could take.
+        each: Duration,
+    },
     /// A server address could not be parsed; retrying will not help until the config is fixed.
     #[error("nats server {server:?}: invalid address: {source}")]
     Address {
@@ -87,6 +97,19 @@ pub enum KvError {
 }
 
 impl KvError {
+    /// Whether trying again later may succeed: an unreachable server, an election, a timeout; not
+    /// a wrong password, address, TLS file or bucket setting.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            KvError::Connect { .. }
+                | KvError::CreateBucket { .. }
+                | KvError::OpenBucket { .. }
+                | KvError::Op { .. }
+                | KvError::Timeout { .. }
+        )
+    }
+
     /// An [`KvError::Op`] for `key` of `store`.
     pub(crate) fn op(
         store: &kv::Store,
@@ -234,5 +257,28 @@ mod tests {
         assert_eq!(c.max_age, Duration::from_secs(20));
         assert_eq!(c.num_replicas, 3);
         assert_eq!(stream_config("c", None, 1).max_age, Duration::ZERO);
+    }
+
+    #[test]
+    fn only_causes_that_may_pass_are_retried_when_joining() {
+        let timeout = KvError::Timeout {
+            servers: "nats://n1:4222".into(),
+            attempts: 6,
+            each: Duration::from_secs(15),
+        };
+        assert!(timeout.is_retryable());
+        assert!(
+            timeout.to_string().contains("nats://n1:4222")
+                && timeout.to_string().contains("6 attempts")
+        );
+        assert!(
+            !KvError::Password("cluster.credentials.password_env: X is not set".into())
+                .is_retryable()
+        );
+        let mismatch = KvError::Mismatch {
+            bucket: "leases".into(),
+            what: "max_age".into(),
+        };
+        assert!(!mismatch.is_retryable());
     }
 }

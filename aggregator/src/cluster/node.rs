@@ -112,6 +112,42 @@ impl Buckets {
     }
 }
 
+impl Buckets {
+    /// [`Buckets::open`] as a member joining: each attempt bounded by [`JOIN_ATTEMPT`], retried
+    /// with backoff up to [`JOIN_ATTEMPTS`] times while the cause may pass (a server down, an
+    /// election, a request that never returns); a wrong password, address or bucket setting fails
+    /// at once.
+    pub async fn join(cfg: &ClusterConfig, prefix: &str, id: &str) -> Result<Self, super::KvError> {
+        let mut backoff =
+            edgewatch_models::backoff::Backoff::new(500, 5_000, u64::from(std::process::id()));
+        let mut attempt = 1;
+        loop {
+            let why = match tokio::time::timeout(JOIN_ATTEMPT, Self::open(cfg, prefix, id)).await {
+                Ok(Ok(b)) => return Ok(b),
+                Ok(Err(e)) if !e.is_retryable() || attempt >= JOIN_ATTEMPTS => return Err(e),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) if attempt >= JOIN_ATTEMPTS => {
+                    return Err(super::KvError::Timeout {
+                        servers: cfg.servers.join(","),
+                        attempts: attempt,
+                        each: JOIN_ATTEMPT,
+                    })
+                }
+                Err(_) => format!("no answer within {JOIN_ATTEMPT:?}"),
+            };
+            let delay = backoff.next_delay_ms();
+            tracing::warn!(aggregator = id, attempt, error = %why, retry_in_ms = delay, "cannot join the nats cluster yet; retrying");
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            attempt += 1;
+        }
+    }
+}
+
+/// How long one attempt to join the cluster (connect, open the buckets) may take.
+const JOIN_ATTEMPT: Duration = Duration::from_secs(15);
+/// Attempts to join before the aggregator gives up (about two minutes in all).
+const JOIN_ATTEMPTS: u32 = 6;
+
 /// The KV bucket `what` (members, leases, checkpoints) of the deployment whose uplink prefix is
 /// `prefix`: `{prefix}_{what}`, with every character a bucket name cannot hold replaced by `_`, so
 /// deployments with different prefixes share a NATS cluster without meeting.
