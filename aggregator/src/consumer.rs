@@ -344,6 +344,7 @@ fn apply(
             }
             let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             state.note_floor(agent, partition, batch.acked);
+            let mut applied = 0u64;
             for r in &batch.records {
                 if state.lane_seq(agent, partition).is_some_and(|c| r.seq <= c) {
                     // Already applied and covered by the lane's progress: a resend. Skipping the
@@ -352,7 +353,7 @@ fn apply(
                     continue;
                 }
                 // The durable copy first: a store error leaves the lane unacknowledged.
-                shared.owned.count_applied(partition, 1);
+                applied += 1;
                 store.put_window(partition, &r.item).map_err(|e| {
                     m.store_errors_total.fetch_add(1, Relaxed);
                     format!("state store: {e}")
@@ -366,6 +367,8 @@ fn apply(
                     }
                 };
             }
+            // Once per batch, not per record: a throughput figure for the heartbeats.
+            shared.owned.count_applied(partition, applied);
             if let Some(seq) = state.lane_seq(agent, partition) {
                 store.put_lane_seq(agent, partition, seq).map_err(|e| {
                     m.store_errors_total.fetch_add(1, Relaxed);

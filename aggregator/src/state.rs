@@ -247,9 +247,7 @@ impl FleetState {
     ) {
         self.drop_partition(partition);
         let mut order: Vec<&WindowSummary> = windows.iter().collect();
-        order.sort_by(|a, b| {
-            (&a.device, &a.metric, a.start_ms).cmp(&(&b.device, &b.metric, b.start_ms))
-        });
+        order.sort_by(|a, b| crate::store::window_order(a, b));
         for w in order {
             self.apply_window(partition, w);
         }

@@ -248,11 +248,15 @@ fn encode_window_value(partition: u32, s: &WindowSummary) -> Result<Vec<u8>, Sto
     Ok(v)
 }
 
+/// The canonical order of windows: by (device, metric, start). Rebuilding state in this order
+/// makes every kept window new and none evict another.
+pub(crate) fn window_order(a: &WindowSummary, b: &WindowSummary) -> std::cmp::Ordering {
+    (&a.device, &a.metric, a.start_ms).cmp(&(&b.device, &b.metric, b.start_ms))
+}
+
 /// Ordering of the canonical snapshot.
-fn sort_snapshot(s: &mut Snapshot) {
-    s.windows.sort_by(|(_, a), (_, b)| {
-        (&a.device, &a.metric, a.start_ms).cmp(&(&b.device, &b.metric, b.start_ms))
-    });
+pub(crate) fn sort_snapshot(s: &mut Snapshot) {
+    s.windows.sort_by(|(_, a), (_, b)| window_order(a, b));
     s.lanes.sort();
 }
 
@@ -550,9 +554,7 @@ pub fn rebuild(snapshot: Snapshot, windows_per_series: usize) -> FleetState {
     }
     let mut windows = snapshot.windows;
     // Oldest first within a series, so every kept window is new and none evicts another.
-    windows.sort_by(|(_, a), (_, b)| {
-        (&a.device, &a.metric, a.start_ms).cmp(&(&b.device, &b.metric, b.start_ms))
-    });
+    windows.sort_by(|(_, a), (_, b)| window_order(a, b));
     for (partition, w) in &windows {
         st.apply_window(*partition, w);
     }

@@ -246,18 +246,16 @@ fn agent_yaml(dir: &Path, broker: u16, ack_mode: &str) -> PathBuf {
     path
 }
 
-/// Runs `edgewatch verify`; returns (exit code, stdout + stderr).
-fn verify(log: &Path, addr: SocketAddr, extra: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_edgewatch"))
-        .arg("verify")
-        .arg("--readings")
-        .arg(log)
-        .args([
-            "--aggregator",
-            &format!("http://{addr}"),
-            "--window-ms",
-            "10000",
-        ])
+/// Runs `edgewatch verify` of `log` against the aggregators at `addrs` (10 s windows); returns
+/// (exit code, stdout + stderr).
+pub fn verify(log: &Path, addrs: &[SocketAddr], extra: &[&str]) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgewatch"));
+    cmd.arg("verify").arg("--readings").arg(log);
+    for addr in addrs {
+        cmd.args(["--aggregator", &format!("http://{addr}")]);
+    }
+    let out = cmd
+        .args(["--window-ms", "10000"])
         .args(extra)
         .output()
         .unwrap();
@@ -348,7 +346,7 @@ async fn kill_the_agent_mid_stream(
     wait_settled(addr, Duration::from_secs(3), Duration::from_secs(120)).await;
     agent.terminate();
     let held = wait_settled(addr, Duration::from_secs(2), Duration::from_secs(60)).await;
-    let (code, out) = verify(&readings_log, addr, verify_args);
+    let (code, out) = verify(&readings_log, &[addr], verify_args);
     stop_agg.cancel();
     agg_task.await.unwrap().unwrap();
     let agent_log = std::fs::read_to_string(&log).unwrap();

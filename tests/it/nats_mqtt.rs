@@ -16,7 +16,7 @@
 //! messages of 15,000, never redelivered; one session alone missed none). So no extra observer.
 
 use crate::common::*;
-use crate::crash::{readings, wait_http, wait_settled, Proc};
+use crate::crash::{readings, verify, wait_http, wait_settled, Proc};
 use crate::nats::NatsCluster;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,7 +27,7 @@ const SIM_NODE: usize = 0;
 const AGG_NODE: usize = 1;
 const ALT_NODE: usize = 2;
 
-/// Window length of the agents, passed to `verify --window-ms`.
+/// Window length of the agents (what `crash::verify` assumes).
 const WINDOW_MS: i64 = 10_000;
 const START_MS: i64 = 1_767_225_600_000;
 const DEVICES: usize = 4;
@@ -311,26 +311,6 @@ pub(crate) async fn simulate(conf: PathBuf, log: PathBuf) -> u64 {
         .unwrap_or_else(|| panic!("no \"published N readings\" in {stdout:?}"))
 }
 
-/// Runs `edgewatch verify` on the readings log against the aggregator; (exit code, output).
-fn verify(fleet: &Fleet) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgewatch"))
-        .arg("verify")
-        .arg("--readings")
-        .arg(&fleet.readings_log)
-        .args(["--aggregator", &format!("http://{}", fleet.addr)])
-        .args(["--window-ms", &WINDOW_MS.to_string()])
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// After the simulator: waits until the aggregator holds every reading of the windows the agents
 /// have fired (all but the last window of each series) and nothing more arrives, stops the agents
 /// (SIGTERM: they close and send their open windows, then wait for the acks), waits until the
@@ -390,7 +370,7 @@ async fn finish(mut fleet: Fleet, published: u64) -> (i32, String) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let held = wait_settled(fleet.addr, Duration::from_secs(1), Duration::from_secs(30)).await;
-    let (code, out) = verify(&fleet);
+    let (code, out) = verify(&fleet.readings_log, &[fleet.addr], &[]);
     eprintln!(
         "{lines} readings published, {before_flush} held before the agents' flush, {held} after; \
          the agents stopped in {:.1} s\n{out}",

@@ -33,6 +33,43 @@ struct Pki {
     client_key: PathBuf,
     /// A second CA that signed nothing the broker presents.
     other_ca: PathBuf,
+    /// The server's certificate (for 127.0.0.1 and localhost) and key.
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+impl Pki {
+    /// A test CA, a server and a client certificate signed by it, and an unrelated CA, written
+    /// to `d`.
+    fn write(d: &Path) -> Self {
+        let root = ca("edgewatch test CA");
+        let ca_pem = d.join("ca.pem");
+        std::fs::write(&ca_pem, root.0.pem()).unwrap();
+        let (server_cert, server_key) = leaf(
+            d,
+            "server",
+            &["127.0.0.1", "localhost"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &root,
+        );
+        let (client_cert, client_key) = leaf(
+            d,
+            "client",
+            &["edgewatch-client"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &root,
+        );
+        let other_ca = d.join("other-ca.pem");
+        std::fs::write(&other_ca, ca("unrelated CA").0.pem()).unwrap();
+        Self {
+            ca: ca_pem,
+            client_cert,
+            client_key,
+            other_ca,
+            server_cert,
+            server_key,
+        }
+    }
 }
 
 /// A certificate authority: its certificate and key.
@@ -75,25 +112,7 @@ fn tls_broker(require_certificate: bool) -> (Mosquitto, Pki) {
     let passwd_bin = require("mosquitto_passwd");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let root = ca("edgewatch test CA");
-    let ca_pem = d.join("ca.pem");
-    std::fs::write(&ca_pem, root.0.pem()).unwrap();
-    let (server_cert, server_key) = leaf(
-        d,
-        "server",
-        &["127.0.0.1", "localhost"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-        &root,
-    );
-    let (client_cert, client_key) = leaf(
-        d,
-        "client",
-        &["edgewatch-client"],
-        ExtendedKeyUsagePurpose::ClientAuth,
-        &root,
-    );
-    let other_ca = d.join("other-ca.pem");
-    std::fs::write(&other_ca, ca("unrelated CA").0.pem()).unwrap();
+    let pki = Pki::write(d);
     let passwd = d.join("passwd");
     let out = Command::new(passwd_bin)
         .arg("-b")
@@ -104,25 +123,19 @@ fn tls_broker(require_certificate: bool) -> (Mosquitto, Pki) {
         .unwrap();
     assert!(out.status.success(), "mosquitto_passwd failed: {out:?}");
     // mosquitto may drop root privileges before reading these: let its user in.
-    for p in [d, &passwd, &server_key] {
+    for p in [d, &passwd, &pki.server_key] {
         make_world_readable(p);
     }
     let settings = format!(
         "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {require_certificate}\n\
          password_file {}\nallow_anonymous false\nmax_queued_messages 0\npersistence false\n",
-        ca_pem.display(),
-        server_cert.display(),
-        server_key.display(),
+        pki.ca.display(),
+        pki.server_cert.display(),
+        pki.server_key.display(),
         passwd.display()
     );
     let port = free_port();
     let broker = Mosquitto::start_with(dir, port, &settings);
-    let pki = Pki {
-        ca: ca_pem,
-        client_cert,
-        client_key,
-        other_ca,
-    };
     (broker, pki)
 }
 
@@ -363,25 +376,7 @@ fn tls_nats() -> (std::process::Child, String, Pki, tempfile::TempDir) {
     let bin = require("nats-server");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let root = ca("edgewatch test CA");
-    let ca_pem = d.join("ca.pem");
-    std::fs::write(&ca_pem, root.0.pem()).unwrap();
-    let (server_cert, server_key) = leaf(
-        d,
-        "server",
-        &["127.0.0.1", "localhost"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-        &root,
-    );
-    let (client_cert, client_key) = leaf(
-        d,
-        "client",
-        &["edgewatch-aggregator"],
-        ExtendedKeyUsagePurpose::ClientAuth,
-        &root,
-    );
-    let other_ca = d.join("other-ca.pem");
-    std::fs::write(&other_ca, ca("unrelated CA").0.pem()).unwrap();
+    let pki = Pki::write(d);
     let port = free_port();
     let conf = d.join("nats.conf");
     std::fs::write(
@@ -390,9 +385,9 @@ fn tls_nats() -> (std::process::Child, String, Pki, tempfile::TempDir) {
             "server_name: tls1\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n\
              tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\n",
             d.join("js").display().to_string(),
-            server_cert.display().to_string(),
-            server_key.display().to_string(),
-            ca_pem.display().to_string()
+            pki.server_cert.display().to_string(),
+            pki.server_key.display().to_string(),
+            pki.ca.display().to_string()
         ),
     )
     .unwrap();
@@ -413,12 +408,6 @@ fn tls_nats() -> (std::process::Child, String, Pki, tempfile::TempDir) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let pki = Pki {
-        ca: ca_pem,
-        client_cert,
-        client_key,
-        other_ca,
-    };
     (child, format!("tls://127.0.0.1:{port}"), pki, dir)
 }
 

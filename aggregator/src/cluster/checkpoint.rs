@@ -136,19 +136,9 @@ impl KvCheckpoints {
 
     /// The last checkpoint of `partition`, if any (read from the stream leader).
     pub async fn read(&self, partition: u32) -> Result<Option<Checkpoint>, CheckpointError> {
-        let k = key(partition);
-        let entry = self
-            .store
-            .entry(&k)
-            .await
-            .map_err(|e| KvError::op(&self.store, "read", &k, e))?;
-        let Some(entry) = entry else { return Ok(None) };
-        if matches!(
-            entry.operation,
-            kv::Operation::Delete | kv::Operation::Purge
-        ) {
+        let Some(entry) = super::kv::live_entry(&self.store, &key(partition)).await? else {
             return Ok(None);
-        }
+        };
         let (epoch, state) = decode(&entry.value).map_err(|reason| CheckpointError::Corrupt {
             partition,
             revision: entry.revision,

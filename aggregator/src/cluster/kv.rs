@@ -126,6 +126,21 @@ impl KvError {
     }
 }
 
+/// The current value of `key` in `store`, read from the stream leader: `None` when the key was
+/// never written, deleted or purged (its last entry is a marker).
+pub(crate) async fn live_entry(store: &kv::Store, key: &str) -> Result<Option<kv::Entry>, KvError> {
+    let entry = store
+        .entry(key)
+        .await
+        .map_err(|e| KvError::op(store, "read", key, e))?;
+    Ok(entry.filter(|e| e.operation == kv::Operation::Put))
+}
+
+/// How long ago (ms, this host's clock against the server's stamp) `entry` was written.
+pub(crate) fn age_ms(entry: &kv::Entry) -> i64 {
+    super::lease::now_ms() - (entry.created.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
 /// How long a connection attempt to one server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -242,22 +242,14 @@ impl Leases {
         &self,
         partition: u32,
     ) -> Result<Option<(LeaseValue, u64, i64)>, LeaseError> {
-        let k = key(partition);
-        let entry = self
-            .store
-            .entry(&k)
-            .await
-            .map_err(|e| KvError::op(&self.store, "read", &k, e))?;
-        Ok(entry
-            .filter(|e| e.operation == kv::Operation::Put)
-            .map(|e| {
-                let value = serde_json::from_slice(&e.value).unwrap_or(LeaseValue {
-                    owner: String::from_utf8_lossy(&e.value).into_owned(),
-                    since_ms: 0,
-                });
-                let renewed = now_ms() - (e.created.unix_timestamp_nanos() / 1_000_000) as i64;
-                (value, e.revision, renewed)
-            }))
+        let entry = super::kv::live_entry(&self.store, &key(partition)).await?;
+        Ok(entry.map(|e| {
+            let value = serde_json::from_slice(&e.value).unwrap_or(LeaseValue {
+                owner: String::from_utf8_lossy(&e.value).into_owned(),
+                since_ms: 0,
+            });
+            (value, e.revision, super::kv::age_ms(&e))
+        }))
     }
 
     /// Whether this process may still act as the owner at `now` without hearing from the servers:

@@ -83,12 +83,31 @@ impl Members {
     }
 
     /// The ids of the live members, sorted.
+    pub async fn ids(&self) -> Result<Vec<String>, KvError> {
+        Ok(self.live().await?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    /// Every live member's heartbeat, sorted by id, with its age in ms by the server's clock; a
+    /// value that does not decode is reported with `None`.
+    pub async fn all(&self) -> Result<Vec<(String, Option<MemberInfo>, i64)>, KvError> {
+        Ok(self
+            .live()
+            .await?
+            .into_iter()
+            .map(|(id, e)| {
+                let age = super::kv::age_ms(&e);
+                (id, serde_json::from_slice(&e.value).ok(), age)
+            })
+            .collect())
+    }
+
+    /// The live members' keys and entries, sorted by key.
     ///
     /// Listed from the stream's subjects (a stream info request), then each key read once to skip
     /// members that left (a delete marker), with no consumer: a KV key listing creates a consumer
     /// per call, and on 2.9 one that is created while keys are rewritten or expire may never see
     /// its last key, which would stall the caller (found under CPU contention).
-    pub async fn ids(&self) -> Result<Vec<String>, KvError> {
+    async fn live(&self) -> Result<Vec<(String, kv::Entry)>, KvError> {
         let prefix = format!("$KV.{}.", self.store.name);
         let mut subjects = self
             .store
@@ -103,36 +122,12 @@ impl Members {
                 keys.push(k.to_string());
             }
         }
+        keys.sort();
+        keys.dedup();
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
-            let entry = self
-                .store
-                .entry(&k)
-                .await
-                .map_err(|e| KvError::op(&self.store, "read", &k, e))?;
-            if entry.is_some_and(|e| e.operation == kv::Operation::Put) {
-                out.push(k);
-            }
-        }
-        out.sort();
-        out.dedup();
-        Ok(out)
-    }
-
-    /// Every live member's heartbeat, sorted by id, with its age in ms by the server's clock; a
-    /// value that does not decode is reported with `None`.
-    pub async fn all(&self) -> Result<Vec<(String, Option<MemberInfo>, i64)>, KvError> {
-        let mut out = Vec::new();
-        for id in self.ids().await? {
-            let entry = self
-                .store
-                .entry(&id)
-                .await
-                .map_err(|e| KvError::op(&self.store, "read", &id, e))?;
-            if let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) {
-                let age =
-                    super::lease::now_ms() - (e.created.unix_timestamp_nanos() / 1_000_000) as i64;
-                out.push((id, serde_json::from_slice(&e.value).ok(), age));
+            if let Some(e) = super::kv::live_entry(&self.store, &k).await? {
+                out.push((k, e));
             }
         }
         Ok(out)

@@ -64,6 +64,21 @@ pub struct PartitionStatus {
     pub records_per_sec: Option<f64>,
 }
 
+impl PartitionStatus {
+    /// A partition nobody holds a lease on.
+    pub fn unowned(partition: u32) -> Self {
+        Self {
+            partition,
+            owner: None,
+            epoch: None,
+            lease_age_ms: None,
+            renewed_ms_ago: None,
+            checkpoint_lag_ms: None,
+            records_per_sec: None,
+        }
+    }
+}
+
 /// Reads members and leases of `buckets` (a deployment of `partitions` partitions).
 pub async fn collect(buckets: &Buckets, partitions: u32) -> Result<ClusterStatus, LeaseError> {
     let at_ms = now_ms();
@@ -109,15 +124,7 @@ pub async fn collect(buckets: &Buckets, partitions: u32) -> Result<ClusterStatus
             }
             None => {
                 unowned.push(p);
-                leases.push(PartitionStatus {
-                    partition: p,
-                    owner: None,
-                    epoch: None,
-                    lease_age_ms: None,
-                    renewed_ms_ago: None,
-                    checkpoint_lag_ms: None,
-                    records_per_sec: None,
-                });
+                leases.push(PartitionStatus::unowned(p));
             }
         }
     }
@@ -210,15 +217,7 @@ mod tests {
                     checkpoint_lag_ms: Some(0),
                     records_per_sec: Some(412.0),
                 },
-                PartitionStatus {
-                    partition: 1,
-                    owner: None,
-                    epoch: None,
-                    lease_age_ms: None,
-                    renewed_ms_ago: None,
-                    checkpoint_lag_ms: None,
-                    records_per_sec: None,
-                },
+                PartitionStatus::unowned(1),
             ],
             unowned: vec![1],
         };

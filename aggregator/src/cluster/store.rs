@@ -64,7 +64,6 @@ struct Owned {
     dirty: bool,
     /// When the oldest change not yet checkpointed was made.
     dirty_since: Option<Instant>,
-    last_written: Instant,
 }
 
 impl Owned {
@@ -135,9 +134,7 @@ impl KvStore {
         let partition = fence.partition;
         let mut model = MemoryStore::new(self.windows_per_series);
         let mut windows: Vec<&WindowSummary> = state.windows.iter().collect();
-        windows.sort_by(|a, b| {
-            (&a.device, &a.metric, a.start_ms).cmp(&(&b.device, &b.metric, b.start_ms))
-        });
+        windows.sort_by(|a, b| crate::store::window_order(a, b));
         for w in windows {
             // Stored windows were validated when first put.
             let _ = model.put_window(partition, w);
@@ -150,7 +147,6 @@ impl KvStore {
                 fence,
                 dirty: false,
                 dirty_since: None,
-                last_written: Instant::now(),
             },
         );
     }
@@ -170,16 +166,6 @@ impl KvStore {
         self.owned.get(&partition).is_some_and(|o| o.dirty)
     }
 
-    /// The epoch `partition` is owned under.
-    pub fn epoch(&self, partition: u32) -> Option<u64> {
-        self.owned.get(&partition).map(|o| o.fence.epoch)
-    }
-
-    /// Time since `partition`'s last successful checkpoint (or since it was taken over).
-    pub fn checkpoint_age(&self, partition: u32) -> Option<Duration> {
-        self.owned.get(&partition).map(|o| o.last_written.elapsed())
-    }
-
     /// How long the oldest change of `partition` not yet checkpointed has waited (zero when
     /// everything is checkpointed): its checkpoint lag.
     pub fn lag(&self, partition: u32) -> Option<Duration> {
@@ -191,11 +177,6 @@ impl KvStore {
     /// The owned partitions.
     pub fn partitions(&self) -> Vec<u32> {
         self.owned.keys().copied().collect()
-    }
-
-    /// The state `partition` would checkpoint now.
-    pub fn state(&self, partition: u32) -> Option<PartitionState> {
-        self.owned.get(&partition).map(|o| o.state())
     }
 
     /// Writes the state of every dirty partition in `only` (every dirty partition when `None`),
@@ -239,7 +220,6 @@ impl KvStore {
                 if result.is_ok() {
                     o.dirty = false;
                     o.dirty_since = None;
-                    o.last_written = Instant::now();
                 }
                 // A timed-out write keeps the old revision; `write` re-reads on the conflict.
                 if fence.revision > o.fence.revision {
@@ -310,10 +290,7 @@ impl StateStore for KvStore {
             s.lanes
                 .extend(o.lanes.iter().map(|(a, seq)| (a.clone(), partition, *seq)));
         }
-        s.windows.sort_by(|(_, a), (_, b)| {
-            (&a.device, &a.metric, a.start_ms).cmp(&(&b.device, &b.metric, b.start_ms))
-        });
-        s.lanes.sort();
+        crate::store::sort_snapshot(&mut s);
         Ok(s)
     }
 
