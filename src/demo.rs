@@ -53,8 +53,15 @@ fn default_simulator() -> SimulatorConfig {
 }
 
 fn default_agent() -> AgentConfig {
-    AgentConfig::with_id("gw-demo")
+    let mut a = AgentConfig::with_id("gw-demo");
+    // The simulated clock runs `speedup` times faster than the wall clock, so its readings are
+    // soon "in the future" for the agent: accept a year ahead instead of the default 10 minutes.
+    a.window.max_future_ms = DEMO_MAX_FUTURE_MS;
+    a
 }
+
+/// How far ahead of the wall clock the demo's agent accepts readings (a year).
+const DEMO_MAX_FUTURE_MS: i64 = 365 * 24 * 3_600_000;
 
 fn default_aggregators() -> Vec<AggregatorConfig> {
     let p = edgewatch_models::partition::DEFAULT_PARTITIONS;
@@ -198,6 +205,10 @@ pub async fn run(mut cfg: DemoConfig, overrides: DemoOverrides) -> anyhow::Resul
     point(&mut cfg.simulator.mqtt);
     point(&mut cfg.agent.source.mqtt);
     cfg.agent.uplink.mqtt = None;
+    if cfg.simulator.speedup > 1.0 {
+        // The simulated clock runs ahead of the wall clock (see `default_agent`).
+        cfg.agent.window.max_future_ms = cfg.agent.window.max_future_ms.max(DEMO_MAX_FUTURE_MS);
+    }
     for a in &mut cfg.aggregators {
         point(&mut a.mqtt);
     }

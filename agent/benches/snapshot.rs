@@ -50,7 +50,7 @@ fn warmed_pipeline(cfg: &AgentConfig) -> Pipeline {
                 .expect("valid reading");
         }
         if i % 60 == 0 {
-            p.tick();
+            p.tick(ts);
             drop(p.take_outputs());
         }
     }

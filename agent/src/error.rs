@@ -59,6 +59,27 @@ pub enum IngestError {
         /// The raw timestamp.
         value: f64,
     },
+    /// The timestamp is further ahead of the agent's clock than `window.max_future_ms`: a sensor
+    /// clock that is wrong (or a forged reading). Accepting it would move the series' event time
+    /// ahead and make its next readings late.
+    #[error("timestamp {ts_ms} is {ahead_ms} ms ahead of the agent's clock (window.max_future_ms = {max_ms}); check the sensor's clock, or the gateway's")]
+    TimestampInFuture {
+        /// The reading's timestamp, ms.
+        ts_ms: i64,
+        /// How far ahead of the agent's clock it is, ms.
+        ahead_ms: i64,
+        /// The configured bound.
+        max_ms: i64,
+    },
+    /// A finite value too large in magnitude to summarise exactly
+    /// (see [`edgewatch_models::stats::MAX_ABS_VALUE`]).
+    #[error("field {field:?} = {value:e} is outside the supported range ±1e100")]
+    ValueOutOfRange {
+        /// Field name.
+        field: String,
+        /// The value.
+        value: f64,
+    },
     /// A device id or metric name is empty or too long.
     #[error("{what} of {len} bytes is empty or longer than {max} bytes")]
     BadName {
@@ -94,6 +115,8 @@ impl IngestError {
             Self::MissingField { .. } => "missing_field",
             Self::NonFinite { .. } => "non_finite",
             Self::TimestampOutOfRange { .. } => "timestamp_out_of_range",
+            Self::TimestampInFuture { .. } => "timestamp_in_future",
+            Self::ValueOutOfRange { .. } => "value_out_of_range",
             Self::BadName { .. } => "bad_name",
             Self::NoMetric => "no_metric",
             Self::TooManySeries { .. } => "too_many_series",
@@ -101,7 +124,7 @@ impl IngestError {
     }
 
     /// Every reason label, for metric exposition.
-    pub const REASONS: [&'static str; 13] = [
+    pub const REASONS: [&'static str; 15] = [
         "non_utf8_topic",
         "topic_mismatch",
         "not_utf8",
@@ -112,6 +135,8 @@ impl IngestError {
         "missing_field",
         "non_finite",
         "timestamp_out_of_range",
+        "timestamp_in_future",
+        "value_out_of_range",
         "bad_name",
         "no_metric",
         "too_many_series",

@@ -254,13 +254,20 @@ fn check_name(what: &'static str, name: &str, max: usize) -> Result<(), IngestEr
     Ok(())
 }
 
+/// A value that can enter a window summary: finite, and within ±[`edgewatch_models::stats::MAX_ABS_VALUE`] so its
+/// statistics cannot overflow.
 fn finite(field: &str, v: f64) -> Result<f64, IngestError> {
-    if v.is_finite() {
-        Ok(v)
-    } else {
+    if !v.is_finite() {
         Err(IngestError::NonFinite {
             field: field.to_string(),
         })
+    } else if !edgewatch_models::stats::in_range(v) {
+        Err(IngestError::ValueOutOfRange {
+            field: field.to_string(),
+            value: v,
+        })
+    } else {
+        Ok(v)
     }
 }
 

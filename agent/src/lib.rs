@@ -4,6 +4,7 @@
 //! The per-reading work is a plain state machine ([`pipeline::Pipeline`]); this module wires it to two
 //! MQTT links (source and uplink) with bounded queues between one task per concern.
 
+mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod ingest;
@@ -59,7 +60,8 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         let Agent { cfg, metrics } = self;
         let outbox = open_outbox(&cfg).await?;
-        let (mut pipeline, mut covered) = restore_pipeline(&cfg, &metrics, &outbox)?;
+        let mut outbox = outbox;
+        let (mut pipeline, mut covered) = restore_pipeline(&cfg, &metrics, &mut outbox)?;
         let filters = pipeline.filters();
         let source_qos = qos(cfg.source.qos);
         let after_checkpoint = cfg.state.ack_mode == config::AckMode::AfterCheckpoint;
@@ -150,10 +152,14 @@ impl Agent {
             let interval = Duration::from_millis(cfg.state.checkpoint_interval_ms);
             let src_client = src_client.clone();
             let flush_on_exit = cfg.state.dir.is_none() || cfg.state.flush_on_exit;
+            // Without state.dir nothing survives a restart: a checkpoint would only fill the
+            // temporary store.
+            let durable = cfg.state.dir.is_some();
             let stop = stop_worker.clone();
             tokio::spawn(async move {
                 let mut batch = Vec::with_capacity(512);
                 let mut log = RejectLog::default();
+                let mut late_log = RateLimit::every(Duration::from_secs(5));
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut checkpoint = tokio::time::interval(interval);
@@ -191,10 +197,15 @@ impl Agent {
                                     unacked.push(p);
                                 }
                             }
+                            if let Some(late) = pipeline.take_late_note() {
+                                late_log.note(late.count, |suppressed| {
+                                    tracing::warn!(agent = %agent, device = %late.device.escape_debug(), metric = %late.metric.escape_debug(), ts_ms = late.ts_ms, watermark_ms = late.watermark_ms, late_readings = late.count, suppressed, "readings dropped as late: their window had closed (window.allowed_lateness_ms, window.idle_timeout_ms)");
+                                });
+                            }
                         }
-                        _ = tick.tick() => pipeline.tick(),
+                        _ = tick.tick() => pipeline.tick(now_ms()),
                         _ = stop.cancelled() => break,
-                        _ = checkpoint.tick() => {
+                        _ = checkpoint.tick(), if durable => {
                             if !take_checkpoint(&agent, &mut pipeline, &out_tx, &metrics_w, &mut unacked, &mut acker, &src_client, &mut checkpoints).await {
                                 break;
                             }
@@ -214,17 +225,24 @@ impl Agent {
                     pipeline.flush();
                 }
                 checkpoints.clean = true;
-                take_checkpoint(
-                    &agent,
-                    &mut pipeline,
-                    &out_tx,
-                    &metrics_w,
-                    &mut unacked,
-                    &mut acker,
-                    &src_client,
-                    &mut checkpoints,
-                )
-                .await;
+                if durable {
+                    take_checkpoint(
+                        &agent,
+                        &mut pipeline,
+                        &out_tx,
+                        &metrics_w,
+                        &mut unacked,
+                        &mut acker,
+                        &src_client,
+                        &mut checkpoints,
+                    )
+                    .await;
+                } else {
+                    let out = pipeline.take_outputs();
+                    if !out.is_empty() {
+                        let _ = out_tx.send(uplink::ToUplink::Outputs(out)).await;
+                    }
+                }
                 acker.finish().await;
             })
         };
@@ -342,7 +360,19 @@ impl Agent {
             tracing::warn!(agent = %cfg.id, "uplink did not flush within 5 s");
             stop_uplink.cancel();
         }
-        tracing::info!(agent = %cfg.id, "agent stopped");
+        let m = &metrics;
+        tracing::info!(
+            agent = %cfg.id,
+            messages = m.messages_total.load(Relaxed),
+            readings = m.readings_total.load(Relaxed),
+            rejected = %m.rejected_summary(),
+            late_readings = m.late_readings_total.load(Relaxed),
+            windows = m.windows_total.load(Relaxed),
+            anomalies = m.anomalies_total.load(Relaxed),
+            series = m.series.load(Relaxed),
+            oversized_packets = m.oversized_packets_total.load(Relaxed),
+            "agent stopped"
+        );
         Ok(())
     }
 }
@@ -390,73 +420,14 @@ async fn open_outbox(cfg: &AgentConfig) -> Result<Outbox, AgentError> {
     Ok(outbox)
 }
 
-/// The header stored in front of a pipeline snapshot: when it was taken, whether it was the clean
-/// shutdown's, and the reading rate before it (for the loss estimate after a crash).
-const CHECKPOINT_HEADER: usize = 1 + 8 + 8 + 1 + 4;
-const CHECKPOINT_FORMAT: u8 = 2;
-
 /// Rate bookkeeping between checkpoints.
 #[derive(Default)]
 struct CheckpointClock {
     last: Option<(Instant, u64)>,
     rate: f64,
     clean: bool,
-}
-
-/// A stored checkpoint: its header and the pipeline snapshot.
-struct StoredCheckpoint<'a> {
-    wall_ms: i64,
-    rate: f64,
-    clean: bool,
-    /// after_checkpoint: packet ids of the readings this checkpoint covers whose acks were still
-    /// to be sent. After a crash the broker redelivers them (same packet id, DUP set); they are
-    /// already counted, so they are acknowledged and skipped.
-    covered_pkids: Vec<u16>,
-    snapshot: &'a [u8],
-}
-
-fn encode_checkpoint(
-    snapshot: &[u8],
-    wall_ms: i64,
-    rate: f64,
-    clean: bool,
-    pkids: &[u16],
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(CHECKPOINT_HEADER + 2 * pkids.len() + snapshot.len());
-    out.push(CHECKPOINT_FORMAT);
-    out.extend_from_slice(&wall_ms.to_le_bytes());
-    out.extend_from_slice(&rate.to_le_bytes());
-    out.push(u8::from(clean));
-    out.extend_from_slice(&(pkids.len() as u32).to_le_bytes());
-    for p in pkids {
-        out.extend_from_slice(&p.to_le_bytes());
-    }
-    out.extend_from_slice(snapshot);
-    out
-}
-
-fn decode_checkpoint(bytes: &[u8]) -> Option<StoredCheckpoint<'_>> {
-    let (&format, rest) = bytes.split_first()?;
-    if format != CHECKPOINT_FORMAT {
-        return None;
-    }
-    let (wall, rest) = rest.split_first_chunk::<8>()?;
-    let (rate, rest) = rest.split_first_chunk::<8>()?;
-    let (&clean, rest) = rest.split_first()?;
-    let (n, mut rest) = rest.split_first_chunk::<4>()?;
-    let mut covered_pkids = Vec::new();
-    for _ in 0..u32::from_le_bytes(*n) {
-        let (p, r) = rest.split_first_chunk::<2>()?;
-        covered_pkids.push(u16::from_le_bytes(*p));
-        rest = r;
-    }
-    Some(StoredCheckpoint {
-        wall_ms: i64::from_le_bytes(*wall),
-        rate: f64::from_le_bytes(*rate),
-        clean: clean == 1,
-        covered_pkids,
-        snapshot: rest,
-    })
+    /// The stored header is an idle one (no change, rate 0): the next idle checkpoint is skipped.
+    idle_written: bool,
 }
 
 /// Hands the pipeline's pending outputs, then a snapshot of it, to the uplink (which stores the
@@ -477,8 +448,8 @@ async fn take_checkpoint(
     if !out.is_empty() && out_tx.send(uplink::ToUplink::Outputs(out)).await.is_err() {
         return false;
     }
-    let snapshot = match pipeline.snapshot() {
-        Ok(b) => b,
+    let changed = match pipeline.take_changed() {
+        Ok(c) => c,
         Err(e) => {
             metrics.checkpoint_errors_total.fetch_add(1, Relaxed);
             tracing::error!(agent, error = %e, "pipeline snapshot failed; keeping the previous checkpoint");
@@ -494,12 +465,26 @@ async fn take_checkpoint(
         }
     }
     clock.last = Some((now, readings));
-    let pkids: Vec<u16> = unacked.iter().map(|p| p.pkid).collect();
-    let bytes = encode_checkpoint(&snapshot, now_ms(), clock.rate, clock.clean, &pkids);
+    // Nothing changed, nothing to acknowledge, and the stored header already says so (rate 0):
+    // an idle agent writes nothing at all.
+    let idle = changed.rows.is_empty() && unacked.is_empty() && !clock.clean && clock.rate == 0.0;
+    if idle && clock.idle_written {
+        return true;
+    }
+    clock.idle_written = idle;
+    let header = checkpoint::Header {
+        wall_ms: now_ms(),
+        rate: clock.rate,
+        clean: clock.clean,
+        fingerprint: changed.fingerprint,
+        series: changed.series,
+        covered_pkids: unacked.iter().map(|p| p.pkid).collect(),
+    };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     if out_tx
         .send(uplink::ToUplink::Checkpoint {
-            bytes,
+            header: header.encode(),
+            rows: changed.rows,
             done: Some(done_tx),
         })
         .await
@@ -563,49 +548,43 @@ impl Acker {
 }
 
 /// The pipeline of the last checkpoint in the outbox database, or a fresh one (logged) when there
-/// is none or it cannot be used. In `on_receipt` mode, after a crash, estimates the readings lost
-/// since that checkpoint from the rate before it (log and metric).
+/// is none or it cannot be used (the unusable checkpoint is then deleted, so the fresh state's
+/// rows start clean). In `on_receipt` mode, after a crash, estimates the readings lost since that
+/// checkpoint from the rate before it (log and metric).
 fn restore_pipeline(
     cfg: &AgentConfig,
     metrics: &Arc<AgentMetrics>,
-    outbox: &Outbox,
+    outbox: &mut Outbox,
 ) -> Result<(Pipeline, HashSet<u16>), AgentError> {
-    let stored = match outbox.checkpoint() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(agent = %cfg.id, error = %e, "cannot read the checkpoint; starting with empty state");
-            None
-        }
+    let restored = match outbox.checkpoint() {
+        Ok(None) => return Ok((Pipeline::new(cfg, metrics.clone())?, HashSet::new())),
+        Ok(Some((header, rows))) => checkpoint::Header::decode(&header).and_then(|h| {
+            let rows = checkpoint::complete_rows(h.series, &rows)?;
+            Pipeline::restore_rows(cfg, metrics.clone(), h.fingerprint, rows)
+                .map(|p| (h, p))
+                .map_err(|e| e.to_string())
+        }),
+        Err(e) => Err(format!("cannot read the checkpoint: {e}")),
     };
-    let Some(stored) = stored else {
-        return Ok((Pipeline::new(cfg, metrics.clone())?, HashSet::new()));
-    };
-    let Some(StoredCheckpoint {
-        wall_ms,
-        rate,
-        clean,
-        covered_pkids,
-        snapshot,
-    }) = decode_checkpoint(&stored)
-    else {
-        tracing::warn!(agent = %cfg.id, "checkpoint in an unknown format; starting with empty state");
-        return Ok((Pipeline::new(cfg, metrics.clone())?, HashSet::new()));
-    };
-    match Pipeline::restore(cfg, metrics.clone(), snapshot) {
-        Ok(mut p) => {
+    match restored {
+        Ok((h, mut p)) => {
             p.supersede_after_restore();
-            let age_ms = now_ms().saturating_sub(wall_ms).max(0);
-            tracing::info!(agent = %cfg.id, series = p.series(), age_ms, clean, "resumed from the last checkpoint");
-            if !clean && cfg.state.ack_mode == config::AckMode::OnReceipt {
+            p.touch_all(now_ms());
+            let age_ms = now_ms().saturating_sub(h.wall_ms).max(0);
+            tracing::info!(agent = %cfg.id, series = p.series(), age_ms, clean = h.clean, "resumed from the last checkpoint");
+            if !h.clean && cfg.state.ack_mode == config::AckMode::OnReceipt {
                 let window = age_ms.min(cfg.state.checkpoint_interval_ms as i64) as f64 / 1000.0;
-                let lost = (rate * window).round() as u64;
+                let lost = (h.rate * window).round() as u64;
                 metrics.restart_loss_estimate.store(lost, Relaxed);
-                tracing::warn!(agent = %cfg.id, estimated_lost_readings = lost, rate_per_sec = rate.round(), "the agent did not stop cleanly: readings received after the last checkpoint were lost (ack_mode on_receipt); use after_checkpoint to have the broker redeliver them");
+                tracing::warn!(agent = %cfg.id, estimated_lost_readings = lost, rate_per_sec = h.rate.round(), "the agent did not stop cleanly: readings received after the last checkpoint were lost (ack_mode on_receipt); use after_checkpoint to have the broker redeliver them");
             }
-            Ok((p, covered_pkids.into_iter().collect()))
+            Ok((p, h.covered_pkids.into_iter().collect()))
         }
-        Err(e) => {
-            tracing::warn!(agent = %cfg.id, error = %e, "checkpoint not usable (configuration changed?); starting with empty state");
+        Err(why) => {
+            tracing::warn!(agent = %cfg.id, error = %why, "checkpoint not usable (configuration changed?); starting with empty state");
+            if let Err(e) = outbox.clear_checkpoint() {
+                tracing::warn!(agent = %cfg.id, error = %e, "could not delete the unusable checkpoint");
+            }
             Ok((Pipeline::new(cfg, metrics.clone())?, HashSet::new()))
         }
     }
@@ -635,6 +614,36 @@ fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// At most one log line per period; what came meanwhile is counted and reported with the next.
+struct RateLimit {
+    period: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn every(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Calls `log` with the number of events suppressed since the last line, if the period has
+    /// passed; otherwise counts `events` as suppressed.
+    fn note(&mut self, events: u64, log: impl FnOnce(u64)) {
+        let now = Instant::now();
+        if self.last.is_none_or(|t| now.duration_since(t) >= self.period) {
+            log(self.suppressed);
+            self.last = Some(now);
+            self.suppressed = 0;
+        } else {
+            self.suppressed += events;
+        }
+    }
 }
 
 /// Logs rejected messages with their topic, at most once per reason every 5 s (plus a count of the

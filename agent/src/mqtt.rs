@@ -3,7 +3,15 @@
 //! rumqttc reconnects on the next `poll()` with no delay; this loop adds capped exponential backoff
 //! with jitter, counts every connection error and reports (re)connections to the caller. A SUBACK
 //! refusing a subscription counts as a connection error: the connection is dropped and made again
-//! (NATS refuses QoS 1 subscriptions while a JetStream leader election is running). TLS comes
+//! (NATS refuses QoS 1 subscriptions while a JetStream leader election is running).
+//!
+//! **Poison messages.** rumqttc drops the connection when a packet exceeds `max_packet_bytes`, and on
+//! a persistent session the broker redelivers that packet on every reconnect: the link would never
+//! move again. So the loop counts it (`oversized_packets_total`) and makes the next connection
+//! accept that one size; the message is then read once and rejected by its consumer (the pipeline's
+//! `max_payload_bytes`, counted) and acknowledged, and the connection after that goes back to the
+//! configured limit. What a publisher can make the agent read is bounded by the broker's own
+//! message size limit (mosquitto `message_size_limit`, NATS `max_payload`): set it. TLS comes
 //! from [`edgewatch_models::tls`]: the files are read here, once per link, when options are built.
 
 use crate::error::AgentError;
@@ -96,6 +104,9 @@ pub(crate) async fn poll_loop<F, Fut>(
     let broker_of = |o: &MqttOptions| format!("{}:{}", o.broker_address().0, o.broker_address().1);
     let mut broker = broker_of(&eventloop.mqtt_options);
     let mut current = 0usize;
+    // The limit configured, and a one-connection raise to read an oversized packet past it.
+    let configured = eventloop.mqtt_options.max_packet_size();
+    let mut raised: Option<usize> = None;
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -109,6 +120,10 @@ pub(crate) async fn poll_loop<F, Fut>(
                     tracing::debug!(link = name, %broker, "connected");
                 }
                 backoff.reset();
+                if raised.take().is_some() {
+                    // This connection reads the oversized packet; the next one has the usual limit.
+                    set_incoming_limit(&mut eventloop.mqtt_options, configured, configured);
+                }
                 on_event(LinkEvent::Connected).await;
                 None
             }
@@ -129,7 +144,14 @@ pub(crate) async fn poll_loop<F, Fut>(
             // Everything queued before our Disconnect request has been written: done.
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => None,
-            Err(e) => Some(describe(&broker, &e)),
+            Err(e) => {
+                if let Some(size) = oversized(&e) {
+                    metrics.oversized_packets_total.fetch_add(1, Relaxed);
+                    tracing::warn!(link = name, %broker, size, max_packet_bytes = configured, "a message larger than max_packet_bytes arrived; the next connection reads it once so it can be rejected and acknowledged instead of redelivered forever");
+                    raised = Some(size.max(configured));
+                }
+                Some(describe(&broker, &e))
+            }
         };
         if let Some(error) = failure {
             metrics.connection_errors_total.fetch_add(1, Relaxed);
@@ -140,6 +162,9 @@ pub(crate) async fn poll_loop<F, Fut>(
                 current = (current + 1) % addresses.len();
                 eventloop.mqtt_options = addresses[current].clone();
             }
+            if let Some(size) = raised {
+                set_incoming_limit(&mut eventloop.mqtt_options, size, configured);
+            }
             let next = broker_of(&eventloop.mqtt_options);
             tracing::warn!(link = name, %broker, %next, %error, retry_in_ms = delay, "mqtt connection error; will reconnect");
             broker = next;
@@ -149,6 +174,21 @@ pub(crate) async fn poll_loop<F, Fut>(
             }
         }
     }
+}
+
+/// The size of the packet that broke the connection by exceeding the incoming limit, if that was it.
+fn oversized(e: &ConnectionError) -> Option<usize> {
+    match e {
+        ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
+        )) => Some(*size),
+        _ => None,
+    }
+}
+
+/// Sets the incoming packet limit of `o` for its next connection; outgoing stays `configured`.
+fn set_incoming_limit(o: &mut MqttOptions, incoming: usize, configured: usize) {
+    o.set_max_packet_size(incoming, configured);
 }
 
 /// How many subscriptions of one SUBACK the broker refused (return code 0x80).

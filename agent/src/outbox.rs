@@ -70,12 +70,16 @@ pub const RECLAIM_TARGET_PERCENT: u64 = 90;
 const RECORDS_TREE: &str = "records";
 const META_TREE: &str = "meta";
 const CHECKPOINT_TREE: &str = "checkpoint";
+/// The checkpoint's header (fingerprint, series count, clock; `agent::checkpoint`).
 const CHECKPOINT_KEY: &[u8] = b"pipeline";
+/// Prefix of the checkpoint's per-series rows: `r` + series index (u32, big-endian).
+const CHECKPOINT_ROW: u8 = b'r';
 
 /// Settings of an [`Outbox`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxConfig {
-    /// Disk budget: key + value bytes of all stored records. Must be > 0.
+    /// Disk budget: key + value bytes of all stored records and of the pipeline checkpoint (which
+    /// is never reduced: records are coarsened and evicted to make room). Must be > 0.
     pub max_outbox_bytes: u64,
     /// A summary whose `max_score` is below this is "normal" and may be coarsened. Must not be NaN.
     pub normal_score_below: f64,
@@ -214,6 +218,9 @@ pub struct Outbox {
     records: sled::Tree,
     meta: sled::Tree,
     checkpoints: sled::Tree,
+    /// Key + value bytes of the stored checkpoint: its header and every row, by index.
+    checkpoint_bytes: u64,
+    checkpoint_rows: Vec<u64>,
     lanes: BTreeMap<u32, Lane>,
     bytes: u64,
     summaries: u64,
@@ -265,6 +272,12 @@ enum SlotKind {
     },
 }
 
+fn row_key(index: u32) -> [u8; 5] {
+    let mut k = [CHECKPOINT_ROW; 5];
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
 fn key(partition: u32, seq: u64) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&partition.to_be_bytes());
@@ -311,6 +324,16 @@ fn check_finite(partition: u32, record: &Record) -> Result<(), OutboxError> {
     }
 }
 
+/// sled's page cache bound. sled's default (1 GiB) would let a gateway agent's memory grow with
+/// what it once wrote; records are read back only for resends, so a small cache costs little.
+pub const SLED_CACHE_BYTES: u64 = 16 << 20;
+
+fn sled_config() -> sled::Config {
+    sled::Config::new()
+        .flush_every_ms(None)
+        .cache_capacity(SLED_CACHE_BYTES)
+}
+
 /// How long [`Outbox::open`] waits for a previous handle on the same directory to let go of it.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -320,7 +343,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 fn open_db(path: &Path) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
-        match sled::Config::new().path(path).flush_every_ms(None).open() {
+        match sled_config().path(path).open() {
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>
@@ -382,9 +405,8 @@ impl Outbox {
     /// durability (an agent without `state.dir`).
     pub fn open_temporary(cfg: OutboxConfig) -> Result<Outbox, OutboxError> {
         let path = Path::new("(temporary outbox)");
-        let db = sled::Config::new()
+        let db = sled_config()
             .temporary(true)
-            .flush_every_ms(None)
             .open()
             .map_err(|source| OutboxError::Open {
                 path: path.to_path_buf(),
@@ -408,6 +430,8 @@ impl Outbox {
             records,
             meta,
             checkpoints,
+            checkpoint_bytes: 0,
+            checkpoint_rows: Vec::new(),
             lanes: BTreeMap::new(),
             bytes: 0,
             summaries: 0,
@@ -416,6 +440,7 @@ impl Outbox {
             last_evict_log: None,
         };
         outbox.load()?;
+        outbox.load_checkpoint_sizes()?;
         Ok(outbox)
     }
 
@@ -567,7 +592,7 @@ impl Outbox {
         self.lanes.entry(partition).or_default().next = seq + 1;
         self.index(partition, seq, &record, (k.len() + value.len()) as u64);
         self.stats.appended += 1;
-        if self.bytes > self.cfg.max_outbox_bytes {
+        if self.bytes > self.records_budget() {
             // The record is stored: failing the append now would make the caller store it twice.
             // The budget is retried on the next append.
             if let Err(e) = self.reclaim() {
@@ -699,20 +724,83 @@ impl Outbox {
     /// Stores the agent's pipeline checkpoint in the same database, so that one [`Outbox::flush`]
     /// makes a checkpoint and every record appended before it durable together (sled recovers a
     /// prefix of its writes): a recovered checkpoint never covers a window whose summary was lost.
-    pub fn put_checkpoint(&mut self, bytes: &[u8]) -> Result<(), OutboxError> {
+    /// `header` replaces the stored one and each `(index, row)` replaces that row, in one atomic
+    /// batch; rows not given stay as they are (a checkpoint writes only the series that changed).
+    pub fn put_checkpoint(&mut self, header: &[u8], rows: &[(u32, Vec<u8>)]) -> Result<(), OutboxError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(CHECKPOINT_KEY, header);
+        for (i, row) in rows {
+            batch.insert(&row_key(*i)[..], row.as_slice());
+        }
         self.checkpoints
-            .insert(CHECKPOINT_KEY, bytes)
+            .apply_batch(batch)
             .map_err(self.storage("write checkpoint"))?;
+        for (i, row) in rows {
+            let i = *i as usize;
+            if self.checkpoint_rows.len() <= i {
+                self.checkpoint_rows.resize(i + 1, 0);
+            }
+            self.checkpoint_rows[i] = (5 + row.len()) as u64;
+        }
+        self.checkpoint_bytes = (CHECKPOINT_KEY.len() + header.len()) as u64
+            + self.checkpoint_rows.iter().sum::<u64>();
         Ok(())
     }
 
-    /// The last stored checkpoint, if any.
-    pub fn checkpoint(&self) -> Result<Option<Vec<u8>>, OutboxError> {
-        Ok(self
+    /// The stored checkpoint, if any: its header and every row with its index, in index order.
+    pub fn checkpoint(&self) -> Result<Option<(Vec<u8>, Vec<(u32, Vec<u8>)>)>, OutboxError> {
+        let Some(header) = self
             .checkpoints
             .get(CHECKPOINT_KEY)
             .map_err(self.storage("read checkpoint"))?
-            .map(|v| v.to_vec()))
+        else {
+            return Ok(None);
+        };
+        let mut rows = Vec::new();
+        for item in self.checkpoints.scan_prefix([CHECKPOINT_ROW]) {
+            let (k, v) = item.map_err(self.storage("read checkpoint"))?;
+            let index = <[u8; 4]>::try_from(&k[1..]).map_err(|_| OutboxError::Malformed {
+                path: self.path.clone(),
+                tree: CHECKPOINT_TREE,
+                key: hex(&k),
+                problem: "checkpoint row key is not 5 bytes".into(),
+            })?;
+            rows.push((u32::from_be_bytes(index), v.to_vec()));
+        }
+        Ok(Some((header.to_vec(), rows)))
+    }
+
+    /// Deletes the stored checkpoint (the agent starts from empty state and will not use it).
+    pub fn clear_checkpoint(&mut self) -> Result<(), OutboxError> {
+        self.checkpoints
+            .clear()
+            .map_err(self.storage("clear checkpoint"))?;
+        self.checkpoint_rows.clear();
+        self.checkpoint_bytes = 0;
+        Ok(())
+    }
+
+    /// Key + value bytes of the stored checkpoint (counted in the disk budget).
+    pub fn checkpoint_bytes(&self) -> u64 {
+        self.checkpoint_bytes
+    }
+
+    fn load_checkpoint_sizes(&mut self) -> Result<(), OutboxError> {
+        let mut total = 0;
+        for item in self.checkpoints.iter() {
+            let (k, v) = item.map_err(self.storage("read checkpoint"))?;
+            let size = (k.len() + v.len()) as u64;
+            total += size;
+            if k.len() == 5 && k[0] == CHECKPOINT_ROW {
+                let i = u32::from_be_bytes([k[1], k[2], k[3], k[4]]) as usize;
+                if self.checkpoint_rows.len() <= i {
+                    self.checkpoint_rows.resize(i + 1, 0);
+                }
+                self.checkpoint_rows[i] = size;
+            }
+        }
+        self.checkpoint_bytes = total;
+        Ok(())
     }
 
     /// Key + value bytes of the stored records.
@@ -725,9 +813,16 @@ impl Outbox {
         self.stats
     }
 
+    /// What the records may take: the budget less the checkpoint.
+    fn records_budget(&self) -> u64 {
+        self.cfg
+            .max_outbox_bytes
+            .saturating_sub(self.checkpoint_bytes)
+    }
+
     fn target(&self) -> u64 {
-        self.cfg.max_outbox_bytes / 100 * RECLAIM_TARGET_PERCENT
-            + self.cfg.max_outbox_bytes % 100 * RECLAIM_TARGET_PERCENT / 100
+        let budget = self.records_budget();
+        budget / 100 * RECLAIM_TARGET_PERCENT + budget % 100 * RECLAIM_TARGET_PERCENT / 100
     }
 
     fn reclaim(&mut self) -> Result<(), OutboxError> {
@@ -738,7 +833,7 @@ impl Outbox {
         if self.bytes > target && self.summaries > 0 {
             self.evict(target)?;
         }
-        let over = self.bytes > self.cfg.max_outbox_bytes;
+        let over = self.bytes > self.records_budget();
         if over {
             self.stats.over_budget += 1;
             if !self.over_budget_now {

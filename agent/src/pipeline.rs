@@ -5,16 +5,29 @@
 //! outputs. A window is sent when the watermark passes its end and, if readings arrive for it within
 //! the allowed lateness, sent once more with revision 1 (see `models/src/window/tumbling.rs`).
 //!
-//! [`Pipeline::snapshot`] and [`Pipeline::restore`] carry the whole state across a restart (agent
-//! checkpoints); what and where to store is the caller's business.
+//! **Event time survives bad clocks.** Every series has its own watermark, moved only by its own
+//! readings: one device's clock cannot make another device's readings late. A reading stamped more
+//! than `window.max_future_ms` ahead of the agent's clock is rejected (`timestamp_in_future`), so a
+//! wild timestamp cannot freeze even its own series. A series that has received nothing for
+//! `window.idle_timeout_ms` on the agent's clock is closed as if its own clock had kept running:
+//! its watermark becomes its newest event time plus the quiet time minus the idle timeout
+//! ([`Pipeline::tick`], given the time). Readings older than their window's end + allowed lateness
+//! are counted as late ([`Pipeline::take_late_note`] gives the shell one to log).
+//!
+//! [`Pipeline::snapshot`] and [`Pipeline::restore`] carry the whole state across a restart in one
+//! blob; [`Pipeline::take_changed`] and [`Pipeline::restore_rows`] do it one row per series, so a
+//! checkpoint writes only the series that changed since the last one (an idle agent writes nothing).
+//! What and where to store is the caller's business.
 //!
 //! Snapshot format: a version byte ([`SNAPSHOT_VERSION`]), a little-endian u64 fingerprint of the
 //! configuration the state depends on (window size and lateness, detector, partitions — plus the
 //! binary layout of a fresh detector and window set, so a changed struct is refused rather than
-//! misread), the postcard-encoded body (newest event time, then every series in creation order:
-//! device, metric, partition, detector state, held windows with revisions and watermark, armed flag),
-//! and a little-endian XXH3-64 checksum of everything before it. Series are kept in creation order,
-//! so `tick` and `flush` emit in the same order before and after a restore.
+//! misread), the postcard-encoded body (every series in creation order: device, metric, partition,
+//! detector state, held windows with revisions and watermark, armed flag, newest event time and
+//! last arrival), and a little-endian XXH3-64 checksum of everything before it. A row is one series,
+//! postcard-encoded, followed by its XXH3-64 checksum; the fingerprint then travels in the caller's
+//! header. Series are kept in creation order, so `tick` and `flush` emit in the same order before
+//! and after a restore.
 
 use crate::config::AgentConfig;
 use crate::error::{AgentError, IngestError, SnapshotError};
@@ -33,7 +46,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3, Xxh3DefaultBuilder};
 /// Version of the snapshot layout. Bump it when the header or the body's shape changes; the
 /// fingerprint also catches most changes to detector and window fields, but not all (a reorder of
 /// two fields of one type).
-pub const SNAPSHOT_VERSION: u8 = 2;
+pub const SNAPSHOT_VERSION: u8 = 3;
 /// Version byte + fingerprint before the body, checksum after it.
 const SNAPSHOT_OVERHEAD: usize = 1 + 8 + 8;
 
@@ -64,6 +77,28 @@ struct Series {
     detector: AnyDetector,
     windows: TumblingWindows,
     armed: bool,
+    /// Newest event time of the series' own readings (`i64::MIN` before the first).
+    max_ts_ms: i64,
+    /// The agent's clock when the latest reading arrived: how long the series has been quiet.
+    last_arrival_ms: i64,
+    /// Changed since the last [`Pipeline::take_changed`].
+    #[serde(skip)]
+    dirty: bool,
+}
+
+/// A reading dropped as late, for the shell to log (at a bounded rate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LateNote {
+    /// Device id.
+    pub device: String,
+    /// Metric name.
+    pub metric: String,
+    /// The reading's timestamp, ms.
+    pub ts_ms: i64,
+    /// The series' watermark when it arrived, ms.
+    pub watermark_ms: i64,
+    /// Late readings of any series since the previous note was taken.
+    pub count: u64,
 }
 
 /// Settings copied out of the configuration for the hot path.
@@ -76,6 +111,7 @@ struct Params {
     /// A fresh window set for a new series (validated once, cloned per series).
     windows: TumblingWindows,
     idle_timeout_ms: i64,
+    max_future_ms: i64,
     partitions: u32,
     max_payload_bytes: usize,
     max_series: usize,
@@ -90,21 +126,31 @@ struct Table {
     /// Every series in creation order (never removed), so iteration order survives a restore.
     series: Vec<Series>,
     key: String,
-    max_event_ts: i64,
+    /// The latest late reading not yet taken by the shell, and how many came since.
+    late: Option<LateNote>,
 }
 
 /// A snapshot's body as written (borrowing the table).
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
-    max_event_ts: i64,
     series: &'a [Series],
 }
 
 /// A snapshot's body as read.
 #[derive(Deserialize)]
 struct SnapshotBody {
-    max_event_ts: i64,
     series: Vec<Series>,
+}
+
+/// The series that changed since the previous [`Pipeline::take_changed`], one encoded row each.
+#[derive(Debug, Default)]
+pub struct ChangedSeries {
+    /// What the state was taken under (store it beside the rows; [`Pipeline::restore_rows`] checks it).
+    pub fingerprint: u64,
+    /// Number of series in all (rows `0..series` make up the state).
+    pub series: u32,
+    /// (series index, encoded row) of every changed series.
+    pub rows: Vec<(u32, Vec<u8>)>,
 }
 
 /// The agent's processing core.
@@ -153,6 +199,7 @@ impl Pipeline {
                 rearm_below: threshold * cfg.anomaly.rearm_ratio,
                 windows,
                 idle_timeout_ms: cfg.window.idle_timeout_ms,
+                max_future_ms: cfg.window.max_future_ms,
                 partitions: cfg.uplink.partitions,
                 max_payload_bytes: cfg.pipeline.max_payload_bytes,
                 max_series: cfg.pipeline.max_series,
@@ -163,7 +210,7 @@ impl Pipeline {
                 index: HashMap::with_hasher(Xxh3DefaultBuilder::new()),
                 series: Vec::new(),
                 key: String::new(),
-                max_event_ts: i64::MIN,
+                late: None,
             },
             scratch: Vec::new(),
             outputs: Vec::new(),
@@ -245,36 +292,58 @@ impl Pipeline {
             payload,
             arrival_ms,
             &mut self.scratch,
-            &mut |r| match table.apply(params, r, outputs, metrics) {
+            &mut |r| match table.apply(params, r, arrival_ms, outputs, metrics) {
                 Ok(()) => count += 1,
                 Err(e) => failure = Some(e),
             },
         )?;
-        metrics
-            .event_lag_ms
-            .store(arrival_ms.saturating_sub(table.max_event_ts), Relaxed);
         match failure {
             Some(e) if count == 0 => Err(e),
             _ => Ok(count),
         }
     }
 
-    /// Closes windows of series that have gone quiet, judged against the newest event time seen.
-    pub fn tick(&mut self) {
-        if self.table.max_event_ts == i64::MIN {
-            return;
-        }
-        let watermark = self
-            .table
-            .max_event_ts
-            .saturating_sub(self.params.idle_timeout_ms);
+    /// Closes windows of series that have been quiet for `window.idle_timeout_ms` on the agent's
+    /// clock (`now_ms`), as if the series' own clock had kept running: its watermark becomes its
+    /// newest event time + quiet time − idle timeout. Series with nothing due are not touched (an
+    /// idle agent's state does not change, so its checkpoints write nothing).
+    pub fn tick(&mut self, now_ms: i64) {
+        let idle_timeout = self.params.idle_timeout_ms;
         let (outputs, metrics) = (&mut self.outputs, &*self.metrics);
         for s in &mut self.table.series {
+            let Some(deadline) = s.windows.next_deadline_ms() else {
+                continue;
+            };
+            let quiet = now_ms.saturating_sub(s.last_arrival_ms);
+            if quiet < idle_timeout {
+                continue;
+            }
+            let watermark = s.max_ts_ms.saturating_add(quiet - idle_timeout);
+            if watermark < deadline {
+                continue;
+            }
+            s.dirty = true;
             let (device, metric, partition) = (&s.device, &s.metric, s.partition);
             s.windows.advance(watermark, &mut |w| {
                 emit_window(outputs, metrics, device, metric, partition, &w)
             });
         }
+    }
+
+    /// Restarts every series' quiet time at `now_ms` (after a restore: the time the agent was down
+    /// is not the series' silence, and readings the broker kept for it are about to arrive).
+    pub fn touch_all(&mut self, now_ms: i64) {
+        for s in &mut self.table.series {
+            if s.last_arrival_ms != now_ms {
+                s.last_arrival_ms = now_ms;
+                s.dirty = true;
+            }
+        }
+    }
+
+    /// The latest reading dropped as late since the previous call, with the number dropped.
+    pub fn take_late_note(&mut self) -> Option<LateNote> {
+        self.table.late.take()
     }
 
     /// Closes every held window now (shutdown or drain): open ones are sent, retained ones only if
@@ -302,7 +371,10 @@ impl Pipeline {
     /// restore, what the windows emit replaces what they may have emitted after the checkpoint.
     pub fn supersede_after_restore(&mut self) {
         for s in &mut self.table.series {
-            s.windows.supersede();
+            if s.windows.open_windows() > 0 {
+                s.windows.supersede();
+                s.dirty = true;
+            }
         }
     }
 
@@ -320,7 +392,6 @@ impl Pipeline {
         out.push(SNAPSHOT_VERSION);
         out.extend_from_slice(&self.params.fingerprint.to_le_bytes());
         let body = SnapshotRef {
-            max_event_ts: self.table.max_event_ts,
             series: &self.table.series,
         };
         let mut out = postcard::to_extend(&body, out).map_err(|e| SnapshotError::Encode {
@@ -344,10 +415,75 @@ impl Pipeline {
     ) -> Result<Self, AgentError> {
         let mut p = Self::new(cfg, metrics)?;
         let body = decode_snapshot(p.params.fingerprint, bytes)?;
-        let table = &mut p.table;
-        table.index.reserve(body.series.len());
-        for (i, s) in body.series.iter().enumerate() {
-            check_restored(&p.params, s)?;
+        p.install(body.series)?;
+        Ok(p)
+    }
+
+    /// Encodes every series changed since the previous call (every series, the first time after
+    /// [`Pipeline::new`]), one row each, and marks them clean. Store the rows by index, replacing
+    /// older ones; rows `0..series` then hold the whole state ([`Pipeline::restore_rows`]).
+    pub fn take_changed(&mut self) -> Result<ChangedSeries, SnapshotError> {
+        let mut rows = Vec::new();
+        for (i, s) in self.table.series.iter_mut().enumerate() {
+            if !s.dirty {
+                continue;
+            }
+            let mut row = postcard::to_stdvec(&*s).map_err(|e| SnapshotError::Encode {
+                detail: e.to_string(),
+            })?;
+            let sum = xxh3_64(&row);
+            row.extend_from_slice(&sum.to_le_bytes());
+            rows.push((i as u32, row));
+            s.dirty = false;
+        }
+        Ok(ChangedSeries {
+            fingerprint: self.params.fingerprint,
+            series: self.table.series.len() as u32,
+            rows,
+        })
+    }
+
+    /// A pipeline for `cfg` holding the state of `rows` (every row `0..n` of
+    /// [`Pipeline::take_changed`], in index order), taken under `fingerprint`. Fails like
+    /// [`Pipeline::restore`]: a damaged row, a missing one, or another configuration.
+    pub fn restore_rows<'a>(
+        cfg: &AgentConfig,
+        metrics: Arc<AgentMetrics>,
+        fingerprint: u64,
+        rows: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Self, AgentError> {
+        let mut p = Self::new(cfg, metrics)?;
+        if fingerprint != p.params.fingerprint {
+            return Err(SnapshotError::Incompatible {
+                found: fingerprint,
+                expected: p.params.fingerprint,
+            }
+            .into());
+        }
+        let mut series = Vec::new();
+        for (i, row) in rows.into_iter().enumerate() {
+            let (body, sum) = row
+                .split_last_chunk::<8>()
+                .ok_or(SnapshotError::Truncated { len: row.len() })?;
+            let (found, expected) = (u64::from_le_bytes(*sum), xxh3_64(body));
+            if found != expected {
+                return Err(SnapshotError::Checksum { found, expected }.into());
+            }
+            let s: Series = postcard::from_bytes(body).map_err(|e| SnapshotError::Invalid {
+                detail: format!("series row {i}: {e}"),
+            })?;
+            series.push(s);
+        }
+        p.install(series)?;
+        Ok(p)
+    }
+
+    /// Takes restored series in, checking what the fingerprint cannot vouch for.
+    fn install(&mut self, series: Vec<Series>) -> Result<(), AgentError> {
+        let table = &mut self.table;
+        table.index.reserve(series.len());
+        for (i, s) in series.iter().enumerate() {
+            check_restored(&self.params, s)?;
             let mut key = String::with_capacity(s.device.len() + 1 + s.metric.len());
             key.push_str(&s.device);
             key.push('\u{0}');
@@ -359,10 +495,11 @@ impl Pipeline {
                 .into());
             }
         }
-        table.series = body.series;
-        table.max_event_ts = body.max_event_ts;
-        p.metrics.series.store(table.series.len() as u64, Relaxed);
-        Ok(p)
+        table.series = series;
+        self.metrics
+            .series
+            .store(table.series.len() as u64, Relaxed);
+        Ok(())
     }
 }
 
@@ -377,6 +514,8 @@ fn fingerprint(
     let mut h = Xxh3::new();
     h.update(&cfg.window.size_ms.to_le_bytes());
     h.update(&cfg.window.allowed_lateness_ms.to_le_bytes());
+    // The layout of a series row (its per-series event-time fields) is part of the state's shape.
+    h.update(&[SNAPSHOT_VERSION]);
     h.update(&cfg.uplink.partitions.to_le_bytes());
     let parts = [
         serde_json::to_vec(&cfg.detector).map_err(|e| e.to_string())?,
@@ -462,9 +601,18 @@ impl Table {
         &mut self,
         p: &Params,
         r: RawReading<'_>,
+        arrival_ms: i64,
         outputs: &mut Vec<Output>,
         metrics: &AgentMetrics,
     ) -> Result<(), IngestError> {
+        let ahead_ms = r.ts_ms.saturating_sub(arrival_ms);
+        if ahead_ms > p.max_future_ms {
+            return Err(IngestError::TimestampInFuture {
+                ts_ms: r.ts_ms,
+                ahead_ms,
+                max_ms: p.max_future_ms,
+            });
+        }
         self.key.clear();
         self.key.push_str(r.device);
         self.key.push('\u{0}');
@@ -483,6 +631,9 @@ impl Table {
                     detector: p.prototype.clone(),
                     windows,
                     armed: true,
+                    max_ts_ms: i64::MIN,
+                    last_arrival_ms: arrival_ms,
+                    dirty: true,
                 };
                 metrics.series.fetch_add(1, Relaxed);
                 self.index
@@ -492,7 +643,12 @@ impl Table {
                 &mut self.series[last]
             }
         };
-        self.max_event_ts = self.max_event_ts.max(r.ts_ms);
+        series.max_ts_ms = series.max_ts_ms.max(r.ts_ms);
+        series.last_arrival_ms = arrival_ms;
+        series.dirty = true;
+        metrics
+            .event_lag_ms
+            .store(arrival_ms.saturating_sub(r.ts_ms), Relaxed);
         let score = series.detector.update(r.ts_ms, r.value);
         let score = if score.is_finite() {
             score.clamp(0.0, 1.0)
@@ -511,6 +667,14 @@ impl Table {
             }
             Admit::Late => {
                 metrics.late_readings_total.fetch_add(1, Relaxed);
+                let count = self.late.as_ref().map_or(0, |n| n.count) + 1;
+                self.late = Some(LateNote {
+                    device: device.to_string(),
+                    metric: metric.to_string(),
+                    ts_ms: r.ts_ms,
+                    watermark_ms: series.windows.watermark_ms(),
+                    count,
+                });
                 series.windows.window_start(r.ts_ms)
             }
         };
@@ -741,16 +905,129 @@ mod tests {
         );
     }
 
+    fn feed_at(p: &mut Pipeline, device: &str, ts: i64, value: f64, arrival: i64) -> Result<usize, IngestError> {
+        let payload = format!(r#"{{"ts":{ts},"value":{value}}}"#);
+        p.handle(
+            format!("sensors/{device}/temp").as_bytes(),
+            payload.as_bytes(),
+            arrival,
+        )
+    }
+
     #[test]
-    fn idle_series_close_when_the_fleet_moves_on() {
-        let (mut p, _) = pipeline();
-        feed(&mut p, "quiet", 1000, 1.0);
-        feed(&mut p, "busy", 500_000, 1.0);
+    fn an_idle_series_closes_on_the_agents_clock_not_on_other_series() {
+        let (mut p, _) = pipeline(); // 10 s windows, idle timeout 120 s
+        let t0 = 1_767_225_600_000;
+        feed_at(&mut p, "quiet", t0 + 1000, 1.0, t0 + 1000).unwrap();
+        // Another series far ahead (within max_future_ms of the agent's clock) moves nothing else.
+        feed_at(&mut p, "busy", t0 + 500_000, 1.0, t0 + 1000).unwrap();
+        p.tick(t0 + 1000);
         assert!(p.take_outputs().is_empty());
-        p.tick();
+        p.tick(t0 + 1000 + 120_000 + 8_999);
+        assert!(p.take_outputs().is_empty(), "the window ends 9 s after the last reading");
+        p.tick(t0 + 1000 + 120_000 + 9_000);
         let out = p.take_outputs();
-        assert_eq!(out.len(), 1);
+        assert_eq!(out.len(), 1, "{out:?}");
         assert!(matches!(&out[0], Output::Summary { summary, .. } if summary.device == "quiet"));
+        // The busy series' window is closed by its own quiet time too, and only then.
+        p.tick(t0 + 1000 + 120_000 + 10_000);
+        let out = p.take_outputs();
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(matches!(&out[0], Output::Summary { summary, .. } if summary.device == "busy"));
+    }
+
+    #[test]
+    fn a_far_future_reading_is_rejected_and_no_other_series_loses_a_reading() {
+        let (mut p, m) = pipeline();
+        let t0 = 1_767_225_600_000;
+        let year_2199 = 7_226_578_800_000;
+        let e = feed_at(&mut p, "broken-clock", year_2199, 1.0, t0).unwrap_err();
+        assert_eq!(e.reason(), "timestamp_in_future");
+        assert!(e.to_string().contains("ahead of the agent's clock"), "{e}");
+        assert_eq!(m.rejected("timestamp_in_future"), 1);
+        assert_eq!(p.series(), 0, "a rejected reading creates no series");
+        // A sensor 3 minutes ahead is within the bound: accepted, and the others keep flowing.
+        for i in 0..600 {
+            let now = t0 + i * 1000;
+            feed_at(&mut p, "ahead", now + 180_000, 1.0, now).unwrap();
+            feed_at(&mut p, "ok", now, 1.0, now).unwrap();
+            p.tick(now);
+        }
+        p.flush();
+        let counted: u64 = summaries(&p.take_outputs()).iter().map(|s| s.count).sum();
+        assert_eq!(counted, 1200, "every reading of both series is in a window");
+        assert_eq!(m.late_readings_total.load(Relaxed), 0);
+        assert!(p.take_late_note().is_none());
+    }
+
+    #[test]
+    fn late_readings_are_counted_and_noted_for_the_log() {
+        let (mut p, m) = pipeline();
+        feed_at(&mut p, "d", 100_000, 1.0, 100_000).unwrap();
+        feed_at(&mut p, "d", 5_000, 1.0, 100_001).unwrap();
+        feed_at(&mut p, "d", 6_000, 1.0, 100_002).unwrap();
+        assert_eq!(m.late_readings_total.load(Relaxed), 2);
+        let note = p.take_late_note().unwrap();
+        assert_eq!((note.device.as_str(), note.ts_ms, note.watermark_ms, note.count), ("d", 6_000, 100_000, 2));
+        assert!(p.take_late_note().is_none());
+    }
+
+    #[test]
+    fn values_too_large_to_summarise_are_rejected_alone() {
+        let (mut p, m) = pipeline();
+        for i in 0..100 {
+            let v = if i == 50 { 1.3e154 } else { 1.0 };
+            let r = feed_at(&mut p, "d", i * 10, v, i * 10);
+            assert_eq!(r.is_err(), i == 50);
+        }
+        p.flush();
+        let out = p.take_outputs();
+        let s = summaries(&out);
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].count, s[0].max, s[0].std), (99, 1.0, 0.0));
+        assert_eq!(m.rejected("value_out_of_range"), 1);
+    }
+
+    #[test]
+    fn an_idle_agent_changes_nothing_a_checkpoint_would_write() {
+        let (mut p, _) = pipeline();
+        let t0 = 1_767_225_600_000;
+        for d in 0..50 {
+            feed_at(&mut p, &format!("d{d}"), t0, 1.0, t0).unwrap();
+        }
+        let first = p.take_changed().unwrap();
+        assert_eq!((first.series, first.rows.len()), (50, 50));
+        feed_at(&mut p, "d7", t0 + 1, 1.0, t0 + 1).unwrap();
+        let rows = p.take_changed().unwrap().rows;
+        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![7]);
+        // Quiet: ticks before the idle timeout change nothing; the one that closes windows changes
+        // each series once; after that, nothing again.
+        for now in (t0..t0 + 100_000).step_by(1000) {
+            p.tick(now);
+        }
+        assert!(p.take_changed().unwrap().rows.is_empty());
+        p.tick(t0 + 200_000);
+        assert_eq!(p.take_changed().unwrap().rows.len(), 50);
+        for now in (t0 + 200_000..t0 + 2_000_000).step_by(1000) {
+            p.tick(now);
+        }
+        assert!(p.take_changed().unwrap().rows.is_empty(), "idle: nothing to write");
+    }
+
+    #[test]
+    fn rows_restore_the_same_state_as_the_blob() {
+        let (cfg, bytes) = sample_snapshot();
+        let mut p = Pipeline::restore(&cfg, Arc::new(AgentMetrics::default()), &bytes).unwrap();
+        p.table.series.iter_mut().for_each(|s| s.dirty = true);
+        let changed = p.take_changed().unwrap();
+        let rows: Vec<&[u8]> = changed.rows.iter().map(|(_, r)| r.as_slice()).collect();
+        let q = Pipeline::restore_rows(&cfg, Arc::new(AgentMetrics::default()), changed.fingerprint, rows.clone()).unwrap();
+        assert_eq!(q.snapshot().unwrap(), bytes);
+        assert!(Pipeline::restore_rows(&cfg, Arc::new(AgentMetrics::default()), changed.fingerprint ^ 1, rows.clone()).is_err());
+        let mut bad = changed.rows[1].1.clone();
+        bad[3] ^= 1;
+        let damaged = vec![rows[0], bad.as_slice(), rows[2]];
+        assert!(Pipeline::restore_rows(&cfg, Arc::new(AgentMetrics::default()), changed.fingerprint, damaged).is_err());
     }
 
     #[test]
@@ -823,7 +1100,7 @@ mod tests {
                 *clock += advance_ms;
                 feed(p, &format!("dev-{device}"), *clock - lag_ms, value);
             }
-            Step::Tick => p.tick(),
+            Step::Tick => p.tick(*clock),
         }
         p.take_outputs()
     }

@@ -66,6 +66,13 @@ pub struct AgentMetrics {
     pub drained_records_total: AtomicU64,
     /// Pipeline checkpoints stored.
     pub checkpoints_total: AtomicU64,
+    /// Series rows written by checkpoints (only series that changed since the previous one).
+    pub checkpoint_rows_total: AtomicU64,
+    /// Bytes of the stored checkpoint (counted in the outbox's disk budget).
+    pub checkpoint_bytes: AtomicU64,
+    /// MQTT packets larger than `max_packet_bytes`, read once and dropped instead of wedging the
+    /// session (the broker would redeliver them forever).
+    pub oversized_packets_total: AtomicU64,
     /// Messages on the acks topic that could not be decoded (ignored).
     pub bad_acks_total: AtomicU64,
     /// Pipeline snapshots that failed (the previous checkpoint stays).
@@ -90,6 +97,24 @@ impl AgentMetrics {
             .iter()
             .position(|r| *r == reason)
             .map_or(0, |i| self.rejected[i].load(Relaxed))
+    }
+
+    /// Rejected messages by reason, `reason=count` for each reason seen, comma-separated (for the
+    /// stop log line); `none` when nothing was rejected.
+    pub fn rejected_summary(&self) -> String {
+        let parts: Vec<String> = IngestError::REASONS
+            .iter()
+            .zip(&self.rejected)
+            .filter_map(|(r, c)| {
+                let n = c.load(Relaxed);
+                (n > 0).then(|| format!("{r}={n}"))
+            })
+            .collect();
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(",")
+        }
     }
 
     /// All rejected messages.
@@ -167,6 +192,14 @@ impl AgentMetrics {
                 &self.drained_records_total,
             ),
             ("edgewatch_agent_checkpoints_total", &self.checkpoints_total),
+            (
+                "edgewatch_agent_checkpoint_rows_total",
+                &self.checkpoint_rows_total,
+            ),
+            (
+                "edgewatch_agent_oversized_packets_total",
+                &self.oversized_packets_total,
+            ),
             ("edgewatch_agent_bad_acks_total", &self.bad_acks_total),
             (
                 "edgewatch_agent_replays_skipped_total",
@@ -206,6 +239,7 @@ impl AgentMetrics {
             ("edgewatch_agent_uplink_connected", &self.uplink_connected),
             ("edgewatch_agent_outbox_records", &self.outbox_records),
             ("edgewatch_agent_outbox_bytes", &self.outbox_bytes),
+            ("edgewatch_agent_checkpoint_bytes", &self.checkpoint_bytes),
             (
                 "edgewatch_agent_restart_loss_estimate",
                 &self.restart_loss_estimate,

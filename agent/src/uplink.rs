@@ -36,7 +36,8 @@ pub(crate) enum ToUplink {
     /// A pipeline checkpoint covering every output sent before it: stored in the outbox database,
     /// flushed together with those outputs, then `done` is signalled.
     Checkpoint {
-        bytes: Vec<u8>,
+        header: Vec<u8>,
+        rows: Vec<(u32, Vec<u8>)>,
         done: Option<oneshot::Sender<()>>,
     },
 }
@@ -150,8 +151,9 @@ impl Uplink {
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(ToUplink::Outputs(outputs)) => self.append(outputs),
-                    Some(ToUplink::Checkpoint { bytes, done }) => {
-                        match self.outbox.put_checkpoint(&bytes) {
+                    Some(ToUplink::Checkpoint { header, rows, done }) => {
+                        self.metrics.checkpoint_rows_total.fetch_add(rows.len() as u64, Relaxed);
+                        match self.outbox.put_checkpoint(&header, &rows) {
                             Ok(()) => {
                                 self.must_flush = true;
                                 if self.round(&client).await {
@@ -574,6 +576,8 @@ impl Uplink {
         let m = &self.metrics;
         let st = self.outbox.stats();
         m.outbox_bytes.store(self.outbox.bytes(), Relaxed);
+        m.checkpoint_bytes
+            .store(self.outbox.checkpoint_bytes(), Relaxed);
         let records = self.outbox.records();
         m.outbox_records.store(records as u64, Relaxed);
         m.outbox_coarsened_total.store(st.coarsened, Relaxed);

@@ -5,6 +5,19 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Largest magnitude a value may have to enter a summary. Welford's update squares differences of
+/// values, so magnitudes beyond ~1.3e154 would overflow to infinity and spoil a whole window; at
+/// 1e100 a squared difference is at most 4e200 and no realistic count of readings can overflow the
+/// sum. Sensors never come near it: callers reject larger values (counted) instead of summarising
+/// them.
+pub const MAX_ABS_VALUE: f64 = 1e100;
+
+/// Whether `x` can enter a [`RunningStats`]: finite and at most [`MAX_ABS_VALUE`] in magnitude.
+#[inline]
+pub fn in_range(x: f64) -> bool {
+    x.abs() <= MAX_ABS_VALUE
+}
+
 /// Count, min, max, mean and sum of squared deviations of a set of finite values.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RunningStats {
@@ -96,6 +109,20 @@ mod tests {
             s.push(x);
         }
         assert!((s.m2 / 4.0 - 22.5).abs() < 1e-6, "variance {}", s.m2 / 4.0);
+    }
+
+    #[test]
+    fn values_at_the_range_limit_keep_every_figure_finite() {
+        let mut s = RunningStats::default();
+        for i in 0..10_000 {
+            s.push(if i % 2 == 0 { MAX_ABS_VALUE } else { -MAX_ABS_VALUE });
+        }
+        let mut other = s;
+        other.push(MAX_ABS_VALUE);
+        s.merge(&other);
+        assert!(s.mean.is_finite() && s.m2.is_finite() && s.std().is_finite(), "{s:?}");
+        assert!(in_range(MAX_ABS_VALUE) && in_range(-MAX_ABS_VALUE) && in_range(0.0));
+        assert!(!in_range(1.3e154) && !in_range(f64::NAN) && !in_range(f64::INFINITY));
     }
 
     proptest! {

@@ -288,7 +288,7 @@ pub(super) async fn restart(series: usize, per_series: usize, base: &Path) -> an
         let t = Instant::now();
         let outbox = Outbox::open(&dir, ocfg)?;
         let open = t.elapsed();
-        let bytes = outbox.checkpoint()?.map_or(0, |c| c.len());
+        let bytes = outbox.checkpoint_bytes();
         anyhow::Ok((open, bytes))
     })
     .await??;
@@ -311,8 +311,9 @@ fn pipeline_restore(
     let metrics = Arc::new(AgentMetrics::default());
     let mut p = Pipeline::new(cfg, metrics.clone())?;
     let mut sink = Vec::new();
+    let arrival = super::wall_ms();
     for (topic, payload) in data {
-        let _ = p.handle_topic(topic, payload, 0);
+        let _ = p.handle_topic(topic, payload, arrival);
         p.drain_outputs_into(&mut sink);
         sink.clear();
     }

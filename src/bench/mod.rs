@@ -101,6 +101,12 @@ pub struct BenchArgs {
     /// Aggregators of the cluster failover run, one of which is killed (0 skips the run).
     #[arg(long, default_value_t = 3)]
     pub cluster_failover_aggregators: usize,
+    /// Series of the memory section (distinct device ids through one pipeline).
+    #[arg(long, default_value_t = 20_000)]
+    pub memory_series: usize,
+    /// Readings per series of the memory section: enough to fill every detector's buffers.
+    #[arg(long, default_value_t = 300)]
+    pub memory_readings_per_series: usize,
 }
 
 /// A part of `edgewatch bench`.
@@ -118,6 +124,8 @@ pub enum Section {
     Drain,
     /// Restart of an agent with a checkpoint: outbox open, pipeline restore, first reading.
     Restart,
+    /// Agent memory and checkpoint bytes per series, per detector preset (the README's limits).
+    Memory,
     /// Aggregators in cluster mode on a 3-node NATS cluster (needs nats-server): throughput with
     /// 1, 2 and 3 aggregators, and failover after a SIGKILL. Skipped, with a note, by a run of
     /// every section when nats-server is not installed.
@@ -140,13 +148,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     sections.sort();
     sections.dedup();
     println!(
-        "edgewatch bench ({} cores visible)",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        "edgewatch bench ({} cores visible, load average {})",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_average()
     );
     if sections.contains(&Section::Pipeline) {
         pipeline_section(&args)?;
     }
-    if sections.iter().all(|s| *s == Section::Pipeline) {
+    if sections.contains(&Section::Memory) {
+        memory_section(&args)?;
+    }
+    if sections
+        .iter()
+        .all(|s| matches!(s, Section::Pipeline | Section::Memory))
+    {
         return Ok(());
     }
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -156,7 +171,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         for section in sections {
             match section {
-                Section::Pipeline => {}
+                Section::Pipeline | Section::Memory => {}
                 Section::EndToEnd => {
                     let r = end_to_end(args.e2e_readings, None).await?;
                     println!(
@@ -241,6 +256,109 @@ fn pipeline_section(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resident memory and checkpoint rows of `--memory-series` series with
+/// `--memory-readings-per-series` readings each, per detector (the default and zscore, or
+/// `--detector`): what one series costs an agent.
+fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
+    let presets = if args.detector.is_empty() {
+        vec!["ensemble".to_string(), "zscore".to_string()]
+    } else {
+        args.detector.clone()
+    };
+    if presets.len() > 1 {
+        // One process per detector: memory freed by one would be reused by the next, hiding it.
+        for name in presets {
+            let out = std::process::Command::new(std::env::current_exe()?)
+                .args(["bench", "--section", "memory", "--detector", &name])
+                .arg(format!("--memory-series={}", args.memory_series))
+                .arg(format!(
+                    "--memory-readings-per-series={}",
+                    args.memory_readings_per_series
+                ))
+                .stderr(std::process::Stdio::inherit())
+                .output()?;
+            if !out.status.success() {
+                bail!("memory bench of {name} failed: {}", out.status);
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            for line in text.lines().filter(|l| l.starts_with("agent memory")) {
+                println!("{line}");
+            }
+        }
+        return Ok(());
+    }
+    let n = args.memory_series.max(1);
+    for name in presets {
+        let detector = DetectorConfig::preset(&name).with_context(|| {
+            format!(
+                "unknown detector {name:?}; choose from {:?}",
+                DetectorConfig::PRESETS
+            )
+        })?;
+        let label = if name == "ensemble" {
+            "default".to_string()
+        } else {
+            name
+        };
+        let mut cfg = AgentConfig::with_id("bench-memory");
+        cfg.detector = detector;
+        cfg.pipeline.max_series = n;
+        let metrics = Arc::new(AgentMetrics::default());
+        let before = resident_bytes();
+        let mut p = Pipeline::new(&cfg, metrics.clone())?;
+        let arrival = wall_ms();
+        let t0 = (arrival - 86_400_000) / 60_000 * 60_000;
+        let mut payload = String::new();
+        let mut topics: Vec<String> = (0..n).map(|i| format!("sensors/device-{i:06}/temperature")).collect();
+        let mut sink = Vec::new();
+        for r in 0..args.memory_readings_per_series {
+            for (i, topic) in topics.iter().enumerate() {
+                use std::fmt::Write as _;
+                payload.clear();
+                let v = 20.0 + ((r * 7 + i) % 17) as f64 * 0.25;
+                let _ = write!(payload, r#"{{"ts":{},"value":{v}}}"#, t0 + r as i64 * 1000);
+                let _ = p.handle_topic(topic, payload.as_bytes(), arrival);
+            }
+            p.drain_outputs_into(&mut sink);
+            sink.clear();
+        }
+        topics.clear();
+        topics.shrink_to_fit();
+        let after = resident_bytes();
+        let rows = p.take_changed()?;
+        let row_bytes: usize = rows.rows.iter().map(|(_, r)| r.len() + 5).sum();
+        if metrics.series.load(Relaxed) != n as u64 {
+            bail!("{} series created of {n}", metrics.series.load(Relaxed));
+        }
+        println!(
+            "agent memory [{label}]: {:>6.0} bytes resident per series, {:>5.0} bytes of checkpoint per series ({n} series, {} readings each; resident {:.1} -> {:.1} MiB)",
+            after.saturating_sub(before) as f64 / n as f64,
+            row_bytes as f64 / n as f64,
+            args.memory_readings_per_series,
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0
+        );
+        drop(p);
+    }
+    Ok(())
+}
+
+/// Resident set size of this process, bytes (Linux `/proc/self/statm`; 0 elsewhere).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// The 1, 5 and 15 minute load averages (Linux `/proc/loadavg`), as printed there.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Pre-serialised (topic, payload) pairs from the simulator's generator, one reading per series
 /// every `interval_ms` of event time.
 fn workload(
@@ -280,10 +398,13 @@ fn pipeline_throughput(
     let metrics = Arc::new(AgentMetrics::default());
     let mut pipeline = Pipeline::new(&cfg, metrics.clone())?;
     let mut sink = Vec::new();
+    // The workload's timestamps are in the past: arrival now keeps every one within
+    // window.max_future_ms.
+    let arrival = wall_ms();
     let start = Instant::now();
     for (topic, payload) in &data {
         // Errors cannot happen with simulator payloads; count them anyway so the figure is honest.
-        let _ = pipeline.handle_topic(topic, payload, 0);
+        let _ = pipeline.handle_topic(topic, payload, arrival);
         pipeline.drain_outputs_into(&mut sink);
         sink.clear();
     }
@@ -548,4 +669,11 @@ async fn latency(spikes: usize) -> anyhow::Result<(f64, f64, usize)> {
     l.sort_by(f64::total_cmp);
     let pct = |p: f64| l[((l.len() - 1) as f64 * p).round() as usize];
     Ok((pct(0.5), pct(0.99), l.len()))
+}
+
+/// The wall clock, ms since the Unix epoch: the arrival time of in-process workloads.
+pub(crate) fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -80,6 +80,18 @@ impl TumblingWindows {
         self.watermark_ms
     }
 
+    /// The lowest watermark at which [`TumblingWindows::advance`] would change anything held: the
+    /// end of the first window not yet fired, or the end + lateness of the first retained one.
+    /// `None` when nothing is held. Lets a caller skip idle series without touching their state.
+    pub fn next_deadline_ms(&self) -> Option<i64> {
+        let first = self.open.first()?;
+        Some(if first.end_ms <= self.watermark_ms {
+            first.end_ms.saturating_add(self.allowed_lateness_ms)
+        } else {
+            first.end_ms
+        })
+    }
+
     /// Number of windows held: open, or fired and retained for corrections.
     pub fn open_windows(&self) -> usize {
         self.open.len()
@@ -212,6 +224,22 @@ mod tests {
         out.iter()
             .map(|a| (a.start_ms, a.revision, a.stats.count))
             .collect()
+    }
+
+    #[test]
+    fn next_deadline_is_the_first_fire_then_the_first_drop() {
+        let mut w = TumblingWindows::new(1000, 500).unwrap();
+        assert_eq!(w.next_deadline_ms(), None);
+        collect(&mut w, &[(100, 1.0)]);
+        assert_eq!(w.next_deadline_ms(), Some(1000));
+        let mut out = Vec::new();
+        w.advance(999, &mut |a| out.push(a));
+        assert!(out.is_empty());
+        w.advance(1000, &mut |a| out.push(a));
+        assert_eq!(out.len(), 1, "fired at the deadline");
+        assert_eq!(w.next_deadline_ms(), Some(1500), "retained until end + lateness");
+        w.advance(1500, &mut |a| out.push(a));
+        assert_eq!(w.next_deadline_ms(), None);
     }
 
     #[test]
