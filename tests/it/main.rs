@@ -1,6 +1,7 @@
 //! edgewatch's integration tests: real brokers (embedded rumqttd, Debian's mosquitto and nats-server), real sockets,
 //! real YAML. One test binary, one module per concern.
 
+mod acl;
 mod auth;
 mod bad_input;
 mod broker_restart;
