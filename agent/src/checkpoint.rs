@@ -40,7 +40,8 @@ pub(crate) struct Header {
 impl Header {
     /// The stored bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + 8 + 8 + 1 + 8 + 4 + 4 + 2 * self.covered_pkids.len() + 8);
+        let mut out =
+            Vec::with_capacity(1 + 8 + 8 + 1 + 8 + 4 + 4 + 2 * self.covered_pkids.len() + 8);
         out.push(FORMAT);
         out.extend_from_slice(&self.wall_ms.to_le_bytes());
         out.extend_from_slice(&self.rate.to_le_bytes());
@@ -101,10 +102,7 @@ impl Header {
 }
 
 /// The rows `0..series` of a stored checkpoint, in order, or why they do not make up a state.
-pub(crate) fn complete_rows(
-    series: u32,
-    rows: &[(u32, Vec<u8>)],
-) -> Result<Vec<&[u8]>, String> {
+pub(crate) fn complete_rows(series: u32, rows: &[(u32, Vec<u8>)]) -> Result<Vec<&[u8]>, String> {
     let mut out = Vec::with_capacity(series as usize);
     for (expected, (index, row)) in (0..series).zip(rows) {
         if *index != expected {
@@ -166,9 +164,15 @@ mod tests {
     fn rows_must_be_complete_and_in_order() {
         let rows: Vec<(u32, Vec<u8>)> = (0..3).map(|i| (i, vec![i as u8])).collect();
         assert_eq!(complete_rows(3, &rows).unwrap().len(), 3);
-        assert_eq!(complete_rows(2, &rows).unwrap().len(), 2, "extra rows ignored");
+        assert_eq!(
+            complete_rows(2, &rows).unwrap().len(),
+            2,
+            "extra rows ignored"
+        );
         assert!(complete_rows(4, &rows).unwrap_err().contains("3 of 4"));
         let gap = vec![(0, vec![0]), (2, vec![2])];
-        assert!(complete_rows(2, &gap).unwrap_err().contains("row 1 is missing"));
+        assert!(complete_rows(2, &gap)
+            .unwrap_err()
+            .contains("row 1 is missing"));
     }
 }

@@ -407,7 +407,8 @@ pub struct PipelineConfig {
     /// Payloads larger than this are rejected and counted.
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
-    /// Most (device, metric) series tracked at once; readings of further series are rejected and counted.
+    /// Most (device, metric) series tracked at once; readings of further series are rejected and
+    /// counted. Bounds the agent's memory: [`memory_bound_bytes`].
     #[serde(default = "default_max_series")]
     pub max_series: usize,
 }
@@ -430,15 +431,17 @@ fn default_max_payload_bytes() -> usize {
     64 * 1024
 }
 fn default_max_series() -> usize {
-    100_000
+    // About 224 MiB with the default detector (memory_bound_bytes): a gateway's budget.
+    20_000
 }
 
-/// Resident memory one series costs an agent with the default detector, bytes: measured by
-/// `edgewatch bench --section memory` (README, *Limits*), rounded up.
-pub const BYTES_PER_SERIES: u64 = 0;
+/// Resident memory one series may cost an agent with the default detector, bytes: its state
+/// (about 4.1 KB measured by `edgewatch bench --section memory`, README *Limits*), its checkpoint
+/// row while a checkpoint is written (about 2 KB), and allocator slack.
+pub const BYTES_PER_SERIES: u64 = 8 * 1024;
 /// Resident memory of an agent process apart from its series (runtime, MQTT clients and queues,
 /// sled's bounded page cache, outbox index), bytes, with the default queue sizes.
-pub const BASE_BYTES: u64 = 0;
+pub const BASE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The memory bound documented for an agent with the default detector and `max_series` series.
 pub fn memory_bound_bytes(max_series: usize) -> u64 {

@@ -636,7 +636,10 @@ impl RateLimit {
     /// passed; otherwise counts `events` as suppressed.
     fn note(&mut self, events: u64, log: impl FnOnce(u64)) {
         let now = Instant::now();
-        if self.last.is_none_or(|t| now.duration_since(t) >= self.period) {
+        if self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= self.period)
+        {
             log(self.suppressed);
             self.last = Some(now);
             self.suppressed = 0;

@@ -726,7 +726,11 @@ impl Outbox {
     /// prefix of its writes): a recovered checkpoint never covers a window whose summary was lost.
     /// `header` replaces the stored one and each `(index, row)` replaces that row, in one atomic
     /// batch; rows not given stay as they are (a checkpoint writes only the series that changed).
-    pub fn put_checkpoint(&mut self, header: &[u8], rows: &[(u32, Vec<u8>)]) -> Result<(), OutboxError> {
+    pub fn put_checkpoint(
+        &mut self,
+        header: &[u8],
+        rows: &[(u32, Vec<u8>)],
+    ) -> Result<(), OutboxError> {
         let mut batch = sled::Batch::default();
         batch.insert(CHECKPOINT_KEY, header);
         for (i, row) in rows {
@@ -742,8 +746,8 @@ impl Outbox {
             }
             self.checkpoint_rows[i] = (5 + row.len()) as u64;
         }
-        self.checkpoint_bytes = (CHECKPOINT_KEY.len() + header.len()) as u64
-            + self.checkpoint_rows.iter().sum::<u64>();
+        self.checkpoint_bytes =
+            (CHECKPOINT_KEY.len() + header.len()) as u64 + self.checkpoint_rows.iter().sum::<u64>();
         Ok(())
     }
 

@@ -905,7 +905,13 @@ mod tests {
         );
     }
 
-    fn feed_at(p: &mut Pipeline, device: &str, ts: i64, value: f64, arrival: i64) -> Result<usize, IngestError> {
+    fn feed_at(
+        p: &mut Pipeline,
+        device: &str,
+        ts: i64,
+        value: f64,
+        arrival: i64,
+    ) -> Result<usize, IngestError> {
         let payload = format!(r#"{{"ts":{ts},"value":{value}}}"#);
         p.handle(
             format!("sensors/{device}/temp").as_bytes(),
@@ -924,7 +930,10 @@ mod tests {
         p.tick(t0 + 1000);
         assert!(p.take_outputs().is_empty());
         p.tick(t0 + 1000 + 120_000 + 8_999);
-        assert!(p.take_outputs().is_empty(), "the window ends 9 s after the last reading");
+        assert!(
+            p.take_outputs().is_empty(),
+            "the window ends 9 s after the last reading"
+        );
         p.tick(t0 + 1000 + 120_000 + 9_000);
         let out = p.take_outputs();
         assert_eq!(out.len(), 1, "{out:?}");
@@ -968,7 +977,15 @@ mod tests {
         feed_at(&mut p, "d", 6_000, 1.0, 100_002).unwrap();
         assert_eq!(m.late_readings_total.load(Relaxed), 2);
         let note = p.take_late_note().unwrap();
-        assert_eq!((note.device.as_str(), note.ts_ms, note.watermark_ms, note.count), ("d", 6_000, 100_000, 2));
+        assert_eq!(
+            (
+                note.device.as_str(),
+                note.ts_ms,
+                note.watermark_ms,
+                note.count
+            ),
+            ("d", 6_000, 100_000, 2)
+        );
         assert!(p.take_late_note().is_none());
     }
 
@@ -1011,7 +1028,10 @@ mod tests {
         for now in (t0 + 200_000..t0 + 2_000_000).step_by(1000) {
             p.tick(now);
         }
-        assert!(p.take_changed().unwrap().rows.is_empty(), "idle: nothing to write");
+        assert!(
+            p.take_changed().unwrap().rows.is_empty(),
+            "idle: nothing to write"
+        );
     }
 
     #[test]
@@ -1021,13 +1041,31 @@ mod tests {
         p.table.series.iter_mut().for_each(|s| s.dirty = true);
         let changed = p.take_changed().unwrap();
         let rows: Vec<&[u8]> = changed.rows.iter().map(|(_, r)| r.as_slice()).collect();
-        let q = Pipeline::restore_rows(&cfg, Arc::new(AgentMetrics::default()), changed.fingerprint, rows.clone()).unwrap();
+        let q = Pipeline::restore_rows(
+            &cfg,
+            Arc::new(AgentMetrics::default()),
+            changed.fingerprint,
+            rows.clone(),
+        )
+        .unwrap();
         assert_eq!(q.snapshot().unwrap(), bytes);
-        assert!(Pipeline::restore_rows(&cfg, Arc::new(AgentMetrics::default()), changed.fingerprint ^ 1, rows.clone()).is_err());
+        assert!(Pipeline::restore_rows(
+            &cfg,
+            Arc::new(AgentMetrics::default()),
+            changed.fingerprint ^ 1,
+            rows.clone()
+        )
+        .is_err());
         let mut bad = changed.rows[1].1.clone();
         bad[3] ^= 1;
         let damaged = vec![rows[0], bad.as_slice(), rows[2]];
-        assert!(Pipeline::restore_rows(&cfg, Arc::new(AgentMetrics::default()), changed.fingerprint, damaged).is_err());
+        assert!(Pipeline::restore_rows(
+            &cfg,
+            Arc::new(AgentMetrics::default()),
+            changed.fingerprint,
+            damaged
+        )
+        .is_err());
     }
 
     #[test]

@@ -115,12 +115,19 @@ mod tests {
     fn values_at_the_range_limit_keep_every_figure_finite() {
         let mut s = RunningStats::default();
         for i in 0..10_000 {
-            s.push(if i % 2 == 0 { MAX_ABS_VALUE } else { -MAX_ABS_VALUE });
+            s.push(if i % 2 == 0 {
+                MAX_ABS_VALUE
+            } else {
+                -MAX_ABS_VALUE
+            });
         }
         let mut other = s;
         other.push(MAX_ABS_VALUE);
         s.merge(&other);
-        assert!(s.mean.is_finite() && s.m2.is_finite() && s.std().is_finite(), "{s:?}");
+        assert!(
+            s.mean.is_finite() && s.m2.is_finite() && s.std().is_finite(),
+            "{s:?}"
+        );
         assert!(in_range(MAX_ABS_VALUE) && in_range(-MAX_ABS_VALUE) && in_range(0.0));
         assert!(!in_range(1.3e154) && !in_range(f64::NAN) && !in_range(f64::INFINITY));
     }

@@ -309,7 +309,9 @@ fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
         let arrival = wall_ms();
         let t0 = (arrival - 86_400_000) / 60_000 * 60_000;
         let mut payload = String::new();
-        let mut topics: Vec<String> = (0..n).map(|i| format!("sensors/device-{i:06}/temperature")).collect();
+        let mut topics: Vec<String> = (0..n)
+            .map(|i| format!("sensors/device-{i:06}/temperature"))
+            .collect();
         let mut sink = Vec::new();
         for r in 0..args.memory_readings_per_series {
             for (i, topic) in topics.iter().enumerate() {

@@ -237,7 +237,11 @@ mod tests {
         assert!(out.is_empty());
         w.advance(1000, &mut |a| out.push(a));
         assert_eq!(out.len(), 1, "fired at the deadline");
-        assert_eq!(w.next_deadline_ms(), Some(1500), "retained until end + lateness");
+        assert_eq!(
+            w.next_deadline_ms(),
+            Some(1500),
+            "retained until end + lateness"
+        );
         w.advance(1500, &mut |a| out.push(a));
         assert_eq!(w.next_deadline_ms(), None);
     }
