@@ -256,7 +256,7 @@ impl Server {
                     .body(Full::new(Bytes::from(out)))
                     .unwrap_or_default()
             }
-            "/api/status" => json_response(StatusCode::OK, &status(&shared)),
+            "/api/status" => json_response(StatusCode::OK, &status(shared)),
             "/api/cluster" => match &shared.cluster {
                 None => json_response(
                     StatusCode::NOT_FOUND,
