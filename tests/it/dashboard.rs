@@ -157,6 +157,30 @@ async fn the_dashboard_opens_the_feed_with_a_ticket_never_a_token() {
         html.contains("history.replaceState"),
         "a #token= fragment is taken out of the address bar"
     );
+    // Without a configured token the page's flow is the same: tickets are issued to anyone, and
+    // the feed ignores them.
+    let raw = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "POST /api/feed/ticket HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    })
+    .await
+    .unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    let ticket: serde_json::Value =
+        serde_json::from_str(raw.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let url = format!(
+        "ws://{addr}/feed?last=200&ticket={}",
+        ticket["ticket"].as_str().unwrap()
+    );
+    assert!(
+        tokio_tungstenite::connect_async(url.as_str()).await.is_ok(),
+        "{url}"
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
 }
