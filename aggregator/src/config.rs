@@ -78,19 +78,44 @@ impl PartitionSpec {
     }
 }
 
-/// HTTP listener settings.
+/// HTTP listener settings: the limits and timeouts that keep one port usable under idle, slow and
+/// abusive clients (see the `http` module's docs for how they work together).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address to listen on; port 0 picks a free port.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// Most concurrent HTTP/WebSocket connections.
+    /// Most concurrent connections, plain HTTP and WebSocket feed clients together. When full, the
+    /// connection waiting longest for a request is closed to admit a new one; with none waiting,
+    /// the new connection is refused (503).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections of `max_connections` that feed clients may not take, so the API, metrics and
+    /// dashboard stay reachable when the feed is full. Default: `max_connections / 32`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_connections: Option<usize>,
+    /// Most time a client may take to send a request's head: from connecting, or from the first
+    /// byte of a request on a kept-alive connection. Slow or silent clients are closed.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// How long a kept-alive connection may wait for its next request before it is closed.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Most time one write may stall on a client that does not read (a response, a feed event, a
+    /// ping); then the connection is closed (a feed client counts as evicted).
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Interval of WebSocket pings to feed clients; a client that sends nothing (not even a pong)
+    /// for two intervals is closed as dead.
+    #[serde(default = "default_ws_ping_interval_ms")]
+    pub ws_ping_interval_ms: u64,
+    /// Lifetime of a feed ticket (`POST /api/feed/ticket`, redeemed once by `/feed?ticket=`).
+    #[serde(default = "default_ticket_ttl_ms")]
+    pub ticket_ttl_ms: u64,
     /// Name of an environment variable holding a bearer token. When set, the feed and the API answer
-    /// 401 unless the request carries `Authorization: Bearer <token>` (or `?token=<token>`, for
-    /// browsers' WebSockets); `/` and `/healthz` stay open.
+    /// 401 unless the request carries `Authorization: Bearer <token>`; a browser's WebSocket, which
+    /// cannot send that header, uses a ticket (`/feed?ticket=`). `/` and `/healthz` stay open.
     #[serde(default)]
     pub auth_token_env: Option<String>,
 }
@@ -100,10 +125,74 @@ impl Default for HttpConfig {
         Self {
             listen: default_listen(),
             max_connections: default_max_connections(),
+            reserved_connections: None,
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            write_timeout_ms: default_write_timeout_ms(),
+            ws_ping_interval_ms: default_ws_ping_interval_ms(),
+            ticket_ttl_ms: default_ticket_ttl_ms(),
             auth_token_env: None,
         }
     }
 }
+
+impl HttpConfig {
+    /// Connections feed clients may not take: `reserved_connections`, or `max_connections / 32`.
+    pub fn reserved(&self) -> usize {
+        self.reserved_connections
+            .unwrap_or(self.max_connections / 32)
+    }
+
+    /// Every invalid value, as `key: message` (without the `http.` prefix).
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            out.push(format!(
+                "listen: expected an address such as 127.0.0.1:8080, got {:?}",
+                self.listen
+            ));
+        }
+        if self
+            .auth_token_env
+            .as_deref()
+            .is_some_and(|v| v.is_empty() || v.contains(['=', '\0']))
+        {
+            out.push(format!(
+                "auth_token_env: must name an environment variable, got {:?}",
+                self.auth_token_env.as_deref().unwrap_or_default()
+            ));
+        }
+        if self.max_connections == 0 {
+            out.push("max_connections: must be > 0, got 0".into());
+        }
+        if let Some(r) = self.reserved_connections {
+            if r >= self.max_connections.max(1) {
+                out.push(format!(
+                    "reserved_connections: must be < max_connections ({}), got {r}",
+                    self.max_connections
+                ));
+            }
+        }
+        for (key, ms) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("write_timeout_ms", self.write_timeout_ms),
+            ("ws_ping_interval_ms", self.ws_ping_interval_ms),
+            ("ticket_ttl_ms", self.ticket_ttl_ms),
+        ] {
+            // Zero would close every connection at once; past a day is a typo, not a policy.
+            if !(1..=MAX_HTTP_TIMEOUT_MS).contains(&ms) {
+                out.push(format!(
+                    "{key}: must be in 1..={MAX_HTTP_TIMEOUT_MS} (one day), got {ms}"
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// The longest HTTP timeout or interval accepted: one day.
+const MAX_HTTP_TIMEOUT_MS: u64 = 86_400_000;
 
 /// Feed settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +255,21 @@ fn default_listen() -> String {
 }
 fn default_max_connections() -> usize {
     1024
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_write_timeout_ms() -> u64 {
+    10_000
+}
+fn default_ws_ping_interval_ms() -> u64 {
+    30_000
+}
+fn default_ticket_ttl_ms() -> u64 {
+    30_000
 }
 fn default_history() -> usize {
     10_000
@@ -249,26 +353,12 @@ impl AggregatorConfig {
                 Ok(_) => {}
             }
         }
-        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
-            out.push(format!(
-                "http.listen: expected an address such as 127.0.0.1:8080, got {:?}",
-                self.http.listen
-            ));
-        }
-        if self
-            .http
-            .auth_token_env
-            .as_deref()
-            .is_some_and(|v| v.is_empty() || v.contains(['=', '\0']))
-        {
-            out.push(format!(
-                "http.auth_token_env: must name an environment variable, got {:?}",
-                self.http.auth_token_env.as_deref().unwrap_or_default()
-            ));
-        }
-        if self.http.max_connections == 0 {
-            out.push("http.max_connections: must be > 0, got 0".into());
-        }
+        out.extend(
+            self.http
+                .problems()
+                .into_iter()
+                .map(|p| format!("http.{p}")),
+        );
         if self.feed.client_queue == 0 {
             out.push("feed.client_queue: must be > 0, got 0".into());
         }
@@ -317,6 +407,37 @@ mod tests {
         assert!(p[0].starts_with("owned[0]: range"), "{p:?}");
         assert!(p[1].starts_with("owned[1]:"), "{p:?}");
         assert!(p[2].contains("out of range"), "{p:?}");
+    }
+
+    #[test]
+    fn http_limits_default_sensibly_and_bad_values_are_all_reported() {
+        let mut c = AggregatorConfig::with_id("a");
+        assert_eq!(c.http.header_read_timeout_ms, 10_000);
+        assert_eq!(c.http.idle_timeout_ms, 60_000);
+        assert_eq!(c.http.reserved(), 32, "max_connections / 32");
+        c.http.max_connections = 8;
+        c.http.reserved_connections = Some(8);
+        c.http.header_read_timeout_ms = 0;
+        c.http.write_timeout_ms = 0;
+        let p = c.problems();
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert_eq!(
+            p[0],
+            "http.reserved_connections: must be < max_connections (8), got 8"
+        );
+        assert!(
+            p[1].starts_with("http.header_read_timeout_ms: must be in 1..="),
+            "{p:?}"
+        );
+        assert!(p[2].starts_with("http.write_timeout_ms: "), "{p:?}");
+    }
+
+    #[test]
+    fn unknown_http_keys_are_rejected() {
+        let err = serde_json::from_str::<HttpConfig>(r#"{"header_timeout_ms": 5}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("header_timeout_ms"), "{err}");
     }
 
     #[test]

@@ -56,7 +56,8 @@ impl FeedFilter {
                 "last" => {
                     f.last = Some(v.parse().map_err(|_| format!("last: not a count: {v:?}"))?);
                 }
-                "token" => {}
+                // Credentials, checked (and a ticket redeemed) before the filter is parsed.
+                "ticket" | "token" => {}
                 other => {
                     return Err(format!(
                         "unknown query parameter {other:?} (device, metric, min_score, since, last)"
@@ -265,5 +266,10 @@ mod tests {
             .unwrap_err()
             .contains("colour"));
         assert!(FeedFilter::parse(Some("device=%zz")).is_err());
+        assert_eq!(
+            FeedFilter::parse(Some("ticket=abc&last=5")).unwrap().last,
+            Some(5),
+            "a ticket is not a filter"
+        );
     }
 }

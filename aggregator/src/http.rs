@@ -1,39 +1,114 @@
 //! The aggregator's HTTP face on one port: the WebSocket live feed (`/feed`), the JSON API
-//! (`/api/status`, `/api/devices`, `/api/devices/{id}`, `/api/windows`), Prometheus `/metrics` and
-//! the dashboard (`/`).
+//! (`/api/status`, `/api/devices`, `/api/devices/{id}`, `/api/windows`, `/api/cluster`, and
+//! `POST /api/feed/ticket`), Prometheus `/metrics` and the dashboard (`/`).
 //!
-//! One task per connection, capped by a semaphore; every WebSocket client has its own bounded queue
-//! (a broadcast receiver) and is disconnected, with a resumable close reason, when it falls behind.
+//! One task per connection. What keeps the port usable for everyone:
+//! - **One limit**, `http.max_connections`, on plain HTTP and WebSocket connections together: a
+//!   connection's permit lives as long as its socket, upgraded or not ([`conn`]).
+//! - **Timeouts** reclaim connections that do nothing useful: `header_read_timeout_ms` (10 s) from
+//!   accepting, or from the first byte of a request on a kept-alive connection, to a complete
+//!   request head, whatever trickles in meanwhile (slowloris); `idle_timeout_ms` (60 s) for a
+//!   kept-alive connection to send its next request; `write_timeout_ms` (10 s) for any write that
+//!   does not progress because the client does not read.
+//! - **At the limit, the connection waiting longest for a request is closed** to admit the new
+//!   one, rather than refusing the newcomer: a real client sends its request as soon as it has
+//!   connected, so a flood of idle or slow sockets cannot lock out the API even before their
+//!   timeouts pass (`http_idle_evicted_total`). Only when no connection is waiting for a request
+//!   (all are serving one, or are feed clients) is the newcomer refused: a best-effort `503`,
+//!   `http_refused_total`, and at most one warning per 5 s carrying the count it suppressed.
+//! - **A reserve for the API**: feed clients may hold `max_connections - reserved_connections`
+//!   (default `max_connections / 32` kept back); past that an upgrade gets `503`
+//!   (`feed_refused_total`), so a full feed never locks out the API, metrics and dashboard.
+//! - **Feed clients that stop reading are evicted** ([`ws`]): a write stalled for
+//!   `write_timeout_ms`, or no pong for two `ws_ping_interval_ms`, closes them
+//!   (`ws_evicted_total`).
+//!
+//! With `http.auth_token_env`, everything but `/` and `/healthz` needs `Authorization: Bearer
+//! <token>` (scheme in any case). A browser's WebSocket cannot send that header, so `/feed` also
+//! takes a single-use, short-lived ticket from `POST /api/feed/ticket` ([`auth`]). Tokens in URLs
+//! (`?token=`) are refused with a message saying so: they end up in access logs and histories.
+//!
+//! Deliberately not here: TLS (terminate it in front), HTTP/2, and per-client request rates;
+//! limits count connections, not requests.
 
-use crate::feed::{percent_decode, FeedFilter};
+mod auth;
+mod conn;
+mod throttle;
+mod ws;
+
+use crate::feed::percent_decode;
 use crate::Shared;
+use auth::{TicketRefusal, TicketStore};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use conn::{Admission, Expiry, Limits, Slot, TimedIo, Timeouts};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, UPGRADE};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
-use tokio::net::TcpListener;
-use tokio::sync::{broadcast, Semaphore};
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use throttle::LogThrottle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// How long a connection may finish its request once the server is stopping.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// The server's state shared by every connection.
+struct Server {
+    shared: Arc<Shared>,
+    limits: Arc<Limits>,
+    /// Feed clients: `max_connections - reserved` permits.
+    feed_permits: Arc<Semaphore>,
+    feed_capacity: usize,
+    tickets: Mutex<TicketStore>,
+    ticket_ttl_ms: u64,
+    write_timeout: Duration,
+    ping_interval: Duration,
+    feed_refused_log: Mutex<LogThrottle>,
+    ws_evicted_log: Mutex<LogThrottle>,
+    cancel: CancellationToken,
+}
+
 /// Accepts connections until `cancel`.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(shared.cfg.http.max_connections));
+    let http = &shared.cfg.http;
+    let feed_capacity = http.max_connections - http.reserved().min(http.max_connections - 1);
+    let server = Arc::new(Server {
+        limits: Arc::new(Limits::new(
+            http.max_connections,
+            Timeouts {
+                header_read_ms: http.header_read_timeout_ms,
+                idle_ms: http.idle_timeout_ms,
+                write_ms: http.write_timeout_ms,
+            },
+            shared.metrics.clone(),
+        )),
+        feed_permits: Arc::new(Semaphore::new(feed_capacity)),
+        feed_capacity,
+        tickets: Mutex::new(TicketStore::new(
+            Duration::from_millis(http.ticket_ttl_ms),
+            auth::MAX_TICKETS,
+        )),
+        ticket_ttl_ms: http.ticket_ttl_ms,
+        write_timeout: Duration::from_millis(http.write_timeout_ms),
+        ping_interval: Duration::from_millis(http.ws_ping_interval_ms),
+        feed_refused_log: Mutex::new(LogThrottle::new(conn::REFUSAL_LOG_EVERY)),
+        ws_evicted_log: Mutex::new(LogThrottle::new(conn::REFUSAL_LOG_EVERY)),
+        cancel: cancel.clone(),
+        shared: shared.clone(),
+    });
     loop {
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -46,156 +121,342 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: Ca
                 }
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = shared.cfg.http.max_connections, "connection limit reached; refusing");
-            continue;
-        };
-        let shared = shared.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc_shared = shared.clone();
-            let svc_cancel = cancel.clone();
-            let service = service_fn(move |req| {
-                let shared = svc_shared.clone();
-                let cancel = svc_cancel.clone();
-                async move { Ok::<_, Infallible>(route(req, shared, cancel).await) }
-            });
-            let conn = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "http connection ended with an error");
-                    }
-                }
-                _ = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
+        shared.metrics.http_connections_total.fetch_add(1, Relaxed);
+        let slot = match server.limits.admit() {
+            Admission::Now(slot) => Ok(slot),
+            Admission::Soon(slot) => Err(slot),
+            Admission::Refused => {
+                server.limits.refuse(stream, peer);
+                continue;
             }
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let slot = match slot {
+                Ok(slot) => slot,
+                // In line for the slot of the connection evicted to make room.
+                Err(soon) => match soon.await {
+                    Some(slot) => slot,
+                    None => return server.limits.refuse(stream, peer),
+                },
+            };
+            server.connection(stream, peer, slot).await;
         });
     }
 }
 
-async fn route(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-) -> Response<Full<Bytes>> {
-    shared.metrics.http_requests_total.fetch_add(1, Relaxed);
-    if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
-    }
-    let path = req.uri().path().to_string();
-    if !matches!(path.as_str(), "/" | "/healthz") && !authorized(&req, shared.token.as_deref()) {
-        shared.metrics.http_unauthorized_total.fetch_add(1, Relaxed);
-        let mut resp = text(
-            StatusCode::UNAUTHORIZED,
-            "a bearer token is required: send Authorization: Bearer <token> (or ?token=<token>)\n",
-        );
-        resp.headers_mut()
-            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
-        return resp;
-    }
-    match path.as_str() {
-        "/" => Response::builder()
-            .header(CONTENT_TYPE, "text/html; charset=utf-8")
-            .body(Full::new(Bytes::from_static(DASHBOARD.as_bytes())))
-            .unwrap_or_default(),
-        "/feed" => upgrade_feed(req, shared, cancel),
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/metrics" => {
-            let mut out = String::new();
-            let devices = shared.state.lock().map(|s| s.devices().len()).unwrap_or(0);
-            shared
-                .metrics
-                .render(&shared.cfg.id, shared.feed.clients(), devices, &mut out);
-            Response::builder()
-                .header(CONTENT_TYPE, "text/plain; version=0.0.4")
-                .body(Full::new(Bytes::from(out)))
-                .unwrap_or_default()
-        }
-        "/api/status" => json_response(StatusCode::OK, &status(&shared)),
-        "/api/cluster" => match &shared.cluster {
-            None => json_response(
-                StatusCode::NOT_FOUND,
-                &json!({"error": format!("aggregator {} is not in cluster mode (no cluster: in its configuration)", shared.cfg.id)}),
-            ),
-            Some(buckets) => {
-                match crate::cluster::status::collect(buckets, shared.cfg.partitions).await {
-                    Ok(s) => json_response(StatusCode::OK, &json!(s)),
-                    Err(e) => json_response(
+impl Server {
+    /// Serves one connection until it closes, upgrades, expires or is evicted.
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: std::net::SocketAddr,
+        slot: Arc<Slot>,
+    ) {
+        let io = TokioIo::new(TimedIo::new(stream, slot.clone()));
+        let server = self.clone();
+        let svc_slot = slot.clone();
+        let service = service_fn(move |req| {
+            let server = server.clone();
+            let slot = svc_slot.clone();
+            async move {
+                if !slot.on_request() {
+                    // Evicted to make room while its head was being read: it is being closed.
+                    let resp = text(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        &json!({"error": format!("cluster status unavailable: {e}")}),
+                        "connection limit reached\n",
+                    );
+                    return Ok(resp.map(|body| TrackedBody {
+                        body,
+                        slot,
+                        keep_alive: false,
+                    }));
+                }
+                let closing = wants_close(req.version(), req.headers().get(CONNECTION));
+                let resp = server.route(req, &slot).await;
+                let keep_alive =
+                    !closing && !wants_close(resp.version(), resp.headers().get(CONNECTION));
+                Ok::<_, Infallible>(resp.map(|body| TrackedBody {
+                    body,
+                    slot,
+                    keep_alive,
+                }))
+            }
+        });
+        // Our clock times heads and keep-alive waits (see `conn`); hyper's header timer would
+        // also cut kept-alive connections at the header timeout.
+        let conn = http1::Builder::new()
+            .header_read_timeout(None)
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "http connection ended with an error");
+                }
+            }
+            why = slot.expired() => {
+                if why != Expiry::Evicted {
+                    self.shared.metrics.http_timeouts_total.fetch_add(1, Relaxed);
+                }
+                tracing::debug!(%peer, reason = ?why, "closing http connection");
+            }
+            _ = self.cancel.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+            }
+        }
+    }
+
+    async fn route(self: &Arc<Self>, req: Request<Incoming>, slot: &Slot) -> Response<Full<Bytes>> {
+        let shared = &self.shared;
+        shared.metrics.http_requests_total.fetch_add(1, Relaxed);
+        let path = req.uri().path().to_string();
+        let allowed = if path == "/api/feed/ticket" {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        if req.method() != allowed {
+            let mut resp = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("only {allowed} is supported here\n"),
+            );
+            if let Ok(v) = HeaderValue::from_str(allowed.as_str()) {
+                resp.headers_mut().insert(ALLOW, v);
+            }
+            return resp;
+        }
+        if !matches!(path.as_str(), "/" | "/healthz") {
+            if let Err(refusal) = self.authorize(&req, &path) {
+                shared.metrics.http_unauthorized_total.fetch_add(1, Relaxed);
+                let mut resp = text(StatusCode::UNAUTHORIZED, &refusal);
+                resp.headers_mut()
+                    .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+                return resp;
+            }
+        }
+        match path.as_str() {
+            "/" => Response::builder()
+                .header(CONTENT_TYPE, "text/html; charset=utf-8")
+                .body(Full::new(Bytes::from_static(DASHBOARD.as_bytes())))
+                .unwrap_or_default(),
+            "/feed" => ws::upgrade(req, self.clone(), slot),
+            "/api/feed/ticket" => self.ticket(),
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/metrics" => {
+                let mut out = String::new();
+                let devices = shared.state.lock().map(|s| s.devices().len()).unwrap_or(0);
+                shared
+                    .metrics
+                    .render(&shared.cfg.id, shared.feed.clients(), devices, &mut out);
+                Response::builder()
+                    .header(CONTENT_TYPE, "text/plain; version=0.0.4")
+                    .body(Full::new(Bytes::from(out)))
+                    .unwrap_or_default()
+            }
+            "/api/status" => json_response(StatusCode::OK, &status(shared)),
+            "/api/cluster" => match &shared.cluster {
+                None => json_response(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": format!("aggregator {} is not in cluster mode (no cluster: in its configuration)", shared.cfg.id)}),
+                ),
+                Some(buckets) => {
+                    match crate::cluster::status::collect(buckets, shared.cfg.partitions).await {
+                        Ok(s) => json_response(StatusCode::OK, &json!(s)),
+                        Err(e) => json_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &json!({"error": format!("cluster status unavailable: {e}")}),
+                        ),
+                    }
+                }
+            },
+            "/api/devices" => {
+                let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                let list: Vec<_> = state
+                    .devices()
+                    .iter()
+                    .map(|(id, d)| {
+                        let metrics: serde_json::Map<String, serde_json::Value> = d
+                            .metrics
+                            .iter()
+                            .map(|(m, s)| {
+                                (
+                                    m.clone(),
+                                    json!({
+                                        "windows_applied": s.windows_applied,
+                                        "readings": s.readings,
+                                        "anomalies": s.anomalies,
+                                        "last_window": s.windows.back(),
+                                    }),
+                                )
+                            })
+                            .collect();
+                        json!({"device": id, "partition": d.partition, "metrics": metrics})
+                    })
+                    .collect();
+                json_response(StatusCode::OK, &serde_json::Value::Array(list))
+            }
+            "/api/windows" => {
+                // Every held window of every series (or one device's): what `edgewatch verify` reads.
+                let device = match query_param(req.uri().query(), "device") {
+                    Ok(d) => d,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, &e),
+                };
+                let held = {
+                    let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.held_series(device.as_deref())
+                };
+                // Serialised outside the lock, straight to bytes: this can be the biggest response.
+                match serde_json::to_vec(&held) {
+                    Ok(body) => Response::builder()
+                        .header(CONTENT_TYPE, "application/json")
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap_or_default(),
+                    Err(e) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("cannot serialise the windows: {e}\n"),
                     ),
                 }
             }
-        },
-        "/api/devices" => {
-            let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            let list: Vec<_> = state
-                .devices()
-                .iter()
-                .map(|(id, d)| {
-                    let metrics: serde_json::Map<String, serde_json::Value> = d
-                        .metrics
-                        .iter()
-                        .map(|(m, s)| {
-                            (
-                                m.clone(),
-                                json!({
-                                    "windows_applied": s.windows_applied,
-                                    "readings": s.readings,
-                                    "anomalies": s.anomalies,
-                                    "last_window": s.windows.back(),
-                                }),
-                            )
-                        })
-                        .collect();
-                    json!({"device": id, "partition": d.partition, "metrics": metrics})
-                })
-                .collect();
-            json_response(StatusCode::OK, &serde_json::Value::Array(list))
-        }
-        "/api/windows" => {
-            // Every held window of every series (or one device's): what `edgewatch verify` reads.
-            let device = match query_param(req.uri().query(), "device") {
-                Ok(d) => d,
-                Err(e) => return text(StatusCode::BAD_REQUEST, &e),
-            };
-            let held = {
+            p if p.starts_with("/api/devices/") => {
+                let Some(id) = percent_decode(&p["/api/devices/".len()..]) else {
+                    return text(StatusCode::BAD_REQUEST, "device id: bad percent-encoding\n");
+                };
                 let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-                state.held_series(device.as_deref())
-            };
-            // Serialised outside the lock, straight to bytes: this can be the biggest response.
-            match serde_json::to_vec(&held) {
-                Ok(body) => Response::builder()
-                    .header(CONTENT_TYPE, "application/json")
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap_or_default(),
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("cannot serialise the windows: {e}\n"),
-                ),
+                match state.device(&id) {
+                    Some(d) => json_response(StatusCode::OK, &json!({"device": id, "state": d})),
+                    None => json_response(
+                        StatusCode::NOT_FOUND,
+                        &json!({"error": format!("device {id:?} is not owned by aggregator {} or has sent nothing yet", shared.cfg.id)}),
+                    ),
+                }
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /, /feed, /api/status, /api/devices, /api/windows, /api/feed/ticket (POST), /metrics\n",
+            ),
+        }
+    }
+
+    /// Whether `req` may proceed: the configured token in the `Authorization` header (or none
+    /// configured), or on `/feed` a valid ticket, redeemed by this call. `Err` is the reason.
+    fn authorize(&self, req: &Request<Incoming>, path: &str) -> Result<(), String> {
+        let Some(token) = self.shared.token.as_deref() else {
+            return Ok(());
+        };
+        let given = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer);
+        if given.is_some_and(|g| auth::constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            return Ok(());
+        }
+        let query = req.uri().query();
+        if path == "/feed" {
+            if let Ok(Some(ticket)) = query_param(query, "ticket") {
+                let redeemed = self
+                    .tickets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .redeem(&ticket, Instant::now());
+                return redeemed.map_err(|r| {
+                    let why = match r {
+                        TicketRefusal::Expired => "expired",
+                        TicketRefusal::Unknown => "unknown or already used",
+                    };
+                    format!("feed ticket {why}: get a new one with POST /api/feed/ticket (tickets are single-use)\n")
+                });
             }
         }
-        p if p.starts_with("/api/devices/") => {
-            let Some(id) = percent_decode(&p["/api/devices/".len()..]) else {
-                return text(StatusCode::BAD_REQUEST, "device id: bad percent-encoding\n");
-            };
-            let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            match state.device(&id) {
-                Some(d) => json_response(StatusCode::OK, &json!({"device": id, "state": d})),
-                None => json_response(
-                    StatusCode::NOT_FOUND,
-                    &json!({"error": format!("device {id:?} is not owned by aggregator {} or has sent nothing yet", shared.cfg.id)}),
-                ),
+        if matches!(query_param(query, "token"), Ok(Some(_))) {
+            return Err("tokens in URLs are not accepted (they end up in logs and browser history): send Authorization: Bearer <token>; a browser's WebSocket uses /feed?ticket= from POST /api/feed/ticket\n".into());
+        }
+        Err(match given {
+            Some(_) => "wrong bearer token\n".into(),
+            None => "a bearer token is required: send Authorization: Bearer <token> (a browser's WebSocket: /feed?ticket= from POST /api/feed/ticket)\n".into(),
+        })
+    }
+
+    /// `POST /api/feed/ticket`: a single-use, short-lived credential for `/feed?ticket=`.
+    fn ticket(&self) -> Response<Full<Bytes>> {
+        let issued = self
+            .tickets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .issue(Instant::now());
+        match issued {
+            Ok(ticket) => {
+                let mut resp = json_response(
+                    StatusCode::OK,
+                    &json!({"ticket": ticket, "expires_in_ms": self.ticket_ttl_ms}),
+                );
+                resp.headers_mut()
+                    .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                resp
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the operating system's random source failed; no feed ticket issued");
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("cannot issue a ticket: random source failed: {e}\n"),
+                )
             }
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found: try /, /feed, /api/status, /api/devices, /api/windows, /metrics\n",
-        ),
+    }
+}
+
+/// A response body that tells the connection's clock when the response has been handed over
+/// (hyper drops the body after its last frame), starting the keep-alive wait.
+struct TrackedBody {
+    body: Full<Bytes>,
+    slot: Arc<Slot>,
+    /// Whether the connection stays open after this response (else it stays busy until closed,
+    /// and is never picked to make room: it is about to free its slot anyway).
+    keep_alive: bool,
+}
+
+/// Whether a message of `version` with this `Connection` header ends its connection.
+fn wants_close(version: hyper::Version, connection: Option<&HeaderValue>) -> bool {
+    let says = |token: &str| {
+        connection
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if version == hyper::Version::HTTP_10 {
+        !says("keep-alive")
+    } else {
+        says("close")
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if self.keep_alive {
+            self.slot.on_response_done();
+        }
     }
 }
 
@@ -210,36 +471,6 @@ fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, String
     percent_decode(raw)
         .map(Some)
         .ok_or_else(|| format!("{name}: bad percent-encoding, got {raw:?}\n"))
-}
-
-/// Whether `req` carries the configured token (always true when none is configured).
-fn authorized(req: &Request<Incoming>, token: Option<&str>) -> bool {
-    let Some(token) = token else {
-        return true;
-    };
-    let from_header = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
-    let from_query = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|p| p.strip_prefix("token="))
-            .and_then(percent_decode)
-    });
-    from_header
-        .into_iter()
-        .chain(from_query)
-        .any(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
-}
-
-/// Compares without an early exit, so response time does not reveal how much of a guess matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn status(shared: &Shared) -> serde_json::Value {
@@ -258,114 +489,10 @@ fn status(shared: &Shared) -> serde_json::Value {
         "anomalies_received": m.anomalies_received_total.load(Relaxed),
         "bad_messages": m.bad_messages_total.load(Relaxed),
         "feed_clients": shared.feed.clients(),
+        "http_connections": m.http_connections.load(Relaxed),
         "feed_history": shared.feed.history_len(),
         "uptime_secs": shared.started.elapsed().as_secs(),
     })
-}
-
-fn upgrade_feed(
-    mut req: Request<Incoming>,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-) -> Response<Full<Bytes>> {
-    let filter = match FeedFilter::parse(req.uri().query()) {
-        Ok(f) => f,
-        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
-    };
-    let is_ws = req
-        .headers()
-        .get(UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let Some(key) = req.headers().get("sec-websocket-key").filter(|_| is_ws) else {
-        return text(
-            StatusCode::UPGRADE_REQUIRED,
-            "the feed is a WebSocket: connect with ws://HOST/feed\n",
-        );
-    };
-    let accept = derive_accept_key(key.as_bytes());
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
-                        .await;
-                shared.metrics.feed_connections_total.fetch_add(1, Relaxed);
-                serve_feed(ws, filter, shared, cancel).await;
-            }
-            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
-        }
-    });
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&accept) {
-        h.insert("sec-websocket-accept", v);
-    }
-    resp
-}
-
-async fn serve_feed<S>(
-    ws: WebSocketStream<S>,
-    filter: FeedFilter,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let (mut sink, mut stream) = ws.split();
-    let (backlog, _found, mut rx) = shared.feed.subscribe(filter.since.as_deref(), filter.last);
-    let mut last_id = filter.since.clone();
-    for item in backlog {
-        if filter.matches(&item.event) {
-            if sink.send(Message::text(item.json.clone())).await.is_err() {
-                return;
-            }
-            last_id = Some(item.event.id.clone());
-        }
-    }
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                let _ = sink.send(close(CloseCode::Away, "server shutting down".into())).await;
-                break;
-            }
-            r = rx.recv() => match r {
-                Ok(item) => {
-                    if filter.matches(&item.event) {
-                        if sink.send(Message::text(item.json.clone())).await.is_err() {
-                            break;
-                        }
-                        last_id = Some(item.event.id.clone());
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    shared.metrics.feed_lagged_total.fetch_add(1, Relaxed);
-                    let reason = match &last_id {
-                        Some(id) => format!("too slow, {n} events behind: reconnect with ?since={id}"),
-                        None => format!("too slow, {n} events behind"),
-                    };
-                    let _ = sink.send(close(CloseCode::Policy, reason)).await;
-                    break;
-                }
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
-            m = stream.next() => match m {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
-            },
-        }
-    }
-}
-
-fn close(code: CloseCode, reason: String) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }))
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
@@ -382,4 +509,23 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Full<Byt
         .header(CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(v.to_string())))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_close_is_read_as_hyper_does() {
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        assert!(!wants_close(hyper::Version::HTTP_11, None));
+        assert!(wants_close(hyper::Version::HTTP_11, Some(&v("Close"))));
+        assert!(wants_close(hyper::Version::HTTP_11, Some(&v("te, close"))));
+        assert!(!wants_close(hyper::Version::HTTP_11, Some(&v("Upgrade"))));
+        assert!(wants_close(hyper::Version::HTTP_10, None));
+        assert!(!wants_close(
+            hyper::Version::HTTP_10,
+            Some(&v("keep-alive"))
+        ));
+    }
 }

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Counters of one aggregator instance.
+/// Counters (and the HTTP connection gauges) of one aggregator instance.
 #[derive(Debug, Default)]
 pub struct AggregatorMetrics {
     /// Summary records received on owned partitions.
@@ -48,6 +48,24 @@ pub struct AggregatorMetrics {
     pub partitions_released_total: AtomicU64,
     /// Partitions lost: the lease expired or another owner fenced a checkpoint write.
     pub partitions_lost_total: AtomicU64,
+    /// TCP connections accepted by the HTTP listener (admitted or refused).
+    pub http_connections_total: AtomicU64,
+    /// Connections refused because `http.max_connections` were open and none was waiting for a
+    /// request (so none could be closed to make room).
+    pub http_refused_total: AtomicU64,
+    /// Connections waiting for a request that were closed to admit a new one at the limit.
+    pub http_idle_evicted_total: AtomicU64,
+    /// Connections closed by the header read, idle (keep-alive) or write timeout.
+    pub http_timeouts_total: AtomicU64,
+    /// Feed upgrades refused because the feed's share of the connections was taken (503).
+    pub feed_refused_total: AtomicU64,
+    /// Feed clients closed for not reading: a write stalled past `http.write_timeout_ms`, or no
+    /// pong for two ping intervals.
+    pub ws_evicted_total: AtomicU64,
+    /// Gauge: open HTTP connections, WebSocket feed clients included.
+    pub http_connections: AtomicU64,
+    /// Gauge: the most HTTP connections ever open at once.
+    pub http_connections_peak: AtomicU64,
 }
 
 impl AggregatorMetrics {
@@ -138,6 +156,30 @@ impl AggregatorMetrics {
                 "edgewatch_aggregator_partitions_lost_total",
                 &self.partitions_lost_total,
             ),
+            (
+                "edgewatch_aggregator_http_connections_total",
+                &self.http_connections_total,
+            ),
+            (
+                "edgewatch_aggregator_http_refused_total",
+                &self.http_refused_total,
+            ),
+            (
+                "edgewatch_aggregator_http_idle_evicted_total",
+                &self.http_idle_evicted_total,
+            ),
+            (
+                "edgewatch_aggregator_http_timeouts_total",
+                &self.http_timeouts_total,
+            ),
+            (
+                "edgewatch_aggregator_feed_refused_total",
+                &self.feed_refused_total,
+            ),
+            (
+                "edgewatch_aggregator_ws_evicted_total",
+                &self.ws_evicted_total,
+            ),
         ];
         for (name, c) in counters {
             let _ = writeln!(
@@ -150,6 +192,22 @@ impl AggregatorMetrics {
             out,
             "# TYPE edgewatch_aggregator_feed_clients gauge\nedgewatch_aggregator_feed_clients{{aggregator=\"{id}\"}} {feed_clients}"
         );
+        for (name, g) in [
+            (
+                "edgewatch_aggregator_http_connections",
+                &self.http_connections,
+            ),
+            (
+                "edgewatch_aggregator_http_connections_peak",
+                &self.http_connections_peak,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# TYPE {name} gauge\n{name}{{aggregator=\"{id}\"}} {}",
+                g.load(Relaxed)
+            );
+        }
         let _ = writeln!(
             out,
             "# TYPE edgewatch_aggregator_devices gauge\nedgewatch_aggregator_devices{{aggregator=\"{id}\"}} {devices}"

@@ -1,5 +1,6 @@
 //! The dashboard in a real browser (Debian's headless chromium): the page connects to the feed and
-//! shows recent anomaly events as table rows.
+//! shows recent anomaly events as table rows, behind a bearer token, which it never puts in a URL
+//! (the feed's WebSocket gets a single-use ticket instead).
 
 use crate::common::*;
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
@@ -11,10 +12,12 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_feed_events_in_a_real_browser() {
     let chromium = require("chromium");
+    std::env::set_var("EDGEWATCH_IT_DASH_TOKEN", "dash-s3cret");
     let broker = embedded_broker();
     let mut cfg = AggregatorConfig::with_id("agg-dash");
     cfg.mqtt.port = broker.addr().port();
     cfg.http.listen = "127.0.0.1:0".into();
+    cfg.http.auth_token_env = Some("EDGEWATCH_IT_DASH_TOKEN".into());
     let agg = Aggregator::bind(cfg).await.unwrap();
     let addr = agg.local_addr();
     let stop = CancellationToken::new();
@@ -63,7 +66,10 @@ async fn dashboard_shows_feed_events_in_a_real_browser() {
     wait_until(
         "the event in the feed history",
         Duration::from_secs(10),
-        || get_json(addr, "/api/status")["feed_history"] == 1,
+        || {
+            let (_, body) = get_authorized(addr, "/api/status", "dash-s3cret");
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["feed_history"] == 1
+        },
     )
     .await;
 
@@ -82,7 +88,9 @@ async fn dashboard_shows_feed_events_in_a_real_browser() {
             "--dump-dom",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://{addr}/"))
+        // The token in the fragment (never sent to the server); the page moves it to its tab's
+        // storage and trades it for a feed ticket.
+        .arg(format!("http://{addr}/#token=dash-s3cret"))
         .output()
         .await
         .unwrap();
@@ -99,7 +107,80 @@ async fn dashboard_shows_feed_events_in_a_real_browser() {
         dom.contains("agg-dash"),
         "the status header names the aggregator"
     );
+    assert!(
+        !dom.contains("dash-s3cret"),
+        "the token is not left on the page"
+    );
 
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// GET with `Authorization: Bearer <token>`; (status, body).
+fn get_authorized(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("http response");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
+    (status, body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_opens_the_feed_with_a_ticket_never_a_token() {
+    let broker = embedded_broker();
+    let mut cfg = AggregatorConfig::with_id("agg-dash-html");
+    cfg.mqtt.port = broker.addr().port();
+    cfg.http.listen = "127.0.0.1:0".into();
+    let agg = Aggregator::bind(cfg).await.unwrap();
+    let addr = agg.local_addr();
+    let stop = CancellationToken::new();
+    let task = {
+        let t = stop.clone();
+        tokio::spawn(agg.run(async move { t.cancelled().await }))
+    };
+    let (status, html) = tokio::task::spawn_blocking(move || http_get(addr, "/"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    // Issue 13: `?token=` in the WebSocket URL reached proxy logs and browser history.
+    assert!(
+        !html.contains("searchParams.set('token'"),
+        "the page puts no token in a URL"
+    );
+    assert!(html.contains("fetch('api/feed/ticket', { method: 'POST'"));
+    assert!(html.contains("url.searchParams.set('ticket', t)"));
+    assert!(
+        html.contains("history.replaceState"),
+        "a #token= fragment is taken out of the address bar"
+    );
+    // Without a configured token the page's flow is the same: tickets are issued to anyone, and
+    // the feed ignores them.
+    let raw = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "POST /api/feed/ticket HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    })
+    .await
+    .unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    let ticket: serde_json::Value =
+        serde_json::from_str(raw.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let url = format!(
+        "ws://{addr}/feed?last=200&ticket={}",
+        ticket["ticket"].as_str().unwrap()
+    );
+    assert!(
+        tokio_tungstenite::connect_async(url.as_str()).await.is_ok(),
+        "{url}"
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
 }

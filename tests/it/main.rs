@@ -16,6 +16,7 @@ mod e2e;
 mod eval_nab;
 mod failover;
 mod hostile;
+mod http_limits;
 mod interop;
 mod nats;
 mod nats_mqtt;
