@@ -16,10 +16,15 @@
 //! while newly appended records are still published at once (live) — the owner applies them out of
 //! order and acks the lane only when the prev chain is complete. Nothing is published while the link
 //! is down: the pipeline keeps detecting and the outbox keeps buffering.
+//!
+//! **Acks are checked before they delete.** Anyone who may publish on `{prefix}/acks/{agent}` could
+//! forge one, so an ack counts only for this outbox's lane epoch (every batch carries it) and only up
+//! to the highest seq the lane ever handed to the network; any other ack is refused, counted by reason
+//! (`edgewatch_agent_acks_refused_total`) and logged at most every 10 s.
 
-use crate::outbox::{Outbox, OutboxStats, Record};
+use crate::outbox::{Outbox, OutboxError, OutboxStats, Record};
 use crate::pipeline::Output;
-use crate::telemetry::AgentMetrics;
+use crate::telemetry::{AckRefusal, AgentMetrics};
 use edgewatch_models::wire::{AckBatch, AnomalyEvent, Batch, Sequenced, Topics, WindowSummary};
 use rumqttc::{AsyncClient, QoS};
 use std::collections::{BTreeMap, BTreeSet};
@@ -104,6 +109,40 @@ pub(crate) struct Uplink {
     metrics: Arc<AgentMetrics>,
     /// Publishes handed to the client (QoS 1: each one will be acknowledged by the broker).
     sent: Arc<AtomicU64>,
+    /// Rate limit of the refused-ack warnings.
+    refusals_log: LogLimit,
+}
+
+/// At most one log line per period, counting the ones suppressed in between: a flood of bad input
+/// must not flood the log (everything is counted regardless).
+pub(crate) struct LogLimit {
+    period: Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    pub(crate) fn every(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(lines suppressed since the last one)` when a line may be logged now, else `None`.
+    pub(crate) fn ready(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.period)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 impl Uplink {
@@ -130,6 +169,7 @@ impl Uplink {
             last_ack: now,
             metrics,
             sent,
+            refusals_log: LogLimit::every(Duration::from_secs(10)),
         };
         up.update_gauges();
         up
@@ -242,6 +282,16 @@ impl Uplink {
             LinkNote::Acks(batch) => {
                 self.metrics.acks_received_total.fetch_add(1, Relaxed);
                 for ack in batch.acks {
+                    if ack.epoch != self.outbox.epoch() {
+                        // Another lane's: a previous run's (without state.dir), or forged.
+                        let why = format!(
+                            "lane epoch {} is not this outbox's ({})",
+                            ack.epoch,
+                            self.outbox.epoch()
+                        );
+                        self.refuse(AckRefusal::Epoch, &batch.owner, &ack, &why);
+                        continue;
+                    }
                     let before = self.outbox.acked_seq(ack.partition);
                     match self.outbox.ack(ack.partition, ack.upto_seq) {
                         Ok(_) if ack.upto_seq > before => {
@@ -254,6 +304,9 @@ impl Uplink {
                             }
                         }
                         Ok(_) => {}
+                        Err(e @ OutboxError::AckAhead { .. }) => {
+                            self.refuse(AckRefusal::Unsent, &batch.owner, &ack, &e.to_string());
+                        }
                         Err(e) => {
                             self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
                             tracing::error!(agent = %self.s.agent, partition = ack.partition, error = %e, "ack not applied to the outbox; the records will be resent");
@@ -262,6 +315,22 @@ impl Uplink {
                 }
                 self.update_gauges();
             }
+        }
+    }
+
+    /// Counts a refused ack and logs it (rate-limited). Nothing was deleted for it.
+    fn refuse(
+        &mut self,
+        why: AckRefusal,
+        owner: &str,
+        ack: &edgewatch_models::wire::Ack,
+        detail: &str,
+    ) {
+        self.metrics.refuse_ack(why);
+        if let Some(suppressed) = self.refusals_log.ready() {
+            tracing::warn!(agent = %self.s.agent, owner = %owner.escape_debug(), partition = ack.partition,
+                upto_seq = ack.upto_seq, epoch = ack.epoch, reason = why.label(), detail, suppressed,
+                "ack refused: nothing deleted (forged, or meant for another run of this agent); logged at most every 10 s");
         }
     }
 
@@ -462,6 +531,7 @@ impl Uplink {
             return;
         };
         let acked = self.outbox.acked_seq(p);
+        let epoch = self.outbox.epoch();
         let mut summaries: Vec<Sequenced<WindowSummary>> = Vec::new();
         let mut events: Vec<Sequenced<AnomalyEvent>> = Vec::new();
         for (seq, prev, rec) in records {
@@ -479,6 +549,7 @@ impl Uplink {
                 partition: p,
                 records: events,
                 acked,
+                epoch,
             };
             let topic = self.s.topics.anomalies(p, &self.s.agent);
             ok = self.publish(client, topic, &batch);
@@ -495,6 +566,7 @@ impl Uplink {
                 partition: p,
                 records: rest,
                 acked,
+                epoch,
             };
             let topic = self.s.topics.summaries(p, &self.s.agent);
             ok = self.publish(client, topic, &batch);
@@ -562,12 +634,31 @@ impl Uplink {
             }
         }
         let left = self.outbox.records();
-        if left > 0 {
+        if left > 0 && self.outbox.is_temporary() {
+            // Nothing survives this run: the next start has an empty outbox in a new epoch.
+            tracing::warn!(agent = %self.s.agent, records = left, readings = self.unacked_readings(),
+                "records not yet acknowledged are lost: the outbox is temporary (no state.dir), so nothing is resent after a restart");
+        } else if left > 0 {
             tracing::info!(agent = %self.s.agent, records = left, "records not yet acknowledged stay in the outbox and are resent on the next start");
         }
         if let Err(e) = self.outbox.flush() {
             tracing::error!(agent = %self.s.agent, error = %e, "final outbox flush failed");
         }
+    }
+
+    /// Readings covered by the summaries still in the outbox (for the shutdown log).
+    fn unacked_readings(&self) -> u64 {
+        let mut readings = 0u64;
+        for p in self.outbox.lanes() {
+            if let Ok(records) = self.outbox.pending(p, 0, usize::MAX) {
+                for (_, r) in records {
+                    if let Record::Summary(s) = r {
+                        readings = readings.saturating_add(s.count);
+                    }
+                }
+            }
+        }
+        readings
     }
 
     fn update_gauges(&self) {
