@@ -675,3 +675,103 @@ impl Uplink {
         m.outbox_acked_total.store(st.acked, Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::OutboxConfig;
+    use edgewatch_models::wire::Ack;
+
+    fn summary(start_ms: i64) -> Record {
+        Record::Summary(WindowSummary {
+            device: "d".into(),
+            metric: "m".into(),
+            start_ms,
+            end_ms: start_ms + 10,
+            count: 1,
+            min: 1.0,
+            max: 1.0,
+            mean: 1.0,
+            std: 0.0,
+            first_ts_ms: start_ms,
+            last_ts_ms: start_ms,
+            max_score: 0.1,
+            revision: 0,
+        })
+    }
+
+    fn uplink() -> Uplink {
+        let outbox = Outbox::open_temporary(OutboxConfig {
+            max_outbox_bytes: u64::MAX,
+            normal_score_below: 0.5,
+        })
+        .unwrap();
+        let s = UplinkSettings {
+            agent: "gw".into(),
+            topics: Topics::new("p"),
+            qos: QoS::AtLeastOnce,
+            batch_max: 10,
+            max_delay: Duration::from_millis(10),
+            ack_timeout: Duration::from_secs(1),
+            max_unacked: 100,
+            drain_rate: 100.0,
+            shutdown_wait: Duration::from_secs(1),
+        };
+        Uplink::new(
+            s,
+            outbox,
+            Arc::new(AgentMetrics::default()),
+            Arc::new(AtomicU64::new(0)),
+        )
+    }
+
+    fn acks(acks: &[(u32, u64, u64)]) -> LinkNote {
+        LinkNote::Acks(AckBatch {
+            owner: "someone".into(),
+            acks: acks
+                .iter()
+                .map(|&(partition, upto_seq, epoch)| Ack {
+                    partition,
+                    upto_seq,
+                    epoch,
+                })
+                .collect(),
+        })
+    }
+
+    #[tokio::test]
+    async fn acks_of_another_epoch_or_of_unsent_seqs_delete_nothing_and_are_counted() {
+        let mut up = uplink();
+        for i in 0..5 {
+            up.outbox.append(3, summary(i * 10)).unwrap();
+        }
+        up.outbox.expose(3, 4).unwrap();
+        let epoch = up.outbox.epoch();
+        up.on_note(acks(&[
+            (3, 4, epoch ^ 1),
+            (3, 4, 0),
+            (3, 5, epoch),
+            (3, u64::MAX, epoch),
+            (9, 1, epoch),
+        ]));
+        assert_eq!(up.outbox.len(3), 5, "nothing deleted");
+        assert_eq!(AckRefusal::Epoch.count(&up.metrics), 2);
+        assert_eq!(AckRefusal::Unsent.count(&up.metrics), 3);
+        assert_eq!(up.metrics.outbox_errors_total.load(Relaxed), 0);
+        // The real owner's ack still works.
+        up.on_note(acks(&[(3, 4, epoch)]));
+        assert_eq!(up.outbox.len(3), 1);
+        assert_eq!(up.outbox.acked_seq(3), 4);
+        assert_eq!(up.metrics.outbox_acked_total.load(Relaxed), 4);
+    }
+
+    #[test]
+    fn the_log_limit_lets_one_line_through_per_period_and_counts_the_rest() {
+        let mut limit = LogLimit::every(Duration::from_secs(3600));
+        assert_eq!(limit.ready(), Some(0));
+        assert_eq!(limit.ready(), None);
+        assert_eq!(limit.ready(), None);
+        limit.last = Some(std::time::Instant::now() - Duration::from_secs(3601));
+        assert_eq!(limit.ready(), Some(2));
+    }
+}

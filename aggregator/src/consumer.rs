@@ -581,6 +581,8 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::MemoryStore;
+    use edgewatch_models::wire::Sequenced;
 
     fn paths(f: &[SubscribeFilter]) -> Vec<&str> {
         f.iter().map(|f| f.path.as_str()).collect()
@@ -645,6 +647,153 @@ mod tests {
         assert!(
             why.starts_with("broker 127.0.0.1:1885 refused 2 subscription(s) [\"p/summaries/2/+\""),
             "{why}"
+        );
+    }
+
+    fn shared() -> Shared {
+        let cfg = crate::AggregatorConfig::with_id("agg-t");
+        Shared {
+            owned: crate::ownership::Ownership::fixed(cfg.partitions, cfg.owned_set()),
+            cluster: None,
+            state: std::sync::Mutex::new(
+                crate::state::FleetState::new(100).with_max_seq_jump(1_000),
+            ),
+            feed: crate::feed::FeedHub::new(100, 10),
+            metrics: Arc::new(crate::AggregatorMetrics::default()),
+            started: Instant::now(),
+            token: None,
+            cfg,
+        }
+    }
+
+    fn window(device: &str, i: i64) -> WindowSummary {
+        WindowSummary {
+            device: device.into(),
+            metric: "m".into(),
+            start_ms: i * 1_000,
+            end_ms: i * 1_000 + 1_000,
+            count: 4,
+            min: 1.0,
+            max: 2.0,
+            mean: 1.5,
+            std: 0.5,
+            first_ts_ms: i * 1_000,
+            last_ts_ms: i * 1_000 + 999,
+            max_score: 0.2,
+            revision: 0,
+        }
+    }
+
+    fn publish<T: serde::Serialize>(topic: String, batch: &Batch<T>) -> rumqttc::Publish {
+        rumqttc::Publish::new(topic, QoS::AtLeastOnce, serde_json::to_vec(batch).unwrap())
+    }
+
+    fn batch<T>(partition: u32, epoch: u64, acked: u64, records: Vec<(u64, T)>) -> Batch<T> {
+        Batch {
+            agent: "gw".into(),
+            partition,
+            records: records
+                .into_iter()
+                .map(|(seq, item)| Sequenced {
+                    seq,
+                    prev: None,
+                    item,
+                })
+                .collect(),
+            acked,
+            epoch,
+        }
+    }
+
+    #[test]
+    fn records_that_cannot_be_real_are_refused_counted_and_never_acknowledged() {
+        let shared = shared();
+        let topics = Topics::new(&shared.cfg.prefix);
+        let mut store = MemoryStore::new(100);
+        let mut touched = Touched::new();
+        let mut warnings = Warnings::default();
+        let device = "pump-7";
+        let p = partition_of(device, 64);
+        let other = (0..)
+            .map(|i| format!("dev-{i}"))
+            .find(|d| partition_of(d, 64) != p)
+            .unwrap();
+        let mut empty = window(device, 3);
+        empty.count = 0;
+        let mut huge = window(device, 4);
+        huge.count = u64::MAX;
+        let mut run = |publish: rumqttc::Publish| {
+            apply(
+                &shared,
+                &topics,
+                &publish,
+                &mut store,
+                &mut touched,
+                &mut warnings,
+            )
+        };
+        let summaries = batch(
+            p,
+            77,
+            0,
+            vec![
+                (1, window(device, 0)),
+                (2, window(&other, 1)),
+                (3, empty),
+                (4, huge),
+                (5, window(device, 5)),
+                (u64::MAX, window(device, 6)),
+            ],
+        );
+        run(publish(topics.summaries(p, "gw"), &summaries)).unwrap();
+        // A floor that would complete the lane at once: the whole batch is refused.
+        let floor = batch(p, 77, u64::MAX - 1, vec![(u64::MAX, window(device, 7))]);
+        run(publish(topics.summaries(p, "gw"), &floor)).unwrap();
+        let mut event = AnomalyEvent {
+            id: "e1".into(),
+            device: device.into(),
+            metric: "m".into(),
+            ts_ms: 10,
+            value: 1.0,
+            // JSON cannot carry a NaN (the whole batch would not decode): a score out of range.
+            score: 1.5,
+            detector: "z".into(),
+            window_start_ms: 0,
+            agent: "gw".into(),
+        };
+        let mut misfiled = event.clone();
+        misfiled.id = "e2".into();
+        misfiled.score = 0.9;
+        misfiled.device = other.clone();
+        let events = batch(p, 77, 0, vec![(6, event.clone()), (7, misfiled)]);
+        run(publish(topics.anomalies(p, "gw"), &events)).unwrap();
+        event.id = "e3".into();
+        event.score = 0.9;
+        let good = batch(p, 77, 0, vec![(2, event)]);
+        run(publish(topics.anomalies(p, "gw"), &good)).unwrap();
+
+        let m = &shared.metrics;
+        assert_eq!(m.refused(Refusal::Partition), 2);
+        assert_eq!(m.refused(Refusal::InvalidSummary), 2);
+        assert_eq!(m.refused(Refusal::SeqJump), 2);
+        assert_eq!(m.refused(Refusal::InvalidEvent), 1);
+        assert_eq!(m.summaries_applied_total.load(Relaxed), 2);
+        assert_eq!(m.bad_messages_total.load(Relaxed), 0);
+        assert_eq!(
+            shared.feed.history_len(),
+            1,
+            "only the good event reached the feed"
+        );
+        let state = shared.state.lock().unwrap();
+        assert_eq!(state.readings(), 8, "the two good windows only");
+        assert!(state.device(&other).is_none());
+        // Seqs 1 and 2 (the good event) are in; 3 was refused, so the lane waits there.
+        let lane = LaneId::new("gw", p, 77);
+        assert_eq!(state.lane_seq(lane), Some(2));
+        assert_eq!(touched.get(&("gw".to_string(), p, 77)), Some(&2));
+        assert_eq!(
+            store.lane_seqs().unwrap(),
+            vec![("gw".to_string(), p, 77, 2)]
         );
     }
 }

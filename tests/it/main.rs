@@ -14,6 +14,7 @@ mod dashboard;
 mod e2e;
 mod eval_nab;
 mod failover;
+mod forgery;
 mod interop;
 mod nats;
 mod nats_mqtt;
