@@ -515,7 +515,6 @@ impl Outbox {
     }
 
     fn load(&mut self) -> Result<(), OutboxError> {
-        let mut legacy = Vec::new();
         for item in self.meta.iter() {
             let (k, v) = item.map_err(self.storage("read lane meta"))?;
             let malformed = |problem: String| OutboxError::Malformed {
@@ -540,16 +539,13 @@ impl Outbox {
                     .map_or(0, u64::from_be_bytes)
             };
             let (acked, next) = (word(0), word(1));
+            // A 16-byte value predates exposure tracking: everything stored may have been sent
+            // (bounded below by the next seq, once the records are read).
+            let exposed = if v.len() == 24 { word(2) } else { u64::MAX };
             let lane = self.lanes.entry(partition).or_default();
             lane.acked = acked;
             lane.next = next.max(acked.saturating_add(1)).max(1);
-            if v.len() == 24 {
-                lane.exposed = word(2);
-            } else {
-                // Predates exposure tracking: everything stored may have been sent (set below,
-                // once the records have given the lane its next seq).
-                legacy.push(partition);
-            }
+            lane.exposed = exposed;
         }
         let mut leftovers = Vec::new();
         for item in self.records.iter() {
@@ -578,10 +574,10 @@ impl Outbox {
                 .remove(k)
                 .map_err(self.storage("remove acked leftover"))?;
         }
-        for p in legacy {
-            if let Some(lane) = self.lanes.get_mut(&p) {
-                lane.exposed = lane.next - 1;
-            }
+        // Only appended seqs can have been sent, whatever an older version stored (it kept u64::MAX
+        // for lanes from before exposure tracking): so no ack can pass the next seq.
+        for lane in self.lanes.values_mut() {
+            lane.exposed = lane.exposed.min(lane.next - 1);
         }
         Ok(())
     }
@@ -1252,11 +1248,22 @@ mod tests {
         assert_eq!((ob.acked_seq(4), ob.next_seq(4)), (1, 4));
         assert_eq!(ob.exposed_seq(4), 3, "everything stored may have been sent");
         assert_eq!(ob.ack(4, 3).unwrap(), 2);
+        // An older version rewrote such a lane with exposure u64::MAX: still bounded by the next seq.
+        let mut v = [0u8; 24];
+        v[..8].copy_from_slice(&3u64.to_be_bytes());
+        v[8..16].copy_from_slice(&4u64.to_be_bytes());
+        v[16..].copy_from_slice(&u64::MAX.to_be_bytes());
+        ob.meta.insert(4u32.to_be_bytes(), &v).unwrap();
+        ob.flush().unwrap();
         drop(ob);
-        assert_eq!(
-            Outbox::open(dir.path(), UNBOUNDED).unwrap().epoch(),
-            LEGACY_EPOCH
-        );
+        let mut ob = Outbox::open(dir.path(), UNBOUNDED).unwrap();
+        assert_eq!(ob.epoch(), LEGACY_EPOCH);
+        assert_eq!(ob.exposed_seq(4), 3);
+        assert!(matches!(
+            ob.ack(4, 1_000),
+            Err(OutboxError::AckAhead { .. })
+        ));
+        assert_eq!(ob.append(4, summary("a", 90_000)).unwrap(), 4);
     }
 
     #[test]

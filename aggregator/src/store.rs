@@ -683,7 +683,20 @@ mod tests {
     }
 
     fn open(dir: &Path, wps: usize) -> SledStore {
-        SledStore::open(dir, wps).unwrap()
+        // sled lets go of its directory lock from a background thread a moment after the last
+        // handle is dropped: a reopen right after a drop may find it still held (seen under load).
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match SledStore::open(dir, wps) {
+                Err(StoreError::Open { source, .. })
+                    if source.to_string().contains("could not acquire lock")
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => return other.unwrap(),
+            }
+        }
     }
 
     fn starts(snap: &Snapshot) -> Vec<i64> {
