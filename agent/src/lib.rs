@@ -260,6 +260,8 @@ impl Agent {
             let client = up_client.clone();
             let acks_topic = Topics::new(&cfg.uplink.prefix).acks(&cfg.id);
             let agent = cfg.id.clone();
+            // Anyone may publish on the acks topic: a flood of garbage is counted, not logged.
+            let mut bad_acks = uplink::LogLimit::every(Duration::from_secs(10));
             tokio::spawn(async move {
                 mqtt::poll_loop(up_loop, up_opts, "uplink", &metrics, cancel, |ev| {
                     match ev {
@@ -284,7 +286,9 @@ impl Agent {
                             }
                             Err(e) => {
                                 metrics.bad_acks_total.fetch_add(1, Relaxed);
-                                tracing::warn!(agent = %agent, topic = %p.topic, error = %e, "malformed ack message ignored");
+                                if let Some(suppressed) = bad_acks.ready() {
+                                    tracing::warn!(agent = %agent, topic = %p.topic, error = %e, suppressed, "malformed ack message ignored (logged at most every 10 s; all counted in edgewatch_agent_bad_acks_total)");
+                                }
                             }
                         },
                     }

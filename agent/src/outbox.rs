@@ -2,8 +2,9 @@
 //! partition with a monotonically increasing seq, until the lane's owner acknowledges it.
 //!
 //! **Owns:** the sled database in one directory (a `records` tree keyed `partition (u32 BE) ++ seq
-//! (u64 BE)`, so a lane is one ordered key range, and a `meta` tree holding each lane's acked seq and
-//! next seq), the byte accounting, and the disk budget (coarsening, eviction). **Does not own:**
+//! (u64 BE)`, so a lane is one ordered key range, a `meta` tree holding each lane's acked seq and
+//! next seq, and an `epoch` tree holding the outbox's lane epoch), the byte accounting, and the disk
+//! budget (coarsening, eviction). **Does not own:**
 //! the network, retries, timers or async: it is a synchronous state machine that the uplink task drives
 //! (from `spawn_blocking` or a dedicated thread, since sled calls block).
 //!
@@ -19,12 +20,20 @@
 //! is the only one. [`Outbox::ack`] does not flush: an ack lost in a crash only makes the agent resend
 //! records that the owner then drops as replays (it keeps the last applied seq per lane).
 //!
-//! # Seqs and acks
+//! # Seqs, epochs and acks
 //! Seqs start at 1 per lane and are never reused, also across reopen: the next seq is restored as the
-//! largest of the stored next seq, the highest stored record seq + 1 and the acked seq + 1. Acks are
-//! cumulative; a stale ack (≤ the acked seq) is ignored. An ack ahead of the lane (the owner knows a
-//! higher seq, e.g. the outbox directory was wiped) moves the lane's next seq past it, so the owner does
-//! not discard new records as replays.
+//! largest of the stored next seq, the highest stored record seq + 1 and the acked seq + 1.
+//!
+//! Seqs count within the outbox's **epoch** ([`Outbox::epoch`]): a random non-zero u64 drawn when the
+//! database is created and stored in it, so it lasts as long as the seqs it qualifies. An outbox
+//! that starts over (a temporary one on every start, a wiped directory) has a new epoch, so owners
+//! see new lanes instead of replays of seqs they already applied. A database from before epochs
+//! (lanes or records but no stored epoch) keeps [`LEGACY_EPOCH`], so an upgrade does not reset it.
+//!
+//! Acks are cumulative; a stale ack (≤ the acked seq) is ignored. An ack above the highest seq ever
+//! handed to the network ([`Outbox::exposed_seq`]) acknowledges records nobody can have received:
+//! it is refused ([`OutboxError::AckAhead`]) and deletes nothing. (The epoch is checked by the
+//! uplink, which compares each ack's epoch with [`Outbox::epoch`].)
 //!
 //! # Disk budget
 //! [`Outbox::bytes`] counts key + value bytes of the stored records. When an append takes it above
@@ -57,7 +66,7 @@
 //! that the lane still holds, which the owner uses to know no record is missing in between.
 
 use edgewatch_models::stats::RunningStats;
-use edgewatch_models::wire::{AnomalyEvent, WindowSummary};
+use edgewatch_models::wire::{AnomalyEvent, WindowSummary, LEGACY_EPOCH};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -74,6 +83,9 @@ const CHECKPOINT_TREE: &str = "checkpoint";
 const CHECKPOINT_KEY: &[u8] = b"pipeline";
 /// Prefix of the checkpoint's per-series rows: `r` + series index (u32, big-endian).
 const CHECKPOINT_ROW: u8 = b'r';
+/// A tree of its own (not `meta`, whose keys are partitions): older versions still open the database.
+const EPOCH_TREE: &str = "epoch";
+const EPOCH_KEY: &[u8] = b"lane_epoch";
 
 /// Settings of an [`Outbox`].
 #[derive(Debug, Clone, PartialEq)]
@@ -188,6 +200,17 @@ pub enum OutboxError {
         #[source]
         source: serde_json::Error,
     },
+    /// An ack above the highest seq of the lane ever handed to the network: nobody can have received
+    /// those records, so the ack is forged or confused. Refused; nothing was deleted.
+    #[error("outbox: ack of partition {partition} up to seq {upto_seq} refused: only seqs up to {exposed} were ever sent (not retryable: nothing was deleted)")]
+    AckAhead {
+        /// Lane of the ack.
+        partition: u32,
+        /// Seq the ack claimed.
+        upto_seq: u64,
+        /// Highest seq of the lane handed to the network.
+        exposed: u64,
+    },
 }
 
 impl OutboxError {
@@ -213,6 +236,10 @@ fn retry_hint(e: &sled::Error) -> &'static str {
 /// The durable outbox. See the module documentation for the flush and budget policies.
 pub struct Outbox {
     path: PathBuf,
+    /// Whether the database is deleted on drop (an agent without `state.dir`).
+    temporary: bool,
+    /// Epoch of every lane of this database (see the module doc).
+    epoch: u64,
     cfg: OutboxConfig,
     db: sled::Db,
     records: sled::Tree,
@@ -355,6 +382,57 @@ fn open_db(path: &Path) -> sled::Result<sled::Db> {
     }
 }
 
+/// The epoch stored in `db`; if there is none, [`LEGACY_EPOCH`] for a database from before epochs
+/// (it holds lanes or records) and a new random one otherwise. Either is stored and flushed at once.
+fn stored_epoch(
+    db: &sled::Db,
+    records: &sled::Tree,
+    meta: &sled::Tree,
+    path: &Path,
+) -> Result<u64, OutboxError> {
+    let storage = |op: &str| {
+        let op = op.to_string();
+        move |source| OutboxError::Storage {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    };
+    let tree = db
+        .open_tree(EPOCH_TREE)
+        .map_err(storage("open epoch tree"))?;
+    if let Some(v) = tree.get(EPOCH_KEY).map_err(storage("read epoch"))? {
+        return <[u8; 8]>::try_from(v.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| OutboxError::Malformed {
+                path: path.to_path_buf(),
+                tree: EPOCH_TREE,
+                key: hex(EPOCH_KEY),
+                problem: format!("value must be 8 bytes, got {}", v.len()),
+            });
+    }
+    let existing = !records.is_empty() || !meta.is_empty();
+    let epoch = if existing { LEGACY_EPOCH } else { new_epoch() };
+    tree.insert(EPOCH_KEY, &epoch.to_be_bytes())
+        .map_err(storage("write epoch"))?;
+    db.flush().map_err(storage("flush epoch"))?;
+    Ok(epoch)
+}
+
+/// A random non-zero epoch. Not from the configured seed (the style's rule for randomness) on
+/// purpose: two starts must never share an epoch. `RandomState` keys come from the OS once per
+/// process; the clock and the pid separate starts even if they did not.
+fn new_epoch() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}
+
 /// Combines a run of adjacent summaries of one series into one (see the module doc).
 fn merge_summaries(acc: &mut WindowSummary, next: &WindowSummary) {
     let stats = |s: &WindowSummary| RunningStats {
@@ -398,7 +476,7 @@ impl Outbox {
             source,
         };
         let db = open_db(path).map_err(open_err)?;
-        Self::with_db(db, path, cfg)
+        Self::with_db(db, path, cfg, false)
     }
 
     /// An outbox in a temporary sled database, deleted when dropped: the same behaviour without
@@ -412,10 +490,15 @@ impl Outbox {
                 path: path.to_path_buf(),
                 source,
             })?;
-        Self::with_db(db, path, cfg)
+        Self::with_db(db, path, cfg, true)
     }
 
-    fn with_db(db: sled::Db, path: &Path, cfg: OutboxConfig) -> Result<Outbox, OutboxError> {
+    fn with_db(
+        db: sled::Db,
+        path: &Path,
+        cfg: OutboxConfig,
+        temporary: bool,
+    ) -> Result<Outbox, OutboxError> {
         let open_err = |source| OutboxError::Open {
             path: path.to_path_buf(),
             source,
@@ -423,8 +506,11 @@ impl Outbox {
         let records = db.open_tree(RECORDS_TREE).map_err(open_err)?;
         let meta = db.open_tree(META_TREE).map_err(open_err)?;
         let checkpoints = db.open_tree(CHECKPOINT_TREE).map_err(open_err)?;
+        let epoch = stored_epoch(&db, &records, &meta, path)?;
         let mut outbox = Outbox {
             path: path.to_path_buf(),
+            temporary,
+            epoch,
             cfg,
             db,
             records,
@@ -478,7 +564,8 @@ impl Outbox {
                     .map_or(0, u64::from_be_bytes)
             };
             let (acked, next) = (word(0), word(1));
-            // A 16-byte value predates exposure tracking: everything stored may have been sent.
+            // A 16-byte value predates exposure tracking: everything stored may have been sent
+            // (bounded below by the next seq, once the records are read).
             let exposed = if v.len() == 24 { word(2) } else { u64::MAX };
             let lane = self.lanes.entry(partition).or_default();
             lane.acked = acked;
@@ -511,6 +598,11 @@ impl Outbox {
             self.records
                 .remove(k)
                 .map_err(self.storage("remove acked leftover"))?;
+        }
+        // Only appended seqs can have been sent, whatever an older version stored (it kept u64::MAX
+        // for lanes from before exposure tracking): so no ack can pass the next seq.
+        for lane in self.lanes.values_mut() {
+            lane.exposed = lane.exposed.min(lane.next - 1);
         }
         Ok(())
     }
@@ -610,12 +702,23 @@ impl Outbox {
     }
 
     /// Cumulative ack of lane `partition` up to and including `upto_seq`: removes those records and
-    /// returns how many. A stale ack (≤ the acked seq) is ignored and returns 0. Does not flush.
+    /// returns how many. A stale ack (≤ the acked seq) is ignored and returns 0. An ack above
+    /// [`Outbox::exposed_seq`] is refused with [`OutboxError::AckAhead`] and deletes nothing. Does not
+    /// flush.
     pub fn ack(&mut self, partition: u32, upto_seq: u64) -> Result<usize, OutboxError> {
         if upto_seq <= self.acked_seq(partition) {
             return Ok(0);
         }
-        let next = self.next_seq(partition).max(upto_seq.saturating_add(1));
+        let exposed = self.exposed_seq(partition);
+        if upto_seq > exposed {
+            return Err(OutboxError::AckAhead {
+                partition,
+                upto_seq,
+                exposed,
+            });
+        }
+        // exposed < next, so the next seq stays above the acked one.
+        let next = self.next_seq(partition);
         let seqs: Vec<u64> = self.lanes.get(&partition).map_or_else(Vec::new, |l| {
             l.slots.range(..=upto_seq).map(|(&s, _)| s).collect()
         });
@@ -694,6 +797,8 @@ impl Outbox {
     /// must come before the publish.
     pub fn expose(&mut self, partition: u32, upto_seq: u64) -> Result<(), OutboxError> {
         let lane = self.lanes.entry(partition).or_default();
+        // Only appended seqs can be sent: an ack can then never pass the next seq.
+        let upto_seq = upto_seq.min(lane.next - 1);
         if upto_seq <= lane.exposed {
             return Ok(());
         }
@@ -701,9 +806,21 @@ impl Outbox {
         self.put_meta(partition)
     }
 
-    /// Highest seq of lane `partition` handed to the network so far (see [`Outbox::expose`]).
+    /// Highest seq of lane `partition` handed to the network so far (see [`Outbox::expose`]): no
+    /// ack may go beyond it.
     pub fn exposed_seq(&self, partition: u32) -> u64 {
         self.lanes.get(&partition).map_or(0, |l| l.exposed)
+    }
+
+    /// The epoch of every lane of this outbox (see the module doc), carried by every batch sent;
+    /// acks for another epoch are not for this outbox.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether the database is temporary (deleted on drop): what it holds does not survive the run.
+    pub fn is_temporary(&self) -> bool {
+        self.temporary
     }
 
     /// Number of records stored (not yet acknowledged) in lane `partition`.
@@ -1112,6 +1229,7 @@ mod tests {
             ob.append(1, summary("a", i * 10_000)).unwrap();
         }
         ob.append(2, summary("b", 0)).unwrap();
+        ob.expose(1, 5).unwrap();
         let before = ob.bytes();
         assert_eq!(ob.ack(1, 2).unwrap(), 2);
         assert_eq!(seqs(&ob, 1), vec![3, 4, 5]);
@@ -1133,6 +1251,7 @@ mod tests {
         for i in 0..3 {
             ob.append(0, summary("a", i * 10_000)).unwrap();
         }
+        ob.expose(0, 3).unwrap();
         ob.ack(0, 2).unwrap();
         assert_eq!(ob.ack(0, 1).unwrap(), 0);
         assert_eq!(ob.ack(0, 0).unwrap(), 0);
@@ -1143,12 +1262,107 @@ mod tests {
     }
 
     #[test]
-    fn ack_ahead_of_the_lane_moves_next_seq_past_it() {
+    fn ack_above_the_exposed_seq_is_refused_and_deletes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut ob = Outbox::open(dir.path(), UNBOUNDED).unwrap();
-        ob.append(0, summary("a", 0)).unwrap();
-        assert_eq!(ob.ack(0, 40).unwrap(), 1);
-        assert_eq!(ob.append(0, summary("a", 10_000)).unwrap(), 41);
+        for i in 0..5 {
+            ob.append(0, summary("a", i * 10_000)).unwrap();
+        }
+        let refused = |r: Result<usize, OutboxError>| match r {
+            Err(e @ OutboxError::AckAhead { .. }) => e.to_string(),
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        // Nothing sent yet: no ack can be true.
+        let msg = refused(ob.ack(0, 1));
+        assert!(
+            msg.contains("up to seq 1 refused: only seqs up to 0"),
+            "{msg}"
+        );
+        ob.expose(0, 3).unwrap();
+        refused(ob.ack(0, 4));
+        refused(ob.ack(0, u64::MAX));
+        refused(ob.ack(7, 1));
+        assert_eq!(seqs(&ob, 0), vec![1, 2, 3, 4, 5], "nothing deleted");
+        assert_eq!(
+            (ob.acked_seq(0), ob.next_seq(0)),
+            (0, 6),
+            "the lane did not move"
+        );
+        assert_eq!(ob.ack(0, 3).unwrap(), 3);
+        // Exposure never passes what was appended, so neither can an ack.
+        ob.expose(0, 1_000).unwrap();
+        assert_eq!(ob.exposed_seq(0), 5);
+        refused(ob.ack(0, 6));
+        assert_eq!(ob.ack(0, 5).unwrap(), 2);
+        assert_eq!(ob.append(0, summary("a", 90_000)).unwrap(), 6);
+    }
+
+    #[test]
+    fn the_epoch_is_drawn_once_stored_and_kept_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = {
+            let mut ob = Outbox::open(dir.path(), UNBOUNDED).unwrap();
+            assert!(!ob.is_temporary());
+            ob.append(0, summary("a", 0)).unwrap();
+            ob.epoch()
+        };
+        assert_ne!(epoch, LEGACY_EPOCH);
+        let ob = Outbox::open(dir.path(), UNBOUNDED).unwrap();
+        assert_eq!(ob.epoch(), epoch);
+        drop(ob);
+        // A wiped directory is a new outbox: seqs start again at 1, in a new epoch.
+        let other = tempfile::tempdir().unwrap();
+        let fresh = Outbox::open(other.path(), UNBOUNDED).unwrap();
+        assert_ne!(fresh.epoch(), epoch);
+        assert_ne!(fresh.epoch(), LEGACY_EPOCH);
+    }
+
+    #[test]
+    fn temporary_outboxes_have_a_new_epoch_every_time() {
+        let a = Outbox::open_temporary(UNBOUNDED).unwrap();
+        let b = Outbox::open_temporary(UNBOUNDED).unwrap();
+        assert!(a.is_temporary());
+        assert_ne!(a.epoch(), b.epoch());
+        assert!(a.epoch() != LEGACY_EPOCH && b.epoch() != LEGACY_EPOCH);
+    }
+
+    #[test]
+    fn an_outbox_from_before_epochs_keeps_the_legacy_epoch_and_its_lanes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut ob = Outbox::open(dir.path(), UNBOUNDED).unwrap();
+            for i in 0..3 {
+                ob.append(4, summary("a", i * 10_000)).unwrap();
+            }
+            // What an older version left: no epoch, and 16-byte lane meta (no exposure).
+            ob.db.drop_tree(EPOCH_TREE).unwrap();
+            let mut v = [0u8; 16];
+            v[..8].copy_from_slice(&1u64.to_be_bytes());
+            v[8..].copy_from_slice(&4u64.to_be_bytes());
+            ob.meta.insert(4u32.to_be_bytes(), &v).unwrap();
+            ob.flush().unwrap();
+        }
+        let mut ob = Outbox::open(dir.path(), UNBOUNDED).unwrap();
+        assert_eq!(ob.epoch(), LEGACY_EPOCH);
+        assert_eq!((ob.acked_seq(4), ob.next_seq(4)), (1, 4));
+        assert_eq!(ob.exposed_seq(4), 3, "everything stored may have been sent");
+        assert_eq!(ob.ack(4, 3).unwrap(), 2);
+        // An older version rewrote such a lane with exposure u64::MAX: still bounded by the next seq.
+        let mut v = [0u8; 24];
+        v[..8].copy_from_slice(&3u64.to_be_bytes());
+        v[8..16].copy_from_slice(&4u64.to_be_bytes());
+        v[16..].copy_from_slice(&u64::MAX.to_be_bytes());
+        ob.meta.insert(4u32.to_be_bytes(), &v).unwrap();
+        ob.flush().unwrap();
+        drop(ob);
+        let mut ob = Outbox::open(dir.path(), UNBOUNDED).unwrap();
+        assert_eq!(ob.epoch(), LEGACY_EPOCH);
+        assert_eq!(ob.exposed_seq(4), 3);
+        assert!(matches!(
+            ob.ack(4, 1_000),
+            Err(OutboxError::AckAhead { .. })
+        ));
+        assert_eq!(ob.append(4, summary("a", 90_000)).unwrap(), 4);
     }
 
     #[test]
@@ -1161,6 +1375,8 @@ mod tests {
             }
             ob.append(5, anomaly("a", 7)).unwrap();
             ob.append(9, summary("b", 0)).unwrap();
+            ob.expose(9, 1).unwrap();
+            ob.expose(5, 2).unwrap();
             ob.ack(9, 1).unwrap();
             ob.ack(5, 2).unwrap();
             ob.flush().unwrap();
@@ -1428,15 +1644,22 @@ mod tests {
                     Op::Ack { lane, back } => {
                         let lm = model.lanes.entry(*lane).or_insert((0, 1, BTreeMap::new()));
                         let upto = lm.1.saturating_sub(*back);
-                        let removed_model = if upto > lm.0 {
-                            lm.0 = upto;
-                            lm.1 = lm.1.max(upto + 1);
-                            let keep = lm.2.split_off(&(upto + 1));
-                            std::mem::replace(&mut lm.2, keep).len()
+                        // The uplink exposes what it publishes; an owner acks only that.
+                        o.expose(*lane, upto).unwrap();
+                        if upto >= lm.1 {
+                            // Never appended, so never sent: refused, and nothing changes.
+                            let refused = matches!(o.ack(*lane, upto), Err(OutboxError::AckAhead { .. }));
+                            prop_assert!(refused, "ack of unsent seq {} accepted", upto);
                         } else {
-                            0
-                        };
-                        prop_assert_eq!(o.ack(*lane, upto).unwrap(), removed_model);
+                            let removed_model = if upto > lm.0 {
+                                lm.0 = upto;
+                                let keep = lm.2.split_off(&(upto + 1));
+                                std::mem::replace(&mut lm.2, keep).len()
+                            } else {
+                                0
+                            };
+                            prop_assert_eq!(o.ack(*lane, upto).unwrap(), removed_model);
+                        }
                     }
                     _ => {
                         let (lane, record) = gen.record(op).unwrap();

@@ -81,6 +81,55 @@ pub struct AgentMetrics {
     pub restart_loss_estimate: AtomicU64,
     /// after_checkpoint: redelivered readings the restored checkpoint already held (skipped).
     pub replays_skipped_total: AtomicU64,
+    /// Acks refused (nothing deleted for them), by [`AckRefusal`]:
+    /// `edgewatch_agent_acks_refused_total{reason}`.
+    pub acks_refused: [AtomicU64; AckRefusal::ALL.len()],
+}
+
+/// Why the uplink refused an ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckRefusal {
+    /// For another lane epoch than this outbox's (a previous run without `state.dir`, or forged).
+    Epoch,
+    /// Above the highest seq of the lane ever sent: nobody can have received those records.
+    Unsent,
+}
+
+impl AckRefusal {
+    /// Every reason, in metric order.
+    pub const ALL: [AckRefusal; 2] = [AckRefusal::Epoch, AckRefusal::Unsent];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            AckRefusal::Epoch => "epoch",
+            AckRefusal::Unsent => "unsent",
+        }
+    }
+
+    /// Refused acks of this reason so far.
+    pub fn count(self, m: &AgentMetrics) -> u64 {
+        m.acks_refused[self as usize].load(Relaxed)
+    }
+}
+
+impl AgentMetrics {
+    /// Counts one refused ack.
+    pub fn refuse_ack(&self, why: AckRefusal) {
+        self.acks_refused[why as usize].fetch_add(1, Relaxed);
+    }
+
+    fn render_ack_refusals(&self, agent: &str, out: &mut String) {
+        let _ = writeln!(out, "# TYPE edgewatch_agent_acks_refused_total counter");
+        for why in AckRefusal::ALL {
+            let _ = writeln!(
+                out,
+                "edgewatch_agent_acks_refused_total{{agent=\"{agent}\",reason=\"{}\"}} {}",
+                why.label(),
+                why.count(self)
+            );
+        }
+    }
 }
 
 impl AgentMetrics {
@@ -256,6 +305,7 @@ impl AgentMetrics {
             "# TYPE edgewatch_agent_event_lag_ms gauge\nedgewatch_agent_event_lag_ms{{agent=\"{agent}\"}} {}",
             self.event_lag_ms.load(Relaxed)
         );
+        self.render_ack_refusals(agent, out);
     }
 }
 
@@ -275,6 +325,25 @@ mod tests {
         m.render("gw", &mut text);
         assert!(
             text.contains(r#"edgewatch_agent_rejected_total{agent="gw",reason="empty_payload"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn refused_acks_are_counted_by_reason_and_rendered() {
+        let m = AgentMetrics::default();
+        m.refuse_ack(AckRefusal::Unsent);
+        m.refuse_ack(AckRefusal::Unsent);
+        m.refuse_ack(AckRefusal::Epoch);
+        assert_eq!(AckRefusal::Unsent.count(&m), 2);
+        let mut text = String::new();
+        m.render("gw", &mut text);
+        assert!(
+            text.contains(r#"edgewatch_agent_acks_refused_total{agent="gw",reason="unsent"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"edgewatch_agent_acks_refused_total{agent="gw",reason="epoch"} 1"#),
             "{text}"
         );
     }

@@ -16,10 +16,15 @@
 //! while newly appended records are still published at once (live) — the owner applies them out of
 //! order and acks the lane only when the prev chain is complete. Nothing is published while the link
 //! is down: the pipeline keeps detecting and the outbox keeps buffering.
+//!
+//! **Acks are checked before they delete.** Anyone who may publish on `{prefix}/acks/{agent}` could
+//! forge one, so an ack counts only for this outbox's lane epoch (every batch carries it) and only up
+//! to the highest seq the lane ever handed to the network; any other ack is refused, counted by reason
+//! (`edgewatch_agent_acks_refused_total`) and logged at most every 10 s.
 
-use crate::outbox::{Outbox, OutboxStats, Record};
+use crate::outbox::{Outbox, OutboxError, OutboxStats, Record};
 use crate::pipeline::Output;
-use crate::telemetry::AgentMetrics;
+use crate::telemetry::{AckRefusal, AgentMetrics};
 use edgewatch_models::wire::{AckBatch, AnomalyEvent, Batch, Sequenced, Topics, WindowSummary};
 use rumqttc::{AsyncClient, QoS};
 use std::collections::{BTreeMap, BTreeSet};
@@ -105,6 +110,40 @@ pub(crate) struct Uplink {
     metrics: Arc<AgentMetrics>,
     /// Publishes handed to the client (QoS 1: each one will be acknowledged by the broker).
     sent: Arc<AtomicU64>,
+    /// Rate limit of the refused-ack warnings.
+    refusals_log: LogLimit,
+}
+
+/// At most one log line per period, counting the ones suppressed in between: a flood of bad input
+/// must not flood the log (everything is counted regardless).
+pub(crate) struct LogLimit {
+    period: Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    pub(crate) fn every(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(lines suppressed since the last one)` when a line may be logged now, else `None`.
+    pub(crate) fn ready(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.period)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 impl Uplink {
@@ -131,6 +170,7 @@ impl Uplink {
             last_ack: now,
             metrics,
             sent,
+            refusals_log: LogLimit::every(Duration::from_secs(10)),
         };
         up.update_gauges();
         up
@@ -244,6 +284,16 @@ impl Uplink {
             LinkNote::Acks(batch) => {
                 self.metrics.acks_received_total.fetch_add(1, Relaxed);
                 for ack in batch.acks {
+                    if ack.epoch != self.outbox.epoch() {
+                        // Another lane's: a previous run's (without state.dir), or forged.
+                        let why = format!(
+                            "lane epoch {} is not this outbox's ({})",
+                            ack.epoch,
+                            self.outbox.epoch()
+                        );
+                        self.refuse(AckRefusal::Epoch, &batch.owner, &ack, &why);
+                        continue;
+                    }
                     let before = self.outbox.acked_seq(ack.partition);
                     match self.outbox.ack(ack.partition, ack.upto_seq) {
                         Ok(_) if ack.upto_seq > before => {
@@ -256,6 +306,9 @@ impl Uplink {
                             }
                         }
                         Ok(_) => {}
+                        Err(e @ OutboxError::AckAhead { .. }) => {
+                            self.refuse(AckRefusal::Unsent, &batch.owner, &ack, &e.to_string());
+                        }
                         Err(e) => {
                             self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
                             tracing::error!(agent = %self.s.agent, partition = ack.partition, error = %e, "ack not applied to the outbox; the records will be resent");
@@ -264,6 +317,22 @@ impl Uplink {
                 }
                 self.update_gauges();
             }
+        }
+    }
+
+    /// Counts a refused ack and logs it (rate-limited). Nothing was deleted for it.
+    fn refuse(
+        &mut self,
+        why: AckRefusal,
+        owner: &str,
+        ack: &edgewatch_models::wire::Ack,
+        detail: &str,
+    ) {
+        self.metrics.refuse_ack(why);
+        if let Some(suppressed) = self.refusals_log.ready() {
+            tracing::warn!(agent = %self.s.agent, owner = %owner.escape_debug(), partition = ack.partition,
+                upto_seq = ack.upto_seq, epoch = ack.epoch, reason = why.label(), detail, suppressed,
+                "ack refused: nothing deleted (forged, or meant for another run of this agent); logged at most every 10 s");
         }
     }
 
@@ -464,6 +533,7 @@ impl Uplink {
             return;
         };
         let acked = self.outbox.acked_seq(p);
+        let epoch = self.outbox.epoch();
         let mut summaries: Vec<Sequenced<WindowSummary>> = Vec::new();
         let mut events: Vec<Sequenced<AnomalyEvent>> = Vec::new();
         for (seq, prev, rec) in records {
@@ -481,6 +551,7 @@ impl Uplink {
                 partition: p,
                 records: events,
                 acked,
+                epoch,
             };
             let topic = self.s.topics.anomalies(p, &self.s.agent);
             ok = self.publish(client, topic, &batch);
@@ -497,6 +568,7 @@ impl Uplink {
                 partition: p,
                 records: rest,
                 acked,
+                epoch,
             };
             let topic = self.s.topics.summaries(p, &self.s.agent);
             ok = self.publish(client, topic, &batch);
@@ -564,12 +636,31 @@ impl Uplink {
             }
         }
         let left = self.outbox.records();
-        if left > 0 {
+        if left > 0 && self.outbox.is_temporary() {
+            // Nothing survives this run: the next start has an empty outbox in a new epoch.
+            tracing::warn!(agent = %self.s.agent, records = left, readings = self.unacked_readings(),
+                "records not yet acknowledged are lost: the outbox is temporary (no state.dir), so nothing is resent after a restart");
+        } else if left > 0 {
             tracing::info!(agent = %self.s.agent, records = left, "records not yet acknowledged stay in the outbox and are resent on the next start");
         }
         if let Err(e) = self.outbox.flush() {
             tracing::error!(agent = %self.s.agent, error = %e, "final outbox flush failed");
         }
+    }
+
+    /// Readings covered by the summaries still in the outbox (for the shutdown log).
+    fn unacked_readings(&self) -> u64 {
+        let mut readings = 0u64;
+        for p in self.outbox.lanes() {
+            if let Ok(records) = self.outbox.pending(p, 0, usize::MAX) {
+                for (_, r) in records {
+                    if let Record::Summary(s) = r {
+                        readings = readings.saturating_add(s.count);
+                    }
+                }
+            }
+        }
+        readings
     }
 
     fn update_gauges(&self) {
@@ -586,5 +677,105 @@ impl Uplink {
             .store(st.evicted_readings, Relaxed);
         m.outbox_over_budget_total.store(st.over_budget, Relaxed);
         m.outbox_acked_total.store(st.acked, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::OutboxConfig;
+    use edgewatch_models::wire::Ack;
+
+    fn summary(start_ms: i64) -> Record {
+        Record::Summary(WindowSummary {
+            device: "d".into(),
+            metric: "m".into(),
+            start_ms,
+            end_ms: start_ms + 10,
+            count: 1,
+            min: 1.0,
+            max: 1.0,
+            mean: 1.0,
+            std: 0.0,
+            first_ts_ms: start_ms,
+            last_ts_ms: start_ms,
+            max_score: 0.1,
+            revision: 0,
+        })
+    }
+
+    fn uplink() -> Uplink {
+        let outbox = Outbox::open_temporary(OutboxConfig {
+            max_outbox_bytes: u64::MAX,
+            normal_score_below: 0.5,
+        })
+        .unwrap();
+        let s = UplinkSettings {
+            agent: "gw".into(),
+            topics: Topics::new("p"),
+            qos: QoS::AtLeastOnce,
+            batch_max: 10,
+            max_delay: Duration::from_millis(10),
+            ack_timeout: Duration::from_secs(1),
+            max_unacked: 100,
+            drain_rate: 100.0,
+            shutdown_wait: Duration::from_secs(1),
+        };
+        Uplink::new(
+            s,
+            outbox,
+            Arc::new(AgentMetrics::default()),
+            Arc::new(AtomicU64::new(0)),
+        )
+    }
+
+    fn acks(acks: &[(u32, u64, u64)]) -> LinkNote {
+        LinkNote::Acks(AckBatch {
+            owner: "someone".into(),
+            acks: acks
+                .iter()
+                .map(|&(partition, upto_seq, epoch)| Ack {
+                    partition,
+                    upto_seq,
+                    epoch,
+                })
+                .collect(),
+        })
+    }
+
+    #[tokio::test]
+    async fn acks_of_another_epoch_or_of_unsent_seqs_delete_nothing_and_are_counted() {
+        let mut up = uplink();
+        for i in 0..5 {
+            up.outbox.append(3, summary(i * 10)).unwrap();
+        }
+        up.outbox.expose(3, 4).unwrap();
+        let epoch = up.outbox.epoch();
+        up.on_note(acks(&[
+            (3, 4, epoch ^ 1),
+            (3, 4, 0),
+            (3, 5, epoch),
+            (3, u64::MAX, epoch),
+            (9, 1, epoch),
+        ]));
+        assert_eq!(up.outbox.len(3), 5, "nothing deleted");
+        assert_eq!(AckRefusal::Epoch.count(&up.metrics), 2);
+        assert_eq!(AckRefusal::Unsent.count(&up.metrics), 3);
+        assert_eq!(up.metrics.outbox_errors_total.load(Relaxed), 0);
+        // The real owner's ack still works.
+        up.on_note(acks(&[(3, 4, epoch)]));
+        assert_eq!(up.outbox.len(3), 1);
+        assert_eq!(up.outbox.acked_seq(3), 4);
+        assert_eq!(up.metrics.outbox_acked_total.load(Relaxed), 4);
+    }
+
+    #[test]
+    fn the_log_limit_lets_one_line_through_per_period_and_counts_the_rest() {
+        let mut limit = LogLimit::every(Duration::from_secs(3600));
+        assert_eq!(limit.ready(), Some(0));
+        assert_eq!(limit.ready(), None);
+        assert_eq!(limit.ready(), None);
+        limit.last = Some(std::time::Instant::now() - Duration::from_secs(3601));
+        assert_eq!(limit.ready(), Some(2));
     }
 }

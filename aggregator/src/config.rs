@@ -227,6 +227,12 @@ pub struct StateConfig {
     /// nothing is acknowledged.
     #[serde(default)]
     pub dir: Option<std::path::PathBuf>,
+    /// How far above a lane's contiguous progress a record's seq (or a batch's `acked` floor) may
+    /// lie; beyond it the record is refused as forged or corrupt. Raise it only if an agent's outbox
+    /// can evict more records of one lane than this (a lane then stops being acknowledged, and
+    /// `edgewatch_aggregator_records_refused_total{reason="seq_jump"}` counts it).
+    #[serde(default = "default_max_seq_jump")]
+    pub max_seq_jump: u64,
 }
 
 impl Default for StateConfig {
@@ -234,6 +240,7 @@ impl Default for StateConfig {
         Self {
             windows_per_series: default_windows_per_series(),
             dir: None,
+            max_seq_jump: default_max_seq_jump(),
         }
     }
 }
@@ -279,6 +286,9 @@ fn default_client_queue() -> usize {
 }
 fn default_windows_per_series() -> usize {
     60
+}
+fn default_max_seq_jump() -> u64 {
+    crate::state::DEFAULT_MAX_SEQ_JUMP
 }
 
 impl AggregatorConfig {
@@ -364,6 +374,9 @@ impl AggregatorConfig {
         }
         if self.state.windows_per_series == 0 {
             out.push("state.windows_per_series: must be > 0, got 0".into());
+        }
+        if self.state.max_seq_jump == 0 {
+            out.push("state.max_seq_jump: must be > 0, got 0".into());
         }
         if let Some(c) = &self.cluster {
             out.extend(c.problems().into_iter().map(|p| format!("cluster.{p}")));

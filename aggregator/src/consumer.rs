@@ -5,12 +5,23 @@
 //! bounded queue. Reconnects back off exponentially with jitter and resubscribe on every ConnAck;
 //! a SUBACK that refuses a filter counts as a connection failure (the connection is dropped and
 //! made again), since nothing would ever arrive on it.
+//!
+//! **What is refused.** Anyone who may publish on the uplink topics could forge a batch, so before a
+//! record is applied it must fit: its device's partition is its batch's, a summary passes
+//! [`WindowSummary::check`] and an event [`AnomalyEvent::check`], and on an owned partition its seq
+//! (and its batch's `acked` floor) lies within `state.max_seq_jump` of its lane's progress
+//! ([`crate::state::FleetState::check_seq`]). A refused record is counted by reason
+//! (`edgewatch_aggregator_records_refused_total`, see [`Refusal`]), logged at most every 5 s per
+//! reason, and otherwise ignored: not applied, not published to the feed, not noted in its lane —
+//! so the lane is never acknowledged past it, and the sender keeps it.
 
-use crate::state::Applied;
+use crate::state::{Applied, FleetState, LaneId};
 use crate::store::StateStore;
+use crate::telemetry::Refusal;
 use crate::Shared;
 use edgewatch_models::backoff::Backoff;
 use edgewatch_models::link;
+use edgewatch_models::partition::partition_of;
 use edgewatch_models::wire::{
     Ack, AckBatch, AnomalyEvent, Batch, Topics, UplinkTopic, WindowSummary,
 };
@@ -18,7 +29,7 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Packet, QoS, SubscribeFilter,
     SubscribeReasonCode,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -204,8 +215,37 @@ pub(crate) fn filters(
     f
 }
 
-/// Lanes applied since the last flush: (agent, partition) → highest seq applied.
-pub(crate) type Touched = BTreeMap<(String, u32), u64>;
+/// Lanes applied since the last flush: (agent, partition, epoch) → highest seq applied.
+pub(crate) type Touched = BTreeMap<(String, u32, u64), u64>;
+
+/// At most one warning per kind every 5 s, counting the ones suppressed in between, so a flood of
+/// bad or forged messages cannot flood the log (everything is counted in the metrics regardless).
+#[derive(Debug, Default)]
+pub(crate) struct Warnings {
+    last: HashMap<&'static str, (Instant, u64)>,
+}
+
+impl Warnings {
+    /// `Some(warnings of this kind suppressed since the last one)` when one may be logged now.
+    pub(crate) fn ready(&mut self, kind: &'static str) -> Option<u64> {
+        let now = Instant::now();
+        match self.last.get_mut(kind) {
+            Some((last, suppressed)) if now.duration_since(*last) < Duration::from_secs(5) => {
+                *suppressed += 1;
+                None
+            }
+            Some(entry) => {
+                let suppressed = entry.1;
+                *entry = (now, 0);
+                Some(suppressed)
+            }
+            None => {
+                self.last.insert(kind, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
 
 /// Decodes and applies messages until the queue closes. Runs on a blocking thread: the store's
 /// writes and flushes block. After each drained batch the store is flushed, and only then — when
@@ -217,7 +257,7 @@ pub(crate) fn apply_loop(
     acks: Option<AsyncClient>,
 ) {
     let topics = Topics::new(&shared.cfg.prefix);
-    let mut last_warn = Instant::now() - Duration::from_secs(60);
+    let mut warnings = Warnings::default();
     let mut touched = Touched::new();
     let mut batch = Vec::with_capacity(256);
     while let Some(first) = rx.blocking_recv() {
@@ -241,7 +281,7 @@ pub(crate) fn apply_loop(
                 &p,
                 store.as_mut(),
                 &mut touched,
-                &mut last_warn,
+                &mut warnings,
             );
         }
         if touched.is_empty() {
@@ -273,24 +313,60 @@ pub(crate) fn apply_logged(
     p: &rumqttc::Publish,
     store: &mut dyn StateStore,
     touched: &mut Touched,
-    last_warn: &mut Instant,
+    warnings: &mut Warnings,
 ) {
-    if let Err(e) = apply(shared, topics, p, store, touched) {
+    if let Err(e) = apply(shared, topics, p, store, touched, warnings) {
         shared.metrics.bad_messages_total.fetch_add(1, Relaxed);
-        if last_warn.elapsed() >= Duration::from_secs(5) {
-            *last_warn = Instant::now();
-            tracing::warn!(aggregator = %shared.cfg.id, topic = %p.topic, error = %e, "rejected uplink message");
+        if let Some(suppressed) = warnings.ready("rejected") {
+            tracing::warn!(aggregator = %shared.cfg.id, topic = %p.topic.escape_debug(), error = %e, suppressed, "rejected uplink message");
         }
     }
+}
+
+/// Counts `n` records of `lane` refused for `why` and logs it (at most every 5 s per reason).
+fn refuse(
+    shared: &Shared,
+    warnings: &mut Warnings,
+    why: Refusal,
+    n: u64,
+    lane: LaneId<'_>,
+    seq: u64,
+    detail: &str,
+) {
+    shared.metrics.refuse(why, n);
+    if let Some(suppressed) = warnings.ready(why.label()) {
+        tracing::warn!(aggregator = %shared.cfg.id, agent = lane.agent, partition = lane.partition, epoch = lane.epoch,
+            seq, records = n, reason = why.label(), detail = %detail.escape_debug(), suppressed,
+            "uplink records refused: not applied and not acknowledged (forged, corrupt or misconfigured sender; logged at most every 5 s per reason)");
+    }
+}
+
+/// Drops the lanes `state` evicted (see [`FleetState::take_evicted`]) from `store`, counted.
+fn drop_evicted(
+    shared: &Shared,
+    state: &mut FleetState,
+    store: &mut dyn StateStore,
+) -> Result<(), String> {
+    for (agent, partition, epoch) in state.take_evicted() {
+        shared.metrics.lanes_evicted_total.fetch_add(1, Relaxed);
+        store
+            .drop_lane(LaneId::new(&agent, partition, epoch))
+            .map_err(|e| {
+                shared.metrics.store_errors_total.fetch_add(1, Relaxed);
+                format!("state store: {e}")
+            })?;
+    }
+    Ok(())
 }
 
 /// Publishes one cumulative [`AckBatch`] per agent for the lanes in `touched`.
 pub(crate) fn send_acks(shared: &Shared, topics: &Topics, client: &AsyncClient, touched: &Touched) {
     let mut by_agent: BTreeMap<&str, Vec<Ack>> = BTreeMap::new();
-    for ((agent, partition), upto_seq) in touched {
+    for ((agent, partition, epoch), upto_seq) in touched {
         by_agent.entry(agent).or_default().push(Ack {
             partition: *partition,
             upto_seq: *upto_seq,
+            epoch: *epoch,
         });
     }
     for (agent, acks) in by_agent {
@@ -323,7 +399,9 @@ fn apply(
     p: &rumqttc::Publish,
     store: &mut dyn StateStore,
     touched: &mut Touched,
+    warnings: &mut Warnings,
 ) -> Result<(), String> {
+    let partitions = shared.cfg.partitions;
     match topics.parse(&p.topic) {
         Some(UplinkTopic::Summaries { partition, agent }) => {
             let batch: Batch<WindowSummary> = serde_json::from_slice(&p.payload)
@@ -335,21 +413,51 @@ fn apply(
                 ));
             }
             let m = &shared.metrics;
-            m.summaries_received_total
-                .fetch_add(batch.records.len() as u64, Relaxed);
+            let n = batch.records.len() as u64;
+            m.summaries_received_total.fetch_add(n, Relaxed);
             if !shared.owned.contains(partition) {
-                m.misrouted_total
-                    .fetch_add(batch.records.len() as u64, Relaxed);
+                m.misrouted_total.fetch_add(n, Relaxed);
                 return Ok(());
             }
+            let lane = LaneId::new(agent, partition, batch.epoch);
             let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.note_floor(agent, partition, batch.acked);
+            if let Err(why) = state.note_floor(lane, batch.acked) {
+                let detail = format!(
+                    "batch floor (acked) {} is too far above the lane's applied seq {}",
+                    batch.acked,
+                    state.lane_seq(lane).unwrap_or(0)
+                );
+                refuse(shared, warnings, why, n, lane, batch.acked, &detail);
+                return Ok(());
+            }
             let mut applied = 0u64;
             for r in &batch.records {
-                if state.lane_seq(agent, partition).is_some_and(|c| r.seq <= c) {
+                if state.lane_seq(lane).is_some_and(|c| r.seq <= c) {
                     // Already applied and covered by the lane's progress: a resend. Skipping the
                     // store keeps a flood of resends cheap.
                     m.summaries_duplicate_total.fetch_add(1, Relaxed);
+                    continue;
+                }
+                let refused = if let Err(why) = state.check_seq(lane, r.seq) {
+                    let applied_seq = state.lane_seq(lane).unwrap_or(0);
+                    Some((
+                        why,
+                        format!("seq too far above the lane's applied seq {applied_seq}"),
+                    ))
+                } else if partition_of(&r.item.device, partitions) != partition {
+                    Some((
+                        Refusal::Partition,
+                        format!(
+                            "device {:?} belongs to partition {} of {partitions}",
+                            r.item.device,
+                            partition_of(&r.item.device, partitions)
+                        ),
+                    ))
+                } else {
+                    r.item.check().err().map(|e| (Refusal::InvalidSummary, e))
+                };
+                if let Some((why, detail)) = refused {
+                    refuse(shared, warnings, why, 1, lane, r.seq, &detail);
                     continue;
                 }
                 // The durable copy first: a store error leaves the lane unacknowledged.
@@ -358,7 +466,7 @@ fn apply(
                     m.store_errors_total.fetch_add(1, Relaxed);
                     format!("state store: {e}")
                 })?;
-                state.note_seq(agent, partition, r.seq, r.prev_seq());
+                state.note_seq(lane, r.seq, r.prev_seq());
                 match state.apply_window(partition, &r.item) {
                     Applied::New => m.summaries_applied_total.fetch_add(1, Relaxed),
                     Applied::Revised => m.summaries_revised_total.fetch_add(1, Relaxed),
@@ -369,12 +477,13 @@ fn apply(
             }
             // Once per batch, not per record: a throughput figure for the heartbeats.
             shared.owned.count_applied(partition, applied);
-            if let Some(seq) = state.lane_seq(agent, partition) {
-                store.put_lane_seq(agent, partition, seq).map_err(|e| {
+            drop_evicted(shared, &mut state, store)?;
+            if let Some(seq) = state.lane_seq(lane) {
+                store.put_lane_seq(lane, seq).map_err(|e| {
                     m.store_errors_total.fetch_add(1, Relaxed);
                     format!("state store: {e}")
                 })?;
-                touched.insert((agent.to_string(), partition), seq);
+                touched.insert((agent.to_string(), partition, batch.epoch), seq);
             }
             Ok(())
         }
@@ -387,29 +496,67 @@ fn apply(
                     batch.agent, batch.partition
                 ));
             }
-            let acked = batch.acked;
-            for r in batch.records {
-                shared
-                    .metrics
-                    .anomalies_received_total
-                    .fetch_add(1, Relaxed);
-                let prev = r.prev_seq();
-                let event = r.item;
-                if !event.score.is_finite() {
-                    return Err(format!("event {} has a non-finite score", event.id));
+            let m = &shared.metrics;
+            let lane = LaneId::new(agent, partition, batch.epoch);
+            // Every aggregator serves every event on its feed; only the owner keeps the lane.
+            let owned = shared.owned.contains(partition);
+            if owned {
+                let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(why) = state.note_floor(lane, batch.acked) {
+                    let n = batch.records.len() as u64;
+                    m.anomalies_received_total.fetch_add(n, Relaxed);
+                    let detail = format!(
+                        "batch floor (acked) {} is too far above the lane's applied seq {}",
+                        batch.acked,
+                        state.lane_seq(lane).unwrap_or(0)
+                    );
+                    refuse(shared, warnings, why, n, lane, batch.acked, &detail);
+                    return Ok(());
                 }
-                let owned = shared.owned.contains(partition);
+                drop_evicted(shared, &mut state, store)?;
+            }
+            for r in batch.records {
+                m.anomalies_received_total.fetch_add(1, Relaxed);
+                let (seq, prev) = (r.seq, r.prev_seq());
+                let event = r.item;
+                let refused = if let Err(e) = event.check() {
+                    Some((Refusal::InvalidEvent, format!("event {}: {e}", event.id)))
+                } else if partition_of(&event.device, partitions) != partition {
+                    Some((
+                        Refusal::Partition,
+                        format!(
+                            "event {}: device {:?} belongs to partition {} of {partitions}",
+                            event.id,
+                            event.device,
+                            partition_of(&event.device, partitions)
+                        ),
+                    ))
+                } else if owned {
+                    let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.check_seq(lane, seq).err().map(|why| {
+                        let applied_seq = state.lane_seq(lane).unwrap_or(0);
+                        (
+                            why,
+                            format!("seq too far above the lane's applied seq {applied_seq}"),
+                        )
+                    })
+                } else {
+                    None
+                };
+                if let Some((why, detail)) = refused {
+                    refuse(shared, warnings, why, 1, lane, seq, &detail);
+                    continue;
+                }
                 if owned {
                     // Events share the lane's seqs with summaries: the owner's acks must cover both.
                     let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-                    state.note_floor(agent, partition, acked);
-                    state.note_seq(agent, partition, r.seq, prev);
-                    if let Some(seq) = state.lane_seq(agent, partition) {
-                        store.put_lane_seq(agent, partition, seq).map_err(|e| {
-                            shared.metrics.store_errors_total.fetch_add(1, Relaxed);
+                    state.note_seq(lane, seq, prev);
+                    if let Some(seq) = state.lane_seq(lane) {
+                        store.put_lane_seq(lane, seq).map_err(|e| {
+                            m.store_errors_total.fetch_add(1, Relaxed);
                             format!("state store: {e}")
                         })?;
-                        touched.insert((agent.to_string(), partition), seq);
+                        touched.insert((agent.to_string(), partition, batch.epoch), seq);
                     }
                 }
                 let recorded = owned.then(|| event.clone());
@@ -422,10 +569,7 @@ fn apply(
                             .record_anomaly(partition, &e);
                     }
                 } else {
-                    shared
-                        .metrics
-                        .anomalies_duplicate_total
-                        .fetch_add(1, Relaxed);
+                    m.anomalies_duplicate_total.fetch_add(1, Relaxed);
                 }
             }
             Ok(())
@@ -437,6 +581,8 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::MemoryStore;
+    use edgewatch_models::wire::Sequenced;
 
     fn paths(f: &[SubscribeFilter]) -> Vec<&str> {
         f.iter().map(|f| f.path.as_str()).collect()
@@ -501,6 +647,153 @@ mod tests {
         assert!(
             why.starts_with("broker 127.0.0.1:1885 refused 2 subscription(s) [\"p/summaries/2/+\""),
             "{why}"
+        );
+    }
+
+    fn shared() -> Shared {
+        let cfg = crate::AggregatorConfig::with_id("agg-t");
+        Shared {
+            owned: crate::ownership::Ownership::fixed(cfg.partitions, cfg.owned_set()),
+            cluster: None,
+            state: std::sync::Mutex::new(
+                crate::state::FleetState::new(100).with_max_seq_jump(1_000),
+            ),
+            feed: crate::feed::FeedHub::new(100, 10),
+            metrics: Arc::new(crate::AggregatorMetrics::default()),
+            started: Instant::now(),
+            token: None,
+            cfg,
+        }
+    }
+
+    fn window(device: &str, i: i64) -> WindowSummary {
+        WindowSummary {
+            device: device.into(),
+            metric: "m".into(),
+            start_ms: i * 1_000,
+            end_ms: i * 1_000 + 1_000,
+            count: 4,
+            min: 1.0,
+            max: 2.0,
+            mean: 1.5,
+            std: 0.5,
+            first_ts_ms: i * 1_000,
+            last_ts_ms: i * 1_000 + 999,
+            max_score: 0.2,
+            revision: 0,
+        }
+    }
+
+    fn publish<T: serde::Serialize>(topic: String, batch: &Batch<T>) -> rumqttc::Publish {
+        rumqttc::Publish::new(topic, QoS::AtLeastOnce, serde_json::to_vec(batch).unwrap())
+    }
+
+    fn batch<T>(partition: u32, epoch: u64, acked: u64, records: Vec<(u64, T)>) -> Batch<T> {
+        Batch {
+            agent: "gw".into(),
+            partition,
+            records: records
+                .into_iter()
+                .map(|(seq, item)| Sequenced {
+                    seq,
+                    prev: None,
+                    item,
+                })
+                .collect(),
+            acked,
+            epoch,
+        }
+    }
+
+    #[test]
+    fn records_that_cannot_be_real_are_refused_counted_and_never_acknowledged() {
+        let shared = shared();
+        let topics = Topics::new(&shared.cfg.prefix);
+        let mut store = MemoryStore::new(100);
+        let mut touched = Touched::new();
+        let mut warnings = Warnings::default();
+        let device = "pump-7";
+        let p = partition_of(device, 64);
+        let other = (0..)
+            .map(|i| format!("dev-{i}"))
+            .find(|d| partition_of(d, 64) != p)
+            .unwrap();
+        let mut empty = window(device, 3);
+        empty.count = 0;
+        let mut huge = window(device, 4);
+        huge.count = u64::MAX;
+        let mut run = |publish: rumqttc::Publish| {
+            apply(
+                &shared,
+                &topics,
+                &publish,
+                &mut store,
+                &mut touched,
+                &mut warnings,
+            )
+        };
+        let summaries = batch(
+            p,
+            77,
+            0,
+            vec![
+                (1, window(device, 0)),
+                (2, window(&other, 1)),
+                (3, empty),
+                (4, huge),
+                (5, window(device, 5)),
+                (u64::MAX, window(device, 6)),
+            ],
+        );
+        run(publish(topics.summaries(p, "gw"), &summaries)).unwrap();
+        // A floor that would complete the lane at once: the whole batch is refused.
+        let floor = batch(p, 77, u64::MAX - 1, vec![(u64::MAX, window(device, 7))]);
+        run(publish(topics.summaries(p, "gw"), &floor)).unwrap();
+        let mut event = AnomalyEvent {
+            id: "e1".into(),
+            device: device.into(),
+            metric: "m".into(),
+            ts_ms: 10,
+            value: 1.0,
+            // JSON cannot carry a NaN (the whole batch would not decode): a score out of range.
+            score: 1.5,
+            detector: "z".into(),
+            window_start_ms: 0,
+            agent: "gw".into(),
+        };
+        let mut misfiled = event.clone();
+        misfiled.id = "e2".into();
+        misfiled.score = 0.9;
+        misfiled.device = other.clone();
+        let events = batch(p, 77, 0, vec![(6, event.clone()), (7, misfiled)]);
+        run(publish(topics.anomalies(p, "gw"), &events)).unwrap();
+        event.id = "e3".into();
+        event.score = 0.9;
+        let good = batch(p, 77, 0, vec![(2, event)]);
+        run(publish(topics.anomalies(p, "gw"), &good)).unwrap();
+
+        let m = &shared.metrics;
+        assert_eq!(m.refused(Refusal::Partition), 2);
+        assert_eq!(m.refused(Refusal::InvalidSummary), 2);
+        assert_eq!(m.refused(Refusal::SeqJump), 2);
+        assert_eq!(m.refused(Refusal::InvalidEvent), 1);
+        assert_eq!(m.summaries_applied_total.load(Relaxed), 2);
+        assert_eq!(m.bad_messages_total.load(Relaxed), 0);
+        assert_eq!(
+            shared.feed.history_len(),
+            1,
+            "only the good event reached the feed"
+        );
+        let state = shared.state.lock().unwrap();
+        assert_eq!(state.readings(), 8, "the two good windows only");
+        assert!(state.device(&other).is_none());
+        // Seqs 1 and 2 (the good event) are in; 3 was refused, so the lane waits there.
+        let lane = LaneId::new("gw", p, 77);
+        assert_eq!(state.lane_seq(lane), Some(2));
+        assert_eq!(touched.get(&("gw".to_string(), p, 77)), Some(&2));
+        assert_eq!(
+            store.lane_seqs().unwrap(),
+            vec![("gw".to_string(), p, 77, 2)]
         );
     }
 }

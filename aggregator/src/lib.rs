@@ -101,7 +101,7 @@ impl Aggregator {
             token,
             owned,
             cluster,
-            state: Mutex::new(state),
+            state: Mutex::new(state.with_max_seq_jump(cfg.state.max_seq_jump)),
             feed: FeedHub::new(cfg.feed.history, cfg.feed.client_queue),
             metrics: Arc::new(AggregatorMetrics::default()),
             started: Instant::now(),

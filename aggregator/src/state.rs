@@ -1,12 +1,56 @@
 //! Per-device state held by a partition owner: recent windows per (device, metric), cumulative
-//! counts, the latest anomaly, and the last applied seq of every lane (agent, partition).
+//! counts, the latest anomaly, and the last applied seq of every lane (agent, partition, epoch).
 //!
 //! Applying is idempotent: a summary is keyed by (device, metric, window start), so a replay
 //! overwrites itself and a late correction (higher revision) replaces the original.
+//!
+//! **Lanes and epochs.** A lane is (agent, partition, epoch): an agent's outbox draws a new epoch
+//! whenever it starts over from seq 1 (see [`edgewatch_models::wire::Batch::epoch`]), so a new epoch
+//! is a new lane, starting at its first batch's `acked` floor, and new records are never taken for
+//! replays of an old lane. At most [`MAX_EPOCHS`] lanes are kept per (agent, partition): a new one
+//! evicts the least recently seen (reported by [`FleetState::take_evicted`], so the store forgets it
+//! too), so made-up epochs cannot grow memory. An evicted lane that comes back starts again at its
+//! batch's floor: its replays are applied again, idempotently.
+//!
+//! **Bounds against forged or corrupt input.** A seq or floor more than `max_seq_jump` above a known
+//! lane's contiguous progress is refused ([`FleetState::check_seq`], [`FleetState::note_floor`]):
+//! one forged `seq = 2^64 - 1` must not mark a lane complete (its real records would then be
+//! skipped as replays). The counters saturate instead of wrapping.
 
-use edgewatch_models::wire::{AnomalyEvent, WindowSummary};
+use crate::telemetry::Refusal;
+use edgewatch_models::wire::{AnomalyEvent, WindowSummary, LEGACY_EPOCH};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
+
+/// Lanes kept per (agent, partition), across epochs; past it the least recently seen is evicted.
+pub const MAX_EPOCHS: usize = 4;
+
+/// Default of `state.max_seq_jump`: how far above a lane's contiguous progress a seq or floor may
+/// be. Legitimate jumps come from an agent's outbox evicting records under its disk budget, or from
+/// acks of another owner in between; a million records of one lane is far beyond either.
+pub const DEFAULT_MAX_SEQ_JUMP: u64 = 1_000_000;
+
+/// One lane: (agent, partition, epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneId<'a> {
+    /// Sending agent.
+    pub agent: &'a str,
+    /// Partition.
+    pub partition: u32,
+    /// The sender's outbox epoch ([`LEGACY_EPOCH`] for senders from before epochs).
+    pub epoch: u64,
+}
+
+impl<'a> LaneId<'a> {
+    /// Lane (`agent`, `partition`, `epoch`).
+    pub fn new(agent: &'a str, partition: u32, epoch: u64) -> Self {
+        Self {
+            agent,
+            partition,
+            epoch,
+        }
+    }
+}
 
 /// What applying a summary did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +89,7 @@ pub struct DeviceState {
     pub metrics: BTreeMap<String, SeriesState>,
 }
 
-/// How far a lane (agent, partition) has been applied without a hole.
+/// How far a lane (agent, partition, epoch) has been applied without a hole.
 ///
 /// Senders may leave seqs out for good (merged into a coarser summary or evicted under disk
 /// pressure), so every record names the seq before it that the sender still holds (`prev`): a record
@@ -60,6 +104,11 @@ struct LaneProgress {
 }
 
 impl LaneProgress {
+    /// Whether `seq` is at most `max_jump` above the contiguous progress.
+    fn within_reach(&self, seq: u64, max_jump: u64) -> bool {
+        seq - self.contiguous.min(seq) <= max_jump
+    }
+
     fn note(&mut self, seq: u64, prev: u64) {
         if seq <= self.contiguous {
             return;
@@ -103,6 +152,8 @@ pub struct LaneReport {
     pub agent: String,
     /// Partition.
     pub partition: u32,
+    /// The sender's outbox epoch.
+    pub epoch: u64,
     /// Everything up to this seq is applied (what acks cover).
     pub applied_seq: u64,
     /// Records applied beyond a hole.
@@ -115,13 +166,41 @@ pub struct LaneReport {
 /// sender), so a lane whose hole never fills cannot grow without bound.
 const MAX_AHEAD: usize = 100_000;
 
+/// One epoch's lane of an (agent, partition).
+#[derive(Debug)]
+struct EpochLane {
+    epoch: u64,
+    progress: LaneProgress,
+    /// [`FleetState::clock`] when last noted: the least recent is evicted first.
+    seen: u64,
+}
+
 /// All devices of the partitions one aggregator owns.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FleetState {
     devices: BTreeMap<String, DeviceState>,
-    /// Lanes by agent, then partition: looked up by `&str` on the per-record path, no allocation.
-    lanes: BTreeMap<String, BTreeMap<u32, LaneProgress>>,
+    /// Lanes by agent, then partition, then epoch (at most [`MAX_EPOCHS`]): looked up by `&str` on
+    /// the per-record path, no allocation.
+    lanes: BTreeMap<String, BTreeMap<u32, Vec<EpochLane>>>,
     windows_per_series: usize,
+    max_seq_jump: u64,
+    /// Ticks once per lane update (for least-recently-seen eviction).
+    clock: u64,
+    /// Lanes evicted and not yet taken by [`FleetState::take_evicted`]: (agent, partition, epoch).
+    evicted: Vec<(String, u32, u64)>,
+}
+
+impl Default for FleetState {
+    fn default() -> Self {
+        Self {
+            devices: BTreeMap::new(),
+            lanes: BTreeMap::new(),
+            windows_per_series: 1,
+            max_seq_jump: DEFAULT_MAX_SEQ_JUMP,
+            clock: 0,
+            evicted: Vec::new(),
+        }
+    }
 }
 
 impl FleetState {
@@ -133,8 +212,15 @@ impl FleetState {
         }
     }
 
-    /// Applies one summary of lane (`agent`, `partition`) with its `seq`, taking the seq before
-    /// it as its prev (a sender that skips nothing).
+    /// The same, refusing seqs and floors more than `max_seq_jump` (at least 1) above a lane's
+    /// contiguous progress (`state.max_seq_jump`).
+    pub fn with_max_seq_jump(mut self, max_seq_jump: u64) -> Self {
+        self.max_seq_jump = max_seq_jump.max(1);
+        self
+    }
+
+    /// Applies one summary of lane (`agent`, `partition`) of the legacy epoch with its `seq`,
+    /// taking the seq before it as its prev (a sender that skips nothing). No bound is checked.
     pub fn apply_summary(
         &mut self,
         agent: &str,
@@ -142,7 +228,8 @@ impl FleetState {
         seq: u64,
         s: &WindowSummary,
     ) -> Applied {
-        self.note_seq(agent, partition, seq, seq.saturating_sub(1));
+        let lane = LaneId::new(agent, partition, LEGACY_EPOCH);
+        self.note_seq(lane, seq, seq.saturating_sub(1));
         self.apply_window(partition, s)
     }
 
@@ -158,7 +245,10 @@ impl FleetState {
             .filter(|w| w.start_ms == s.start_ms)
         {
             if s.revision > existing.revision {
-                series.readings = series.readings - existing.count + s.count;
+                series.readings = series
+                    .readings
+                    .saturating_sub(existing.count)
+                    .saturating_add(s.count);
                 *existing = s.clone();
                 return Applied::Revised;
             }
@@ -173,8 +263,8 @@ impl FleetState {
         if full {
             series.windows.pop_front();
         }
-        series.windows_applied += 1;
-        series.readings += s.count;
+        series.windows_applied = series.windows_applied.saturating_add(1);
+        series.readings = series.readings.saturating_add(s.count);
         Applied::New
     }
 
@@ -183,7 +273,7 @@ impl FleetState {
         let device = self.devices.entry(e.device.clone()).or_default();
         device.partition = partition;
         let series = device.metrics.entry(e.metric.clone()).or_default();
-        series.anomalies += 1;
+        series.anomalies = series.anomalies.saturating_add(1);
         if series
             .last_anomaly
             .as_ref()
@@ -195,36 +285,97 @@ impl FleetState {
 
     /// Records that `seq` of a lane was applied, `prev` being the seq before it that the sender
     /// still held (see [`Sequenced::prev_seq`]). Summaries and anomaly events share a lane's seqs.
+    /// A seq beyond reach (see [`FleetState::check_seq`], which callers ask first) is ignored.
     ///
     /// [`Sequenced::prev_seq`]: edgewatch_models::wire::Sequenced::prev_seq
-    pub fn note_seq(&mut self, agent: &str, partition: u32, seq: u64, prev: u64) {
-        self.lane(agent, partition).note(seq, prev);
+    pub fn note_seq(&mut self, lane: LaneId<'_>, seq: u64, prev: u64) {
+        let max_jump = self.max_seq_jump;
+        let progress = self.lane(lane);
+        if progress.within_reach(seq, max_jump) {
+            progress.note(seq, prev);
+        }
+    }
+
+    /// Whether `seq` may be applied to `lane`: refused ([`Refusal::SeqJump`]) when it lies more than
+    /// `max_seq_jump` above the lane's contiguous progress (0 for a lane not seen yet). Read-only.
+    pub fn check_seq(&self, lane: LaneId<'_>, seq: u64) -> Result<(), Refusal> {
+        let contiguous = self.lane_seq(lane).unwrap_or(0);
+        if seq - contiguous.min(seq) > self.max_seq_jump {
+            return Err(Refusal::SeqJump);
+        }
+        Ok(())
     }
 
     /// Records the sender's acknowledged seq of a lane (carried by every batch): nothing at or below
     /// it will be sent again, so an owner that has never seen the lane (or lost its store) does not
-    /// wait for it. Also how a restart restores the lanes from the store.
-    pub fn note_floor(&mut self, agent: &str, partition: u32, floor: u64) {
-        self.lane(agent, partition).raise_to(floor);
-    }
-
-    fn lane(&mut self, agent: &str, partition: u32) -> &mut LaneProgress {
-        if !self.lanes.contains_key(agent) {
-            self.lanes.insert(agent.to_string(), BTreeMap::new());
+    /// wait for it. A new lane starts there, whatever it is; a known lane refuses
+    /// ([`Refusal::SeqJump`], nothing changed) a floor more than `max_seq_jump` above its progress.
+    pub fn note_floor(&mut self, lane: LaneId<'_>, floor: u64) -> Result<(), Refusal> {
+        let known = self.lane_seq(lane).is_some();
+        let max_jump = self.max_seq_jump;
+        let progress = self.lane(lane);
+        if known && !progress.within_reach(floor, max_jump) {
+            return Err(Refusal::SeqJump);
         }
-        self.lanes
-            .get_mut(agent)
-            .expect("inserted above")
-            .entry(partition)
-            .or_default()
+        progress.raise_to(floor);
+        Ok(())
     }
 
-    /// Highest seq of a lane up to which everything has been applied (what an ack may cover).
-    pub fn lane_seq(&self, agent: &str, partition: u32) -> Option<u64> {
+    /// Restores a stored lane at its applied `seq` (after a restart or a take-over), unbounded.
+    pub fn restore_lane(&mut self, lane: LaneId<'_>, seq: u64) {
+        self.lane(lane).raise_to(seq);
+    }
+
+    /// The lane's progress, created (evicting the least recently seen epoch of its agent and
+    /// partition beyond [`MAX_EPOCHS`]) if new; marks it seen.
+    fn lane(&mut self, lane: LaneId<'_>) -> &mut LaneProgress {
+        if !self.lanes.contains_key(lane.agent) {
+            self.lanes.insert(lane.agent.to_string(), BTreeMap::new());
+        }
+        self.clock += 1;
+        let clock = self.clock;
+        let epochs = self
+            .lanes
+            .get_mut(lane.agent)
+            .expect("inserted above")
+            .entry(lane.partition)
+            .or_default();
+        let i = match epochs.iter().position(|l| l.epoch == lane.epoch) {
+            Some(i) => i,
+            None => {
+                if epochs.len() >= MAX_EPOCHS {
+                    if let Some(oldest) = (0..epochs.len()).min_by_key(|&i| epochs[i].seen) {
+                        let gone = epochs.swap_remove(oldest);
+                        self.evicted
+                            .push((lane.agent.to_string(), lane.partition, gone.epoch));
+                    }
+                }
+                epochs.push(EpochLane {
+                    epoch: lane.epoch,
+                    progress: LaneProgress::default(),
+                    seen: clock,
+                });
+                epochs.len() - 1
+            }
+        };
+        epochs[i].seen = clock;
+        &mut epochs[i].progress
+    }
+
+    /// Lanes evicted since the last call, as (agent, partition, epoch): the caller drops them from
+    /// its store, so that made-up epochs cannot grow it either.
+    pub fn take_evicted(&mut self) -> Vec<(String, u32, u64)> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Highest seq of a lane up to which everything has been applied (what an ack may cover);
+    /// `None` for a lane not known.
+    pub fn lane_seq(&self, lane: LaneId<'_>) -> Option<u64> {
         self.lanes
-            .get(agent)
-            .and_then(|l| l.get(&partition))
-            .map(|l| l.contiguous)
+            .get(lane.agent)
+            .and_then(|l| l.get(&lane.partition))
+            .and_then(|epochs| epochs.iter().find(|l| l.epoch == lane.epoch))
+            .map(|l| l.progress.contiguous)
     }
 
     /// Forgets every device and lane of `partition` (it moved to another owner).
@@ -237,13 +388,13 @@ impl FleetState {
     }
 
     /// Takes in the stored state of `partition` (after taking it over): its kept windows, oldest
-    /// first, and its lanes at their stored seqs. Counters cover the kept windows only, as in
-    /// [`crate::store::rebuild`].
+    /// first, and its lanes, as (agent, epoch, seq), at their stored seqs. Counters cover the kept
+    /// windows only, as in [`crate::store::rebuild`].
     pub fn load_partition(
         &mut self,
         partition: u32,
         windows: &[WindowSummary],
-        lanes: &[(String, u64)],
+        lanes: &[(String, u64, u64)],
     ) {
         self.drop_partition(partition);
         let mut order: Vec<&WindowSummary> = windows.iter().collect();
@@ -251,8 +402,8 @@ impl FleetState {
         for w in order {
             self.apply_window(partition, w);
         }
-        for (agent, seq) in lanes {
-            self.note_floor(agent, partition, *seq);
+        for (agent, epoch, seq) in lanes {
+            self.restore_lane(LaneId::new(agent, partition, *epoch), *seq);
         }
     }
 
@@ -266,34 +417,43 @@ impl FleetState {
         self.devices.get(id)
     }
 
-    /// Total readings covered by applied windows.
+    /// Total readings covered by applied windows (saturating).
     pub fn readings(&self) -> u64 {
         self.devices
             .values()
             .flat_map(|d| d.metrics.values())
-            .map(|s| s.readings)
+            .fold(0u64, |sum, s| sum.saturating_add(s.readings))
+    }
+
+    /// Number of lanes kept (every epoch counts).
+    pub fn lanes(&self) -> usize {
+        self.lanes
+            .values()
+            .flat_map(BTreeMap::values)
+            .map(Vec::len)
             .sum()
     }
 
-    /// Number of lanes seen.
-    pub fn lanes(&self) -> usize {
-        self.lanes.values().map(BTreeMap::len).sum()
-    }
-
-    /// Progress of every lane, sorted by (agent, partition).
+    /// Progress of every lane, sorted by (agent, partition, epoch).
     pub fn lane_progress(&self) -> Vec<LaneReport> {
-        self.lanes
+        let mut out: Vec<LaneReport> = self
+            .lanes
             .iter()
             .flat_map(|(agent, lanes)| {
-                lanes.iter().map(move |(partition, l)| LaneReport {
-                    agent: agent.clone(),
-                    partition: *partition,
-                    applied_seq: l.contiguous,
-                    waiting: l.ahead.len(),
-                    waiting_for: l.ahead.first().map(|&(prev, _)| prev),
+                lanes.iter().flat_map(move |(partition, epochs)| {
+                    epochs.iter().map(move |l| LaneReport {
+                        agent: agent.clone(),
+                        partition: *partition,
+                        epoch: l.epoch,
+                        applied_seq: l.progress.contiguous,
+                        waiting: l.progress.ahead.len(),
+                        waiting_for: l.progress.ahead.first().map(|&(prev, _)| prev),
+                    })
                 })
             })
-            .collect()
+            .collect();
+        out.sort_by(|a, b| (&a.agent, a.partition, a.epoch).cmp(&(&b.agent, b.partition, b.epoch)));
+        out
     }
 }
 
@@ -367,6 +527,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn lane(agent: &str, partition: u32) -> LaneId<'_> {
+        LaneId::new(agent, partition, LEGACY_EPOCH)
+    }
+
     fn summary(start: i64, count: u64, revision: u32) -> WindowSummary {
         WindowSummary {
             device: "d".into(),
@@ -394,7 +558,7 @@ mod tests {
             Applied::Duplicate
         );
         assert_eq!(st.readings(), 5);
-        assert_eq!(st.lane_seq("a", 1), Some(1));
+        assert_eq!(st.lane_seq(lane("a", 1)), Some(1));
     }
 
     #[test]
@@ -434,47 +598,51 @@ mod tests {
     fn lane_progress_stops_at_a_hole_until_it_fills() {
         let mut st = FleetState::new(10);
         for seq in [1, 2, 4, 5] {
-            st.note_seq("a", 0, seq, seq - 1);
+            st.note_seq(lane("a", 0), seq, seq - 1);
         }
-        assert_eq!(st.lane_seq("a", 0), Some(2), "3 is missing");
-        st.note_seq("a", 0, 3, 2);
-        assert_eq!(st.lane_seq("a", 0), Some(5));
-        st.note_seq("a", 0, 2, 1);
-        assert_eq!(st.lane_seq("a", 0), Some(5), "replays change nothing");
+        assert_eq!(st.lane_seq(lane("a", 0)), Some(2), "3 is missing");
+        st.note_seq(lane("a", 0), 3, 2);
+        assert_eq!(st.lane_seq(lane("a", 0)), Some(5));
+        st.note_seq(lane("a", 0), 2, 1);
+        assert_eq!(st.lane_seq(lane("a", 0)), Some(5), "replays change nothing");
     }
 
     #[test]
     fn a_new_lane_starts_at_the_senders_floor() {
         let mut st = FleetState::new(10);
-        st.note_seq("b", 3, 42, 41);
-        assert_eq!(st.lane_seq("b", 3), Some(0), "41 and below may still come");
-        st.note_floor("b", 3, 41);
-        assert_eq!(st.lane_seq("b", 3), Some(42));
-        st.note_floor("b", 3, 7);
+        st.note_seq(lane("b", 3), 42, 41);
         assert_eq!(
-            st.lane_seq("b", 3),
+            st.lane_seq(lane("b", 3)),
+            Some(0),
+            "41 and below may still come"
+        );
+        st.note_floor(lane("b", 3), 41).unwrap();
+        assert_eq!(st.lane_seq(lane("b", 3)), Some(42));
+        st.note_floor(lane("b", 3), 7).unwrap();
+        assert_eq!(
+            st.lane_seq(lane("b", 3)),
             Some(42),
             "a lower floor changes nothing"
         );
-        assert_eq!(st.lane_seq("b", 4), None);
+        assert_eq!(st.lane_seq(lane("b", 4)), None);
     }
 
     #[test]
     fn seqs_the_sender_skipped_do_not_hold_the_lane_back() {
         let mut st = FleetState::new(10);
-        st.note_seq("a", 0, 1, 0);
+        st.note_seq(lane("a", 0), 1, 0);
         // 2..=4 merged or evicted by the sender: 5 names 1 as its prev.
-        st.note_seq("a", 0, 5, 1);
-        assert_eq!(st.lane_seq("a", 0), Some(5));
+        st.note_seq(lane("a", 0), 5, 1);
+        assert_eq!(st.lane_seq(lane("a", 0)), Some(5));
         // Out of order: 9 (prev 7) waits for 7, which comes with prev 5.
-        st.note_seq("a", 0, 9, 7);
-        assert_eq!(st.lane_seq("a", 0), Some(5));
-        st.note_seq("a", 0, 7, 5);
-        assert_eq!(st.lane_seq("a", 0), Some(9));
+        st.note_seq(lane("a", 0), 9, 7);
+        assert_eq!(st.lane_seq(lane("a", 0)), Some(5));
+        st.note_seq(lane("a", 0), 7, 5);
+        assert_eq!(st.lane_seq(lane("a", 0)), Some(9));
         // A record resent with a newer prev (its old prev was evicted meanwhile) unblocks the lane.
-        st.note_seq("a", 0, 12, 11);
-        st.note_seq("a", 0, 12, 9);
-        assert_eq!(st.lane_seq("a", 0), Some(12));
+        st.note_seq(lane("a", 0), 12, 11);
+        st.note_seq(lane("a", 0), 12, 9);
+        assert_eq!(st.lane_seq(lane("a", 0)), Some(12));
     }
 
     #[test]
@@ -549,8 +717,133 @@ mod tests {
             let b = &reference.device("d").unwrap().metrics["m"];
             prop_assert_eq!(&a.windows, &b.windows);
             prop_assert_eq!(a.windows_applied, b.windows_applied);
-            prop_assert_eq!(st.lane_seq("a", 0), Some(20));
+            prop_assert_eq!(st.lane_seq(lane("a", 0)), Some(20));
         }
+    }
+
+    #[test]
+    fn a_new_epoch_is_a_new_lane_starting_at_its_floor() {
+        let mut st = FleetState::new(10);
+        let old = LaneId::new("a", 3, 11);
+        for seq in 1..=100 {
+            st.note_seq(old, seq, seq - 1);
+        }
+        // The agent restarted without its outbox: seqs from 1 again, in a new epoch.
+        let new = LaneId::new("a", 3, 22);
+        assert_eq!(st.lane_seq(new), None);
+        st.note_floor(new, 0).unwrap();
+        assert_eq!(st.check_seq(new, 1), Ok(()));
+        st.note_seq(new, 1, 0);
+        assert_eq!(
+            st.lane_seq(new),
+            Some(1),
+            "not a replay of the old lane's seq 1"
+        );
+        assert_eq!(st.lane_seq(old), Some(100), "the old lane is untouched");
+        // A lane seen for the first time trusts its floor, however high.
+        let other = LaneId::new("a", 3, 33);
+        st.note_floor(other, 5_000_000).unwrap();
+        assert_eq!(st.lane_seq(other), Some(5_000_000));
+        assert_eq!(st.lanes(), 3);
+        let report = st.lane_progress();
+        assert_eq!(
+            report
+                .iter()
+                .map(|l| (l.epoch, l.applied_seq))
+                .collect::<Vec<_>>(),
+            vec![(11, 100), (22, 1), (33, 5_000_000)]
+        );
+    }
+
+    #[test]
+    fn epochs_per_agent_and_partition_are_bounded_least_recently_seen_first() {
+        let mut st = FleetState::new(10);
+        let real = LaneId::new("a", 0, 7);
+        st.note_seq(real, 1, 0);
+        // Made-up epochs, as a forger would send them; the real lane keeps being seen.
+        for epoch in 100..110u64 {
+            st.note_floor(LaneId::new("a", 0, epoch), 0).unwrap();
+            st.note_seq(real, 1, 0);
+        }
+        assert_eq!(st.lanes(), MAX_EPOCHS);
+        assert_eq!(
+            st.lane_seq(real),
+            Some(1),
+            "the lane in use is never the one evicted"
+        );
+        let evicted = st.take_evicted();
+        assert_eq!(evicted.len(), 10 + 1 - MAX_EPOCHS);
+        assert!(evicted
+            .iter()
+            .all(|(a, p, e)| a == "a" && *p == 0 && *e >= 100));
+        assert!(st.take_evicted().is_empty(), "taken once");
+        // Other partitions and agents have their own bound.
+        st.note_floor(LaneId::new("a", 1, 100), 0).unwrap();
+        st.note_floor(LaneId::new("b", 0, 100), 0).unwrap();
+        assert_eq!(st.lanes(), MAX_EPOCHS + 2);
+        // Restored lanes are bounded the same way.
+        let mut st = FleetState::new(10);
+        let lanes: Vec<(String, u64, u64)> =
+            (1..=6).map(|e| ("a".to_string(), e, e * 10)).collect();
+        st.load_partition(0, &[], &lanes);
+        assert_eq!(st.lanes(), MAX_EPOCHS);
+        assert_eq!(st.take_evicted().len(), 2);
+        assert_eq!(st.lane_seq(LaneId::new("a", 0, 6)), Some(60));
+    }
+
+    #[test]
+    fn a_forged_seq_at_the_top_of_the_range_cannot_complete_a_lane() {
+        let mut st = FleetState::new(10).with_max_seq_jump(1_000);
+        let l = lane("a", 0);
+        for seq in 1..=10 {
+            st.note_seq(l, seq, seq - 1);
+        }
+        assert_eq!(st.check_seq(l, u64::MAX), Err(Refusal::SeqJump));
+        assert_eq!(st.check_seq(l, 1_010), Ok(()));
+        assert_eq!(st.check_seq(l, 1_011), Err(Refusal::SeqJump));
+        // Even if noted anyway (directly, or as a prev the chain would later reach) it is ignored.
+        st.note_seq(l, u64::MAX, 10);
+        st.note_seq(l, u64::MAX, 11);
+        st.note_seq(l, 11, 10);
+        assert_eq!(st.lane_seq(l), Some(11));
+        assert_eq!(
+            st.lane_progress()[0].waiting,
+            0,
+            "nothing waits for the forged seq"
+        );
+        // A floor that far up is refused as well, and changes nothing.
+        assert_eq!(st.note_floor(l, u64::MAX - 1), Err(Refusal::SeqJump));
+        assert_eq!(st.lane_seq(l), Some(11));
+        // A new lane's first seq is measured from 0.
+        assert_eq!(st.check_seq(lane("b", 0), u64::MAX), Err(Refusal::SeqJump));
+        // Real records keep coming.
+        st.note_seq(l, 12, 11);
+        assert_eq!(st.lane_seq(l), Some(12));
+    }
+
+    #[test]
+    fn counters_saturate_instead_of_wrapping() {
+        let mut st = FleetState::new(10);
+        assert_eq!(st.apply_summary("a", 0, 1, &summary(0, 5, 0)), Applied::New);
+        assert_eq!(
+            st.apply_summary("a", 0, 2, &summary(10, u64::MAX, 0)),
+            Applied::New
+        );
+        assert_eq!(st.readings(), u64::MAX);
+        let mut other = summary(0, u64::MAX, 0);
+        other.device = "e".into();
+        st.apply_summary("a", 0, 3, &other);
+        assert_eq!(
+            st.readings(),
+            u64::MAX,
+            "the sum over devices saturates too"
+        );
+        assert_eq!(
+            st.apply_summary("a", 0, 4, &summary(10, 3, 1)),
+            Applied::Revised
+        );
+        // Saturated once, a total is no longer exact (the 5 is gone), but it never wraps or panics.
+        assert_eq!(st.device("d").unwrap().metrics["m"].readings, 3);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The durable state of a partition owner, behind the small [`StateStore`] trait: the kept windows
 //! of every (device, metric) series, keyed by window start, and the last applied seq of every lane
-//! (agent, partition). [`SledStore`] keeps them in sled next to the instance; [`MemoryStore`] is the
-//! reference model (and a "no persistence" mode); the NATS cluster mode adds a KV implementation.
+//! (agent, partition, epoch). [`SledStore`] keeps them in sled next to the instance; [`MemoryStore`] is
+//! the reference model (and a "no persistence" mode); the NATS cluster mode adds a KV implementation.
+//! Lanes evicted from the state ([`FleetState::take_evicted`]) are dropped from the store too, so
+//! made-up epochs cannot grow it.
 //!
 //! Applying is idempotent with the same semantics as [`FleetState::apply_summary`]: a replay of a
 //! window is a duplicate, a higher revision replaces it, at most `windows_per_series` newest windows
@@ -16,7 +18,7 @@
 //! of [`FleetState`] (`windows_applied`, `readings`, `anomalies`), which are not persisted; see
 //! [`rebuild`].
 
-use crate::state::{Applied, FleetState};
+use crate::state::{Applied, FleetState, LaneId};
 use edgewatch_models::wire::WindowSummary;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -30,24 +32,29 @@ pub trait StateStore: Send {
         partition: u32,
         summary: &WindowSummary,
     ) -> Result<Applied, StoreError>;
-    /// Records that lane (agent, partition) is applied up to `seq` (never moves backwards).
-    fn put_lane_seq(&mut self, agent: &str, partition: u32, seq: u64) -> Result<(), StoreError>;
+    /// Records that `lane` is applied up to `seq` (never moves backwards).
+    fn put_lane_seq(&mut self, lane: LaneId<'_>, seq: u64) -> Result<(), StoreError>;
+    /// Forgets `lane` (evicted from the state by newer epochs of its agent and partition).
+    fn drop_lane(&mut self, lane: LaneId<'_>) -> Result<(), StoreError>;
     /// Makes everything put so far durable. Acks may be sent only after this returns Ok.
     fn flush(&mut self) -> Result<(), StoreError>;
     /// Everything stored, to rebuild the in-memory state after a restart.
     fn load(&self) -> Result<Snapshot, StoreError>;
-    /// Lane seqs only (for acks), sorted by (agent, partition).
-    fn lane_seqs(&self) -> Result<Vec<(String, u32, u64)>, StoreError>;
+    /// Lane seqs only (for acks), as in [`Snapshot::lanes`].
+    fn lane_seqs(&self) -> Result<Vec<StoredLane>, StoreError>;
 }
 
+/// A stored lane: (agent, partition, epoch, last applied seq).
+pub type StoredLane = (String, u32, u64, u64);
+
 /// Everything a store holds, in a canonical order: windows sorted by (device, metric, start_ms),
-/// lanes by (agent, partition).
+/// lanes by (agent, partition, epoch).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     /// Kept windows with their partition.
     pub windows: Vec<(u32, WindowSummary)>,
-    /// (agent, partition, last applied seq).
-    pub lanes: Vec<(String, u32, u64)>,
+    /// (agent, partition, epoch, last applied seq).
+    pub lanes: Vec<StoredLane>,
 }
 
 /// Errors of a state store.
@@ -143,8 +150,8 @@ fn window_name(device: &str, metric: &str, start_ms: i64) -> String {
 }
 
 /// The printable name of a lane key.
-fn lane_name(agent: &str, partition: u32) -> String {
-    format!("lanes/{agent:?}/{partition}")
+fn lane_name(agent: &str, partition: u32, epoch: u64) -> String {
+    format!("lanes/{agent:?}/{partition}/{epoch}")
 }
 
 /// Refuses what could not be stored or loaded back: ids too long for the u16 length prefix, and
@@ -214,8 +221,35 @@ fn decode_window_key(k: &[u8]) -> Option<(String, String, i64)> {
     ))
 }
 
-/// `agent ++ 0x00 ++ partition (u32 BE)`. Decoded from the end, so an agent id may hold 0x00.
-fn lane_key(agent: &str, partition: u32) -> Vec<u8> {
+/// `agent ++ 0x00 ++ partition (u32 BE) ++ epoch (u64 BE)`, the key of the `lane_epochs` tree.
+/// Decoded from the end, so an agent id may hold 0x00.
+fn lane_key(agent: &str, partition: u32, epoch: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(agent.len() + 13);
+    k.extend_from_slice(agent.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k
+}
+
+fn decode_lane_key(k: &[u8]) -> Option<(String, u32, u64)> {
+    let split = k.len().checked_sub(13)?;
+    let (agent, rest) = k.split_at(split);
+    let (&sep, rest) = rest.split_first()?;
+    let (partition, epoch) = rest.split_first_chunk::<4>()?;
+    if sep != 0 {
+        return None;
+    }
+    Some((
+        String::from_utf8(agent.to_vec()).ok()?,
+        u32::from_be_bytes(*partition),
+        u64::from_be_bytes(epoch.try_into().ok()?),
+    ))
+}
+
+/// `agent ++ 0x00 ++ partition (u32 BE)`: a key of the `lanes` tree of stores from before epochs
+/// (read as epoch 0, never written).
+fn legacy_lane_key(agent: &str, partition: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(agent.len() + 5);
     k.extend_from_slice(agent.as_bytes());
     k.push(0);
@@ -223,7 +257,7 @@ fn lane_key(agent: &str, partition: u32) -> Vec<u8> {
     k
 }
 
-fn decode_lane_key(k: &[u8]) -> Option<(String, u32)> {
+fn decode_legacy_lane_key(k: &[u8]) -> Option<(String, u32)> {
     let split = k.len().checked_sub(5)?;
     let (agent, rest) = k.split_at(split);
     if rest[0] != 0 {
@@ -265,7 +299,7 @@ pub(crate) fn sort_snapshot(s: &mut Snapshot) {
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
     series: BTreeMap<(String, String), BTreeMap<i64, (u32, WindowSummary)>>,
-    lanes: BTreeMap<(String, u32), u64>,
+    lanes: BTreeMap<(String, u32, u64), u64>,
     windows_per_series: usize,
 }
 
@@ -310,12 +344,18 @@ impl StateStore for MemoryStore {
         Ok(Applied::New)
     }
 
-    fn put_lane_seq(&mut self, agent: &str, partition: u32, seq: u64) -> Result<(), StoreError> {
+    fn put_lane_seq(&mut self, lane: LaneId<'_>, seq: u64) -> Result<(), StoreError> {
         let e = self
             .lanes
-            .entry((agent.to_string(), partition))
+            .entry((lane.agent.to_string(), lane.partition, lane.epoch))
             .or_default();
         *e = (*e).max(seq);
+        Ok(())
+    }
+
+    fn drop_lane(&mut self, lane: LaneId<'_>) -> Result<(), StoreError> {
+        self.lanes
+            .remove(&(lane.agent.to_string(), lane.partition, lane.epoch));
         Ok(())
     }
 
@@ -336,22 +376,25 @@ impl StateStore for MemoryStore {
         Ok(s)
     }
 
-    fn lane_seqs(&self) -> Result<Vec<(String, u32, u64)>, StoreError> {
+    fn lane_seqs(&self) -> Result<Vec<StoredLane>, StoreError> {
         Ok(self
             .lanes
             .iter()
-            .map(|((a, p), s)| (a.clone(), *p, *s))
+            .map(|((a, p, e), s)| (a.clone(), *p, *e, *s))
             .collect())
     }
 }
 
-/// The sled store: a `windows` tree keyed by [`window_key`] and a `lanes` tree keyed by
-/// [`lane_key`] holding the seq as u64 BE. Writes are not durable until [`StateStore::flush`].
+/// The sled store: a `windows` tree keyed by [`window_key`] and a `lane_epochs` tree keyed by
+/// [`lane_key`] holding the seq as u64 BE. A `lanes` tree of a store from before epochs (keyed by
+/// [`legacy_lane_key`]) is still read, as epoch 0, and never written again: a lane in both trees
+/// has the higher seq. Writes are not durable until [`StateStore::flush`].
 pub struct SledStore {
     path: PathBuf,
     db: sled::Db,
     windows: sled::Tree,
     lanes: sled::Tree,
+    legacy_lanes: sled::Tree,
     windows_per_series: usize,
 }
 
@@ -375,12 +418,14 @@ impl SledStore {
         };
         let db = sled::Config::new().path(path).open().map_err(open_err)?;
         let windows = db.open_tree("windows").map_err(open_err)?;
-        let lanes = db.open_tree("lanes").map_err(open_err)?;
+        let lanes = db.open_tree("lane_epochs").map_err(open_err)?;
+        let legacy_lanes = db.open_tree("lanes").map_err(open_err)?;
         Ok(Self {
             path: path.to_path_buf(),
             db,
             windows,
             lanes,
+            legacy_lanes,
             windows_per_series: windows_per_series.max(1),
         })
     }
@@ -426,17 +471,30 @@ impl SledStore {
         Ok((u32::from_be_bytes(*p), s))
     }
 
-    fn decode_lane(&self, k: &[u8], v: &[u8]) -> Result<(String, u32, u64), StoreError> {
-        let Some((agent, partition)) = decode_lane_key(k) else {
+    fn decode_lane(&self, k: &[u8], v: &[u8]) -> Result<StoredLane, StoreError> {
+        let Some((agent, partition, epoch)) = decode_lane_key(k) else {
             return Err(self.corrupt(format!("lanes/0x{}", hex(k)), "undecodable key"));
         };
+        let seq = self.decode_seq(&lane_name(&agent, partition, epoch), v)?;
+        Ok((agent, partition, epoch, seq))
+    }
+
+    fn decode_legacy_lane(&self, k: &[u8], v: &[u8]) -> Result<StoredLane, StoreError> {
+        let Some((agent, partition)) = decode_legacy_lane_key(k) else {
+            return Err(self.corrupt(format!("lanes/0x{}", hex(k)), "undecodable key"));
+        };
+        let seq = self.decode_seq(&lane_name(&agent, partition, 0), v)?;
+        Ok((agent, partition, 0, seq))
+    }
+
+    fn decode_seq(&self, name: &str, v: &[u8]) -> Result<u64, StoreError> {
         let seq: [u8; 8] = v.try_into().map_err(|_| {
             self.corrupt(
-                lane_name(&agent, partition),
+                name.to_string(),
                 format!("seq is {} bytes, expected 8", v.len()),
             )
         })?;
-        Ok((agent, partition, u64::from_be_bytes(seq)))
+        Ok(u64::from_be_bytes(seq))
     }
 }
 
@@ -489,22 +547,34 @@ impl StateStore for SledStore {
         Ok(Applied::New)
     }
 
-    fn put_lane_seq(&mut self, agent: &str, partition: u32, seq: u64) -> Result<(), StoreError> {
-        let key = lane_key(agent, partition);
-        let name = || lane_name(agent, partition);
+    fn put_lane_seq(&mut self, lane: LaneId<'_>, seq: u64) -> Result<(), StoreError> {
+        let key = lane_key(lane.agent, lane.partition, lane.epoch);
+        let name = || lane_name(lane.agent, lane.partition, lane.epoch);
         if let Some(old) = self
             .lanes
             .get(&key)
             .map_err(self.sled_err("read", name()))?
         {
-            let (_, _, old) = self.decode_lane(&key, &old)?;
-            if old >= seq {
+            if self.decode_seq(&name(), &old)? >= seq {
                 return Ok(());
             }
         }
         self.lanes
             .insert(key, &seq.to_be_bytes())
             .map_err(self.sled_err("write", name()))?;
+        Ok(())
+    }
+
+    fn drop_lane(&mut self, lane: LaneId<'_>) -> Result<(), StoreError> {
+        let name = || lane_name(lane.agent, lane.partition, lane.epoch);
+        self.lanes
+            .remove(lane_key(lane.agent, lane.partition, lane.epoch))
+            .map_err(self.sled_err("write", name()))?;
+        if lane.epoch == 0 {
+            self.legacy_lanes
+                .remove(legacy_lane_key(lane.agent, lane.partition))
+                .map_err(self.sled_err("write", name()))?;
+        }
         Ok(())
     }
 
@@ -530,27 +600,40 @@ impl StateStore for SledStore {
         Ok(s)
     }
 
-    fn lane_seqs(&self) -> Result<Vec<(String, u32, u64)>, StoreError> {
-        let mut lanes = Vec::new();
-        for kv in self.lanes.iter() {
+    fn lane_seqs(&self) -> Result<Vec<StoredLane>, StoreError> {
+        let mut lanes: BTreeMap<(String, u32, u64), u64> = BTreeMap::new();
+        for kv in self.legacy_lanes.iter() {
             let (k, v) = kv.map_err(self.sled_err("scan", "lanes".into()))?;
-            lanes.push(self.decode_lane(&k, &v)?);
+            let (agent, partition, epoch, seq) = self.decode_legacy_lane(&k, &v)?;
+            lanes.insert((agent, partition, epoch), seq);
         }
-        lanes.sort();
-        Ok(lanes)
+        for kv in self.lanes.iter() {
+            let (k, v) = kv.map_err(self.sled_err("scan", "lane_epochs".into()))?;
+            let (agent, partition, epoch, seq) = self.decode_lane(&k, &v)?;
+            let e = lanes.entry((agent, partition, epoch)).or_default();
+            *e = (*e).max(seq);
+        }
+        Ok(lanes
+            .into_iter()
+            .map(|((a, p, e), s)| (a, p, e, s))
+            .collect())
     }
 }
 
 /// Rebuilds the in-memory state after a restart from a store's snapshot: every kept window, and
-/// every lane at its stored seq.
+/// every lane at its stored seq (at most [`crate::state::MAX_EPOCHS`] per agent and partition: the
+/// excess, if a drop was lost in a crash, is reported by [`FleetState::take_evicted`]).
 ///
 /// Limit: the cumulative counters (`windows_applied`, `readings`) cover the kept windows only, not
 /// windows dropped for `windows_per_series` before the restart; anomaly counters start at zero.
 pub fn rebuild(snapshot: Snapshot, windows_per_series: usize) -> FleetState {
     let mut st = FleetState::new(windows_per_series);
-    let mut lanes_of: HashMap<u32, Vec<(String, u64)>> = HashMap::new();
-    for (agent, partition, seq) in snapshot.lanes {
-        lanes_of.entry(partition).or_default().push((agent, seq));
+    let mut lanes_of: HashMap<u32, Vec<(String, u64, u64)>> = HashMap::new();
+    for (agent, partition, epoch, seq) in snapshot.lanes {
+        lanes_of
+            .entry(partition)
+            .or_default()
+            .push((agent, epoch, seq));
     }
     let mut windows = snapshot.windows;
     // Oldest first within a series, so every kept window is new and none evicts another.
@@ -559,8 +642,8 @@ pub fn rebuild(snapshot: Snapshot, windows_per_series: usize) -> FleetState {
         st.apply_window(*partition, w);
     }
     for (partition, lanes) in &lanes_of {
-        for (agent, seq) in lanes {
-            st.note_floor(agent, *partition, *seq);
+        for (agent, epoch, seq) in lanes {
+            st.restore_lane(LaneId::new(agent, *partition, *epoch), *seq);
         }
     }
     st
@@ -600,7 +683,20 @@ mod tests {
     }
 
     fn open(dir: &Path, wps: usize) -> SledStore {
-        SledStore::open(dir, wps).unwrap()
+        // sled lets go of its directory lock from a background thread a moment after the last
+        // handle is dropped: a reopen right after a drop may find it still held (seen under load).
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match SledStore::open(dir, wps) {
+                Err(StoreError::Open { source, .. })
+                    if source.to_string().contains("could not acquire lock")
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => return other.unwrap(),
+            }
+        }
     }
 
     fn starts(snap: &Snapshot) -> Vec<i64> {
@@ -613,10 +709,10 @@ mod tests {
         let mut st = open(dir.path(), 10);
         let w = window("d", "m", 0, 0);
         assert_eq!(st.put_window(1, &w).unwrap(), Applied::New);
-        st.put_lane_seq("a", 1, 1).unwrap();
+        st.put_lane_seq(LaneId::new("a", 1, 0), 1).unwrap();
         let before = st.load().unwrap();
         assert_eq!(st.put_window(1, &w).unwrap(), Applied::Duplicate);
-        st.put_lane_seq("a", 1, 1).unwrap();
+        st.put_lane_seq(LaneId::new("a", 1, 0), 1).unwrap();
         assert_eq!(st.load().unwrap(), before);
         assert_eq!(before.windows, vec![(1, w)]);
     }
@@ -644,15 +740,82 @@ mod tests {
     fn lane_seq_never_goes_backwards() {
         let dir = tempfile::tempdir().unwrap();
         let mut st = open(dir.path(), 10);
-        st.put_lane_seq("a", 3, 7).unwrap();
-        st.put_lane_seq("a", 3, 5).unwrap();
-        st.put_lane_seq("b", 3, 1).unwrap();
+        st.put_lane_seq(LaneId::new("a", 3, 0), 7).unwrap();
+        st.put_lane_seq(LaneId::new("a", 3, 0), 5).unwrap();
+        st.put_lane_seq(LaneId::new("b", 3, 0), 1).unwrap();
         assert_eq!(
             st.lane_seqs().unwrap(),
-            vec![("a".to_string(), 3, 7), ("b".to_string(), 3, 1)]
+            vec![("a".to_string(), 3, 0, 7), ("b".to_string(), 3, 0, 1)]
         );
-        st.put_lane_seq("a", 3, 9).unwrap();
-        assert_eq!(st.lane_seqs().unwrap()[0], ("a".to_string(), 3, 9));
+        st.put_lane_seq(LaneId::new("a", 3, 0), 9).unwrap();
+        assert_eq!(st.lane_seqs().unwrap()[0], ("a".to_string(), 3, 0, 9));
+    }
+
+    #[test]
+    fn lanes_of_several_epochs_round_trip_and_can_be_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = open(dir.path(), 10);
+        let mut mem = MemoryStore::new(10);
+        let stores: [&mut dyn StateStore; 2] = [&mut st, &mut mem];
+        for store in stores {
+            store.put_lane_seq(LaneId::new("a", 3, 0), 7).unwrap();
+            store
+                .put_lane_seq(LaneId::new("a", 3, u64::MAX), 2)
+                .unwrap();
+            store.put_lane_seq(LaneId::new("a", 3, 42), 9).unwrap();
+            store.put_lane_seq(LaneId::new("a", 3, 42), 8).unwrap();
+            store.drop_lane(LaneId::new("a", 3, 0)).unwrap();
+            store.drop_lane(LaneId::new("never", 1, 5)).unwrap();
+        }
+        let want = vec![
+            ("a".to_string(), 3, 42, 9),
+            ("a".to_string(), 3, u64::MAX, 2),
+        ];
+        assert_eq!(mem.lane_seqs().unwrap(), want);
+        st.flush().unwrap();
+        drop(st);
+        let st = open(dir.path(), 10);
+        assert_eq!(st.lane_seqs().unwrap(), want);
+        let rebuilt = rebuild(st.load().unwrap(), 10);
+        assert_eq!(rebuilt.lane_seq(LaneId::new("a", 3, 42)), Some(9));
+        assert_eq!(rebuilt.lane_seq(LaneId::new("a", 3, 0)), None);
+    }
+
+    #[test]
+    fn lanes_stored_before_epochs_are_read_as_epoch_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = open(dir.path(), 10);
+        // What an older version wrote: `lanes` keyed agent ++ 0 ++ partition.
+        st.legacy_lanes
+            .insert(legacy_lane_key("gw-1", 5), &40u64.to_be_bytes())
+            .unwrap();
+        st.legacy_lanes
+            .insert(legacy_lane_key("gw-2", 6), &3u64.to_be_bytes())
+            .unwrap();
+        st.flush().unwrap();
+        drop(st);
+        let mut st = open(dir.path(), 10);
+        assert_eq!(
+            st.lane_seqs().unwrap(),
+            vec![
+                ("gw-1".to_string(), 5, 0, 40),
+                ("gw-2".to_string(), 6, 0, 3)
+            ]
+        );
+        // The same lane moves on in the new tree; the higher seq wins; a drop clears both.
+        st.put_lane_seq(LaneId::new("gw-1", 5, 0), 41).unwrap();
+        st.put_lane_seq(LaneId::new("gw-2", 6, 0), 2).unwrap();
+        assert_eq!(
+            st.lane_seqs().unwrap(),
+            vec![
+                ("gw-1".to_string(), 5, 0, 41),
+                ("gw-2".to_string(), 6, 0, 3)
+            ]
+        );
+        st.drop_lane(LaneId::new("gw-2", 6, 0)).unwrap();
+        assert_eq!(st.lane_seqs().unwrap().len(), 1);
+        let rebuilt = rebuild(st.load().unwrap(), 10);
+        assert_eq!(rebuilt.lane_seq(LaneId::new("gw-1", 5, 0)), Some(41));
     }
 
     #[test]
@@ -662,7 +825,8 @@ mod tests {
         for i in 0..5 {
             st.put_window(i % 2, &window(&format!("d{i}"), "m", i64::from(i) * 10, i))
                 .unwrap();
-            st.put_lane_seq("a", i % 2, u64::from(i) + 1).unwrap();
+            st.put_lane_seq(LaneId::new("a", i % 2, 0), u64::from(i) + 1)
+                .unwrap();
         }
         st.put_window(0, &window("neg", "m", -20, 0)).unwrap();
         st.flush().unwrap();
@@ -673,7 +837,7 @@ mod tests {
         assert_eq!(before.windows.len(), 6);
         assert_eq!(
             before.lanes,
-            vec![("a".to_string(), 0, 5), ("a".to_string(), 1, 4)]
+            vec![("a".to_string(), 0, 0, 5), ("a".to_string(), 1, 0, 4)]
         );
     }
 
@@ -732,7 +896,7 @@ mod tests {
         let mut st = open(dir.path(), 4);
         for (i, id) in ids.iter().enumerate() {
             st.put_window(i as u32, &window(id, "m/é\0", 5, 0)).unwrap();
-            st.put_lane_seq(id, i as u32, 1).unwrap();
+            st.put_lane_seq(LaneId::new(id, i as u32, 0), 1).unwrap();
         }
         st.flush().unwrap();
         drop(st);
@@ -746,7 +910,7 @@ mod tests {
         assert!(snap.windows.iter().all(|(_, w)| w.metric == "m/é\0"));
         assert_eq!(snap.lanes.len(), ids.len());
         for (i, id) in ids.iter().enumerate() {
-            assert!(snap.lanes.contains(&(id.to_string(), i as u32, 1)));
+            assert!(snap.lanes.contains(&(id.to_string(), i as u32, 0, 1)));
         }
     }
 
@@ -768,12 +932,12 @@ mod tests {
         assert!(err.to_string().contains("pump/7"), "{err}");
 
         st.lanes
-            .insert(lane_key("agent-1", 4), &b"short"[..])
+            .insert(lane_key("agent-1", 4, 0), &b"short"[..])
             .unwrap();
         let err = st.lane_seqs().unwrap_err().to_string();
         assert!(err.contains(r#"lanes/"agent-1"/4"#), "{err}");
         st.lanes.insert(&b"\xff"[..], &b"12345678"[..]).unwrap();
-        st.lanes.remove(lane_key("agent-1", 4)).unwrap();
+        st.lanes.remove(lane_key("agent-1", 4, 0)).unwrap();
         let err = st.lane_seqs().unwrap_err().to_string();
         assert!(err.contains("lanes/0xff"), "{err}");
     }
@@ -843,7 +1007,7 @@ mod tests {
         let mut st = open(dir.path(), 10);
         for (a, p, seq, w) in &deliveries {
             st.put_window(*p, w).unwrap();
-            st.put_lane_seq(a, *p, *seq).unwrap();
+            st.put_lane_seq(LaneId::new(a, *p, 0), *seq).unwrap();
         }
         st.flush().unwrap();
         drop(st);
@@ -851,7 +1015,8 @@ mod tests {
         assert_eq!(rebuilt.readings(), direct.readings());
         assert_eq!(series_windows(&rebuilt), series_windows(&direct));
         for (a, p) in [("a", 3), ("a", 5), ("b", 5)] {
-            assert_eq!(rebuilt.lane_seq(a, p), direct.lane_seq(a, p), "{a}/{p}");
+            let l = LaneId::new(a, p, 0);
+            assert_eq!(rebuilt.lane_seq(l), direct.lane_seq(l), "{a}/{p}");
         }
         assert_eq!(rebuilt.lanes(), direct.lanes());
     }
@@ -916,7 +1081,7 @@ mod tests {
             let mut reference = MemoryStore::new(WPS);
             for (a, p, seq, w) in &d {
                 reference.put_window(*p, w).unwrap();
-                reference.put_lane_seq(a, *p, *seq).unwrap();
+                reference.put_lane_seq(LaneId::new(a, *p, 0), *seq).unwrap();
             }
             // (b) shuffled, duplicated and replayed to sled, with restarts; a second model gets
             // the same messy sequence and must answer the same `Applied` at every step, and so
@@ -931,8 +1096,8 @@ mod tests {
                 let got = st.put_window(*p, w).unwrap();
                 prop_assert_eq!(got, messy.put_window(*p, w).unwrap(), "delivery {}", i);
                 prop_assert_eq!(got, fleet.apply_summary(a, *p, *seq, w), "delivery {}", i);
-                st.put_lane_seq(a, *p, *seq).unwrap();
-                messy.put_lane_seq(a, *p, *seq).unwrap();
+                st.put_lane_seq(LaneId::new(a, *p, 0), *seq).unwrap();
+                messy.put_lane_seq(LaneId::new(a, *p, 0), *seq).unwrap();
                 Ok(())
             };
             for (step, &i) in order.iter().enumerate() {
@@ -976,7 +1141,7 @@ mod tests {
                     0,
                 );
                 st.put_window((i % 64) as u32, &w).unwrap();
-                st.put_lane_seq("agent-1", (i % 64) as u32, i as u64 + 1)
+                st.put_lane_seq(LaneId::new("agent-1", (i % 64) as u32, 0), i as u64 + 1)
                     .unwrap();
                 if (i + 1) % every == 0 {
                     st.flush().unwrap();

@@ -66,9 +66,62 @@ pub struct AggregatorMetrics {
     pub http_connections: AtomicU64,
     /// Gauge: the most HTTP connections ever open at once.
     pub http_connections_peak: AtomicU64,
+    /// Records refused (not applied, not acknowledged), by [`Refusal`]:
+    /// `edgewatch_aggregator_records_refused_total{reason}`.
+    pub records_refused: [AtomicU64; Refusal::ALL.len()],
+    /// Lanes forgotten because their (agent, partition) had [`crate::state::MAX_EPOCHS`] more
+    /// recently seen epochs.
+    pub lanes_evicted_total: AtomicU64,
+}
+
+/// Why a record was refused. A refused record is neither applied nor counted as received in its
+/// lane, so it is never acknowledged: the sender keeps it (a forger's record simply goes nowhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its seq (or its batch's `acked` floor) lies more than `state.max_seq_jump` above what its
+    /// lane has applied contiguously.
+    SeqJump,
+    /// Its device belongs to another partition than its batch's.
+    Partition,
+    /// A summary that cannot describe a real window ([`WindowSummary::check`]).
+    ///
+    /// [`WindowSummary::check`]: edgewatch_models::wire::WindowSummary::check
+    InvalidSummary,
+    /// An anomaly event with a non-finite value or a score outside [0, 1].
+    InvalidEvent,
+}
+
+impl Refusal {
+    /// Every reason, in metric order.
+    pub const ALL: [Refusal; 4] = [
+        Refusal::SeqJump,
+        Refusal::Partition,
+        Refusal::InvalidSummary,
+        Refusal::InvalidEvent,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::SeqJump => "seq_jump",
+            Refusal::Partition => "partition",
+            Refusal::InvalidSummary => "invalid_summary",
+            Refusal::InvalidEvent => "invalid_event",
+        }
+    }
 }
 
 impl AggregatorMetrics {
+    /// Counts `n` records refused for `why`.
+    pub fn refuse(&self, why: Refusal, n: u64) {
+        self.records_refused[why as usize].fetch_add(n, Relaxed);
+    }
+
+    /// Records refused for `why` so far.
+    pub fn refused(&self, why: Refusal) -> u64 {
+        self.records_refused[why as usize].load(Relaxed)
+    }
+
     /// Prometheus text exposition, labelled with the aggregator id.
     pub fn render(&self, id: &str, feed_clients: usize, devices: usize, out: &mut String) {
         let counters = [
@@ -180,12 +233,28 @@ impl AggregatorMetrics {
                 "edgewatch_aggregator_ws_evicted_total",
                 &self.ws_evicted_total,
             ),
+            (
+                "edgewatch_aggregator_lanes_evicted_total",
+                &self.lanes_evicted_total,
+            ),
         ];
         for (name, c) in counters {
             let _ = writeln!(
                 out,
                 "# TYPE {name} counter\n{name}{{aggregator=\"{id}\"}} {}",
                 c.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE edgewatch_aggregator_records_refused_total counter"
+        );
+        for why in Refusal::ALL {
+            let _ = writeln!(
+                out,
+                "edgewatch_aggregator_records_refused_total{{aggregator=\"{id}\",reason=\"{}\"}} {}",
+                why.label(),
+                self.refused(why)
             );
         }
         let _ = writeln!(
@@ -212,5 +281,31 @@ impl AggregatorMetrics {
             out,
             "# TYPE edgewatch_aggregator_devices gauge\nedgewatch_aggregator_devices{{aggregator=\"{id}\"}} {devices}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_records_are_counted_by_reason_and_rendered() {
+        let m = AggregatorMetrics::default();
+        m.refuse(Refusal::SeqJump, 2);
+        m.refuse(Refusal::Partition, 1);
+        assert_eq!(m.refused(Refusal::SeqJump), 2);
+        let mut text = String::new();
+        m.render("agg", 0, 0, &mut text);
+        for (reason, n) in [
+            ("seq_jump", 2),
+            ("partition", 1),
+            ("invalid_summary", 0),
+            ("invalid_event", 0),
+        ] {
+            let line = format!(
+                "edgewatch_aggregator_records_refused_total{{aggregator=\"agg\",reason=\"{reason}\"}} {n}\n"
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
     }
 }

@@ -9,6 +9,15 @@ use xxhash_rust::xxh3::Xxh3;
 /// Default uplink topic prefix.
 pub const DEFAULT_PREFIX: &str = "edgewatch/v1";
 
+/// The lane epoch of senders and stores from before epochs existed (and of an agent whose durable
+/// outbox predates them: it keeps epoch 0 so an upgrade does not reset its lanes). Every newer lane
+/// has a random non-zero epoch.
+pub const LEGACY_EPOCH: u64 = 0;
+
+/// Readings per millisecond of window length above which a summary's `count` is implausible (a
+/// million readings per second of one series): refused by owners as forged or corrupt.
+pub const MAX_READINGS_PER_MS: u64 = 1_000;
+
 /// Summary of one (device, metric) event-time window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowSummary {
@@ -92,12 +101,104 @@ pub struct Batch<T> {
     /// wiped store) need not wait for anything at or below it — those records are gone from the sender.
     #[serde(default)]
     pub acked: u64,
+    /// The lane's epoch: a lane is (agent, partition, epoch), and its seqs count from 1 within its
+    /// epoch. An agent keeps its epoch as long as its outbox lives (forever with `state.dir`, one run
+    /// without), so an outbox that restarts from seq 1 is a new lane, never a replay of the old one.
+    /// Absent (and not written) for [`LEGACY_EPOCH`].
+    #[serde(default, skip_serializing_if = "is_legacy_epoch")]
+    pub epoch: u64,
+}
+
+fn is_legacy_epoch(epoch: &u64) -> bool {
+    *epoch == LEGACY_EPOCH
 }
 
 impl<T> Sequenced<T> {
     /// The seq an owner must have applied before this record makes the lane contiguous.
     pub fn prev_seq(&self) -> u64 {
         self.prev.unwrap_or(self.seq.saturating_sub(1))
+    }
+}
+
+impl WindowSummary {
+    /// Whether this summary can describe a real window; `Err` names the first field that cannot
+    /// (and its value). Owners refuse such records: no agent makes them, so they are corrupt or
+    /// forged. The rules: `end_ms > start_ms`; `0 < count <= (end_ms - start_ms) *`
+    /// [`MAX_READINGS_PER_MS`]; every number finite; `min <= max`; `mean` within `[min, max]` (up to
+    /// rounding); `std >= 0`; `max_score` in `[0, 1]`; `start_ms <= first_ts_ms <= last_ts_ms < end_ms`.
+    pub fn check(&self) -> Result<(), String> {
+        if self.end_ms <= self.start_ms {
+            return Err(format!(
+                "end_ms must be > start_ms ({}), got {}",
+                self.start_ms, self.end_ms
+            ));
+        }
+        if self.count == 0 {
+            return Err("count must be > 0, got 0".into());
+        }
+        let span = (i128::from(self.end_ms) - i128::from(self.start_ms)) as u128;
+        let most = span.saturating_mul(u128::from(MAX_READINGS_PER_MS));
+        if u128::from(self.count) > most {
+            return Err(format!(
+                "count {} is implausible for a {span} ms window (at most {most})",
+                self.count
+            ));
+        }
+        for (field, v) in [
+            ("min", self.min),
+            ("max", self.max),
+            ("mean", self.mean),
+            ("std", self.std),
+            ("max_score", self.max_score),
+        ] {
+            if !v.is_finite() {
+                return Err(format!("{field} must be finite, got {v}"));
+            }
+        }
+        if self.min > self.max {
+            return Err(format!("min ({}) must be <= max ({})", self.min, self.max));
+        }
+        // Welford's mean may stray from [min, max] by rounding, never by more than this.
+        let slack = self.min.abs().max(self.max.abs()) * 1e-9;
+        if self.mean < self.min - slack || self.mean > self.max + slack {
+            return Err(format!(
+                "mean ({}) must be within [min, max] = [{}, {}]",
+                self.mean, self.min, self.max
+            ));
+        }
+        if self.std < 0.0 {
+            return Err(format!("std must be >= 0, got {}", self.std));
+        }
+        if !(0.0..=1.0).contains(&self.max_score) {
+            return Err(format!(
+                "max_score must be in [0, 1], got {}",
+                self.max_score
+            ));
+        }
+        if self.first_ts_ms < self.start_ms
+            || self.last_ts_ms >= self.end_ms
+            || self.first_ts_ms > self.last_ts_ms
+        {
+            return Err(format!(
+                "first_ts_ms ({}) and last_ts_ms ({}) must be ordered within the window [{}, {})",
+                self.first_ts_ms, self.last_ts_ms, self.start_ms, self.end_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AnomalyEvent {
+    /// Whether this event can be real; `Err` names the field that cannot: `value` must be finite and
+    /// `score` in `[0, 1]`.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.value.is_finite() {
+            return Err(format!("value must be finite, got {}", self.value));
+        }
+        if !(0.0..=1.0).contains(&self.score) {
+            return Err(format!("score must be in [0, 1], got {}", self.score));
+        }
+        Ok(())
     }
 }
 
@@ -108,6 +209,10 @@ pub struct Ack {
     pub partition: u32,
     /// Highest seq applied and durable.
     pub upto_seq: u64,
+    /// Epoch of the lane acknowledged (see [`Batch::epoch`]): an agent ignores acks for any epoch
+    /// but its own. Absent (and not written) for [`LEGACY_EPOCH`].
+    #[serde(default, skip_serializing_if = "is_legacy_epoch")]
+    pub epoch: u64,
 }
 
 /// Acks published by a partition owner to `{prefix}/acks/{agent}`.
@@ -318,6 +423,7 @@ mod tests {
                     item: Ack {
                         partition: 1,
                         upto_seq: 2,
+                        epoch: 0,
                     },
                 },
                 Sequenced {
@@ -326,10 +432,12 @@ mod tests {
                     item: Ack {
                         partition: 1,
                         upto_seq: 3,
+                        epoch: 0,
                     },
                 },
             ],
             acked: 0,
+            epoch: 0,
         };
         let json = serde_json::to_string(&b).unwrap();
         assert!(
@@ -346,5 +454,128 @@ mod tests {
         )
         .unwrap();
         assert_eq!((old.acked, old.records[0].prev_seq()), (0, 2));
+        assert_eq!(old.epoch, LEGACY_EPOCH);
+    }
+
+    #[test]
+    fn epochs_travel_in_batches_and_acks_and_legacy_ones_are_not_written() {
+        let b: Batch<WindowSummary> = Batch {
+            agent: "a".into(),
+            partition: 3,
+            records: Vec::new(),
+            acked: 7,
+            epoch: 0xfeed,
+        };
+        let json = serde_json::to_string(&b).unwrap();
+        assert!(json.contains(r#""epoch":65261"#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<Batch<WindowSummary>>(&json).unwrap(),
+            b
+        );
+        let acks = AckBatch {
+            owner: "o".into(),
+            acks: vec![
+                Ack {
+                    partition: 3,
+                    upto_seq: 9,
+                    epoch: 0xfeed,
+                },
+                Ack {
+                    partition: 4,
+                    upto_seq: 1,
+                    epoch: LEGACY_EPOCH,
+                },
+            ],
+        };
+        let json = serde_json::to_string(&acks).unwrap();
+        assert_eq!(
+            json,
+            r#"{"owner":"o","acks":[{"partition":3,"upto_seq":9,"epoch":65261},{"partition":4,"upto_seq":1}]}"#
+        );
+        assert_eq!(serde_json::from_str::<AckBatch>(&json).unwrap(), acks);
+    }
+
+    fn window() -> WindowSummary {
+        WindowSummary {
+            device: "d".into(),
+            metric: "m".into(),
+            start_ms: 10_000,
+            end_ms: 20_000,
+            count: 3,
+            min: 1.0,
+            max: 4.0,
+            mean: 7.0 / 3.0,
+            std: 1.25,
+            first_ts_ms: 10_000,
+            last_ts_ms: 19_999,
+            max_score: 0.5,
+            revision: 0,
+        }
+    }
+
+    #[test]
+    fn summaries_that_cannot_describe_a_window_are_named() {
+        assert_eq!(window().check(), Ok(()));
+        type Spoil = fn(&mut WindowSummary);
+        let bad: Vec<(Spoil, &str)> = vec![
+            (|w| w.count = 0, "count must be > 0"),
+            (
+                |w| w.count = u64::MAX,
+                "count 18446744073709551615 is implausible",
+            ),
+            (|w| w.end_ms = w.start_ms, "end_ms must be > start_ms"),
+            (|w| w.mean = f64::NAN, "mean must be finite"),
+            (|w| w.std = f64::INFINITY, "std must be finite"),
+            (|w| w.min = 5.0, "min (5) must be <= max (4)"),
+            (|w| w.mean = 4.5, "mean (4.5) must be within"),
+            (|w| w.std = -0.5, "std must be >= 0"),
+            (|w| w.max_score = 1.5, "max_score must be in [0, 1]"),
+            (|w| w.first_ts_ms = 9_999, "first_ts_ms (9999)"),
+            (
+                |w| w.last_ts_ms = 20_000,
+                "must be ordered within the window",
+            ),
+            (
+                |w| (w.first_ts_ms, w.last_ts_ms) = (15_000, 14_000),
+                "must be ordered",
+            ),
+        ];
+        for (spoil, want) in bad {
+            let mut w = window();
+            spoil(&mut w);
+            let err = w.check().unwrap_err();
+            assert!(err.contains(want), "{err:?} should contain {want:?}");
+        }
+        // Rounding slack, and the largest plausible count of the window.
+        let mut w = window();
+        w.mean = 4.0 + 1e-12;
+        w.count = 10_000 * MAX_READINGS_PER_MS;
+        assert_eq!(w.check(), Ok(()));
+        // Extreme but real values do not overflow the checks.
+        let mut w = window();
+        (w.start_ms, w.end_ms, w.first_ts_ms, w.last_ts_ms) = (i64::MIN, i64::MAX, 0, 0);
+        w.count = u64::MAX;
+        assert_eq!(w.check(), Ok(()));
+    }
+
+    #[test]
+    fn events_need_a_finite_value_and_a_score_in_the_unit_interval() {
+        let mut e = AnomalyEvent {
+            id: event_id("d", "m", 5, "z"),
+            device: "d".into(),
+            metric: "m".into(),
+            ts_ms: 5,
+            value: 1.0,
+            score: 0.9,
+            detector: "z".into(),
+            window_start_ms: 0,
+            agent: "a".into(),
+        };
+        assert_eq!(e.check(), Ok(()));
+        e.score = f64::NAN;
+        assert!(e.check().unwrap_err().contains("score"));
+        e.score = 0.9;
+        e.value = f64::NEG_INFINITY;
+        assert!(e.check().unwrap_err().contains("value must be finite"));
     }
 }

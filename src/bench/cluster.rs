@@ -1157,6 +1157,7 @@ async fn publish_lanes(
                 partition: p as u32,
                 records,
                 acked,
+                epoch: 0,
             };
             let payload = serde_json::to_vec(&batch).context("encoding a summary batch")?;
             lanes.published[p].fetch_max(l.next + n - 1, Relaxed);

@@ -44,19 +44,22 @@ async fn dashboard_shows_feed_events_in_a_real_browser() {
         window_start_ms: 1_767_225_600_000,
         agent: "gw-dash".into(),
     };
+    // The device's own partition: an aggregator refuses an event filed under another one.
+    let partition = edgewatch_models::partition::partition_of("pump-42", 64);
     let batch = Batch {
         agent: "gw-dash".into(),
-        partition: 3,
+        partition,
         records: vec![Sequenced {
             seq: 1,
             prev: None,
             item: event,
         }],
         acked: 0,
+        epoch: 0,
     };
     client
         .publish(
-            Topics::new("edgewatch/v1").anomalies(3, "gw-dash"),
+            Topics::new("edgewatch/v1").anomalies(partition, "gw-dash"),
             QoS::AtLeastOnce,
             false,
             serde_json::to_vec(&batch).unwrap(),

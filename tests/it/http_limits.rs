@@ -409,6 +409,8 @@ async fn a_feed_client_that_never_reads_is_evicted_and_the_others_keep_getting_e
     let (client, mut el) = AsyncClient::new(opts, 10);
     tokio::spawn(async move { while el.poll().await.is_ok() {} });
     let topics = Topics::new("edgewatch/v1");
+    // The device's own partition: an event filed under another one is refused.
+    let partition = edgewatch_models::partition::partition_of("pump-1", 64);
     // ~4 KB per event, so a few rounds fill the stalled client's window and the server's buffer.
     let padding = "x".repeat(4_000);
     let mut seq = 0u64;
@@ -441,9 +443,10 @@ async fn a_feed_client_that_never_reads_is_evicted_and_the_others_keep_getting_e
             .collect();
         let batch = Batch {
             agent: "gw-stall".into(),
-            partition: 1,
+            partition,
             records,
             acked: 0,
+            epoch: 0,
         };
         let payload = serde_json::to_vec(&batch).unwrap();
         let want = seq as usize;
@@ -453,7 +456,7 @@ async fn a_feed_client_that_never_reads_is_evicted_and_the_others_keep_getting_e
                 assert!(Instant::now() < deadline, "no event reached the feed");
                 client
                     .publish(
-                        topics.anomalies(1, "gw-stall"),
+                        topics.anomalies(partition, "gw-stall"),
                         QoS::AtLeastOnce,
                         false,
                         payload.clone(),
@@ -467,7 +470,7 @@ async fn a_feed_client_that_never_reads_is_evicted_and_the_others_keep_getting_e
         }
         client
             .publish(
-                topics.anomalies(1, "gw-stall"),
+                topics.anomalies(partition, "gw-stall"),
                 QoS::AtLeastOnce,
                 false,
                 payload,

@@ -107,6 +107,7 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
                     partition,
                     records: chunk.to_vec(),
                     acked: 0,
+                    epoch: 0,
                 };
                 client
                     .publish(
@@ -195,6 +196,7 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
             item: event,
         }],
         acked: 0,
+        epoch: 0,
     };
     client
         .publish(

@@ -13,7 +13,7 @@ use super::config::ClusterConfig;
 use super::lease::{wanted, Lease, LeaseError, Leases};
 use super::members::{MemberInfo, Members, OwnedPartition};
 use super::store::{KvStore, PartitionState};
-use crate::consumer::{self, Input, Touched};
+use crate::consumer::{self, Input, Touched, Warnings};
 use crate::Shared;
 use edgewatch_models::wire::Topics;
 use rumqttc::{AsyncClient, QoS};
@@ -472,7 +472,7 @@ pub(crate) fn apply_loop(
         shared,
         topics: Topics::new(""),
         touched: Touched::new(),
-        last_warn: Instant::now(),
+        warnings: Warnings::default(),
         client,
         lost,
     };
@@ -506,7 +506,7 @@ struct Loop {
     shared: Arc<Shared>,
     topics: Topics,
     touched: Touched,
-    last_warn: Instant,
+    warnings: Warnings,
     client: AsyncClient,
     lost: mpsc::UnboundedSender<u32>,
 }
@@ -520,7 +520,7 @@ impl Loop {
                 &p,
                 store,
                 &mut self.touched,
-                &mut self.last_warn,
+                &mut self.warnings,
             ),
             Input::Control(Control::Own { fence, state, done }) => {
                 let p = fence.partition;
@@ -547,7 +547,7 @@ impl Loop {
         self.shared.owned.clear(p);
         store.disown(p);
         self.lock().drop_partition(p);
-        self.touched.retain(|(_, partition), _| *partition != p);
+        self.touched.retain(|(_, partition, _), _| *partition != p);
     }
 
     /// Checkpoints the dirty partitions (of `only`, or all), then acknowledges every touched lane
@@ -571,9 +571,8 @@ impl Loop {
                 Err(e) => {
                     all_ok = false;
                     m.checkpoint_errors_total.fetch_add(1, Relaxed);
-                    if self.last_warn.elapsed() >= Duration::from_secs(5) {
-                        self.last_warn = Instant::now();
-                        tracing::warn!(aggregator = %self.shared.cfg.id, partition = w.partition, error = %e, bytes = w.bytes, "checkpoint failed; not acknowledging, retrying with the next one (failures so far: edgewatch_aggregator_checkpoint_errors_total)");
+                    if let Some(suppressed) = self.warnings.ready("checkpoint") {
+                        tracing::warn!(aggregator = %self.shared.cfg.id, partition = w.partition, error = %e, bytes = w.bytes, suppressed, "checkpoint failed; not acknowledging, retrying with the next one (failures so far: edgewatch_aggregator_checkpoint_errors_total)");
                     }
                 }
             }
@@ -583,9 +582,9 @@ impl Loop {
             self.shared.owned.set_lag(p, lag.as_millis() as u64);
         }
         let mut ready = Touched::new();
-        self.touched.retain(|(agent, p), seq| {
+        self.touched.retain(|(agent, p, epoch), seq| {
             if store.owns(*p) && !store.is_dirty(*p) {
-                ready.insert((agent.clone(), *p), *seq);
+                ready.insert((agent.clone(), *p, *epoch), *seq);
                 false
             } else {
                 store.owns(*p)

@@ -8,34 +8,58 @@
 //! caller drops it. Writes block on the tokio runtime the store was made on, so call them from a
 //! blocking thread (the apply loop runs on one).
 //!
-//! Value: format byte `1`, then postcard of the partition's windows and (agent, seq) lanes. A value
+//! Value: a format byte, then postcard of the partition's windows and lanes: format `2` with
+//! (agent, lane epoch, seq) lanes, format `1` (what versions before lane epochs wrote and read) with
+//! (agent, seq) lanes, all of epoch 0. A state whose lanes are all of epoch 0 is still written in
+//! format 1, so members of an older version keep taking partitions over until epochs appear. A value
 //! is one NATS message, bounded by the servers' `max_payload` (1 MiB by default); partitions whose
 //! state outgrows it need more partitions or a higher `max_payload`.
+//!
+//! (The lease *epoch* of [`super::checkpoint`] fences owners; a *lane* epoch names an agent's outbox.)
 
 use super::checkpoint::{CheckpointError, CheckpointFence, KvCheckpoints};
-use crate::state::Applied;
-use crate::store::{MemoryStore, Snapshot, StateStore, StoreError};
+use crate::state::{Applied, LaneId};
+use crate::store::{MemoryStore, Snapshot, StateStore, StoreError, StoredLane};
 use edgewatch_models::wire::WindowSummary;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-const FORMAT: u8 = 1;
+/// Lanes with epochs.
+const FORMAT: u8 = 2;
+/// Before lane epochs: (agent, seq) lanes.
+const FORMAT_V1: u8 = 1;
 
 /// The state of one partition as its checkpoint holds it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PartitionState {
     /// Kept windows, by (device, metric, start).
     pub windows: Vec<WindowSummary>,
-    /// (agent, last applied seq) of every lane of the partition.
-    pub lanes: Vec<(String, u64)>,
+    /// (agent, lane epoch, last applied seq) of every lane of the partition.
+    pub lanes: Vec<(String, u64, u64)>,
+}
+
+/// [`PartitionState`] in format 1.
+#[derive(Serialize, Deserialize)]
+struct PartitionStateV1 {
+    windows: Vec<WindowSummary>,
+    lanes: Vec<(String, u64)>,
 }
 
 impl PartitionState {
     /// The checkpoint value.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![FORMAT];
         // Serialising plain structs into a Vec cannot fail.
+        if self.lanes.iter().all(|(_, epoch, _)| *epoch == 0) {
+            let v1 = PartitionStateV1 {
+                windows: self.windows.clone(),
+                lanes: self.lanes.iter().map(|(a, _, s)| (a.clone(), *s)).collect(),
+            };
+            let mut out = vec![FORMAT_V1];
+            out.extend(postcard::to_allocvec(&v1).unwrap_or_default());
+            return out;
+        }
+        let mut out = vec![FORMAT];
         out.extend(postcard::to_allocvec(self).unwrap_or_default());
         out
     }
@@ -43,10 +67,16 @@ impl PartitionState {
     /// Decodes a checkpoint value (an empty value is an empty state: a partition taken over
     /// before anything was checkpointed).
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let undecodable = |e: postcard::Error| format!("undecodable state: {e}");
         match bytes.split_first() {
             None => Ok(Self::default()),
-            Some((&FORMAT, rest)) => {
-                postcard::from_bytes(rest).map_err(|e| format!("undecodable state: {e}"))
+            Some((&FORMAT, rest)) => postcard::from_bytes(rest).map_err(undecodable),
+            Some((&FORMAT_V1, rest)) => {
+                let v1: PartitionStateV1 = postcard::from_bytes(rest).map_err(undecodable)?;
+                Ok(Self {
+                    windows: v1.windows,
+                    lanes: v1.lanes.into_iter().map(|(a, s)| (a, 0, s)).collect(),
+                })
             }
             Some((v, _)) => Err(format!("unknown state format {v}")),
         }
@@ -58,8 +88,8 @@ impl PartitionState {
 struct Owned {
     /// The kept windows.
     model: MemoryStore,
-    /// Last applied seq by agent.
-    lanes: BTreeMap<String, u64>,
+    /// Last applied seq by agent, then lane epoch.
+    lanes: BTreeMap<String, BTreeMap<u64, u64>>,
     fence: CheckpointFence,
     dirty: bool,
     /// When the oldest change not yet checkpointed was made.
@@ -78,7 +108,11 @@ impl Owned {
         let snap = self.model.load().unwrap_or_default();
         PartitionState {
             windows: snap.windows.into_iter().map(|(_, w)| w).collect(),
-            lanes: self.lanes.iter().map(|(a, s)| (a.clone(), *s)).collect(),
+            lanes: self
+                .lanes
+                .iter()
+                .flat_map(|(a, epochs)| epochs.iter().map(|(e, s)| (a.clone(), *e, *s)))
+                .collect(),
         }
     }
 }
@@ -143,7 +177,16 @@ impl KvStore {
             partition,
             Owned {
                 model,
-                lanes: state.lanes.iter().cloned().collect(),
+                lanes: state.lanes.iter().fold(
+                    BTreeMap::new(),
+                    |mut lanes, (agent, epoch, seq)| {
+                        lanes
+                            .entry(agent.clone())
+                            .or_insert_with(BTreeMap::new)
+                            .insert(*epoch, *seq);
+                        lanes
+                    },
+                ),
                 fence,
                 dirty: false,
                 dirty_since: None,
@@ -256,17 +299,39 @@ impl StateStore for KvStore {
         Ok(applied)
     }
 
-    fn put_lane_seq(&mut self, agent: &str, partition: u32, seq: u64) -> Result<(), StoreError> {
-        let o = self.owned_mut(partition)?;
+    fn put_lane_seq(&mut self, lane: LaneId<'_>, seq: u64) -> Result<(), StoreError> {
+        let o = self.owned_mut(lane.partition)?;
         // Looked up by &str: this runs for every batch, and resends must not mark it dirty.
-        match o.lanes.get_mut(agent) {
-            Some(s) if *s >= seq => return Ok(()),
-            Some(s) => *s = seq,
+        match o.lanes.get_mut(lane.agent) {
+            Some(epochs) => match epochs.get_mut(&lane.epoch) {
+                Some(s) if *s >= seq => return Ok(()),
+                Some(s) => *s = seq,
+                None => {
+                    epochs.insert(lane.epoch, seq);
+                }
+            },
             None => {
-                o.lanes.insert(agent.to_string(), seq);
+                o.lanes
+                    .insert(lane.agent.to_string(), BTreeMap::from([(lane.epoch, seq)]));
             }
         }
         o.mark_dirty();
+        Ok(())
+    }
+
+    fn drop_lane(&mut self, lane: LaneId<'_>) -> Result<(), StoreError> {
+        let Some(o) = self.owned.get_mut(&lane.partition) else {
+            return Ok(()); // nothing stored for a partition not owned
+        };
+        let Some(epochs) = o.lanes.get_mut(lane.agent) else {
+            return Ok(());
+        };
+        if epochs.remove(&lane.epoch).is_some() {
+            if epochs.is_empty() {
+                o.lanes.remove(lane.agent);
+            }
+            o.mark_dirty();
+        }
         Ok(())
     }
 
@@ -287,14 +352,17 @@ impl StateStore for KvStore {
         let mut s = Snapshot::default();
         for (&partition, o) in &self.owned {
             s.windows.extend(o.model.load()?.windows);
-            s.lanes
-                .extend(o.lanes.iter().map(|(a, seq)| (a.clone(), partition, *seq)));
+            s.lanes.extend(o.lanes.iter().flat_map(|(a, epochs)| {
+                epochs
+                    .iter()
+                    .map(move |(e, seq)| (a.clone(), partition, *e, *seq))
+            }));
         }
         crate::store::sort_snapshot(&mut s);
         Ok(s)
     }
 
-    fn lane_seqs(&self) -> Result<Vec<(String, u32, u64)>, StoreError> {
+    fn lane_seqs(&self) -> Result<Vec<StoredLane>, StoreError> {
         Ok(self.load()?.lanes)
     }
 }
@@ -325,9 +393,23 @@ mod tests {
     fn a_partition_state_round_trips_and_bad_values_are_named() {
         let st = PartitionState {
             windows: vec![window("d/1 ü", 0), window("d2", 1000)],
-            lanes: vec![("agent-1".into(), 42)],
+            lanes: vec![("agent-1".into(), 0, 42)],
         };
         assert_eq!(PartitionState::decode(&st.encode()).unwrap(), st);
+        assert_eq!(
+            st.encode()[0],
+            FORMAT_V1,
+            "no epochs yet: older members can read it"
+        );
+        let with_epochs = PartitionState {
+            windows: st.windows.clone(),
+            lanes: vec![("agent-1".into(), 0, 42), ("agent-1".into(), 0xfeed, 7)],
+        };
+        assert_eq!(with_epochs.encode()[0], FORMAT);
+        assert_eq!(
+            PartitionState::decode(&with_epochs.encode()).unwrap(),
+            with_epochs
+        );
         assert_eq!(
             PartitionState::decode(&[]).unwrap(),
             PartitionState::default()
@@ -338,5 +420,21 @@ mod tests {
         assert!(PartitionState::decode(&[FORMAT, 200, 200, 200])
             .unwrap_err()
             .contains("undecodable"));
+    }
+
+    #[test]
+    fn a_checkpoint_from_before_lane_epochs_loads_its_lanes_as_epoch_zero() {
+        let old = PartitionStateV1 {
+            windows: vec![window("d", 0)],
+            lanes: vec![("gw-1".into(), 9), ("gw-2".into(), 3)],
+        };
+        let mut bytes = vec![FORMAT_V1];
+        bytes.extend(postcard::to_allocvec(&old).unwrap());
+        let st = PartitionState::decode(&bytes).unwrap();
+        assert_eq!(st.windows, old.windows);
+        assert_eq!(
+            st.lanes,
+            vec![("gw-1".to_string(), 0, 9), ("gw-2".to_string(), 0, 3)]
+        );
     }
 }
