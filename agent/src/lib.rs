@@ -159,7 +159,7 @@ impl Agent {
             tokio::spawn(async move {
                 let mut batch = Vec::with_capacity(512);
                 let mut log = RejectLog::default();
-                let mut late_log = RateLimit::every(Duration::from_secs(5));
+                let mut late_log = telemetry::LogLimit::every(Duration::from_secs(5));
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut checkpoint = tokio::time::interval(interval);
@@ -198,9 +198,9 @@ impl Agent {
                                 }
                             }
                             if let Some(late) = pipeline.take_late_note() {
-                                late_log.note(late.count, |suppressed| {
+                                if let Some(suppressed) = late_log.ready_for(late.count) {
                                     tracing::warn!(agent = %agent, device = %late.device.escape_debug(), metric = %late.metric.escape_debug(), ts_ms = late.ts_ms, watermark_ms = late.watermark_ms, late_readings = late.count, suppressed, "readings dropped as late: their window had closed (window.allowed_lateness_ms, window.idle_timeout_ms)");
-                                });
+                                }
                             }
                         }
                         _ = tick.tick() => pipeline.tick(now_ms()),
@@ -261,7 +261,7 @@ impl Agent {
             let acks_topic = Topics::new(&cfg.uplink.prefix).acks(&cfg.id);
             let agent = cfg.id.clone();
             // Anyone may publish on the acks topic: a flood of garbage is counted, not logged.
-            let mut bad_acks = uplink::LogLimit::every(Duration::from_secs(10));
+            let mut bad_acks = telemetry::LogLimit::every(Duration::from_secs(10));
             tokio::spawn(async move {
                 mqtt::poll_loop(up_loop, up_opts, "uplink", &metrics, cancel, |ev| {
                     match ev {
@@ -618,39 +618,6 @@ fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// At most one log line per period; what came meanwhile is counted and reported with the next.
-struct RateLimit {
-    period: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    fn every(period: Duration) -> Self {
-        Self {
-            period,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Calls `log` with the number of events suppressed since the last line, if the period has
-    /// passed; otherwise counts `events` as suppressed.
-    fn note(&mut self, events: u64, log: impl FnOnce(u64)) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_none_or(|t| now.duration_since(t) >= self.period)
-        {
-            log(self.suppressed);
-            self.last = Some(now);
-            self.suppressed = 0;
-        } else {
-            self.suppressed += events;
-        }
-    }
 }
 
 /// Logs rejected messages with their topic, at most once per reason every 5 s (plus a count of the

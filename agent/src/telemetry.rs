@@ -3,6 +3,7 @@
 use crate::error::IngestError;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 /// Counters and gauges of one agent.
 #[derive(Debug, Default)]
@@ -311,6 +312,22 @@ impl AgentMetrics {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn the_log_limit_lets_one_line_through_per_period_and_counts_the_rest() {
+        let mut limit = super::LogLimit::every(Duration::from_secs(3600));
+        assert_eq!(limit.ready(), Some(0));
+        assert_eq!(limit.ready(), None);
+        assert_eq!(limit.ready_for(5), None);
+        limit.last = Some(std::time::Instant::now() - Duration::from_secs(3601));
+        assert_eq!(
+            limit.ready(),
+            Some(6),
+            "one suppressed line, then one standing for five"
+        );
+    }
+
     use super::*;
 
     #[test]
@@ -360,5 +377,43 @@ mod tests {
             ),
             "{text}"
         );
+    }
+}
+
+/// At most one log line per period, counting the ones suppressed in between: a flood of bad input
+/// must not flood the log (everything is counted regardless).
+pub(crate) struct LogLimit {
+    period: Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    pub(crate) fn every(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(events suppressed since the last line)` when a line may be logged now, else `None`
+    /// (and the event is counted as suppressed).
+    pub(crate) fn ready(&mut self) -> Option<u64> {
+        self.ready_for(1)
+    }
+
+    /// [`LogLimit::ready`] for a line that stands for `events` events.
+    pub(crate) fn ready_for(&mut self, events: u64) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.period)
+        {
+            self.suppressed += events;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
     }
 }

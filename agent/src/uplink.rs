@@ -24,7 +24,7 @@
 
 use crate::outbox::{Outbox, OutboxError, OutboxStats, Record};
 use crate::pipeline::Output;
-use crate::telemetry::{AckRefusal, AgentMetrics};
+use crate::telemetry::{AckRefusal, AgentMetrics, LogLimit};
 use edgewatch_models::wire::{AckBatch, AnomalyEvent, Batch, Sequenced, Topics, WindowSummary};
 use rumqttc::{AsyncClient, QoS};
 use std::collections::{BTreeMap, BTreeSet};
@@ -112,38 +112,8 @@ pub(crate) struct Uplink {
     sent: Arc<AtomicU64>,
     /// Rate limit of the refused-ack warnings.
     refusals_log: LogLimit,
-}
-
-/// At most one log line per period, counting the ones suppressed in between: a flood of bad input
-/// must not flood the log (everything is counted regardless).
-pub(crate) struct LogLimit {
-    period: Duration,
-    last: Option<std::time::Instant>,
-    suppressed: u64,
-}
-
-impl LogLimit {
-    pub(crate) fn every(period: Duration) -> Self {
-        Self {
-            period,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(lines suppressed since the last one)` when a line may be logged now, else `None`.
-    pub(crate) fn ready(&mut self) -> Option<u64> {
-        let now = std::time::Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < self.period)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
+    /// Rate limit of the records-not-stored errors.
+    append_log: LogLimit,
 }
 
 impl Uplink {
@@ -171,6 +141,7 @@ impl Uplink {
             metrics,
             sent,
             refusals_log: LogLimit::every(Duration::from_secs(10)),
+            append_log: LogLimit::every(Duration::from_secs(10)),
         };
         up.update_gauges();
         up
@@ -254,7 +225,9 @@ impl Uplink {
                     // Only a failing disk or a non-finite number (which the pipeline never makes)
                     // gets here; the record is lost and counted.
                     self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
-                    tracing::error!(agent = %self.s.agent, partition, error = %e, "record not stored in the outbox; dropped");
+                    if let Some(suppressed) = self.append_log.ready() {
+                        tracing::error!(agent = %self.s.agent, partition, error = %e, suppressed, "record not stored in the outbox; dropped (logged at most every 10 s; all counted in edgewatch_agent_outbox_errors_total)");
+                    }
                 }
             }
         }
@@ -767,15 +740,5 @@ mod tests {
         assert_eq!(up.outbox.len(3), 1);
         assert_eq!(up.outbox.acked_seq(3), 4);
         assert_eq!(up.metrics.outbox_acked_total.load(Relaxed), 4);
-    }
-
-    #[test]
-    fn the_log_limit_lets_one_line_through_per_period_and_counts_the_rest() {
-        let mut limit = LogLimit::every(Duration::from_secs(3600));
-        assert_eq!(limit.ready(), Some(0));
-        assert_eq!(limit.ready(), None);
-        assert_eq!(limit.ready(), None);
-        limit.last = Some(std::time::Instant::now() - Duration::from_secs(3601));
-        assert_eq!(limit.ready(), Some(2));
     }
 }

@@ -66,6 +66,12 @@ pub(crate) async fn poll_loop(
     // The filters of the last SUBSCRIBE of the whole set, to name refused ones (partition
     // changes in cluster mode subscribe one filter at a time).
     let mut subscribed: Vec<SubscribeFilter> = Vec::new();
+    // A packet over `max_packet_bytes` breaks the connection, and on a persistent session the
+    // broker would redeliver it on every reconnect: the next connection accepts that one size, so
+    // the message is read once (and refused by the apply loop), then the limit is restored. The
+    // same policy as the agent's links (agent/src/mqtt.rs).
+    let configured = eventloop.mqtt_options.max_packet_size();
+    let mut raised = false;
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -77,6 +83,11 @@ pub(crate) async fn poll_loop(
                     tracing::info!(aggregator = %shared.cfg.id, %broker, "reconnected");
                 }
                 backoff.reset();
+                if std::mem::take(&mut raised) {
+                    eventloop
+                        .mqtt_options
+                        .set_max_packet_size(configured, configured);
+                }
                 subscribed = filters(
                     &topics,
                     &shared.owned.list(),
@@ -110,15 +121,32 @@ pub(crate) async fn poll_loop(
                 ))
             }
             Ok(_) => None,
-            Err(e) => Some(describe(&broker, &e)),
+            Err(e) => {
+                if let ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                    rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
+                )) = &e
+                {
+                    shared.metrics.oversized_packets_total.fetch_add(1, Relaxed);
+                    tracing::warn!(aggregator = %shared.cfg.id, %broker, size, max_packet_bytes = configured, "a message larger than max_packet_bytes arrived; the next connection reads it once instead of having it redelivered forever");
+                    raised = true;
+                    eventloop
+                        .mqtt_options
+                        .set_max_packet_size((*size).max(configured), configured);
+                }
+                Some(describe(&broker, &e))
+            }
         };
         if let Some(error) = failure {
             shared.metrics.connection_errors_total.fetch_add(1, Relaxed);
             let delay = backoff.next_delay_ms();
             if addresses.len() > 1 {
                 // Try the next broker of the list on the next attempt.
+                let limit = eventloop.mqtt_options.max_packet_size();
                 current = (current + 1) % addresses.len();
                 eventloop.mqtt_options = addresses[current].clone();
+                eventloop
+                    .mqtt_options
+                    .set_max_packet_size(limit, configured);
             }
             let next = broker_of(&eventloop.mqtt_options);
             tracing::warn!(aggregator = %shared.cfg.id, %broker, %next, %error, retry_in_ms = delay, "mqtt connection error; will reconnect");

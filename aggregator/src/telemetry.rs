@@ -62,6 +62,9 @@ pub struct AggregatorMetrics {
     /// Feed clients closed for not reading: a write stalled past `http.write_timeout_ms`, or no
     /// pong for two ping intervals.
     pub ws_evicted_total: AtomicU64,
+    /// MQTT packets larger than `mqtt.max_packet_bytes`, read once on the next connection instead
+    /// of wedging a persistent session.
+    pub oversized_packets_total: AtomicU64,
     /// Gauge: open HTTP connections, WebSocket feed clients included.
     pub http_connections: AtomicU64,
     /// Gauge: the most HTTP connections ever open at once.
@@ -232,6 +235,10 @@ impl AggregatorMetrics {
             (
                 "edgewatch_aggregator_ws_evicted_total",
                 &self.ws_evicted_total,
+            ),
+            (
+                "edgewatch_aggregator_oversized_packets_total",
+                &self.oversized_packets_total,
             ),
             (
                 "edgewatch_aggregator_lanes_evicted_total",
