@@ -87,6 +87,9 @@ const CHECKPOINT_ROW: u8 = b'r';
 const EPOCH_TREE: &str = "epoch";
 const EPOCH_KEY: &[u8] = b"lane_epoch";
 
+/// A stored checkpoint as read back: its header and every row with its index, in index order.
+pub type StoredCheckpoint = (Vec<u8>, Vec<(u32, Vec<u8>)>);
+
 /// Settings of an [`Outbox`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxConfig {
@@ -869,7 +872,7 @@ impl Outbox {
     }
 
     /// The stored checkpoint, if any: its header and every row with its index, in index order.
-    pub fn checkpoint(&self) -> Result<Option<(Vec<u8>, Vec<(u32, Vec<u8>)>)>, OutboxError> {
+    pub fn checkpoint(&self) -> Result<Option<StoredCheckpoint>, OutboxError> {
         let Some(header) = self
             .checkpoints
             .get(CHECKPOINT_KEY)

@@ -310,6 +310,44 @@ impl AgentMetrics {
     }
 }
 
+/// At most one log line per period, counting the ones suppressed in between: a flood of bad input
+/// must not flood the log (everything is counted regardless).
+pub(crate) struct LogLimit {
+    period: Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    pub(crate) fn every(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(events suppressed since the last line)` when a line may be logged now, else `None`
+    /// (and the event is counted as suppressed).
+    pub(crate) fn ready(&mut self) -> Option<u64> {
+        self.ready_for(1)
+    }
+
+    /// [`LogLimit::ready`] for a line that stands for `events` events.
+    pub(crate) fn ready_for(&mut self, events: u64) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.period)
+        {
+            self.suppressed += events;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -377,43 +415,5 @@ mod tests {
             ),
             "{text}"
         );
-    }
-}
-
-/// At most one log line per period, counting the ones suppressed in between: a flood of bad input
-/// must not flood the log (everything is counted regardless).
-pub(crate) struct LogLimit {
-    period: Duration,
-    last: Option<std::time::Instant>,
-    suppressed: u64,
-}
-
-impl LogLimit {
-    pub(crate) fn every(period: Duration) -> Self {
-        Self {
-            period,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(events suppressed since the last line)` when a line may be logged now, else `None`
-    /// (and the event is counted as suppressed).
-    pub(crate) fn ready(&mut self) -> Option<u64> {
-        self.ready_for(1)
-    }
-
-    /// [`LogLimit::ready`] for a line that stands for `events` events.
-    pub(crate) fn ready_for(&mut self, events: u64) -> Option<u64> {
-        let now = std::time::Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < self.period)
-        {
-            self.suppressed += events;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
     }
 }
