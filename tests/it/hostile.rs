@@ -717,3 +717,87 @@ async fn an_idle_agent_with_20k_series_keeps_its_state_directory_flat() {
     stop_agg.cancel();
     agg_task.await.unwrap();
 }
+
+/// The value of an unlabelled-but-for-`aggregator` counter in Prometheus text.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aggregator_reads_an_oversized_uplink_message_once_and_goes_on() {
+    use edgewatch_models::wire::{event_id, AnomalyEvent, Batch, Sequenced, Topics};
+    let (broker, mlog) = mosquitto_logging_subscriptions();
+    let (agg, stop_agg, agg_task) = aggregator(broker.port).await;
+    wait_for_subscription(&mlog, "edgewatch-agg-hostile", "edgewatch/v1/anomalies/+/+").await;
+    let client = publisher(broker.port, "oversized-uplink");
+    let topics = Topics::new("edgewatch/v1");
+    client
+        .publish(
+            topics.summaries(0, "gw-x"),
+            QoS::AtLeastOnce,
+            false,
+            vec![b'x'; 5 << 20],
+        )
+        .await
+        .unwrap();
+    let device = "pump-9";
+    let partition = edgewatch_models::partition::partition_of(device, 64);
+    let ts = now_ms() - 60_000;
+    let batch = Batch {
+        agent: "gw-x".into(),
+        partition,
+        records: vec![Sequenced {
+            seq: 1,
+            prev: None,
+            item: AnomalyEvent {
+                id: event_id(device, "temp", ts, "zscore"),
+                device: device.into(),
+                metric: "temp".into(),
+                ts_ms: ts,
+                value: 99.0,
+                score: 0.99,
+                detector: "zscore".into(),
+                window_start_ms: ts / WINDOW_MS * WINDOW_MS,
+                agent: "gw-x".into(),
+            },
+        }],
+        acked: 0,
+        epoch: 7,
+    };
+    let payload = serde_json::to_vec(&batch).unwrap();
+    // Published again until it lands: the aggregator reconnects once after the oversized message.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        client
+            .publish(
+                topics.anomalies(partition, "gw-x"),
+                QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
+        let (_, text) = http_get(agg, "/metrics");
+        if metric(&text, "edgewatch_aggregator_anomalies_received_total") > 0 {
+            assert_eq!(
+                metric(&text, "edgewatch_aggregator_oversized_packets_total"),
+                1
+            );
+            assert_eq!(
+                metric(&text, "edgewatch_aggregator_connection_errors_total"),
+                1
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no event applied after the oversized message:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_agg.cancel();
+    agg_task.await.unwrap();
+}
