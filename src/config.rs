@@ -7,9 +7,15 @@
 //!
 //! YAML crate: `serde_norway`, the maintained fork of the deprecated `serde_yaml` (same API, libyaml
 //! parser, security fixes, error locations), so serde-derived configs and `serde_path_to_error` work as is.
+//!
+//! Every YAML text goes through [`parse`], which first applies `edgewatch_models::yaml_limits`: a
+//! file over 1 MiB, or nested deeper than 64 levels, is refused before libyaml sees it (libyaml is
+//! quadratic in unclosed `[`). [`load`] also checks the size before reading.
 
+use edgewatch_models::yaml_limits::{self, YamlLimitError, YamlLimits};
 use serde::de::DeserializeOwned;
 use std::fmt;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 /// One problem in one configuration file.
@@ -38,9 +44,10 @@ impl fmt::Display for ConfigError {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}:", self.file.display())?;
+            // `file: key (line, col): message`; without a key, `file (line, col): message`.
+            write!(f, "{}", self.file.display())?;
             if !p.key.is_empty() {
-                write!(f, " {}", p.key)?;
+                write!(f, ": {}", p.key)?;
             }
             if let Some((line, col)) = p.location {
                 write!(f, " (line {line}, col {col})")?;
@@ -77,21 +84,66 @@ impl Validate for edgewatch_simulators::SimulatorConfig {
     }
 }
 
+impl ConfigError {
+    /// One problem with no key path.
+    fn whole_file(file: &Path, location: Option<(usize, usize)>, message: String) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            problems: vec![ConfigProblem {
+                key: String::new(),
+                location,
+                message,
+            }],
+        }
+    }
+}
+
 /// Reads and validates `path` as a `T`.
 pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.to_path_buf(),
-        problems: vec![ConfigProblem {
-            key: String::new(),
-            location: None,
-            message: format!("cannot read the file: {e}"),
-        }],
-    })?;
+    let text = read(path, YamlLimits::default().max_bytes)?;
     parse(&text, path)
 }
 
-/// Parses and validates YAML `text` (from `file`, used in messages) as a `T`.
+/// Reads `path` as UTF-8 text of at most `max` bytes, refusing a larger file before reading it (and
+/// a stream, or a file growing meanwhile, once it passes `max`).
+fn read(path: &Path, max: usize) -> Result<String, ConfigError> {
+    let cannot = |e: &dyn fmt::Display| {
+        ConfigError::whole_file(path, None, format!("cannot read the file: {e}"))
+    };
+    let file = std::fs::File::open(path).map_err(|e| cannot(&e))?;
+    let size = file.metadata().map_or(0, |m| m.len());
+    let too_large = |size| {
+        let e = YamlLimitError::TooLarge {
+            size,
+            max: max as u64,
+        };
+        ConfigError::whole_file(path, None, e.to_string())
+    };
+    if size > max as u64 {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| cannot(&e))?;
+    if bytes.len() > max {
+        let message = format!("file is more than {max} bytes, the limit for a configuration file");
+        return Err(ConfigError::whole_file(path, None, message));
+    }
+    String::from_utf8(bytes).map_err(|e| cannot(&format_args!("not UTF-8 text ({e})")))
+}
+
+/// Parses and validates YAML `text` (from `file`, used in messages) as a `T`. Text over the size or
+/// nesting limits of `edgewatch_models::yaml_limits` is refused before parsing.
 pub fn parse<T: DeserializeOwned + Validate>(text: &str, file: &Path) -> Result<T, ConfigError> {
+    yaml_limits::check(text.as_bytes(), YamlLimits::default()).map_err(|e| match e {
+        YamlLimitError::TooDeep { line, col, max } => ConfigError::whole_file(
+            file,
+            Some((line, col)),
+            format!("nested deeper than {max} levels (flow `[`/`{{` and block indentation): refused before parsing"),
+        ),
+        YamlLimitError::TooLarge { .. } => ConfigError::whole_file(file, None, e.to_string()),
+    })?;
     let de = serde_norway::Deserializer::from_str(text);
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
@@ -284,6 +336,76 @@ window:
         assert_eq!(e.problems[0].location.map(|l| l.0), Some(3));
         let e = parse::<edgewatch_agent::AgentConfig>("id: [a\n", Path::new("f.yaml")).unwrap_err();
         assert!(e.problems[0].location.is_some(), "{e}");
+    }
+
+    #[test]
+    fn issue_13_a_100k_bracket_file_is_refused_before_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("brackets.yaml");
+        std::fs::write(&path, "[".repeat(100_000)).unwrap();
+        let started = std::time::Instant::now();
+        let e = load::<edgewatch_agent::AgentConfig>(&path).unwrap_err();
+        println!("100k-bracket file refused in {:?}", started.elapsed());
+        assert_eq!(e.problems.len(), 1);
+        assert_eq!(e.problems[0].location, Some((1, 65)));
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "{} (line 1, col 65): nested deeper than 64 levels",
+                path.display()
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_config_kind_is_refused_past_the_nesting_limit() {
+        let deep = format!("id: a\nx: {}\n", "{a: ".repeat(80));
+        let file = Path::new("deep.yaml");
+        let errors = [
+            parse::<edgewatch_agent::AgentConfig>(&deep, file).unwrap_err(),
+            parse::<edgewatch_aggregator::AggregatorConfig>(&deep, file).unwrap_err(),
+            parse::<edgewatch_simulators::SimulatorConfig>(&deep, file).unwrap_err(),
+        ];
+        for e in errors {
+            assert_eq!(e.problems[0].location, Some((2, 4 + 4 * 63)), "{e}");
+            assert!(e.problems[0].message.contains("deeper than 64"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_file_over_one_mib_is_refused_naming_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.yaml");
+        let mut text = String::from("id: a\n");
+        while text.len() <= 1024 * 1024 {
+            text.push_str("# padding padding padding padding padding padding padding padding\n");
+        }
+        std::fs::write(&path, &text).unwrap();
+        let e = load::<edgewatch_agent::AgentConfig>(&path).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: file of {} bytes is larger than the limit of 1048576 bytes for a configuration file",
+                path.display(),
+                text.len()
+            )
+        );
+        let e = parse::<edgewatch_agent::AgentConfig>(&text, &path).unwrap_err();
+        assert!(e.to_string().contains("larger than the limit"), "{e}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_utf8_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latin1.yaml");
+        std::fs::write(&path, b"id: caf\xe9\n").unwrap();
+        let e = load::<edgewatch_agent::AgentConfig>(&path).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cannot read the file: not UTF-8 text"),
+            "{e}"
+        );
     }
 
     #[test]

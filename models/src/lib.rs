@@ -15,5 +15,6 @@ pub mod stats;
 pub mod tls;
 pub mod window;
 pub mod wire;
+pub mod yaml_limits;
 
 pub use error::{ModelError, TlsError};

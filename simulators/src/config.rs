@@ -511,6 +511,9 @@ mod tests {
     fn the_example_config_file_loads_and_is_valid() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/simulator.yaml");
         let text = std::fs::read_to_string(path).unwrap();
+        // The guard every config loader puts in front of the YAML parser (src/config.rs).
+        let limits = edgewatch_models::yaml_limits::YamlLimits::default();
+        edgewatch_models::yaml_limits::check(text.as_bytes(), limits).unwrap();
         let cfg: SimulatorConfig = serde_norway::from_str(&text).unwrap();
         assert_eq!(cfg.problems(), Vec::<String>::new());
         assert_eq!(cfg.anomalies.kinds.len(), 6);
