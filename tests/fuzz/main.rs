@@ -15,13 +15,10 @@
 //! Not here: coverage guidance (no nightly, no cargo-fuzz); the corpus keeps accepted inputs to
 //! mutate instead, which keeps mutations close to what the decoders accept.
 //!
-//! Findings not fixed yet (their code belongs to other changes):
-//! 1. Window statistics overflow on finite readings (`models/src/stats.rs`, `RunningStats::push`):
-//!    readings 0 and 1e155 in one window give `std = inf` (squared deviations past f64::MAX; values
-//!    near ±f64::MAX overflow the mean too). serde_json writes it as `null`, and the aggregator
-//!    refuses the whole batch. The payload target counts such summaries as a known finding instead
-//!    of failing (`EDGEWATCH_FUZZ_STRICT=1` fails on them); the ignored test
-//!    `issue_13_window_statistics_of_finite_readings_survive_the_wire` reproduces it.
+//! Findings: 1. window statistics overflowed on finite readings (0 and 1e155 in one window gave
+//!    `std = inf`, which the aggregator could not read back): fixed by rejecting values beyond ±1e100
+//!    (`value_out_of_range`); `issue_13_window_statistics_of_finite_readings_survive_the_wire` keeps it
+//!    fixed, and the payload target fails on any non-finite summary.
 //! 2. One accepted far-future timestamp (any time before 2200 passes ingest) raises the pipeline's
 //!    newest event time; the next `tick` closes every series' windows against it, and from then on
 //!    every reading of every other series counts as late and is dropped. Not an invariant the
@@ -241,7 +238,6 @@ impl Runner {
 }
 
 #[test]
-#[ignore = "issue 13 finding 1: window statistics overflow (models/src/stats.rs); run with --ignored"]
 fn issue_13_window_statistics_of_finite_readings_survive_the_wire() {
     payload::stats_overflow_reproducer();
 }

@@ -319,7 +319,7 @@ fn object(g: &mut Gen, mut fields: Vec<String>, out: &mut Vec<u8>) {
 /// Everything the pipeline emitted must be sane and readable by the aggregator. Returns a known
 /// finding seen among the outputs, if any.
 fn check_outputs(lane: &mut Lane, partitions: u32) -> Option<String> {
-    let mut known = None;
+    let known = None;
     for output in lane.pipeline.take_outputs() {
         match output {
             Output::Summary { partition, summary } => {
@@ -327,14 +327,12 @@ fn check_outputs(lane: &mut Lane, partitions: u32) -> Option<String> {
                     partition < partitions,
                     "partition {partition} of {partitions}"
                 );
-                if !(summary.mean.is_finite() && summary.std.is_finite()) {
-                    // TODO(issue 13): finding 1 — RunningStats (models/src/stats.rs) overflows on
-                    // finite readings: 0 and 1e155 in one window give std = inf, which serde_json
-                    // writes as null, and the aggregator cannot decode the batch. Counted, not
-                    // failed, until the fix lands; EDGEWATCH_FUZZ_STRICT=1 fails on it.
-                    known.get_or_insert_with(|| format!("{summary:?}"));
-                    continue;
-                }
+                // Finding 1 of the first runs (0 and 1e155 in one window gave std = inf) is fixed:
+                // values beyond ±1e100 are rejected (value_out_of_range), so every figure is finite.
+                assert!(
+                    summary.mean.is_finite() && summary.std.is_finite(),
+                    "summary with non-finite mean or std: {summary:?}"
+                );
                 check_summary(&summary);
             }
             Output::Anomaly { partition, event } => {
@@ -420,7 +418,8 @@ fn handle(
     assert_eq!(m.series.load(Relaxed), series as u64);
     assert!(series <= setup.cfg.pipeline.max_series.max(1));
     if tick {
-        lane.pipeline.tick();
+        // The agent's clock moves on (idle series close on it); any i64 must be safe.
+        lane.pipeline.tick(msg.arrival_ms.saturating_add(3_600_000));
     }
     let known = check_outputs(lane, setup.cfg.uplink.partitions);
     (label, known)
@@ -583,12 +582,26 @@ pub fn run() {
     runner.finish();
 }
 
-/// The smallest input for known finding 1: two finite readings in one window whose summary the
-/// aggregator cannot read back. Passes once `models/src/stats.rs` no longer overflows.
+/// Finding 1, fixed: 0 and 1e155 in one window overflowed the window's statistics. Now 1e155 is
+/// rejected on its own (`value_out_of_range`) and a window holding values at the ±1e100 limit
+/// reaches the wire with every figure finite.
 pub fn stats_overflow_reproducer() {
     let cfg = AgentConfig::with_id("gw-1");
     let mut p = Pipeline::new(&cfg, Arc::new(AgentMetrics::default())).expect("default config");
-    for (ts, value) in [(1_700_000_000_000_i64, "0"), (1_700_000_001_000, "1e155")] {
+    let big = p.handle(
+        b"sensors/d1/temp",
+        br#"{"ts":1700000000500,"value":1e155}"#,
+        1_700_000_000_500,
+    );
+    assert!(
+        matches!(big, Err(IngestError::ValueOutOfRange { .. })),
+        "{big:?}"
+    );
+    for (ts, value) in [
+        (1_700_000_000_000_i64, "0"),
+        (1_700_000_001_000, "1e100"),
+        (1_700_000_002_000, "-1e100"),
+    ] {
         let payload = format!(r#"{{"ts":{ts},"value":{value}}}"#);
         assert_eq!(p.handle(b"sensors/d1/temp", payload.as_bytes(), ts), Ok(1));
     }

@@ -43,23 +43,58 @@ struct Message {
 }
 
 /// What one payload decoded into.
-#[allow(
-    dead_code,
-    reason = "read by the aggregator's validation once it lands (issue 13)"
-)]
 enum Decoded<'a> {
     Summaries(&'a Batch<WindowSummary>),
     Anomalies(&'a Batch<AnomalyEvent>),
     Acks(&'a AckBatch),
 }
 
-/// TODO(issue 13): the aggregator's validation of decoded batches goes here once it lands (another
-/// change adds it to the aggregator's consumer). Call it on every batch decoded below, with the
-/// topic it arrived on, and assert that it returns `Ok` or its typed error — never a panic — and
-/// that whatever it accepts satisfies what it promises (finite values, scores in [0, 1], the
-/// topic's agent and partition).
+/// The aggregator's record checks ([`WindowSummary::check`], [`AnomalyEvent::check`]) on every
+/// decoded batch: they return `Ok` or an error, never panic, and whatever they accept keeps their
+/// promises (finite figures, a real window, scores in [0, 1]).
 fn validate(topic: Option<&UplinkTopic<'_>>, decoded: Decoded<'_>) {
-    let _ = (topic, decoded);
+    let _ = topic;
+    match decoded {
+        Decoded::Summaries(b) => {
+            for r in &b.records {
+                let s = &r.item;
+                if s.check().is_ok() {
+                    assert!(s.end_ms > s.start_ms && s.count > 0, "{s:?}");
+                    assert!(
+                        [s.min, s.max, s.mean, s.std, s.max_score]
+                            .iter()
+                            .all(|v| v.is_finite()),
+                        "{s:?}"
+                    );
+                    assert!(s.min <= s.max && s.std >= 0.0, "{s:?}");
+                    assert!((0.0..=1.0).contains(&s.max_score), "{s:?}");
+                    assert!(
+                        s.start_ms <= s.first_ts_ms
+                            && s.first_ts_ms <= s.last_ts_ms
+                            && s.last_ts_ms < s.end_ms,
+                        "{s:?}"
+                    );
+                }
+            }
+        }
+        Decoded::Anomalies(b) => {
+            for r in &b.records {
+                let e = &r.item;
+                if e.check().is_ok() {
+                    assert!(
+                        e.value.is_finite() && (0.0..=1.0).contains(&e.score),
+                        "{e:?}"
+                    );
+                }
+            }
+        }
+        Decoded::Acks(a) => {
+            // What an agent acts on survives a round trip unchanged (epoch and seq included).
+            let again: AckBatch =
+                serde_json::from_slice(&serde_json::to_vec(a).expect("encodes")).expect("decodes");
+            assert_eq!(&again, a);
+        }
+    }
 }
 
 fn string(g: &mut Gen) -> String {
@@ -156,6 +191,7 @@ fn payload(g: &mut Gen) -> Vec<u8> {
                 partition,
                 records,
                 acked,
+                epoch: g.pick(&[0, 1, u64::MAX]),
             })
             .expect("encodes");
         }
@@ -166,6 +202,7 @@ fn payload(g: &mut Gen) -> Vec<u8> {
                 partition,
                 records,
                 acked,
+                epoch: g.pick(&[0, 1, u64::MAX]),
             })
             .expect("encodes");
         }
@@ -174,6 +211,7 @@ fn payload(g: &mut Gen) -> Vec<u8> {
                 .map(|_| Ack {
                     partition: g.u64() as u32,
                     upto_seq: g.u64(),
+                    epoch: g.u64(),
                 })
                 .collect();
             out = serde_json::to_vec(&AckBatch { owner: agent, acks }).expect("encodes");
