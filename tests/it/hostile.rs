@@ -87,7 +87,7 @@ fn publisher(port: u16, id: &str) -> AsyncClient {
     client
 }
 
-/// The agent as a process of the release binary under test, its log in a file.
+/// The agent as a process of the `edgewatch` binary under test, its log in a file.
 struct AgentProcess {
     child: Child,
     log: PathBuf,
