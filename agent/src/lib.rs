@@ -624,21 +624,17 @@ fn now_ms() -> i64 {
 /// suppressed ones), so a misbehaving sensor cannot flood the log. Everything is counted regardless.
 #[derive(Default)]
 struct RejectLog {
-    last: HashMap<&'static str, (Instant, u64)>,
+    by_reason: HashMap<&'static str, telemetry::LogLimit>,
 }
 
 impl RejectLog {
     fn record(&mut self, agent: &str, topic: &str, e: &IngestError) {
-        let now = Instant::now();
-        let entry = self
-            .last
+        let limit = self
+            .by_reason
             .entry(e.reason())
-            .or_insert((now - Duration::from_secs(60), 0));
-        if now.duration_since(entry.0) >= Duration::from_secs(5) {
-            tracing::warn!(agent, topic = %topic.escape_debug(), reason = e.reason(), error = %e, suppressed = entry.1, "rejected sensor message");
-            *entry = (now, 0);
-        } else {
-            entry.1 += 1;
+            .or_insert_with(|| telemetry::LogLimit::every(Duration::from_secs(5)));
+        if let Some(suppressed) = limit.ready() {
+            tracing::warn!(agent, topic = %topic.escape_debug(), reason = e.reason(), error = %e, suppressed, "rejected sensor message");
         }
     }
 }
