@@ -11,6 +11,7 @@ pub mod ingest;
 mod mqtt;
 pub mod outbox;
 pub mod pipeline;
+mod replay;
 pub mod telemetry;
 mod uplink;
 
@@ -167,6 +168,7 @@ impl Agent {
                 // after_checkpoint: readings processed since the last checkpoint, acknowledged once
                 // the next checkpoint is durable.
                 let mut unacked: Vec<rumqttc::Publish> = Vec::new();
+                let mut replays = replay::Replays::default();
                 let mut acker = Acker::default();
                 let mut checkpoints = CheckpointClock::default();
                 loop {
@@ -182,12 +184,34 @@ impl Agent {
                                     if p.dup && covered.remove(&p.pkid) {
                                         // Redelivered, but the restored checkpoint holds it.
                                         metrics_w.replays_skipped_total.fetch_add(1, Relaxed);
+                                        // Remembered, should the connection drop before its ack.
+                                        replays.check(p.pkid, false, &p.topic, &p.payload);
                                         unacked.push(p);
                                         continue;
                                     }
                                     if !p.dup {
                                         // Redeliveries come first: a fresh message ends them.
                                         covered.clear();
+                                    }
+                                }
+                                if durable {
+                                    // On a persistent session a reconnect makes the broker resend
+                                    // what it saw no ack for, including readings already applied
+                                    // (after_checkpoint: not acknowledged yet; on_receipt: the ack
+                                    // was lost with the connection).
+                                    match replays.check(p.pkid, p.dup, &p.topic, &p.payload) {
+                                        replay::Seen::Fresh => {}
+                                        replay::Seen::Pending => {
+                                            metrics_w.replays_skipped_total.fetch_add(1, Relaxed);
+                                            continue;
+                                        }
+                                        replay::Seen::Reacknowledge => {
+                                            metrics_w.replays_skipped_total.fetch_add(1, Relaxed);
+                                            if after_checkpoint {
+                                                unacked.push(p);
+                                            }
+                                            continue;
+                                        }
                                     }
                                 }
                                 if let Err(e) = pipeline.handle_topic(&p.topic, &p.payload, now) {
@@ -208,6 +232,10 @@ impl Agent {
                         _ = checkpoint.tick(), if durable => {
                             if !take_checkpoint(&agent, &mut pipeline, &out_tx, &metrics_w, &mut unacked, &mut acker, &src_client, &mut checkpoints).await {
                                 break;
+                            }
+                            if unacked.is_empty() {
+                                // Everything applied so far now waits for that checkpoint's acks.
+                                replays.checkpointed();
                             }
                             continue;
                         }
