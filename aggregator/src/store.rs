@@ -22,6 +22,7 @@ use crate::state::{Applied, FleetState, LaneId};
 use edgewatch_models::wire::WindowSummary;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// What a partition owner persists. Implementations: [`SledStore`] and [`MemoryStore`].
 pub trait StateStore: Send {
@@ -385,6 +386,50 @@ impl StateStore for MemoryStore {
     }
 }
 
+/// How long [`SledStore::open`] retries a lock still held by a dropped handle, and
+/// [`SledStore::close`] waits for it to go.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether a sled open error is the directory lock being held.
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// Opens sled at `path`. sled releases its directory lock from background threads a moment after
+/// the last handle is dropped, so a reopen in the same process right after a drop may find it still
+/// held ("could not acquire lock ... WouldBlock"): that error is retried for up to [`LOCK_WAIT`].
+/// A store held by a live handle (or another process) still fails, after that wait.
+fn open_db(path: &Path) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Err(e) if is_lock_error(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Waits (up to [`LOCK_WAIT`]) until nobody holds sled's lock on the `db` file under `path`: the
+/// same exclusive `flock` sled takes, taken and released at once.
+fn wait_unlocked(path: &Path) {
+    let Ok(file) = std::fs::File::open(path.join("db")) else {
+        return; // nothing was ever created there, so nothing is locked
+    };
+    let deadline = Instant::now() + LOCK_WAIT;
+    while Instant::now() < deadline {
+        match file.try_lock() {
+            Ok(()) => {
+                // Dropping `file` below releases it as well; an unlock error changes nothing.
+                let _ = file.unlock();
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
 /// The sled store: a `windows` tree keyed by [`window_key`] and a `lane_epochs` tree keyed by
 /// [`lane_key`] holding the seq as u64 BE. A `lanes` tree of a store from before epochs (keyed by
 /// [`legacy_lane_key`]) is still read, as epoch 0, and never written again: a lane in both trees
@@ -416,7 +461,7 @@ impl SledStore {
             path: path.to_path_buf(),
             source,
         };
-        let db = sled::Config::new().path(path).open().map_err(open_err)?;
+        let db = open_db(path).map_err(open_err)?;
         let windows = db.open_tree("windows").map_err(open_err)?;
         let lanes = db.open_tree("lane_epochs").map_err(open_err)?;
         let legacy_lanes = db.open_tree("lanes").map_err(open_err)?;
@@ -428,6 +473,30 @@ impl SledStore {
             legacy_lanes,
             windows_per_series: windows_per_series.max(1),
         })
+    }
+
+    /// Flushes, drops every handle and waits (up to [`LOCK_WAIT`]) until sled's background threads
+    /// have let go of the directory lock, so the next [`SledStore::open`] of `path` — in this
+    /// process or another — finds it free. Dropping the store without `close` is fine too: `open`
+    /// retries the lock for as long.
+    pub fn close(self) -> Result<(), StoreError> {
+        let Self {
+            path,
+            db,
+            windows,
+            lanes,
+            legacy_lanes,
+            ..
+        } = self;
+        let flushed = db.flush().map(|_| ()).map_err(|source| StoreError::Sled {
+            path: path.clone(),
+            op: "flush",
+            key: "all trees".into(),
+            source,
+        });
+        drop((windows, lanes, legacy_lanes, db));
+        wait_unlocked(&path);
+        flushed
     }
 
     fn sled_err(&self, op: &'static str, key: String) -> impl FnOnce(sled::Error) -> StoreError {
@@ -660,7 +729,6 @@ impl FleetState {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::time::Instant;
 
     fn window(device: &str, metric: &str, start: i64, revision: u32) -> WindowSummary {
         // Content derived from (start, revision), so equal keys and revisions mean equal windows.
@@ -683,20 +751,36 @@ mod tests {
     }
 
     fn open(dir: &Path, wps: usize) -> SledStore {
-        // sled lets go of its directory lock from a background thread a moment after the last
-        // handle is dropped: a reopen right after a drop may find it still held (seen under load).
-        let deadline = Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match SledStore::open(dir, wps) {
-                Err(StoreError::Open { source, .. })
-                    if source.to_string().contains("could not acquire lock")
-                        && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                other => return other.unwrap(),
+        SledStore::open(dir, wps).unwrap()
+    }
+
+    #[test]
+    fn reopening_right_after_close_or_drop_never_finds_the_lock_held() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..20 {
+            let mut st = open(dir.path(), 10);
+            st.put_window(1, &window("d", "m", i * 10, 0)).unwrap();
+            if i % 2 == 0 {
+                st.close().unwrap();
+            } else {
+                st.flush().unwrap();
+                drop(st);
             }
         }
+        assert_eq!(open(dir.path(), 10).load().unwrap().windows.len(), 10);
+    }
+
+    #[test]
+    fn a_store_held_by_a_live_handle_still_fails_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = open(dir.path(), 10);
+        let t = Instant::now();
+        let err = SledStore::open(dir.path(), 10).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Open { source, .. } if is_lock_error(source)),
+            "{err}"
+        );
+        assert!(t.elapsed() >= LOCK_WAIT, "{:?}", t.elapsed());
     }
 
     fn starts(snap: &Snapshot) -> Vec<i64> {
@@ -1102,8 +1186,7 @@ mod tests {
             };
             for (step, &i) in order.iter().enumerate() {
                 if reopens.contains(&step) {
-                    st.flush().unwrap();
-                    drop(st);
+                    st.close().unwrap();
                     st = open(dir.path(), WPS);
                     for &j in sent.iter().rev().take(3) {
                         deliver(&mut st, j)?;
@@ -1112,8 +1195,7 @@ mod tests {
                 deliver(&mut st, i)?;
                 sent.push(i);
             }
-            st.flush().unwrap();
-            drop(st);
+            st.close().unwrap();
             let st = open(dir.path(), WPS);
             let snap = st.load().unwrap();
             prop_assert_eq!(&snap, &reference.load().unwrap());
