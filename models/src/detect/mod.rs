@@ -5,25 +5,7 @@
 //! [`AnyDetector`] is the built, validated detector the agent runs per series. One file per detector;
 //! the default is the [`Ensemble`] (`ensemble.rs` says which components it combines and why).
 
-mod cusum;
-mod ensemble;
-mod ewma;
-mod hst;
-mod likelihood;
-mod mad;
-mod seasonal;
-mod stuck;
-mod zscore;
-
-pub use cusum::{Cusum, CusumConfig};
-pub use ensemble::{Ensemble, EnsembleConfig};
-pub use ewma::{Ewma, EwmaConfig};
-pub use hst::{Hst, HstConfig};
-pub use likelihood::{Likelihood, LikelihoodConfig, LikelihoodStage, LikelihoodStageConfig};
-pub use mad::{Mad, MadConfig};
-pub use seasonal::{Seasonal, SeasonalConfig};
-pub use stuck::{Stuck, StuckConfig};
-pub use zscore::{ZScore, ZScoreConfig};
+pub use likelihood::{LikelihoodStage, LikelihoodStageConfig};
 
 use crate::ModelError;
 use serde::{Deserialize, Serialize};
@@ -49,128 +31,142 @@ pub(crate) fn unit(x: f64) -> f64 {
     }
 }
 
-/// Detector parameters as written in configuration.
-// Built once per series from configuration, never held in bulk, so the size spread does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum DetectorConfig {
-    /// Rolling mean/variance z-score.
-    Zscore(ZScoreConfig),
-    /// EWMA mean/variance control chart.
-    Ewma(EwmaConfig),
-    /// Sliding median / MAD robust z-score.
-    Mad(MadConfig),
-    /// Two-sided CUSUM for level shifts.
-    Cusum(CusumConfig),
-    /// Level + time-of-day profile baseline.
-    Seasonal(SeasonalConfig),
-    /// Half-Space Trees over shingles.
-    Hst(HstConfig),
-    /// Improbable runs of identical readings.
-    Stuck(StuckConfig),
-    /// Anomaly likelihood around another detector.
-    Likelihood(LikelihoodConfig),
-    /// The default combination of all of the above.
-    Ensemble(EnsembleConfig),
+/// The stored type of a detector: itself, or boxed (`in Box`) when much larger than the others.
+macro_rules! detector_ty {
+    ($det:ident) => { $det };
+    ($det:ident, $wrap:ident) => { $wrap<$det> };
 }
 
-impl Default for DetectorConfig {
-    fn default() -> Self {
-        Self::Ensemble(EnsembleConfig::default())
-    }
+/// Wraps a built detector like its stored type.
+macro_rules! detector_wrap {
+    ($e:expr) => {
+        $e
+    };
+    ($e:expr, $wrap:ident) => {
+        $wrap::new($e)
+    };
 }
 
-impl DetectorConfig {
-    /// Names accepted by [`DetectorConfig::preset`].
-    pub const PRESETS: &'static [&'static str] = &[
-        "zscore",
-        "ewma",
-        "mad",
-        "cusum",
-        "seasonal",
-        "hst",
-        "stuck",
-        "likelihood",
-        "ensemble",
-    ];
+/// Heap bytes of a stored detector, counting the box's contents.
+macro_rules! detector_heap {
+    ($d:expr, $det:ident) => {
+        $d.heap_bytes()
+    };
+    ($d:expr, $det:ident, $wrap:ident) => {
+        std::mem::size_of::<$det>() + $d.heap_bytes()
+    };
+}
 
-    /// The default parameters of the detector called `name` (one of [`DetectorConfig::PRESETS`]).
-    pub fn preset(name: &str) -> Option<Self> {
-        match name {
-            "zscore" => Some(Self::Zscore(ZScoreConfig::default())),
-            "ewma" => Some(Self::Ewma(EwmaConfig::default())),
-            "mad" => Some(Self::Mad(MadConfig::default())),
-            "cusum" => Some(Self::Cusum(CusumConfig::default())),
-            "seasonal" => Some(Self::Seasonal(SeasonalConfig::default())),
-            "hst" => Some(Self::Hst(HstConfig::default())),
-            "stuck" => Some(Self::Stuck(StuckConfig::default())),
-            "likelihood" => Some(Self::Likelihood(LikelihoodConfig::default())),
-            "ensemble" => Some(Self::Ensemble(EnsembleConfig::default())),
-            _ => None,
+/// Generates, from the registry's lines: the detector modules and their re-exports,
+/// [`DetectorConfig`] (its serde face is the `type:`-tagged enum), [`DetectorConfig::PRESETS`],
+/// `preset`, `recommended_threshold` and `build`, [`AnyDetector`] with its serde faces, and the
+/// enum dispatch of `update`, `name` and `state_bytes`.
+macro_rules! detectors {
+    ($(
+        $variant:ident($module:ident :: $det:ident $(in $wrap:ident)?, $cfg:ident)
+        $name:literal, $doc:literal, |$c:pat_param| $threshold:expr;
+    )*) => {
+        $(
+            mod $module;
+            pub use $module::{$det, $cfg};
+        )*
+
+        /// Detector parameters as written in configuration.
+        // Built once per series from configuration, never held in bulk, so the size spread does not matter.
+        #[allow(clippy::large_enum_variant)]
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+        pub enum DetectorConfig {
+            $(
+                #[doc = $doc]
+                $variant($cfg),
+            )*
         }
-    }
 
-    /// The score threshold at which this detector's output should be treated as an anomaly.
-    ///
-    /// 0.5 for every detector on the shared surprise scale — EWMA, MAD and seasonal (two-sided
-    /// Gaussian tail 1e-5, |z| ≈ 4.42), likelihood, stuck and the ensemble (probability 1e-5) — and
-    /// for CUSUM (a sum reaching `h`). The rolling z-score keeps its linear scale (|z| = 5), and Half-
-    /// Space Trees use 0.9: a point in a region the previous window left (nearly) empty.
-    pub fn recommended_threshold(&self) -> f64 {
-        match self {
-            Self::Zscore(c) => (5.0 / c.z_max).min(1.0),
-            Self::Ewma(_) | Self::Mad(_) | Self::Seasonal(_) => 0.5,
-            Self::Cusum(_) => 0.5,
-            Self::Hst(_) => 0.9,
-            Self::Stuck(_) => 0.5,
-            Self::Likelihood(_) => 0.5,
-            Self::Ensemble(c) => c.threshold,
+        impl Default for DetectorConfig {
+            fn default() -> Self {
+                Self::Ensemble(EnsembleConfig::default())
+            }
         }
-    }
 
-    /// Validates the parameters and builds a fresh detector.
-    pub fn build(&self) -> Result<AnyDetector, ModelError> {
-        Ok(match self {
-            Self::Zscore(c) => AnyDetector::Zscore(ZScore::new(c.clone())?),
-            Self::Ewma(c) => AnyDetector::Ewma(Ewma::new(c.clone())?),
-            Self::Mad(c) => AnyDetector::Mad(Mad::new(c.clone())?),
-            Self::Cusum(c) => AnyDetector::Cusum(Cusum::new(c.clone())?),
-            Self::Seasonal(c) => AnyDetector::Seasonal(Seasonal::new(c.clone())?),
-            Self::Hst(c) => AnyDetector::Hst(Hst::new(c.clone())?),
-            Self::Stuck(c) => AnyDetector::Stuck(Stuck::new(c.clone())?),
-            Self::Likelihood(c) => AnyDetector::Likelihood(Likelihood::new(c.clone())?),
-            Self::Ensemble(c) => AnyDetector::Ensemble(Box::new(Ensemble::new(c.clone())?)),
-        })
-    }
-}
+        impl DetectorConfig {
+            /// Names accepted by [`DetectorConfig::preset`].
+            pub const PRESETS: &'static [&'static str] = &[$($name),*];
 
-/// A built detector of any kind; cheap to clone, serde for checkpoints.
-///
-/// Self-describing formats (JSON) see it internally tagged, `{"type": "ewma", ...}`, like the
-/// configuration. Binary formats such as postcard cannot read that form (it needs
-/// `deserialize_any`), so for them (`is_human_readable() == false`) it is externally tagged: the
-/// variant index, then the state. That binary form changes if variants are reordered.
-#[derive(Debug, Clone, PartialEq)]
-pub enum AnyDetector {
-    /// See [`ZScore`].
-    Zscore(ZScore),
-    /// See [`Ewma`].
-    Ewma(Ewma),
-    /// See [`Mad`].
-    Mad(Mad),
-    /// See [`Cusum`].
-    Cusum(Cusum),
-    /// See [`Seasonal`].
-    Seasonal(Seasonal),
-    /// See [`Hst`].
-    Hst(Hst),
-    /// See [`Stuck`].
-    Stuck(Stuck),
-    /// See [`Likelihood`].
-    Likelihood(Likelihood),
-    /// See [`Ensemble`] (boxed: it is much larger than the others).
-    Ensemble(Box<Ensemble>),
+            /// The default parameters of the detector called `name` (one of [`DetectorConfig::PRESETS`]).
+            pub fn preset(name: &str) -> Option<Self> {
+                match name {
+                    $($name => Some(Self::$variant($cfg::default())),)*
+                    _ => None,
+                }
+            }
+
+            /// The score threshold at which this detector's output should be treated as an anomaly.
+            ///
+            /// 0.5 for every detector on the shared surprise scale — EWMA, MAD and seasonal (two-sided
+            /// Gaussian tail 1e-5, |z| ≈ 4.42), likelihood, stuck and the ensemble (probability 1e-5) — and
+            /// for CUSUM (a sum reaching `h`). The rolling z-score keeps its linear scale (|z| = 5), and Half-
+            /// Space Trees use 0.9: a point in a region the previous window left (nearly) empty.
+            pub fn recommended_threshold(&self) -> f64 {
+                match self {
+                    $(Self::$variant($c) => $threshold,)*
+                }
+            }
+
+            /// Validates the parameters and builds a fresh detector.
+            pub fn build(&self) -> Result<AnyDetector, ModelError> {
+                Ok(match self {
+                    $(Self::$variant(c) => AnyDetector::$variant(
+                        detector_wrap!($det::new(c.clone())? $(, $wrap)?)
+                    ),)*
+                })
+            }
+        }
+
+        /// A built detector of any kind; cheap to clone, serde for checkpoints.
+        ///
+        /// Self-describing formats (JSON) see it internally tagged, `{"type": "ewma", ...}`, like the
+        /// configuration. Binary formats such as postcard cannot read that form (it needs
+        /// `deserialize_any`), so for them (`is_human_readable() == false`) it is externally tagged: the
+        /// variant index, then the state. That binary form changes if variants are reordered. Detectors
+        /// much larger than the others (the [`Ensemble`]) are boxed.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum AnyDetector {
+            $(
+                #[doc = concat!("See [`", stringify!($det), "`].")]
+                $variant(detector_ty!($det $(, $wrap)?)),
+            )*
+        }
+
+        detector_repr!($($variant(detector_ty!($det $(, $wrap)?))),*);
+
+        impl AnyDetector {
+            /// Bytes of state this detector holds per series: its inline size plus everything it owns on the heap.
+            pub fn state_bytes(&self) -> usize {
+                std::mem::size_of::<Self>()
+                    + match self {
+                        $(Self::$variant(d) => detector_heap!(d, $det $(, $wrap)?),)*
+                    }
+            }
+        }
+
+        impl Detector for AnyDetector {
+            #[inline]
+            fn update(&mut self, ts_ms: i64, value: f64) -> f64 {
+                let s = match self {
+                    $(Self::$variant(d) => d.update(ts_ms, value),)*
+                };
+                // Every detector already returns [0, 1]; this keeps the contract even if one regresses.
+                unit(s)
+            }
+
+            fn name(&self) -> &'static str {
+                match self {
+                    $(Self::$variant(d) => d.name(),)*
+                }
+            }
+        }
+    };
 }
 
 /// The serde faces of [`AnyDetector`]: one list of variants, four mirrors (tagged or indexed, to
@@ -215,67 +211,20 @@ macro_rules! detector_repr {
     };
 }
 
-detector_repr!(
-    Zscore(ZScore),
-    Ewma(Ewma),
-    Mad(Mad),
-    Cusum(Cusum),
-    Seasonal(Seasonal),
-    Hst(Hst),
-    Stuck(Stuck),
-    Likelihood(Likelihood),
-    Ensemble(Box<Ensemble>),
-);
-
-impl AnyDetector {
-    /// Bytes of state this detector holds per series: its inline size plus everything it owns on the heap.
-    pub fn state_bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + match self {
-                Self::Zscore(d) => d.heap_bytes(),
-                Self::Ewma(d) => d.heap_bytes(),
-                Self::Mad(d) => d.heap_bytes(),
-                Self::Cusum(d) => d.heap_bytes(),
-                Self::Seasonal(d) => d.heap_bytes(),
-                Self::Hst(d) => d.heap_bytes(),
-                Self::Stuck(d) => d.heap_bytes(),
-                Self::Likelihood(d) => d.heap_bytes(),
-                Self::Ensemble(d) => std::mem::size_of::<Ensemble>() + d.heap_bytes(),
-            }
-    }
-}
-
-impl Detector for AnyDetector {
-    #[inline]
-    fn update(&mut self, ts_ms: i64, value: f64) -> f64 {
-        let s = match self {
-            Self::Zscore(d) => d.update(ts_ms, value),
-            Self::Ewma(d) => d.update(ts_ms, value),
-            Self::Mad(d) => d.update(ts_ms, value),
-            Self::Cusum(d) => d.update(ts_ms, value),
-            Self::Seasonal(d) => d.update(ts_ms, value),
-            Self::Hst(d) => d.update(ts_ms, value),
-            Self::Stuck(d) => d.update(ts_ms, value),
-            Self::Likelihood(d) => d.update(ts_ms, value),
-            Self::Ensemble(d) => d.update(ts_ms, value),
-        };
-        // Every detector already returns [0, 1]; this keeps the contract even if one regresses.
-        unit(s)
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Zscore(d) => d.name(),
-            Self::Ewma(d) => d.name(),
-            Self::Mad(d) => d.name(),
-            Self::Cusum(d) => d.name(),
-            Self::Seasonal(d) => d.name(),
-            Self::Hst(d) => d.name(),
-            Self::Stuck(d) => d.name(),
-            Self::Likelihood(d) => d.name(),
-            Self::Ensemble(d) => d.name(),
-        }
-    }
+// The registry: every detector, once. Adding one means its own file and one line here (at the end:
+// the binary checkpoint form numbers the variants in this order). Each line reads
+// `Variant(module::Detector [in Box], Config) "name", "config doc", |config| recommended threshold;`
+// where `name` is the `type:` tag (the variant in snake_case) and the detector's `name()`.
+detectors! {
+    Zscore(zscore::ZScore, ZScoreConfig) "zscore", "Rolling mean/variance z-score.", |c| (5.0 / c.z_max).min(1.0);
+    Ewma(ewma::Ewma, EwmaConfig) "ewma", "EWMA mean/variance control chart.", |_| 0.5;
+    Mad(mad::Mad, MadConfig) "mad", "Sliding median / MAD robust z-score.", |_| 0.5;
+    Cusum(cusum::Cusum, CusumConfig) "cusum", "Two-sided CUSUM for level shifts.", |_| 0.5;
+    Seasonal(seasonal::Seasonal, SeasonalConfig) "seasonal", "Level + time-of-day profile baseline.", |_| 0.5;
+    Hst(hst::Hst, HstConfig) "hst", "Half-Space Trees over shingles.", |_| 0.9;
+    Stuck(stuck::Stuck, StuckConfig) "stuck", "Improbable runs of identical readings.", |_| 0.5;
+    Likelihood(likelihood::Likelihood, LikelihoodConfig) "likelihood", "Anomaly likelihood around another detector.", |_| 0.5;
+    Ensemble(ensemble::Ensemble in Box, EnsembleConfig) "ensemble", "The default combination of all of the above.", |c| c.threshold;
 }
 
 #[cfg(test)]
@@ -302,6 +251,29 @@ mod tests {
             DetectorConfig::default(),
             DetectorConfig::preset("ensemble").unwrap()
         );
+    }
+
+    #[test]
+    fn every_registered_detector_round_trips_its_config_name_and_snapshot() {
+        assert_eq!(DetectorConfig::PRESETS.len(), 9);
+        for (i, (name, cfg)) in every_preset().enumerate() {
+            // The config: tagged with its name, and read back as itself.
+            let json = serde_json::to_value(&cfg).unwrap();
+            assert_eq!(json["type"], name, "{name}");
+            assert_eq!(serde_json::from_value::<DetectorConfig>(json).unwrap(), cfg);
+            // The snapshot: tagged with the same name in JSON; in the binary form, the variant
+            // index is the registry position (checkpoints on disk depend on it).
+            let mut d = cfg.build().unwrap();
+            for t in 0..50 {
+                d.update(t * 1000, (t % 7) as f64);
+            }
+            let json = serde_json::to_value(&d).unwrap();
+            assert_eq!(json["type"], name, "{name}");
+            assert_eq!(serde_json::from_value::<AnyDetector>(json).unwrap(), d);
+            let bytes = postcard::to_stdvec(&d).unwrap();
+            assert_eq!(usize::from(bytes[0]), i, "{name}");
+            assert_eq!(postcard::from_bytes::<AnyDetector>(&bytes).unwrap(), d);
+        }
     }
 
     #[test]
