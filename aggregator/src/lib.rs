@@ -231,6 +231,9 @@ impl Aggregator {
                     .as_ref()
                     .expect("cluster mode has a cluster config");
                 let handle = tokio::runtime::Handle::current();
+                // Unbounded on purpose: the blocking apply loop must never wait on the coordinator,
+                // which may itself be waiting for the apply loop (Own/Disown); and it holds at most
+                // one entry per partition (a fenced partition is dropped until taken again).
                 let (lost_tx, lost_rx) = mpsc::unbounded_channel();
                 let kv = cluster::store::KvStore::new(
                     buckets.checkpoints.clone(),
@@ -251,7 +254,12 @@ impl Aggregator {
                     ctl: tx,
                     client,
                     lost: lost_rx,
-                    held: Default::default(),
+                    plan: cluster::plan::Plan::new(
+                        &shared.cfg.id,
+                        shared.cfg.partitions,
+                        c.lease_timing(),
+                        Duration::from_millis(c.heartbeat_ms),
+                    ),
                     started_ms: cluster::lease::now_ms(),
                     last_applied: (Instant::now(), shared.owned.applied()),
                 };

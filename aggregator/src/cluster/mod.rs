@@ -5,7 +5,8 @@
 //! ownership", and the shared NATS notes.
 //!
 //! [`node`] runs a member: the coordinator that takes, renews and gives back partitions, and the
-//! apply loop that checkpoints them and acknowledges after each checkpoint. [`status`] reads the
+//! apply loop that checkpoints them and acknowledges after each checkpoint; [`plan`] holds the
+//! coordinator's decisions, free of I/O. [`status`] reads the
 //! cluster for `edgewatch cluster status` and `GET /api/cluster`; [`kv`] connects (TLS included)
 //! and opens buckets on nats-server 2.9; [`config`] is the `cluster:` key.
 
@@ -15,6 +16,7 @@ pub mod kv;
 pub mod lease;
 pub mod members;
 pub mod node;
+pub(crate) mod plan;
 pub mod status;
 pub mod store;
 

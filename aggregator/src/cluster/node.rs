@@ -10,14 +10,14 @@
 
 use super::checkpoint::{CheckpointError, CheckpointFence, KvCheckpoints};
 use super::config::ClusterConfig;
-use super::lease::{wanted, Lease, LeaseError, Leases};
+use super::lease::{Lease, LeaseError, Leases};
 use super::members::{MemberInfo, Members, OwnedPartition};
+use super::plan::{Action, Plan, Renewal, Verdict};
 use super::store::{KvStore, PartitionState};
 use crate::consumer::{self, Input, Touched, Warnings};
 use crate::Shared;
 use edgewatch_models::wire::Topics;
 use rumqttc::{AsyncClient, QoS};
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -165,7 +165,7 @@ pub fn bucket_name(prefix: &str, what: &str) -> String {
     format!("{p}_{what}")
 }
 
-/// The coordinator of one member.
+/// The coordinator of one member: the I/O shell around its [`Plan`].
 pub(crate) struct Coordinator {
     pub(crate) shared: Arc<Shared>,
     pub(crate) buckets: Buckets,
@@ -174,7 +174,7 @@ pub(crate) struct Coordinator {
     pub(crate) ctl: mpsc::Sender<Input>,
     pub(crate) client: AsyncClient,
     pub(crate) lost: mpsc::UnboundedReceiver<u32>,
-    pub(crate) held: BTreeMap<u32, Lease>,
+    pub(crate) plan: Plan,
     pub(crate) started_ms: i64,
     pub(crate) last_applied: (Instant, Vec<u64>),
 }
@@ -184,7 +184,7 @@ impl Coordinator {
         &self.shared.cfg.id
     }
 
-    /// Runs ticks every heartbeat until `cancel`, then gives every partition back and leaves.
+    /// Runs rounds until `cancel`, then gives every partition back and leaves.
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
         let period = Duration::from_millis(self.cluster.heartbeat_ms);
         // Wanted partitions held by others are retried more often than the heartbeat, so a
@@ -200,14 +200,10 @@ impl Coordinator {
             _ = cancel.cancelled() => return self.leave().await,
             _ = tokio::time::sleep(retry) => {}
         }
-        let mut next_heartbeat = Instant::now() + period;
+        // Starts the heartbeat schedule: the next one is due a period from now.
+        let _ = self.plan.round(Instant::now());
         loop {
-            let now = Instant::now();
-            let full = now >= next_heartbeat;
-            if full {
-                next_heartbeat = now + period;
-            }
-            self.tick(full).await;
+            self.tick().await;
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 Some(p) = self.lost.recv() => self.forget(p, "a checkpoint write was fenced").await,
@@ -217,14 +213,23 @@ impl Coordinator {
         self.leave().await;
     }
 
-    /// One round: heartbeat and renewals (when `full`), then give back and take partitions.
-    async fn tick(&mut self, full: bool) {
-        if full {
-            let info = self.info();
-            if let Err(e) = self.buckets.members.heartbeat(&info).await {
-                tracing::warn!(aggregator = %self.id(), error = %e, "heartbeat failed");
+    /// One round: heartbeat and renewals (when due), then give back and take partitions.
+    async fn tick(&mut self) {
+        let mut renewals = Vec::new();
+        for action in self.plan.round(Instant::now()) {
+            match action {
+                Action::Heartbeat => {
+                    let info = self.info();
+                    if let Err(e) = self.buckets.members.heartbeat(&info).await {
+                        tracing::warn!(aggregator = %self.id(), error = %e, "heartbeat failed");
+                    }
+                }
+                Action::Renew(lease) => renewals.push(lease),
+                other => self.execute(other).await,
             }
-            self.renew_all().await;
+        }
+        if !renewals.is_empty() {
+            self.renew_all(renewals).await;
         }
         // Bounded: a listing that hangs must not hold up the next heartbeat and renewals.
         let period = Duration::from_millis(self.cluster.heartbeat_ms);
@@ -239,29 +244,24 @@ impl Coordinator {
                 return;
             }
         };
-        let want: BTreeSet<u32> = wanted(self.shared.cfg.partitions, &members, self.id())
-            .into_iter()
-            .collect();
-        let unwanted: Vec<u32> = self
-            .held
-            .keys()
-            .copied()
-            .filter(|p| !want.contains(p))
-            .collect();
-        for p in unwanted {
-            self.give_back(p).await;
-        }
-        for p in want {
-            if !self.held.contains_key(&p) {
-                self.take(p).await;
-            }
+        for action in self.plan.members(&members) {
+            self.execute(action).await;
         }
     }
 
-    /// Renews every held lease at once; drops those lost or past their local validity.
-    async fn renew_all(&mut self) {
+    /// Executes one ownership action of the plan.
+    async fn execute(&mut self, action: Action) {
+        match action {
+            Action::Heartbeat | Action::Renew(_) => {} // batched by `tick`
+            Action::GiveBack(lease) => self.give_back(lease).await,
+            Action::Take(p) => self.take(p).await,
+        }
+    }
+
+    /// Renews `held` at once; drops those lost or past their local validity.
+    async fn renew_all(&mut self, held: Vec<Lease>) {
         let leases = self.buckets.leases.clone();
-        let renewals = self.held.values().cloned().map(|lease| {
+        let renewals = held.into_iter().map(|lease| {
             let leases = leases.clone();
             async move {
                 let r = leases.renew(&lease).await;
@@ -270,31 +270,32 @@ impl Coordinator {
         });
         let results = futures_util::future::join_all(renewals).await;
         for (old, r) in results {
-            match r {
-                Ok(lease) => {
-                    self.held.insert(lease.partition, lease);
-                }
-                Err(LeaseError::Lost { .. }) => {
-                    self.forget(old.partition, "its lease was lost (expired or taken)")
-                        .await
-                }
-                Err(e) => {
-                    if !leases.is_valid_locally(&old, Instant::now()) {
-                        self.forget(old.partition, "its lease could not be renewed in time")
-                            .await;
-                    } else {
+            let (outcome, error) = match r {
+                Ok(lease) => (Renewal::Renewed(lease), None),
+                Err(LeaseError::Lost { .. }) => (Renewal::Lost, None),
+                Err(e) => (Renewal::Failed, Some(e)),
+            };
+            match self.plan.renewed(Instant::now(), &old, outcome) {
+                Verdict::Keep => {
+                    if let Some(e) = error {
                         tracing::warn!(aggregator = %self.id(), partition = old.partition, error = %e, "lease renewal failed; retrying at the next heartbeat");
                     }
                 }
+                Verdict::Drop(why) => self.dropped(old.partition, why).await,
             }
         }
     }
 
     /// Drops partition `p` at once: it is no longer ours.
     async fn forget(&mut self, p: u32, why: &str) {
-        if self.held.remove(&p).is_none() && !self.shared.owned.contains(p) {
+        if !self.plan.lost(p) && !self.shared.owned.contains(p) {
             return;
         }
+        self.dropped(p, why).await;
+    }
+
+    /// Tells the apply loop partition `p` (already out of the plan) is lost.
+    async fn dropped(&mut self, p: u32, why: &str) {
         tracing::warn!(aggregator = %self.id(), partition = p, why, "partition lost; dropping it");
         self.shared
             .metrics
@@ -359,7 +360,7 @@ impl Coordinator {
         {
             return; // shutting down
         }
-        self.held.insert(p, lease.clone());
+        self.plan.taken(lease.clone());
         self.shared
             .metrics
             .partitions_acquired_total
@@ -370,11 +371,10 @@ impl Coordinator {
         tracing::info!(aggregator = %self.id(), partition = p, epoch = lease.revision, windows, "partition taken");
     }
 
-    /// Gives `p` back: unsubscribe, final checkpoint and acks, release.
-    async fn give_back(&mut self, p: u32) {
-        let Some(lease) = self.held.remove(&p) else {
-            return;
-        };
+    /// Gives `lease`'s partition back (the plan no longer holds it): unsubscribe, final
+    /// checkpoint and acks, release.
+    async fn give_back(&mut self, lease: Lease) {
+        let p = lease.partition;
         let _ = self.unsubscribe(p).await;
         let (done, wait) = oneshot::channel();
         let _ = self
@@ -417,8 +417,8 @@ impl Coordinator {
             .as_secs_f64()
             .max(1e-3);
         let owned = self
-            .held
-            .values()
+            .plan
+            .held()
             .map(|l| {
                 let i = l.partition as usize;
                 let before = self.last_applied.1.get(i).copied().unwrap_or(0);
@@ -445,9 +445,8 @@ impl Coordinator {
 
     /// Gives every partition back (final checkpoints) and leaves the member list.
     async fn leave(&mut self) {
-        let held: Vec<u32> = self.held.keys().copied().collect();
-        for p in held {
-            self.give_back(p).await;
+        for action in self.plan.leave() {
+            self.execute(action).await;
         }
         if let Err(e) = self.buckets.members.leave(self.id()).await {
             tracing::warn!(aggregator = %self.id(), error = %e, "could not leave the member list; the heartbeat expires by itself");
