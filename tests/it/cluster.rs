@@ -123,7 +123,8 @@ async fn members_split_the_partitions_and_hand_them_over_on_leave_and_join_exact
     sim.max_rate_per_sec = 30_000;
     let fleet = tokio::spawn(edgewatch_simulators::run(sim, std::future::pending()));
 
-    // Mid-stream, one member leaves cleanly: its partitions move to the other two.
+    // Mid-stream, one member leaves cleanly: its partitions move to the other two. Deliberate:
+    // 3 s of streaming first, so it leaves with state and unacknowledged data in flight.
     tokio::time::sleep(Duration::from_secs(3)).await;
     c.stop.cancel();
     c.task.await.unwrap().unwrap();

@@ -2,6 +2,7 @@
 //! nothing doubled. The killed part runs as the `edgewatch` binary; the rest runs in the test.
 
 use crate::common::*;
+use crate::wait::SubscriptionLog;
 use edgewatch_agent::{Agent, AgentConfig, AgentMetrics};
 use edgewatch_simulators::SimulatorConfig;
 use std::net::SocketAddr;
@@ -168,6 +169,7 @@ async fn an_aggregator_killed_mid_stream_resumes_from_its_store_exactly() {
     .await;
     agg.kill9();
     let killed_at = m.readings_total.load(Relaxed);
+    // Deliberate: an outage of 2 s, during which the agent keeps buffering and resending.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let agg = Proc::spawn(
         "aggregator",
@@ -299,7 +301,11 @@ async fn kill_the_agent_mid_stream(
     let dir = tempfile::tempdir().unwrap();
     // Unlimited in-flight and queued messages: after_checkpoint holds up to one checkpoint
     // interval of readings unacknowledged, and the broker queues readings during the restart.
-    let mosq = Mosquitto::start_on(free_port(), "persistence false\n");
+    let subscriptions = SubscriptionLog::new();
+    let mosq = Mosquitto::start_on(
+        free_port(),
+        &format!("persistence false\n{}", subscriptions.settings()),
+    );
     let http = free_port();
     let mut agg_cfg = edgewatch_aggregator::AggregatorConfig::with_id("agg-c");
     agg_cfg.mqtt.port = mosq.port;
@@ -321,11 +327,11 @@ async fn kill_the_agent_mid_stream(
     let args = ["agent", "--config", conf.to_str().unwrap()];
     let agent = Proc::spawn("agent", &args, &log);
     // Its persistent session must exist before the fleet publishes, or the broker drops readings.
-    wait_until("the agent's session", Duration::from_secs(20), || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("agent starting"))
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    for client in ["edgewatch-agg-c", "edgewatch-gw-crash-src"] {
+        subscriptions
+            .wait_subscribed(client, Duration::from_secs(20))
+            .await;
+    }
 
     let readings_log = dir.path().join("readings.csv");
     let mut sim = fleet(mosq.port, 2, 9);
@@ -338,6 +344,7 @@ async fn kill_the_agent_mid_stream(
     )
     .await;
     agent.kill9();
+    // Deliberate: the agent stays down for 1 s while the broker queues its readings.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let agent = Proc::spawn("agent", &args, &log);
     let report = sim.await.unwrap().unwrap();

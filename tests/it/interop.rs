@@ -2,6 +2,7 @@
 //! mosquitto broker reach the live feed of an aggregator connected to the same broker.
 
 use crate::common::*;
+use crate::wait::SubscriptionLog;
 use edgewatch_agent::{Agent, AgentConfig};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
 use edgewatch_models::detect::{DetectorConfig, ZScoreConfig};
@@ -13,7 +14,11 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_from_mosquitto_pub_reach_the_feed() {
     let pub_bin = require("mosquitto_pub");
-    let broker = Mosquitto::start();
+    let subscriptions = SubscriptionLog::new();
+    let broker = Mosquitto::start_on(
+        free_port(),
+        &format!("persistence false\n{}", subscriptions.settings()),
+    );
 
     let mut agg_cfg = AggregatorConfig::with_id("agg-mosq");
     agg_cfg.mqtt.port = broker.port;
@@ -42,7 +47,12 @@ async fn readings_from_mosquitto_pub_reach_the_feed() {
         tokio::spawn(agent.run(async move { t.cancelled().await }))
     };
     let feed = FeedClient::connect(&url).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The agent's and the aggregator's subscriptions land before anything is published.
+    for client in ["edgewatch-gw-mosq-src", "edgewatch-agg-mosq"] {
+        subscriptions
+            .wait_subscribed(client, Duration::from_secs(10))
+            .await;
+    }
 
     // 60 ordinary readings, a spike, then more ordinary ones, one message per line.
     let start = 1_767_225_600_000i64;

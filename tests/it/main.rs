@@ -25,3 +25,4 @@ mod outage;
 mod restart;
 mod tls;
 mod verify;
+mod wait;

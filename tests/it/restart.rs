@@ -219,6 +219,7 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
         item: summary(device, 21),
     }])
     .await;
+    // Deliberate: proves a wrong ack (past the gap) does not arrive in this time.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         upto(&acked),
