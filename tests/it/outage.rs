@@ -3,6 +3,7 @@
 //! With a small disk budget, coarsening and eviction are counted and every anomaly event arrives.
 
 use crate::common::*;
+use crate::wait::SubscriptionLog;
 use edgewatch_agent::{Agent, AgentConfig, AgentMetrics};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
 use edgewatch_simulators::SimulatorConfig;
@@ -75,13 +76,17 @@ async fn cloud(
     port: u16,
     dir: &std::path::Path,
 ) -> (
-    Mosquitto,
+    (Mosquitto, SubscriptionLog),
     std::net::SocketAddr,
     String,
     CancellationToken,
     tokio::task::JoinHandle<Result<(), edgewatch_aggregator::AggregatorError>>,
 ) {
-    let mosq = Mosquitto::start_on(port, "persistence false\n");
+    let subscriptions = SubscriptionLog::new();
+    let mosq = Mosquitto::start_on(
+        port,
+        &format!("persistence false\n{}", subscriptions.settings()),
+    );
     let mut cfg = AggregatorConfig::with_id("agg-cloud");
     cfg.mqtt.port = port;
     cfg.http.listen = "127.0.0.1:0".into();
@@ -92,7 +97,10 @@ async fn cloud(
     let stop = CancellationToken::new();
     let t = stop.clone();
     let task = tokio::spawn(agg.run(async move { t.cancelled().await }));
-    (mosq, addr, url, stop, task)
+    subscriptions
+        .wait_subscribed("edgewatch-agg-cloud", Duration::from_secs(10))
+        .await;
+    ((mosq, subscriptions), addr, url, stop, task)
 }
 
 fn status(addr: std::net::SocketAddr) -> serde_json::Value {
@@ -208,13 +216,17 @@ async fn the_backlog_drains_in_order_while_live_anomalies_go_out_at_once() {
     assert_eq!(o.agent.outbox_coarsened_total.load(Relaxed), 0);
 
     let dir = tempfile::tempdir().unwrap();
-    let (_mosq, addr, url, stop_agg, agg_task) = cloud(o.uplink_port, dir.path()).await;
+    let ((_mosq, subscriptions), addr, url, stop_agg, agg_task) =
+        cloud(o.uplink_port, dir.path()).await;
     let feed = FeedClient::connect(&url).await;
     wait_until("the agent to reconnect", Duration::from_secs(20), || {
         o.agent.uplink_connected.load(Relaxed) == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Its acks subscription is in place: the drain is under way.
+    subscriptions
+        .wait_subscribed("edgewatch-gw-drain-up", Duration::from_secs(20))
+        .await;
     let readings_before = status(addr)["readings"].as_u64().unwrap();
 
     // A live spike on a device during the drain reaches the feed long before the drain ends.

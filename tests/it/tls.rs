@@ -4,6 +4,7 @@
 //! untrusted CA and a wrong `server_name` fail with errors naming the broker and the reason.
 
 use crate::common::*;
+use crate::wait::SubscriptionLog;
 use edgewatch_agent::{Agent, AgentConfig};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
 use edgewatch_models::link::{self, MqttLink};
@@ -109,6 +110,11 @@ fn leaf(
 /// password file with [`USER`]/[`PASSWORD`], no anonymous access; client certificates required
 /// when `require_certificate`.
 fn tls_broker(require_certificate: bool) -> (Mosquitto, Pki) {
+    tls_broker_with(require_certificate, "")
+}
+
+/// [`tls_broker`] with `extra` config lines.
+fn tls_broker_with(require_certificate: bool, extra: &str) -> (Mosquitto, Pki) {
     let passwd_bin = require("mosquitto_passwd");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -128,7 +134,7 @@ fn tls_broker(require_certificate: bool) -> (Mosquitto, Pki) {
     }
     let settings = format!(
         "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {require_certificate}\n\
-         password_file {}\nallow_anonymous false\nmax_queued_messages 0\npersistence false\n",
+         password_file {}\nallow_anonymous false\nmax_queued_messages 0\npersistence false\n{extra}",
         pki.ca.display(),
         pki.server_cert.display(),
         pki.server_key.display(),
@@ -185,7 +191,8 @@ async fn probe(port: u16, tls: &TlsSettings, password: &str) -> Result<(), Conne
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulator_agent_and_aggregator_work_over_tls_with_password_and_client_certificate() {
-    let (broker, pki) = tls_broker(true);
+    let subscriptions = SubscriptionLog::new();
+    let (broker, pki) = tls_broker_with(true, &subscriptions.settings());
     let link = tls_link(broker.port, with_client_cert(&pki), PASSWORD);
 
     let mut agg_cfg = AggregatorConfig::with_id("agg-tls");
@@ -210,8 +217,12 @@ async fn simulator_agent_and_aggregator_work_over_tls_with_password_and_client_c
         let t = stop.clone();
         tokio::spawn(agent.run(async move { t.cancelled().await }))
     };
-    // Let the subscriptions land before the simulator publishes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The subscriptions land before the simulator publishes.
+    for client in ["edgewatch-agg-tls", "edgewatch-gw-tls-src"] {
+        subscriptions
+            .wait_subscribed(client, Duration::from_secs(10))
+            .await;
+    }
 
     let sim = SimulatorConfig {
         mqtt: link,

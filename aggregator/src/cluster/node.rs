@@ -173,6 +173,8 @@ pub(crate) struct Coordinator {
     pub(crate) http: String,
     pub(crate) ctl: mpsc::Sender<Input>,
     pub(crate) client: AsyncClient,
+    /// Partitions whose checkpoint write was fenced. Unbounded: the apply loop must never wait on
+    /// the coordinator (which waits on it), and it holds at most one entry per partition.
     pub(crate) lost: mpsc::UnboundedReceiver<u32>,
     pub(crate) plan: Plan,
     pub(crate) started_ms: i64,
