@@ -83,12 +83,6 @@ macro_rules! detectors {
             )*
         }
 
-        impl Default for DetectorConfig {
-            fn default() -> Self {
-                Self::Ensemble(EnsembleConfig::default())
-            }
-        }
-
         impl DetectorConfig {
             /// Names accepted by [`DetectorConfig::preset`].
             pub const PRESETS: &'static [&'static str] = &[$($name),*];
@@ -225,6 +219,13 @@ detectors! {
     Stuck(stuck::Stuck, StuckConfig) "stuck", "Improbable runs of identical readings.", |_| 0.5;
     Likelihood(likelihood::Likelihood, LikelihoodConfig) "likelihood", "Anomaly likelihood around another detector.", |_| 0.5;
     Ensemble(ensemble::Ensemble in Box, EnsembleConfig) "ensemble", "The default combination of all of the above.", |c| c.threshold;
+}
+
+/// The default detector: the [`Ensemble`].
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self::Ensemble(EnsembleConfig::default())
+    }
 }
 
 #[cfg(test)]
