@@ -1,15 +1,9 @@
-//! The `edgewatch` binary's library half: configuration loading, the demo, the feed client, benchmarks,
-//! evaluation commands and delivery verification. `main.rs` only parses the command line and calls into here.
+//! The `edgewatch` binary's library half: process-level logging and shutdown. The tools behind the
+//! subcommands live in `edgewatch-tools`; they are re-exported here under their old paths.
 
 #[cfg(feature = "embedded-broker")]
-pub mod bench;
-#[cfg(feature = "embedded-broker")]
-pub mod broker;
+pub use edgewatch_tools::{bench, broker, demo};
+pub use edgewatch_tools::{eval, tail, verify};
 pub mod config;
-#[cfg(feature = "embedded-broker")]
-pub mod demo;
-pub mod eval;
 pub mod logging;
 pub mod shutdown;
-pub mod tail;
-pub mod verify;

@@ -239,11 +239,18 @@ fn run(command: Command) -> Result<(), Failure> {
                 http_port,
             };
             tokio_runtime()?
-                .block_on(edgewatch::demo::run(cfg, overrides))
+                .block_on(edgewatch::demo::run(
+                    cfg,
+                    overrides,
+                    edgewatch::shutdown::on_signal_or_deadline,
+                ))
                 .map_err(Failure::Runtime)
         }
         Command::Tail(args) => tokio_runtime()?
-            .block_on(edgewatch::tail::run(args))
+            .block_on(async {
+                let stop = edgewatch::shutdown::on_signal_or_deadline(None);
+                edgewatch::tail::run(args, stop).await
+            })
             .map_err(Failure::Runtime),
         #[cfg(feature = "embedded-broker")]
         Command::Bench(args) => edgewatch::bench::run(args).map_err(Failure::Runtime),

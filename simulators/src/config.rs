@@ -511,7 +511,7 @@ mod tests {
     fn the_example_config_file_loads_and_is_valid() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/simulator.yaml");
         let text = std::fs::read_to_string(path).unwrap();
-        // The guard every config loader puts in front of the YAML parser (src/config.rs).
+        // The guard every config loader puts in front of the YAML parser (tools/src/config.rs).
         let limits = edgewatch_models::yaml_limits::YamlLimits::default();
         edgewatch_models::yaml_limits::check(text.as_bytes(), limits).unwrap();
         let cfg: SimulatorConfig = serde_norway::from_str(&text).unwrap();

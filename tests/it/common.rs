@@ -3,7 +3,6 @@
 use edgewatch::broker::{BrokerConfig, EmbeddedBroker};
 use edgewatch_models::wire::AnomalyEvent;
 use futures_util::StreamExt;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -125,24 +124,14 @@ impl Drop for Mosquitto {
     }
 }
 
-/// GET `path` from `addr`; returns (status, body).
+/// GET `path` from `addr` through the tools' HTTP client; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to HTTP");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("http response");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status code");
-    (status, body.to_string())
+    let addr = addr.to_string();
+    let r = edgewatch_tools::http::Get::new(&addr, path)
+        .send_blocking()
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
+    let body = String::from_utf8(r.body).expect("HTTP body is UTF-8");
+    (r.status, body)
 }
 
 /// GET JSON.

@@ -2,8 +2,8 @@
 //! labelled ground truth ([`truth`]).
 //!
 //! Everything here is pure: it parses text it is handed and scores vectors it is handed. Listing
-//! folders, reading files, printing and timing belong to the callers (`models/examples/nab.rs` and
-//! `edgewatch eval`).
+//! folders, reading files, printing and timing belong to the one front end, `edgewatch eval`
+//! (`tools/src/eval/`).
 
 mod error;
 pub mod nab;

@@ -6,7 +6,7 @@
 //!   by `edgewatch_models::eval::truth`.
 //!
 //! This module owns the command-line face — arguments, files, progress, printing. Parsing and scoring
-//! live in `edgewatch_models::eval`, which the `nab` example shares.
+//! live in `edgewatch_models::eval`.
 
 pub mod nab;
 pub mod sim;

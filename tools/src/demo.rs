@@ -183,7 +183,14 @@ pub struct DemoOverrides {
 }
 
 /// Runs the demo until Ctrl-C, SIGTERM or the duration.
-pub async fn run(mut cfg: DemoConfig, overrides: DemoOverrides) -> anyhow::Result<()> {
+///
+/// `stop_on(duration)` gives the token that ends the run once everything is started (the binary
+/// passes its signal handler, `edgewatch::shutdown::on_signal_or_deadline`).
+pub async fn run(
+    mut cfg: DemoConfig,
+    overrides: DemoOverrides,
+    stop_on: impl FnOnce(Option<Duration>) -> CancellationToken,
+) -> anyhow::Result<()> {
     if let Some(port) = overrides.broker_port {
         cfg.broker.listen = format!("127.0.0.1:{port}");
     }
@@ -227,7 +234,7 @@ pub async fn run(mut cfg: DemoConfig, overrides: DemoOverrides) -> anyhow::Resul
     let agent_metrics = agent.metrics();
     let agg_metrics: Vec<_> = aggregators.iter().map(Aggregator::metrics).collect();
 
-    let stop = crate::shutdown::on_signal_or_deadline(overrides.duration);
+    let stop = stop_on(overrides.duration);
     let stop_sim = CancellationToken::new();
     let stop_agent = CancellationToken::new();
     let stop_aggs = CancellationToken::new();

@@ -136,9 +136,9 @@ pub fn format_ts(ts_ms: i64) -> String {
     )
 }
 
-/// Runs `edgewatch tail` until the count is reached, Ctrl-C, or the server is gone for good.
-pub async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let stop = crate::shutdown::on_signal_or_deadline(None);
+/// Runs `edgewatch tail` until the count is reached, `stop` is cancelled (the binary cancels it on
+/// Ctrl-C or SIGTERM), or the server is gone for good.
+pub async fn run(args: TailArgs, stop: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
     let mut since = args.since.clone();
     let mut printed = 0u64;
     let mut connected_once = false;

@@ -1,0 +1,15 @@
+//! edgewatch's tools behind the command line: configuration loading, the demo and its embedded broker,
+//! the feed client (`tail`), benchmarks, detector evaluation and delivery verification, and the one
+//! small HTTP client they share. The `edgewatch` binary parses arguments and dispatches into here.
+
+#[cfg(feature = "embedded-broker")]
+pub mod bench;
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod config;
+#[cfg(feature = "embedded-broker")]
+pub mod demo;
+pub mod eval;
+pub mod http;
+pub mod tail;
+pub mod verify;
