@@ -60,7 +60,10 @@ impl Mosquitto {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not listen on {addr}");
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Self { child, _dir: dir }
@@ -158,9 +161,12 @@ impl Link {
                 tokio::time::Instant::now() < deadline,
                 "{payload:?} never came back"
             );
-            let _ = self
-                .client
-                .try_publish("t/x", QoS::AtLeastOnce, false, payload.as_bytes().to_vec());
+            let _ = self.client.try_publish(
+                "t/x",
+                QoS::AtLeastOnce,
+                false,
+                payload.as_bytes().to_vec(),
+            );
             let retry = tokio::time::Instant::now() + Duration::from_millis(200);
             while let Ok(Some(got)) = tokio::time::timeout_at(retry, self.events.recv()).await {
                 if got == payload {
