@@ -2,8 +2,8 @@
 //! detector and uplink. Deserialised with unknown fields rejected; [`AgentConfig::problems`] then
 //! reports every invalid value, not only the first.
 
+use edgewatch_link::MqttLink;
 use edgewatch_models::detect::DetectorConfig;
-use edgewatch_models::link::MqttLink;
 use edgewatch_models::wire::{is_valid_node_id, DEFAULT_PREFIX};
 use serde::{Deserialize, Serialize};
 

@@ -164,11 +164,20 @@ pub enum AgentError {
         /// The link's primary broker, `host:port`.
         broker: String,
         /// Which file or setting, and why.
-        source: edgewatch_models::TlsError,
+        source: edgewatch_link::TlsError,
     },
     /// A pipeline snapshot could not be restored; the caller starts with empty state.
     #[error("cannot restore pipeline snapshot: {0}")]
     Snapshot(#[from] SnapshotError),
+}
+
+impl From<edgewatch_link::LinkError> for AgentError {
+    fn from(e: edgewatch_link::LinkError) -> Self {
+        match e {
+            edgewatch_link::LinkError::Secret(why) => AgentError::Secret(why),
+            edgewatch_link::LinkError::Tls { broker, source } => AgentError::Tls { broker, source },
+        }
+    }
 }
 
 /// Why a pipeline snapshot could not be written or read back. Never a panic: a snapshot comes from

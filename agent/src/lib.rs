@@ -8,7 +8,6 @@ mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod ingest;
-mod mqtt;
 pub mod outbox;
 pub mod pipeline;
 mod replay;
@@ -19,6 +18,7 @@ pub use config::AgentConfig;
 pub use error::{AgentError, IngestError, SnapshotError};
 pub use telemetry::AgentMetrics;
 
+use edgewatch_link as mqtt;
 use edgewatch_models::wire::{AckBatch, Topics};
 use mqtt::LinkEvent;
 use outbox::{Outbox, OutboxConfig};
@@ -635,7 +635,7 @@ fn qos(q: u8) -> QoS {
     }
 }
 
-fn client_id(link: &edgewatch_models::link::MqttLink, agent: &str, role: &str) -> String {
+fn client_id(link: &mqtt::MqttLink, agent: &str, role: &str) -> String {
     link.client_id.as_ref().map_or_else(
         || format!("edgewatch-{agent}-{role}"),
         |c| format!("{c}-{role}"),

@@ -348,6 +348,16 @@ impl LogLimit {
     }
 }
 
+/// The MQTT links count their failures here.
+impl edgewatch_link::LinkCounters for AgentMetrics {
+    fn connection_error(&self) {
+        self.connection_errors_total.fetch_add(1, Relaxed);
+    }
+    fn oversized_packet(&self) {
+        self.oversized_packets_total.fetch_add(1, Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -3,7 +3,7 @@
 //! rejected; [`AggregatorConfig::problems`] reports every invalid value at once.
 
 use crate::cluster::ClusterConfig;
-use edgewatch_models::link::MqttLink;
+use edgewatch_link::MqttLink;
 use edgewatch_models::wire::{is_valid_node_id, DEFAULT_PREFIX};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;

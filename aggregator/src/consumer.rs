@@ -1,10 +1,9 @@
 //! The MQTT side of the aggregator: subscribes to its partitions' summaries and to every anomaly
 //! topic, decodes batches, and applies them to the state and the feed.
 //!
-//! The poll loop only hands messages off; decoding and applying run in their own task behind a
-//! bounded queue. Reconnects back off exponentially with jitter and resubscribe on every ConnAck;
-//! a SUBACK that refuses a filter counts as a connection failure (the connection is dropped and
-//! made again), since nothing would ever arrive on it.
+//! The link's shared poll loop ([`edgewatch_link::poll_loop`]: backoff, alternates, refused
+//! SUBACKs) only hands messages off; decoding and applying run in their own task behind a bounded
+//! queue. Every ConnAck resubscribes.
 //!
 //! **What is refused.** Anyone who may publish on the uplink topics could forge a batch, so before a
 //! record is applied it must fit: its device's partition is its batch's, a summary passes
@@ -19,16 +18,12 @@ use crate::state::{Applied, FleetState, LaneId};
 use crate::store::StateStore;
 use crate::telemetry::Refusal;
 use crate::Shared;
-use edgewatch_models::backoff::Backoff;
-use edgewatch_models::link;
+use edgewatch_link::{Flow, LinkEvent, LinkHandler};
 use edgewatch_models::partition::partition_of;
 use edgewatch_models::wire::{
     Ack, AckBatch, AnomalyEvent, Batch, Topics, UplinkTopic, WindowSummary,
 };
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Packet, QoS, SubscribeFilter,
-    SubscribeReasonCode,
-};
+use rumqttc::{AsyncClient, EventLoop, QoS, SubscribeFilter, SubscribeReasonCode};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -46,146 +41,77 @@ pub(crate) enum Input {
     Control(crate::cluster::node::Control),
 }
 
-/// Runs the MQTT poll loop until `cancel`; hands publishes to the apply loop through `tx`. At
-/// every ConnAck it subscribes to the summaries of every partition owned at that moment and to
-/// every anomaly topic.
+/// Runs the shared MQTT poll loop ([`edgewatch_link::poll_loop`]) until `cancel`; hands publishes
+/// to the apply loop through `tx`. At every ConnAck it subscribes to the summaries of every
+/// partition owned at that moment and to every anomaly topic.
 pub(crate) async fn poll_loop(
-    mut eventloop: EventLoop,
+    eventloop: EventLoop,
     addresses: Vec<rumqttc::MqttOptions>,
     client: AsyncClient,
     shared: Arc<Shared>,
     tx: mpsc::Sender<Input>,
     cancel: CancellationToken,
 ) {
-    let topics = Topics::new(&shared.cfg.prefix);
-    let mut backoff = Backoff::new(100, 10_000, u64::from(std::process::id()) ^ 0xA66);
-    let broker_of =
-        |o: &rumqttc::MqttOptions| format!("{}:{}", o.broker_address().0, o.broker_address().1);
-    let mut broker = broker_of(&eventloop.mqtt_options);
-    let mut current = 0usize;
-    // The filters of the last SUBSCRIBE of the whole set, to name refused ones (partition
-    // changes in cluster mode subscribe one filter at a time).
-    let mut subscribed: Vec<SubscribeFilter> = Vec::new();
-    // A packet over `max_packet_bytes` breaks the connection, and on a persistent session the
-    // broker would redeliver it on every reconnect: the next connection accepts that one size, so
-    // the message is read once (and refused by the apply loop), then the limit is restored. The
-    // same policy as the agent's links (agent/src/mqtt.rs).
-    let configured = eventloop.mqtt_options.max_packet_size();
-    let mut raised = false;
-    loop {
-        let event = tokio::select! {
-            _ = cancel.cancelled() => break,
-            e = eventloop.poll() => e,
-        };
-        let failure = match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                if backoff.attempts() > 0 {
-                    tracing::info!(aggregator = %shared.cfg.id, %broker, "reconnected");
-                }
-                backoff.reset();
-                if std::mem::take(&mut raised) {
-                    eventloop
-                        .mqtt_options
-                        .set_max_packet_size(configured, configured);
-                }
-                subscribed = filters(
-                    &topics,
-                    &shared.owned.list(),
-                    shared.cfg.partitions,
-                    shared.cluster.is_some(),
-                );
-                if let Err(e) = client.try_subscribe_many(subscribed.clone()) {
-                    tracing::error!(error = %e, "subscribe request failed");
-                }
-                None
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(Input::Publish(p)).await.is_err() {
-                    break;
-                }
-                None
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) if refused_count(&ack.return_codes) > 0 => {
-                // The connection stays up but nothing would ever arrive on those filters: drop it
-                // and start over, as after a connection error (the ConnAck resubscribes).
-                let named = if ack.return_codes.len() == subscribed.len() {
-                    refused(&subscribed, &ack.return_codes)
-                } else {
-                    Vec::new()
-                };
-                eventloop.clean();
-                Some(refusal_message(
-                    &broker,
-                    refused_count(&ack.return_codes),
-                    &named,
-                ))
-            }
-            Ok(_) => None,
-            Err(e) => {
-                if let ConnectionError::MqttState(rumqttc::StateError::Deserialization(
-                    rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
-                )) = &e
-                {
-                    shared.metrics.oversized_packets_total.fetch_add(1, Relaxed);
-                    tracing::warn!(aggregator = %shared.cfg.id, %broker, size, max_packet_bytes = configured, "a message larger than max_packet_bytes arrived; the next connection reads it once instead of having it redelivered forever");
-                    raised = true;
-                    eventloop
-                        .mqtt_options
-                        .set_max_packet_size((*size).max(configured), configured);
-                }
-                Some(describe(&broker, &e))
-            }
-        };
-        if let Some(error) = failure {
-            shared.metrics.connection_errors_total.fetch_add(1, Relaxed);
-            let delay = backoff.next_delay_ms();
-            if addresses.len() > 1 {
-                // Try the next broker of the list on the next attempt.
-                let limit = eventloop.mqtt_options.max_packet_size();
-                current = (current + 1) % addresses.len();
-                eventloop.mqtt_options = addresses[current].clone();
-                eventloop
-                    .mqtt_options
-                    .set_max_packet_size(limit, configured);
-            }
-            let next = broker_of(&eventloop.mqtt_options);
-            tracing::warn!(aggregator = %shared.cfg.id, %broker, %next, %error, retry_in_ms = delay, "mqtt connection error; will reconnect");
-            broker = next;
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
-            }
-        }
-    }
+    let metrics = shared.metrics.clone();
+    let name = format!("aggregator {}", shared.cfg.id);
+    let handler = Consumer {
+        topics: Topics::new(&shared.cfg.prefix),
+        client: client.clone(),
+        shared,
+        tx,
+        subscribed: Vec::new(),
+    };
+    edgewatch_link::poll_loop(eventloop, addresses, &name, &metrics, cancel, handler).await;
     let _ = client.try_disconnect();
 }
 
-/// One line naming `broker` and why the connection failed (refusal code, TLS problem, I/O error).
-fn describe(broker: &str, e: &ConnectionError) -> String {
-    match e {
-        ConnectionError::ConnectionRefused(code) => link::refusal_message(broker, *code as u8),
-        other => link::failure_message(broker, other),
+/// The aggregator's side of its link: subscribes on every connection, forwards publishes.
+struct Consumer {
+    topics: Topics,
+    client: AsyncClient,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Input>,
+    /// The filters of the last SUBSCRIBE of the whole set, to name refused ones (partition
+    /// changes in cluster mode subscribe one filter at a time).
+    subscribed: Vec<SubscribeFilter>,
+}
+
+impl LinkHandler for Consumer {
+    async fn on_event(&mut self, event: LinkEvent) -> Flow {
+        match event {
+            LinkEvent::Connected => {
+                self.subscribed = filters(
+                    &self.topics,
+                    &self.shared.owned.list(),
+                    self.shared.cfg.partitions,
+                    self.shared.cluster.is_some(),
+                );
+                if let Err(e) = self.client.try_subscribe_many(self.subscribed.clone()) {
+                    tracing::error!(error = %e, "subscribe request failed");
+                }
+                Flow::Continue
+            }
+            LinkEvent::Publish(p) => match self.tx.send(Input::Publish(p)).await {
+                Ok(()) => Flow::Continue,
+                // The apply loop is gone: the aggregator is stopping.
+                Err(_) => Flow::Stop,
+            },
+            // Nothing here waits for PubAcks; a failed connection is the loop's to retry.
+            LinkEvent::PubAck | LinkEvent::Disconnected => Flow::Continue,
+        }
     }
-}
 
-/// How many subscriptions of one SUBACK the broker refused (return code 0x80).
-fn refused_count(codes: &[SubscribeReasonCode]) -> usize {
-    codes
-        .iter()
-        .filter(|c| matches!(c, SubscribeReasonCode::Failure))
-        .count()
-}
+    fn refused_filters(&self, codes: &[SubscribeReasonCode]) -> Vec<String> {
+        if codes.len() == self.subscribed.len() {
+            refused(&self.subscribed, codes)
+        } else {
+            Vec::new()
+        }
+    }
 
-/// Why a connection whose SUBACK refused `count` subscriptions (`named`, when known) is dropped.
-/// NATS refuses a QoS 1 subscription when it cannot create the subscription's JetStream consumer:
-/// during a leader election (a timeout; the next connection usually succeeds), or beyond 63 QoS 1
-/// subscriptions in one session (each reserves `max_ack_pending`, 1,024 by default, of 65,535).
-fn refusal_message(broker: &str, count: usize, named: &[String]) -> String {
-    format!(
-        "broker {broker} refused {count} subscription(s) {named:?}, so nothing would arrive on them; \
-         on NATS: a JetStream consumer could not be created (leader election, or more than 63 QoS 1 \
-         subscriptions in one session)"
-    )
+    fn backoff_seed(&self) -> u64 {
+        u64::from(std::process::id()) ^ 0xA66
+    }
 }
 
 /// The filters of one SUBSCRIBE that its SUBACK refused (return code 0x80), in order.
@@ -670,8 +596,12 @@ mod tests {
         ];
         assert_eq!(refused(&f, &codes), ["p/summaries/2/+", "p/anomalies/+/+"]);
         assert!(refused(&f, &codes[..1]).is_empty());
-        assert_eq!(refused_count(&codes), 2);
-        let why = refusal_message("127.0.0.1:1885", 2, &refused(&f, &codes));
+        assert_eq!(edgewatch_link::reconnect::refused(&codes), 2);
+        let why = edgewatch_link::reconnect::subscription_refusal_message(
+            "127.0.0.1:1885",
+            2,
+            &refused(&f, &codes),
+        );
         assert!(
             why.starts_with("broker 127.0.0.1:1885 refused 2 subscription(s) [\"p/summaries/2/+\""),
             "{why}"

@@ -30,9 +30,20 @@ pub enum AggregatorError {
         /// The link's primary broker, `host:port`.
         broker: String,
         /// Which file or setting, and why.
-        source: edgewatch_models::TlsError,
+        source: edgewatch_link::TlsError,
     },
     /// The NATS cluster could not be joined (unreachable, login refused, buckets not creatable).
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::KvError),
+}
+
+impl From<edgewatch_link::LinkError> for AggregatorError {
+    fn from(e: edgewatch_link::LinkError) -> Self {
+        match e {
+            edgewatch_link::LinkError::Secret(why) => AggregatorError::Secret(why),
+            edgewatch_link::LinkError::Tls { broker, source } => {
+                AggregatorError::Tls { broker, source }
+            }
+        }
+    }
 }

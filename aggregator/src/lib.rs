@@ -18,7 +18,6 @@ pub use error::AggregatorError;
 pub use telemetry::AggregatorMetrics;
 
 use feed::FeedHub;
-use rumqttc::{AsyncClient, MqttOptions, TlsConfiguration, Transport};
 use state::FleetState;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -156,45 +155,9 @@ impl Aggregator {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("edgewatch-{}", cfg.id));
-        let password = match &cfg.mqtt.username {
-            Some(_) => cfg
-                .mqtt
-                .resolve_password()
-                .map_err(AggregatorError::Secret)?,
-            None => None,
-        };
-        // The TLS files are read once; every address of the link shares the configuration.
-        let tls = match &cfg.mqtt.tls {
-            Some(t) => Some(t.client_config().map_err(|source| AggregatorError::Tls {
-                broker: format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port),
-                source,
-            })?),
-            None => None,
-        };
         // Every broker address, primary first; the poll loop moves to the next one on failure.
-        let addresses: Vec<MqttOptions> = cfg
-            .mqtt
-            .addresses()
-            .into_iter()
-            .map(|(host, port)| {
-                let mut opts = MqttOptions::new(client_id.clone(), host, port);
-                opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keepalive_secs))
-                    .set_max_packet_size(cfg.mqtt.max_packet_bytes, cfg.mqtt.max_packet_bytes)
-                    .set_request_channel_capacity(cfg.mqtt.request_channel);
-                if let Some(user) = &cfg.mqtt.username {
-                    opts.set_credentials(user.clone(), password.clone().unwrap_or_default());
-                }
-                if let Some(tls) = &tls {
-                    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                        tls.clone(),
-                    )));
-                }
-                opts
-            })
-            .collect();
-        let opts = addresses[0].clone(); // addresses() always starts with the primary
-        let (client, mut eventloop) = AsyncClient::new(opts, cfg.mqtt.request_channel);
-        eventloop.network_options.set_tcp_nodelay(true);
+        let addresses = edgewatch_link::options(&cfg.mqtt, client_id)?;
+        let (client, eventloop) = edgewatch_link::client(&addresses, cfg.mqtt.request_channel);
         tracing::info!(aggregator = %cfg.id, http = %self.addr, owned = shared.owned.list().len(), cluster = shared.cluster.is_some(), broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), "aggregator starting");
 
         let cancel = CancellationToken::new();

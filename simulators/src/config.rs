@@ -6,7 +6,7 @@
 
 use crate::anomaly::AnomalyKind;
 use crate::topic::TopicTemplate;
-use edgewatch_models::link::MqttLink;
+use edgewatch_link::MqttLink;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::PathBuf;

@@ -1,8 +1,9 @@
 //! The async shell: paces a [`Fleet`], publishes its readings over MQTT, writes its ground truth
 //! and, when configured, the readings log (every reading handed to the MQTT client).
 //!
-//! One task drives rumqttc's event loop (reconnecting with capped, jittered backoff and counting
-//! what was written and acknowledged); the caller's task generates, paces and publishes. All
+//! One task drives rumqttc's event loop through the shared poll loop of `edgewatch-link`
+//! (reconnecting with capped, jittered backoff over every broker of the link, counting what was
+//! written and acknowledged); the caller's task generates, paces and publishes. All
 //! signal and anomaly logic lives in the fleet; this file only moves bytes.
 
 use crate::anomaly::GroundTruth;
@@ -12,13 +13,8 @@ use crate::pace::Pacer;
 use crate::readings_log::ReadingsLog;
 use crate::topic::TopicTemplate;
 use anyhow::Context as _;
-use edgewatch_models::link;
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
-};
+use edgewatch_link::{Flow, LinkCounters, LinkEvent, LinkHandler};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde::Serialize;
 use std::fs::File;
 use std::future::Future;
@@ -27,9 +23,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 /// After the last publish, `run` waits for the event loop to write (QoS 0) or get acknowledged
 /// (QoS 1) everything published: at most this long in all ...
@@ -38,8 +34,6 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 const FLUSH_STALL: Duration = Duration::from_secs(3);
 /// How long `run` waits for the disconnect to go out before stopping the event loop.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// What a run did.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,89 +179,58 @@ fn wall_now_ms_rounded() -> i64 {
     i64::try_from(ms / 1000 * 1000).unwrap_or(i64::MAX)
 }
 
-fn mqtt_options(cfg: &SimulatorConfig) -> anyhow::Result<MqttOptions> {
-    let link = &cfg.mqtt;
+/// The rumqttc options of every broker of the simulator's link (primary first, then the
+/// alternates), built by the shared link crate; the simulator's `max_inflight` is the in-flight
+/// window unless the link sets its own.
+fn mqtt_options(cfg: &SimulatorConfig) -> anyhow::Result<Vec<MqttOptions>> {
+    let mut link = cfg.mqtt.clone();
+    link.max_inflight = link.max_inflight.or(Some(cfg.max_inflight));
     let id = link
         .client_id
         .clone()
         .unwrap_or_else(|| "edgewatch-simulator".to_string());
-    let mut o = MqttOptions::new(id, link.host.clone(), link.port);
-    // keepalive_secs >= 5, request_channel > 0 and max_inflight > 0 were validated, so rumqttc's
-    // asserts on these setters cannot fire.
-    o.set_keep_alive(Duration::from_secs(link.keepalive_secs))
-        .set_max_packet_size(link.max_packet_bytes, link.max_packet_bytes)
-        .set_request_channel_capacity(link.request_channel)
-        .set_inflight(cfg.max_inflight)
-        .set_clean_session(true);
-    if let Some(user) = &link.username {
-        let password = link.resolve_password().map_err(anyhow::Error::msg)?;
-        o.set_credentials(user.clone(), password.unwrap_or_default());
+    let mut options = edgewatch_link::options(&link, id)?;
+    for o in &mut options {
+        o.set_clean_session(true);
     }
-    if let Some(tls) = &link.tls {
-        let cfg = tls
-            .client_config()
-            .with_context(|| format!("mqtt link to {}:{}", link.host, link.port))?;
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(cfg)));
-    }
-    Ok(o)
+    Ok(options)
 }
 
-/// Drives the event loop: counts writes and acks, reconnects with capped exponential backoff and
-/// jitter (rumqttc has none of its own), stops on `Disconnect` or when told to.
-async fn drive(
-    mut eventloop: EventLoop,
+/// The simulator's side of the shared poll loop ([`edgewatch_link::poll_loop`], which reconnects
+/// with capped exponential backoff and jitter over every broker of the link): counts writes and
+/// acks.
+struct Driver {
     progress: Arc<Progress>,
-    mut stop: watch::Receiver<bool>,
     seed: u64,
-) {
-    let mut jitter = SmallRng::seed_from_u64(seed ^ 0x6a69_7474_6572);
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        let event = tokio::select! {
-            e = eventloop.poll() => e,
-            _ = stop.changed() => return,
-        };
+}
+
+impl LinkHandler for Driver {
+    async fn on_event(&mut self, event: LinkEvent) -> Flow {
         match event {
-            Ok(Event::Outgoing(Outgoing::Publish(_))) => {
-                progress.written.fetch_add(1, Ordering::Relaxed);
+            LinkEvent::PubAck => {
+                self.progress.acked.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(Event::Incoming(Packet::PubAck(_))) => {
-                progress.acked.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = BACKOFF_MIN;
-                info!(
-                    session_present = ack.session_present,
-                    "simulator connected to broker"
-                );
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                debug!("simulator disconnected");
-                return;
-            }
-            // Pings and the like: nothing to count.
-            Ok(other) => debug!(event = ?other, "mqtt event"),
-            Err(ConnectionError::RequestsDone) => return,
-            Err(e) => {
-                let failures = progress.connection_errors.fetch_add(1, Ordering::Relaxed) + 1;
-                let wait = backoff.mul_f64(jitter.gen_range(0.5..=1.0));
-                let (host, port) = eventloop.mqtt_options.broker_address();
-                let broker = format!("{host}:{port}");
-                let error = match &e {
-                    ConnectionError::ConnectionRefused(code) => {
-                        link::refusal_message(&broker, *code as u8)
-                    }
-                    other => link::failure_message(&broker, other),
-                };
-                warn!(%broker, %error, failures, retry_in_ms = wait.as_millis() as u64, "mqtt connection failed; retrying");
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.changed() => return,
-                }
-            }
+            LinkEvent::Connected => info!("simulator connected to broker"),
+            // The simulator subscribes to nothing; a failure is counted by the loop.
+            LinkEvent::Publish(_) | LinkEvent::Disconnected => {}
         }
+        Flow::Continue
     }
+
+    fn on_written(&mut self) {
+        self.progress.written.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn backoff_seed(&self) -> u64 {
+        self.seed ^ 0x6a69_7474_6572
+    }
+}
+
+impl LinkCounters for Progress {
+    fn connection_error(&self) {
+        self.connection_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    fn oversized_packet(&self) {}
 }
 
 /// Publishes the fleet over MQTT until cfg.duration is reached or `shutdown` resolves; writes ground truth JSON lines as labels become final.
@@ -300,11 +263,20 @@ pub async fn run(
         .transpose()
         .context("readings_log_path")?;
     let options = mqtt_options(&cfg)?;
-    let (client, mut eventloop) = AsyncClient::new(options, cfg.mqtt.request_channel);
-    eventloop.network_options.set_tcp_nodelay(true);
+    let (client, eventloop) = edgewatch_link::client(&options, cfg.mqtt.request_channel);
     let progress = Arc::new(Progress::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let driver = tokio::spawn(drive(eventloop, progress.clone(), stop_rx, cfg.seed));
+    let stop = CancellationToken::new();
+    let driver = {
+        let (progress, stop) = (progress.clone(), stop.clone());
+        let handler = Driver {
+            progress: progress.clone(),
+            seed: cfg.seed,
+        };
+        tokio::spawn(async move {
+            edgewatch_link::poll_loop(eventloop, options, "simulator", &progress, stop, handler)
+                .await;
+        })
+    };
 
     info!(
         series,
@@ -399,8 +371,7 @@ pub async fn run(
     let joined = match joined {
         Some(j) => j,
         None => {
-            // A send error means the driver already returned, which is what we want.
-            let _ = stop_tx.send(true);
+            stop.cancel();
             driver.await
         }
     };
@@ -451,7 +422,7 @@ mod tests {
         cfg.mqtt.password = Some("pw".into());
         cfg.mqtt.client_id = Some("sim-1".into());
         cfg.max_inflight = 77;
-        let o = mqtt_options(&cfg).unwrap();
+        let o = &mqtt_options(&cfg).unwrap()[0];
         assert_eq!(o.client_id(), "sim-1");
         assert_eq!(o.inflight(), 77);
         assert_eq!(o.request_channel_capacity(), 1000);
@@ -462,7 +433,7 @@ mod tests {
     #[test]
     fn a_missing_tls_file_is_named_with_the_broker() {
         let mut cfg = SimulatorConfig::default();
-        cfg.mqtt.tls = Some(edgewatch_models::tls::TlsSettings::with_ca(
+        cfg.mqtt.tls = Some(edgewatch_link::TlsSettings::with_ca(
             "/nonexistent/sim-ca.pem",
         ));
         let e = format!("{:#}", mqtt_options(&cfg).unwrap_err());

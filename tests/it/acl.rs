@@ -21,8 +21,7 @@ use edgewatch_agent::{Agent, AgentConfig};
 use edgewatch_aggregator::cluster::node::Buckets;
 use edgewatch_aggregator::cluster::{status, ClusterConfig, NatsCredentials};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
-use edgewatch_models::link::MqttLink;
-use edgewatch_models::tls::TlsSettings;
+use edgewatch_link::{MqttLink, TlsSettings};
 use edgewatch_simulators::SimulatorConfig;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,

@@ -7,8 +7,7 @@ use crate::common::*;
 use crate::wait::SubscriptionLog;
 use edgewatch_agent::{Agent, AgentConfig};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
-use edgewatch_models::link::{self, MqttLink};
-use edgewatch_models::tls::TlsSettings;
+use edgewatch_link::{self as link, MqttLink, TlsSettings};
 use edgewatch_simulators::SimulatorConfig;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,

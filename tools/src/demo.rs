@@ -205,7 +205,7 @@ pub async fn run(
     }
     let broker = EmbeddedBroker::start(&cfg.broker)?;
     let addr = broker.addr();
-    let point = |link: &mut edgewatch_models::link::MqttLink| {
+    let point = |link: &mut edgewatch_link::MqttLink| {
         link.host = addr.ip().to_string();
         link.port = addr.port();
     };

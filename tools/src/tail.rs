@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context};
 use clap::Args;
-use edgewatch_models::backoff::Backoff;
+use edgewatch_link::backoff::Backoff;
 use edgewatch_models::wire::AnomalyEvent;
 use futures_util::StreamExt;
 use std::io::Write;

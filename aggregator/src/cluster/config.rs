@@ -22,7 +22,7 @@ pub struct ClusterConfig {
     /// TLS to the NATS servers (required for every server when present): `ca_file`, optional
     /// `client_cert_file` + `client_key_file`, `server_name` — the same block as an MQTT link's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<edgewatch_models::tls::TlsSettings>,
+    pub tls: Option<edgewatch_link::TlsSettings>,
     /// Lifetime of a partition lease without renewal (the KV bucket's `max_age`). Leader elections
     /// on nats-server 2.9 stop writes for 4–9 s, so production values stay around 20 s.
     #[serde(default = "default_lease_ttl_ms")]

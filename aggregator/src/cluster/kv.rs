@@ -27,7 +27,7 @@ pub enum KvError {
         /// The configured servers, comma-separated.
         servers: String,
         /// Which file or setting, and why.
-        source: edgewatch_models::TlsError,
+        source: edgewatch_link::TlsError,
     },
     /// Joining the cluster did not finish in time, attempt after attempt.
     #[error("nats cluster {servers}: no answer after {attempts} attempts of {each:?} each (are the servers up and JetStream enabled?)")]

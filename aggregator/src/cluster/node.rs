@@ -119,7 +119,7 @@ impl Buckets {
     /// at once.
     pub async fn join(cfg: &ClusterConfig, prefix: &str, id: &str) -> Result<Self, super::KvError> {
         let mut backoff =
-            edgewatch_models::backoff::Backoff::new(500, 5_000, u64::from(std::process::id()));
+            edgewatch_link::backoff::Backoff::new(500, 5_000, u64::from(std::process::id()));
         let mut attempt = 1;
         loop {
             let why = match tokio::time::timeout(JOIN_ATTEMPT, Self::open(cfg, prefix, id)).await {

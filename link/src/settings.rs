@@ -1,9 +1,8 @@
 //! How to reach an MQTT broker: the connection settings every component's YAML shares.
 //!
-//! Plain data and validation only; each crate maps it onto its MQTT client (TLS through
-//! [`crate::tls`]). Secrets never appear in `Debug` output, and the password may come from an
-//! environment variable (`password_env`). Also the wording of connection failures, so every link
-//! names the broker and the reason the same way.
+//! Plain data and validation; [`crate::options`] maps it onto rumqttc (TLS through [`crate::tls`]).
+//! Secrets never appear in `Debug` output, and the password may come from an environment variable
+//! (`password_env`).
 
 use crate::tls::TlsSettings;
 use serde::{Deserialize, Serialize};
@@ -41,6 +40,10 @@ pub struct MqttLink {
     /// Capacity of the client's request channel (publishes queued towards the socket).
     #[serde(default = "default_request_channel")]
     pub request_channel: usize,
+    /// QoS 1 publishes awaiting their PubAck at once (rumqttc's in-flight window); when absent,
+    /// `request_channel` capped at 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_inflight: Option<u16>,
     /// Further brokers (`host:port`), tried in turn after `host:port` whenever the current one fails.
     #[serde(default)]
     pub alternates: Vec<String>,
@@ -77,6 +80,7 @@ impl Default for MqttLink {
             keepalive_secs: default_keepalive_secs(),
             max_packet_bytes: default_max_packet_bytes(),
             request_channel: default_request_channel(),
+            max_inflight: None,
             alternates: Vec::new(),
             tls: None,
         }
@@ -93,9 +97,12 @@ impl fmt::Debug for MqttLink {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("password_env", &self.password_env)
             .field("keepalive_secs", &self.keepalive_secs)
+            .field("max_packet_bytes", &self.max_packet_bytes)
+            .field("request_channel", &self.request_channel)
+            .field("max_inflight", &self.max_inflight)
             .field("alternates", &self.alternates)
             .field("tls", &self.tls)
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
@@ -131,6 +138,9 @@ impl MqttLink {
         if self.request_channel == 0 {
             out.push("request_channel: must be > 0, got 0".to_string());
         }
+        if self.max_inflight == Some(0) {
+            out.push("max_inflight: must be > 0, got 0".to_string());
+        }
         if self.password.is_some() && self.password_env.is_some() {
             out.push("password: set either password or password_env, not both".to_string());
         }
@@ -150,6 +160,19 @@ impl MqttLink {
             .collect()
     }
 
+    /// The in-flight window: `max_inflight`, else `request_channel` capped at 1000 (at least 1).
+    pub fn inflight(&self) -> u16 {
+        self.max_inflight.unwrap_or_else(|| {
+            // Cannot fail: clamped into 1..=1000.
+            u16::try_from(self.request_channel.clamp(1, 1000)).unwrap_or(1000)
+        })
+    }
+
+    /// `host:port` of the primary broker, as errors and logs name it.
+    pub fn primary(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
     /// The password, read from `password_env` when set. Errors name the variable, never its value.
     pub fn resolve_password(&self) -> Result<Option<String>, String> {
         match (&self.password, &self.password_env) {
@@ -160,31 +183,6 @@ impl MqttLink {
             (None, None) => Ok(None),
         }
     }
-}
-
-/// Why connecting to `broker` (`host:port`) failed, in one line that names it:
-/// `TLS handshake with 127.0.0.1:8883 failed: invalid peer certificate: UnknownIssuer` when TLS is
-/// the cause anywhere in the error's source chain, else `connection to 127.0.0.1:8883 failed: …`.
-pub fn failure_message(broker: &str, err: &(dyn std::error::Error + 'static)) -> String {
-    #[cfg(feature = "tls")]
-    if let Some(tls) = crate::tls::rustls_cause(err) {
-        return format!("TLS handshake with {broker} failed: {tls}");
-    }
-    format!("connection to {broker} failed: {err}")
-}
-
-/// Why `broker` refused an MQTT 3.1.1 CONNECT, from the CONNACK return code:
-/// `broker 127.0.0.1:8883 refused the connection: bad user name or password`.
-pub fn refusal_message(broker: &str, return_code: u8) -> String {
-    let why = match return_code {
-        1 => "unacceptable protocol version".to_string(),
-        2 => "client id rejected".to_string(),
-        3 => "server unavailable".to_string(),
-        4 => "bad user name or password".to_string(),
-        5 => "not authorized (check the user name, password and client certificate)".to_string(),
-        other => format!("return code {other}"),
-    };
-    format!("broker {broker} refused the connection: {why}")
 }
 
 /// `host:port` (IPv6 hosts in brackets) with a port in 1..=65535.
@@ -250,6 +248,21 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("got 1")));
         assert!(p.iter().any(|m| m.starts_with("username:")));
         assert!(MqttLink::default().problems().is_empty());
+        let zero = MqttLink {
+            max_inflight: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(zero.problems(), vec!["max_inflight: must be > 0, got 0"]);
+    }
+
+    #[test]
+    fn inflight_defaults_to_the_request_channel_capped_at_1000() {
+        let mut link = MqttLink::default();
+        assert_eq!(link.inflight(), 1000);
+        link.request_channel = 10;
+        assert_eq!(link.inflight(), 10);
+        link.max_inflight = Some(77);
+        assert_eq!(link.inflight(), 77);
     }
 
     #[test]
@@ -289,20 +302,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `key`"), "{e}");
-    }
-
-    #[test]
-    fn refusals_and_failures_name_the_broker() {
-        assert_eq!(
-            refusal_message("127.0.0.1:8883", 4),
-            "broker 127.0.0.1:8883 refused the connection: bad user name or password"
-        );
-        assert!(refusal_message("h:1", 9).ends_with("return code 9"));
-        let e = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        assert_eq!(
-            failure_message("h:1", &e),
-            "connection to h:1 failed: refused"
-        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! TLS for MQTT links: the `tls:` block of a link and, with the `tls` cargo feature, the rustls
-//! client configuration built from it — the one place every crate gets its TLS setup from.
+//! TLS for MQTT links: the `tls:` block of a link and the rustls client configuration built from
+//! it — the one place every crate (and the cluster's NATS client) gets its TLS setup from.
 //!
 //! Owns reading the PEM files (trust anchors, client certificate and key) and the choice of crypto
 //! provider: ring, installed explicitly, so nothing depends on a process-wide default provider.
@@ -84,10 +84,8 @@ fn is_blank(p: &Path) -> bool {
     p.as_os_str().to_string_lossy().trim().is_empty()
 }
 
-#[cfg(feature = "tls")]
 pub use client::rustls_cause;
 
-#[cfg(feature = "tls")]
 mod client {
     use super::TlsSettings;
     use crate::error::TlsError;
@@ -287,10 +285,8 @@ mod client {
         use super::*;
 
         fn temp_dir(name: &str) -> std::path::PathBuf {
-            let d = std::env::temp_dir().join(format!(
-                "edgewatch-models-tls-{name}-{}",
-                std::process::id()
-            ));
+            let d = std::env::temp_dir()
+                .join(format!("edgewatch-link-tls-{name}-{}", std::process::id()));
             std::fs::create_dir_all(&d).unwrap();
             d
         }
