@@ -431,6 +431,18 @@ mod tests {
     }
 
     #[test]
+    fn every_broker_of_the_link_gets_options_and_the_link_inflight_wins() {
+        let mut cfg = SimulatorConfig::default();
+        cfg.mqtt.alternates = vec!["127.0.0.1:1884".into()];
+        cfg.mqtt.max_inflight = Some(9);
+        cfg.max_inflight = 77;
+        let opts = mqtt_options(&cfg).unwrap();
+        let ports: Vec<u16> = opts.iter().map(|o| o.broker_address().1).collect();
+        assert_eq!(ports, vec![1883, 1884]);
+        assert!(opts.iter().all(|o| o.inflight() == 9 && o.clean_session()));
+    }
+
+    #[test]
     fn a_missing_tls_file_is_named_with_the_broker() {
         let mut cfg = SimulatorConfig::default();
         cfg.mqtt.tls = Some(edgewatch_link::TlsSettings::with_ca(
