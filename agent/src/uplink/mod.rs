@@ -22,6 +22,8 @@
 //! to the highest seq the lane ever handed to the network; any other ack is refused, counted by reason
 //! (`edgewatch_agent_acks_refused_total`) and logged at most every 10 s.
 
+pub(crate) mod link;
+
 use crate::outbox::{Outbox, OutboxError, OutboxStats, Record};
 use crate::pipeline::Output;
 use crate::telemetry::{AckRefusal, AgentMetrics, LogLimit};
