@@ -15,7 +15,9 @@
 //! drained in seq order at `drain_records_per_sec` with at most `max_unacked_records` in flight,
 //! while newly appended records are still published at once (live) — the owner applies them out of
 //! order and acks the lane only when the prev chain is complete. Nothing is published while the link
-//! is down: the pipeline keeps detecting and the outbox keeps buffering.
+//! is down: the pipeline keeps detecting and the outbox keeps buffering. These decisions are
+//! [`sender::LaneSender`]'s, an I/O-free state machine given the time; this module is the shell that
+//! owns the outbox, passes `Instant`s in and publishes what comes out. `link.rs` is the link task.
 //!
 //! **Acks are checked before they delete.** Anyone who may publish on `{prefix}/acks/{agent}` could
 //! forge one, so an ack counts only for this outbox's lane epoch (every batch carries it) and only up
