@@ -222,7 +222,10 @@ impl Acker {
     pub(crate) async fn finish(self) {
         drop(self.tx);
         if let Some(task) = self.task {
-            let _ = task.await;
+            if let Err(e) = task.await {
+                // Not swallowed: the readings stay unacknowledged (redelivered after a restart).
+                tracing::error!(error = %e, "the source acknowledgement task failed");
+            }
         }
     }
 }

@@ -641,4 +641,41 @@ mod tests {
         assert_eq!(up.outbox.acked_seq(3), 4);
         assert_eq!(up.metrics.outbox_acked_total.load(Relaxed), 4);
     }
+
+    /// The shell under tokio's paused clock: what the sender decides reaches the client.
+    #[tokio::test(start_paused = true)]
+    async fn an_unacknowledged_lane_is_resent_from_its_ack_after_the_timeout() {
+        let mut up = uplink();
+        // Never polled: the client only queues requests, which is all the uplink needs.
+        let (client, _eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 100);
+        up.on_note(LinkNote::Up);
+        let outputs = (0..5)
+            .map(|i| match summary(i * 10) {
+                Record::Summary(summary) => Output::Summary {
+                    partition: 3,
+                    summary,
+                },
+                Record::Anomaly(_) => unreachable!(),
+            })
+            .collect();
+        up.append(outputs);
+        assert!(up.round(&client).await);
+        let published = || up.metrics.summaries_published_total.load(Relaxed);
+        assert_eq!(published(), 5, "live records go out at once");
+        tokio::time::advance(Duration::from_millis(900)).await;
+        up.check_timeouts();
+        assert_eq!(up.metrics.resends_total.load(Relaxed), 0, "not yet due");
+        // The 1 s timeout plus at most 25 % jitter has passed.
+        tokio::time::advance(Duration::from_millis(400)).await;
+        up.check_timeouts();
+        assert_eq!(up.metrics.resends_total.load(Relaxed), 1);
+        assert!(up.round(&client).await);
+        assert_eq!(
+            up.metrics.summaries_published_total.load(Relaxed),
+            10,
+            "the lane went back to its ack (0) and resent all five"
+        );
+        assert_eq!(up.metrics.drained_records_total.load(Relaxed), 5);
+    }
 }
