@@ -1,5 +1,7 @@
 //! The agent's stored checkpoint: a small header plus one row per series (rows come from
 //! [`crate::pipeline::Pipeline::take_changed`]; the outbox stores both in its database).
+//! This module owns both codecs (header, row framing), [`take`] (the pipeline task hands a
+//! checkpoint to the uplink) and [`restore`] (the pipeline at start-up).
 //!
 //! A checkpoint writes the header and only the rows of series that changed since the previous one,
 //! in one atomic batch flushed with the outbox records it covers: an idle agent writes nothing, a
@@ -11,7 +13,24 @@
 //! Header format ([`FORMAT`]): format byte, wall clock ms (i64), rate (f64), clean (u8),
 //! fingerprint (u64), series (u32), packet-id count (u32) and the packet ids (u16 each), all
 //! little-endian, then an XXH3-64 checksum of everything before it.
+//!
+//! Row format: the series' postcard encoding (the pipeline's), then an XXH3-64 checksum of it,
+//! little-endian ([`seal_row`], [`open_row`]).
 
+use crate::config::{AckMode, AgentConfig};
+use crate::error::{AgentError, SnapshotError};
+use crate::now_ms;
+use crate::outbox::Outbox;
+use crate::pipeline::Pipeline;
+use crate::telemetry::AgentMetrics;
+use crate::uplink::ToUplink;
+use crate::worker::Acker;
+use rumqttc::AsyncClient;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Version of the header layout (2 was a single-blob checkpoint; it is not read any more: the
@@ -119,6 +138,156 @@ pub(crate) fn complete_rows(series: u32, rows: &[(u32, Vec<u8>)]) -> Result<Vec<
     Ok(out)
 }
 
+/// A series row as stored: `body` (the pipeline's encoding of one series) and its checksum.
+pub(crate) fn seal_row(mut body: Vec<u8>) -> Vec<u8> {
+    let sum = xxh3_64(&body);
+    body.extend_from_slice(&sum.to_le_bytes());
+    body
+}
+
+/// The body of a stored row ([`seal_row`]), or why it is damaged.
+pub(crate) fn open_row(row: &[u8]) -> Result<&[u8], SnapshotError> {
+    let (body, sum) = row
+        .split_last_chunk::<8>()
+        .ok_or(SnapshotError::Truncated { len: row.len() })?;
+    let (found, expected) = (u64::from_le_bytes(*sum), xxh3_64(body));
+    if found != expected {
+        return Err(SnapshotError::Checksum { found, expected });
+    }
+    Ok(body)
+}
+
+/// Rate bookkeeping between checkpoints.
+#[derive(Default)]
+pub(crate) struct Clock {
+    last: Option<(Instant, u64)>,
+    rate: f64,
+    /// The next checkpoint is the clean shutdown's.
+    pub clean: bool,
+    /// The stored header is an idle one (no change, rate 0): the next idle checkpoint is skipped.
+    idle_written: bool,
+}
+
+/// Where a checkpoint goes and what it acknowledges: the pipeline task's side of [`take`].
+pub(crate) struct Sink<'a> {
+    /// The uplink's queue (outputs, then the checkpoint behind them).
+    pub out_tx: &'a mpsc::Sender<ToUplink>,
+    /// The source link's client (after_checkpoint acks).
+    pub src: &'a AsyncClient,
+    /// Acknowledges the covered readings once the checkpoint is durable.
+    pub acker: &'a mut Acker,
+}
+
+/// Hands the pipeline's pending outputs, then a snapshot of it, to the uplink (which stores the
+/// checkpoint behind those outputs and flushes both); in `after_checkpoint` mode the readings it
+/// covers (`unacked`) are then acknowledged. Returns false when the uplink is gone.
+pub(crate) async fn take(
+    agent: &str,
+    pipeline: &mut Pipeline,
+    metrics: &AgentMetrics,
+    unacked: &mut Vec<rumqttc::Publish>,
+    clock: &mut Clock,
+    sink: Sink<'_>,
+) -> bool {
+    let out = pipeline.take_outputs();
+    if !out.is_empty() && sink.out_tx.send(ToUplink::Outputs(out)).await.is_err() {
+        return false;
+    }
+    let changed = match pipeline.take_changed() {
+        Ok(c) => c,
+        Err(e) => {
+            metrics.checkpoint_errors_total.fetch_add(1, Relaxed);
+            tracing::error!(agent, error = %e, "pipeline snapshot failed; keeping the previous checkpoint");
+            return true;
+        }
+    };
+    let now = Instant::now();
+    let readings = metrics.readings_total.load(Relaxed);
+    if let Some((at, before)) = clock.last {
+        let secs = now.duration_since(at).as_secs_f64();
+        if secs > 0.0 {
+            clock.rate = readings.saturating_sub(before) as f64 / secs;
+        }
+    }
+    clock.last = Some((now, readings));
+    // Nothing changed, nothing to acknowledge, and the stored header already says so (rate 0):
+    // an idle agent writes nothing at all.
+    let idle = changed.rows.is_empty() && unacked.is_empty() && !clock.clean && clock.rate == 0.0;
+    if idle && clock.idle_written {
+        return true;
+    }
+    clock.idle_written = idle;
+    let header = Header {
+        wall_ms: now_ms(),
+        rate: clock.rate,
+        clean: clock.clean,
+        fingerprint: changed.fingerprint,
+        series: changed.series,
+        covered_pkids: unacked.iter().map(|p| p.pkid).collect(),
+    };
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    if sink
+        .out_tx
+        .send(ToUplink::Checkpoint {
+            header: header.encode(),
+            rows: changed.rows,
+            done: Some(done_tx),
+        })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    if !unacked.is_empty() {
+        sink.acker.push(sink.src, done_rx, std::mem::take(unacked));
+    }
+    true
+}
+
+/// The pipeline of the last checkpoint in the outbox database, or a fresh one (logged) when there
+/// is none or it cannot be used (the unusable checkpoint is then deleted, so the fresh state's
+/// rows start clean), with the packet ids the checkpoint covers. In `on_receipt` mode, after a
+/// crash, estimates the readings lost since that checkpoint from the rate before it (log and
+/// metric).
+pub(crate) fn restore(
+    cfg: &AgentConfig,
+    metrics: &Arc<AgentMetrics>,
+    outbox: &mut Outbox,
+) -> Result<(Pipeline, HashSet<u16>), AgentError> {
+    let restored = match outbox.checkpoint() {
+        Ok(None) => return Ok((Pipeline::new(cfg, metrics.clone())?, HashSet::new())),
+        Ok(Some((header, rows))) => Header::decode(&header).and_then(|h| {
+            let rows = complete_rows(h.series, &rows)?;
+            Pipeline::restore_rows(cfg, metrics.clone(), h.fingerprint, rows)
+                .map(|p| (h, p))
+                .map_err(|e| e.to_string())
+        }),
+        Err(e) => Err(format!("cannot read the checkpoint: {e}")),
+    };
+    match restored {
+        Ok((h, mut p)) => {
+            p.supersede_after_restore();
+            p.touch_all(now_ms());
+            let age_ms = now_ms().saturating_sub(h.wall_ms).max(0);
+            tracing::info!(agent = %cfg.id, series = p.series(), age_ms, clean = h.clean, "resumed from the last checkpoint");
+            if !h.clean && cfg.state.ack_mode == AckMode::OnReceipt {
+                let window = age_ms.min(cfg.state.checkpoint_interval_ms as i64) as f64 / 1000.0;
+                let lost = (h.rate * window).round() as u64;
+                metrics.restart_loss_estimate.store(lost, Relaxed);
+                tracing::warn!(agent = %cfg.id, estimated_lost_readings = lost, rate_per_sec = h.rate.round(), "the agent did not stop cleanly: readings received after the last checkpoint were lost (ack_mode on_receipt); use after_checkpoint to have the broker redeliver them");
+            }
+            Ok((p, h.covered_pkids.into_iter().collect()))
+        }
+        Err(why) => {
+            tracing::warn!(agent = %cfg.id, error = %why, "checkpoint not usable (configuration changed?); starting with empty state");
+            if let Err(e) = outbox.clear_checkpoint() {
+                tracing::warn!(agent = %cfg.id, error = %e, "could not delete the unusable checkpoint");
+            }
+            Ok((Pipeline::new(cfg, metrics.clone())?, HashSet::new()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +343,94 @@ mod tests {
         assert!(complete_rows(2, &gap)
             .unwrap_err()
             .contains("row 1 is missing"));
+    }
+
+    fn stored(cfg: &AgentConfig, devices: usize) -> (Outbox, Header) {
+        let metrics = Arc::new(AgentMetrics::default());
+        let mut p = Pipeline::new(cfg, metrics).unwrap();
+        let now = now_ms();
+        for d in 0..devices {
+            let payload = format!(r#"{{"ts":{now},"value":{d}.5}}"#);
+            p.handle(
+                format!("sensors/dev-{d}/temp").as_bytes(),
+                payload.as_bytes(),
+                now,
+            )
+            .unwrap();
+        }
+        let changed = p.take_changed().unwrap();
+        let h = Header {
+            wall_ms: now,
+            rate: 0.0,
+            clean: true,
+            fingerprint: changed.fingerprint,
+            series: changed.series,
+            covered_pkids: vec![4, 5],
+        };
+        let mut outbox = Outbox::open_temporary(crate::outbox::OutboxConfig {
+            max_outbox_bytes: u64::MAX,
+            normal_score_below: 0.5,
+        })
+        .unwrap();
+        outbox.put_checkpoint(&h.encode(), &changed.rows).unwrap();
+        (outbox, h)
+    }
+
+    #[test]
+    fn rows_round_trip_and_damage_is_a_clear_error() {
+        let row = seal_row(vec![1, 2, 3]);
+        assert_eq!(open_row(&row), Ok(&[1u8, 2, 3][..]));
+        let mut bad = row.clone();
+        bad[1] ^= 1;
+        let err = open_row(&bad).unwrap_err();
+        assert!(matches!(err, SnapshotError::Checksum { .. }), "{err}");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        assert_eq!(
+            open_row(&row[..5]),
+            Err(SnapshotError::Truncated { len: 5 })
+        );
+    }
+
+    #[test]
+    fn restore_returns_the_stored_pipeline_and_covered_packet_ids() {
+        let cfg = AgentConfig::with_id("gw-cp");
+        let (mut outbox, _) = stored(&cfg, 3);
+        let metrics = Arc::new(AgentMetrics::default());
+        let (p, covered) = restore(&cfg, &metrics, &mut outbox).unwrap();
+        assert_eq!(p.series(), 3);
+        assert_eq!(covered, HashSet::from([4, 5]));
+        assert!(outbox.checkpoint().unwrap().is_some(), "kept");
+    }
+
+    #[test]
+    fn a_corrupt_row_starts_fresh_and_deletes_the_checkpoint() {
+        let cfg = AgentConfig::with_id("gw-cp");
+        let (mut outbox, h) = stored(&cfg, 2);
+        let (_, rows) = outbox.checkpoint().unwrap().unwrap();
+        let mut row = rows[1].1.clone();
+        row[0] ^= 0xff;
+        outbox.put_checkpoint(&h.encode(), &[(1, row)]).unwrap();
+        let metrics = Arc::new(AgentMetrics::default());
+        let (p, covered) = restore(&cfg, &metrics, &mut outbox).unwrap();
+        assert_eq!(p.series(), 0, "fresh state");
+        assert!(covered.is_empty());
+        assert!(
+            outbox.checkpoint().unwrap().is_none(),
+            "unusable checkpoint deleted"
+        );
+    }
+
+    #[test]
+    fn no_checkpoint_is_a_fresh_pipeline() {
+        let cfg = AgentConfig::with_id("gw-cp");
+        let mut outbox = Outbox::open_temporary(crate::outbox::OutboxConfig {
+            max_outbox_bytes: u64::MAX,
+            normal_score_below: 0.5,
+        })
+        .unwrap();
+        let metrics = Arc::new(AgentMetrics::default());
+        let (p, covered) = restore(&cfg, &metrics, &mut outbox).unwrap();
+        assert_eq!(p.series(), 0);
+        assert!(covered.is_empty());
     }
 }

@@ -169,6 +169,15 @@ pub enum AgentError {
     /// A pipeline snapshot could not be restored; the caller starts with empty state.
     #[error("cannot restore pipeline snapshot: {0}")]
     Snapshot(#[from] SnapshotError),
+    /// One of the agent's tasks (source, worker, uplink, uplink link) panicked or ended
+    /// unexpectedly; the agent stopped the others in order. A bug: retrying may not help.
+    #[error("agent task {task} failed: {detail}")]
+    TaskFailed {
+        /// The task's name.
+        task: &'static str,
+        /// The panic message, or how it ended.
+        detail: String,
+    },
 }
 
 impl From<edgewatch_link::LinkError> for AgentError {

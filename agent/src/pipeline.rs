@@ -428,12 +428,10 @@ impl Pipeline {
             if !s.dirty {
                 continue;
             }
-            let mut row = postcard::to_stdvec(&*s).map_err(|e| SnapshotError::Encode {
+            let row = postcard::to_stdvec(&*s).map_err(|e| SnapshotError::Encode {
                 detail: e.to_string(),
             })?;
-            let sum = xxh3_64(&row);
-            row.extend_from_slice(&sum.to_le_bytes());
-            rows.push((i as u32, row));
+            rows.push((i as u32, crate::checkpoint::seal_row(row)));
             s.dirty = false;
         }
         Ok(ChangedSeries {
@@ -462,13 +460,7 @@ impl Pipeline {
         }
         let mut series = Vec::new();
         for (i, row) in rows.into_iter().enumerate() {
-            let (body, sum) = row
-                .split_last_chunk::<8>()
-                .ok_or(SnapshotError::Truncated { len: row.len() })?;
-            let (found, expected) = (u64::from_le_bytes(*sum), xxh3_64(body));
-            if found != expected {
-                return Err(SnapshotError::Checksum { found, expected }.into());
-            }
+            let body = crate::checkpoint::open_row(row)?;
             let s: Series = postcard::from_bytes(body).map_err(|e| SnapshotError::Invalid {
                 detail: format!("series row {i}: {e}"),
             })?;

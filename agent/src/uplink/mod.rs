@@ -15,19 +15,26 @@
 //! drained in seq order at `drain_records_per_sec` with at most `max_unacked_records` in flight,
 //! while newly appended records are still published at once (live) — the owner applies them out of
 //! order and acks the lane only when the prev chain is complete. Nothing is published while the link
-//! is down: the pipeline keeps detecting and the outbox keeps buffering.
+//! is down: the pipeline keeps detecting and the outbox keeps buffering. These decisions are
+//! [`sender::LaneSender`]'s, an I/O-free state machine given the time; this module is the shell that
+//! owns the outbox, passes `Instant`s in and publishes what comes out. `link.rs` is the link task.
 //!
 //! **Acks are checked before they delete.** Anyone who may publish on `{prefix}/acks/{agent}` could
 //! forge one, so an ack counts only for this outbox's lane epoch (every batch carries it) and only up
 //! to the highest seq the lane ever handed to the network; any other ack is refused, counted by reason
 //! (`edgewatch_agent_acks_refused_total`) and logged at most every 10 s.
 
+pub(crate) mod link;
+pub mod sender;
+
+pub use sender::{LanePlan, LaneSender, LaneState, SenderSettings, MAX_ACK_TIMEOUT};
+
 use crate::outbox::{Outbox, OutboxError, OutboxStats, Record};
 use crate::pipeline::Output;
 use crate::telemetry::{AckRefusal, AgentMetrics, LogLimit};
 use edgewatch_models::wire::{AckBatch, AnomalyEvent, Batch, Sequenced, Topics, WindowSummary};
 use rumqttc::{AsyncClient, QoS};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,29 +78,14 @@ pub(crate) struct UplinkSettings {
     pub shutdown_wait: Duration,
 }
 
-/// Longest ack timeout after repeated misses.
-const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Shutdown stops waiting for acks when none came for this long.
 const SHUTDOWN_STALL: Duration = Duration::from_secs(2);
-
-/// Send state of one lane on the current connection.
-#[derive(Debug)]
-struct LaneSend {
-    /// Every record with a seq up to this one was published on this connection (or is acked).
-    cursor: u64,
-    /// Records beyond the cursor already published out of order (live ones during a drain).
-    live: BTreeSet<u64>,
-    /// Last time the lane's ack moved (or the wait for it started).
-    last_progress: Instant,
-    /// Consecutive ack timeouts (the next timeout doubles with each).
-    misses: u32,
-}
 
 /// The uplink: owner of the outbox.
 pub(crate) struct Uplink {
     s: UplinkSettings,
     outbox: Outbox,
-    lanes: BTreeMap<u32, LaneSend>,
+    sender: LaneSender,
     connected: bool,
     /// Records appended since the last round, by lane (published at once when the lane is caught up).
     fresh: BTreeMap<u32, Vec<(u64, Record)>>,
@@ -104,8 +96,6 @@ pub(crate) struct Uplink {
     must_flush: bool,
     oldest_unflushed: Option<Instant>,
     urgent: bool,
-    tokens: f64,
-    refilled: Instant,
     last_ack: Instant,
     metrics: Arc<AgentMetrics>,
     /// Publishes handed to the client (QoS 1: each one will be acknowledged by the broker).
@@ -124,19 +114,26 @@ impl Uplink {
         sent: Arc<AtomicU64>,
     ) -> Self {
         let now = Instant::now();
+        let sender = LaneSender::new(
+            SenderSettings {
+                ack_timeout: s.ack_timeout,
+                max_unacked: s.max_unacked,
+                drain_rate: s.drain_rate,
+                jitter_seed: std::process::id(),
+            },
+            now,
+        );
         let up = Self {
             s,
             fresh_stats: outbox.stats(),
             outbox,
-            lanes: BTreeMap::new(),
+            sender,
             connected: false,
             fresh: BTreeMap::new(),
             unflushed: 0,
             must_flush: false,
             oldest_unflushed: None,
             urgent: false,
-            tokens: 0.0,
-            refilled: now,
             last_ack: now,
             metrics,
             sent,
@@ -238,17 +235,12 @@ impl Uplink {
             LinkNote::Up => {
                 self.connected = true;
                 self.metrics.uplink_connected.store(1, Relaxed);
-                let now = Instant::now();
                 // Go back to the acked seq of every lane: whatever was in flight may be lost.
-                for (&p, lane) in &mut self.lanes {
-                    let acked = self.outbox.acked_seq(p);
-                    if lane.cursor > acked || !lane.live.is_empty() {
-                        self.metrics.resends_total.fetch_add(1, Relaxed);
-                    }
-                    lane.cursor = acked;
-                    lane.live.clear();
-                    lane.last_progress = now;
-                }
+                let outbox = &self.outbox;
+                let resends = self
+                    .sender
+                    .on_link_up(Instant::now(), |p| outbox.acked_seq(p));
+                self.metrics.resends_total.fetch_add(resends, Relaxed);
             }
             LinkNote::Down => {
                 self.connected = false;
@@ -271,12 +263,8 @@ impl Uplink {
                     match self.outbox.ack(ack.partition, ack.upto_seq) {
                         Ok(_) if ack.upto_seq > before => {
                             self.last_ack = Instant::now();
-                            if let Some(lane) = self.lanes.get_mut(&ack.partition) {
-                                lane.cursor = lane.cursor.max(ack.upto_seq);
-                                lane.live = lane.live.split_off(&(ack.upto_seq + 1));
-                                lane.last_progress = Instant::now();
-                                lane.misses = 0;
-                            }
+                            self.sender
+                                .on_ack(self.last_ack, ack.partition, ack.upto_seq);
                         }
                         Ok(_) => {}
                         Err(e @ OutboxError::AckAhead { .. }) => {
@@ -309,52 +297,16 @@ impl Uplink {
         }
     }
 
-    fn timeout_for(&self, partition: u32, misses: u32) -> Duration {
-        let base = self.s.ack_timeout.saturating_mul(1 << misses.min(6));
-        let base = base.min(MAX_ACK_TIMEOUT);
-        // Up to +25 % jitter, different per lane and attempt, so agents do not resend in lockstep.
-        let h = xxhash_rust::xxh3::xxh3_64(
-            &[
-                partition.to_le_bytes(),
-                misses.to_le_bytes(),
-                std::process::id().to_le_bytes(),
-            ]
-            .concat(),
-        );
-        base + base.mul_f64((h % 1000) as f64 / 4000.0)
-    }
-
+    /// Go-back-N for every lane whose ack is overdue.
     fn check_timeouts(&mut self) {
-        let now = Instant::now();
-        let mut expired = Vec::new();
-        for (&p, lane) in &self.lanes {
-            let acked = self.outbox.acked_seq(p);
-            let outstanding =
-                self.outbox.len(p) > 0 && (lane.cursor > acked || !lane.live.is_empty());
-            if outstanding
-                && now.duration_since(lane.last_progress) >= self.timeout_for(p, lane.misses)
-            {
-                expired.push((p, acked));
-            }
+        let outbox = &self.outbox;
+        let expired = self
+            .sender
+            .expired(Instant::now(), |p| (outbox.acked_seq(p), outbox.len(p) > 0));
+        for (p, acked, misses) in expired {
+            tracing::debug!(agent = %self.s.agent, partition = p, from_seq = acked + 1, misses, "ack timeout; resending the lane from its last ack");
+            self.metrics.resends_total.fetch_add(1, Relaxed);
         }
-        for (p, acked) in expired {
-            if let Some(lane) = self.lanes.get_mut(&p) {
-                tracing::debug!(agent = %self.s.agent, partition = p, from_seq = acked + 1, misses = lane.misses + 1, "ack timeout; resending the lane from its last ack");
-                lane.cursor = acked;
-                lane.live.clear();
-                lane.last_progress = now;
-                lane.misses += 1;
-                self.metrics.resends_total.fetch_add(1, Relaxed);
-            }
-        }
-    }
-
-    fn refill(&mut self) {
-        let now = Instant::now();
-        let dt = now.duration_since(self.refilled).as_secs_f64();
-        self.refilled = now;
-        // At most one second of budget accumulates.
-        self.tokens = (self.tokens + dt * self.s.drain_rate).min(self.s.drain_rate.max(1.0));
     }
 
     /// Flushes what was appended and publishes what each lane may send now. Returns whether the
@@ -405,90 +357,41 @@ impl Uplink {
         fresh: BTreeMap<u32, Vec<(u64, Record)>>,
         fresh_valid: bool,
     ) -> BTreeMap<u32, Vec<(u64, u64, Record)>> {
-        self.refill();
         let now = Instant::now();
+        self.sender.refill(now);
         let mut plan: BTreeMap<u32, Vec<(u64, u64, Record)>> = BTreeMap::new();
         let mut fresh = if fresh_valid { fresh } else { BTreeMap::new() };
         for p in self.outbox.lanes() {
             if self.outbox.len(p) == 0 {
                 continue;
             }
-            let acked = self.outbox.acked_seq(p);
-            let lane = self.lanes.entry(p).or_insert_with(|| LaneSend {
-                cursor: acked,
-                live: BTreeSet::new(),
-                last_progress: now,
-                misses: 0,
-            });
-            let was_idle = lane.cursor <= acked && lane.live.is_empty();
-            lane.cursor = lane.cursor.max(acked);
-            let mut out = Vec::new();
-            // Live: records appended since the last round go out at once.
-            if let Some(recs) = fresh.remove(&p) {
-                let caught_up = recs
-                    .first()
-                    .is_some_and(|(first, _)| self.outbox.prev_of(p, *first) <= lane.cursor);
-                for (seq, rec) in recs {
-                    if caught_up {
-                        lane.cursor = seq;
-                    } else {
-                        lane.live.insert(seq);
-                    }
-                    out.push((seq, rec));
-                }
+            let state = LaneState {
+                acked: self.outbox.acked_seq(p),
+                next_seq: self.outbox.next_seq(p),
+            };
+            let outbox = &self.outbox;
+            let (lane, failed) = self.sender.plan_lane(
+                now,
+                p,
+                state,
+                fresh.remove(&p),
+                |seq| outbox.prev_of(p, seq),
+                |after, want| outbox.pending(p, after, want),
+            );
+            if lane.drained > 0 {
+                self.metrics
+                    .drained_records_total
+                    .fetch_add(lane.drained as u64, Relaxed);
             }
-            // Drain: the backlog in seq order, paced and windowed.
-            let in_flight = lane.cursor.saturating_sub(acked);
-            let room = self.s.max_unacked.saturating_sub(in_flight);
-            let budget = (self.tokens as u64).min(room) as usize;
-            let next_seq = self.outbox.next_seq(p);
-            if budget > 0 && lane.cursor + 1 < next_seq {
-                let want = budget + lane.live.len();
-                match self.outbox.pending(p, lane.cursor, want) {
-                    Ok(records) => {
-                        let exhausted = records.len() < want;
-                        let mut taken = 0usize;
-                        let mut last = lane.cursor;
-                        let mut stopped = false;
-                        for (seq, rec) in records {
-                            if taken >= budget {
-                                stopped = true;
-                                break;
-                            }
-                            last = seq;
-                            if lane.live.contains(&seq) {
-                                continue;
-                            }
-                            taken += 1;
-                            out.push((seq, rec));
-                        }
-                        if taken > 0 {
-                            self.metrics
-                                .drained_records_total
-                                .fetch_add(taken as u64, Relaxed);
-                        }
-                        self.tokens -= taken as f64;
-                        if exhausted && !stopped {
-                            // Nothing else is stored beyond: the rest of the lane's seqs are gone.
-                            last = last.max(next_seq - 1);
-                        }
-                        lane.cursor = last;
-                        lane.live = lane.live.split_off(&(last + 1));
-                    }
-                    Err(e) => {
-                        self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
-                        tracing::error!(agent = %self.s.agent, partition = p, error = %e, "outbox read failed; the lane waits for the next round");
-                    }
-                }
+            if let Some(e) = failed {
+                self.metrics.outbox_errors_total.fetch_add(1, Relaxed);
+                tracing::error!(agent = %self.s.agent, partition = p, error = %e, "outbox read failed; the lane waits for the next round");
             }
-            if out.is_empty() {
+            if lane.records.is_empty() {
                 continue;
             }
-            if was_idle {
-                lane.last_progress = now;
-            }
-            out.sort_by_key(|(seq, _)| *seq);
-            let with_prev = out
+            let with_prev = lane
+                .records
                 .into_iter()
                 .map(|(seq, rec)| (seq, self.outbox.prev_of(p, seq), rec))
                 .collect();
@@ -551,10 +454,7 @@ impl Uplink {
             rest = tail;
         }
         if !ok {
-            if let Some(lane) = self.lanes.get_mut(&p) {
-                lane.cursor = lane.cursor.min(lowest - 1).max(acked);
-                lane.live.retain(|&s| s < lowest);
-            }
+            self.sender.rewind(p, lowest, acked);
         }
     }
 
@@ -740,5 +640,42 @@ mod tests {
         assert_eq!(up.outbox.len(3), 1);
         assert_eq!(up.outbox.acked_seq(3), 4);
         assert_eq!(up.metrics.outbox_acked_total.load(Relaxed), 4);
+    }
+
+    /// The shell under tokio's paused clock: what the sender decides reaches the client.
+    #[tokio::test(start_paused = true)]
+    async fn an_unacknowledged_lane_is_resent_from_its_ack_after_the_timeout() {
+        let mut up = uplink();
+        // Never polled: the client only queues requests, which is all the uplink needs.
+        let (client, _eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 100);
+        up.on_note(LinkNote::Up);
+        let outputs = (0..5)
+            .map(|i| match summary(i * 10) {
+                Record::Summary(summary) => Output::Summary {
+                    partition: 3,
+                    summary,
+                },
+                Record::Anomaly(_) => unreachable!(),
+            })
+            .collect();
+        up.append(outputs);
+        assert!(up.round(&client).await);
+        let published = || up.metrics.summaries_published_total.load(Relaxed);
+        assert_eq!(published(), 5, "live records go out at once");
+        tokio::time::advance(Duration::from_millis(900)).await;
+        up.check_timeouts();
+        assert_eq!(up.metrics.resends_total.load(Relaxed), 0, "not yet due");
+        // The 1 s timeout plus at most 25 % jitter has passed.
+        tokio::time::advance(Duration::from_millis(400)).await;
+        up.check_timeouts();
+        assert_eq!(up.metrics.resends_total.load(Relaxed), 1);
+        assert!(up.round(&client).await);
+        assert_eq!(
+            up.metrics.summaries_published_total.load(Relaxed),
+            10,
+            "the lane went back to its ack (0) and resent all five"
+        );
+        assert_eq!(up.metrics.drained_records_total.load(Relaxed), 5);
     }
 }

@@ -1,0 +1,87 @@
+//! The uplink link task: polls the uplink broker, counts the broker's PubAcks (shutdown waits for
+//! them), resubscribes to the acks topic on every connect, and passes link state and decoded
+//! owner acks to the uplink thread as [`LinkNote`]s.
+
+use super::LinkNote;
+use crate::mqtt::{self, LinkEvent};
+use crate::telemetry::{AgentMetrics, LogLimit};
+use edgewatch_models::wire::AckBatch;
+use rumqttc::{AsyncClient, EventLoop, MqttOptions, QoS};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// What the uplink link task needs.
+pub(crate) struct UplinkLink {
+    pub agent: String,
+    pub eventloop: EventLoop,
+    /// The broker addresses, primary first (tried in turn on failure).
+    pub addresses: Vec<MqttOptions>,
+    pub client: AsyncClient,
+    /// `{prefix}/acks/{agent}`.
+    pub acks_topic: String,
+    /// To the uplink thread. Unbounded on purpose: the poll loop must never wait for the uplink
+    /// thread (which blocks on sled flushes), or the broker's PubAcks and the owners' acks would
+    /// stop being read; and an Up/Down note may not be dropped. Each note is one MQTT message
+    /// the poll loop already read, so it grows only as fast as the link delivers.
+    pub notes: mpsc::UnboundedSender<LinkNote>,
+    /// QoS 1 publishes handed to the client (by the uplink) and acknowledged by the broker (here).
+    pub sent: Arc<AtomicU64>,
+    pub acked: Arc<AtomicU64>,
+    pub metrics: Arc<AgentMetrics>,
+    pub cancel: CancellationToken,
+}
+
+impl UplinkLink {
+    /// Runs the poll loop until it is cancelled or the client disconnects.
+    pub(crate) async fn run(self) {
+        let UplinkLink {
+            agent,
+            eventloop,
+            addresses,
+            client,
+            acks_topic,
+            notes,
+            sent,
+            acked,
+            metrics,
+            cancel,
+        } = self;
+        // Anyone may publish on the acks topic: a flood of garbage is counted, not logged.
+        let mut bad_acks = LogLimit::every(Duration::from_secs(10));
+        mqtt::poll_loop(eventloop, addresses, "uplink", &metrics, cancel, |ev| {
+            match ev {
+                LinkEvent::PubAck => {
+                    acked.fetch_add(1, Relaxed);
+                }
+                LinkEvent::Connected => {
+                    // Publishes of the previous connection will never be acknowledged
+                    // (rumqttc drops them with a clean session); the outbox resends them.
+                    acked.store(sent.load(Relaxed), Relaxed);
+                    if let Err(e) = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce) {
+                        tracing::error!(topic = %acks_topic, error = %e, "subscribe request failed");
+                    }
+                    let _ = notes.send(LinkNote::Up);
+                }
+                LinkEvent::Disconnected => {
+                    let _ = notes.send(LinkNote::Down);
+                }
+                LinkEvent::Publish(p) => match serde_json::from_slice::<AckBatch>(&p.payload) {
+                    Ok(batch) => {
+                        let _ = notes.send(LinkNote::Acks(batch));
+                    }
+                    Err(e) => {
+                        metrics.bad_acks_total.fetch_add(1, Relaxed);
+                        if let Some(suppressed) = bad_acks.ready() {
+                            tracing::warn!(agent = %agent, topic = %p.topic, error = %e, suppressed, "malformed ack message ignored (logged at most every 10 s; all counted in edgewatch_agent_bad_acks_total)");
+                        }
+                    }
+                },
+            }
+            async {}
+        })
+        .await;
+    }
+}
