@@ -32,16 +32,22 @@ impl SubscriptionLog {
 
     /// Waits (up to `timeout`) until client `client_id` has subscribed to at least one filter.
     pub async fn wait_subscribed(&self, client_id: &str, timeout: Duration) {
+        self.wait_filters(client_id, 1, timeout).await;
+    }
+
+    /// Waits (up to `timeout`) until client `client_id` has subscribed to at least `filters`
+    /// filters (counted over the broker's whole run).
+    pub async fn wait_filters(&self, client_id: &str, filters: usize, timeout: Duration) {
         let needle = format!(": {client_id} ");
         let deadline = Instant::now() + timeout;
         loop {
             let log = std::fs::read_to_string(&self.path).unwrap_or_default();
-            if log.lines().any(|l| l.contains(&needle)) {
+            if log.lines().filter(|l| l.contains(&needle)).count() >= filters {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for {client_id} to subscribe; broker log:\n{log}"
+                "timed out waiting for {client_id} to subscribe to {filters} filter(s); broker log:\n{log}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -234,4 +240,73 @@ fn varint(buf: &[u8]) -> Option<(usize, usize)> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    /// A client through `tap` that subscribes to `filter` (if any) once connected; returns once
+    /// its ConnAck has arrived.
+    async fn client(tap: &SubAckTap, id: &str, filter: Option<&str>) -> AsyncClient {
+        let (client, mut el) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", tap.port()), 10);
+        if let Some(f) = filter {
+            client.subscribe(f, QoS::AtLeastOnce).await.unwrap();
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            while let Ok(ev) = el.poll().await {
+                if let (Event::Incoming(Packet::ConnAck(_)), Some(tx)) = (ev, tx.take()) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("ConnAck through the tap within 10 s")
+            .unwrap();
+        client
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_tap_names_clients_whose_subscription_was_acknowledged_and_only_those() {
+        let broker = crate::common::embedded_broker();
+        let tap = SubAckTap::start(broker.addr()).await;
+        let _idle = client(&tap, "tap-idle", None).await;
+        let _subscriber = client(&tap, "tap-subscriber", Some("tap/+/x")).await;
+        tap.wait_subscribed("tap-subscriber", Duration::from_secs(10))
+            .await;
+        assert_eq!(*tap.acked.lock().unwrap(), ["tap-subscriber"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[should_panic(expected = "timed out waiting for tap-never's subscription")]
+    async fn waiting_for_a_client_that_never_subscribes_fails_naming_it() {
+        let broker = crate::common::embedded_broker();
+        let tap = SubAckTap::start(broker.addr()).await;
+        let _idle = client(&tap, "tap-never", None).await;
+        tap.wait_subscribed("tap-never", Duration::from_millis(300))
+            .await;
+    }
+
+    #[test]
+    fn connect_packets_of_mqtt_3_and_5_name_their_client() {
+        // CONNECT, remaining length 16: "MQTT", level 4, clean session, keep-alive 60, id "abcd".
+        let v4 = [
+            0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 4, b'a', b'b', b'c', b'd',
+        ];
+        let (kind, body, len) = next_packet(&v4).unwrap();
+        assert_eq!((kind, len), (1, v4.len()));
+        assert_eq!(connect_client_id(body).as_deref(), Some("abcd"));
+        // MQTT 5: properties (length 1 here) come before the id; they are skipped whole.
+        let v5 = [
+            0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 1, 0x17, 0, 3, b'x', b'y', b'z',
+        ];
+        let (_, body, _) = next_packet(&v5).unwrap();
+        assert_eq!(connect_client_id(body).as_deref(), Some("xyz"));
+        // Incomplete: not a packet yet.
+        assert!(next_packet(&v4[..10]).is_none());
+    }
 }
