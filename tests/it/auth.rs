@@ -130,7 +130,8 @@ async fn feed_and_api_require_the_bearer_token_when_configured() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Connected: it waits for an event instead of failing.
+    // Connected: it waits for an event instead of failing. Deliberate: 1.5 s in which a refused
+    // tail would have exited (code 2, as above), to prove that it stays.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         tail.try_wait().unwrap().is_none(),
@@ -240,7 +241,8 @@ async fn the_bearer_scheme_is_case_insensitive_and_feed_tickets_are_single_use()
     let t = ticket();
     assert_eq!(http_get(addr, &format!("/api/status?ticket={t}")).0, 401);
 
-    // Expired: waited past its 300 ms lifetime (longer only makes it more expired).
+    // Expired. Deliberate: waits past its 300 ms lifetime for the expiry to happen (longer only
+    // makes it more expired).
     let t = ticket();
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (status, body) = http_get(addr, &format!("/feed?ticket={t}"));

@@ -2,6 +2,7 @@
 //! the agent keeps running, and the good readings around the bad ones all flow.
 
 use crate::common::*;
+use crate::wait::SubAckTap;
 use edgewatch_agent::config::Subscription;
 use edgewatch_agent::{Agent, AgentConfig};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -12,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_are_counted_and_good_readings_still_flow() {
     let broker = embedded_broker();
+    let tap = SubAckTap::start(broker.addr()).await;
     let mut cfg = AgentConfig::with_id("gw-bad");
     cfg.source.mqtt.host = broker.addr().ip().to_string();
-    cfg.source.mqtt.port = broker.addr().port();
+    cfg.source.mqtt.port = tap.port();
     cfg.source.qos = 1;
     // A wide filter so topics outside the pattern reach the agent and are counted as mismatches.
     cfg.source.subscriptions = vec![Subscription {
@@ -30,7 +32,8 @@ async fn bad_messages_are_counted_and_good_readings_still_flow() {
         let t = stop.clone();
         tokio::spawn(agent.run(async move { t.cancelled().await }))
     };
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tap.wait_subscribed("edgewatch-gw-bad-src", Duration::from_secs(10))
+        .await;
 
     let mut opts = MqttOptions::new(
         "bad-publisher",

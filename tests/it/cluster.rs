@@ -5,6 +5,7 @@
 
 use crate::common::*;
 use crate::nats::NatsCluster;
+use crate::wait::SubAckTap;
 use edgewatch_agent::{Agent, AgentConfig};
 use edgewatch_aggregator::cluster::ClusterConfig;
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
@@ -98,7 +99,9 @@ async fn members_split_the_partitions_and_hand_them_over_on_leave_and_join_exact
 
     let mut agent_cfg = AgentConfig::with_id("gw-cluster");
     agent_cfg.source.mqtt.host = broker.addr().ip().to_string();
-    agent_cfg.source.mqtt.port = broker.addr().port();
+    // Through the tap, so the test sees the agent's subscriptions land.
+    let tap = SubAckTap::start(broker.addr()).await;
+    agent_cfg.source.mqtt.port = tap.port();
     agent_cfg.uplink.prefix = prefix.into();
     agent_cfg.uplink.partitions = PARTITIONS;
     agent_cfg.uplink.ack_timeout_ms = 1_000;
@@ -109,7 +112,9 @@ async fn members_split_the_partitions_and_hand_them_over_on_leave_and_join_exact
         let t = stop_agent.clone();
         tokio::spawn(agent.run(async move { t.cancelled().await }))
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    for client in ["edgewatch-gw-cluster-src", "edgewatch-gw-cluster-up"] {
+        tap.wait_subscribed(client, Duration::from_secs(10)).await;
+    }
 
     let mut sim = SimulatorConfig::default();
     sim.mqtt.host = broker.addr().ip().to_string();

@@ -9,6 +9,7 @@ use crate::common::*;
 use crate::crash::{verify, wait_http, Proc};
 use crate::nats::NatsCluster;
 use crate::nats_mqtt::{simulate, wait_subscribed};
+use crate::wait::SubscriptionLog;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ struct Run {
     nats: NatsCluster,
     /// The gateways' local broker.
     sensors: Mosquitto,
+    /// The sensors broker's log of subscriptions.
+    subscriptions: SubscriptionLog,
     dir: tempfile::TempDir,
     timing: Timing,
     aggs: BTreeMap<String, Member>,
@@ -88,9 +91,14 @@ impl Run {
         let nats = NatsCluster::start();
         let dir = tempfile::tempdir().unwrap();
         let readings_log = dir.path().join("readings.csv");
+        let subscriptions = SubscriptionLog::new();
         Self {
             nats,
-            sensors: Mosquitto::start(),
+            sensors: Mosquitto::start_on(
+                free_port(),
+                &format!("persistence false\n{}", subscriptions.settings()),
+            ),
+            subscriptions,
             dir,
             timing,
             aggs: BTreeMap::new(),
@@ -289,14 +297,20 @@ impl Run {
         }
     }
 
-    /// Waits until both agents' uplinks subscribe to their acks on NATS (their sources, on the
-    /// local broker, are in place sooner), so the fleet may start.
+    /// Waits until both agents' uplinks subscribe to their acks on NATS and their sources to
+    /// their devices' filters (one per device) on the local broker, so the fleet may start.
     async fn wait_agents_subscribed(&self) {
         for id in ["gw-a", "gw-b"] {
             let acks = vec![format!("edgewatch.v1.acks.{id}")];
             wait_subscribed(&self.nats, &format!("edgewatch-{id}-up"), &acks).await;
+            self.subscriptions
+                .wait_filters(
+                    &format!("edgewatch-{id}-src"),
+                    DEVICES / 2,
+                    Duration::from_secs(30),
+                )
+                .await;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
     /// The simulator's config: `minutes` of simulated time for the fleet at 3,000 readings/s,

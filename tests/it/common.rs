@@ -52,11 +52,6 @@ pub fn require(program: &str) -> PathBuf {
 }
 
 impl Mosquitto {
-    /// Starts mosquitto on a free port with anonymous access.
-    pub fn start() -> Self {
-        Self::start_on(free_port(), "persistence false\n")
-    }
-
     /// Starts mosquitto on `port` with anonymous access, unlimited queues and in-flight windows,
     /// and `extra` config lines.
     pub fn start_on(port: u16, extra: &str) -> Self {

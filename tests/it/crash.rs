@@ -2,7 +2,7 @@
 //! nothing doubled. The killed part runs as the `edgewatch` binary; the rest runs in the test.
 
 use crate::common::*;
-use crate::wait::SubscriptionLog;
+use crate::wait::{SubAckTap, SubscriptionLog};
 use edgewatch_agent::{Agent, AgentConfig, AgentMetrics};
 use edgewatch_simulators::SimulatorConfig;
 use std::net::SocketAddr;
@@ -139,8 +139,10 @@ async fn an_aggregator_killed_mid_stream_resumes_from_its_store_exactly() {
     );
     wait_http(addr);
 
+    // Through the tap, so the test sees the agent's subscriptions land.
+    let tap = SubAckTap::start(broker.addr()).await;
     let mut cfg = AgentConfig::with_id("gw-k");
-    cfg.source.mqtt.port = port;
+    cfg.source.mqtt.port = tap.port();
     cfg.state.dir = Some(dir.path().join("agent-state"));
     cfg.uplink.ack_timeout_ms = 3_000;
     cfg.window.size_ms = 10_000;
@@ -154,7 +156,9 @@ async fn an_aggregator_killed_mid_stream_resumes_from_its_store_exactly() {
         let t = stop.clone();
         tokio::spawn(agent.run(async move { t.cancelled().await }))
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    for client in ["edgewatch-gw-k-src", "edgewatch-gw-k-up"] {
+        tap.wait_subscribed(client, Duration::from_secs(10)).await;
+    }
 
     let sim = tokio::spawn(edgewatch_simulators::run(
         fleet(port, 3, 5),

@@ -3,6 +3,7 @@
 //! (the feed's WebSocket gets a single-use ticket instead).
 
 use crate::common::*;
+use crate::wait::SubAckTap;
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
 use edgewatch_models::wire::{event_id, AnomalyEvent, Batch, Sequenced, Topics};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -14,8 +15,10 @@ async fn dashboard_shows_feed_events_in_a_real_browser() {
     let chromium = require("chromium");
     std::env::set_var("EDGEWATCH_IT_DASH_TOKEN", "dash-s3cret");
     let broker = embedded_broker();
+    // Through the tap, so the test sees the aggregator's subscriptions land.
+    let tap = SubAckTap::start(broker.addr()).await;
     let mut cfg = AggregatorConfig::with_id("agg-dash");
-    cfg.mqtt.port = broker.addr().port();
+    cfg.mqtt.port = tap.port();
     cfg.http.listen = "127.0.0.1:0".into();
     cfg.http.auth_token_env = Some("EDGEWATCH_IT_DASH_TOKEN".into());
     let agg = Aggregator::bind(cfg).await.unwrap();
@@ -25,7 +28,8 @@ async fn dashboard_shows_feed_events_in_a_real_browser() {
         let t = stop.clone();
         tokio::spawn(agg.run(async move { t.cancelled().await }))
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tap.wait_subscribed("edgewatch-agg-dash", Duration::from_secs(10))
+        .await;
 
     // One anomaly event, published the way an agent does.
     let (client, mut el) = AsyncClient::new(

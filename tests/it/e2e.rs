@@ -3,6 +3,7 @@
 //! exactly-once events, sharding, and that every reading's window reached exactly one owner.
 
 use crate::common::*;
+use crate::wait::SubAckTap;
 use edgewatch_agent::{Agent, AgentConfig};
 use edgewatch_aggregator::config::PartitionSpec;
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
@@ -18,12 +19,14 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
     edgewatch::logging::init("warn");
     let broker = embedded_broker();
     let (host, port) = (broker.addr().ip().to_string(), broker.addr().port());
+    // Agent and aggregators connect through the tap, so the test sees their subscriptions land.
+    let tap = SubAckTap::start(broker.addr()).await;
 
     let mut aggs = Vec::new();
     for (i, range) in ["0-31", "32-63"].iter().enumerate() {
         let mut cfg = AggregatorConfig::with_id(&format!("agg-{i}"));
         cfg.mqtt.host = host.clone();
-        cfg.mqtt.port = port;
+        cfg.mqtt.port = tap.port();
         cfg.owned = vec![PartitionSpec::Range(range.to_string())];
         cfg.http.listen = "127.0.0.1:0".into();
         aggs.push(Aggregator::bind(cfg).await.unwrap());
@@ -41,7 +44,7 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
 
     let mut agent_cfg = AgentConfig::with_id("gw-e2e");
     agent_cfg.source.mqtt.host = host.clone();
-    agent_cfg.source.mqtt.port = port;
+    agent_cfg.source.mqtt.port = tap.port();
     let agent = Agent::new(agent_cfg).unwrap();
     let agent_metrics = agent.metrics();
     let stop_agent = CancellationToken::new();
@@ -55,8 +58,15 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
         FeedClient::connect(&urls[0]).await,
         FeedClient::connect(&urls[1]).await,
     ];
-    // Let the agent's and aggregators' subscriptions land before the fleet publishes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The agent's and aggregators' subscriptions land before the fleet publishes.
+    for client in [
+        "edgewatch-agg-0",
+        "edgewatch-agg-1",
+        "edgewatch-gw-e2e-src",
+        "edgewatch-gw-e2e-up",
+    ] {
+        tap.wait_subscribed(client, Duration::from_secs(10)).await;
+    }
 
     let mut sim = SimulatorConfig::default();
     sim.mqtt.host = host.clone();

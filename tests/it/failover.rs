@@ -2,6 +2,7 @@
 //! alternate in the list, and the whole path works through it.
 
 use crate::common::*;
+use crate::wait::SubAckTap;
 use edgewatch_agent::{Agent, AgentConfig};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
 use edgewatch_models::detect::{DetectorConfig, ZScoreConfig};
@@ -13,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_primary_broker_is_skipped_for_the_next_address() {
     let broker = embedded_broker();
-    let live = broker.addr().to_string();
+    // The alternate is the broker through the tap, so the test sees the subscriptions land there.
+    let tap = SubAckTap::start(broker.addr()).await;
+    let live = format!("127.0.0.1:{}", tap.port());
     let dead = free_port(); // nothing listens there
 
     let mut agg_cfg = AggregatorConfig::with_id("agg-failover");
@@ -51,7 +54,13 @@ async fn a_dead_primary_broker_is_skipped_for_the_next_address() {
             && agg_metrics.connection_errors_total.load(Relaxed) >= 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    for client in [
+        "edgewatch-agg-failover",
+        "edgewatch-gw-failover-src",
+        "edgewatch-gw-failover-up",
+    ] {
+        tap.wait_subscribed(client, Duration::from_secs(10)).await;
+    }
 
     let (client, mut el) = AsyncClient::new(
         MqttOptions::new("failover-pub", "127.0.0.1", broker.addr().port()),

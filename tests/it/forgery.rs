@@ -4,6 +4,7 @@
 //! are refused and counted while the real lane keeps being acknowledged and the totals stay exact.
 
 use crate::common::*;
+use crate::wait::SubAckTap;
 use edgewatch_agent::telemetry::AckRefusal;
 use edgewatch_agent::{Agent, AgentConfig, AgentError, AgentMetrics};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
@@ -29,6 +30,8 @@ struct RunningAgent {
     metrics: Arc<AgentMetrics>,
     stop: CancellationToken,
     task: JoinHandle<Result<(), AgentError>>,
+    /// The agent's way to the broker, showing when its subscriptions land.
+    _tap: SubAckTap,
 }
 
 impl RunningAgent {
@@ -38,8 +41,9 @@ impl RunningAgent {
         dir: Option<PathBuf>,
         tune: impl FnOnce(&mut AgentConfig),
     ) -> Self {
+        let tap = SubAckTap::start(SocketAddr::from(([127, 0, 0, 1], port))).await;
         let mut cfg = AgentConfig::with_id(id);
-        cfg.source.mqtt.port = port;
+        cfg.source.mqtt.port = tap.port();
         cfg.state.dir = dir;
         // With a state dir, close and send every open window at the stop, as without one.
         cfg.state.flush_on_exit = true;
@@ -49,12 +53,16 @@ impl RunningAgent {
         let stop = CancellationToken::new();
         let t = stop.clone();
         let task = tokio::spawn(agent.run(async move { t.cancelled().await }));
-        // Let its subscriptions land before readings are published.
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Its subscriptions land before readings are published.
+        for role in ["src", "up"] {
+            tap.wait_subscribed(&format!("edgewatch-{id}-{role}"), Duration::from_secs(10))
+                .await;
+        }
         Self {
             metrics,
             stop,
             task,
+            _tap: tap,
         }
     }
 
@@ -70,12 +78,15 @@ struct RunningAggregator {
     addr: SocketAddr,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// The aggregator's way to the broker, showing when its subscriptions land.
+    _tap: SubAckTap,
 }
 
 impl RunningAggregator {
     async fn start(port: u16, dir: PathBuf) -> Self {
+        let tap = SubAckTap::start(SocketAddr::from(([127, 0, 0, 1], port))).await;
         let mut cfg = AggregatorConfig::with_id("agg-forgery");
-        cfg.mqtt.port = port;
+        cfg.mqtt.port = tap.port();
         cfg.http.listen = "127.0.0.1:0".into();
         cfg.state.dir = Some(dir);
         cfg.state.windows_per_series = 100_000;
@@ -85,8 +96,14 @@ impl RunningAggregator {
         let t = stop.clone();
         let task =
             tokio::spawn(async move { agg.run(async move { t.cancelled().await }).await.unwrap() });
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        Self { addr, stop, task }
+        tap.wait_subscribed("edgewatch-agg-forgery", Duration::from_secs(10))
+            .await;
+        Self {
+            addr,
+            stop,
+            task,
+            _tap: tap,
+        }
     }
 
     fn status(&self) -> serde_json::Value {

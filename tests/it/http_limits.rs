@@ -275,7 +275,8 @@ async fn idle_and_slow_connections_are_closed_by_the_header_timeout() {
             got.extend_from_slice(&buf[..n]);
         }
         assert!(got.starts_with(b"HTTP/1.1 200"), "round {round}: {got:?}");
-        // Longer than the header timeout, well inside the idle timeout.
+        // Deliberate: longer than the header timeout, well inside the idle timeout, to prove the
+        // kept-alive connection is not closed by the header timer.
         tokio::time::sleep(Duration::from_millis(1_000)).await;
     }
     wait_until(

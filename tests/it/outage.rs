@@ -3,7 +3,7 @@
 //! With a small disk budget, coarsening and eviction are counted and every anomaly event arrives.
 
 use crate::common::*;
-use crate::wait::SubscriptionLog;
+use crate::wait::{SubAckTap, SubscriptionLog};
 use edgewatch_agent::{Agent, AgentConfig, AgentMetrics};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
 use edgewatch_simulators::SimulatorConfig;
@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 struct Outage {
     broker: edgewatch::broker::EmbeddedBroker,
+    /// The agent's way to the source broker, showing when its subscription lands.
+    _tap: SubAckTap,
     uplink_port: u16,
     agent: Arc<AgentMetrics>,
     stop_agent: CancellationToken,
@@ -27,8 +29,9 @@ async fn agent_with_uplink_down(id: &str, tune: impl FnOnce(&mut AgentConfig)) -
     let broker = embedded_broker();
     let uplink_port = free_port();
     let state = tempfile::tempdir().unwrap();
+    let tap = SubAckTap::start(broker.addr()).await;
     let mut cfg = AgentConfig::with_id(id);
-    cfg.source.mqtt.port = broker.addr().port();
+    cfg.source.mqtt.port = tap.port();
     let mut up = cfg.source.mqtt.clone();
     up.port = uplink_port;
     cfg.uplink.mqtt = Some(up);
@@ -44,9 +47,12 @@ async fn agent_with_uplink_down(id: &str, tune: impl FnOnce(&mut AgentConfig)) -
         let t = stop_agent.clone();
         tokio::spawn(agent.run(async move { t.cancelled().await }))
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its source subscription lands before readings are published (the uplink stays down).
+    tap.wait_subscribed(&format!("edgewatch-{id}-src"), Duration::from_secs(10))
+        .await;
     Outage {
         broker,
+        _tap: tap,
         uplink_port,
         agent: metrics,
         stop_agent,

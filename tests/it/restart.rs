@@ -2,6 +2,7 @@
 //! a restart resumes from the store — replayed deliveries then change nothing.
 
 use crate::common::*;
+use crate::wait::SubAckTap;
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
 use edgewatch_models::wire::{AckBatch, Batch, Sequenced, Topics, WindowSummary};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -58,18 +59,18 @@ async fn start(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
     let broker = embedded_broker();
+    // Aggregator and test client connect through the tap, so the test sees their subscriptions land.
+    let tap = SubAckTap::start(broker.addr()).await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = AggregatorConfig::with_id("agg-durable");
-    cfg.mqtt.port = broker.addr().port();
+    cfg.mqtt.port = tap.port();
     cfg.http.listen = "127.0.0.1:0".into();
     cfg.state.dir = Some(dir.path().join("state"));
     let (addr, stop, task) = start(cfg.clone()).await;
 
     // An agent's view: publish summaries, collect acks.
-    let (client, mut el) = AsyncClient::new(
-        MqttOptions::new("gw-restart", "127.0.0.1", broker.addr().port()),
-        100,
-    );
+    let (client, mut el) =
+        AsyncClient::new(MqttOptions::new("gw-restart", "127.0.0.1", tap.port()), 100);
     let acked: Arc<Mutex<Vec<AckBatch>>> = Arc::default();
     let sink = acked.clone();
     tokio::spawn(async move {
@@ -86,7 +87,9 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
         .subscribe(topics.acks("gw-r"), QoS::AtLeastOnce)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for client in ["edgewatch-agg-durable", "gw-restart"] {
+        tap.wait_subscribed(client, Duration::from_secs(10)).await;
+    }
 
     let device = "boiler/7 süd";
     let partition = edgewatch_models::partition::partition_of(device, 64);

@@ -4,6 +4,7 @@
 //! with one extra line fails (exit 1) naming that series and window.
 
 use crate::common::*;
+use crate::wait::SubAckTap;
 use edgewatch::verify::{verify, VerifyArgs};
 use edgewatch_agent::{Agent, AgentConfig};
 use edgewatch_aggregator::config::PartitionSpec;
@@ -55,12 +56,14 @@ async fn verify_reconciles_a_real_run_exactly_and_catches_one_extra_reading() {
     let broker = embedded_broker();
     let (host, port) = (broker.addr().ip().to_string(), broker.addr().port());
     let dir = tempfile::tempdir().unwrap();
+    // Agent and aggregators connect through the tap, so the test sees their subscriptions land.
+    let tap = SubAckTap::start(broker.addr()).await;
 
     let mut aggs = Vec::new();
     for (i, range) in ["0-31", "32-63"].iter().enumerate() {
         let mut cfg = AggregatorConfig::with_id(&format!("agg-v{i}"));
         cfg.mqtt.host = host.clone();
-        cfg.mqtt.port = port;
+        cfg.mqtt.port = tap.port();
         cfg.owned = vec![PartitionSpec::Range(range.to_string())];
         cfg.http.listen = "127.0.0.1:0".into();
         cfg.http.auth_token_env = Some(TOKEN_VAR.into());
@@ -81,7 +84,7 @@ async fn verify_reconciles_a_real_run_exactly_and_catches_one_extra_reading() {
 
     let mut agent_cfg = AgentConfig::with_id("gw-verify");
     agent_cfg.source.mqtt.host = host.clone();
-    agent_cfg.source.mqtt.port = port;
+    agent_cfg.source.mqtt.port = tap.port();
     assert_eq!(
         agent_cfg.window.size_ms, 60_000,
         "the --window-ms passed below"
@@ -93,8 +96,15 @@ async fn verify_reconciles_a_real_run_exactly_and_catches_one_extra_reading() {
         let t = stop_agent.clone();
         tokio::spawn(agent.run(async move { t.cancelled().await }))
     };
-    // Let the subscriptions land before the fleet publishes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The subscriptions land before the fleet publishes.
+    for client in [
+        "edgewatch-agg-v0",
+        "edgewatch-agg-v1",
+        "edgewatch-gw-verify-src",
+        "edgewatch-gw-verify-up",
+    ] {
+        tap.wait_subscribed(client, Duration::from_secs(10)).await;
+    }
 
     let log = dir.path().join("readings.csv");
     let mut sim = SimulatorConfig::default();
