@@ -827,17 +827,14 @@ impl NatsNode {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 
-    /// The names of the JetStream streams, from the monitoring port (HTTP/1.0, so that the body
-    /// comes in one piece rather than in chunks).
+    /// The names of the JetStream streams, from the monitoring port.
     fn streams(&self) -> Vec<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.monitor)).unwrap();
-        s.set_read_timeout(Some(ANSWER_WITHIN)).unwrap();
-        write!(s, "GET /jsz?streams=true HTTP/1.0\r\n\r\n").unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let (_, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-        let jsz: serde_json::Value = serde_json::from_str(body).unwrap();
+        let addr = format!("127.0.0.1:{}", self.monitor);
+        let r = edgewatch_tools::http::Get::new(&addr, "/jsz?streams=true")
+            .timeout(ANSWER_WITHIN)
+            .send_blocking()
+            .unwrap_or_else(|e| panic!("GET http://{addr}/jsz: {e}"));
+        let jsz: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         jsz["account_details"]
             .as_array()
             .into_iter()

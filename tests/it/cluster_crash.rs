@@ -63,21 +63,14 @@ fn link(nats: &NatsCluster, primary: usize) -> String {
 /// GET `path` from `addr` as JSON; `None` on any failure (a member starting, stopping or busy:
 /// the callers poll).
 fn try_json(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") {
+    let addr = addr.to_string();
+    let r = edgewatch_tools::http::Get::new(&addr, path)
+        .send_blocking()
+        .ok()?;
+    if r.status != 200 {
         return None;
     }
-    serde_json::from_str(body).ok()
+    serde_json::from_slice(&r.body).ok()
 }
 
 fn write(dir: &Path, name: &str, yaml: &str) -> PathBuf {

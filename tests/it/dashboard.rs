@@ -125,15 +125,12 @@ async fn dashboard_shows_feed_events_in_a_real_browser() {
 
 /// GET with `Authorization: Bearer <token>`; (status, body).
 fn get_authorized(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("http response");
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
-    (status, body.to_string())
+    let addr = addr.to_string();
+    let r = edgewatch_tools::http::Get::new(&addr, path)
+        .bearer(Some(token))
+        .send_blocking()
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
+    (r.status, r.text())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

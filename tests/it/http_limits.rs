@@ -59,20 +59,12 @@ impl Running {
 
 /// GET over a fresh connection without blocking the runtime; (status, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect to HTTP");
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut raw))
+    let addr = addr.to_string();
+    let r = edgewatch_tools::http::Get::new(&addr, path)
+        .send()
         .await
-        .expect("an answer within 10 s")
-        .expect("a readable answer");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an http response");
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
-    (status, body.to_string())
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
+    (r.status, r.text())
 }
 
 /// The soft limit on open files: these tests hold thousands of sockets at once.

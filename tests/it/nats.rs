@@ -13,7 +13,6 @@ use async_nats::jetstream;
 use edgewatch_aggregator::cluster::{
     self, CheckpointError, ClusterConfig, KvCheckpoints, KvError, LeaseError, LeaseTiming, Leases,
 };
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -282,16 +281,14 @@ impl Drop for NatsCluster {
 }
 
 /// GET `path` from a monitoring endpoint; `None` when it cannot be reached or answers other than
-/// 200 (a node being killed or starting must not fail the caller). HTTP/1.0, so that Go's server
-/// answers a large body in one piece instead of chunks.
+/// 200 (a node being killed or starting must not fail the caller).
 fn monitor_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    (head.split(' ').nth(1) == Some("200")).then(|| body.to_string())
+    let addr = addr.to_string();
+    let r = edgewatch_tools::http::Get::new(&addr, path)
+        .timeout(Duration::from_secs(5))
+        .send_blocking()
+        .ok()?;
+    (r.status == 200).then(|| r.text())
 }
 
 /// The cluster shared by the tests running now; started by the first, stopped after the last.
