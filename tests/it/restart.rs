@@ -155,6 +155,10 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
     stop.cancel();
     task.await.unwrap();
     let (addr, stop, task) = start(cfg).await;
+    // The restarted aggregator must be subscribed again before the resend below, or the broker
+    // drops what nobody is subscribed to yet (seen under load: 15 duplicates of 20, no re-ack).
+    tap.wait_connections_subscribed("edgewatch-agg-durable", 2, Duration::from_secs(10))
+        .await;
     let after = get_json(addr, "/api/status");
     assert_eq!(
         after["readings"], 1200,

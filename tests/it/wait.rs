@@ -90,15 +90,28 @@ impl SubAckTap {
 
     /// Waits (up to `timeout`) until client `client_id` has had a subscription acknowledged.
     pub async fn wait_subscribed(&self, client_id: &str, timeout: Duration) {
+        self.wait_connections_subscribed(client_id, 1, timeout)
+            .await;
+    }
+
+    /// Waits (up to `timeout`) until `connections` connections of client `client_id` have each had
+    /// a subscription acknowledged (counted over the tap's whole run): a restarted or reconnected
+    /// client is subscribed again once the count passes what it was before.
+    pub async fn wait_connections_subscribed(
+        &self,
+        client_id: &str,
+        connections: usize,
+        timeout: Duration,
+    ) {
         let deadline = Instant::now() + timeout;
         loop {
             let acked = self.acked.lock().unwrap().clone();
-            if acked.iter().any(|c| c == client_id) {
+            if acked.iter().filter(|c| *c == client_id).count() >= connections {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for {client_id}'s subscription to be acknowledged through the tap; acknowledged so far: {acked:?}"
+                "timed out waiting for {connections} subscribed connection(s) of {client_id} through the tap; acknowledged so far: {acked:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
