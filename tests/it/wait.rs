@@ -111,7 +111,7 @@ impl SubAckTap {
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for {connections} subscribed connection(s) of {client_id} through the tap; acknowledged so far: {acked:?}"
+                "timed out waiting for {client_id}'s subscription to be acknowledged through the tap ({connections} connection(s)); acknowledged so far: {acked:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
