@@ -3,7 +3,7 @@
 //! reports every invalid value, not only the first.
 
 use edgewatch_link::MqttLink;
-use edgewatch_models::detect::DetectorConfig;
+use edgewatch_models::detect::{DetectorConfig, GateConfig};
 use edgewatch_models::wire::{is_valid_node_id, DEFAULT_PREFIX};
 use serde::{Deserialize, Serialize};
 
@@ -368,19 +368,37 @@ pub struct AnomalyConfig {
     /// After an event, the series re-arms only once its score falls below `threshold × rearm_ratio`.
     #[serde(default = "default_rearm_ratio")]
     pub rearm_ratio: f64,
+    /// ... and no sooner than this many of its readings after the event.
+    #[serde(default = "default_min_gap_readings")]
+    pub min_gap_readings: u32,
+}
+
+impl AnomalyConfig {
+    /// The re-arm rules as the models crate's [`GateConfig`].
+    pub fn gate(&self) -> GateConfig {
+        GateConfig {
+            rearm_ratio: self.rearm_ratio,
+            min_gap_readings: self.min_gap_readings,
+        }
+    }
 }
 
 impl Default for AnomalyConfig {
     fn default() -> Self {
+        let gate = GateConfig::default();
         Self {
             threshold: None,
-            rearm_ratio: default_rearm_ratio(),
+            rearm_ratio: gate.rearm_ratio,
+            min_gap_readings: gate.min_gap_readings,
         }
     }
 }
 
 fn default_rearm_ratio() -> f64 {
-    0.8
+    GateConfig::default().rearm_ratio
+}
+fn default_min_gap_readings() -> u32 {
+    GateConfig::default().min_gap_readings
 }
 
 /// What the MQTT poll loop does when the pipeline queue is full.

@@ -23,7 +23,7 @@
 //! configuration the state depends on (window size and lateness, detector, partitions — plus the
 //! binary layout of a fresh detector and window set, so a changed struct is refused rather than
 //! misread), the postcard-encoded body (every series in creation order: device, metric, partition,
-//! detector state, held windows with revisions and watermark, armed flag, newest event time and
+//! detector state, held windows with revisions and watermark, event gate, newest event time and
 //! last arrival), and a little-endian XXH3-64 checksum of everything before it. A row is one series,
 //! postcard-encoded, followed by its XXH3-64 checksum; the fingerprint then travels in the caller's
 //! header. Series are kept in creation order, so `tick` and `flush` emit in the same order before
@@ -33,7 +33,7 @@ use crate::config::AgentConfig;
 use crate::error::{AgentError, IngestError, SnapshotError};
 use crate::ingest::{Mapping, RawReading};
 use crate::telemetry::AgentMetrics;
-use edgewatch_models::detect::{AnyDetector, Detector};
+use edgewatch_models::detect::{AnyDetector, Detector, EventGate};
 use edgewatch_models::partition::partition_of;
 use edgewatch_models::window::{Admit, TumblingWindows, WindowAggregate};
 use edgewatch_models::wire::{event_id, AnomalyEvent, WindowSummary};
@@ -46,7 +46,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3, Xxh3DefaultBuilder};
 /// Version of the snapshot layout. Bump it when the header or the body's shape changes; the
 /// fingerprint also catches most changes to detector and window fields, but not all (a reorder of
 /// two fields of one type).
-pub const SNAPSHOT_VERSION: u8 = 3;
+pub const SNAPSHOT_VERSION: u8 = 4;
 /// Version byte + fingerprint before the body, checksum after it.
 const SNAPSHOT_OVERHEAD: usize = 1 + 8 + 8;
 
@@ -76,7 +76,8 @@ struct Series {
     partition: u32,
     detector: AnyDetector,
     windows: TumblingWindows,
-    armed: bool,
+    /// One event per episode (the score itself is a state).
+    gate: EventGate,
     /// Newest event time of the series' own readings (`i64::MIN` before the first).
     max_ts_ms: i64,
     /// The agent's clock when the latest reading arrived: how long the series has been quiet.
@@ -106,8 +107,8 @@ struct Params {
     agent: Arc<str>,
     prototype: AnyDetector,
     detector_name: &'static str,
-    threshold: f64,
-    rearm_below: f64,
+    /// A fresh event gate (threshold and re-arm rules; cloned per series).
+    gate: EventGate,
     /// A fresh window set for a new series (validated once, cloned per series).
     windows: TumblingWindows,
     idle_timeout_ms: i64,
@@ -185,7 +186,8 @@ impl Pipeline {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let threshold = cfg.threshold();
+        let gate = EventGate::new(cfg.threshold(), &cfg.anomaly.gate())
+            .map_err(|e| AgentError::Config(vec![format!("anomaly.{e}")]))?;
         let windows = TumblingWindows::new(cfg.window.size_ms, cfg.window.allowed_lateness_ms)
             .map_err(|e| AgentError::Config(vec![format!("window.{e}")]))?;
         let fingerprint = fingerprint(cfg, &prototype, &windows)
@@ -195,8 +197,7 @@ impl Pipeline {
                 agent: cfg.id.as_str().into(),
                 detector_name: prototype.name(),
                 prototype,
-                threshold,
-                rearm_below: threshold * cfg.anomaly.rearm_ratio,
+                gate,
                 windows,
                 idle_timeout_ms: cfg.window.idle_timeout_ms,
                 max_future_ms: cfg.window.max_future_ms,
@@ -471,11 +472,13 @@ impl Pipeline {
     }
 
     /// Takes restored series in, checking what the fingerprint cannot vouch for.
-    fn install(&mut self, series: Vec<Series>) -> Result<(), AgentError> {
+    fn install(&mut self, mut series: Vec<Series>) -> Result<(), AgentError> {
         let table = &mut self.table;
         table.index.reserve(series.len());
-        for (i, s) in series.iter().enumerate() {
+        for (i, s) in series.iter_mut().enumerate() {
             check_restored(&self.params, s)?;
+            // Episode state carries over; threshold and re-arm rules are this configuration's.
+            s.gate = s.gate.retuned(&self.params.gate);
             let mut key = String::with_capacity(s.device.len() + 1 + s.metric.len());
             key.push_str(&s.device);
             key.push('\u{0}');
@@ -622,7 +625,7 @@ impl Table {
                     partition: partition_of(r.device, p.partitions),
                     detector: p.prototype.clone(),
                     windows,
-                    armed: true,
+                    gate: p.gate.clone(),
                     max_ts_ms: i64::MIN,
                     last_arrival_ms: arrival_ms,
                     dirty: true,
@@ -670,8 +673,7 @@ impl Table {
                 series.windows.window_start(r.ts_ms)
             }
         };
-        if series.armed && score >= p.threshold {
-            series.armed = false;
+        if series.gate.update(score) {
             metrics.anomalies_total.fetch_add(1, Relaxed);
             outputs.push(Output::Anomaly {
                 partition,
@@ -687,8 +689,6 @@ impl Table {
                     agent: p.agent.to_string(),
                 },
             });
-        } else if !series.armed && score < p.rearm_below {
-            series.armed = true;
         }
         Ok(())
     }

@@ -17,9 +17,10 @@
 //! - **stuck path** (`stuck.rs`, on by default): an improbably long run of identical readings
 //!   mid-range, which no value-based path sees.
 //!
-//! After an output at or above `threshold` the next `suppress_readings` outputs are multiplied by
-//! `suppress_factor`, so one event raises one alarm. CUSUM and Half-Space Trees are only built when
-//! their weight is above 0, so an unused component costs neither time nor state.
+//! The output is a state: it stays high for as long as the series looks abnormal, and one event per
+//! episode is the business of [`EventGate`](super::EventGate), not of the score. CUSUM and Half-Space
+//! Trees are only built when their weight is above 0, so an unused component costs neither time nor
+//! state.
 //!
 //! The defaults were chosen on NAB with one parameter set for every file, checked against the fleet
 //! simulator's anomaly mix (tests below). On NAB, slow variance estimates beat fast ones, the
@@ -83,15 +84,9 @@ pub struct EnsembleConfig {
     /// yet "a spiky series".
     #[serde(default = "default_spike_min_episodes")]
     pub spike_min_episodes: f64,
-    /// Output at which an alarm is raised and suppression starts, in (0, 1].
+    /// Output at which an event should be raised (the recommended threshold), in (0, 1].
     #[serde(default = "default_threshold")]
     pub threshold: f64,
-    /// Readings after an alarm during which outputs are damped.
-    #[serde(default = "default_suppress_readings")]
-    pub suppress_readings: u32,
-    /// Factor applied to outputs during suppression, in [0, 1].
-    #[serde(default = "default_suppress_factor")]
-    pub suppress_factor: f64,
 }
 
 fn default_ewma() -> EwmaConfig {
@@ -138,12 +133,6 @@ fn default_spike_min_episodes() -> f64 {
 fn default_threshold() -> f64 {
     0.5
 }
-fn default_suppress_readings() -> u32 {
-    100
-}
-fn default_suppress_factor() -> f64 {
-    0.0
-}
 
 impl Default for EnsembleConfig {
     fn default() -> Self {
@@ -161,8 +150,6 @@ impl Default for EnsembleConfig {
             spike_peak_free: default_spike_peak_free(),
             spike_min_episodes: default_spike_min_episodes(),
             threshold: default_threshold(),
-            suppress_readings: default_suppress_readings(),
-            suppress_factor: default_suppress_factor(),
         }
     }
 }
@@ -231,10 +218,6 @@ pub struct Ensemble {
     stage: LikelihoodStage,
     weights: [f64; 5],
     spike: Peak,
-    threshold: f64,
-    suppress_readings: u32,
-    suppress_factor: f64,
-    suppress_left: u32,
 }
 
 impl Ensemble {
@@ -268,12 +251,6 @@ impl Ensemble {
                 format!("must be in (0, 1], got {}", cfg.threshold),
             ));
         }
-        if !(0.0..=1.0).contains(&cfg.suppress_factor) {
-            return Err(ModelError::invalid(
-                "suppress_factor",
-                format!("must be in [0, 1], got {}", cfg.suppress_factor),
-            ));
-        }
         // Validate every component, even those not built, so a typo is never silently ignored.
         let cusum = Cusum::new(cfg.cusum)?;
         let hst = Hst::new(cfg.hst)?;
@@ -292,10 +269,6 @@ impl Ensemble {
                 cfg.spike_peak_free,
                 cfg.spike_min_episodes,
             ),
-            threshold: cfg.threshold,
-            suppress_readings: cfg.suppress_readings,
-            suppress_factor: cfg.suppress_factor,
-            suppress_left: 0,
         })
     }
 
@@ -339,14 +312,7 @@ impl Detector for Ensemble {
         };
         let l_stuck = self.stuck.as_mut().map_or(0.0, |d| d.surprise(value));
         let l = l_likely.max(self.spike.discount(l_spike)).max(l_stuck);
-        let mut out = surprise_score(l);
-        if self.suppress_left > 0 {
-            self.suppress_left -= 1;
-            out *= self.suppress_factor;
-        } else if out >= self.threshold {
-            self.suppress_left = self.suppress_readings;
-        }
-        out
+        surprise_score(l)
     }
 
     fn name(&self) -> &'static str {
@@ -357,7 +323,7 @@ impl Detector for Ensemble {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::DetectorConfig;
+    use crate::detect::{DetectorConfig, EventGate, GateConfig};
 
     /// Seeded standard normal samples (xorshift64* + Box-Muller), so the tests are reproducible.
     pub(crate) struct Gauss(u64);
@@ -389,6 +355,7 @@ mod tests {
         let cfg = EnsembleConfig::default();
         let thr = DetectorConfig::Ensemble(cfg.clone()).recommended_threshold();
         let mut d = Ensemble::new(cfg).unwrap();
+        let mut gate = EventGate::new(thr, &GateConfig::default()).unwrap();
         let mut g = Gauss(42);
         let (mut alarms, mut spikes, mut caught) = (0, 0, 0);
         for i in 0..n {
@@ -399,10 +366,11 @@ mod tests {
                 v += sign * sigmas(spikes);
             }
             let s = d.update(ts, v);
+            let event = gate.update(s);
             if spike {
                 spikes += 1;
                 caught += usize::from(s >= thr);
-            } else if i > 1_000 && s >= thr {
+            } else if i > 1_000 && event {
                 alarms += 1;
             }
         }
@@ -459,6 +427,7 @@ mod tests {
     fn simulated_fleet_series(cfg: EnsembleConfig, hours: i64, seed: u64) -> Sim {
         let thr = DetectorConfig::Ensemble(cfg.clone()).recommended_threshold();
         let mut d = Ensemble::new(cfg).unwrap();
+        let mut gate = EventGate::new(thr, &GateConfig::default()).unwrap();
         let mut g = Gauss(seed);
         let mut uniform = move || g.next().abs().fract();
         let mut g = Gauss(!seed);
@@ -500,7 +469,9 @@ mod tests {
             if v.is_nan() {
                 continue; // dropout: no reading at all
             }
-            let alarm = d.update(i * 1000, v) >= thr;
+            let score = d.update(i * 1000, v);
+            let event = gate.update(score);
+            let alarm = score >= thr;
             match &mut current {
                 Some((kind, start, end, _, alarmed)) => {
                     let kind = (*kind).min(5);
@@ -516,7 +487,7 @@ mod tests {
                         next = i + 600 + (uniform() * 6600.0) as i64;
                     }
                 }
-                None => sim.false_alarms += usize::from(i > 1800 && alarm),
+                None => sim.false_alarms += usize::from(i > 1800 && event),
             }
         }
         sim

@@ -20,7 +20,7 @@ pub use score::{
 };
 
 use super::EvalError;
-use crate::detect::{Detector, DetectorConfig};
+use crate::detect::{Detector, DetectorConfig, EventGate, GateConfig};
 use serde::Serialize;
 
 /// An application profile: the weights of a true positive, a false positive and a false negative.
@@ -59,14 +59,17 @@ pub const PROFILES: [Profile; 3] = [
 ];
 
 /// Streams a series through a fresh detector built from `config`, one reading at a time in file
-/// order (no look-ahead), and returns the score of every row.
+/// order (no look-ahead), and returns the *alarm view* of every row's score: the score through an
+/// [`EventGate`] at the detector's recommended threshold with the agent's default re-arm rules, so
+/// that, as in the agent, an episode counts as one detection and not as one per abnormal row.
 pub fn replay(config: &DetectorConfig, series: &Series) -> Result<Vec<f64>, EvalError> {
     let mut detector = config.build()?;
+    let mut gate = EventGate::new(config.recommended_threshold(), &GateConfig::default())?;
     Ok(series
         .timestamps_ms
         .iter()
         .zip(&series.values)
-        .map(|(&ts, &v)| detector.update(ts, v))
+        .map(|(&ts, &v)| gate.alarm_score(detector.update(ts, v)))
         .collect())
 }
 
