@@ -3,7 +3,7 @@
 //! reports every invalid value, not only the first.
 
 use edgewatch_link::MqttLink;
-use edgewatch_models::detect::{DetectorConfig, GateConfig};
+use edgewatch_models::detect::{DetectorConfig, GateConfig, SilenceConfig};
 use edgewatch_models::wire::{is_valid_node_id, DEFAULT_PREFIX};
 use serde::{Deserialize, Serialize};
 
@@ -371,6 +371,10 @@ pub struct AnomalyConfig {
     /// ... and no sooner than this many of its readings after the event.
     #[serde(default = "default_min_gap_readings")]
     pub min_gap_readings: u32,
+    /// Series whose readings stop (on the agent's clock) raise a `silence` event, and a recovery
+    /// event when they come back.
+    #[serde(default)]
+    pub silence: SilenceConfig,
 }
 
 impl AnomalyConfig {
@@ -390,6 +394,7 @@ impl Default for AnomalyConfig {
             threshold: None,
             rearm_ratio: gate.rearm_ratio,
             min_gap_readings: gate.min_gap_readings,
+            silence: SilenceConfig::default(),
         }
     }
 }
@@ -626,6 +631,9 @@ impl AgentConfig {
         let r = self.anomaly.rearm_ratio;
         if !(r > 0.0 && r <= 1.0) {
             out.push(format!("anomaly.rearm_ratio: must be in (0, 1], got {r}"));
+        }
+        if let Err(e) = self.anomaly.silence.validate() {
+            out.push(format!("anomaly.silence.{e}"));
         }
         if self.pipeline.queue_capacity == 0 {
             out.push("pipeline.queue_capacity: must be > 0, got 0".into());

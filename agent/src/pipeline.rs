@@ -33,10 +33,12 @@ use crate::config::AgentConfig;
 use crate::error::{AgentError, IngestError, SnapshotError};
 use crate::ingest::{Mapping, RawReading};
 use crate::telemetry::AgentMetrics;
-use edgewatch_models::detect::{AnyDetector, Detector, EventGate};
+use edgewatch_models::detect::{
+    AnyDetector, Detector, EventGate, Silence, SilenceChange, SilenceConfig,
+};
 use edgewatch_models::partition::partition_of;
 use edgewatch_models::window::{Admit, TumblingWindows, WindowAggregate};
-use edgewatch_models::wire::{event_id, AnomalyEvent, WindowSummary};
+use edgewatch_models::wire::{event_id, AnomalyEvent, EventKind, WindowSummary};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -78,6 +80,8 @@ struct Series {
     windows: TumblingWindows,
     /// One event per episode (the score itself is a state).
     gate: EventGate,
+    /// Arrival-time state: a series whose readings stop raises a `silence` event.
+    silence: Silence,
     /// Newest event time of the series' own readings (`i64::MIN` before the first).
     max_ts_ms: i64,
     /// The agent's clock when the latest reading arrived: how long the series has been quiet.
@@ -109,6 +113,8 @@ struct Params {
     detector_name: &'static str,
     /// A fresh event gate (threshold and re-arm rules; cloned per series).
     gate: EventGate,
+    /// When a quiet series counts as silent.
+    silence: SilenceConfig,
     /// A fresh window set for a new series (validated once, cloned per series).
     windows: TumblingWindows,
     idle_timeout_ms: i64,
@@ -198,6 +204,7 @@ impl Pipeline {
                 detector_name: prototype.name(),
                 prototype,
                 gate,
+                silence: cfg.anomaly.silence,
                 windows,
                 idle_timeout_ms: cfg.window.idle_timeout_ms,
                 max_future_ms: cfg.window.max_future_ms,
@@ -311,7 +318,23 @@ impl Pipeline {
     pub fn tick(&mut self, now_ms: i64) {
         let idle_timeout = self.params.idle_timeout_ms;
         let (outputs, metrics) = (&mut self.outputs, &*self.metrics);
+        let p = &self.params;
         for s in &mut self.table.series {
+            if let Some(change) = s.silence.check(s.last_arrival_ms, now_ms, &p.silence) {
+                s.dirty = true;
+                metrics.anomalies_total.fetch_add(1, Relaxed);
+                metrics.silences_total.fetch_add(1, Relaxed);
+                let ts_ms = match change {
+                    SilenceChange::Silent { silent_ms, .. } => {
+                        s.max_ts_ms.saturating_add(silent_ms)
+                    }
+                    SilenceChange::Recovered { .. } => s.max_ts_ms,
+                };
+                outputs.push(Output::Anomaly {
+                    partition: s.partition,
+                    event: silence_event(p, s, change, ts_ms, EventKind::Onset),
+                });
+            }
             let Some(deadline) = s.windows.next_deadline_ms() else {
                 continue;
             };
@@ -335,8 +358,9 @@ impl Pipeline {
     /// is not the series' silence, and readings the broker kept for it are about to arrive).
     pub fn touch_all(&mut self, now_ms: i64) {
         for s in &mut self.table.series {
-            if s.last_arrival_ms != now_ms {
+            if s.last_arrival_ms != now_ms || s.silence.is_silent() {
                 s.last_arrival_ms = now_ms;
+                s.silence.reset_silence();
                 s.dirty = true;
             }
         }
@@ -626,6 +650,7 @@ impl Table {
                     detector: p.prototype.clone(),
                     windows,
                     gate: p.gate.clone(),
+                    silence: Silence::default(),
                     max_ts_ms: i64::MIN,
                     last_arrival_ms: arrival_ms,
                     dirty: true,
@@ -638,6 +663,10 @@ impl Table {
                 &mut self.series[last]
             }
         };
+        let previous_arrival = (series.max_ts_ms != i64::MIN).then_some(series.last_arrival_ms);
+        let recovered = series
+            .silence
+            .arrive(previous_arrival, arrival_ms, &p.silence);
         series.max_ts_ms = series.max_ts_ms.max(r.ts_ms);
         series.last_arrival_ms = arrival_ms;
         series.dirty = true;
@@ -673,11 +702,19 @@ impl Table {
                 series.windows.window_start(r.ts_ms)
             }
         };
+        if let Some(change) = recovered {
+            outputs.push(Output::Anomaly {
+                partition,
+                event: silence_event(p, series, change, r.ts_ms, EventKind::Recovery),
+            });
+        }
         if series.gate.update(score) {
             metrics.anomalies_total.fetch_add(1, Relaxed);
             outputs.push(Output::Anomaly {
                 partition,
                 event: AnomalyEvent {
+                    kind: EventKind::Onset,
+                    model_version: None,
                     id: event_id(device, metric, r.ts_ms, p.detector_name),
                     device: device.to_string(),
                     metric: metric.to_string(),
@@ -693,6 +730,43 @@ impl Table {
         Ok(())
     }
 }
+
+/// A `silence` event of series `s`: its onset (from the agent's clock, `ts_ms` estimated in the
+/// series' event time) or its recovery (at the reading that ended it). `value` is the silence so
+/// far in seconds.
+fn silence_event(
+    p: &Params,
+    s: &Series,
+    change: SilenceChange,
+    ts_ms: i64,
+    kind: EventKind,
+) -> AnomalyEvent {
+    let silent_ms = match change {
+        SilenceChange::Silent { silent_ms, .. } | SilenceChange::Recovered { silent_ms, .. } => {
+            silent_ms
+        }
+    };
+    let tag = match kind {
+        EventKind::Onset => SILENCE,
+        EventKind::Recovery => "silence-recovery",
+    };
+    AnomalyEvent {
+        id: event_id(&s.device, &s.metric, ts_ms, tag),
+        device: s.device.to_string(),
+        metric: s.metric.to_string(),
+        ts_ms,
+        value: silent_ms as f64 / 1000.0,
+        score: change.score(p.silence.factor),
+        detector: SILENCE.to_string(),
+        window_start_ms: s.windows.window_start(ts_ms),
+        agent: p.agent.to_string(),
+        kind,
+        model_version: None,
+    }
+}
+
+/// Detector name of silence events.
+const SILENCE: &str = "silence";
 
 fn emit_window(
     outputs: &mut Vec<Output>,
@@ -714,7 +788,7 @@ mod tests {
     use super::*;
     use edgewatch_models::detect::{DetectorConfig, ZScoreConfig};
 
-    fn pipeline() -> (Pipeline, Arc<AgentMetrics>) {
+    fn p_config() -> AgentConfig {
         let mut cfg = AgentConfig::with_id("gw-test");
         cfg.window.size_ms = 10_000;
         cfg.window.allowed_lateness_ms = 0;
@@ -724,8 +798,15 @@ mod tests {
             z_max: 8.0,
         });
         cfg.anomaly.threshold = Some(0.75);
+        cfg
+    }
+
+    fn pipeline() -> (Pipeline, Arc<AgentMetrics>) {
         let metrics = Arc::new(AgentMetrics::default());
-        (Pipeline::new(&cfg, metrics.clone()).unwrap(), metrics)
+        (
+            Pipeline::new(&p_config(), metrics.clone()).unwrap(),
+            metrics,
+        )
     }
 
     fn feed(p: &mut Pipeline, device: &str, ts: i64, value: f64) {
@@ -910,6 +991,90 @@ mod tests {
             payload.as_bytes(),
             arrival,
         )
+    }
+
+    fn events(out: &[Output]) -> Vec<&AnomalyEvent> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Anomaly { event, .. } => Some(event),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_series_that_stops_raises_one_silence_event_and_one_recovery() {
+        let (mut p, m) = pipeline();
+        let t0 = 1_767_225_600_000;
+        for i in 0..30 {
+            feed_at(&mut p, "quiet", t0 + i * 1000, 1.0, t0 + i * 1000).unwrap();
+            feed_at(&mut p, "busy", t0 + i * 1000, 1.0, t0 + i * 1000).unwrap();
+        }
+        p.take_outputs();
+        let last = t0 + 29_000;
+        // "busy" keeps reporting; "quiet" stops. Ticks every 500 ms on the agent's clock.
+        let mut silences = Vec::new();
+        for k in 1..=40 {
+            let now = last + k * 500;
+            if k % 2 == 0 {
+                feed_at(&mut p, "busy", now, 1.0, now).unwrap();
+            }
+            p.tick(now);
+            for e in events(&p.take_outputs()) {
+                silences.push((now, e.clone()));
+            }
+        }
+        assert_eq!(silences.len(), 1, "{silences:?}");
+        let (at, e) = &silences[0];
+        assert_eq!(*at, last + 4000, "silent after 4 usual intervals");
+        assert_eq!(
+            (e.device.as_str(), e.detector.as_str()),
+            ("quiet", "silence")
+        );
+        assert_eq!(e.kind, EventKind::Onset);
+        assert_eq!(
+            e.ts_ms,
+            last + 4000,
+            "the series' event time, moved on by the silence"
+        );
+        assert_eq!(e.value, 4.0);
+        assert!((e.score - 0.5).abs() < 1e-9);
+        assert_eq!(m.silences_total.load(Relaxed), 1);
+        // It comes back: one recovery, at the reading that ended the silence.
+        feed_at(&mut p, "quiet", last + 60_000, 1.0, last + 60_000).unwrap();
+        let out = p.take_outputs();
+        let back = events(&out);
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].kind, EventKind::Recovery);
+        assert_eq!(back[0].ts_ms, last + 60_000);
+        assert_eq!(back[0].value, 60.0);
+        assert_ne!(back[0].id, e.id);
+        let json = serde_json::to_value(back[0]).unwrap();
+        assert_eq!(json["kind"], "recovery");
+        assert!(serde_json::to_value(e).unwrap().get("kind").is_none());
+    }
+
+    #[test]
+    fn the_agents_own_downtime_is_not_a_silence() {
+        let (mut p, _) = pipeline();
+        let t0 = 1_767_225_600_000;
+        for i in 0..30 {
+            feed_at(&mut p, "d", t0 + i * 1000, 1.0, t0 + i * 1000).unwrap();
+        }
+        let snapshot = p.snapshot().unwrap();
+        let (_, m) = pipeline();
+        let mut q = Pipeline::restore(&p_config(), m, &snapshot).unwrap();
+        // Back an hour later: quiet time restarts at the restore.
+        let now = t0 + 3_600_000;
+        q.touch_all(now);
+        q.tick(now + 3_000);
+        assert!(events(&q.take_outputs()).is_empty());
+        q.tick(now + 4_000);
+        assert_eq!(
+            events(&q.take_outputs()).len(),
+            1,
+            "silent 4 s after the restart"
+        );
     }
 
     #[test]

@@ -23,8 +23,10 @@ pub struct AgentMetrics {
     pub queue_dropped_total: AtomicU64,
     /// Window summaries handed to the uplink, corrected revisions included.
     pub windows_total: AtomicU64,
-    /// Anomaly events raised.
+    /// Anomaly events raised (onsets, silences included).
     pub anomalies_total: AtomicU64,
+    /// Series that went silent (`silence` events).
+    pub silences_total: AtomicU64,
     /// Summary records published.
     pub summaries_published_total: AtomicU64,
     /// Anomaly events published.
@@ -188,6 +190,7 @@ impl AgentMetrics {
             ),
             ("edgewatch_agent_windows_total", &self.windows_total),
             ("edgewatch_agent_anomalies_total", &self.anomalies_total),
+            ("edgewatch_agent_silences_total", &self.silences_total),
             (
                 "edgewatch_agent_summaries_published_total",
                 &self.summaries_published_total,

@@ -198,6 +198,8 @@ mod tests {
 
     fn event(id: &str, device: &str, score: f64) -> AnomalyEvent {
         AnomalyEvent {
+            kind: edgewatch_models::wire::EventKind::Onset,
+            model_version: None,
             id: id.into(),
             device: device.into(),
             metric: "t".into(),

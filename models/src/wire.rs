@@ -71,6 +71,31 @@ pub struct AnomalyEvent {
     pub window_start_ms: i64,
     /// Id of the agent that detected it.
     pub agent: String,
+    /// Onset (the default, not written) or recovery: detectors that track a state, such as
+    /// `silence`, report both ends of an episode.
+    #[serde(default, skip_serializing_if = "EventKind::is_onset")]
+    pub kind: EventKind,
+    /// Version of the trained model that scored it (multivariate detectors); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<u64>,
+}
+
+/// What an [`AnomalyEvent`] marks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// An anomaly starts (one event per episode).
+    #[default]
+    Onset,
+    /// The anomaly has ended (for example a silent series reporting again).
+    Recovery,
+}
+
+impl EventKind {
+    /// Whether this is the default kind (which is not written on the wire).
+    pub fn is_onset(&self) -> bool {
+        *self == EventKind::Onset
+    }
 }
 
 /// A record in a lane (agent, partition): a payload with its lane sequence number.
@@ -561,6 +586,8 @@ mod tests {
     #[test]
     fn events_need_a_finite_value_and_a_score_in_the_unit_interval() {
         let mut e = AnomalyEvent {
+            kind: EventKind::Onset,
+            model_version: None,
             id: event_id("d", "m", 5, "z"),
             device: "d".into(),
             metric: "m".into(),

@@ -145,6 +145,8 @@ fn summary(g: &mut Gen) -> WindowSummary {
 
 fn event(g: &mut Gen) -> AnomalyEvent {
     AnomalyEvent {
+        kind: edgewatch_models::wire::EventKind::Onset,
+        model_version: None,
         id: string(g),
         device: string(g),
         metric: string(g),

@@ -6,9 +6,11 @@
 //! the default is the [`Ensemble`] (`ensemble.rs` says which components it combines and why).
 
 mod gate;
+mod silence;
 
 pub use gate::{EventGate, GateConfig};
 pub use likelihood::{LikelihoodStage, LikelihoodStageConfig};
+pub use silence::{Silence, SilenceChange, SilenceConfig};
 
 use crate::ModelError;
 use serde::{Deserialize, Serialize};
