@@ -6,6 +6,8 @@
 //! the default is the [`Ensemble`] (`ensemble.rs` says which components it combines and why).
 
 pub use likelihood::{LikelihoodStage, LikelihoodStageConfig};
+/// The shared surprise scale, also used by the multivariate models (`crate::multi`).
+pub(crate) use likelihood::{neg_log10_tail, surprise_score};
 
 use crate::ModelError;
 use serde::{Deserialize, Serialize};
