@@ -84,7 +84,16 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(100_000));
     g.sample_size(10).measurement_time(Duration::from_secs(10));
     g.bench_function("pca_fit_100k_x8", |b| {
-        b.iter(|| PcaModel::fit("bench", names(), black_box(&train), 0, 1, &FitOptions::default()))
+        b.iter(|| {
+            PcaModel::fit(
+                "bench",
+                names(),
+                black_box(&train),
+                0,
+                1,
+                &FitOptions::default(),
+            )
+        })
     });
     let prof = profiles(3);
     g.throughput(Throughput::Elements(10_000));

@@ -5,9 +5,9 @@
 //! [`AnyDetector`] is the built, validated detector the agent runs per series. One file per detector;
 //! the default is the [`Ensemble`] (`ensemble.rs` says which components it combines and why).
 
-pub use likelihood::{LikelihoodStage, LikelihoodStageConfig};
 /// The shared surprise scale, also used by the multivariate models (`crate::multi`).
 pub(crate) use likelihood::{neg_log10_tail, surprise_score};
+pub use likelihood::{LikelihoodStage, LikelihoodStageConfig};
 
 use crate::ModelError;
 use serde::{Deserialize, Serialize};

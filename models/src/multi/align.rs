@@ -209,7 +209,10 @@ mod tests {
         assert!(Aligner::new(&names(&["a", "a"]), &cfg(10, 1.0)).is_err());
         assert!(Aligner::new(&names(&["a", ""]), &cfg(10, 1.0)).is_err());
         let e = Aligner::new(&f, &cfg(0, 1.0)).unwrap_err();
-        assert!(e.to_string().contains("staleness_ms: must be > 0, got 0"), "{e}");
+        assert!(
+            e.to_string().contains("staleness_ms: must be > 0, got 0"),
+            "{e}"
+        );
         for bad in [0.0, -0.5, 1.01, f64::NAN] {
             let e = Aligner::new(&f, &cfg(10, bad)).unwrap_err();
             assert!(e.to_string().starts_with("min_fill"), "{e}");

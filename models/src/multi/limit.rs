@@ -48,6 +48,11 @@ impl WilsonHilferty {
 
 impl Limit {
     /// Fits the limit to the training values of a statistic (finite, ≥ 0; reordered in place).
+    ///
+    /// Moments of the values trimmed of their top 1 % give g and h. When the tail is heavier than
+    /// that fit (the training 99th percentile lies above the fitted one), the shape is refitted
+    /// to the median and the 99th percentile instead (smaller h = heavier tail), both of which a
+    /// contamination below 1 % cannot move much.
     pub(crate) fn fit(values: &mut [f64]) -> Limit {
         values.sort_unstable_by(f64::total_cmp);
         let keep = if values.len() >= 100 {
@@ -63,13 +68,25 @@ impl Limit {
         } else {
             0.0
         };
-        let mean = if mean.is_finite() { mean.max(MEAN_FLOOR) } else { MEAN_FLOOR };
-        let h = if var > 0.0 && var.is_finite() {
+        let mean = if mean.is_finite() {
+            mean.max(MEAN_FLOOR)
+        } else {
+            MEAN_FLOOR
+        };
+        let mut h = if var > 0.0 && var.is_finite() {
             (2.0 * mean * mean / var).clamp(H_MIN, H_MAX)
         } else {
             H_MAX
         };
-        let g = mean / h;
+        let mut g = mean / h;
+        if values.len() >= 100 {
+            let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+            let (q50, q99) = (at(0.5), at(0.99));
+            if q50 > MEAN_FLOOR && q99 > g * chi2_at_surprise(h, P99_SURPRISE) {
+                h = dof_for_ratio(q99 / q50);
+                g = q50 / chi2_at_surprise(h, MEDIAN_SURPRISE);
+            }
+        }
         Limit {
             g,
             h,
@@ -93,7 +110,11 @@ impl Limit {
 
     /// Checks g, h and value_at_half: finite, positive, and value_at_half where g and h put it.
     pub(crate) fn validate(&self, field: &'static str) -> Result<(), ModelError> {
-        for (name, v) in [("g", self.g), ("h", self.h), ("value_at_half", self.value_at_half)] {
+        for (name, v) in [
+            ("g", self.g),
+            ("h", self.h),
+            ("value_at_half", self.value_at_half),
+        ] {
             if !v.is_finite() || v <= 0.0 {
                 return Err(ModelError::model(
                     field,
@@ -116,7 +137,7 @@ impl Limit {
 }
 
 /// The x with Wilson–Hilferty surprise `l` for χ²_h: inverts the normal tail by bisection, then
-/// x = h·(1 − 2/(9h) + z·√(2/(9h)))³.
+/// x = h·(1 − 2/(9h) + z·√(2/(9h)))³. `l` ≥ log10(2) (upper half of the distribution).
 fn chi2_at_surprise(h: f64, l: f64) -> f64 {
     let (mut lo, mut hi) = (0.0f64, 40.0f64);
     for _ in 0..100 {
@@ -130,6 +151,26 @@ fn chi2_at_surprise(h: f64, l: f64) -> f64 {
     let z = 0.5 * (lo + hi);
     let v = 2.0 / (9.0 * h);
     h * (1.0 - v + z * v.sqrt()).max(0.0).powi(3)
+}
+
+/// Surprise of the median and of the 99th percentile.
+const MEDIAN_SURPRISE: f64 = std::f64::consts::LOG10_2;
+const P99_SURPRISE: f64 = 2.0;
+
+/// The h in [H_MIN, H_MAX] whose χ²_h has 99th percentile / median = `ratio` (the ratio falls as h
+/// grows; bisection on log h).
+fn dof_for_ratio(ratio: f64) -> f64 {
+    let r = |h: f64| chi2_at_surprise(h, P99_SURPRISE) / chi2_at_surprise(h, MEDIAN_SURPRISE);
+    let (mut lo, mut hi) = (H_MIN.ln(), H_MAX.ln());
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if r(mid.exp()) > ratio {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    (0.5 * (lo + hi)).exp()
 }
 
 #[cfg(test)]
@@ -147,7 +188,10 @@ mod tests {
         for x in [2.0f64, 10.0, 20.0, 30.0] {
             let exact = x / 2.0 / std::f64::consts::LN_10;
             let wh = lim.surprise(x);
-            assert!((wh - exact).abs() < 0.1 * exact + 0.05, "x {x}: {wh} vs {exact}");
+            assert!(
+                (wh - exact).abs() < 0.1 * exact + 0.05,
+                "x {x}: {wh} vs {exact}"
+            );
         }
         // χ²_2 at p = 5e-6 is 2·ln(2e5) = 24.41; Wilson–Hilferty puts it 8 % higher (26.3): on
         // the conservative side for few degrees of freedom.
@@ -179,7 +223,28 @@ mod tests {
             *v = 1e6;
         }
         let (a, b) = (Limit::fit(&mut clean), Limit::fit(&mut dirty));
-        assert!((a.value_at_half / b.value_at_half - 1.0).abs() < 0.1, "{a:?} {b:?}");
+        assert!(
+            (a.value_at_half / b.value_at_half - 1.0).abs() < 0.1,
+            "{a:?} {b:?}"
+        );
+    }
+
+    #[test]
+    fn a_heavier_tail_than_the_moments_say_lowers_h() {
+        // Exponential quantiles (χ²_2 / 2, h = 2) with a heavy upper tail grafted on.
+        let mut v: Vec<f64> = (0..10_000)
+            .map(|i| -(1.0 - (i as f64 + 0.5) / 10_000.0).ln())
+            .map(|x| if x > 2.0 { x * x / 2.0 } else { x })
+            .collect();
+        let plain = Limit::fit(&mut v.iter().map(|x| x.min(2.0)).collect::<Vec<_>>());
+        let heavy = Limit::fit(&mut v);
+        assert!(
+            heavy.h < 2.0 && heavy.value_at_half > plain.value_at_half,
+            "{heavy:?}"
+        );
+        let above = v.iter().filter(|&&x| x >= heavy.value_at_half).count();
+        assert!(above <= 10, "{above} of 10 000 above the limit");
+        assert!(heavy.validate("t2").is_ok());
     }
 
     #[test]
@@ -189,7 +254,9 @@ mod tests {
             assert!(lim.validate("spe").is_ok(), "{lim:?}");
             assert!(lim.surprise(0.0) < 1.0);
             assert!(lim.surprise(lim.value_at_half * 2.0) > HALF_SURPRISE);
-            assert!(lim.surprise(f64::INFINITY).is_infinite() || lim.surprise(f64::INFINITY) > 100.0);
+            assert!(
+                lim.surprise(f64::INFINITY).is_infinite() || lim.surprise(f64::INFINITY) > 100.0
+            );
         }
     }
 
@@ -197,9 +264,17 @@ mod tests {
     fn validate_names_the_bad_part() {
         let mut lim = Limit::fit(&mut [1.0, 2.0, 3.0]);
         lim.g = f64::NAN;
-        assert!(lim.validate("t2").unwrap_err().to_string().contains("t2: g"));
+        assert!(lim
+            .validate("t2")
+            .unwrap_err()
+            .to_string()
+            .contains("t2: g"));
         let mut lim = Limit::fit(&mut [1.0, 2.0, 3.0]);
         lim.value_at_half *= 2.0;
-        assert!(lim.validate("spe").unwrap_err().to_string().contains("value_at_half"));
+        assert!(lim
+            .validate("spe")
+            .unwrap_err()
+            .to_string()
+            .contains("value_at_half"));
     }
 }

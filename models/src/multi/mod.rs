@@ -3,6 +3,7 @@
 //! (k-means over device profiles). Fitting uses linfa; scoring is plain arithmetic.
 
 mod align;
+mod axes;
 mod limit;
 mod pca;
 mod peers;

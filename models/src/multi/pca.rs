@@ -2,18 +2,12 @@
 //! linfa's `Pca`; a vector is scored by Hotelling's T² inside the subspace and the squared
 //! prediction error (SPE, Q) outside it, against limits learned from the training data.
 
+use super::axes::principal_axes;
 use super::limit::{Limit, WilsonHilferty};
-use super::standard::{
-    check_names, check_values, finite_rows, quantile, Standardiser, Z_CLAMP,
-};
+use super::standard::{check_names, check_values, finite_rows, quantile, Standardiser, Z_CLAMP};
 use super::LINFA_VERSION;
 use crate::detect::{neg_log10_tail, surprise_score};
 use crate::ModelError;
-use linfa::traits::Fit;
-use linfa::DatasetBase;
-use linfa_linalg::eigh::EighInto;
-use linfa_reduction::Pca;
-use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 /// How a [`PcaModel`] is fitted.
@@ -252,10 +246,12 @@ impl PcaModel {
     /// finite, scales and eigenvalues > 0, components orthonormal, limits sane. The error names the field.
     pub fn validate(&self) -> Result<(), ModelError> {
         if self.kind != "pca" {
-            return Err(ModelError::model("kind", format!("expected \"pca\", got {:?}", self.kind)));
+            return Err(ModelError::model(
+                "kind",
+                format!("expected \"pca\", got {:?}", self.kind),
+            ));
         }
-        check_names(&self.features)
-            .map_err(|e| ModelError::model("features", e.to_string()))?;
+        check_names(&self.features).map_err(|e| ModelError::model("features", e.to_string()))?;
         let n = self.features.len();
         check_values("means", &self.means, n, false, &self.features)?;
         check_values("scales", &self.scales, n, true, &self.features)?;
@@ -301,11 +297,17 @@ impl PcaModel {
         if self.trained_from_ms > self.trained_to_ms {
             return Err(ModelError::model(
                 "trained_from_ms",
-                format!("{} is after trained_to_ms {}", self.trained_from_ms, self.trained_to_ms),
+                format!(
+                    "{} is after trained_to_ms {}",
+                    self.trained_from_ms, self.trained_to_ms
+                ),
             ));
         }
         if self.samples < 2 {
-            return Err(ModelError::model("samples", format!("need >= 2, got {}", self.samples)));
+            return Err(ModelError::model(
+                "samples",
+                format!("need >= 2, got {}", self.samples),
+            ));
         }
         Ok(())
     }
@@ -348,7 +350,12 @@ impl PcaScorer {
                 continue;
             }
             let c = if spe_decides {
-                let proj: f64 = model.components.iter().zip(&self.t).map(|(p, t)| t * p[j]).sum();
+                let proj: f64 = model
+                    .components
+                    .iter()
+                    .zip(&self.t)
+                    .map(|(p, t)| t * p[j])
+                    .sum();
                 let r = self.z[j] - proj;
                 r * r
             } else {
@@ -399,14 +406,23 @@ impl PcaScorer {
             let v = x.get(j).copied().unwrap_or(f64::NAN);
             let z = (v - model.means[j]) / model.scales[j];
             self.present[j] = z.is_finite();
-            self.z[j] = if z.is_finite() { z.clamp(-Z_CLAMP, Z_CLAMP) } else { 0.0 };
+            self.z[j] = if z.is_finite() {
+                z.clamp(-Z_CLAMP, Z_CLAMP)
+            } else {
+                0.0
+            };
             if self.present[j] {
                 z2 += self.z[j] * self.z[j];
             }
         }
         let mut t2 = 0.0;
         let mut t_sq = 0.0;
-        for ((t, p), l) in self.t.iter_mut().zip(&model.components).zip(&model.eigenvalues) {
+        for ((t, p), l) in self
+            .t
+            .iter_mut()
+            .zip(&model.components)
+            .zip(&model.eigenvalues)
+        {
             *t = p.iter().zip(&self.z).map(|(a, b)| a * b).sum();
             t2 += *t * *t / l;
             t_sq += *t * *t;
@@ -432,7 +448,12 @@ impl PcaScorer {
         let mut spe = 0.0;
         for j in 0..self.z.len() {
             if self.present[j] {
-                let proj: f64 = model.components.iter().zip(&self.t).map(|(p, t)| t * p[j]).sum();
+                let proj: f64 = model
+                    .components
+                    .iter()
+                    .zip(&self.t)
+                    .map(|(p, t)| t * p[j])
+                    .sum();
                 let r = self.z[j] - proj;
                 spe += r * r;
             }
@@ -443,109 +464,10 @@ impl PcaScorer {
     /// Combined score of (T², SPE), and whether SPE is the more surprising of the two.
     fn combine(&self, t2: f64, spe: f64) -> (f64, bool) {
         let (zt, zs) = (self.wh_t2.z(t2), self.wh_spe.z(spe));
-        let spe_decides = !(zt > zs);
+        let spe_decides = zt.partial_cmp(&zs) != Some(std::cmp::Ordering::Greater);
         let l = neg_log10_tail(if spe_decides { zs } else { zt });
         (surprise_score(l - std::f64::consts::LOG10_2), spe_decides)
     }
-}
-
-/// The principal axes of the standardised rows `z` (n_rows × n), as (eigenvalue, unit loadings),
-/// in decreasing order of eigenvalue; at most `k_max`, each explaining > 1e-9 of `total`, and the
-/// solver that gave them.
-///
-/// First linfa-reduction's `Pca` (a truncated SVD by LOBPCG, no BLAS). Its loadings are checked
-/// against the covariance matrix C = ZᵀZ/(n_rows − 1): each must satisfy ‖C p − λ p‖ ≤ 1e-6·trace(C)
-/// with λ = pᵀ C p. LOBPCG is built for a few components of a large matrix; with few features and
-/// k close to n (its [X, R, P] block is wider than the space) it stops early and returns loadings
-/// that are off (seen: 0.31 instead of 0.5 on four equally correlated sensors). Then the axes are
-/// the exact symmetric eigendecomposition of C by linfa-linalg's `eigh` (tridiagonal QR; C is only
-/// n × n). Either way λ is the variance of the data along the axis (linfa's
-/// `explained_variance()` divides by the number of components, not of samples, so it is not used).
-fn principal_axes(
-    z: &[f64],
-    n: usize,
-    n_rows: usize,
-    k_max: usize,
-    total: f64,
-) -> Result<(Vec<(f64, Vec<f64>)>, &'static str), ModelError> {
-    let x = Array2::from_shape_vec((n_rows, n), z.to_vec())
-        .map_err(|e| ModelError::data(format!("training matrix: {e}")))?;
-    let cov = x.t().dot(&x) / (n_rows - 1) as f64;
-    let pca = Pca::params(k_max)
-        .fit(&DatasetBase::from(x))
-        .map_err(|e| ModelError::data(format!("linfa pca: {e}")))?;
-    let mut axes = orthonormal(pca.components().rows().into_iter().map(|r| r.to_vec()));
-    let tol = 1e-6 * total;
-    let mut solver = SOLVER_PCA;
-    if axes.len() < k_max || axes.iter().any(|v| eigen_residual(&cov, v) > tol) {
-        let (values, vectors) = cov
-            .clone()
-            .eigh_into()
-            .map_err(|e| ModelError::data(format!("linfa-linalg eigh: {e}")))?;
-        let mut order: Vec<usize> = (0..values.len()).collect();
-        order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
-        axes = orthonormal(order.iter().take(k_max).map(|&i| vectors.column(i).to_vec()));
-        solver = SOLVER_EIGH;
-    }
-    let mut out: Vec<(f64, Vec<f64>)> = axes
-        .into_iter()
-        .map(|v| (quadratic(&cov, &v), v))
-        .filter(|(l, _)| *l > 1e-9 * total)
-        .collect();
-    out.sort_by(|a, b| b.0.total_cmp(&a.0));
-    if out.is_empty() {
-        return Err(ModelError::data("found no component with non-zero variance"));
-    }
-    Ok((out, solver))
-}
-
-/// `quality.solver` when linfa-reduction's `Pca` gave the axes.
-const SOLVER_PCA: &str = "linfa-reduction pca";
-/// `quality.solver` when they came from linfa-linalg's `eigh` (see [`principal_axes`]).
-const SOLVER_EIGH: &str = "linfa-linalg eigh";
-
-/// Gram–Schmidt in the given order, dropping (near-)dependent vectors; each result has its largest
-/// loading positive, so the sign is deterministic.
-fn orthonormal(vectors: impl Iterator<Item = Vec<f64>>) -> Vec<Vec<f64>> {
-    let mut axes: Vec<Vec<f64>> = Vec::new();
-    for mut v in vectors {
-        for u in &axes {
-            let d: f64 = v.iter().zip(u).map(|(a, b)| a * b).sum();
-            v.iter_mut().zip(u).for_each(|(a, b)| *a -= d * b);
-        }
-        let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
-        if !(norm > 1e-6 && norm.is_finite()) {
-            continue;
-        }
-        let big = v.iter().copied().fold(0.0f64, |m, a| if a.abs() > m.abs() { a } else { m });
-        let s = if big < 0.0 { -1.0 / norm } else { 1.0 / norm };
-        v.iter_mut().for_each(|a| *a *= s);
-        axes.push(v);
-    }
-    axes
-}
-
-/// vᵀ C v.
-fn quadratic(c: &Array2<f64>, v: &[f64]) -> f64 {
-    c.rows()
-        .into_iter()
-        .zip(v)
-        .map(|(row, vi)| vi * row.iter().zip(v).map(|(a, b)| a * b).sum::<f64>())
-        .sum()
-}
-
-/// ‖C v − (vᵀ C v) v‖ for a unit vector v: 0 for an eigenvector.
-fn eigen_residual(c: &Array2<f64>, v: &[f64]) -> f64 {
-    let l = quadratic(c, v);
-    c.rows()
-        .into_iter()
-        .zip(v)
-        .map(|(row, vi)| {
-            let cv: f64 = row.iter().zip(v).map(|(a, b)| a * b).sum();
-            (cv - l * vi).powi(2)
-        })
-        .sum::<f64>()
-        .sqrt()
 }
 
 #[cfg(test)]

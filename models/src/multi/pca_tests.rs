@@ -39,7 +39,15 @@ fn process(rows: usize, seed: u64) -> Vec<f64> {
 
 fn pump_model() -> PcaModel {
     let rows = process(5000, 1);
-    PcaModel::fit("pump-7", names(&SENSORS), &rows, 0, 5_000_000, &FitOptions::default()).unwrap()
+    PcaModel::fit(
+        "pump-7",
+        names(&SENSORS),
+        &rows,
+        0,
+        5_000_000,
+        &FitOptions::default(),
+    )
+    .unwrap()
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -64,7 +72,10 @@ fn two_features_match_hand_computed_t2_and_spe() {
     assert!(close(m.quality.explained_variance_ratio, 0.9));
     let mut s = m.scorer();
     let across = s.score(&m, &[3.0, 0.0]);
-    assert!(close(across.t2, 0.0) && close(across.spe, 2.7), "{across:?}");
+    assert!(
+        close(across.t2, 0.0) && close(across.spe, 2.7),
+        "{across:?}"
+    );
     let along = s.score(&m, &[3.0, 3.0]);
     assert!(close(along.t2, 1.5) && close(along.spe, 0.0), "{along:?}");
     let mean = s.score(&m, &[1.5, 1.5]);
@@ -76,11 +87,22 @@ fn two_features_match_hand_computed_t2_and_spe() {
 #[test]
 fn three_features_match_hand_computed_t2_and_spe() {
     let rows = [0.0, 0.0, 6.0, 1.0, 2.0, 4.0, 2.0, 1.0, 4.0, 3.0, 3.0, 6.0];
-    let m = PcaModel::fit("d", names(&["a", "b", "c"]), &rows, 0, 10, &FitOptions::default())
-        .unwrap();
+    let m = PcaModel::fit(
+        "d",
+        names(&["a", "b", "c"]),
+        &rows,
+        0,
+        10,
+        &FitOptions::default(),
+    )
+    .unwrap();
     m.validate().unwrap();
     assert_eq!(m.components.len(), 2);
-    assert!(close(m.eigenvalues[0], 1.8) && close(m.eigenvalues[1], 1.0), "{:?}", m.eigenvalues);
+    assert!(
+        close(m.eigenvalues[0], 1.8) && close(m.eigenvalues[1], 1.0),
+        "{:?}",
+        m.eigenvalues
+    );
     let mut s = m.scorer();
     let x = s.score(&m, &[3.0, 0.0, 7.0]);
     assert!(close(x.t2, 3.0) && close(x.spe, 2.7), "{x:?}");
@@ -96,16 +118,28 @@ fn three_features_match_hand_computed_t2_and_spe() {
 fn training_data_false_alarm_rate_is_at_most_1e_3() {
     let m = pump_model();
     m.validate().unwrap();
-    assert_eq!(m.components.len(), 1, "one hidden load: {:?}", m.eigenvalues);
+    assert_eq!(
+        m.components.len(),
+        1,
+        "one hidden load: {:?}",
+        m.eigenvalues
+    );
     assert!(m.quality.alarm_rate <= 1e-3, "{:?}", m.quality);
-    assert!(m.quality.median_score < 0.2 && m.quality.p99_score < 0.5, "{:?}", m.quality);
+    assert!(
+        m.quality.median_score < 0.2 && m.quality.p99_score < 0.5,
+        "{:?}",
+        m.quality
+    );
     // Heavy-tailed noise (a cube of a Gaussian) on 6 independent features.
     let mut rng = SmallRng::seed_from_u64(9);
     let rows: Vec<f64> = (0..20_000 * 6).map(|_| gauss(&mut rng).powi(3)).collect();
     let f = names(&["a", "b", "c", "d", "e", "f"]);
     let heavy = PcaModel::fit("h", f, &rows, 0, 1, &FitOptions::default()).unwrap();
     let mut s = heavy.scorer();
-    let alarms = rows.chunks_exact(6).filter(|r| s.score(&heavy, r).score >= 0.5).count();
+    let alarms = rows
+        .chunks_exact(6)
+        .filter(|r| s.score(&heavy, r).score >= 0.5)
+        .count();
     assert!(alarms as f64 <= 1e-3 * 20_000.0, "{alarms} alarms");
     assert_eq!(heavy.quality.alarm_rate, alarms as f64 / 20_000.0);
 }
@@ -137,7 +171,10 @@ fn catches_a_correlation_break_and_names_the_sensor() {
     }
     assert!(inverted > trials * 8 / 10, "inverted: {inverted}/{trials}");
     assert!(frozen > trials * 6 / 10, "frozen: {frozen}/{trials}");
-    assert!(named > inverted * 95 / 100, "top named current {named}/{inverted}");
+    assert!(
+        named > inverted * 95 / 100,
+        "top named current {named}/{inverted}"
+    );
     assert!(shifted <= 2, "consistent shift alarmed {shifted}/{trials}");
 }
 
@@ -154,32 +191,48 @@ fn serialised_models_score_bit_identically() {
         let (sb, sc) = (b.score(&json, x), c.score(&post, x));
         assert_eq!(sa.score.to_bits(), sb.score.to_bits());
         assert_eq!(sa.score.to_bits(), sc.score.to_bits());
-        assert_eq!((sa.t2.to_bits(), sa.spe.to_bits()), (sb.t2.to_bits(), sb.spe.to_bits()));
+        assert_eq!(
+            (sa.t2.to_bits(), sa.spe.to_bits()),
+            (sb.t2.to_bits(), sb.spe.to_bits())
+        );
     }
 }
 
 #[test]
 fn validate_refuses_broken_artifacts_naming_the_field() {
     let m = pump_model();
-    let cases: Vec<(&str, Box<dyn Fn(&mut PcaModel)>)> = vec![
+    type Breaker = Box<dyn Fn(&mut PcaModel)>;
+    let cases: Vec<(&str, Breaker)> = vec![
         ("scales", Box::new(|m| m.scales[2] = 0.0)),
-        ("scales", Box::new(|m| {
-            m.scales.pop();
-        })),
+        (
+            "scales",
+            Box::new(|m| {
+                m.scales.pop();
+            }),
+        ),
         ("means", Box::new(|m| m.means[1] = f64::NAN)),
         ("means", Box::new(|m| m.means[0] = f64::INFINITY)),
-        ("eigenvalues", Box::new(|m| m.eigenvalues[0] = f64::INFINITY)),
+        (
+            "eigenvalues",
+            Box::new(|m| m.eigenvalues[0] = f64::INFINITY),
+        ),
         ("eigenvalues", Box::new(|m| m.eigenvalues[0] = 0.0)),
         ("eigenvalues", Box::new(|m| m.eigenvalues.push(1.0))),
         ("components", Box::new(|m| m.components[0].push(0.0))),
         ("components", Box::new(|m| m.components[0][0] = f64::NAN)),
         ("components", Box::new(|m| m.components[0][0] *= 2.0)),
         ("components", Box::new(|m| m.components.clear())),
-        ("features", Box::new(|m| m.features[1] = m.features[0].clone())),
+        (
+            "features",
+            Box::new(|m| m.features[1] = m.features[0].clone()),
+        ),
         ("t2", Box::new(|m| m.t2.h = -1.0)),
         ("spe", Box::new(|m| m.spe.value_at_half = f64::NAN)),
         ("kind", Box::new(|m| m.kind = "kmeans".into())),
-        ("trained_from_ms", Box::new(|m| m.trained_from_ms = m.trained_to_ms + 1)),
+        (
+            "trained_from_ms",
+            Box::new(|m| m.trained_from_ms = m.trained_to_ms + 1),
+        ),
         ("samples", Box::new(|m| m.samples = 1)),
     ];
     for (field, break_it) in cases {
@@ -192,7 +245,10 @@ fn validate_refuses_broken_artifacts_naming_the_field() {
     let mut scales = e.clone();
     scales.scales[2] = 0.0;
     let msg = scales.validate().unwrap_err().to_string();
-    assert!(msg.contains("\"current\"") && msg.contains("got 0"), "{msg}");
+    assert!(
+        msg.contains("\"current\"") && msg.contains("got 0"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -200,7 +256,11 @@ fn check_compatible_wants_the_same_names_in_order() {
     let m = pump_model();
     assert!(m.check_compatible(&names(&SENSORS)).is_ok());
     let swapped = names(&["pressure", "flow", "current", "temp"]);
-    assert!(m.check_compatible(&swapped).unwrap_err().to_string().contains("features"));
+    assert!(m
+        .check_compatible(&swapped)
+        .unwrap_err()
+        .to_string()
+        .contains("features"));
     assert!(m.check_compatible(&names(&SENSORS[..3])).is_err());
 }
 
@@ -234,7 +294,15 @@ fn fit_refuses_unusable_data() {
 #[test]
 fn edge_cases_fit_and_score_without_panicking() {
     // Two rows, one feature, a constant column, full variance.
-    let m = PcaModel::fit("d", names(&["a"]), &[1.0, 2.0], 0, 1, &FitOptions::default()).unwrap();
+    let m = PcaModel::fit(
+        "d",
+        names(&["a"]),
+        &[1.0, 2.0],
+        0,
+        1,
+        &FitOptions::default(),
+    )
+    .unwrap();
     m.validate().unwrap();
     let mut s = m.scorer();
     assert!(s.score(&m, &[1.5]).score < 0.5);
@@ -268,7 +336,10 @@ fn edge_cases_fit_and_score_without_panicking() {
         vec![1.0; 9],
     ] {
         let r = s.score(&m, &bad);
-        assert!((0.0..=1.0).contains(&r.score) && r.top < 5, "{bad:?}: {r:?}");
+        assert!(
+            (0.0..=1.0).contains(&r.score) && r.top < 5,
+            "{bad:?}: {r:?}"
+        );
     }
     assert_eq!(s.score(&m, &[f64::NAN; 5]).score, 0.0);
     assert!(s.score(&m, &[1e300; 5]).score > 0.9);
@@ -277,10 +348,61 @@ fn edge_cases_fit_and_score_without_panicking() {
 #[test]
 fn scorer_follows_a_swapped_model() {
     let a = pump_model();
-    let b = PcaModel::fit("d", names(&["x", "y"]), &[0.0, 0.0, 1.0, 2.0, 2.0, 1.0, 3.0, 3.0], 0, 1, &FitOptions::default()).unwrap();
+    let b = PcaModel::fit(
+        "d",
+        names(&["x", "y"]),
+        &[0.0, 0.0, 1.0, 2.0, 2.0, 1.0, 3.0, 3.0],
+        0,
+        1,
+        &FitOptions::default(),
+    )
+    .unwrap();
     let mut s = a.scorer();
     let first = s.score(&a, &[20.0, 4.0, 9.0, 47.5]);
     let other = s.score(&b, &[3.0, 0.0]);
     assert_eq!(other, b.scorer().score(&b, &[3.0, 0.0]));
     assert_eq!(s.score(&a, &[20.0, 4.0, 9.0, 47.5]), first);
+}
+
+/// linfa-reduction's Pca gives the axes when its LOBPCG converges (few components of many
+/// features); otherwise linfa-linalg's eigh does, and both agree on the leading axis.
+#[test]
+fn both_solvers_agree_on_the_leading_axis() {
+    let m = pump_model();
+    assert_eq!(m.quality.solver, "linfa-linalg eigh");
+    assert!(
+        m.components[0].iter().all(|p| (p - 0.5).abs() < 1e-3),
+        "{:?}",
+        m.components
+    );
+    let mut rng = SmallRng::seed_from_u64(5);
+    let mut rows = Vec::new();
+    for _ in 0..3000 {
+        let load: f64 = rng.gen();
+        for j in 0..12 {
+            rows.push(j as f64 + (1.0 + j as f64) * load + 0.1 * gauss(&mut rng));
+        }
+    }
+    let f: Vec<String> = (0..12).map(|j| format!("s{j}")).collect();
+    let one = FitOptions {
+        variance: 0.9,
+        max_components: 1,
+    };
+    let a = PcaModel::fit("d", f.clone(), &rows, 0, 1, &one).unwrap();
+    assert_eq!(a.quality.solver, "linfa-reduction pca");
+    let all = FitOptions {
+        variance: 1.0,
+        max_components: 11,
+    };
+    let b = PcaModel::fit("d", f, &rows, 0, 1, &all).unwrap();
+    assert_eq!(b.quality.solver, "linfa-linalg eigh");
+    assert_eq!(b.components.len(), 11);
+    b.validate().unwrap();
+    assert!((a.eigenvalues[0] / b.eigenvalues[0] - 1.0).abs() < 1e-9);
+    let d: f64 = a.components[0]
+        .iter()
+        .zip(&b.components[0])
+        .map(|(x, y)| x * y)
+        .sum();
+    assert!((d - 1.0).abs() < 1e-9, "{d}");
 }

@@ -140,7 +140,12 @@ impl PeerModel {
                     .n_runs(KMEANS_RUNS)
                     .fit(&ds)
                     .map_err(|e| ModelError::data(format!("linfa k-means, k = {k}: {e}")))?;
-                let c: Vec<Vec<f64>> = model.centroids().rows().into_iter().map(|r| r.to_vec()).collect();
+                let c: Vec<Vec<f64>> = model
+                    .centroids()
+                    .rows()
+                    .into_iter()
+                    .map(|r| r.to_vec())
+                    .collect();
                 let (sizes, wss) = assignment(&z, n, &c);
                 if sizes.iter().all(|&s| s >= MIN_MEMBERS as u64) && wss <= WSS_FRACTION * wss1 {
                     centroids = c;
@@ -182,11 +187,12 @@ impl PeerModel {
         let mut any = false;
         for (c, centroid) in self.centroids.iter().enumerate() {
             let mut d2 = 0.0;
-            for j in 0..n.min(centroid.len()) {
-                let z = (profile.get(j).copied().unwrap_or(f64::NAN) - self.means[j]) / self.scales[j];
+            let columns = centroid.iter().zip(&self.means).zip(&self.scales).take(n);
+            for (j, ((c, mean), scale)) in columns.enumerate() {
+                let z = (profile.get(j).copied().unwrap_or(f64::NAN) - mean) / scale;
                 if z.is_finite() {
                     any = true;
-                    let d = z.clamp(-Z_CLAMP, Z_CLAMP) - centroid[j];
+                    let d = z.clamp(-Z_CLAMP, Z_CLAMP) - c;
                     d2 += d * d;
                 }
             }
@@ -221,7 +227,10 @@ impl PeerModel {
         check_values("scales", &self.scales, n, true, &self.features)?;
         let k = self.centroids.len();
         if k == 0 {
-            return Err(ModelError::model("centroids", "need at least 1 centroid, got 0"));
+            return Err(ModelError::model(
+                "centroids",
+                "need at least 1 centroid, got 0",
+            ));
         }
         for (c, centroid) in self.centroids.iter().enumerate() {
             if centroid.len() != n || centroid.iter().any(|v| !v.is_finite()) {

@@ -19,7 +19,11 @@ const D: usize = 6;
 /// Three kinds of device, 30 each: centres far apart on every metric, per-device noise sd 1.
 fn three_groups(seed: u64) -> Vec<f64> {
     let mut rng = SmallRng::seed_from_u64(seed);
-    let centres = [[0.0; D], [20.0, 40.0, 5.0, 30.0, 25.0, 60.0], [50.0, 10.0, 40.0, 0.0, 60.0, 20.0]];
+    let centres = [
+        [0.0; D],
+        [20.0, 40.0, 5.0, 30.0, 25.0, 60.0],
+        [50.0, 10.0, 40.0, 0.0, 60.0, 20.0],
+    ];
     let mut out = Vec::new();
     for c in &centres {
         for _ in 0..30 {
@@ -42,7 +46,9 @@ fn finds_three_groups_and_every_member_fits_its_group() {
     }
     // Members of one group share a cluster.
     let first = m.score(&profiles[..D]).cluster;
-    assert!(profiles[..30 * D].chunks_exact(D).all(|p| m.score(p).cluster == first));
+    assert!(profiles[..30 * D]
+        .chunks_exact(D)
+        .all(|p| m.score(p).cluster == first));
     assert_eq!(m.trained_to_ms, 1000);
     assert_eq!(m.linfa_version, LINFA_VERSION);
 }
@@ -80,7 +86,10 @@ fn a_featureless_fleet_is_one_group_without_alarms() {
     let profiles: Vec<f64> = (0..200 * 4).map(|_| 10.0 + gauss(&mut rng)).collect();
     let m = PeerModel::fit(names(4), &profiles, 0, &PeerOptions::default()).unwrap();
     assert_eq!(m.centroids.len(), 1, "{m:?}");
-    let alarms = profiles.chunks_exact(4).filter(|p| m.score(p).score >= 0.5).count();
+    let alarms = profiles
+        .chunks_exact(4)
+        .filter(|p| m.score(p).score >= 0.5)
+        .count();
     assert_eq!(alarms, 0);
 }
 
@@ -88,14 +97,24 @@ fn a_featureless_fleet_is_one_group_without_alarms() {
 fn degenerate_fleets_give_errors_or_sane_models() {
     let o = PeerOptions::default();
     let e = PeerModel::fit(names(3), &[1.0, 2.0, 3.0], 0, &o).unwrap_err();
-    assert!(e.to_string().contains("at least 2 device profiles without NaN/inf, got 1 (0 skipped)"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("at least 2 device profiles without NaN/inf, got 1 (0 skipped)"),
+        "{e}"
+    );
     let nan = [1.0, 2.0, f64::NAN, 4.0, 5.0, 6.0];
     let e = PeerModel::fit(names(3), &nan, 0, &o).unwrap_err();
     assert!(e.to_string().contains("1 skipped"), "{e}");
     assert!(PeerModel::fit(names(3), &[1.0; 5], 0, &o).is_err());
     assert!(PeerModel::fit(vec![], &[], 0, &o).is_err());
-    let bad = PeerOptions { max_clusters: 0, ..o.clone() };
-    assert!(PeerModel::fit(names(1), &[1.0, 2.0], 0, &bad).unwrap_err().to_string().starts_with("max_clusters"));
+    let bad = PeerOptions {
+        max_clusters: 0,
+        ..o.clone()
+    };
+    assert!(PeerModel::fit(names(1), &[1.0, 2.0], 0, &bad)
+        .unwrap_err()
+        .to_string()
+        .starts_with("max_clusters"));
     for limit in [0.0, -1.0, f64::NAN, f64::INFINITY] {
         let bad = PeerOptions { limit, ..o.clone() };
         assert!(PeerModel::fit(names(1), &[1.0, 2.0], 0, &bad).is_err());
@@ -121,7 +140,10 @@ fn degenerate_fleets_give_errors_or_sane_models() {
 #[test]
 fn same_seed_same_model_and_serde_round_trips() {
     let profiles = three_groups(5);
-    let o = PeerOptions { seed: 11, ..PeerOptions::default() };
+    let o = PeerOptions {
+        seed: 11,
+        ..PeerOptions::default()
+    };
     let a = PeerModel::fit(names(D), &profiles, 0, &o).unwrap();
     let b = PeerModel::fit(names(D), &profiles, 0, &o).unwrap();
     assert_eq!(a, b);
@@ -139,12 +161,16 @@ fn same_seed_same_model_and_serde_round_trips() {
 #[test]
 fn validate_refuses_broken_artifacts_naming_the_field() {
     let m = PeerModel::fit(names(D), &three_groups(6), 0, &PeerOptions::default()).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut PeerModel)>)> = vec![
+    type Breaker = Box<dyn Fn(&mut PeerModel)>;
+    let cases: Vec<(&str, Breaker)> = vec![
         ("scales", Box::new(|m| m.scales[0] = 0.0)),
         ("means", Box::new(|m| m.means[1] = f64::NAN)),
-        ("centroids", Box::new(|m| {
-            m.centroids[0].pop();
-        })),
+        (
+            "centroids",
+            Box::new(|m| {
+                m.centroids[0].pop();
+            }),
+        ),
         ("centroids", Box::new(|m| m.centroids[1][0] = f64::INFINITY)),
         ("centroids", Box::new(|m| m.centroids.clear())),
         ("spreads", Box::new(|m| m.spreads[0] = 0.0)),

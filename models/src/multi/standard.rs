@@ -30,7 +30,7 @@ pub(crate) fn finite_rows(rows: &[f64], n: usize) -> Result<(Vec<f64>, u64), Mod
     if n == 0 {
         return Err(ModelError::data("no features given"));
     }
-    if rows.len() % n != 0 {
+    if !rows.len().is_multiple_of(n) {
         return Err(ModelError::data(format!(
             "{} values are not a whole number of rows of {n} features",
             rows.len()
