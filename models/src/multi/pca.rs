@@ -338,8 +338,18 @@ impl PcaScorer {
     /// Scores one vector (laid out as `model.features`). NaN/infinite slots — and slots missing
     /// from a short `x` — are imputed by the mean (z = 0) and left out of SPE and of `top`. Allocates
     /// nothing unless `model` has another shape than the last one scored.
+    ///
+    /// A model that fails [`PcaModel::validate`]'s shape checks (lengths that disagree) scores every
+    /// vector 0 instead of panicking: validate artifacts from outside before use.
     pub fn score(&mut self, model: &PcaModel, x: &[f64]) -> MultiScore {
-        self.refresh(model);
+        if !self.refresh(model) {
+            return MultiScore {
+                score: 0.0,
+                t2: 0.0,
+                spe: 0.0,
+                top: 0,
+            };
+        }
         let (t2, spe) = self.statistics(model, x);
         let (score, spe_decides) = self.combine(t2, spe);
         let n = self.z.len();
@@ -382,8 +392,13 @@ impl PcaScorer {
     }
 
     /// Resizes the scratch space and recomputes the cached limit constants if `model` changed.
-    fn refresh(&mut self, model: &PcaModel) {
+    /// Returns whether the model's shapes agree (else nothing may be indexed).
+    fn refresh(&mut self, model: &PcaModel) -> bool {
         let n = model.features.len();
+        let shapes_agree = model.means.len() == n
+            && model.scales.len() == n
+            && model.eigenvalues.len() == model.components.len()
+            && model.components.iter().all(|p| p.len() == n);
         if self.z.len() != n {
             self.z = vec![0.0; n];
             self.present = vec![false; n];
@@ -397,6 +412,7 @@ impl PcaScorer {
             self.wh_t2 = model.t2.wilson_hilferty();
             self.wh_spe = model.spe.wilson_hilferty();
         }
+        shapes_agree
     }
 
     /// T² and SPE of `x`; fills z, present and t.

@@ -209,13 +209,15 @@ impl PeerModel {
             };
         }
         let distance = best.1.sqrt();
-        let ratio = distance / self.spreads[best.0];
-        let q = (self.limit / ratio).powi(4);
+        // A spread missing from an unvalidated artifact counts as 1 rather than panicking.
+        let ratio = distance / self.spreads.get(best.0).copied().unwrap_or(1.0);
+        let score = 1.0 / (1.0 + (self.limit / ratio).powi(4));
         PeerScore {
             cluster: best.0,
             distance,
             ratio,
-            score: 1.0 / (1.0 + q),
+            // NaN only from a broken artifact (0/0 spread, NaN limit): no evidence, no alarm.
+            score: if score.is_nan() { 0.0 } else { score },
         }
     }
 

@@ -186,3 +186,21 @@ fn validate_refuses_broken_artifacts_naming_the_field() {
         assert!(e.contains(&format!("{field}:")), "{field}: {e}");
     }
 }
+
+#[test]
+fn unvalidated_artifacts_with_wrong_shapes_never_panic() {
+    let m = PeerModel::fit(names(D), &three_groups(7), 0, &PeerOptions::default()).unwrap();
+    let p = three_groups(7)[..D].to_vec();
+    let mut short = m.clone();
+    short.means.truncate(2);
+    short.spreads.clear();
+    let s = short.score(&p);
+    assert!((0.0..=1.0).contains(&s.score));
+    let mut zero = m.clone();
+    zero.spreads = vec![0.0; zero.spreads.len()];
+    zero.limit = f64::NAN;
+    assert!((0.0..=1.0).contains(&zero.score(&p).score));
+    let mut ragged = m;
+    ragged.centroids[0].truncate(1);
+    assert!((0.0..=1.0).contains(&ragged.score(&p).score));
+}
