@@ -54,6 +54,25 @@ fn finds_three_groups_and_every_member_fits_its_group() {
 }
 
 #[test]
+fn four_equally_spaced_groups_are_four() {
+    let mut rng = SmallRng::seed_from_u64(8);
+    let profiles: Vec<f64> = (0..200)
+        .flat_map(|d| {
+            let kind = (d % 4) as f64;
+            (0..D)
+                .map(|j| kind * 10.0 * ((j % 3) as f64 + 1.0))
+                .collect::<Vec<_>>()
+        })
+        .map(|v| v + gauss(&mut rng))
+        .collect();
+    let m = PeerModel::fit(names(D), &profiles, 0, &PeerOptions::default()).unwrap();
+    let mut sizes = m.sizes.clone();
+    sizes.sort_unstable();
+    assert_eq!(sizes, vec![50; 4], "{m:?}");
+    assert!(profiles.chunks_exact(D).all(|p| m.score(p).score < 0.5));
+}
+
+#[test]
 fn a_device_six_spreads_from_its_group_scores_high() {
     let profiles = three_groups(2);
     let m = PeerModel::fit(names(D), &profiles, 0, &PeerOptions::default()).unwrap();
