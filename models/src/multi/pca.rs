@@ -447,9 +447,10 @@ impl PcaScorer {
 
     /// Combined score of (T², SPE), and whether SPE is the more surprising of the two.
     fn combine(&self, t2: f64, spe: f64) -> (f64, bool) {
-        let (zt, zs) = (self.wh_t2.z(t2), self.wh_spe.z(spe));
-        let spe_decides = zt.partial_cmp(&zs) != Some(std::cmp::Ordering::Greater);
-        let l = neg_log10_tail(if spe_decides { zs } else { zt });
+        // One cube root when T² decides, two when SPE does (`reaches` compares without one).
+        let zt = self.wh_t2.z(t2);
+        let spe_decides = self.wh_spe.reaches(spe, zt);
+        let l = neg_log10_tail(if spe_decides { self.wh_spe.z(spe) } else { zt });
         (surprise_score(l - std::f64::consts::LOG10_2), spe_decides)
     }
 }
