@@ -9,6 +9,8 @@ mod gate;
 mod silence;
 
 pub use gate::{EventGate, GateConfig};
+/// The shared surprise scale, also used by the multivariate models (`crate::multi`).
+pub(crate) use likelihood::{neg_log10_tail, surprise_score};
 pub use likelihood::{LikelihoodStage, LikelihoodStageConfig};
 pub use silence::{Silence, SilenceChange, SilenceConfig};
 
