@@ -38,7 +38,7 @@ use edgewatch_models::detect::{
 };
 use edgewatch_models::partition::partition_of;
 use edgewatch_models::window::{Admit, TumblingWindows, WindowAggregate};
-use edgewatch_models::wire::{event_id, AnomalyEvent, EventKind, WindowSummary};
+use edgewatch_models::wire::{event_id, AnomalyEvent, EventPhase, WindowSummary};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -332,7 +332,7 @@ impl Pipeline {
                 };
                 outputs.push(Output::Anomaly {
                     partition: s.partition,
-                    event: silence_event(p, s, change, ts_ms, EventKind::Onset),
+                    event: silence_event(p, s, change, ts_ms, EventPhase::Onset),
                 });
             }
             let Some(deadline) = s.windows.next_deadline_ms() else {
@@ -705,7 +705,7 @@ impl Table {
         if let Some(change) = recovered {
             outputs.push(Output::Anomaly {
                 partition,
-                event: silence_event(p, series, change, r.ts_ms, EventKind::Recovery),
+                event: silence_event(p, series, change, r.ts_ms, EventPhase::Recovery),
             });
         }
         if series.gate.update(score) {
@@ -713,7 +713,7 @@ impl Table {
             outputs.push(Output::Anomaly {
                 partition,
                 event: AnomalyEvent {
-                    kind: EventKind::Onset,
+                    phase: EventPhase::Onset,
                     model_version: None,
                     id: event_id(device, metric, r.ts_ms, p.detector_name),
                     device: device.to_string(),
@@ -739,16 +739,16 @@ fn silence_event(
     s: &Series,
     change: SilenceChange,
     ts_ms: i64,
-    kind: EventKind,
+    phase: EventPhase,
 ) -> AnomalyEvent {
     let silent_ms = match change {
         SilenceChange::Silent { silent_ms, .. } | SilenceChange::Recovered { silent_ms, .. } => {
             silent_ms
         }
     };
-    let tag = match kind {
-        EventKind::Onset => SILENCE,
-        EventKind::Recovery => "silence-recovery",
+    let tag = match phase {
+        EventPhase::Onset => SILENCE,
+        EventPhase::Recovery => "silence-recovery",
     };
     AnomalyEvent {
         id: event_id(&s.device, &s.metric, ts_ms, tag),
@@ -760,7 +760,7 @@ fn silence_event(
         detector: SILENCE.to_string(),
         window_start_ms: s.windows.window_start(ts_ms),
         agent: p.agent.to_string(),
-        kind,
+        phase,
         model_version: None,
     }
 }
@@ -1031,7 +1031,7 @@ mod tests {
             (e.device.as_str(), e.detector.as_str()),
             ("quiet", "silence")
         );
-        assert_eq!(e.kind, EventKind::Onset);
+        assert_eq!(e.phase, EventPhase::Onset);
         assert_eq!(
             e.ts_ms,
             last + 4000,
@@ -1045,13 +1045,20 @@ mod tests {
         let out = p.take_outputs();
         let back = events(&out);
         assert_eq!(back.len(), 1);
-        assert_eq!(back[0].kind, EventKind::Recovery);
+        assert_eq!(back[0].phase, EventPhase::Recovery);
         assert_eq!(back[0].ts_ms, last + 60_000);
         assert_eq!(back[0].value, 60.0);
         assert_ne!(back[0].id, e.id);
         let json = serde_json::to_value(back[0]).unwrap();
-        assert_eq!(json["kind"], "recovery");
-        assert!(serde_json::to_value(e).unwrap().get("kind").is_none());
+        assert_eq!(json["phase"], "recovery");
+        assert!(serde_json::to_value(e).unwrap().get("phase").is_none());
+        // It survives the outbox's record encoding (whose tag is `kind`).
+        let record = crate::outbox::Record::Anomaly(back[0].clone());
+        let bytes = serde_json::to_vec(&record).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<crate::outbox::Record>(&bytes).unwrap(),
+            record
+        );
     }
 
     #[test]

@@ -708,7 +708,7 @@ mod tests {
         let floor = batch(p, 77, u64::MAX - 1, vec![(u64::MAX, window(device, 7))]);
         run(publish(topics.summaries(p, "gw"), &floor)).unwrap();
         let mut event = AnomalyEvent {
-            kind: edgewatch_models::wire::EventKind::Onset,
+            phase: edgewatch_models::wire::EventPhase::Onset,
             model_version: None,
             id: "e1".into(),
             device: device.into(),

@@ -198,7 +198,7 @@ mod tests {
 
     fn event(id: &str, device: &str, score: f64) -> AnomalyEvent {
         AnomalyEvent {
-            kind: edgewatch_models::wire::EventKind::Onset,
+            phase: edgewatch_models::wire::EventPhase::Onset,
             model_version: None,
             id: id.into(),
             device: device.into(),

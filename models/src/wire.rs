@@ -73,8 +73,8 @@ pub struct AnomalyEvent {
     pub agent: String,
     /// Onset (the default, not written) or recovery: detectors that track a state, such as
     /// `silence`, report both ends of an episode.
-    #[serde(default, skip_serializing_if = "EventKind::is_onset")]
-    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "EventPhase::is_onset")]
+    pub phase: EventPhase,
     /// Version of the trained model that scored it (multivariate detectors); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_version: Option<u64>,
@@ -83,7 +83,7 @@ pub struct AnomalyEvent {
 /// What an [`AnomalyEvent`] marks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum EventKind {
+pub enum EventPhase {
     /// An anomaly starts (one event per episode).
     #[default]
     Onset,
@@ -91,10 +91,10 @@ pub enum EventKind {
     Recovery,
 }
 
-impl EventKind {
+impl EventPhase {
     /// Whether this is the default kind (which is not written on the wire).
     pub fn is_onset(&self) -> bool {
-        *self == EventKind::Onset
+        *self == EventPhase::Onset
     }
 }
 
@@ -586,7 +586,7 @@ mod tests {
     #[test]
     fn events_need_a_finite_value_and_a_score_in_the_unit_interval() {
         let mut e = AnomalyEvent {
-            kind: EventKind::Onset,
+            phase: EventPhase::Onset,
             model_version: None,
             id: event_id("d", "m", 5, "z"),
             device: "d".into(),

@@ -145,7 +145,7 @@ fn summary(g: &mut Gen) -> WindowSummary {
 
 fn event(g: &mut Gen) -> AnomalyEvent {
     AnomalyEvent {
-        kind: edgewatch_models::wire::EventKind::Onset,
+        phase: edgewatch_models::wire::EventPhase::Onset,
         model_version: None,
         id: string(g),
         device: string(g),

@@ -38,7 +38,7 @@ async fn dashboard_shows_feed_events_in_a_real_browser() {
     );
     tokio::spawn(async move { while el.poll().await.is_ok() {} });
     let event = AnomalyEvent {
-        kind: edgewatch_models::wire::EventKind::Onset,
+        phase: edgewatch_models::wire::EventPhase::Onset,
         model_version: None,
         id: event_id("pump-42", "vibration", 1_767_225_600_000, "ensemble"),
         device: "pump-42".into(),

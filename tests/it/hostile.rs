@@ -782,7 +782,7 @@ async fn the_aggregator_reads_an_oversized_uplink_message_once_and_goes_on() {
             seq: 1,
             prev: None,
             item: AnomalyEvent {
-                kind: edgewatch_models::wire::EventKind::Onset,
+                phase: edgewatch_models::wire::EventPhase::Onset,
                 model_version: None,
                 id: event_id(device, "temp", ts, "zscore"),
                 device: device.into(),

@@ -421,7 +421,7 @@ async fn a_feed_client_that_never_reads_is_evicted_and_the_others_keep_getting_e
                     seq,
                     prev: None,
                     item: AnomalyEvent {
-                        kind: edgewatch_models::wire::EventKind::Onset,
+                        phase: edgewatch_models::wire::EventPhase::Onset,
                         model_version: None,
                         id: event_id("pump-1", "vibration", ts, &detector),
                         device: "pump-1".into(),

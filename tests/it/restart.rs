@@ -184,7 +184,7 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
 
     // Anomaly events share the lane's seqs: the ack covers them, and stops at a hole.
     let event = edgewatch_models::wire::AnomalyEvent {
-        kind: edgewatch_models::wire::EventKind::Onset,
+        phase: edgewatch_models::wire::EventPhase::Onset,
         model_version: None,
         id: edgewatch_models::wire::event_id(device, "temperature", 1_767_226_800_500, "ensemble"),
         device: device.into(),

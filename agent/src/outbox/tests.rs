@@ -35,7 +35,7 @@ fn summary(device: &str, start_ms: i64) -> Record {
 
 fn anomaly(device: &str, ts_ms: i64) -> Record {
     Record::Anomaly(AnomalyEvent {
-        kind: edgewatch_models::wire::EventKind::Onset,
+        phase: edgewatch_models::wire::EventPhase::Onset,
         model_version: None,
         id: edgewatch_models::wire::event_id(device, "temp", ts_ms, "zscore"),
         device: device.into(),

@@ -9,6 +9,9 @@
 //! charged with all of them — it reads "of what fired, how much was this kind or nothing", and a kind
 //! can only look better than the overall figure by having more matched detections.
 //!
+//! A detection on metric [`DEVICE_WIDE`] (`*`) is about a whole device: it matches a label on any
+//! metric of that device.
+//!
 //! It does not pair detections one-to-one with labels (a detector firing on every reading of a long
 //! anomaly is not penalised for it) and does not know about windows or thresholds: callers hand in the
 //! detections they consider fired.
@@ -32,12 +35,16 @@ pub struct LabelledEvent {
     pub end_ms: i64,
 }
 
+/// The metric of a device-wide detection (a multivariate model's): it matches a label on any
+/// metric of its device, and is a false positive only outside all of that device's labels.
+pub const DEVICE_WIDE: &str = "*";
+
 /// One reading a detector flagged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Detection {
     /// Device id.
     pub device: String,
-    /// Metric name.
+    /// Metric name, or [`DEVICE_WIDE`].
     pub metric: String,
     /// The flagged reading's timestamp, ms.
     pub ts_ms: i64,
@@ -173,17 +180,35 @@ pub fn score_truth(
     let mut covered: HashMap<(&str, &str), Vec<(i64, i64)>> = HashMap::new();
     for l in labels {
         let key = (l.device.as_str(), l.metric.as_str());
+        let device_wide = (l.device.as_str(), DEVICE_WIDE);
         let until = l.end_ms.saturating_add(tolerance_ms);
         covered.entry(key).or_default().push((l.start_ms, until));
-        let ts = fired.get(&key).map_or(&[][..], Vec::as_slice);
-        let lo = ts.partition_point(|&t| t < l.start_ms);
-        let hi = ts.partition_point(|&t| t <= until);
+        if key != device_wide {
+            covered
+                .entry(device_wide)
+                .or_default()
+                .push((l.start_ms, until));
+        }
+        // Matches on the label's series, and device-wide detections of its device.
+        let (mut matched, mut first) = (0usize, None::<i64>);
+        for k in [Some(key), (key != device_wide).then_some(device_wide)]
+            .into_iter()
+            .flatten()
+        {
+            let ts = fired.get(&k).map_or(&[][..], Vec::as_slice);
+            let lo = ts.partition_point(|&t| t < l.start_ms);
+            let hi = ts.partition_point(|&t| t <= until);
+            matched += hi.saturating_sub(lo);
+            if hi > lo {
+                first = Some(first.map_or(ts[lo], |f| f.min(ts[lo])));
+            }
+        }
         for t in [kinds.entry(l.kind.as_str()).or_default(), &mut all] {
             t.labels += 1;
-            t.matched += hi.saturating_sub(lo);
-            if hi > lo {
+            t.matched += matched;
+            if let Some(first) = first {
                 t.tp += 1;
-                t.delays.push(ts[lo] - l.start_ms);
+                t.delays.push(first - l.start_ms);
             }
         }
     }
@@ -250,6 +275,40 @@ mod tests {
             metric: "temp".into(),
             ts_ms,
         }
+    }
+
+    #[test]
+    fn device_wide_detections_match_any_metric_of_their_device_only() {
+        let labels = [
+            LabelledEvent {
+                metric: "flow".into(),
+                ..label("a", "correlation_break", 1000, 2000)
+            },
+            label("b", "spike", 1000, 1000),
+        ];
+        let wide = |device: &str, ts_ms| Detection {
+            metric: DEVICE_WIDE.into(),
+            ..det(device, ts_ms)
+        };
+        let dets = [
+            wide("a", 1500),
+            wide("a", 5000),
+            wide("c", 1500),
+            det("a", 1200),
+        ];
+        let r = score_truth(&labels, &dets, 0).unwrap();
+        let k = &r.kinds[0];
+        assert_eq!(
+            (k.kind.as_str(), k.true_positives, k.matched_detections),
+            ("correlation_break", 1, 1)
+        );
+        assert_eq!(k.median_delay_ms, Some(500.0));
+        assert_eq!(
+            r.kinds[1].true_positives, 0,
+            "a device-wide detection of a does not match b"
+        );
+        // Outside a's labels: a/* at 5000; c/* everywhere; a/temp (no label on a/temp).
+        assert_eq!(r.total_false_positives, 3);
     }
 
     #[test]
