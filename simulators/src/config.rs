@@ -5,6 +5,7 @@
 //! `serde_path_to_error` for key paths) and `run` resolves the MQTT password.
 
 use crate::anomaly::AnomalyKind;
+use crate::load::LoadConfig;
 use crate::topic::TopicTemplate;
 use edgewatch_link::MqttLink;
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,9 @@ pub struct SimulatorConfig {
     /// Metrics every device reports; one series per (device, metric).
     #[serde(default = "default_metrics")]
     pub metrics: Vec<MetricSpec>,
+    /// The hidden load per device that drives its metrics (see [`MetricSpec::load_gain`]).
+    #[serde(default)]
+    pub load: LoadConfig,
     /// Simulated time between two readings of one series.
     #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
@@ -66,7 +70,9 @@ pub struct SimulatorConfig {
     pub anomalies: AnomalyConfig,
 }
 
-/// One metric of every device: `base + daily sine + drift + Gaussian noise`.
+/// One metric of every device: `base + daily sine + drift + load_gain · lag(load)^load_power +
+/// Gaussian noise`, where `load` is the device's hidden load (when `load.enabled`) and `lag` a
+/// first-order lag with time constant `load_lag_ms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricSpec {
@@ -83,6 +89,17 @@ pub struct MetricSpec {
     /// Largest slow drift per simulated hour; each series draws its own rate in ±[0.5, 1.5] × this.
     #[serde(default)]
     pub drift_per_hour: f64,
+    /// How much the device's load moves this metric, in the metric's unit per unit of load
+    /// (0 = not driven by the load; ignored when `load.enabled` is false).
+    #[serde(default)]
+    pub load_gain: f64,
+    /// Time constant of the first-order lag (an exponential moving average) between the load and
+    /// this metric; 0 = follows the load at once (temperature lags current, say).
+    #[serde(default)]
+    pub load_lag_ms: u64,
+    /// Exponent applied to the (lagged) load before the gain; 1 = linear.
+    #[serde(default = "default_load_power")]
+    pub load_power: f64,
 }
 
 /// Which anomalies are injected, how often and how large.
@@ -122,6 +139,24 @@ pub struct AnomalyConfig {
     /// Dropout length (no readings at all).
     #[serde(default = "default_dropout_duration_ms")]
     pub dropout_duration_ms: u64,
+    /// Correlation break: how far the metric's frozen load input moves away from the load, as
+    /// `[min, max]` noise std-devs of the metric (converted through its gain; kept inside the load's
+    /// usual range, so the metric stays inside its own).
+    #[serde(default = "default_correlation_break_sigma")]
+    pub correlation_break_sigma: [f64; 2],
+    /// Correlation-break length.
+    #[serde(default = "default_correlation_break_duration_ms")]
+    pub correlation_break_duration_ms: u64,
+    /// Correlation break: the move to the frozen target is a linear ramp this long (0 = a step), so
+    /// the break is not a level shift to a univariate detector.
+    #[serde(default = "default_correlation_break_ramp_ms")]
+    pub correlation_break_ramp_ms: u64,
+    /// Peer drift: size of the offset at the end of the drift, noise std-devs (sign drawn at random).
+    #[serde(default = "default_peer_drift_sigma")]
+    pub peer_drift_sigma: f64,
+    /// Peer-drift length: the offset grows linearly from 0 over this time, then disappears.
+    #[serde(default = "default_peer_drift_duration_ms")]
+    pub peer_drift_duration_ms: u64,
 }
 
 fn default_mqtt() -> MqttLink {
@@ -145,24 +180,34 @@ fn default_devices() -> usize {
 fn default_device_prefix() -> String {
     "dev-".to_string()
 }
+/// A pump: one hidden load drives temperature (lagging by 10 min), flow, motor current and
+/// discharge pressure. The daily cycle comes from the load, so the metrics' own sines are off.
+/// Every gain is 50 noise std-devs per unit of load: the default walk (std 0.02) moves each metric
+/// by about 1 sigma, the daily cycle (±0.25) by ±12.5.
 fn default_metrics() -> Vec<MetricSpec> {
-    let m = |name: &str, base, daily_amplitude, noise_std, drift_per_hour| MetricSpec {
+    let m = |name: &str, base, noise_std, drift_per_hour, load_gain, load_lag_ms| MetricSpec {
         name: name.to_string(),
         base,
-        daily_amplitude,
+        daily_amplitude: 0.0,
         noise_std,
         drift_per_hour,
+        load_gain,
+        load_lag_ms,
+        load_power: default_load_power(),
     };
     vec![
-        // °C
-        m("temperature", 21.0, 3.0, 0.2, 0.02),
-        // mm/s RMS
-        m("vibration", 2.5, 0.3, 0.1, 0.002),
+        // °C: 24 °C at the mean load
+        m("temperature", 18.0, 0.2, 0.002, 10.0, 600_000),
+        // m³/h
+        m("flow", 2.0, 0.5, 0.0, 25.0, 0),
         // A
-        m("current", 12.0, 2.0, 0.3, 0.01),
+        m("current", 4.0, 0.3, 0.002, 15.0, 0),
         // kPa
-        m("pressure", 101.3, 0.5, 0.05, 0.003),
+        m("pressure", 100.0, 0.05, 0.0005, 2.5, 0),
     ]
+}
+fn default_load_power() -> f64 {
+    1.0
 }
 fn default_noise_std() -> f64 {
     1.0
@@ -212,6 +257,21 @@ fn default_stuck_duration_ms() -> u64 {
 fn default_dropout_duration_ms() -> u64 {
     2 * 60_000
 }
+fn default_correlation_break_sigma() -> [f64; 2] {
+    [5.0, 8.0]
+}
+fn default_correlation_break_duration_ms() -> u64 {
+    20 * 60_000
+}
+fn default_correlation_break_ramp_ms() -> u64 {
+    2 * 60_000
+}
+fn default_peer_drift_sigma() -> f64 {
+    6.0
+}
+fn default_peer_drift_duration_ms() -> u64 {
+    2 * 3_600_000
+}
 
 impl Default for SimulatorConfig {
     fn default() -> Self {
@@ -223,6 +283,7 @@ impl Default for SimulatorConfig {
             devices: default_devices(),
             device_prefix: default_device_prefix(),
             metrics: default_metrics(),
+            load: LoadConfig::default(),
             interval_ms: default_interval_ms(),
             start_ms: None,
             duration_ms: None,
@@ -250,6 +311,11 @@ impl Default for AnomalyConfig {
             burst_duration_ms: default_burst_duration_ms(),
             stuck_duration_ms: default_stuck_duration_ms(),
             dropout_duration_ms: default_dropout_duration_ms(),
+            correlation_break_sigma: default_correlation_break_sigma(),
+            correlation_break_duration_ms: default_correlation_break_duration_ms(),
+            correlation_break_ramp_ms: default_correlation_break_ramp_ms(),
+            peer_drift_sigma: default_peer_drift_sigma(),
+            peer_drift_duration_ms: default_peer_drift_duration_ms(),
         }
     }
 }
@@ -317,6 +383,24 @@ impl SimulatorConfig {
                     out.push(format!("{at}.{field}: must be finite, got {v}"));
                 }
             }
+            if !m.load_gain.is_finite() {
+                out.push(format!(
+                    "{at}.load_gain: must be finite, got {}",
+                    m.load_gain
+                ));
+            }
+            if !(m.load_power.is_finite() && m.load_power > 0.0 && m.load_power <= 10.0) {
+                out.push(format!(
+                    "{at}.load_power: must be in (0, 10], got {}",
+                    m.load_power
+                ));
+            }
+            if m.load_lag_ms > 86_400_000 {
+                out.push(format!(
+                    "{at}.load_lag_ms: must be <= 86400000 (a day), got {}",
+                    m.load_lag_ms
+                ));
+            }
             if !(m.noise_std.is_finite() && m.noise_std > 0.0) {
                 out.push(format!(
                     "{at}.noise_std: must be finite and > 0 (anomaly sizes are multiples of it), got {}",
@@ -354,8 +438,39 @@ impl SimulatorConfig {
         if self.max_rate_per_sec == 0 {
             out.push("max_rate_per_sec: must be > 0, got 0".to_string());
         }
+        self.load.problems_into("load", &mut out);
         self.anomalies.problems_into("anomalies", &mut out);
+        self.load_kind_problems_into(&mut out);
         out
+    }
+
+    /// correlation_break and peer_drift are defined against the hidden load.
+    fn load_kind_problems_into(&self, out: &mut Vec<String>) {
+        for (i, k) in self.anomalies.kinds.iter().enumerate() {
+            if !k.needs_load() {
+                continue;
+            }
+            if !self.load.enabled {
+                out.push(format!(
+                    "anomalies.kinds[{i}]: {} needs load.enabled: true (it is defined against the \
+                     device's hidden load); enable the load or remove the kind",
+                    k.as_str()
+                ));
+            } else if *k == AnomalyKind::CorrelationBreak {
+                if !self.metrics.iter().any(|m| m.load_gain != 0.0) {
+                    out.push(format!(
+                        "anomalies.kinds[{i}]: correlation_break needs at least one metric with \
+                         load_gain != 0, got none"
+                    ));
+                }
+                if self.load.daily_amplitude <= 0.0 && self.load.walk_std <= 0.0 {
+                    out.push(format!(
+                        "anomalies.kinds[{i}]: correlation_break needs a moving load \
+                         (load.daily_amplitude or load.walk_std > 0), got a constant one"
+                    ));
+                }
+            }
+        }
     }
 
     /// Number of series: devices × metrics.
@@ -386,6 +501,7 @@ impl AnomalyConfig {
         for (field, [lo, hi]) in [
             ("spike_sigma", self.spike_sigma),
             ("level_shift_sigma", self.level_shift_sigma),
+            ("correlation_break_sigma", self.correlation_break_sigma),
         ] {
             if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
                 out.push(format!(
@@ -404,10 +520,27 @@ impl AnomalyConfig {
             ("burst_duration_ms", self.burst_duration_ms),
             ("stuck_duration_ms", self.stuck_duration_ms),
             ("dropout_duration_ms", self.dropout_duration_ms),
+            (
+                "correlation_break_duration_ms",
+                self.correlation_break_duration_ms,
+            ),
+            ("peer_drift_duration_ms", self.peer_drift_duration_ms),
         ] {
             if v == 0 {
                 out.push(format!("{at}.{field}: must be > 0, got 0"));
             }
+        }
+        if self.correlation_break_ramp_ms > self.correlation_break_duration_ms {
+            out.push(format!(
+                "{at}.correlation_break_ramp_ms: must be <= correlation_break_duration_ms ({}), got {}",
+                self.correlation_break_duration_ms, self.correlation_break_ramp_ms
+            ));
+        }
+        let p = self.peer_drift_sigma;
+        if !(p.is_finite() && p > 0.0) {
+            out.push(format!(
+                "{at}.peer_drift_sigma: must be finite and > 0, got {p}"
+            ));
         }
     }
 }
@@ -499,6 +632,97 @@ mod tests {
     }
 
     #[test]
+    fn bad_load_and_new_kind_values_are_rejected_with_the_field_named() {
+        let mut cfg = SimulatorConfig::default();
+        cfg.metrics[0].load_gain = f64::NAN;
+        cfg.metrics[1].load_power = 0.0;
+        cfg.metrics[2].load_lag_ms = 100_000_000;
+        cfg.load.walk_std = -0.1;
+        let a = &mut cfg.anomalies;
+        a.correlation_break_sigma = [0.0, 3.0];
+        a.correlation_break_duration_ms = 60_000;
+        a.correlation_break_ramp_ms = 120_000;
+        a.peer_drift_sigma = f64::INFINITY;
+        a.peer_drift_duration_ms = 0;
+        let p = cfg.problems();
+        assert!(has(&p, "metrics[0].load_gain:", "NaN"), "{p:#?}");
+        assert!(has(&p, "metrics[1].load_power:", "got 0"), "{p:#?}");
+        assert!(has(&p, "metrics[2].load_lag_ms:", "100000000"), "{p:#?}");
+        assert!(has(&p, "load.walk_std:", "-0.1"), "{p:#?}");
+        assert!(
+            has(&p, "anomalies.correlation_break_sigma:", "[0, 3]"),
+            "{p:#?}"
+        );
+        assert!(
+            has(
+                &p,
+                "anomalies.correlation_break_ramp_ms:",
+                "(60000), got 120000"
+            ),
+            "{p:#?}"
+        );
+        assert!(has(&p, "anomalies.peer_drift_sigma:", "inf"), "{p:#?}");
+        assert!(
+            has(&p, "anomalies.peer_drift_duration_ms:", "got 0"),
+            "{p:#?}"
+        );
+        assert_eq!(p.len(), 8, "{p:#?}");
+    }
+
+    #[test]
+    fn load_kinds_need_the_load_and_a_load_driven_metric() {
+        let mut off = SimulatorConfig::default();
+        off.load.enabled = false;
+        let p = off.problems();
+        assert!(
+            has(
+                &p,
+                "anomalies.kinds[6]:",
+                "correlation_break needs load.enabled"
+            ),
+            "{p:#?}"
+        );
+        assert!(
+            has(&p, "anomalies.kinds[7]:", "peer_drift needs load.enabled"),
+            "{p:#?}"
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        off.anomalies.kinds.retain(|k| !k.needs_load());
+        assert_eq!(off.problems(), Vec::<String>::new());
+
+        let mut no_gain = SimulatorConfig::default();
+        no_gain.metrics.iter_mut().for_each(|m| m.load_gain = 0.0);
+        let p = no_gain.problems();
+        assert!(has(&p, "anomalies.kinds[6]:", "load_gain != 0"), "{p:#?}");
+        assert_eq!(p.len(), 1, "{p:#?}");
+
+        let mut flat = SimulatorConfig::default();
+        flat.load.daily_amplitude = 0.0;
+        flat.load.walk_std = 0.0;
+        let p = flat.problems();
+        assert!(has(&p, "anomalies.kinds[6]:", "constant"), "{p:#?}");
+        // A flat load is fine without correlation breaks.
+        flat.anomalies.kinds = vec![AnomalyKind::PeerDrift];
+        assert_eq!(flat.problems(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn load_fields_parse_with_defaults() {
+        let cfg: SimulatorConfig = serde_json::from_str(
+            r#"{"load": {"walk_std": 0.05}, "metrics": [{"name": "rpm", "base": 1.0, "load_gain": 2.0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.load.walk_std, 0.05);
+        assert_eq!(cfg.load.mean, 0.6);
+        assert!(cfg.load.enabled);
+        assert_eq!(cfg.metrics[0].load_power, 1.0);
+        assert_eq!(cfg.metrics[0].load_lag_ms, 0);
+        assert_eq!(cfg.problems(), Vec::<String>::new());
+        let e = serde_json::from_str::<SimulatorConfig>(r#"{"load": {"walk": 1}}"#).unwrap_err();
+        assert!(e.to_string().contains("walk"), "{e}");
+    }
+
+    #[test]
     fn unknown_fields_are_rejected() {
         let e = serde_json::from_str::<SimulatorConfig>(r#"{"device": 3}"#).unwrap_err();
         assert!(e.to_string().contains("device"), "{e}");
@@ -516,6 +740,14 @@ mod tests {
         edgewatch_models::yaml_limits::check(text.as_bytes(), limits).unwrap();
         let cfg: SimulatorConfig = serde_norway::from_str(&text).unwrap();
         assert_eq!(cfg.problems(), Vec::<String>::new());
-        assert_eq!(cfg.anomalies.kinds.len(), 6);
+        // Every kind, the two load-based ones included (the file's fleet is correlated).
+        assert_eq!(cfg.anomalies.kinds, AnomalyKind::ALL.to_vec());
+        assert!(cfg.load.enabled);
+        assert!(cfg.metrics.iter().all(|m| m.load_gain > 0.0));
+        // The file shows the defaults.
+        let d = SimulatorConfig::default();
+        assert_eq!(cfg.metrics, d.metrics);
+        assert_eq!(cfg.load, d.load);
+        assert_eq!(cfg.anomalies, d.anomalies);
     }
 }
