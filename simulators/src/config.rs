@@ -9,7 +9,7 @@ use crate::load::LoadConfig;
 use crate::topic::TopicTemplate;
 use edgewatch_link::MqttLink;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
 /// Everything that defines a simulated fleet and how it is published.
@@ -109,9 +109,13 @@ pub struct AnomalyConfig {
     /// Mean anomalies per series per simulated hour (Poisson arrivals); 0 disables injection.
     #[serde(default = "default_rate_per_series_hour")]
     pub rate_per_series_hour: f64,
-    /// Kinds to draw from, uniformly.
+    /// Kinds to draw from, in proportion to their weight in `kind_weights`.
     #[serde(default = "default_kinds")]
     pub kinds: Vec<AnomalyKind>,
+    /// Relative weight of a kind when one is drawn; a kind of `kinds` missing here weighs 1, a kind
+    /// here but not in `kinds` is never drawn. The defaults make the long load kinds rarer.
+    #[serde(default = "default_kind_weights")]
+    pub kind_weights: BTreeMap<AnomalyKind, f64>,
     /// No anomaly starts before `start + warmup_ms` (detectors need history).
     #[serde(default = "default_warmup_ms")]
     pub warmup_ms: u64,
@@ -230,6 +234,12 @@ fn default_rate_per_series_hour() -> f64 {
 fn default_kinds() -> Vec<AnomalyKind> {
     AnomalyKind::ALL.to_vec()
 }
+fn default_kind_weights() -> BTreeMap<AnomalyKind, f64> {
+    BTreeMap::from([
+        (AnomalyKind::CorrelationBreak, 0.5),
+        (AnomalyKind::PeerDrift, 0.25),
+    ])
+}
 fn default_warmup_ms() -> u64 {
     30 * 60_000
 }
@@ -302,6 +312,7 @@ impl Default for AnomalyConfig {
         Self {
             rate_per_series_hour: default_rate_per_series_hour(),
             kinds: default_kinds(),
+            kind_weights: default_kind_weights(),
             warmup_ms: default_warmup_ms(),
             min_gap_ms: default_min_gap_ms(),
             spike_sigma: default_spike_sigma(),
@@ -480,6 +491,11 @@ impl SimulatorConfig {
 }
 
 impl AnomalyConfig {
+    /// The weight of `kind` when drawing (1 unless `kind_weights` says otherwise).
+    pub(crate) fn weight(&self, kind: AnomalyKind) -> f64 {
+        self.kind_weights.get(&kind).copied().unwrap_or(1.0)
+    }
+
     fn problems_into(&self, at: &str, out: &mut Vec<String>) {
         let r = self.rate_per_series_hour;
         if !(r.is_finite() && r >= 0.0) {
@@ -491,6 +507,15 @@ impl AnomalyConfig {
             out.push(format!(
                 "{at}.kinds: must list at least one kind when rate_per_series_hour > 0, got none"
             ));
+        }
+        for (k, w) in &self.kind_weights {
+            if !(w.is_finite() && *w > 0.0 && *w <= 1e6) {
+                out.push(format!(
+                    "{at}.kind_weights.{}: must be in (0, 1000000] (remove the kind from kinds to \
+                     turn it off), got {w}",
+                    k.as_str()
+                ));
+            }
         }
         let mut seen = HashSet::new();
         for (i, k) in self.kinds.iter().enumerate() {
@@ -667,6 +692,14 @@ mod tests {
             "{p:#?}"
         );
         assert_eq!(p.len(), 8, "{p:#?}");
+
+        let mut w = SimulatorConfig::default();
+        w.anomalies.kind_weights.insert(AnomalyKind::Spike, 0.0);
+        w.anomalies.kind_weights.insert(AnomalyKind::Dip, f64::NAN);
+        let p = w.problems();
+        assert!(has(&p, "anomalies.kind_weights.spike:", "got 0"), "{p:#?}");
+        assert!(has(&p, "anomalies.kind_weights.dip:", "NaN"), "{p:#?}");
+        assert_eq!(p.len(), 2, "{p:#?}");
     }
 
     #[test]
@@ -717,6 +750,18 @@ mod tests {
         assert!(cfg.load.enabled);
         assert_eq!(cfg.metrics[0].load_power, 1.0);
         assert_eq!(cfg.metrics[0].load_lag_ms, 0);
+        assert_eq!(cfg.anomalies.weight(AnomalyKind::PeerDrift), 0.25);
+        assert_eq!(cfg.anomalies.weight(AnomalyKind::Spike), 1.0);
+        let w: AnomalyConfig = serde_json::from_str(r#"{"kind_weights": {"stuck": 3.0}}"#).unwrap();
+        assert_eq!(w.weight(AnomalyKind::Stuck), 3.0);
+        assert_eq!(
+            w.weight(AnomalyKind::PeerDrift),
+            1.0,
+            "the map replaces the defaults"
+        );
+        assert!(
+            serde_json::from_str::<AnomalyConfig>(r#"{"kind_weights": {"stuk": 3.0}}"#).is_err()
+        );
         assert_eq!(cfg.problems(), Vec::<String>::new());
         let e = serde_json::from_str::<SimulatorConfig>(r#"{"load": {"walk": 1}}"#).unwrap_err();
         assert!(e.to_string().contains("walk"), "{e}");

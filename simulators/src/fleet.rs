@@ -71,8 +71,9 @@ pub struct Fleet {
     loads: Vec<Load>,
     load_cfg: LoadConfig,
     metrics_per_device: usize,
-    /// Kinds a series without a correlation break to offer draws from.
-    kinds_unbreakable: Vec<AnomalyKind>,
+    /// Kinds with their cumulative weights, for series that can and cannot break a correlation.
+    draw_all: Vec<(AnomalyKind, f64)>,
+    draw_unbreakable: Vec<(AnomalyKind, f64)>,
     anomalies: AnomalyConfig,
     /// Anomaly arrivals per simulated ms per series.
     rate_per_ms: f64,
@@ -109,6 +110,18 @@ pub(crate) fn standard_normal(rng: &mut SmallRng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (TAU * u2).cos()
 }
 
+/// The kind whose cumulative weight first exceeds `u` (in [0, 1)) times the total. Only called for
+/// a series with kinds to draw (its rate is 0 otherwise); an empty list would give `Spike`.
+fn draw(kinds: &[(AnomalyKind, f64)], u: f64) -> AnomalyKind {
+    let total = kinds.last().map_or(0.0, |k| k.1);
+    let x = u * total;
+    kinds
+        .iter()
+        .find(|(_, c)| x < *c)
+        .or(kinds.last())
+        .map_or(AnomalyKind::Spike, |k| k.0)
+}
+
 /// Steps an anomaly of `duration_ms` covers: at least one.
 fn steps_for(duration_ms: u64, interval_ms: i64) -> i64 {
     let d = i64::try_from(duration_ms).unwrap_or(i64::MAX);
@@ -134,6 +147,8 @@ impl Series {
         let tod = (ts_ms - self.peak_ms).rem_euclid(DAY_MS) as f64;
         let driven = if self.load_gain == 0.0 {
             0.0
+        } else if self.load_power == 1.0 {
+            self.load_gain * load.max(0.0)
         } else {
             self.load_gain * load.max(0.0).powf(self.load_power)
         };
@@ -172,12 +187,19 @@ impl Fleet {
         };
         let warmup_end = start_ms.saturating_add(i64::try_from(a.warmup_ms).unwrap_or(i64::MAX));
         let load_on = cfg.load.enabled;
-        let kinds_unbreakable: Vec<AnomalyKind> = a
-            .kinds
-            .iter()
-            .copied()
-            .filter(|k| *k != AnomalyKind::CorrelationBreak)
-            .collect();
+        let cumulative = |keep: &dyn Fn(AnomalyKind) -> bool| {
+            let mut sum = 0.0;
+            a.kinds
+                .iter()
+                .filter(|k| keep(**k))
+                .map(|k| {
+                    sum += a.weight(*k);
+                    (*k, sum)
+                })
+                .collect::<Vec<_>>()
+        };
+        let draw_all = cumulative(&|_| true);
+        let draw_unbreakable = cumulative(&|k| k != AnomalyKind::CorrelationBreak);
         let mut loads = Vec::new();
         let width = (cfg.devices.saturating_sub(1)).to_string().len().max(4);
         let metrics: Vec<Arc<str>> = cfg
@@ -233,9 +255,9 @@ impl Fleet {
                     next_anomaly_ms: i64::MAX,
                 };
                 let kinds_here = if s.can_break {
-                    a.kinds.len()
+                    draw_all.len()
                 } else {
-                    kinds_unbreakable.len()
+                    draw_unbreakable.len()
                 };
                 let rate = if kinds_here == 0 { 0.0 } else { rate_per_ms };
                 s.next_anomaly_ms = Self::schedule(&mut s.anomaly_rng, rate, warmup_end);
@@ -247,7 +269,8 @@ impl Fleet {
             loads,
             load_cfg: cfg.load.clone(),
             metrics_per_device: cfg.metrics.len(),
-            kinds_unbreakable,
+            draw_all,
+            draw_unbreakable,
             anomalies: a.clone(),
             rate_per_ms,
             interval_ms,
@@ -301,13 +324,12 @@ impl Fleet {
             if s.active.is_none() && ts >= s.next_anomaly_ms {
                 let a = &self.anomalies;
                 let kinds = if s.can_break {
-                    &a.kinds
+                    &self.draw_all
                 } else {
-                    &self.kinds_unbreakable
+                    &self.draw_unbreakable
                 };
                 let rng = &mut s.anomaly_rng;
-                // Only scheduled when this series has kinds to draw (its rate is 0 otherwise).
-                let kind = kinds[rng.gen_range(0..kinds.len())];
+                let kind = draw(kinds, rng.gen::<f64>());
                 let sigma = |rng: &mut SmallRng, [lo, hi]: [f64; 2]| rng.gen_range(lo..=hi);
                 let sign = |rng: &mut SmallRng| if rng.gen::<bool>() { 1.0 } else { -1.0 };
                 let mut from = 0.0;
@@ -1032,6 +1054,35 @@ mod tests {
             "default 24 h, 20 devices: {readings} readings, {} labels:{line}; {} devices drift at some point",
             labels.len(),
             drifting.len()
+        );
+    }
+
+    #[test]
+    fn kinds_are_drawn_in_proportion_to_their_weights() {
+        let kinds = [
+            (AnomalyKind::Spike, 1.0),
+            (AnomalyKind::Dip, 3.0),
+            (AnomalyKind::PeerDrift, 3.5),
+        ];
+        assert_eq!(draw(&kinds, 0.0), AnomalyKind::Spike);
+        assert_eq!(draw(&kinds, 0.28), AnomalyKind::Spike);
+        assert_eq!(draw(&kinds, 0.3), AnomalyKind::Dip);
+        assert_eq!(draw(&kinds, 0.85), AnomalyKind::Dip);
+        assert_eq!(draw(&kinds, 0.86), AnomalyKind::PeerDrift);
+        assert_eq!(draw(&kinds, 0.999_999_999), AnomalyKind::PeerDrift);
+        let mut cfg = busy();
+        cfg.anomalies.kind_weights = [(AnomalyKind::Stuck, 20.0)].into();
+        let (fleet, _) = run(&cfg, 3600);
+        let stuck = fleet
+            .ground_truth()
+            .iter()
+            .filter(|g| g.kind == AnomalyKind::Stuck)
+            .count();
+        // 20 / 27 of the draws.
+        assert!(
+            stuck * 2 > fleet.ground_truth().len(),
+            "{stuck} of {}",
+            fleet.ground_truth().len()
         );
     }
 
