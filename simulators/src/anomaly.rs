@@ -89,9 +89,9 @@ pub(crate) struct Active {
     /// noise factor (burst), the frozen value (stuck), or the load the metric ends up following
     /// (correlation break); unused for dropouts.
     pub(crate) param: f64,
-    /// Correlation break: the metric's load input when the break started (the ramp goes from it to
-    /// `param`); unused otherwise.
-    pub(crate) from: f64,
+    /// Correlation break: length of the ramps into and out of the break; peer drift: length of the
+    /// return to normal at its end; unused otherwise.
+    pub(crate) ramp_ms: i64,
 }
 
 impl Active {
@@ -106,7 +106,7 @@ impl Active {
     pub(crate) fn apply(&self, clean: f64, noise: f64, ts_ms: i64) -> Option<f64> {
         match self.kind {
             AnomalyKind::CorrelationBreak => Some(clean + noise),
-            AnomalyKind::PeerDrift => Some(clean + noise + self.param * self.progress(ts_ms)),
+            AnomalyKind::PeerDrift => Some(clean + noise + self.param * self.drift_weight(ts_ms)),
             AnomalyKind::Spike | AnomalyKind::Dip => Some(clean + self.param),
             AnomalyKind::LevelShift => Some(clean + noise + self.param),
             AnomalyKind::VarianceBurst => Some(clean + noise * self.param),
@@ -117,23 +117,35 @@ impl Active {
 }
 
 impl Active {
-    /// Fraction of the way from `start_ms` (0) to `end_ms` (1), clamped to [0, 1].
-    fn progress(&self, ts_ms: i64) -> f64 {
-        if self.end_ms <= self.start_ms {
-            return 1.0;
-        }
-        ((ts_ms - self.start_ms) as f64 / (self.end_ms - self.start_ms) as f64).clamp(0.0, 1.0)
+    /// Peer drift: the share of its full offset at `ts_ms`: rising linearly from 0 at `start_ms` to 1
+    /// at `end_ms - ramp_ms`, then back to 0 at `end_ms` (a smooth return inside the label).
+    fn drift_weight(&self, ts_ms: i64) -> f64 {
+        let top = self.end_ms - self.ramp_ms;
+        let w = if ts_ms <= top {
+            if top <= self.start_ms {
+                1.0
+            } else {
+                (ts_ms - self.start_ms) as f64 / (top - self.start_ms) as f64
+            }
+        } else {
+            (self.end_ms - ts_ms) as f64 / self.ramp_ms as f64
+        };
+        w.clamp(0.0, 1.0)
     }
 
-    /// Correlation break: the load the broken metric follows at `ts_ms`, a linear ramp over
-    /// `ramp_ms` from the load at the start (`from`) to the frozen target (`param`).
-    pub(crate) fn break_load(&self, ts_ms: i64, ramp_ms: i64) -> f64 {
-        let f = if ramp_ms <= 0 {
+    /// Correlation break: the load the broken metric follows at `ts_ms`, given the load it would
+    /// follow (`current`): `param` (the frozen target), reached and left through linear ramps of
+    /// `ramp_ms` at both ends, so the metric is continuous where the break starts and ends.
+    pub(crate) fn break_load(&self, ts_ms: i64, current: f64) -> f64 {
+        let w = if self.ramp_ms <= 0 {
             1.0
         } else {
-            ((ts_ms - self.start_ms) as f64 / ramp_ms as f64).clamp(0.0, 1.0)
+            let r = self.ramp_ms as f64;
+            ((ts_ms - self.start_ms) as f64 / r)
+                .min((self.end_ms - ts_ms) as f64 / r)
+                .clamp(0.0, 1.0)
         };
-        self.from + (self.param - self.from) * f
+        current + (self.param - current) * w
     }
 }
 
@@ -168,37 +180,45 @@ mod tests {
         }
     }
 
-    fn active(kind: AnomalyKind, param: f64, from: f64) -> Active {
+    fn active(kind: AnomalyKind, param: f64, ramp_ms: i64) -> Active {
         Active {
             kind,
             start_ms: 10_000,
             end_ms: 20_000,
             param,
-            from,
+            ramp_ms,
         }
     }
 
     #[test]
-    fn a_peer_drift_grows_linearly_to_its_size() {
-        let a = active(AnomalyKind::PeerDrift, 6.0, 0.0);
+    fn a_peer_drift_grows_linearly_to_its_size_and_returns_smoothly() {
+        let a = active(AnomalyKind::PeerDrift, 6.0, 2_000);
         assert_eq!(a.apply(1.0, 0.5, 10_000), Some(1.5));
-        assert_eq!(a.apply(1.0, 0.5, 15_000), Some(4.5));
-        assert_eq!(a.apply(1.0, 0.5, 20_000), Some(7.5));
+        assert_eq!(a.apply(1.0, 0.5, 14_000), Some(4.5));
+        assert_eq!(a.apply(1.0, 0.5, 18_000), Some(7.5));
+        assert_eq!(a.apply(1.0, 0.5, 19_000), Some(4.5));
+        assert_eq!(a.apply(1.0, 0.5, 20_000), Some(1.5));
+        let no_return = Active { ramp_ms: 0, ..a };
+        assert_eq!(no_return.apply(1.0, 0.0, 20_000), Some(7.0));
         let one_step = Active {
             end_ms: 10_000,
+            ramp_ms: 0,
             ..a
         };
         assert_eq!(one_step.apply(1.0, 0.0, 10_000), Some(7.0));
     }
 
     #[test]
-    fn a_correlation_break_ramps_from_the_load_at_its_start_to_its_target() {
-        let a = active(AnomalyKind::CorrelationBreak, 0.4, 0.8);
-        assert_eq!(a.break_load(10_000, 4_000), 0.8);
-        assert!((a.break_load(12_000, 4_000) - 0.6).abs() < 1e-12);
-        assert_eq!(a.break_load(14_000, 4_000), 0.4);
-        assert_eq!(a.break_load(19_000, 4_000), 0.4);
-        assert_eq!(a.break_load(10_000, 0), 0.4);
+    fn a_correlation_break_ramps_to_its_target_and_back_to_the_load() {
+        let a = active(AnomalyKind::CorrelationBreak, 0.4, 4_000);
+        assert_eq!(a.break_load(10_000, 0.8), 0.8);
+        assert!((a.break_load(12_000, 0.8) - 0.6).abs() < 1e-12);
+        assert_eq!(a.break_load(14_000, 0.8), 0.4);
+        assert_eq!(a.break_load(15_000, 0.9), 0.4);
+        assert!((a.break_load(18_000, 0.6) - 0.5).abs() < 1e-12);
+        assert_eq!(a.break_load(20_000, 0.7), 0.7);
+        let step = Active { ramp_ms: 0, ..a };
+        assert_eq!(step.break_load(10_000, 0.8), 0.4);
         assert_eq!(a.apply(3.0, 0.25, 12_000), Some(3.25));
     }
 }

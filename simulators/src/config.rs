@@ -151,16 +151,20 @@ pub struct AnomalyConfig {
     /// Correlation-break length.
     #[serde(default = "default_correlation_break_duration_ms")]
     pub correlation_break_duration_ms: u64,
-    /// Correlation break: the move to the frozen target is a linear ramp this long (0 = a step), so
-    /// the break is not a level shift to a univariate detector.
+    /// Correlation break: the moves to the frozen target and back to the load are linear ramps this
+    /// long (0 = steps), so the break is not a level shift to a univariate detector.
     #[serde(default = "default_correlation_break_ramp_ms")]
     pub correlation_break_ramp_ms: u64,
     /// Peer drift: size of the offset at the end of the drift, noise std-devs (sign drawn at random).
     #[serde(default = "default_peer_drift_sigma")]
     pub peer_drift_sigma: f64,
-    /// Peer-drift length: the offset grows linearly from 0 over this time, then disappears.
+    /// Peer-drift length (all of it labelled): the offset grows linearly from 0 to its full size
+    /// over `peer_drift_duration_ms - peer_drift_return_ms`, then returns linearly to 0.
     #[serde(default = "default_peer_drift_duration_ms")]
     pub peer_drift_duration_ms: u64,
+    /// Peer drift: the return to normal at its end (0 = a step back after the last labelled reading).
+    #[serde(default = "default_peer_drift_return_ms")]
+    pub peer_drift_return_ms: u64,
 }
 
 fn default_mqtt() -> MqttLink {
@@ -282,6 +286,9 @@ fn default_peer_drift_sigma() -> f64 {
 fn default_peer_drift_duration_ms() -> u64 {
     2 * 3_600_000
 }
+fn default_peer_drift_return_ms() -> u64 {
+    10 * 60_000
+}
 
 impl Default for SimulatorConfig {
     fn default() -> Self {
@@ -327,6 +334,7 @@ impl Default for AnomalyConfig {
             correlation_break_ramp_ms: default_correlation_break_ramp_ms(),
             peer_drift_sigma: default_peer_drift_sigma(),
             peer_drift_duration_ms: default_peer_drift_duration_ms(),
+            peer_drift_return_ms: default_peer_drift_return_ms(),
         }
     }
 }
@@ -555,11 +563,25 @@ impl AnomalyConfig {
                 out.push(format!("{at}.{field}: must be > 0, got 0"));
             }
         }
-        if self.correlation_break_ramp_ms > self.correlation_break_duration_ms {
-            out.push(format!(
-                "{at}.correlation_break_ramp_ms: must be <= correlation_break_duration_ms ({}), got {}",
-                self.correlation_break_duration_ms, self.correlation_break_ramp_ms
-            ));
+        for (field, v, duration_field, d) in [
+            (
+                "correlation_break_ramp_ms",
+                self.correlation_break_ramp_ms,
+                "correlation_break_duration_ms",
+                self.correlation_break_duration_ms,
+            ),
+            (
+                "peer_drift_return_ms",
+                self.peer_drift_return_ms,
+                "peer_drift_duration_ms",
+                self.peer_drift_duration_ms,
+            ),
+        ] {
+            if v > d / 2 {
+                out.push(format!(
+                    "{at}.{field}: must be <= half of {duration_field} ({d}), got {v}"
+                ));
+            }
         }
         let p = self.peer_drift_sigma;
         if !(p.is_finite() && p > 0.0) {
@@ -669,6 +691,7 @@ mod tests {
         a.correlation_break_ramp_ms = 120_000;
         a.peer_drift_sigma = f64::INFINITY;
         a.peer_drift_duration_ms = 0;
+        a.peer_drift_return_ms = 0;
         let p = cfg.problems();
         assert!(has(&p, "metrics[0].load_gain:", "NaN"), "{p:#?}");
         assert!(has(&p, "metrics[1].load_power:", "got 0"), "{p:#?}");
@@ -692,6 +715,18 @@ mod tests {
             "{p:#?}"
         );
         assert_eq!(p.len(), 8, "{p:#?}");
+        let mut r = SimulatorConfig::default();
+        r.anomalies.peer_drift_return_ms = 3_600_001;
+        let p = r.problems();
+        assert!(
+            has(
+                &p,
+                "anomalies.peer_drift_return_ms:",
+                "(7200000), got 3600001"
+            ),
+            "{p:#?}"
+        );
+        assert_eq!(p.len(), 1, "{p:#?}");
 
         let mut w = SimulatorConfig::default();
         w.anomalies.kind_weights.insert(AnomalyKind::Spike, 0.0);

@@ -149,6 +149,7 @@ mod tests {
         a.min_gap_ms = 30_000;
         a.dropout_duration_ms = 20_000;
         a.peer_drift_duration_ms = 60_000;
+        a.peer_drift_return_ms = 10_000;
         cfg
     }
 

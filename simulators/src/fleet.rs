@@ -304,7 +304,6 @@ impl Fleet {
     ) {
         let ts = self.now_ms;
         let per_device = self.metrics_per_device.max(1);
-        let ramp_ms = i64::try_from(self.anomalies.correlation_break_ramp_ms).unwrap_or(i64::MAX);
         let (usual_lo, usual_hi) = self.load_cfg.usual_range();
         let mut load = 0.0;
         for (index, s) in self.series.iter_mut().enumerate() {
@@ -333,7 +332,7 @@ impl Fleet {
                 let kind = draw(kinds, rng.gen::<f64>());
                 let sigma = |rng: &mut SmallRng, [lo, hi]: [f64; 2]| rng.gen_range(lo..=hi);
                 let sign = |rng: &mut SmallRng| if rng.gen::<bool>() { 1.0 } else { -1.0 };
-                let mut from = 0.0;
+                let mut ramp_ms = 0;
                 let (steps, param) = match kind {
                     AnomalyKind::Spike => (1, sigma(rng, a.spike_sigma) * s.noise_std),
                     AnomalyKind::Dip => (1, -sigma(rng, a.spike_sigma) * s.noise_std),
@@ -362,7 +361,7 @@ impl Fleet {
                         let shift = sigma(rng, a.correlation_break_sigma) * s.noise_std / slope;
                         // Towards the middle of the usual range, so the metric stays inside its own.
                         let toward = if s.lagged < mean { 1.0 } else { -1.0 };
-                        from = s.lagged;
+                        ramp_ms = i64::try_from(a.correlation_break_ramp_ms).unwrap_or(i64::MAX);
                         let target = (s.lagged + toward * shift).clamp(usual_lo, usual_hi);
                         (
                             steps_for(a.correlation_break_duration_ms, self.interval_ms),
@@ -370,6 +369,7 @@ impl Fleet {
                         )
                     }
                     AnomalyKind::PeerDrift => {
+                        ramp_ms = i64::try_from(a.peer_drift_return_ms).unwrap_or(i64::MAX);
                         let sign = sign(rng);
                         (
                             steps_for(a.peer_drift_duration_ms, self.interval_ms),
@@ -382,12 +382,12 @@ impl Fleet {
                     start_ms: ts,
                     end_ms: ts.saturating_add((steps - 1).saturating_mul(self.interval_ms)),
                     param,
-                    from,
+                    ramp_ms,
                 });
             }
             let value = match &s.active {
                 Some(a) if a.kind == AnomalyKind::CorrelationBreak => {
-                    let broken = s.clean_with(ts, self.start_ms, a.break_load(ts, ramp_ms));
+                    let broken = s.clean_with(ts, self.start_ms, a.break_load(ts, s.lagged));
                     a.apply(broken, noise, ts)
                 }
                 Some(a) => a.apply(clean, noise, ts),
@@ -492,6 +492,7 @@ mod tests {
         a.correlation_break_duration_ms = 30_000;
         a.correlation_break_ramp_ms = 5_000;
         a.peer_drift_duration_ms = 30_000;
+        a.peer_drift_return_ms = 5_000;
         cfg
     }
 
@@ -854,7 +855,8 @@ mod tests {
         }
     }
 
-    /// Starts at midnight: the load rises steeply from 07:00 to 11:00.
+    /// START is 16:00 UTC: after 7 h of warmup the breaks run from 23:00 to 03:00, while the load
+    /// falls towards its nightly trough.
     fn break_config() -> SimulatorConfig {
         let mut cfg = SimulatorConfig {
             devices: 1,
@@ -896,7 +898,10 @@ mod tests {
                 ((g.end_ms - START) / 1000) as usize,
             );
             assert_eq!(b - a + 1, 4 * 3600);
-            for (k, v) in broken.iter().enumerate().take(b + 1).skip(a) {
+            // Between the ramps (which blend the normal signal with this) the metric follows its
+            // frozen load and stays inside its own usual range.
+            let ramp = (cfg.anomalies.correlation_break_ramp_ms / 1000) as usize;
+            for (k, v) in broken.iter().enumerate().take(b - ramp + 1).skip(a + ramp) {
                 assert!(
                     (p1..=p99).contains(v),
                     "{g:?}: {v} outside [{p1}, {p99}] at step {k}"
@@ -907,12 +912,18 @@ mod tests {
                 broken[..a] == normal[..a],
                 "{g:?}: changed before its start"
             );
-            let ramp = (cfg.anomalies.correlation_break_ramp_ms / 1000) as usize;
-            let departure = (a + ramp..=b)
+            let departure = (a + ramp..=b - ramp)
                 .map(|k| (broken[k] - normal[k]).abs())
                 .sum::<f64>()
-                / (b - a - ramp + 1) as f64
+                / (b - a - 2 * ramp + 1) as f64
                 / sigma;
+            // Continuous at both ends: no step a univariate detector would take for a level shift.
+            for k in [a, a + 1, b - 1, b] {
+                assert!(
+                    (broken[k] - normal[k]).abs() < sigma,
+                    "{g:?}: jumps at step {k}"
+                );
+            }
             assert!(departure >= 3.0, "{g:?}: departs by {departure} sigma");
             // Against every other metric of the device (as it would have been: anomalies change
             // neither noise nor load), the correlation collapses during the break.
@@ -970,14 +981,22 @@ mod tests {
             );
             assert_eq!(b - a + 1, 3600);
             let offset = |k: usize| (drifted[k] - normal[k]) / sigma;
+            // Full size when the return starts (default: 10 min before the end), 0 at the end.
+            let top = b - 600;
             assert!(offset(a).abs() < 1e-6, "{g:?}: starts at {}", offset(a));
             assert!(
-                (offset(b).abs() - 6.0).abs() < 1e-6,
-                "{g:?}: ends at {}",
-                offset(b)
+                (offset(top).abs() - 6.0).abs() < 1e-6,
+                "{g:?}: peaks at {}",
+                offset(top)
             );
-            let mid = offset((a + b) / 2);
-            assert!((mid.abs() - 3.0).abs() < 0.01 && mid.signum() == offset(b).signum());
+            let mid = offset((a + top) / 2);
+            assert!((mid.abs() - 3.0).abs() < 0.01 && mid.signum() == offset(top).signum());
+            let back = offset(b - 300);
+            assert!(
+                (back.abs() - 3.0).abs() < 0.01,
+                "{g:?}: half way back at {back}"
+            );
+            assert!(offset(b).abs() < 1e-6, "{g:?}: ends at {}", offset(b));
             // Back to normal the step after (the next anomaly is at least min_gap_ms away).
             if b + 1 < steps {
                 assert_eq!(offset(b + 1), 0.0, "{g:?}");
