@@ -7,6 +7,7 @@
 //! the ground truth and the readings log. Loading YAML and printing errors belong to the `edgewatch` binary.
 
 mod anomaly;
+mod anomaly_config;
 mod config;
 mod device_csv;
 mod fleet;
