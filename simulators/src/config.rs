@@ -5,6 +5,8 @@
 //! `serde_path_to_error` for key paths) and `run` resolves the MQTT password.
 
 use crate::anomaly::AnomalyKind;
+pub use crate::anomaly_config::AnomalyConfig;
+use crate::load::LoadConfig;
 use crate::topic::TopicTemplate;
 use edgewatch_link::MqttLink;
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,9 @@ pub struct SimulatorConfig {
     /// Metrics every device reports; one series per (device, metric).
     #[serde(default = "default_metrics")]
     pub metrics: Vec<MetricSpec>,
+    /// The hidden load per device that drives its metrics (see [`MetricSpec::load_gain`]).
+    #[serde(default)]
+    pub load: LoadConfig,
     /// Simulated time between two readings of one series.
     #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
@@ -66,7 +71,9 @@ pub struct SimulatorConfig {
     pub anomalies: AnomalyConfig,
 }
 
-/// One metric of every device: `base + daily sine + drift + Gaussian noise`.
+/// One metric of every device: `base + daily sine + drift + load_gain · lag(load)^load_power +
+/// Gaussian noise`, where `load` is the device's hidden load (when `load.enabled`) and `lag` a
+/// first-order lag with time constant `load_lag_ms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricSpec {
@@ -83,45 +90,17 @@ pub struct MetricSpec {
     /// Largest slow drift per simulated hour; each series draws its own rate in ±[0.5, 1.5] × this.
     #[serde(default)]
     pub drift_per_hour: f64,
-}
-
-/// Which anomalies are injected, how often and how large.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AnomalyConfig {
-    /// Mean anomalies per series per simulated hour (Poisson arrivals); 0 disables injection.
-    #[serde(default = "default_rate_per_series_hour")]
-    pub rate_per_series_hour: f64,
-    /// Kinds to draw from, uniformly.
-    #[serde(default = "default_kinds")]
-    pub kinds: Vec<AnomalyKind>,
-    /// No anomaly starts before `start + warmup_ms` (detectors need history).
-    #[serde(default = "default_warmup_ms")]
-    pub warmup_ms: u64,
-    /// Least simulated time between the end of one anomaly and the start of the next in one series.
-    #[serde(default = "default_min_gap_ms")]
-    pub min_gap_ms: u64,
-    /// Spike/dip offset, `[min, max]` noise standard deviations.
-    #[serde(default = "default_spike_sigma")]
-    pub spike_sigma: [f64; 2],
-    /// Level-shift offset, `[min, max]` noise standard deviations (sign drawn at random).
-    #[serde(default = "default_level_shift_sigma")]
-    pub level_shift_sigma: [f64; 2],
-    /// Level-shift length.
-    #[serde(default = "default_level_shift_duration_ms")]
-    pub level_shift_duration_ms: u64,
-    /// Noise multiplier during a variance burst.
-    #[serde(default = "default_burst_factor")]
-    pub burst_factor: f64,
-    /// Variance-burst length.
-    #[serde(default = "default_burst_duration_ms")]
-    pub burst_duration_ms: u64,
-    /// Stuck-sensor length (the last value repeated exactly).
-    #[serde(default = "default_stuck_duration_ms")]
-    pub stuck_duration_ms: u64,
-    /// Dropout length (no readings at all).
-    #[serde(default = "default_dropout_duration_ms")]
-    pub dropout_duration_ms: u64,
+    /// How much the device's load moves this metric, in the metric's unit per unit of load
+    /// (0 = not driven by the load; ignored when `load.enabled` is false).
+    #[serde(default)]
+    pub load_gain: f64,
+    /// Time constant of the first-order lag (an exponential moving average) between the load and
+    /// this metric; 0 = follows the load at once (temperature lags current, say).
+    #[serde(default)]
+    pub load_lag_ms: u64,
+    /// Exponent applied to the (lagged) load before the gain; 1 = linear.
+    #[serde(default = "default_load_power")]
+    pub load_power: f64,
 }
 
 fn default_mqtt() -> MqttLink {
@@ -145,24 +124,34 @@ fn default_devices() -> usize {
 fn default_device_prefix() -> String {
     "dev-".to_string()
 }
+/// A pump: one hidden load drives temperature (lagging by 10 min), flow, motor current and
+/// discharge pressure. The daily cycle comes from the load, so the metrics' own sines are off.
+/// Every gain is 50 noise std-devs per unit of load: the default walk (std 0.02) moves each metric
+/// by about 1 sigma, the daily cycle (±0.25) by ±12.5.
 fn default_metrics() -> Vec<MetricSpec> {
-    let m = |name: &str, base, daily_amplitude, noise_std, drift_per_hour| MetricSpec {
+    let m = |name: &str, base, noise_std, drift_per_hour, load_gain, load_lag_ms| MetricSpec {
         name: name.to_string(),
         base,
-        daily_amplitude,
+        daily_amplitude: 0.0,
         noise_std,
         drift_per_hour,
+        load_gain,
+        load_lag_ms,
+        load_power: default_load_power(),
     };
     vec![
-        // °C
-        m("temperature", 21.0, 3.0, 0.2, 0.02),
-        // mm/s RMS
-        m("vibration", 2.5, 0.3, 0.1, 0.002),
+        // °C: 24 °C at the mean load
+        m("temperature", 18.0, 0.2, 0.002, 10.0, 600_000),
+        // m³/h
+        m("flow", 2.0, 0.5, 0.0, 25.0, 0),
         // A
-        m("current", 12.0, 2.0, 0.3, 0.01),
+        m("current", 4.0, 0.3, 0.002, 15.0, 0),
         // kPa
-        m("pressure", 101.3, 0.5, 0.05, 0.003),
+        m("pressure", 100.0, 0.05, 0.0005, 2.5, 0),
     ]
+}
+fn default_load_power() -> f64 {
+    1.0
 }
 fn default_noise_std() -> f64 {
     1.0
@@ -179,39 +168,6 @@ fn default_max_rate_per_sec() -> u64 {
 fn default_seed() -> u64 {
     42
 }
-fn default_rate_per_series_hour() -> f64 {
-    0.5
-}
-fn default_kinds() -> Vec<AnomalyKind> {
-    AnomalyKind::ALL.to_vec()
-}
-fn default_warmup_ms() -> u64 {
-    30 * 60_000
-}
-fn default_min_gap_ms() -> u64 {
-    10 * 60_000
-}
-fn default_spike_sigma() -> [f64; 2] {
-    [6.0, 12.0]
-}
-fn default_level_shift_sigma() -> [f64; 2] {
-    [3.0, 6.0]
-}
-fn default_level_shift_duration_ms() -> u64 {
-    15 * 60_000
-}
-fn default_burst_factor() -> f64 {
-    5.0
-}
-fn default_burst_duration_ms() -> u64 {
-    5 * 60_000
-}
-fn default_stuck_duration_ms() -> u64 {
-    10 * 60_000
-}
-fn default_dropout_duration_ms() -> u64 {
-    2 * 60_000
-}
 
 impl Default for SimulatorConfig {
     fn default() -> Self {
@@ -223,6 +179,7 @@ impl Default for SimulatorConfig {
             devices: default_devices(),
             device_prefix: default_device_prefix(),
             metrics: default_metrics(),
+            load: LoadConfig::default(),
             interval_ms: default_interval_ms(),
             start_ms: None,
             duration_ms: None,
@@ -232,24 +189,6 @@ impl Default for SimulatorConfig {
             ground_truth_path: None,
             readings_log_path: None,
             anomalies: default_anomalies(),
-        }
-    }
-}
-
-impl Default for AnomalyConfig {
-    fn default() -> Self {
-        Self {
-            rate_per_series_hour: default_rate_per_series_hour(),
-            kinds: default_kinds(),
-            warmup_ms: default_warmup_ms(),
-            min_gap_ms: default_min_gap_ms(),
-            spike_sigma: default_spike_sigma(),
-            level_shift_sigma: default_level_shift_sigma(),
-            level_shift_duration_ms: default_level_shift_duration_ms(),
-            burst_factor: default_burst_factor(),
-            burst_duration_ms: default_burst_duration_ms(),
-            stuck_duration_ms: default_stuck_duration_ms(),
-            dropout_duration_ms: default_dropout_duration_ms(),
         }
     }
 }
@@ -317,6 +256,24 @@ impl SimulatorConfig {
                     out.push(format!("{at}.{field}: must be finite, got {v}"));
                 }
             }
+            if !m.load_gain.is_finite() {
+                out.push(format!(
+                    "{at}.load_gain: must be finite, got {}",
+                    m.load_gain
+                ));
+            }
+            if !(m.load_power.is_finite() && m.load_power > 0.0 && m.load_power <= 10.0) {
+                out.push(format!(
+                    "{at}.load_power: must be in (0, 10], got {}",
+                    m.load_power
+                ));
+            }
+            if m.load_lag_ms > 86_400_000 {
+                out.push(format!(
+                    "{at}.load_lag_ms: must be <= 86400000 (a day), got {}",
+                    m.load_lag_ms
+                ));
+            }
             if !(m.noise_std.is_finite() && m.noise_std > 0.0) {
                 out.push(format!(
                     "{at}.noise_std: must be finite and > 0 (anomaly sizes are multiples of it), got {}",
@@ -354,61 +311,44 @@ impl SimulatorConfig {
         if self.max_rate_per_sec == 0 {
             out.push("max_rate_per_sec: must be > 0, got 0".to_string());
         }
+        self.load.problems_into("load", &mut out);
         self.anomalies.problems_into("anomalies", &mut out);
+        self.load_kind_problems_into(&mut out);
         out
+    }
+
+    /// correlation_break and peer_drift are defined against the hidden load.
+    fn load_kind_problems_into(&self, out: &mut Vec<String>) {
+        for (i, k) in self.anomalies.kinds.iter().enumerate() {
+            if !k.needs_load() {
+                continue;
+            }
+            if !self.load.enabled {
+                out.push(format!(
+                    "anomalies.kinds[{i}]: {} needs load.enabled: true (it is defined against the \
+                     device's hidden load); enable the load or remove the kind",
+                    k.as_str()
+                ));
+            } else if *k == AnomalyKind::CorrelationBreak {
+                if !self.metrics.iter().any(|m| m.load_gain != 0.0) {
+                    out.push(format!(
+                        "anomalies.kinds[{i}]: correlation_break needs at least one metric with \
+                         load_gain != 0, got none"
+                    ));
+                }
+                if self.load.daily_amplitude <= 0.0 && self.load.walk_std <= 0.0 {
+                    out.push(format!(
+                        "anomalies.kinds[{i}]: correlation_break needs a moving load \
+                         (load.daily_amplitude or load.walk_std > 0), got a constant one"
+                    ));
+                }
+            }
+        }
     }
 
     /// Number of series: devices × metrics.
     pub(crate) fn series(&self) -> usize {
         self.devices.saturating_mul(self.metrics.len())
-    }
-}
-
-impl AnomalyConfig {
-    fn problems_into(&self, at: &str, out: &mut Vec<String>) {
-        let r = self.rate_per_series_hour;
-        if !(r.is_finite() && r >= 0.0) {
-            out.push(format!(
-                "{at}.rate_per_series_hour: must be finite and >= 0, got {r}"
-            ));
-        }
-        if self.kinds.is_empty() && r > 0.0 {
-            out.push(format!(
-                "{at}.kinds: must list at least one kind when rate_per_series_hour > 0, got none"
-            ));
-        }
-        let mut seen = HashSet::new();
-        for (i, k) in self.kinds.iter().enumerate() {
-            if !seen.insert(*k) {
-                out.push(format!("{at}.kinds[{i}]: duplicate kind {}", k.as_str()));
-            }
-        }
-        for (field, [lo, hi]) in [
-            ("spike_sigma", self.spike_sigma),
-            ("level_shift_sigma", self.level_shift_sigma),
-        ] {
-            if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
-                out.push(format!(
-                    "{at}.{field}: must be [min, max] with 0 < min <= max, got [{lo}, {hi}]"
-                ));
-            }
-        }
-        if !(self.burst_factor.is_finite() && self.burst_factor > 1.0) {
-            out.push(format!(
-                "{at}.burst_factor: must be finite and > 1, got {}",
-                self.burst_factor
-            ));
-        }
-        for (field, v) in [
-            ("level_shift_duration_ms", self.level_shift_duration_ms),
-            ("burst_duration_ms", self.burst_duration_ms),
-            ("stuck_duration_ms", self.stuck_duration_ms),
-            ("dropout_duration_ms", self.dropout_duration_ms),
-        ] {
-            if v == 0 {
-                out.push(format!("{at}.{field}: must be > 0, got 0"));
-            }
-        }
     }
 }
 
@@ -499,6 +439,130 @@ mod tests {
     }
 
     #[test]
+    fn bad_load_and_new_kind_values_are_rejected_with_the_field_named() {
+        let mut cfg = SimulatorConfig::default();
+        cfg.metrics[0].load_gain = f64::NAN;
+        cfg.metrics[1].load_power = 0.0;
+        cfg.metrics[2].load_lag_ms = 100_000_000;
+        cfg.load.walk_std = -0.1;
+        let a = &mut cfg.anomalies;
+        a.correlation_break_sigma = [0.0, 3.0];
+        a.correlation_break_duration_ms = 60_000;
+        a.correlation_break_ramp_ms = 120_000;
+        a.peer_drift_sigma = f64::INFINITY;
+        a.peer_drift_duration_ms = 0;
+        a.peer_drift_return_ms = 0;
+        let p = cfg.problems();
+        assert!(has(&p, "metrics[0].load_gain:", "NaN"), "{p:#?}");
+        assert!(has(&p, "metrics[1].load_power:", "got 0"), "{p:#?}");
+        assert!(has(&p, "metrics[2].load_lag_ms:", "100000000"), "{p:#?}");
+        assert!(has(&p, "load.walk_std:", "-0.1"), "{p:#?}");
+        assert!(
+            has(&p, "anomalies.correlation_break_sigma:", "[0, 3]"),
+            "{p:#?}"
+        );
+        assert!(
+            has(
+                &p,
+                "anomalies.correlation_break_ramp_ms:",
+                "(60000), got 120000"
+            ),
+            "{p:#?}"
+        );
+        assert!(has(&p, "anomalies.peer_drift_sigma:", "inf"), "{p:#?}");
+        assert!(
+            has(&p, "anomalies.peer_drift_duration_ms:", "got 0"),
+            "{p:#?}"
+        );
+        assert_eq!(p.len(), 8, "{p:#?}");
+        let mut r = SimulatorConfig::default();
+        r.anomalies.peer_drift_return_ms = 3_600_001;
+        let p = r.problems();
+        assert!(
+            has(
+                &p,
+                "anomalies.peer_drift_return_ms:",
+                "(7200000), got 3600001"
+            ),
+            "{p:#?}"
+        );
+        assert_eq!(p.len(), 1, "{p:#?}");
+
+        let mut w = SimulatorConfig::default();
+        w.anomalies.kind_weights.insert(AnomalyKind::Spike, 0.0);
+        w.anomalies.kind_weights.insert(AnomalyKind::Dip, f64::NAN);
+        let p = w.problems();
+        assert!(has(&p, "anomalies.kind_weights.spike:", "got 0"), "{p:#?}");
+        assert!(has(&p, "anomalies.kind_weights.dip:", "NaN"), "{p:#?}");
+        assert_eq!(p.len(), 2, "{p:#?}");
+    }
+
+    #[test]
+    fn load_kinds_need_the_load_and_a_load_driven_metric() {
+        let mut off = SimulatorConfig::default();
+        off.load.enabled = false;
+        let p = off.problems();
+        assert!(
+            has(
+                &p,
+                "anomalies.kinds[6]:",
+                "correlation_break needs load.enabled"
+            ),
+            "{p:#?}"
+        );
+        assert!(
+            has(&p, "anomalies.kinds[7]:", "peer_drift needs load.enabled"),
+            "{p:#?}"
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        off.anomalies.kinds.retain(|k| !k.needs_load());
+        assert_eq!(off.problems(), Vec::<String>::new());
+
+        let mut no_gain = SimulatorConfig::default();
+        no_gain.metrics.iter_mut().for_each(|m| m.load_gain = 0.0);
+        let p = no_gain.problems();
+        assert!(has(&p, "anomalies.kinds[6]:", "load_gain != 0"), "{p:#?}");
+        assert_eq!(p.len(), 1, "{p:#?}");
+
+        let mut flat = SimulatorConfig::default();
+        flat.load.daily_amplitude = 0.0;
+        flat.load.walk_std = 0.0;
+        let p = flat.problems();
+        assert!(has(&p, "anomalies.kinds[6]:", "constant"), "{p:#?}");
+        // A flat load is fine without correlation breaks.
+        flat.anomalies.kinds = vec![AnomalyKind::PeerDrift];
+        assert_eq!(flat.problems(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn load_fields_parse_with_defaults() {
+        let cfg: SimulatorConfig = serde_json::from_str(
+            r#"{"load": {"walk_std": 0.05}, "metrics": [{"name": "rpm", "base": 1.0, "load_gain": 2.0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.load.walk_std, 0.05);
+        assert_eq!(cfg.load.mean, 0.6);
+        assert!(cfg.load.enabled);
+        assert_eq!(cfg.metrics[0].load_power, 1.0);
+        assert_eq!(cfg.metrics[0].load_lag_ms, 0);
+        assert_eq!(cfg.anomalies.weight(AnomalyKind::PeerDrift), 0.25);
+        assert_eq!(cfg.anomalies.weight(AnomalyKind::Spike), 1.0);
+        let w: AnomalyConfig = serde_json::from_str(r#"{"kind_weights": {"stuck": 3.0}}"#).unwrap();
+        assert_eq!(w.weight(AnomalyKind::Stuck), 3.0);
+        assert_eq!(
+            w.weight(AnomalyKind::PeerDrift),
+            1.0,
+            "the map replaces the defaults"
+        );
+        assert!(
+            serde_json::from_str::<AnomalyConfig>(r#"{"kind_weights": {"stuk": 3.0}}"#).is_err()
+        );
+        assert_eq!(cfg.problems(), Vec::<String>::new());
+        let e = serde_json::from_str::<SimulatorConfig>(r#"{"load": {"walk": 1}}"#).unwrap_err();
+        assert!(e.to_string().contains("walk"), "{e}");
+    }
+
+    #[test]
     fn unknown_fields_are_rejected() {
         let e = serde_json::from_str::<SimulatorConfig>(r#"{"device": 3}"#).unwrap_err();
         assert!(e.to_string().contains("device"), "{e}");
@@ -516,6 +580,14 @@ mod tests {
         edgewatch_models::yaml_limits::check(text.as_bytes(), limits).unwrap();
         let cfg: SimulatorConfig = serde_norway::from_str(&text).unwrap();
         assert_eq!(cfg.problems(), Vec::<String>::new());
-        assert_eq!(cfg.anomalies.kinds.len(), 6);
+        // Every kind, the two load-based ones included (the file's fleet is correlated).
+        assert_eq!(cfg.anomalies.kinds, AnomalyKind::ALL.to_vec());
+        assert!(cfg.load.enabled);
+        assert!(cfg.metrics.iter().all(|m| m.load_gain > 0.0));
+        // The file shows the defaults.
+        let d = SimulatorConfig::default();
+        assert_eq!(cfg.metrics, d.metrics);
+        assert_eq!(cfg.load, d.load);
+        assert_eq!(cfg.anomalies, d.anomalies);
     }
 }

@@ -1,15 +1,17 @@
 //! The fleet generator: devices × metrics, each series a realistic signal with injected,
-//! labelled anomalies.
+//! labelled anomalies; with `load.enabled`, a device's metrics are driven by its hidden load
+//! ([`crate::load`]) and move together.
 //!
 //! Pure state machine: no I/O, no clock, no async. Time is a value that advances by
 //! `interval_ms` per [`Fleet::step`], so the same seed gives the same readings and labels whatever
 //! the publisher's pacing. Every series owns three seeded generators (parameters, noise, anomaly
-//! schedule) derived from the seed, the device id and the metric name, so the noise of a series
-//! does not change when anomaly settings or other series change. (`SmallRng` is reproducible on one
-//! platform and `rand` version, not across them.)
+//! schedule) derived from the seed, the device id and the metric name, and every device one for its
+//! load, so the noise of a series does not change when anomaly settings or other series change.
+//! (`SmallRng` is reproducible on one platform and `rand` version, not across them.)
 
 use crate::anomaly::{Active, AnomalyKind, GroundTruth};
 use crate::config::{AnomalyConfig, SimulatorConfig};
+use crate::load::{Load, LoadConfig, LOAD_PEAK_MS};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::f64::consts::TAU;
@@ -17,8 +19,9 @@ use std::sync::Arc;
 
 const DAY_MS: i64 = 86_400_000;
 const HOUR_MS: f64 = 3_600_000.0;
-/// The daily sine peaks at 15:00 UTC (afternoon heat, peak load), give or take a per-device hour.
-const DAILY_PEAK_MS: i64 = 15 * 3_600_000;
+/// The daily sine peaks at 15:00 UTC (afternoon heat, peak load), give or take a per-device hour
+/// (exactly, on correlated devices).
+const DAILY_PEAK_MS: i64 = LOAD_PEAK_MS;
 
 /// One simulated sensor reading.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +46,15 @@ struct Series {
     peak_ms: i64,
     noise_std: f64,
     drift_per_ms: f64,
+    /// Metric units per unit of (lagged, powered) load; 0 when the load is off.
+    load_gain: f64,
+    load_power: f64,
+    /// Per-step weight of the new load in the lag's moving average (1 = no lag).
+    lag_alpha: f64,
+    /// The lagged load this metric follows; NaN before the first step.
+    lagged: f64,
+    /// Whether a correlation break can be injected here (load on, gain != 0).
+    can_break: bool,
     noise_rng: SmallRng,
     anomaly_rng: SmallRng,
     last_value: Option<f64>,
@@ -55,6 +67,13 @@ struct Series {
 #[derive(Debug)]
 pub struct Fleet {
     series: Vec<Series>,
+    /// One load per device when `load.enabled`, else empty.
+    loads: Vec<Load>,
+    load_cfg: LoadConfig,
+    metrics_per_device: usize,
+    /// Kinds with their cumulative weights, for series that can and cannot break a correlation.
+    draw_all: Vec<(AnomalyKind, f64)>,
+    draw_unbreakable: Vec<(AnomalyKind, f64)>,
     anomalies: AnomalyConfig,
     /// Anomaly arrivals per simulated ms per series.
     rate_per_ms: f64,
@@ -84,11 +103,23 @@ fn series_seed(seed: u64, device: &str, metric: &str, stream: u64) -> u64 {
 
 /// One standard normal draw (Box–Muller; the second value of the pair is discarded so every
 /// step consumes exactly two uniforms).
-fn standard_normal(rng: &mut SmallRng) -> f64 {
+pub(crate) fn standard_normal(rng: &mut SmallRng) -> f64 {
     // 1 - [0, 1) is (0, 1]: ln never sees 0.
     let u1 = 1.0 - rng.gen::<f64>();
     let u2 = rng.gen::<f64>();
     (-2.0 * u1.ln()).sqrt() * (TAU * u2).cos()
+}
+
+/// The kind whose cumulative weight first exceeds `u` (in [0, 1)) times the total. Only called for
+/// a series with kinds to draw (its rate is 0 otherwise); an empty list would give `Spike`.
+fn draw(kinds: &[(AnomalyKind, f64)], u: f64) -> AnomalyKind {
+    let total = kinds.last().map_or(0.0, |k| k.1);
+    let x = u * total;
+    kinds
+        .iter()
+        .find(|(_, c)| x < *c)
+        .or(kinds.last())
+        .map_or(AnomalyKind::Spike, |k| k.0)
 }
 
 /// Steps an anomaly of `duration_ms` covers: at least one.
@@ -97,12 +128,35 @@ fn steps_for(duration_ms: u64, interval_ms: i64) -> i64 {
     (d.saturating_add(interval_ms - 1) / interval_ms).max(1)
 }
 
+/// What one series did in one step, for callers that need more than the readings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SeriesStep {
+    /// Index of the series (device-major: `device * metrics + metric`).
+    pub(crate) index: usize,
+    /// The anomaly-free signal without noise (the tests check readings against it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) clean: f64,
+    /// The reading emitted; `None` during a dropout.
+    pub(crate) value: Option<f64>,
+    /// Whether a labelled anomaly covers this step.
+    pub(crate) labelled: bool,
+}
+
 impl Series {
-    fn clean(&self, ts_ms: i64, start_ms: i64) -> f64 {
+    /// The noise-free signal at `ts_ms` when the metric sees `load` (already lagged).
+    fn clean_with(&self, ts_ms: i64, start_ms: i64, load: f64) -> f64 {
         let tod = (ts_ms - self.peak_ms).rem_euclid(DAY_MS) as f64;
+        let driven = if self.load_gain == 0.0 {
+            0.0
+        } else if self.load_power == 1.0 {
+            self.load_gain * load.max(0.0)
+        } else {
+            self.load_gain * load.max(0.0).powf(self.load_power)
+        };
         self.base
             + self.amplitude * (TAU * tod / DAY_MS as f64).cos()
             + self.drift_per_ms * ts_ms.saturating_sub(start_ms) as f64
+            + driven
     }
 
     fn label(&self, a: &Active, end_ms: i64) -> GroundTruth {
@@ -133,6 +187,21 @@ impl Fleet {
             a.rate_per_series_hour / HOUR_MS
         };
         let warmup_end = start_ms.saturating_add(i64::try_from(a.warmup_ms).unwrap_or(i64::MAX));
+        let load_on = cfg.load.enabled;
+        let cumulative = |keep: &dyn Fn(AnomalyKind) -> bool| {
+            let mut sum = 0.0;
+            a.kinds
+                .iter()
+                .filter(|k| keep(**k))
+                .map(|k| {
+                    sum += a.weight(*k);
+                    (*k, sum)
+                })
+                .collect::<Vec<_>>()
+        };
+        let draw_all = cumulative(&|_| true);
+        let draw_unbreakable = cumulative(&|k| k != AnomalyKind::CorrelationBreak);
+        let mut loads = Vec::new();
         let width = (cfg.devices.saturating_sub(1)).to_string().len().max(4);
         let metrics: Vec<Arc<str>> = cfg
             .metrics
@@ -143,30 +212,66 @@ impl Fleet {
         let mut series = Vec::with_capacity(cfg.series());
         for d in 0..cfg.devices {
             let device: Arc<str> = Arc::from(format!("{}{d:0width$}", cfg.device_prefix));
+            if load_on {
+                // Metric names are never empty, so stream 3 of metric "" is the device's own.
+                let seed = series_seed(cfg.seed, &device, "", 3);
+                loads.push(Load::new(&cfg.load, interval_ms, seed));
+            }
             for (spec, metric) in cfg.metrics.iter().zip(&metrics) {
                 let mut params = SmallRng::seed_from_u64(series_seed(cfg.seed, &device, metric, 0));
                 let sign = if params.gen::<bool>() { 1.0 } else { -1.0 };
+                // The same draws either way; on correlated devices peers stay nearly identical.
+                let offset = params.gen_range(-1.0..=1.0);
+                let amplitude = params.gen_range(0.8..=1.2);
+                let peak = params.gen_range(-3_600_000..=3_600_000);
+                let (offset, amplitude, peak) = if load_on {
+                    (offset * cfg.load.peer_offset_sigma, 1.0, 0)
+                } else {
+                    (offset * 2.0, amplitude, peak)
+                };
+                let lag_alpha = if spec.load_lag_ms == 0 {
+                    1.0
+                } else {
+                    1.0 - (-(interval_ms as f64) / spec.load_lag_ms as f64).exp()
+                };
+                let load_gain = if load_on { spec.load_gain } else { 0.0 };
                 let mut s = Series {
                     device: device.clone(),
                     metric: metric.clone(),
-                    base: spec.base + params.gen_range(-2.0..=2.0) * spec.noise_std,
-                    amplitude: spec.daily_amplitude * params.gen_range(0.8..=1.2),
-                    peak_ms: DAILY_PEAK_MS + params.gen_range(-3_600_000..=3_600_000),
+                    base: spec.base + offset * spec.noise_std,
+                    amplitude: spec.daily_amplitude * amplitude,
+                    peak_ms: DAILY_PEAK_MS + peak,
                     noise_std: spec.noise_std,
                     drift_per_ms: sign * spec.drift_per_hour * params.gen_range(0.5..=1.5)
                         / HOUR_MS,
+                    load_gain,
+                    load_power: spec.load_power,
+                    lag_alpha,
+                    lagged: f64::NAN,
+                    can_break: load_gain != 0.0,
                     noise_rng: SmallRng::seed_from_u64(series_seed(cfg.seed, &device, metric, 1)),
                     anomaly_rng: SmallRng::seed_from_u64(series_seed(cfg.seed, &device, metric, 2)),
                     last_value: None,
                     active: None,
                     next_anomaly_ms: i64::MAX,
                 };
-                s.next_anomaly_ms = Self::schedule(&mut s.anomaly_rng, rate_per_ms, warmup_end);
+                let kinds_here = if s.can_break {
+                    draw_all.len()
+                } else {
+                    draw_unbreakable.len()
+                };
+                let rate = if kinds_here == 0 { 0.0 } else { rate_per_ms };
+                s.next_anomaly_ms = Self::schedule(&mut s.anomaly_rng, rate, warmup_end);
                 series.push(s);
             }
         }
         Ok(Fleet {
             series,
+            loads,
+            load_cfg: cfg.load.clone(),
+            metrics_per_device: cfg.metrics.len(),
+            draw_all,
+            draw_unbreakable,
             anomalies: a.clone(),
             rate_per_ms,
             interval_ms,
@@ -188,22 +293,51 @@ impl Fleet {
 
     /// Advances simulated time by one step (cfg.interval_ms) and appends that step's readings (one per series, minus dropouts).
     pub fn step(&mut self, out: &mut Vec<SimReading>) {
+        self.step_with(out, |_| {});
+    }
+
+    /// [`Fleet::step`], also telling `each` what every series did (for the CSV writer and tests).
+    pub(crate) fn step_with(
+        &mut self,
+        out: &mut Vec<SimReading>,
+        mut each: impl FnMut(SeriesStep),
+    ) {
         let ts = self.now_ms;
-        for s in &mut self.series {
+        let per_device = self.metrics_per_device.max(1);
+        let (usual_lo, usual_hi) = self.load_cfg.usual_range();
+        let mut load = 0.0;
+        for (index, s) in self.series.iter_mut().enumerate() {
+            if index % per_device == 0 {
+                if let Some(l) = self.loads.get_mut(index / per_device) {
+                    load = l.step(ts);
+                }
+            }
             // Drawn every step, anomaly or not, so the noise stream never depends on anomalies.
             let noise = standard_normal(&mut s.noise_rng) * s.noise_std;
-            let clean = s.clean(ts, self.start_ms);
+            // The lag runs through dropouts and anomalies: it is the physics, not the sensor.
+            s.lagged = if s.lagged.is_nan() {
+                load
+            } else {
+                s.lagged + s.lag_alpha * (load - s.lagged)
+            };
+            let clean = s.clean_with(ts, self.start_ms, s.lagged);
             if s.active.is_none() && ts >= s.next_anomaly_ms {
                 let a = &self.anomalies;
+                let kinds = if s.can_break {
+                    &self.draw_all
+                } else {
+                    &self.draw_unbreakable
+                };
                 let rng = &mut s.anomaly_rng;
-                // The schedule only runs when kinds is non-empty (rate_per_ms is 0 otherwise).
-                let kind = a.kinds[rng.gen_range(0..a.kinds.len())];
+                let kind = draw(kinds, rng.gen::<f64>());
                 let sigma = |rng: &mut SmallRng, [lo, hi]: [f64; 2]| rng.gen_range(lo..=hi);
+                let sign = |rng: &mut SmallRng| if rng.gen::<bool>() { 1.0 } else { -1.0 };
+                let mut ramp_ms = 0;
                 let (steps, param) = match kind {
                     AnomalyKind::Spike => (1, sigma(rng, a.spike_sigma) * s.noise_std),
                     AnomalyKind::Dip => (1, -sigma(rng, a.spike_sigma) * s.noise_std),
                     AnomalyKind::LevelShift => {
-                        let sign = if rng.gen::<bool>() { 1.0 } else { -1.0 };
+                        let sign = sign(rng);
                         let steps = steps_for(a.level_shift_duration_ms, self.interval_ms);
                         (steps, sign * sigma(rng, a.level_shift_sigma) * s.noise_std)
                     }
@@ -218,18 +352,53 @@ impl Fleet {
                     AnomalyKind::Dropout => {
                         (steps_for(a.dropout_duration_ms, self.interval_ms), 0.0)
                     }
+                    AnomalyKind::CorrelationBreak => {
+                        // Metric units per unit of load near the mean load: turns sigmas into load.
+                        let mean = self.load_cfg.mean;
+                        let slope = (s.load_gain * s.load_power * mean.powf(s.load_power - 1.0))
+                            .abs()
+                            .max(f64::MIN_POSITIVE);
+                        let shift = sigma(rng, a.correlation_break_sigma) * s.noise_std / slope;
+                        // Towards the middle of the usual range, so the metric stays inside its own.
+                        let toward = if s.lagged < mean { 1.0 } else { -1.0 };
+                        ramp_ms = i64::try_from(a.correlation_break_ramp_ms).unwrap_or(i64::MAX);
+                        let target = (s.lagged + toward * shift).clamp(usual_lo, usual_hi);
+                        (
+                            steps_for(a.correlation_break_duration_ms, self.interval_ms),
+                            target,
+                        )
+                    }
+                    AnomalyKind::PeerDrift => {
+                        ramp_ms = i64::try_from(a.peer_drift_return_ms).unwrap_or(i64::MAX);
+                        let sign = sign(rng);
+                        (
+                            steps_for(a.peer_drift_duration_ms, self.interval_ms),
+                            sign * a.peer_drift_sigma * s.noise_std,
+                        )
+                    }
                 };
                 s.active = Some(Active {
                     kind,
                     start_ms: ts,
                     end_ms: ts.saturating_add((steps - 1).saturating_mul(self.interval_ms)),
                     param,
+                    ramp_ms,
                 });
             }
             let value = match &s.active {
-                Some(a) => a.apply(clean, noise),
+                Some(a) if a.kind == AnomalyKind::CorrelationBreak => {
+                    let broken = s.clean_with(ts, self.start_ms, a.break_load(ts, s.lagged));
+                    a.apply(broken, noise, ts)
+                }
+                Some(a) => a.apply(clean, noise, ts),
                 None => Some(clean + noise),
             };
+            each(SeriesStep {
+                index,
+                clean,
+                value,
+                labelled: s.active.is_some(),
+            });
             if let Some(value) = value {
                 s.last_value = Some(value);
                 out.push(SimReading {
@@ -279,10 +448,22 @@ impl Fleet {
         self.series.len()
     }
 
-    /// The anomaly-free signal of series `i` at `ts_ms`, without noise (for tests).
-    #[cfg(test)]
-    fn clean_value(&self, i: usize, ts_ms: i64) -> f64 {
-        self.series[i].clean(ts_ms, self.start_ms)
+    /// Device ids, in series order.
+    pub fn devices(&self) -> Vec<Arc<str>> {
+        self.series
+            .iter()
+            .step_by(self.metrics_per_device.max(1))
+            .map(|s| s.device.clone())
+            .collect()
+    }
+
+    /// Metric names, in the config's order.
+    pub fn metrics(&self) -> Vec<Arc<str>> {
+        self.series
+            .iter()
+            .take(self.metrics_per_device)
+            .map(|s| s.metric.clone())
+            .collect()
     }
 }
 
@@ -308,6 +489,10 @@ mod tests {
         a.burst_duration_ms = 20_000;
         a.stuck_duration_ms = 15_000;
         a.dropout_duration_ms = 10_500;
+        a.correlation_break_duration_ms = 30_000;
+        a.correlation_break_ramp_ms = 5_000;
+        a.peer_drift_duration_ms = 30_000;
+        a.peer_drift_return_ms = 5_000;
         cfg
     }
 
@@ -318,6 +503,23 @@ mod tests {
             fleet.step(&mut out);
         }
         (fleet, out)
+    }
+
+    /// Like `run`, also returning the clean signal of every series keyed by (series index, ts).
+    fn run_traced(
+        cfg: &SimulatorConfig,
+        steps: usize,
+    ) -> (Fleet, Vec<SimReading>, HashMap<(usize, i64), f64>) {
+        let mut fleet = Fleet::new(cfg, START).unwrap();
+        let mut out = Vec::new();
+        let mut clean = HashMap::new();
+        for _ in 0..steps {
+            let ts = fleet.now_ms();
+            fleet.step_with(&mut out, |s| {
+                clean.insert((s.index, ts), s.clean);
+            });
+        }
+        (fleet, out, clean)
     }
 
     /// Readings keyed by (series index, ts).
@@ -410,7 +612,7 @@ mod tests {
     fn every_label_matches_what_was_injected() {
         let cfg = busy();
         let steps = 3600;
-        let (fleet, readings) = run(&cfg, steps);
+        let (fleet, readings, clean) = run_traced(&cfg, steps);
         let by = index(&fleet, &readings);
         let labels = fleet.ground_truth();
         for kind in AnomalyKind::ALL {
@@ -432,7 +634,7 @@ mod tests {
             match g.kind {
                 AnomalyKind::Spike | AnomalyKind::Dip => {
                     assert_eq!(g.start_ms, g.end_ms);
-                    let dev = (by[&(i, g.start_ms)] - fleet.clean_value(i, g.start_ms)) / std;
+                    let dev = (by[&(i, g.start_ms)] - clean[&(i, g.start_ms)]) / std;
                     let sign = if g.kind == AnomalyKind::Spike {
                         1.0
                     } else {
@@ -443,7 +645,9 @@ mod tests {
                         "{g:?}: {dev}"
                     );
                 }
-                AnomalyKind::LevelShift => assert_eq!(len, 30),
+                AnomalyKind::LevelShift
+                | AnomalyKind::CorrelationBreak
+                | AnomalyKind::PeerDrift => assert_eq!(len, 30),
                 AnomalyKind::VarianceBurst => assert_eq!(len, 20),
                 AnomalyKind::Stuck => {
                     assert_eq!(len, 15);
@@ -492,7 +696,7 @@ mod tests {
                 .iter()
                 .any(|g| series_of(&fleet, g) == *i && g.start_ms <= *t && *t <= g.end_ms);
             if !inside && !in_open {
-                let dev = (v - fleet.clean_value(*i, *t)) / fleet.series[*i].noise_std;
+                let dev = (v - clean[&(*i, *t)]) / fleet.series[*i].noise_std;
                 assert!(
                     dev.abs() < 6.0,
                     "unlabelled deviation {dev} at series {i}, ts {t}"
@@ -555,6 +759,350 @@ mod tests {
             assert_eq!(g.end_ms, fleet.now_ms() - 1000);
             assert!(g.start_ms <= g.end_ms);
         }
+    }
+
+    fn pearson(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let n = a.len() as f64;
+        let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+        let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+        for (x, y) in a.iter().zip(b) {
+            sab += (x - ma) * (y - mb);
+            saa += (x - ma) * (x - ma);
+            sbb += (y - mb) * (y - mb);
+        }
+        sab / (saa * sbb).sqrt()
+    }
+
+    fn quiet(cfg: SimulatorConfig) -> SimulatorConfig {
+        SimulatorConfig {
+            anomalies: AnomalyConfig {
+                rate_per_series_hour: 0.0,
+                ..cfg.anomalies.clone()
+            },
+            ..cfg
+        }
+    }
+
+    /// Values of one series (device index, metric index) by step; NaN where there was no reading.
+    fn column(
+        fleet: &Fleet,
+        readings: &[SimReading],
+        d: usize,
+        m: usize,
+        steps: usize,
+    ) -> Vec<f64> {
+        let device = fleet.devices()[d].clone();
+        let metric = fleet.metrics()[m].clone();
+        let mut out = vec![f64::NAN; steps];
+        for r in readings {
+            if r.device == device && r.metric == metric {
+                out[((r.ts_ms - START) / 1000) as usize] = r.value;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_devices_metrics_move_together_over_a_day_at_the_default_config() {
+        let cfg = quiet(SimulatorConfig {
+            devices: 2,
+            ..Default::default()
+        });
+        let steps = 86_400;
+        let (fleet, readings) = run(&cfg, steps);
+        for d in 0..2 {
+            let cols: Vec<Vec<f64>> = (0..4)
+                .map(|m| column(&fleet, &readings, d, m, steps))
+                .collect();
+            for i in 0..4 {
+                for j in i + 1..4 {
+                    let r = pearson(&cols[i], &cols[j]);
+                    assert!(r >= 0.8, "device {d}: metrics {i} and {j}: r = {r}");
+                }
+            }
+        }
+        // The same fleet without the load: independent series.
+        let mut off = cfg.clone();
+        off.load.enabled = false;
+        off.anomalies.kinds.retain(|k| !k.needs_load());
+        let (fleet, readings) = run(&off, 7200);
+        let a = column(&fleet, &readings, 0, 1, 7200);
+        let b = column(&fleet, &readings, 0, 3, 7200);
+        assert!(pearson(&a, &b).abs() < 0.5, "{}", pearson(&a, &b));
+    }
+
+    #[test]
+    fn peers_are_identical_apart_from_noise_walk_and_small_offsets() {
+        let cfg = quiet(SimulatorConfig {
+            devices: 2,
+            ..Default::default()
+        });
+        let steps = 86_400;
+        let (fleet, _, clean) = run_traced(&cfg, steps);
+        for m in 0..4 {
+            let sigma = fleet.series[m].noise_std;
+            let mean_gap = (0..steps as i64)
+                .map(|k| {
+                    let t = START + k * 1000;
+                    (clean[&(m, t)] - clean[&(4 + m, t)]).abs()
+                })
+                .sum::<f64>()
+                / steps as f64
+                / sigma;
+            // Well below the default peer drift (6 sigma).
+            assert!(mean_gap < 2.5, "metric {m}: peers {mean_gap} sigma apart");
+        }
+    }
+
+    /// START is 16:00 UTC: after 7 h of warmup the breaks run from 23:00 to 03:00, while the load
+    /// falls towards its nightly trough.
+    fn break_config() -> SimulatorConfig {
+        let mut cfg = SimulatorConfig {
+            devices: 1,
+            seed: 5,
+            ..Default::default()
+        };
+        let a = &mut cfg.anomalies;
+        a.kinds = vec![AnomalyKind::CorrelationBreak];
+        a.rate_per_series_hour = 120.0;
+        a.warmup_ms = 7 * 3_600_000;
+        a.correlation_break_duration_ms = 4 * 3_600_000;
+        cfg
+    }
+
+    #[test]
+    fn a_correlation_break_stays_in_range_while_the_correlation_collapses() {
+        let cfg = break_config();
+        let day = 86_400;
+        let (ref_fleet, ref_readings) = run(&quiet(cfg.clone()), day);
+        let (fleet, readings) = run(&cfg, 12 * 3600);
+        let labels = fleet.ground_truth();
+        assert_eq!(labels.len(), 4, "every metric broke once: {labels:?}");
+        for g in labels {
+            assert_eq!(g.kind, AnomalyKind::CorrelationBreak);
+            assert!(g.start_ms < START + 7 * 3_600_000 + 300_000, "{g:?}");
+            let m = fleet
+                .metrics()
+                .iter()
+                .position(|m| **m == *g.metric)
+                .unwrap();
+            let sigma = fleet.series[m].noise_std;
+            let normal = column(&ref_fleet, &ref_readings, 0, m, day);
+            let broken = column(&fleet, &readings, 0, m, 12 * 3600);
+            let mut sorted = normal.clone();
+            sorted.sort_by(f64::total_cmp);
+            let (p1, p99) = (sorted[day / 100], sorted[day * 99 / 100]);
+            let (a, b) = (
+                ((g.start_ms - START) / 1000) as usize,
+                ((g.end_ms - START) / 1000) as usize,
+            );
+            assert_eq!(b - a + 1, 4 * 3600);
+            // Between the ramps (which blend the normal signal with this) the metric follows its
+            // frozen load and stays inside its own usual range.
+            let ramp = (cfg.anomalies.correlation_break_ramp_ms / 1000) as usize;
+            for (k, v) in broken.iter().enumerate().take(b - ramp + 1).skip(a + ramp) {
+                assert!(
+                    (p1..=p99).contains(v),
+                    "{g:?}: {v} outside [{p1}, {p99}] at step {k}"
+                );
+            }
+            // Before the break the series is exactly the normal one; after the ramp it departs.
+            assert!(
+                broken[..a] == normal[..a],
+                "{g:?}: changed before its start"
+            );
+            let departure = (a + ramp..=b - ramp)
+                .map(|k| (broken[k] - normal[k]).abs())
+                .sum::<f64>()
+                / (b - a - 2 * ramp + 1) as f64
+                / sigma;
+            // Continuous at both ends: no step a univariate detector would take for a level shift.
+            for k in [a, a + 1, b - 1, b] {
+                assert!(
+                    (broken[k] - normal[k]).abs() < sigma,
+                    "{g:?}: jumps at step {k}"
+                );
+            }
+            assert!(departure >= 3.0, "{g:?}: departs by {departure} sigma");
+            // Against every other metric of the device (as it would have been: anomalies change
+            // neither noise nor load), the correlation collapses during the break.
+            for o in (0..4).filter(|&o| o != m) {
+                let other = column(&ref_fleet, &ref_readings, 0, o, day);
+                let before = pearson(&normal[a..=b], &other[a..=b]);
+                let during = pearson(&broken[a..=b], &other[a..=b]);
+                assert!(before >= 0.8, "{g:?} vs metric {o}: normal r = {before}");
+                assert!(
+                    during.abs() < 0.3,
+                    "{g:?} vs metric {o}: broken r = {during}"
+                );
+            }
+            // After the break, back to normal.
+            assert!(
+                broken[b + 1..b + 60] == normal[b + 1..b + 60],
+                "{g:?}: not back to normal"
+            );
+        }
+    }
+
+    #[test]
+    fn a_peer_drift_reaches_its_size_and_returns() {
+        let mut cfg = SimulatorConfig {
+            devices: 3,
+            seed: 3,
+            ..Default::default()
+        };
+        let a = &mut cfg.anomalies;
+        a.kinds = vec![AnomalyKind::PeerDrift];
+        a.rate_per_series_hour = 2.0;
+        a.warmup_ms = 1_800_000;
+        a.peer_drift_duration_ms = 3_600_000;
+        let steps = 4 * 3600;
+        let (ref_fleet, ref_readings) = run(&quiet(cfg.clone()), steps);
+        let (fleet, readings) = run(&cfg, steps);
+        let labels = fleet.ground_truth();
+        let open = fleet.in_progress();
+        assert!(labels.len() >= 3, "{labels:?}");
+        let devices = fleet.devices();
+        for g in labels {
+            assert_eq!(g.kind, AnomalyKind::PeerDrift);
+            let d = devices.iter().position(|d| **d == *g.device).unwrap();
+            let m = fleet
+                .metrics()
+                .iter()
+                .position(|m| **m == *g.metric)
+                .unwrap();
+            let sigma = fleet.series[d * 4 + m].noise_std;
+            let normal = column(&ref_fleet, &ref_readings, d, m, steps);
+            let drifted = column(&fleet, &readings, d, m, steps);
+            let (a, b) = (
+                ((g.start_ms - START) / 1000) as usize,
+                ((g.end_ms - START) / 1000) as usize,
+            );
+            assert_eq!(b - a + 1, 3600);
+            let offset = |k: usize| (drifted[k] - normal[k]) / sigma;
+            // Full size when the return starts (default: 10 min before the end), 0 at the end.
+            let top = b - 600;
+            assert!(offset(a).abs() < 1e-6, "{g:?}: starts at {}", offset(a));
+            assert!(
+                (offset(top).abs() - 6.0).abs() < 1e-6,
+                "{g:?}: peaks at {}",
+                offset(top)
+            );
+            let mid = offset((a + top) / 2);
+            assert!((mid.abs() - 3.0).abs() < 0.01 && mid.signum() == offset(top).signum());
+            let back = offset(b - 300);
+            assert!(
+                (back.abs() - 3.0).abs() < 0.01,
+                "{g:?}: half way back at {back}"
+            );
+            assert!(offset(b).abs() < 1e-6, "{g:?}: ends at {}", offset(b));
+            // Back to normal the step after (the next anomaly is at least min_gap_ms away).
+            if b + 1 < steps {
+                assert_eq!(offset(b + 1), 0.0, "{g:?}");
+            }
+            // The other metrics of the drifting device are untouched unless they drift too.
+            for o in (0..4).filter(|&o| o != m) {
+                let drifting = labels.iter().chain(&open).any(|h| {
+                    h.device == g.device
+                        && *h.metric == *fleet.metrics()[o]
+                        && h.start_ms <= g.end_ms
+                        && g.start_ms <= h.end_ms
+                });
+                if !drifting {
+                    let a_o = column(&fleet, &readings, d, o, steps);
+                    let n_o = column(&ref_fleet, &ref_readings, d, o, steps);
+                    assert!(a_o[a..=b] == n_o[a..=b], "{g:?}: metric {o} changed");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn load_kinds_go_only_where_they_make_sense() {
+        // A metric not driven by the load never gets a correlation break.
+        let mut cfg = busy();
+        cfg.metrics[1].load_gain = 0.0;
+        let (fleet, _) = run(&cfg, 3600);
+        let breaks: Vec<_> = fleet
+            .ground_truth()
+            .iter()
+            .filter(|g| g.kind == AnomalyKind::CorrelationBreak)
+            .collect();
+        assert!(!breaks.is_empty());
+        assert!(breaks.iter().all(|g| g.metric != "flow"));
+        assert!(fleet
+            .ground_truth()
+            .iter()
+            .any(|g| g.metric == "flow" && g.kind == AnomalyKind::PeerDrift));
+        // ... and with only that kind asked for, that metric gets nothing at all.
+        cfg.anomalies.kinds = vec![AnomalyKind::CorrelationBreak];
+        let (fleet, _) = run(&cfg, 3600);
+        assert!(!fleet.ground_truth().is_empty());
+        assert!(fleet.ground_truth().iter().all(|g| g.metric != "flow"));
+    }
+
+    /// The label counts of a default 24 h run of 20 devices (printed; `--nocapture` shows them).
+    #[test]
+    fn a_default_day_of_twenty_devices_has_tens_of_each_new_kind() {
+        let cfg = SimulatorConfig::default();
+        assert_eq!(cfg.devices, 20);
+        let mut fleet = Fleet::new(&cfg, START).unwrap();
+        let (mut batch, mut readings) = (Vec::new(), 0);
+        for _ in 0..86_400 {
+            batch.clear();
+            fleet.step(&mut batch);
+            readings += batch.len();
+        }
+        let mut labels = fleet.ground_truth().to_vec();
+        labels.extend(fleet.in_progress());
+        let mut line = String::new();
+        for k in AnomalyKind::ALL {
+            let n = labels.iter().filter(|g| g.kind == k).count();
+            line.push_str(&format!(" {}={n}", k.as_str()));
+            if k.needs_load() {
+                assert!((20..=200).contains(&n), "{k:?}: {n}");
+            }
+        }
+        let drifting: std::collections::HashSet<&str> = labels
+            .iter()
+            .filter(|g| g.kind == AnomalyKind::PeerDrift)
+            .map(|g| g.device.as_str())
+            .collect();
+        eprintln!(
+            "default 24 h, 20 devices: {readings} readings, {} labels:{line}; {} devices drift at some point",
+            labels.len(),
+            drifting.len()
+        );
+    }
+
+    #[test]
+    fn kinds_are_drawn_in_proportion_to_their_weights() {
+        let kinds = [
+            (AnomalyKind::Spike, 1.0),
+            (AnomalyKind::Dip, 3.0),
+            (AnomalyKind::PeerDrift, 3.5),
+        ];
+        assert_eq!(draw(&kinds, 0.0), AnomalyKind::Spike);
+        assert_eq!(draw(&kinds, 0.28), AnomalyKind::Spike);
+        assert_eq!(draw(&kinds, 0.3), AnomalyKind::Dip);
+        assert_eq!(draw(&kinds, 0.85), AnomalyKind::Dip);
+        assert_eq!(draw(&kinds, 0.86), AnomalyKind::PeerDrift);
+        assert_eq!(draw(&kinds, 0.999_999_999), AnomalyKind::PeerDrift);
+        let mut cfg = busy();
+        cfg.anomalies.kind_weights = [(AnomalyKind::Stuck, 20.0)].into();
+        let (fleet, _) = run(&cfg, 3600);
+        let stuck = fleet
+            .ground_truth()
+            .iter()
+            .filter(|g| g.kind == AnomalyKind::Stuck)
+            .count();
+        // 20 / 27 of the draws.
+        assert!(
+            stuck * 2 > fleet.ground_truth().len(),
+            "{stuck} of {}",
+            fleet.ground_truth().len()
+        );
     }
 
     #[test]
