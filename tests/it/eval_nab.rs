@@ -251,6 +251,7 @@ fn simulated_fleet_is_scored_per_kind_and_reproducibly() {
     let args = edgewatch::eval::EvalSimArgs {
         config: None,
         duration_ms: Some(2 * 3_600_000),
+        train_ms: Some(3_600_000),
         detector: Some("zscore".into()),
         threshold: None,
         tolerance_ms: None,
@@ -273,7 +274,11 @@ fn simulated_fleet_is_scored_per_kind_and_reproducibly() {
     ] {
         assert!(!v[key].is_null(), "{key} in {v}");
     }
+    let names: Vec<&str> = a.columns.iter().map(|c| c.name).collect();
+    assert_eq!(names, ["univariate", "multivariate", "combined"]);
+    assert_eq!(v["columns"].as_array().map(Vec::len), Some(3));
     let b = edgewatch::eval::evaluate_sim(&args).unwrap();
     assert_eq!(a.report, b.report, "same seed, same scores");
-    assert!(a.render().contains("median delay"));
+    assert_eq!(a.columns, b.columns, "same seed, same scores in every column");
+    assert!(a.render().contains("multi recall / delay s"), "{}", a.render());
 }
