@@ -13,6 +13,20 @@ pub enum ModelError {
         /// What is wrong, including the value that was given.
         detail: String,
     },
+    /// A fitted model (PCA, peer groups) is inconsistent: `field` is the artifact's field at fault.
+    #[error("invalid model: {field}: {detail}")]
+    InvalidModel {
+        /// Field of the model artifact (e.g. `scales`, `components[2]`).
+        field: &'static str,
+        /// What is wrong, including the bad value and, where there is one, the feature's name.
+        detail: String,
+    },
+    /// Training data cannot give a model (too few usable rows, wrong shape, nothing varies).
+    #[error("training data: {detail}")]
+    InvalidData {
+        /// What is wrong with the data, with the numbers that show it.
+        detail: String,
+    },
 }
 
 impl ModelError {
@@ -20,6 +34,21 @@ impl ModelError {
     pub fn invalid(name: &'static str, detail: impl Into<String>) -> Self {
         Self::InvalidParameter {
             name,
+            detail: detail.into(),
+        }
+    }
+
+    /// Shorthand for [`ModelError::InvalidModel`].
+    pub fn model(field: &'static str, detail: impl Into<String>) -> Self {
+        Self::InvalidModel {
+            field,
+            detail: detail.into(),
+        }
+    }
+
+    /// Shorthand for [`ModelError::InvalidData`].
+    pub fn data(detail: impl Into<String>) -> Self {
+        Self::InvalidData {
             detail: detail.into(),
         }
     }

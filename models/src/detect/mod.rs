@@ -8,6 +8,8 @@
 mod gate;
 
 pub use gate::{EventGate, GateConfig};
+/// The shared surprise scale, also used by the multivariate models (`crate::multi`).
+pub(crate) use likelihood::{neg_log10_tail, surprise_score};
 pub use likelihood::{LikelihoodStage, LikelihoodStageConfig};
 
 use crate::ModelError;

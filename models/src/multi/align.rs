@@ -1,0 +1,300 @@
+//! Aligning one device's readings into vectors in event time: one slot per metric holding its latest
+//! value, a slot counting only while its value is at most `staleness_ms` old, and a vector ready to
+//! score once enough slots are fresh. Checkpointable (serde) with the agent's state.
+
+use crate::ModelError;
+use serde::{Deserialize, Serialize};
+
+/// Parameters of an [`Aligner`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlignConfig {
+    /// How long (event time, ms) a slot's value stays usable after its reading; > 0.
+    #[serde(default = "default_staleness_ms")]
+    pub staleness_ms: i64,
+    /// Share of the slots that must be fresh for a vector to be scored, in (0, 1].
+    #[serde(default = "default_min_fill")]
+    pub min_fill: f64,
+}
+
+fn default_staleness_ms() -> i64 {
+    60_000
+}
+fn default_min_fill() -> f64 {
+    1.0
+}
+
+impl Default for AlignConfig {
+    fn default() -> Self {
+        Self {
+            staleness_ms: default_staleness_ms(),
+            min_fill: default_min_fill(),
+        }
+    }
+}
+
+/// The serialised form of an [`Aligner`]: the derived vector is rebuilt on load.
+#[derive(Serialize, Deserialize)]
+struct AlignerState {
+    features: Vec<String>,
+    staleness_ms: i64,
+    need: usize,
+    slots: Vec<Option<(i64, f64)>>,
+    now_ms: i64,
+}
+
+/// One device's latest reading per metric, aligned in event time. See [`Aligner::push`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "AlignerState", into = "AlignerState")]
+pub struct Aligner {
+    features: Vec<String>,
+    staleness_ms: i64,
+    /// Fresh slots needed for a vector: ceil(min_fill · n), at least 1.
+    need: usize,
+    /// Per slot: (event time, value) of the newest finite reading.
+    slots: Vec<Option<(i64, f64)>>,
+    /// Event time of the last stored reading.
+    now_ms: i64,
+    /// Slot values at `now_ms`, NaN where empty or stale.
+    vector: Vec<f64>,
+}
+
+impl Aligner {
+    /// An aligner over `features` (non-empty, unique names) with `cfg` (staleness > 0, min_fill in (0, 1]).
+    pub fn new(features: &[String], cfg: &AlignConfig) -> Result<Self, ModelError> {
+        if features.is_empty() {
+            return Err(ModelError::invalid("features", "must not be empty"));
+        }
+        for (i, f) in features.iter().enumerate() {
+            if f.is_empty() || features[..i].contains(f) {
+                return Err(ModelError::invalid(
+                    "features",
+                    format!("names must be non-empty and unique, got {f:?} at {i}"),
+                ));
+            }
+        }
+        if cfg.staleness_ms <= 0 {
+            return Err(ModelError::invalid(
+                "staleness_ms",
+                format!("must be > 0, got {}", cfg.staleness_ms),
+            ));
+        }
+        if !(cfg.min_fill > 0.0 && cfg.min_fill <= 1.0) {
+            return Err(ModelError::invalid(
+                "min_fill",
+                format!("must be in (0, 1], got {}", cfg.min_fill),
+            ));
+        }
+        let n = features.len();
+        let need = ((cfg.min_fill * n as f64 - 1e-9).ceil() as usize).clamp(1, n);
+        Ok(Self {
+            features: features.to_vec(),
+            staleness_ms: cfg.staleness_ms,
+            need,
+            slots: vec![None; n],
+            now_ms: i64::MIN,
+            vector: vec![f64::NAN; n],
+        })
+    }
+
+    /// The slot of a metric, if it is one of the features (linear search: call it once per series).
+    pub fn slot(&self, metric: &str) -> Option<usize> {
+        self.features.iter().position(|f| f == metric)
+    }
+
+    /// Stores a reading in its slot and says whether a vector can be scored now: true when, at
+    /// `ts_ms`, at least ceil(min_fill · n) slots hold a value at most `staleness_ms` older than
+    /// `ts_ms`. Returns false without changing anything for a NaN/infinite value, an unknown slot, or
+    /// a reading older than the value its slot already holds (a late reading never overwrites a newer
+    /// one, and re-scoring the unchanged vector would count it twice). Allocates nothing.
+    pub fn push(&mut self, slot: usize, ts_ms: i64, value: f64) -> bool {
+        if !value.is_finite() || slot >= self.slots.len() {
+            return false;
+        }
+        if matches!(self.slots[slot], Some((t, _)) if t > ts_ms) {
+            return false;
+        }
+        self.slots[slot] = Some((ts_ms, value));
+        self.now_ms = ts_ms;
+        let mut fresh = 0;
+        for (v, s) in self.vector.iter_mut().zip(&self.slots) {
+            *v = match *s {
+                Some((t, x)) if ts_ms.saturating_sub(t) <= self.staleness_ms => {
+                    fresh += 1;
+                    x
+                }
+                _ => f64::NAN,
+            };
+        }
+        fresh >= self.need
+    }
+
+    /// The current vector: one value per feature, NaN for a slot empty or stale at the last push.
+    pub fn vector(&self) -> &[f64] {
+        &self.vector
+    }
+
+    /// The feature names, in slot order.
+    pub fn features(&self) -> &[String] {
+        &self.features
+    }
+}
+
+impl From<Aligner> for AlignerState {
+    fn from(a: Aligner) -> Self {
+        Self {
+            features: a.features,
+            staleness_ms: a.staleness_ms,
+            need: a.need,
+            slots: a.slots,
+            now_ms: a.now_ms,
+        }
+    }
+}
+
+impl TryFrom<AlignerState> for Aligner {
+    type Error = String;
+
+    fn try_from(s: AlignerState) -> Result<Self, String> {
+        let n = s.features.len();
+        if n == 0 || s.slots.len() != n || s.need == 0 || s.need > n || s.staleness_ms <= 0 {
+            return Err(format!(
+                "aligner state: {n} features, {} slots, need {}, staleness {}",
+                s.slots.len(),
+                s.need,
+                s.staleness_ms
+            ));
+        }
+        if s.slots.iter().flatten().any(|(_, v)| !v.is_finite()) {
+            return Err("aligner state: a slot holds a non-finite value".into());
+        }
+        let vector = s
+            .slots
+            .iter()
+            .map(|slot| match *slot {
+                Some((t, x)) if s.now_ms.saturating_sub(t) <= s.staleness_ms => x,
+                _ => f64::NAN,
+            })
+            .collect();
+        Ok(Self {
+            features: s.features,
+            staleness_ms: s.staleness_ms,
+            need: s.need,
+            slots: s.slots,
+            now_ms: s.now_ms,
+            vector,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn cfg(staleness_ms: i64, min_fill: f64) -> AlignConfig {
+        AlignConfig {
+            staleness_ms,
+            min_fill,
+        }
+    }
+
+    #[test]
+    fn constructor_rejects_bad_parameters() {
+        let f = names(&["a", "b"]);
+        assert!(Aligner::new(&[], &cfg(10, 1.0)).is_err());
+        assert!(Aligner::new(&names(&["a", "a"]), &cfg(10, 1.0)).is_err());
+        assert!(Aligner::new(&names(&["a", ""]), &cfg(10, 1.0)).is_err());
+        let e = Aligner::new(&f, &cfg(0, 1.0)).unwrap_err();
+        assert!(
+            e.to_string().contains("staleness_ms: must be > 0, got 0"),
+            "{e}"
+        );
+        for bad in [0.0, -0.5, 1.01, f64::NAN] {
+            let e = Aligner::new(&f, &cfg(10, bad)).unwrap_err();
+            assert!(e.to_string().starts_with("min_fill"), "{e}");
+        }
+        assert_eq!(AlignConfig::default(), cfg(60_000, 1.0));
+        let parsed: AlignConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(parsed, AlignConfig::default());
+    }
+
+    #[test]
+    fn vector_is_ready_when_all_slots_are_fresh() {
+        let mut a = Aligner::new(&names(&["flow", "current", "temp"]), &cfg(100, 1.0)).unwrap();
+        assert_eq!(a.slot("current"), Some(1));
+        assert_eq!(a.slot("nope"), None);
+        assert!(!a.push(0, 1000, 1.0));
+        assert!(!a.push(1, 1010, 2.0));
+        assert!(a.vector()[2].is_nan());
+        assert!(a.push(2, 1020, 3.0));
+        assert_eq!(a.vector(), &[1.0, 2.0, 3.0]);
+        // 150 ms later flow (1000) and current (1010) are stale relative to the new reading.
+        assert!(!a.push(2, 1150, 4.0));
+        assert!(a.vector()[0].is_nan() && a.vector()[1].is_nan());
+        assert_eq!(a.vector()[2], 4.0);
+        // Exactly staleness_ms old still counts.
+        assert!(!a.push(0, 1200, 5.0));
+        assert!(a.push(1, 1250, 6.0));
+        assert_eq!(a.vector(), &[5.0, 6.0, 4.0]);
+    }
+
+    #[test]
+    fn min_fill_allows_partial_vectors() {
+        let mut a = Aligner::new(&names(&["a", "b", "c", "d"]), &cfg(100, 0.7)).unwrap();
+        // ceil(0.7 · 4) = 3 slots.
+        assert!(!a.push(0, 0, 1.0));
+        assert!(!a.push(1, 0, 1.0));
+        assert!(a.push(2, 0, 1.0));
+        assert!(a.vector()[3].is_nan());
+        let mut exact = Aligner::new(&names(&["a", "b"]), &cfg(100, 0.5)).unwrap();
+        assert!(exact.push(0, 0, 1.0), "ceil(0.5 · 2) = 1");
+    }
+
+    #[test]
+    fn bad_values_late_readings_and_unknown_slots_change_nothing() {
+        let mut a = Aligner::new(&names(&["a", "b"]), &cfg(100, 1.0)).unwrap();
+        assert!(!a.push(0, 10, f64::NAN));
+        assert!(!a.push(0, 10, f64::INFINITY));
+        assert!(!a.push(7, 10, 1.0));
+        assert!(a.vector().iter().all(|v| v.is_nan()));
+        assert!(!a.push(0, 50, 1.0));
+        assert!(a.push(1, 60, 2.0));
+        // A late reading for slot 0 (older than its value) does not overwrite it.
+        assert!(!a.push(0, 40, 9.0));
+        assert_eq!(a.vector(), &[1.0, 2.0]);
+        // An equally old reading replaces it (same event time, newer arrival).
+        assert!(a.push(0, 50, 3.0));
+        assert_eq!(a.vector(), &[3.0, 2.0]);
+    }
+
+    #[test]
+    fn extreme_timestamps_do_not_overflow() {
+        let mut a = Aligner::new(&names(&["a", "b"]), &cfg(i64::MAX, 1.0)).unwrap();
+        assert!(!a.push(0, i64::MIN, 1.0));
+        assert!(a.push(1, i64::MAX, 2.0));
+        let mut b = Aligner::new(&names(&["a", "b"]), &cfg(1, 1.0)).unwrap();
+        assert!(!b.push(0, i64::MIN, 1.0));
+        assert!(!b.push(1, i64::MAX, 2.0));
+        assert!(b.vector()[0].is_nan());
+    }
+
+    #[test]
+    fn checkpoint_round_trips_and_rejects_corrupt_state() {
+        let mut a = Aligner::new(&names(&["a", "b", "c"]), &cfg(100, 1.0)).unwrap();
+        a.push(0, 0, 1.5);
+        a.push(1, 20, -2.5);
+        let json = serde_json::to_string(&a).unwrap();
+        let b: Aligner = serde_json::from_str(&json).unwrap();
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        let bytes = postcard::to_allocvec(&a).unwrap();
+        let mut c: Aligner = postcard::from_bytes(&bytes).unwrap();
+        assert!(c.push(2, 30, 0.0));
+        assert_eq!(c.vector(), &[1.5, -2.5, 0.0]);
+        let bad = json.replace("\"need\":3", "\"need\":4");
+        assert!(serde_json::from_str::<Aligner>(&bad).is_err());
+    }
+}

@@ -1,0 +1,475 @@
+//! The multivariate device model: per-feature standardisation and a PCA subspace fitted with
+//! linfa's `Pca`; a vector is scored by Hotelling's T² inside the subspace and the squared
+//! prediction error (SPE, Q) outside it, against limits learned from the training data.
+
+use super::axes::principal_axes;
+use super::limit::{Limit, WilsonHilferty};
+use super::standard::{check_names, check_values, finite_rows, quantile, Standardiser, Z_CLAMP};
+use super::LINFA_VERSION;
+use crate::detect::{neg_log10_tail, surprise_score};
+use crate::ModelError;
+use serde::{Deserialize, Serialize};
+
+/// How a [`PcaModel`] is fitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FitOptions {
+    /// Fraction of the standardised variance the kept components must explain, in (0, 1].
+    #[serde(default = "default_variance")]
+    pub variance: f64,
+    /// Most components kept (≥ 1); also at most features − 1, so SPE always sees something.
+    #[serde(default = "default_max_components")]
+    pub max_components: usize,
+}
+
+fn default_variance() -> f64 {
+    0.9
+}
+fn default_max_components() -> usize {
+    8
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self {
+            variance: default_variance(),
+            max_components: default_max_components(),
+        }
+    }
+}
+
+/// How well a [`PcaModel`] fits its training data (shown to operators with the model).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct FitQuality {
+    /// Share of the standardised variance the kept components explain.
+    pub explained_variance_ratio: f64,
+    /// Median of the training vectors' scores.
+    pub median_score: f64,
+    /// 99th percentile of the training vectors' scores.
+    pub p99_score: f64,
+    /// Share of the training vectors scoring ≥ 0.5 (the false-alarm rate if training was normal).
+    pub alarm_rate: f64,
+    /// Training rows left out because a value was NaN or infinite.
+    pub skipped_rows: u64,
+    /// Features constant over the training rows: scale 1, and any change from the training value
+    /// shows in SPE.
+    pub constant_features: Vec<String>,
+    /// Which linfa routine gave the principal axes: `linfa-reduction pca`, or `linfa-linalg eigh`
+    /// when Pca's LOBPCG did not reach eigenvectors (few features, k close to n).
+    pub solver: String,
+}
+
+/// A fitted multivariate model: a versioned, serde-serialisable artifact. Score with [`PcaModel::scorer`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PcaModel {
+    /// Always `"pca"`.
+    pub kind: String,
+    /// Version, 1 from [`PcaModel::fit`]; the trainer that publishes the model sets it.
+    pub version: u64,
+    /// The device or device class the model is for.
+    pub key: String,
+    /// Feature (metric) names, in vector order.
+    pub features: Vec<String>,
+    /// Per-feature training mean.
+    pub means: Vec<f64>,
+    /// Per-feature training standard deviation (1 for a constant feature).
+    pub scales: Vec<f64>,
+    /// k rows of n loadings, orthonormal, in decreasing order of eigenvalue.
+    pub components: Vec<Vec<f64>>,
+    /// The k eigenvalues (variance of the standardised data along each component).
+    pub eigenvalues: Vec<f64>,
+    /// Limit of Hotelling's T².
+    pub t2: Limit,
+    /// Limit of the squared prediction error.
+    pub spe: Limit,
+    /// Event time of the first training reading (ms).
+    pub trained_from_ms: i64,
+    /// Event time of the last training reading (ms).
+    pub trained_to_ms: i64,
+    /// Training vectors used (rows with a NaN excluded).
+    pub samples: u64,
+    /// Fit quality.
+    pub quality: FitQuality,
+    /// linfa version the model was fitted with.
+    pub linfa_version: String,
+}
+
+/// The score of one vector.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MultiScore {
+    /// Anomaly score in [0, 1]: 0.5 ⇔ the more surprising statistic has p = 1e-5 (after Bonferroni).
+    pub score: f64,
+    /// Hotelling's T² (inside the subspace).
+    pub t2: f64,
+    /// Squared prediction error (outside the subspace).
+    pub spe: f64,
+    /// Index of the feature contributing most to the statistic that decided the score.
+    pub top: usize,
+}
+
+/// Scratch space for scoring vectors against a [`PcaModel`]; scoring allocates nothing.
+#[derive(Debug, Clone, Default)]
+pub struct PcaScorer {
+    z: Vec<f64>,
+    present: Vec<bool>,
+    t: Vec<f64>,
+    /// Bits of (t2.g, t2.h, spe.g, spe.h) the cached Wilson–Hilferty constants belong to.
+    key: [u64; 4],
+    wh_t2: WilsonHilferty,
+    wh_spe: WilsonHilferty,
+}
+
+impl FitOptions {
+    fn validate(&self) -> Result<(), ModelError> {
+        if !(self.variance > 0.0 && self.variance <= 1.0) {
+            return Err(ModelError::invalid(
+                "variance",
+                format!("must be in (0, 1], got {}", self.variance),
+            ));
+        }
+        if self.max_components == 0 {
+            return Err(ModelError::invalid("max_components", "must be >= 1, got 0"));
+        }
+        Ok(())
+    }
+}
+
+impl PcaModel {
+    /// Fits a model for `key` on `rows` (row-major, n_rows × features.len()). Rows holding a NaN or
+    /// infinite value are skipped and counted in `quality.skipped_rows`; at least 2 must remain.
+    pub fn fit(
+        key: &str,
+        features: Vec<String>,
+        rows: &[f64],
+        from_ms: i64,
+        to_ms: i64,
+        opts: &FitOptions,
+    ) -> Result<Self, ModelError> {
+        opts.validate()?;
+        check_names(&features)?;
+        if from_ms > to_ms {
+            return Err(ModelError::data(format!(
+                "training period ends ({to_ms}) before it starts ({from_ms})"
+            )));
+        }
+        let n = features.len();
+        let (data, skipped) = finite_rows(rows, n)?;
+        let n_rows = data.len() / n;
+        if n_rows < 2 {
+            return Err(ModelError::data(format!(
+                "need at least 2 rows without NaN/inf, got {n_rows} ({skipped} skipped)"
+            )));
+        }
+        let st = Standardiser::fit(&data, n, &features)?;
+        let varying = n - st.constant.len();
+        if varying == 0 {
+            return Err(ModelError::data(format!(
+                "no feature varies over the {n_rows} training rows"
+            )));
+        }
+        let z = st.apply(&data);
+        let total: f64 = (0..n)
+            .map(|j| z.iter().skip(j).step_by(n).map(|v| v * v).sum::<f64>())
+            .sum::<f64>()
+            / (n_rows - 1) as f64;
+        let k_max = opts
+            .max_components
+            .min((n - 1).max(1))
+            .min(n_rows - 1)
+            .min(varying);
+        let (axes, solver) = principal_axes(&z, n, n_rows, k_max, total)?;
+        // The smallest k reaching the variance target (the 1e-9 absorbs rounding when it is 1.0).
+        let mut k = 0;
+        let mut explained = 0.0;
+        while k < axes.len() {
+            explained += axes[k].0 / total;
+            k += 1;
+            if explained >= opts.variance - 1e-9 {
+                break;
+            }
+        }
+        let (eigenvalues, components) = axes.into_iter().take(k).unzip();
+        let constant_features = st.constant.iter().map(|&j| features[j].clone()).collect();
+        let placeholder = Limit {
+            g: 1.0,
+            h: 1.0,
+            value_at_half: 1.0,
+        };
+        let mut model = PcaModel {
+            kind: "pca".into(),
+            version: 1,
+            key: key.into(),
+            features,
+            means: st.means,
+            scales: st.scales,
+            components,
+            eigenvalues,
+            t2: placeholder,
+            spe: placeholder,
+            trained_from_ms: from_ms,
+            trained_to_ms: to_ms,
+            samples: n_rows as u64,
+            quality: FitQuality {
+                explained_variance_ratio: explained.min(1.0),
+                median_score: 0.0,
+                p99_score: 0.0,
+                alarm_rate: 0.0,
+                skipped_rows: skipped,
+                constant_features,
+                solver: solver.into(),
+            },
+            linfa_version: LINFA_VERSION.into(),
+        };
+        let mut scorer = model.scorer();
+        let (mut t2s, mut spes) = (Vec::with_capacity(n_rows), Vec::with_capacity(n_rows));
+        for row in data.chunks_exact(n) {
+            let (t2, spe) = scorer.statistics(&model, row);
+            t2s.push(t2);
+            spes.push(spe);
+        }
+        model.t2 = Limit::fit(&mut t2s.clone());
+        model.spe = Limit::fit(&mut spes.clone());
+        scorer.refresh(&model);
+        let mut scores: Vec<f64> = t2s
+            .iter()
+            .zip(&spes)
+            .map(|(&t2, &spe)| scorer.combine(t2, spe).0)
+            .collect();
+        model.quality.alarm_rate =
+            scores.iter().filter(|&&s| s >= 0.5).count() as f64 / n_rows as f64;
+        model.quality.median_score = quantile(&mut scores, 0.5);
+        model.quality.p99_score = quantile(&mut scores, 0.99);
+        Ok(model)
+    }
+
+    /// Checks the artifact (e.g. one received over the network): shapes agree, every number is
+    /// finite, scales and eigenvalues > 0, components orthonormal, limits sane. The error names the field.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.kind != "pca" {
+            return Err(ModelError::model(
+                "kind",
+                format!("expected \"pca\", got {:?}", self.kind),
+            ));
+        }
+        check_names(&self.features).map_err(|e| ModelError::model("features", e.to_string()))?;
+        let n = self.features.len();
+        check_values("means", &self.means, n, false, &self.features)?;
+        check_values("scales", &self.scales, n, true, &self.features)?;
+        let k = self.components.len();
+        if k == 0 || k > n {
+            return Err(ModelError::model(
+                "components",
+                format!("need 1..={n} components, got {k}"),
+            ));
+        }
+        if self.eigenvalues.len() != k {
+            return Err(ModelError::model(
+                "eigenvalues",
+                format!("{} eigenvalues for {k} components", self.eigenvalues.len()),
+            ));
+        }
+        for (a, (c, &l)) in self.components.iter().zip(&self.eigenvalues).enumerate() {
+            if !l.is_finite() || l <= 0.0 {
+                return Err(ModelError::model(
+                    "eigenvalues",
+                    format!("eigenvalue {a} must be finite and > 0, got {l}"),
+                ));
+            }
+            if c.len() != n || c.iter().any(|v| !v.is_finite()) {
+                return Err(ModelError::model(
+                    "components",
+                    format!("component {a}: need {n} finite loadings, got {c:?}"),
+                ));
+            }
+            for (b, other) in self.components[..=a].iter().enumerate() {
+                let d: f64 = c.iter().zip(other).map(|(x, y)| x * y).sum();
+                let want = if a == b { 1.0 } else { 0.0 };
+                if (d - want).abs() > 1e-6 {
+                    return Err(ModelError::model(
+                        "components",
+                        format!("components {a} and {b}: dot product {d}, expected {want}"),
+                    ));
+                }
+            }
+        }
+        self.t2.validate("t2")?;
+        self.spe.validate("spe")?;
+        if self.trained_from_ms > self.trained_to_ms {
+            return Err(ModelError::model(
+                "trained_from_ms",
+                format!(
+                    "{} is after trained_to_ms {}",
+                    self.trained_from_ms, self.trained_to_ms
+                ),
+            ));
+        }
+        if self.samples < 2 {
+            return Err(ModelError::model(
+                "samples",
+                format!("need >= 2, got {}", self.samples),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that vectors laid out as `features` (names, in order) can be scored by this model.
+    pub fn check_compatible(&self, features: &[String]) -> Result<(), ModelError> {
+        if features != self.features.as_slice() {
+            return Err(ModelError::model(
+                "features",
+                format!(
+                    "model {:?} v{} expects {:?}, the vectors hold {:?}",
+                    self.key, self.version, self.features, features
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Scratch space sized for this model.
+    pub fn scorer(&self) -> PcaScorer {
+        let mut s = PcaScorer::default();
+        s.refresh(self);
+        s
+    }
+}
+
+impl PcaScorer {
+    /// Scores one vector (laid out as `model.features`). NaN/infinite slots — and slots missing
+    /// from a short `x` — are imputed by the mean (z = 0) and left out of SPE and of `top`. Allocates
+    /// nothing unless `model` has another shape than the last one scored.
+    pub fn score(&mut self, model: &PcaModel, x: &[f64]) -> MultiScore {
+        self.refresh(model);
+        let (t2, spe) = self.statistics(model, x);
+        let (score, spe_decides) = self.combine(t2, spe);
+        let n = self.z.len();
+        let mut top = 0;
+        let mut best = f64::NEG_INFINITY;
+        for j in 0..n {
+            if !self.present[j] {
+                continue;
+            }
+            let c = if spe_decides {
+                let proj: f64 = model
+                    .components
+                    .iter()
+                    .zip(&self.t)
+                    .map(|(p, t)| t * p[j])
+                    .sum();
+                let r = self.z[j] - proj;
+                r * r
+            } else {
+                let w: f64 = model
+                    .components
+                    .iter()
+                    .zip(&self.t)
+                    .zip(&model.eigenvalues)
+                    .map(|((p, t), l)| t * p[j] / l)
+                    .sum();
+                self.z[j] * w
+            };
+            if c > best {
+                best = c;
+                top = j;
+            }
+        }
+        MultiScore {
+            score,
+            t2,
+            spe,
+            top,
+        }
+    }
+
+    /// Resizes the scratch space and recomputes the cached limit constants if `model` changed.
+    fn refresh(&mut self, model: &PcaModel) {
+        let n = model.features.len();
+        if self.z.len() != n {
+            self.z = vec![0.0; n];
+            self.present = vec![false; n];
+        }
+        if self.t.len() != model.components.len() {
+            self.t = vec![0.0; model.components.len()];
+        }
+        let key = [model.t2.g, model.t2.h, model.spe.g, model.spe.h].map(f64::to_bits);
+        if key != self.key || self.wh_t2 == WilsonHilferty::default() {
+            self.key = key;
+            self.wh_t2 = model.t2.wilson_hilferty();
+            self.wh_spe = model.spe.wilson_hilferty();
+        }
+    }
+
+    /// T² and SPE of `x`; fills z, present and t.
+    fn statistics(&mut self, model: &PcaModel, x: &[f64]) -> (f64, f64) {
+        let mut z2 = 0.0;
+        for j in 0..self.z.len() {
+            let v = x.get(j).copied().unwrap_or(f64::NAN);
+            let z = (v - model.means[j]) / model.scales[j];
+            self.present[j] = z.is_finite();
+            self.z[j] = if z.is_finite() {
+                z.clamp(-Z_CLAMP, Z_CLAMP)
+            } else {
+                0.0
+            };
+            if self.present[j] {
+                z2 += self.z[j] * self.z[j];
+            }
+        }
+        let mut t2 = 0.0;
+        let mut t_sq = 0.0;
+        for ((t, p), l) in self
+            .t
+            .iter_mut()
+            .zip(&model.components)
+            .zip(&model.eigenvalues)
+        {
+            *t = p.iter().zip(&self.z).map(|(a, b)| a * b).sum();
+            t2 += *t * *t / l;
+            t_sq += *t * *t;
+        }
+        let all_present = self.present.iter().all(|&p| p);
+        let spe = if all_present {
+            // ||z − P Pᵀ z||² = ||z||² − ||Pᵀ z||² for orthonormal P; the explicit residual is
+            // used when that difference loses its precision.
+            let fast = z2 - t_sq;
+            if fast > 1e-6 * z2 {
+                fast
+            } else {
+                self.residual_sq(model)
+            }
+        } else {
+            self.residual_sq(model)
+        };
+        (t2, spe)
+    }
+
+    /// Σ over present slots of (z − P Pᵀ z)².
+    fn residual_sq(&self, model: &PcaModel) -> f64 {
+        let mut spe = 0.0;
+        for j in 0..self.z.len() {
+            if self.present[j] {
+                let proj: f64 = model
+                    .components
+                    .iter()
+                    .zip(&self.t)
+                    .map(|(p, t)| t * p[j])
+                    .sum();
+                let r = self.z[j] - proj;
+                spe += r * r;
+            }
+        }
+        spe
+    }
+
+    /// Combined score of (T², SPE), and whether SPE is the more surprising of the two.
+    fn combine(&self, t2: f64, spe: f64) -> (f64, bool) {
+        let (zt, zs) = (self.wh_t2.z(t2), self.wh_spe.z(spe));
+        let spe_decides = zt.partial_cmp(&zs) != Some(std::cmp::Ordering::Greater);
+        let l = neg_log10_tail(if spe_decides { zs } else { zt });
+        (surprise_score(l - std::f64::consts::LOG10_2), spe_decides)
+    }
+}
+
+#[cfg(test)]
+#[path = "pca_tests.rs"]
+mod tests;

@@ -1,0 +1,408 @@
+//! Tests of the PCA model: hand-computed statistics, the correlation-break scenario, calibration on
+//! the training data, serialisation, validation and refusals.
+
+use super::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn gauss(rng: &mut SmallRng) -> f64 {
+    let u: f64 = rng.gen_range(f64::EPSILON..1.0);
+    let v: f64 = rng.gen::<f64>();
+    (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+}
+
+const SENSORS: [&str; 4] = ["flow", "pressure", "current", "temp"];
+/// Each sensor is offset + gain · load + noise (noise sd 2 % of the gain).
+const OFFSET: [f64; 4] = [10.0, 3.0, 5.0, 40.0];
+const GAIN: [f64; 4] = [20.0, 2.0, 8.0, 15.0];
+
+fn sensor(j: usize, load: f64, rng: &mut SmallRng) -> f64 {
+    OFFSET[j] + GAIN[j] * load + 0.02 * GAIN[j] * gauss(rng)
+}
+
+/// A pump: a hidden load in [0, 1] drives four sensors.
+fn process(rows: usize, seed: u64) -> Vec<f64> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(rows * 4);
+    for _ in 0..rows {
+        let load: f64 = rng.gen();
+        for j in 0..4 {
+            out.push(sensor(j, load, &mut rng));
+        }
+    }
+    out
+}
+
+fn pump_model() -> PcaModel {
+    let rows = process(5000, 1);
+    PcaModel::fit(
+        "pump-7",
+        names(&SENSORS),
+        &rows,
+        0,
+        5_000_000,
+        &FitOptions::default(),
+    )
+    .unwrap()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-9 * (1.0 + b.abs())
+}
+
+/// Correlation 0.8 between a and b: eigenvalues 1.8 along (1,1)/√2 and 0.2 along (1,−1)/√2; each
+/// standardised deviation of 1.5 is 1.5/√(5/3), whose square is 1.35.
+#[test]
+fn two_features_match_hand_computed_t2_and_spe() {
+    let rows = [0.0, 0.0, 1.0, 2.0, 2.0, 1.0, 3.0, 3.0];
+    let opts = FitOptions {
+        variance: 0.85,
+        max_components: 8,
+    };
+    let m = PcaModel::fit("d", names(&["a", "b"]), &rows, 0, 10, &opts).unwrap();
+    m.validate().unwrap();
+    assert_eq!(m.components.len(), 1);
+    assert!(close(m.eigenvalues[0], 1.8), "{:?}", m.eigenvalues);
+    let h = std::f64::consts::FRAC_1_SQRT_2;
+    assert!(close(m.components[0][0], h) && close(m.components[0][1], h));
+    assert!(close(m.quality.explained_variance_ratio, 0.9));
+    let mut s = m.scorer();
+    let across = s.score(&m, &[3.0, 0.0]);
+    assert!(
+        close(across.t2, 0.0) && close(across.spe, 2.7),
+        "{across:?}"
+    );
+    let along = s.score(&m, &[3.0, 3.0]);
+    assert!(close(along.t2, 1.5) && close(along.spe, 0.0), "{along:?}");
+    let mean = s.score(&m, &[1.5, 1.5]);
+    assert!(close(mean.t2, 0.0) && close(mean.spe, 0.0) && mean.score == 0.0);
+}
+
+/// Adds a third feature uncorrelated with both: eigenvalues 1.8, 1.0, 0.2; two are kept
+/// (2.8 / 3 ≥ 0.9), so T² = 0 + (2/√(4/3))² / 1 = 3 and SPE = 2.7 for (3, 0, 7).
+#[test]
+fn three_features_match_hand_computed_t2_and_spe() {
+    let rows = [0.0, 0.0, 6.0, 1.0, 2.0, 4.0, 2.0, 1.0, 4.0, 3.0, 3.0, 6.0];
+    let m = PcaModel::fit(
+        "d",
+        names(&["a", "b", "c"]),
+        &rows,
+        0,
+        10,
+        &FitOptions::default(),
+    )
+    .unwrap();
+    m.validate().unwrap();
+    assert_eq!(m.components.len(), 2);
+    assert!(
+        close(m.eigenvalues[0], 1.8) && close(m.eigenvalues[1], 1.0),
+        "{:?}",
+        m.eigenvalues
+    );
+    let mut s = m.scorer();
+    let x = s.score(&m, &[3.0, 0.0, 7.0]);
+    assert!(close(x.t2, 3.0) && close(x.spe, 2.7), "{x:?}");
+    // Only the residual direction (a − b) moved: SPE decides, and a or b is the top feature.
+    let far = s.score(&m, &[6.0, -3.0, 5.0]);
+    assert!(far.spe > 10.0 && far.top < 2, "{far:?}");
+    // A missing slot is imputed by its mean and left out of SPE.
+    let gap = s.score(&m, &[f64::NAN, 1.5, 5.0]);
+    assert!(close(gap.t2, 0.0) && close(gap.spe, 0.0), "{gap:?}");
+}
+
+#[test]
+fn training_data_false_alarm_rate_is_at_most_1e_3() {
+    let m = pump_model();
+    m.validate().unwrap();
+    assert_eq!(
+        m.components.len(),
+        1,
+        "one hidden load: {:?}",
+        m.eigenvalues
+    );
+    assert!(m.quality.alarm_rate <= 1e-3, "{:?}", m.quality);
+    assert!(
+        m.quality.median_score < 0.2 && m.quality.p99_score < 0.5,
+        "{:?}",
+        m.quality
+    );
+    // Heavy-tailed noise (a cube of a Gaussian) on 6 independent features.
+    let mut rng = SmallRng::seed_from_u64(9);
+    let rows: Vec<f64> = (0..20_000 * 6).map(|_| gauss(&mut rng).powi(3)).collect();
+    let f = names(&["a", "b", "c", "d", "e", "f"]);
+    let heavy = PcaModel::fit("h", f, &rows, 0, 1, &FitOptions::default()).unwrap();
+    let mut s = heavy.scorer();
+    let alarms = rows
+        .chunks_exact(6)
+        .filter(|r| s.score(&heavy, r).score >= 0.5)
+        .count();
+    assert!(alarms as f64 <= 1e-3 * 20_000.0, "{alarms} alarms");
+    assert_eq!(heavy.quality.alarm_rate, alarms as f64 / 20_000.0);
+}
+
+#[test]
+fn catches_a_correlation_break_and_names_the_sensor() {
+    let m = pump_model();
+    let mut s = m.scorer();
+    let mut rng = SmallRng::seed_from_u64(2);
+    let (mut inverted, mut frozen, mut shifted, mut named) = (0, 0, 0, 0);
+    let trials = 1000;
+    for _ in 0..trials {
+        let load: f64 = rng.gen();
+        let mut x: Vec<f64> = (0..4).map(|j| sensor(j, load, &mut rng)).collect();
+        // Current follows the load inverted: still inside its own range [5, 13].
+        x[2] = sensor(2, 1.0 - load, &mut rng);
+        let r = s.score(&m, &x);
+        if r.score >= 0.5 {
+            inverted += 1;
+            named += usize::from(r.top == 2);
+        }
+        // Current frozen at its mean.
+        x[2] = OFFSET[2] + 0.5 * GAIN[2];
+        frozen += usize::from(s.score(&m, &x).score >= 0.5);
+        // The load moves to its upper half, every sensor consistent.
+        let high = 0.5 + 0.5 * load;
+        let y: Vec<f64> = (0..4).map(|j| sensor(j, high, &mut rng)).collect();
+        shifted += usize::from(s.score(&m, &y).score >= 0.5);
+    }
+    assert!(inverted > trials * 8 / 10, "inverted: {inverted}/{trials}");
+    assert!(frozen > trials * 6 / 10, "frozen: {frozen}/{trials}");
+    assert!(
+        named > inverted * 95 / 100,
+        "top named current {named}/{inverted}"
+    );
+    assert!(shifted <= 2, "consistent shift alarmed {shifted}/{trials}");
+}
+
+#[test]
+fn serialised_models_score_bit_identically() {
+    let m = pump_model();
+    let json: PcaModel = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+    let post: PcaModel = postcard::from_bytes(&postcard::to_allocvec(&m).unwrap()).unwrap();
+    assert_eq!(json, m);
+    assert_eq!(post, m);
+    let (mut a, mut b, mut c) = (m.scorer(), json.scorer(), post.scorer());
+    for x in process(500, 3).chunks_exact(4) {
+        let sa = a.score(&m, x);
+        let (sb, sc) = (b.score(&json, x), c.score(&post, x));
+        assert_eq!(sa.score.to_bits(), sb.score.to_bits());
+        assert_eq!(sa.score.to_bits(), sc.score.to_bits());
+        assert_eq!(
+            (sa.t2.to_bits(), sa.spe.to_bits()),
+            (sb.t2.to_bits(), sb.spe.to_bits())
+        );
+    }
+}
+
+#[test]
+fn validate_refuses_broken_artifacts_naming_the_field() {
+    let m = pump_model();
+    type Breaker = Box<dyn Fn(&mut PcaModel)>;
+    let cases: Vec<(&str, Breaker)> = vec![
+        ("scales", Box::new(|m| m.scales[2] = 0.0)),
+        (
+            "scales",
+            Box::new(|m| {
+                m.scales.pop();
+            }),
+        ),
+        ("means", Box::new(|m| m.means[1] = f64::NAN)),
+        ("means", Box::new(|m| m.means[0] = f64::INFINITY)),
+        (
+            "eigenvalues",
+            Box::new(|m| m.eigenvalues[0] = f64::INFINITY),
+        ),
+        ("eigenvalues", Box::new(|m| m.eigenvalues[0] = 0.0)),
+        ("eigenvalues", Box::new(|m| m.eigenvalues.push(1.0))),
+        ("components", Box::new(|m| m.components[0].push(0.0))),
+        ("components", Box::new(|m| m.components[0][0] = f64::NAN)),
+        ("components", Box::new(|m| m.components[0][0] *= 2.0)),
+        ("components", Box::new(|m| m.components.clear())),
+        (
+            "features",
+            Box::new(|m| m.features[1] = m.features[0].clone()),
+        ),
+        ("t2", Box::new(|m| m.t2.h = -1.0)),
+        ("spe", Box::new(|m| m.spe.value_at_half = f64::NAN)),
+        ("kind", Box::new(|m| m.kind = "kmeans".into())),
+        (
+            "trained_from_ms",
+            Box::new(|m| m.trained_from_ms = m.trained_to_ms + 1),
+        ),
+        ("samples", Box::new(|m| m.samples = 1)),
+    ];
+    for (field, break_it) in cases {
+        let mut bad = m.clone();
+        break_it(&mut bad);
+        let e = bad.validate().expect_err(field).to_string();
+        assert!(e.contains(&format!("{field}:")), "{field}: {e}");
+    }
+    let e = m.clone();
+    let mut scales = e.clone();
+    scales.scales[2] = 0.0;
+    let msg = scales.validate().unwrap_err().to_string();
+    assert!(
+        msg.contains("\"current\"") && msg.contains("got 0"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn check_compatible_wants_the_same_names_in_order() {
+    let m = pump_model();
+    assert!(m.check_compatible(&names(&SENSORS)).is_ok());
+    let swapped = names(&["pressure", "flow", "current", "temp"]);
+    assert!(m
+        .check_compatible(&swapped)
+        .unwrap_err()
+        .to_string()
+        .contains("features"));
+    assert!(m.check_compatible(&names(&SENSORS[..3])).is_err());
+}
+
+#[test]
+fn fit_refuses_unusable_data() {
+    let o = FitOptions::default();
+    let f = names(&["a", "b"]);
+    let e = |r: Result<PcaModel, ModelError>| r.unwrap_err().to_string();
+    assert!(e(PcaModel::fit("d", f.clone(), &[1.0, 2.0], 0, 1, &o)).contains("at least 2 rows"));
+    let nan = [1.0, 2.0, f64::NAN, 1.0, 3.0, f64::INFINITY];
+    assert!(e(PcaModel::fit("d", f.clone(), &nan, 0, 1, &o)).contains("2 skipped"));
+    assert!(e(PcaModel::fit("d", vec![], &[], 0, 1, &o)).contains("no features"));
+    assert!(e(PcaModel::fit("d", f.clone(), &[1.0, 2.0, 3.0], 0, 1, &o)).contains("whole number"));
+    assert!(e(PcaModel::fit("d", f.clone(), &[1.0; 8], 0, 1, &o)).contains("no feature varies"));
+    let rows = [1.0, 2.0, 2.0, 3.0, 4.0, 1.0];
+    assert!(e(PcaModel::fit("d", f.clone(), &rows, 5, 1, &o)).contains("before it starts"));
+    let bad = FitOptions {
+        variance: 1.5,
+        max_components: 2,
+    };
+    assert!(e(PcaModel::fit("d", f.clone(), &rows, 0, 1, &bad)).starts_with("variance"));
+    let bad = FitOptions {
+        variance: 0.5,
+        max_components: 0,
+    };
+    assert!(e(PcaModel::fit("d", f.clone(), &rows, 0, 1, &bad)).starts_with("max_components"));
+    let huge = [1e300, 1.0, -1e300, 2.0, 0.0, 3.0];
+    assert!(e(PcaModel::fit("d", f, &huge, 0, 1, &o)).contains("too large"));
+}
+
+#[test]
+fn edge_cases_fit_and_score_without_panicking() {
+    // Two rows, one feature, a constant column, full variance.
+    let m = PcaModel::fit(
+        "d",
+        names(&["a"]),
+        &[1.0, 2.0],
+        0,
+        1,
+        &FitOptions::default(),
+    )
+    .unwrap();
+    m.validate().unwrap();
+    let mut s = m.scorer();
+    assert!(s.score(&m, &[1.5]).score < 0.5);
+    let rows = process(2000, 4);
+    let mut with_const = Vec::new();
+    for r in rows.chunks_exact(4) {
+        with_const.extend_from_slice(r);
+        with_const.push(7.0);
+    }
+    let f = names(&["flow", "pressure", "current", "temp", "setpoint"]);
+    let opts = FitOptions {
+        variance: 1.0,
+        max_components: 8,
+    };
+    let m = PcaModel::fit("d", f, &with_const, 0, 1, &opts).unwrap();
+    m.validate().unwrap();
+    assert_eq!(m.quality.constant_features, vec!["setpoint".to_string()]);
+    assert_eq!(m.scales[4], 1.0);
+    let mut s = m.scorer();
+    let mut x = with_const[..5].to_vec();
+    assert!(s.score(&m, &x).score < 0.5);
+    x[4] = 8.0;
+    let moved = s.score(&m, &x);
+    assert!(moved.score >= 0.5 && moved.top == 4, "{moved:?}");
+    for bad in [
+        vec![f64::NAN; 5],
+        vec![1e300; 5],
+        vec![-1e308, 1e308, f64::INFINITY, 0.0, 7.0],
+        vec![1.0],
+        vec![],
+        vec![1.0; 9],
+    ] {
+        let r = s.score(&m, &bad);
+        assert!(
+            (0.0..=1.0).contains(&r.score) && r.top < 5,
+            "{bad:?}: {r:?}"
+        );
+    }
+    assert_eq!(s.score(&m, &[f64::NAN; 5]).score, 0.0);
+    assert!(s.score(&m, &[1e300; 5]).score > 0.9);
+}
+
+#[test]
+fn scorer_follows_a_swapped_model() {
+    let a = pump_model();
+    let b = PcaModel::fit(
+        "d",
+        names(&["x", "y"]),
+        &[0.0, 0.0, 1.0, 2.0, 2.0, 1.0, 3.0, 3.0],
+        0,
+        1,
+        &FitOptions::default(),
+    )
+    .unwrap();
+    let mut s = a.scorer();
+    let first = s.score(&a, &[20.0, 4.0, 9.0, 47.5]);
+    let other = s.score(&b, &[3.0, 0.0]);
+    assert_eq!(other, b.scorer().score(&b, &[3.0, 0.0]));
+    assert_eq!(s.score(&a, &[20.0, 4.0, 9.0, 47.5]), first);
+}
+
+/// linfa-reduction's Pca gives the axes when its LOBPCG converges (few components of many
+/// features); otherwise linfa-linalg's eigh does, and both agree on the leading axis.
+#[test]
+fn both_solvers_agree_on_the_leading_axis() {
+    let m = pump_model();
+    assert_eq!(m.quality.solver, "linfa-linalg eigh");
+    assert!(
+        m.components[0].iter().all(|p| (p - 0.5).abs() < 1e-3),
+        "{:?}",
+        m.components
+    );
+    let mut rng = SmallRng::seed_from_u64(5);
+    let mut rows = Vec::new();
+    for _ in 0..3000 {
+        let load: f64 = rng.gen();
+        for j in 0..12 {
+            rows.push(j as f64 + (1.0 + j as f64) * load + 0.1 * gauss(&mut rng));
+        }
+    }
+    let f: Vec<String> = (0..12).map(|j| format!("s{j}")).collect();
+    let one = FitOptions {
+        variance: 0.9,
+        max_components: 1,
+    };
+    let a = PcaModel::fit("d", f.clone(), &rows, 0, 1, &one).unwrap();
+    assert_eq!(a.quality.solver, "linfa-reduction pca");
+    let all = FitOptions {
+        variance: 1.0,
+        max_components: 11,
+    };
+    let b = PcaModel::fit("d", f, &rows, 0, 1, &all).unwrap();
+    assert_eq!(b.quality.solver, "linfa-linalg eigh");
+    assert_eq!(b.components.len(), 11);
+    b.validate().unwrap();
+    assert!((a.eigenvalues[0] / b.eigenvalues[0] - 1.0).abs() < 1e-9);
+    let d: f64 = a.components[0]
+        .iter()
+        .zip(&b.components[0])
+        .map(|(x, y)| x * y)
+        .sum();
+    assert!((d - 1.0).abs() < 1e-9, "{d}");
+}
