@@ -368,3 +368,147 @@ impl CsvReport {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(state: f64, event: bool, threshold: f64) -> ViewRow {
+        ViewRow {
+            state,
+            alarm: if event { state } else { 0.0 },
+            event,
+            fired: state >= threshold,
+        }
+    }
+
+    /// A file of `n` rows, one minute apart, labelled over `labelled`, with univariate and
+    /// multivariate states from the closures.
+    fn file(
+        name: &str,
+        n: i64,
+        labelled: std::ops::Range<i64>,
+        uni: impl Fn(i64) -> f64,
+        multi: impl Fn(i64) -> f64,
+    ) -> FileScores {
+        let mut f = FileScores::new(name);
+        f.training_row(&Row {
+            ts_ms: -60_000,
+            label: true,
+            values: vec![],
+        });
+        let (mut prev_u, mut prev_m) = (0.0, 0.0);
+        for i in 0..n {
+            let row = Row {
+                ts_ms: i * 60_000,
+                label: labelled.contains(&i),
+                values: vec![],
+            };
+            let (u, m) = (uni(i), multi(i));
+            let (eu, em) = (u >= 0.5 && prev_u < 0.5, m >= 0.5 && prev_m < 0.5);
+            let (vu, vm) = (view(u, eu, 0.5), view(m, em, 0.5));
+            let s = RowScores {
+                uni: vu,
+                multi: vm,
+                combined: ViewRow {
+                    state: u.max(m),
+                    alarm: vu.alarm.max(vm.alarm),
+                    event: eu || em,
+                    fired: vu.fired || vm.fired,
+                },
+                ..RowScores::default()
+            };
+            f.push(&row, &s);
+            (prev_u, prev_m) = (u, m);
+        }
+        f
+    }
+
+    #[test]
+    fn a_corpus_reports_each_view_per_file_and_overall() {
+        let mut c = CsvCorpus::new(true, 0.5, 0.5, 0).unwrap();
+        // File a: a labelled interval 100..110 that only the multivariate view sees, plus a
+        // univariate false alarm at 50.
+        let a = file(
+            "a.csv",
+            200,
+            100..110,
+            |i| if i == 50 { 0.9 } else { 0.1 },
+            |i| {
+                if (100..110).contains(&i) {
+                    0.8
+                } else {
+                    0.2
+                }
+            },
+        );
+        let r = c.add(a).unwrap().clone();
+        assert_eq!(
+            (
+                r.rows,
+                r.training_rows,
+                r.labelled_training_rows,
+                r.intervals
+            ),
+            (200, 1, 1, 1)
+        );
+        let (u, m, k) = (&r.views[0], &r.views[1], &r.views[2]);
+        assert_eq!((u.events.caught, u.events.false_alarms), (0, 1));
+        assert_eq!((m.events.caught, m.events.false_alarms), (1, 0));
+        assert_eq!(
+            (k.events.caught, k.events.false_alarms, k.events.events),
+            (1, 1, 2)
+        );
+        assert!((u.events.hours - 199.0 / 60.0).abs() < 1e-12);
+        assert_eq!((m.point.tp, m.point.fp, m.point.fn_), (10, 0, 0));
+        assert_eq!(m.best.unwrap().f1(), Some(1.0));
+        assert_eq!(
+            m.nab_fixed[0],
+            Some(100.0 * (1.0 - -1.0) / 2.0),
+            "the onset is the window's first row"
+        );
+        // File b: no labels, quiet.
+        c.add(file("b.csv", 100, 0..0, |_| 0.1, |_| 0.1)).unwrap();
+        let rep = c.finish();
+        assert_eq!(rep.rows, 300);
+        assert_eq!(rep.overall.len(), 3);
+        let m = &rep.overall[1];
+        assert_eq!(
+            (m.point.tp, m.point.tn, m.point.threshold),
+            (10, 290, Some(0.5))
+        );
+        assert_eq!(m.events.intervals, 1);
+        assert_eq!(m.nab_best.len(), 3);
+        assert_eq!(rep.files[0].views[1].nab_best.len(), 3);
+        assert_eq!(
+            rep.overall[2].point.threshold, None,
+            "combined: either view's flag"
+        );
+        let j = rep.overall_json();
+        assert_eq!(j["multivariate"]["events"]["recall"], 1.0);
+        assert_eq!(j["univariate"]["events"]["false_alarms"], 1);
+        assert!(
+            rep.files[0].to_json()["combined"]["nab"]["standard"]["at_fixed_threshold"].is_number()
+        );
+    }
+
+    #[test]
+    fn univariate_only_and_bad_tolerance_and_repeated_timestamps() {
+        assert!(CsvCorpus::new(false, 0.5, 0.5, -1).is_err());
+        let mut c = CsvCorpus::new(false, 0.5, 0.5, 0).unwrap();
+        assert_eq!(
+            c.add(file("a.csv", 10, 2..4, |_| 0.0, |_| 0.0))
+                .unwrap()
+                .views
+                .len(),
+            1
+        );
+        assert_eq!(nab_windows(&[(1, 3), (3, 5), (7, 7)]), [(1, 5), (7, 7)]);
+        let rep = c.finish();
+        assert_eq!(rep.overall[0].events.recall(), Some(0.0));
+        // An empty file scores nothing but does not fail.
+        let mut c = CsvCorpus::new(true, 0.5, 0.5, 0).unwrap();
+        assert_eq!(c.add(FileScores::new("e.csv")).unwrap().rows, 0);
+        assert_eq!(c.finish().overall[0].best, None);
+    }
+}

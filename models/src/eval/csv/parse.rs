@@ -17,7 +17,8 @@ pub struct CsvOptions {
     pub label_column: Option<String>,
     /// Sensor columns to use, in this order; default: every column but the timestamp and the label.
     pub columns: Option<Vec<String>>,
-    /// Columns left out of the default sensor set (extra label-like columns such as `changepoint`).
+    /// Columns left out of the default sensor set (extra label-like columns such as `changepoint`);
+    /// a name the file does not have is no error (a folder's files may differ in extra columns).
     pub ignore: Vec<String>,
     /// Cell separator; default: `;` if the header holds more `;` than `,`, else `,`.
     pub separator: Option<char>,
@@ -108,9 +109,6 @@ impl Layout {
                 "column {:?} cannot be both the timestamp and the label",
                 names[time]
             )));
-        }
-        for n in &opts.ignore {
-            named("ignored", n)?;
         }
         let sensors: Vec<usize> = match &opts.columns {
             Some(cols) => {
@@ -443,14 +441,18 @@ mod tests {
             },
         );
         assert!(e.contains("both the timestamp and the label"), "{e}");
-        let e = err(
+        let ok = Layout::from_header(
             "t,a",
-            CsvOptions {
+            &CsvOptions {
                 ignore: vec!["zz".into()],
                 ..CsvOptions::default()
             },
         );
-        assert!(e.contains("no ignored column \"zz\""), "{e}");
+        assert_eq!(
+            ok.unwrap().sensors,
+            [1],
+            "ignoring an absent column is fine"
+        );
     }
 
     #[test]
