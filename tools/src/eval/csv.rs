@@ -694,16 +694,15 @@ impl CsvRun {
             self.elapsed.as_secs_f64(),
             self.readings_per_second()
         );
-        let _ = writeln!(
-            s,
-            "thresholds: univariate {}, multivariate {}\n",
-            self.thresholds.0,
-            if self.multivariate {
-                self.thresholds.1.to_string()
-            } else {
-                "-".into()
-            }
-        );
+        let _ = if self.multivariate {
+            writeln!(
+                s,
+                "thresholds: univariate {}, multivariate {}\n",
+                self.thresholds.0, self.thresholds.1
+            )
+        } else {
+            writeln!(s, "threshold: {}\n", self.thresholds.0)
+        };
         let _ = writeln!(
             s,
             "{:<13} {:>6} {:>6} {:>6} | {:>7} {:>6} {:>6} {:>6} | {:>7} {:>6} {:>7} | {:>8} {:>8}",
