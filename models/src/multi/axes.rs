@@ -22,7 +22,7 @@ pub(crate) type Axes = Vec<(f64, Vec<f64>)>;
 /// k close to n (its [X, R, P] block is wider than the space) it stops early and returns loadings
 /// that are off (seen: 0.31 instead of 0.5 on four equally correlated sensors). Then the axes are
 /// the exact symmetric eigendecomposition of C by linfa-linalg's `eigh` (tridiagonal QR; C is only
-/// n × n). Either way λ is the variance of the data along the axis (linfa's
+/// n × n); so are they when Pca returns an error. Either way λ is the variance of the data along the axis (linfa's
 /// `explained_variance()` divides by the number of components, not of samples, so it is not used).
 pub(crate) fn principal_axes(
     z: &[f64],
@@ -34,10 +34,11 @@ pub(crate) fn principal_axes(
     let x = Array2::from_shape_vec((n_rows, n), z.to_vec())
         .map_err(|e| ModelError::data(format!("training matrix: {e}")))?;
     let cov = x.t().dot(&x) / (n_rows - 1) as f64;
-    let pca = Pca::params(k_max)
-        .fit(&DatasetBase::from(x))
-        .map_err(|e| ModelError::data(format!("linfa pca: {e}")))?;
-    let mut axes = orthonormal(pca.components().rows().into_iter().map(|r| r.to_vec()));
+    // A Pca error (LOBPCG breaking down on degenerate data) also leads to the eigh path below.
+    let mut axes = match Pca::params(k_max).fit(&DatasetBase::from(x)) {
+        Ok(pca) => orthonormal(pca.components().rows().into_iter().map(|r| r.to_vec())),
+        Err(_) => Vec::new(),
+    };
     let tol = 1e-6 * total;
     let mut solver = SOLVER_PCA;
     if axes.len() < k_max || axes.iter().any(|v| eigen_residual(&cov, v) > tol) {

@@ -44,6 +44,14 @@ impl WilsonHilferty {
     pub(crate) fn z(&self, s: f64) -> f64 {
         ((s * self.inv_gh).max(0.0).cbrt() - self.centre) * self.inv_sd
     }
+
+    /// Whether `z(s) ≥ z` — decided without a cube root (cubing the threshold instead), since
+    /// z is monotone in s.
+    #[inline]
+    pub(crate) fn reaches(&self, s: f64, z: f64) -> bool {
+        let base = self.centre + z / self.inv_sd;
+        base <= 0.0 || s * self.inv_gh >= base * base * base
+    }
 }
 
 impl Limit {
@@ -245,6 +253,19 @@ mod tests {
         let above = v.iter().filter(|&&x| x >= heavy.value_at_half).count();
         assert!(above <= 10, "{above} of 10 000 above the limit");
         assert!(heavy.validate("t2").is_ok());
+    }
+
+    #[test]
+    fn reaches_agrees_with_comparing_z_values() {
+        let lim = Limit::fit(&mut (1..500).map(|i| (i % 37) as f64 * 0.3).collect::<Vec<_>>());
+        let wh = lim.wilson_hilferty();
+        for s in [0.0, 0.01, 0.5, 3.0, 11.0, 40.0, 1e6] {
+            for z in [-30.0, -2.0, 0.0, 0.7, 3.0, 9.0] {
+                let (a, b) = (wh.reaches(s, z), wh.z(s) >= z);
+                // Equal up to rounding at the boundary itself.
+                assert!(a == b || (wh.z(s) - z).abs() < 1e-9, "s {s} z {z}: {a} {b}");
+            }
+        }
     }
 
     #[test]

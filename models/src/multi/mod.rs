@@ -18,3 +18,71 @@ pub use peers::{PeerModel, PeerOptions, PeerScore};
 /// `linfa`, `linfa-reduction` and `linfa-clustering` lines of the root `Cargo.toml`
 /// (`[workspace.dependencies]`).
 pub const LINFA_VERSION: &str = "0.8.1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Readings of four sensors arrive one at a time, interleaved, through the aligner; the vectors
+    /// it releases train a model, and a later correlation break in the same stream is caught.
+    #[test]
+    fn aligned_stream_trains_and_scores() {
+        let features: Vec<String> = ["flow", "pressure", "current", "temp"]
+            .map(String::from)
+            .into();
+        let mut aligner = Aligner::new(&features, &AlignConfig::default()).unwrap();
+        // Deterministic load and noise: a slow cycle plus a small incommensurate wobble.
+        let reading = |i: usize, j: usize, broken: bool| {
+            let load = 0.5 + 0.4 * (i as f64 / 37.0).sin();
+            let noise = 0.01 * ((i * 7 + j * 13) as f64 * 1.618).sin();
+            let l = if broken && j == 2 { 1.0 - load } else { load };
+            [10.0, 3.0, 5.0, 40.0][j] + [20.0, 2.0, 8.0, 15.0][j] * (l + noise)
+        };
+        let mut rows = Vec::new();
+        for i in 0..3000 {
+            for j in 0..4 {
+                let ts = i as i64 * 1000 + j as i64 * 10;
+                if aligner.push(j, ts, reading(i, j, false)) {
+                    rows.extend_from_slice(aligner.vector());
+                }
+            }
+        }
+        // A vector at every reading once all four slots hold a fresh value (after the first three).
+        assert_eq!(rows.len(), (3000 * 4 - 3) * 4);
+        let model = PcaModel::fit(
+            "pump",
+            features.clone(),
+            &rows,
+            0,
+            3_000_000,
+            &FitOptions::default(),
+        )
+        .unwrap();
+        model.check_compatible(aligner.features()).unwrap();
+        let mut scorer = model.scorer();
+        let (mut normal, mut broken, mut scored) = (0, 0, 0);
+        for i in 3000..3400 {
+            for j in 0..4 {
+                let ts = i as i64 * 1000 + j as i64 * 10;
+                if aligner.push(j, ts, reading(i, j, i >= 3200)) {
+                    let s = scorer.score(&model, aligner.vector());
+                    scored += 1;
+                    if s.score >= 0.5 {
+                        if i >= 3200 {
+                            broken += 1;
+                            assert_eq!(s.top, 2);
+                        } else {
+                            normal += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(scored, 1600);
+        assert_eq!(normal, 0);
+        assert!(
+            broken > 800 * 9 / 10,
+            "{broken} of 800 broken vectors scored >= 0.5"
+        );
+    }
+}

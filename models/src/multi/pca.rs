@@ -111,6 +111,8 @@ pub struct MultiScore {
 #[derive(Debug, Clone, Default)]
 pub struct PcaScorer {
     z: Vec<f64>,
+    /// Residual z − P Pᵀ z; then the per-feature contributions for `top`.
+    r: Vec<f64>,
     present: Vec<bool>,
     t: Vec<f64>,
     /// Bits of (t2.g, t2.h, spe.g, spe.h) the cached Wilson–Hilferty constants belong to.
@@ -338,37 +340,36 @@ impl PcaScorer {
     /// Scores one vector (laid out as `model.features`). NaN/infinite slots — and slots missing
     /// from a short `x` — are imputed by the mean (z = 0) and left out of SPE and of `top`. Allocates
     /// nothing unless `model` has another shape than the last one scored.
+    ///
+    /// A model that fails [`PcaModel::validate`]'s shape checks (lengths that disagree) scores every
+    /// vector 0 instead of panicking: validate artifacts from outside before use.
     pub fn score(&mut self, model: &PcaModel, x: &[f64]) -> MultiScore {
-        self.refresh(model);
+        if !self.refresh(model) {
+            return MultiScore {
+                score: 0.0,
+                t2: 0.0,
+                spe: 0.0,
+                top: 0,
+            };
+        }
         let (t2, spe) = self.statistics(model, x);
         let (score, spe_decides) = self.combine(t2, spe);
-        let n = self.z.len();
+        if !spe_decides {
+            // Contribution of feature j to T²: z_j · Σ_a (t_a / λ_a) p_aj (they sum to T²),
+            // accumulated in r (the residual is no longer needed).
+            self.r.iter_mut().for_each(|r| *r = 0.0);
+            for ((p, t), l) in model.components.iter().zip(&self.t).zip(&model.eigenvalues) {
+                let w = t / l;
+                self.r.iter_mut().zip(p).for_each(|(r, pj)| *r += w * pj);
+            }
+            self.r.iter_mut().zip(&self.z).for_each(|(r, z)| *r *= z);
+        } else {
+            self.r.iter_mut().for_each(|r| *r *= *r);
+        }
         let mut top = 0;
         let mut best = f64::NEG_INFINITY;
-        for j in 0..n {
-            if !self.present[j] {
-                continue;
-            }
-            let c = if spe_decides {
-                let proj: f64 = model
-                    .components
-                    .iter()
-                    .zip(&self.t)
-                    .map(|(p, t)| t * p[j])
-                    .sum();
-                let r = self.z[j] - proj;
-                r * r
-            } else {
-                let w: f64 = model
-                    .components
-                    .iter()
-                    .zip(&self.t)
-                    .zip(&model.eigenvalues)
-                    .map(|((p, t), l)| t * p[j] / l)
-                    .sum();
-                self.z[j] * w
-            };
-            if c > best {
+        for (j, (&c, &present)) in self.r.iter().zip(&self.present).enumerate() {
+            if present && c > best {
                 best = c;
                 top = j;
             }
@@ -382,10 +383,16 @@ impl PcaScorer {
     }
 
     /// Resizes the scratch space and recomputes the cached limit constants if `model` changed.
-    fn refresh(&mut self, model: &PcaModel) {
+    /// Returns whether the model's shapes agree (else nothing may be indexed).
+    fn refresh(&mut self, model: &PcaModel) -> bool {
         let n = model.features.len();
+        let shapes_agree = model.means.len() == n
+            && model.scales.len() == n
+            && model.eigenvalues.len() == model.components.len()
+            && model.components.iter().all(|p| p.len() == n);
         if self.z.len() != n {
             self.z = vec![0.0; n];
+            self.r = vec![0.0; n];
             self.present = vec![false; n];
         }
         if self.t.len() != model.components.len() {
@@ -397,26 +404,24 @@ impl PcaScorer {
             self.wh_t2 = model.t2.wilson_hilferty();
             self.wh_spe = model.spe.wilson_hilferty();
         }
+        shapes_agree
     }
 
-    /// T² and SPE of `x`; fills z, present and t.
+    /// T² and SPE of `x`; fills z, present, t and the residual r.
     fn statistics(&mut self, model: &PcaModel, x: &[f64]) -> (f64, f64) {
-        let mut z2 = 0.0;
-        for j in 0..self.z.len() {
-            let v = x.get(j).copied().unwrap_or(f64::NAN);
-            let z = (v - model.means[j]) / model.scales[j];
-            self.present[j] = z.is_finite();
-            self.z[j] = if z.is_finite() {
-                z.clamp(-Z_CLAMP, Z_CLAMP)
+        let columns = self.z.iter_mut().zip(self.present.iter_mut());
+        let params = model.means.iter().zip(&model.scales);
+        for (j, ((z, present), (mean, scale))) in columns.zip(params).enumerate() {
+            let v = if j < x.len() { x[j] } else { f64::NAN };
+            let zj = (v - mean) / scale;
+            *present = zj.is_finite();
+            *z = if *present {
+                zj.clamp(-Z_CLAMP, Z_CLAMP)
             } else {
                 0.0
             };
-            if self.present[j] {
-                z2 += self.z[j] * self.z[j];
-            }
         }
         let mut t2 = 0.0;
-        let mut t_sq = 0.0;
         for ((t, p), l) in self
             .t
             .iter_mut()
@@ -425,47 +430,27 @@ impl PcaScorer {
         {
             *t = p.iter().zip(&self.z).map(|(a, b)| a * b).sum();
             t2 += *t * *t / l;
-            t_sq += *t * *t;
         }
-        let all_present = self.present.iter().all(|&p| p);
-        let spe = if all_present {
-            // ||z − P Pᵀ z||² = ||z||² − ||Pᵀ z||² for orthonormal P; the explicit residual is
-            // used when that difference loses its precision.
-            let fast = z2 - t_sq;
-            if fast > 1e-6 * z2 {
-                fast
-            } else {
-                self.residual_sq(model)
-            }
-        } else {
-            self.residual_sq(model)
-        };
+        // r = z − P Pᵀ z, explicitly (no cancellation as in ||z||² − ||Pᵀ z||²).
+        self.r.copy_from_slice(&self.z);
+        for (p, t) in model.components.iter().zip(&self.t) {
+            self.r.iter_mut().zip(p).for_each(|(r, pj)| *r -= t * pj);
+        }
+        let spe = self
+            .r
+            .iter()
+            .zip(&self.present)
+            .map(|(r, &present)| if present { r * r } else { 0.0 })
+            .sum();
         (t2, spe)
-    }
-
-    /// Σ over present slots of (z − P Pᵀ z)².
-    fn residual_sq(&self, model: &PcaModel) -> f64 {
-        let mut spe = 0.0;
-        for j in 0..self.z.len() {
-            if self.present[j] {
-                let proj: f64 = model
-                    .components
-                    .iter()
-                    .zip(&self.t)
-                    .map(|(p, t)| t * p[j])
-                    .sum();
-                let r = self.z[j] - proj;
-                spe += r * r;
-            }
-        }
-        spe
     }
 
     /// Combined score of (T², SPE), and whether SPE is the more surprising of the two.
     fn combine(&self, t2: f64, spe: f64) -> (f64, bool) {
-        let (zt, zs) = (self.wh_t2.z(t2), self.wh_spe.z(spe));
-        let spe_decides = zt.partial_cmp(&zs) != Some(std::cmp::Ordering::Greater);
-        let l = neg_log10_tail(if spe_decides { zs } else { zt });
+        // One cube root when T² decides, two when SPE does (`reaches` compares without one).
+        let zt = self.wh_t2.z(t2);
+        let spe_decides = self.wh_spe.reaches(spe, zt);
+        let l = neg_log10_tail(if spe_decides { self.wh_spe.z(spe) } else { zt });
         (surprise_score(l - std::f64::consts::LOG10_2), spe_decides)
     }
 }

@@ -109,6 +109,13 @@ fn three_features_match_hand_computed_t2_and_spe() {
     // Only the residual direction (a − b) moved: SPE decides, and a or b is the top feature.
     let far = s.score(&m, &[6.0, -3.0, 5.0]);
     assert!(far.spe > 10.0 && far.top < 2, "{far:?}");
+    // Far along the c axis, inside the subspace: T² decides and c contributes most.
+    let along_c = s.score(&m, &[1.5, 1.5, 5.0 + 10.0]);
+    assert!(
+        close(along_c.t2, 75.0) && close(along_c.spe, 0.0),
+        "{along_c:?}"
+    );
+    assert_eq!(along_c.top, 2);
     // A missing slot is imputed by its mean and left out of SPE.
     let gap = s.score(&m, &[f64::NAN, 1.5, 5.0]);
     assert!(close(gap.t2, 0.0) && close(gap.spe, 0.0), "{gap:?}");
@@ -405,4 +412,23 @@ fn both_solvers_agree_on_the_leading_axis() {
         .map(|(x, y)| x * y)
         .sum();
     assert!((d - 1.0).abs() < 1e-9, "{d}");
+}
+
+#[test]
+fn unvalidated_artifacts_with_wrong_shapes_never_panic() {
+    let m = pump_model();
+    let x = [20.0, 4.0, 9.0, 47.5];
+    let breakers: [fn(&mut PcaModel); 4] = [
+        |m| m.means.truncate(2),
+        |m| m.scales.clear(),
+        |m| m.components[0].truncate(1),
+        |m| m.eigenvalues.clear(),
+    ];
+    for b in breakers {
+        let mut bad = m.clone();
+        b(&mut bad);
+        let mut s = PcaScorer::default();
+        assert_eq!(s.score(&bad, &x).score, 0.0);
+        assert!(bad.validate().is_err());
+    }
 }

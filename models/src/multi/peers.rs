@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 /// does not (a Gaussian cloud in d dimensions keeps ≈ 1 − 0.64·(k−1)/d of its WSS), so noise is not
 /// split into groups. If no k passes, the fleet is one group.
 const WSS_FRACTION: f64 = 0.2;
+/// Past the first k that passes, one more group is taken while it at least halves the WSS again
+/// (four equally spaced groups pass the 20 % test at k = 3 already; k = 4 then removes the rest).
+const SPLIT_GAIN: f64 = 0.5;
 /// A k is only accepted if every group has at least this many devices, so one odd device cannot
 /// become its own peer group (and so never look odd).
 const MIN_MEMBERS: usize = 3;
@@ -134,6 +137,7 @@ impl PeerModel {
             let x = Array2::from_shape_vec((rows, n), z.clone())
                 .map_err(|e| ModelError::data(format!("profile matrix: {e}")))?;
             let ds = DatasetBase::from(x);
+            let mut chosen_wss: Option<f64> = None;
             for k in 2..=opts.max_clusters.min(rows / MIN_MEMBERS) {
                 let rng = SmallRng::seed_from_u64(opts.seed);
                 let model = KMeans::params_with_rng(k, rng)
@@ -147,8 +151,15 @@ impl PeerModel {
                     .map(|r| r.to_vec())
                     .collect();
                 let (sizes, wss) = assignment(&z, n, &c);
-                if sizes.iter().all(|&s| s >= MIN_MEMBERS as u64) && wss <= WSS_FRACTION * wss1 {
+                let big_enough = sizes.iter().all(|&s| s >= MIN_MEMBERS as u64);
+                let enough_gain = match chosen_wss {
+                    None => wss <= WSS_FRACTION * wss1,
+                    Some(prev) => wss <= SPLIT_GAIN * prev,
+                };
+                if big_enough && enough_gain {
                     centroids = c;
+                    chosen_wss = Some(wss);
+                } else if chosen_wss.is_some() {
                     break;
                 }
             }
@@ -209,13 +220,15 @@ impl PeerModel {
             };
         }
         let distance = best.1.sqrt();
-        let ratio = distance / self.spreads[best.0];
-        let q = (self.limit / ratio).powi(4);
+        // A spread missing from an unvalidated artifact counts as 1 rather than panicking.
+        let ratio = distance / self.spreads.get(best.0).copied().unwrap_or(1.0);
+        let score = 1.0 / (1.0 + (self.limit / ratio).powi(4));
         PeerScore {
             cluster: best.0,
             distance,
             ratio,
-            score: 1.0 / (1.0 + q),
+            // NaN only from a broken artifact (0/0 spread, NaN limit): no evidence, no alarm.
+            score: if score.is_nan() { 0.0 } else { score },
         }
     }
 

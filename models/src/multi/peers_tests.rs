@@ -54,6 +54,25 @@ fn finds_three_groups_and_every_member_fits_its_group() {
 }
 
 #[test]
+fn four_equally_spaced_groups_are_four() {
+    let mut rng = SmallRng::seed_from_u64(8);
+    let profiles: Vec<f64> = (0..200)
+        .flat_map(|d| {
+            let kind = (d % 4) as f64;
+            (0..D)
+                .map(|j| kind * 10.0 * ((j % 3) as f64 + 1.0))
+                .collect::<Vec<_>>()
+        })
+        .map(|v| v + gauss(&mut rng))
+        .collect();
+    let m = PeerModel::fit(names(D), &profiles, 0, &PeerOptions::default()).unwrap();
+    let mut sizes = m.sizes.clone();
+    sizes.sort_unstable();
+    assert_eq!(sizes, vec![50; 4], "{m:?}");
+    assert!(profiles.chunks_exact(D).all(|p| m.score(p).score < 0.5));
+}
+
+#[test]
 fn a_device_six_spreads_from_its_group_scores_high() {
     let profiles = three_groups(2);
     let m = PeerModel::fit(names(D), &profiles, 0, &PeerOptions::default()).unwrap();
@@ -185,4 +204,22 @@ fn validate_refuses_broken_artifacts_naming_the_field() {
         let e = bad.validate().expect_err(field).to_string();
         assert!(e.contains(&format!("{field}:")), "{field}: {e}");
     }
+}
+
+#[test]
+fn unvalidated_artifacts_with_wrong_shapes_never_panic() {
+    let m = PeerModel::fit(names(D), &three_groups(7), 0, &PeerOptions::default()).unwrap();
+    let p = three_groups(7)[..D].to_vec();
+    let mut short = m.clone();
+    short.means.truncate(2);
+    short.spreads.clear();
+    let s = short.score(&p);
+    assert!((0.0..=1.0).contains(&s.score));
+    let mut zero = m.clone();
+    zero.spreads = vec![0.0; zero.spreads.len()];
+    zero.limit = f64::NAN;
+    assert!((0.0..=1.0).contains(&zero.score(&p).score));
+    let mut ragged = m;
+    ragged.centroids[0].truncate(1);
+    assert!((0.0..=1.0).contains(&ragged.score(&p).score));
 }
