@@ -320,10 +320,13 @@ impl RowParser {
             None => false,
             Some(c) => {
                 let t = unquote(cell(c));
-                match t.parse::<f64>() {
-                    Ok(v) if v == 0.0 => false,
-                    Ok(v) if v == 1.0 => true,
-                    _ => return Err(bad(c, format!("label must be 0 or 1, got {t:?}"))),
+                let v = t.parse::<f64>().ok();
+                if v == Some(0.0) {
+                    false
+                } else if v == Some(1.0) {
+                    true
+                } else {
+                    return Err(bad(c, format!("label must be 0 or 1, got {t:?}")));
                 }
             }
         };
