@@ -110,6 +110,8 @@ enum EvalCommand {
     Nab(edgewatch::eval::EvalNabArgs),
     /// Score a detector on the fleet simulator's labelled anomalies (precision, recall, F1, delay per kind).
     Sim(edgewatch::eval::sim::EvalSimArgs),
+    /// Replay labelled multi-sensor CSV files (one per device run): univariate and multivariate scores.
+    Csv(edgewatch::eval::EvalCsvArgs),
 }
 
 /// Which component a configuration file is for.
@@ -293,6 +295,11 @@ fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Eval(EvalCommand::Sim(args)) => {
             edgewatch::eval::sim::run_sim(args).map_err(Failure::Runtime)
+        }
+        Command::Eval(EvalCommand::Csv(args)) => {
+            edgewatch::eval::csv::detector_config(args.detector.as_deref())
+                .map_err(Failure::Usage)?;
+            edgewatch::eval::run_csv(args).map_err(Failure::Runtime)
         }
         // Bad arguments and unreadable inputs exit 2 here (like clap's own usage errors), because
         // 1 means "mismatches found" to scripts checking delivery.

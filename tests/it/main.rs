@@ -13,6 +13,7 @@ mod configs;
 mod crash;
 mod dashboard;
 mod e2e;
+mod eval_csv;
 mod eval_nab;
 mod failover;
 mod forgery;

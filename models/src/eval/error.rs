@@ -15,6 +15,20 @@ pub enum EvalError {
         /// What is wrong, quoting the bad text.
         detail: String,
     },
+    /// A cell of a data CSV could not be used: `line` is 1-based (the header is line 1), `column`
+    /// the header's name of the cell. Callers prefix the file name: `path:line: column "x": detail`.
+    #[error("line {line}: column {column:?}: {detail}")]
+    CsvColumn {
+        /// 1-based line number in the CSV text.
+        line: usize,
+        /// The column's name in the header.
+        column: String,
+        /// What is wrong, quoting the bad text.
+        detail: String,
+    },
+    /// A CSV file cannot be evaluated as a whole (no data rows, a model that cannot be fitted).
+    #[error("{0}")]
+    Dataset(String),
     /// The labels file (`combined_windows.json`) is malformed.
     #[error("labels: {0}")]
     Labels(String),

@@ -5,6 +5,7 @@
 //! folders, reading files, printing and timing belong to the one front end, `edgewatch eval`
 //! (`tools/src/eval/`).
 
+pub mod csv;
 mod error;
 pub mod nab;
 pub mod truth;

@@ -2,12 +2,15 @@
 //!
 //! - `eval nab` ([`run_nab`], logic in [`nab`]): the Numenta Anomaly Benchmark, scored by
 //!   `edgewatch_models::eval::nab`.
+//! - `eval csv` ([`run_csv`], in [`csv`]): labelled multi-sensor CSV runs, univariate and
+//!   multivariate, scored by `edgewatch_models::eval::csv`.
 //! - `eval sim` ([`run_sim`], in [`sim`]): the fleet simulator's labelled anomalies, scored per kind
 //!   by `edgewatch_models::eval::truth`.
 //!
 //! This module owns the command-line face — arguments, files, progress, printing. Parsing and scoring
 //! live in `edgewatch_models::eval`.
 
+pub mod csv;
 pub mod nab;
 pub mod sim;
 
@@ -15,6 +18,7 @@ use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
 
+pub use csv::{evaluate_csv, run_csv, CsvRun, EvalCsvArgs};
 pub use nab::{evaluate_nab, NabRun, ScoreSource};
 pub use sim::{evaluate_sim, run_sim, EvalSimArgs, SimRun};
 
