@@ -19,6 +19,7 @@ mod forgery;
 mod hostile;
 mod http_limits;
 mod interop;
+mod models;
 mod nats;
 mod nats_mqtt;
 mod outage;
