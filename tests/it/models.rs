@@ -224,7 +224,7 @@ async fn models_are_pushed_swapped_in_mid_stream_and_survive_a_kill() {
              uplink: {{ ack_timeout_ms: 2000 }}\n\
              window: {{ size_ms: 10000, allowed_lateness_ms: 0, idle_timeout_ms: 1000 }}\n\
              state: {{ dir: \"{}\", checkpoint_interval_ms: 500, ack_mode: after_checkpoint }}\n\
-             models: {{ threshold: 0.5 }}\n",
+             models: {{ enabled: true, threshold: 0.5 }}\n",
             mosq.port,
             dir.path().join("agent-state").display()
         ),
