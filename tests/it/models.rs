@@ -271,6 +271,15 @@ async fn models_are_pushed_swapped_in_mid_stream_and_survive_a_kill() {
     assert!(pushed.contains("/models/pca-"), "{pushed}");
     wait_log(&log, 0, &["model swapped in", "version=1"], 1).await;
 
+    // Garbage on the device's model topic is refused (and logged with the reason); v1 runs on.
+    let topic = edgewatch_models::wire::Topics::new("edgewatch/v1")
+        .models(&edgewatch_models::wire::model_key(DEVICE));
+    client
+        .publish(&topic, QoS::AtLeastOnce, false, "{\"kind\":\"pca\"")
+        .await
+        .unwrap();
+    wait_log(&log, 0, &["model refused", "payload"], 1).await;
+
     publish(&client, base, 200..500, |i| (300..360).contains(&i)).await;
     let e1 = wait_pca(&feed, base, 300..360).await;
     assert_eq!(
@@ -330,4 +339,47 @@ async fn models_are_pushed_swapped_in_mid_stream_and_survive_a_kill() {
     let _ = poll.await;
     stop_agg.cancel();
     agg_task.await.unwrap().unwrap();
+}
+
+/// `models` exits 1 on a bad model file or configuration and 2 when the broker is unreachable.
+#[test]
+fn models_cli_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+            .arg("models")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let port = free_port();
+    let conf = dir.path().join("aggregator-x.yaml");
+    std::fs::write(
+        &conf,
+        format!("id: agg-x\nmqtt: {{ host: 127.0.0.1, port: {port} }}\n"),
+    )
+    .unwrap();
+    let conf = conf.to_str().unwrap();
+    let good = model_file(dir.path(), 1);
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{}").unwrap();
+    let (code, err) = run(&["push", bad.to_str().unwrap(), "--config", conf]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("bad.json"), "{err}");
+    let (code, err) = run(&["show", bad.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    let (code, err) = run(&[
+        "push",
+        good.to_str().unwrap(),
+        "--config",
+        "/nonexistent/aggregator.yaml",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    let (code, err) = run(&["push", good.to_str().unwrap(), "--config", conf]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
 }
