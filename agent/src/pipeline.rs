@@ -770,7 +770,7 @@ impl Table {
             outputs.push(Output::Anomaly {
                 partition,
                 event: AnomalyEvent {
-                    kind: EventKind::Onset,
+                    phase: EventPhase::Onset,
                     model_version: Some(hit.version),
                     id: event_id(device, hit.metric, r.ts_ms, PCA),
                     device: device.to_string(),
