@@ -71,6 +71,9 @@ enum Command {
     /// Evaluate detectors on a dataset.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Multivariate device models: push one to the agents, clear one, show a model file.
+    #[command(subcommand)]
+    Models(edgewatch::models::ModelsCommand),
     /// Reconcile a simulator readings log with the windows the aggregators hold.
     /// Exits 0 when every reading is counted exactly once, 1 on mismatches, 2 on errors.
     Verify(edgewatch::verify::VerifyArgs),
@@ -293,6 +296,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 .map_err(Failure::Usage)?;
             edgewatch::eval::run_nab(args).map_err(Failure::Runtime)
         }
+        Command::Models(cmd) => models(cmd),
         Command::Eval(EvalCommand::Sim(args)) => {
             edgewatch::eval::sim::run_sim(args).map_err(Failure::Runtime)
         }
@@ -355,6 +359,36 @@ fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
             "{failed} of {} files invalid",
             files.len()
         )));
+    }
+    Ok(())
+}
+
+/// `edgewatch models ...`: a bad file or configuration exits 1, a broker failure 2.
+fn models(cmd: edgewatch::models::ModelsCommand) -> Result<(), Failure> {
+    use edgewatch::models::{self as m, ModelsCommand};
+    match cmd {
+        ModelsCommand::Push { file, config } => {
+            let model = m::read(&file).map_err(Failure::Usage)?;
+            let target = m::Target::load(&config).map_err(Failure::Usage)?;
+            let topic = tokio_runtime()?
+                .block_on(m::push(&target, &model))
+                .map_err(Failure::Runtime)?;
+            println!(
+                "pushed model of {:?} v{} to {topic} (retained)",
+                model.key, model.version
+            );
+        }
+        ModelsCommand::Clear { device, config } => {
+            let target = m::Target::load(&config).map_err(Failure::Usage)?;
+            let topic = tokio_runtime()?
+                .block_on(m::clear(&target, &device))
+                .map_err(Failure::Runtime)?;
+            println!("cleared the retained model on {topic}");
+        }
+        ModelsCommand::Show { file } => {
+            let model = m::read_unchecked(&file).map_err(Failure::Usage)?;
+            print!("{}", m::summary(&model));
+        }
     }
     Ok(())
 }

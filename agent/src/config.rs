@@ -34,6 +34,64 @@ pub struct AgentConfig {
     /// Durable state on the gateway: outbox and checkpoints.
     #[serde(default)]
     pub state: StateConfig,
+    /// Multivariate device models pushed by the aggregator (`{prefix}/models/#`).
+    #[serde(default)]
+    pub models: ModelsConfig,
+}
+
+/// Multivariate device models: whether the agent takes them, and how it scores with them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Subscribe to `{prefix}/models/#` on the uplink broker, run the models received there and
+    /// (with `state.dir`) those stored before a restart. Off by default: the broker must let the
+    /// agent read that filter, which the shipped ACLs (`configs/security/`) do not grant yet (with
+    /// NATS a refused subscription would take the uplink connection down).
+    #[serde(default = "default_models_enabled")]
+    pub enabled: bool,
+    /// Score at or above which a model raises a `pca` event, in (0, 1].
+    #[serde(default = "default_models_threshold")]
+    pub threshold: f64,
+    /// How long (event time) a metric's latest value stays in the device's vector, ms; > 0.
+    #[serde(default = "default_models_staleness_ms")]
+    pub staleness_ms: i64,
+    /// Share of the model's metrics that must be fresh for a vector to be scored, in (0, 1].
+    #[serde(default = "default_models_min_fill")]
+    pub min_fill: f64,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: default_models_enabled(),
+            threshold: default_models_threshold(),
+            staleness_ms: default_models_staleness_ms(),
+            min_fill: default_models_min_fill(),
+        }
+    }
+}
+
+impl ModelsConfig {
+    /// The aligner settings of the models crate.
+    pub fn align(&self) -> edgewatch_models::multi::AlignConfig {
+        edgewatch_models::multi::AlignConfig {
+            staleness_ms: self.staleness_ms,
+            min_fill: self.min_fill,
+        }
+    }
+}
+
+fn default_models_enabled() -> bool {
+    false
+}
+fn default_models_threshold() -> f64 {
+    0.5
+}
+fn default_models_staleness_ms() -> i64 {
+    60_000
+}
+fn default_models_min_fill() -> f64 {
+    1.0
 }
 
 /// Where and how the agent keeps its durable state (outbox and pipeline checkpoints, one sled
@@ -483,6 +541,7 @@ impl AgentConfig {
             anomaly: AnomalyConfig::default(),
             pipeline: PipelineConfig::default(),
             state: StateConfig::default(),
+            models: ModelsConfig::default(),
         }
     }
 
@@ -635,6 +694,25 @@ impl AgentConfig {
         if let Err(e) = self.anomaly.silence.validate() {
             out.push(format!("anomaly.silence.{e}"));
         }
+        let m = &self.models;
+        if !(m.threshold > 0.0 && m.threshold <= 1.0) {
+            out.push(format!(
+                "models.threshold: must be in (0, 1], got {}",
+                m.threshold
+            ));
+        }
+        if m.staleness_ms <= 0 {
+            out.push(format!(
+                "models.staleness_ms: must be > 0, got {}",
+                m.staleness_ms
+            ));
+        }
+        if !(m.min_fill > 0.0 && m.min_fill <= 1.0) {
+            out.push(format!(
+                "models.min_fill: must be in (0, 1], got {}",
+                m.min_fill
+            ));
+        }
         if self.pipeline.queue_capacity == 0 {
             out.push("pipeline.queue_capacity: must be > 0, got 0".into());
         }
@@ -686,5 +764,28 @@ mod tests {
                 "{key} not reported in {p:?}"
             );
         }
+    }
+
+    #[test]
+    fn models_settings_have_defaults_and_are_checked() {
+        let cfg: AgentConfig = serde_norway::from_str("id: gw\n").unwrap();
+        assert_eq!(cfg.models, ModelsConfig::default());
+        assert!(
+            !cfg.models.enabled,
+            "opt-in until the shipped ACLs grant models/#"
+        );
+        assert_eq!(cfg.models.threshold, 0.5);
+        let p = problems("id: gw\nmodels: { threshold: 0, staleness_ms: -1, min_fill: 1.5 }\n");
+        for key in ["models.threshold", "models.staleness_ms", "models.min_fill"] {
+            assert!(
+                p.iter().any(|m| m.starts_with(key)),
+                "{key} not reported in {p:?}"
+            );
+        }
+        let p = problems("id: gw\nmodels: { threshold: .nan }\n");
+        assert!(p.iter().any(|m| m.starts_with("models.threshold")), "{p:?}");
+        let ok = problems("id: gw\nmodels: { enabled: false, threshold: 0.7, staleness_ms: 5000, min_fill: 0.75 }\n");
+        assert!(ok.is_empty(), "{ok:?}");
+        assert!(serde_norway::from_str::<AgentConfig>("id: gw\nmodels: { thresh: 1 }\n").is_err());
     }
 }

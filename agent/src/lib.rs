@@ -10,6 +10,7 @@ mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod ingest;
+pub mod multivariate;
 pub mod outbox;
 pub mod pipeline;
 mod replay;
@@ -73,7 +74,15 @@ impl Agent {
         let panic_in = self.panic_in;
         let Agent { cfg, metrics, .. } = self;
         let mut outbox = open_outbox(&cfg).await?;
-        let (pipeline, covered) = checkpoint::restore(&cfg, &metrics, &mut outbox)?;
+        let (mut pipeline, covered) = checkpoint::restore(&cfg, &metrics, &mut outbox)?;
+        // Models accepted before the restart run from the first reading on.
+        let models_dir = match (&cfg.state.dir, cfg.models.enabled) {
+            (Some(dir), true) => Some(multivariate::store::dir(dir)),
+            _ => None,
+        };
+        if let Some(dir) = &models_dir {
+            load_models(&cfg.id, dir, &mut pipeline);
+        }
         let filters = pipeline.filters();
         let after_checkpoint = cfg.state.ack_mode == config::AckMode::AfterCheckpoint;
 
@@ -104,6 +113,7 @@ impl Agent {
         let (out_tx, out_rx) = mpsc::channel::<uplink::ToUplink>(64);
         // Unbounded on purpose; see `UplinkLink::notes`.
         let (note_tx, note_rx) = mpsc::unbounded_channel::<uplink::LinkNote>();
+        let (model_tx, model_rx) = mpsc::channel::<uplink::link::ModelMessage>(16);
         let stop_source = CancellationToken::new();
         let stop_worker = CancellationToken::new();
         let stop_uplink = CancellationToken::new();
@@ -140,6 +150,8 @@ impl Agent {
                 pipeline,
                 covered,
                 msg_rx,
+                model_rx,
+                models_dir,
                 out_tx,
                 src_client: src_client.clone(),
                 metrics: metrics.clone(),
@@ -165,6 +177,10 @@ impl Agent {
                 client: up_client.clone(),
                 acks_topic: Topics::new(&cfg.uplink.prefix).acks(&cfg.id),
                 notes: note_tx,
+                models: cfg.models.enabled.then(|| uplink::link::ModelsFeed {
+                    topics: Topics::new(&cfg.uplink.prefix),
+                    tx: model_tx,
+                }),
                 sent: sent.clone(),
                 acked: acked.clone(),
                 metrics: metrics.clone(),
@@ -271,6 +287,31 @@ impl Agent {
             "agent stopped"
         );
         result
+    }
+}
+
+/// Offers every model stored in `dir` to the pipeline (at start, before the first reading). A file
+/// that cannot be read or is refused is logged and skipped: the device keeps univariate detection.
+fn load_models(agent: &str, dir: &std::path::Path, pipeline: &mut pipeline::Pipeline) {
+    let files = match multivariate::store::load_all(dir) {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::error!(agent, dir = %dir.display(), error = %e, "could not list stored models; running without them");
+            return;
+        }
+    };
+    for (key, bytes) in files {
+        let result = bytes
+            .map_err(|e| e.to_string())
+            .and_then(|b| pipeline.offer_model(&key, &b).map_err(|e| e.to_string()));
+        match result {
+            Ok(offer) => {
+                tracing::info!(agent, key = %key, offer = ?offer, "model loaded from disk")
+            }
+            Err(e) => {
+                tracing::warn!(agent, key = %key.escape_debug(), error = %e, "stored model ignored")
+            }
+        }
     }
 }
 

@@ -32,6 +32,7 @@
 use crate::config::AgentConfig;
 use crate::error::{AgentError, IngestError, SnapshotError};
 use crate::ingest::{Mapping, RawReading};
+use crate::multivariate::{DeviceModels, ModelOffer, ModelRefused, PCA};
 use crate::telemetry::AgentMetrics;
 use edgewatch_models::detect::{
     AnyDetector, Detector, EventGate, Silence, SilenceChange, SilenceConfig,
@@ -165,6 +166,9 @@ pub struct Pipeline {
     params: Params,
     mappings: Vec<Mapping>,
     table: Table,
+    /// Multivariate models per device (not checkpointed: reloaded from `state.dir/models`, their
+    /// aligners and gates start empty and refill within one reading interval).
+    multi: DeviceModels,
     scratch: Vec<(String, f64)>,
     outputs: Vec<Output>,
     metrics: Arc<AgentMetrics>,
@@ -198,6 +202,8 @@ impl Pipeline {
             .map_err(|e| AgentError::Config(vec![format!("window.{e}")]))?;
         let fingerprint = fingerprint(cfg, &prototype, &windows)
             .map_err(|e| AgentError::Config(vec![format!("detector: {e}")]))?;
+        let multi = DeviceModels::new(&cfg.models, &cfg.anomaly.gate())
+            .map_err(|e| AgentError::Config(vec![format!("models.{e}")]))?;
         Ok(Self {
             params: Params {
                 agent: cfg.id.as_str().into(),
@@ -220,6 +226,7 @@ impl Pipeline {
                 key: String::new(),
                 late: None,
             },
+            multi,
             scratch: Vec::new(),
             outputs: Vec::new(),
             metrics,
@@ -288,9 +295,10 @@ impl Pipeline {
             .ok_or(IngestError::TopicMismatch)?;
         let mut count = 0usize;
         let mut failure = None;
-        let (params, table, outputs, metrics) = (
+        let (params, table, multi, outputs, metrics) = (
             &self.params,
             &mut self.table,
+            &mut self.multi,
             &mut self.outputs,
             &*self.metrics,
         );
@@ -300,7 +308,7 @@ impl Pipeline {
             payload,
             arrival_ms,
             &mut self.scratch,
-            &mut |r| match table.apply(params, r, arrival_ms, outputs, metrics) {
+            &mut |r| match table.apply(params, r, arrival_ms, multi, outputs, metrics) {
                 Ok(()) => count += 1,
                 Err(e) => failure = Some(e),
             },
@@ -406,6 +414,35 @@ impl Pipeline {
     /// Number of series tracked.
     pub fn series(&self) -> usize {
         self.table.series.len()
+    }
+
+    /// Offers a multivariate model received under `key` (a models topic's last level, or a file
+    /// name at start) and swaps it in if it passes the checks of [`DeviceModels::offer`]; the
+    /// device's metrics seen so far must include its features. Counted in the metrics (loaded,
+    /// refused by reason, running); the caller logs and persists. Series state is untouched.
+    pub fn offer_model(&mut self, key: &str, payload: &[u8]) -> Result<ModelOffer, ModelRefused> {
+        let series = &self.table.series;
+        let result = self.multi.offer(key, payload, |device| {
+            series
+                .iter()
+                .filter(|s| &*s.device == device)
+                .map(|s| &*s.metric)
+                .collect()
+        });
+        match &result {
+            Ok(ModelOffer::Loaded { .. }) => {
+                self.metrics.models_loaded_total.fetch_add(1, Relaxed);
+                self.metrics.models.store(self.multi.len() as u64, Relaxed);
+            }
+            Ok(ModelOffer::Unchanged { .. }) => {}
+            Err(e) => self.metrics.refuse_model(e.reason),
+        }
+        result
+    }
+
+    /// Version of the multivariate model running for `device`, if any.
+    pub fn model_version(&self, device: &str) -> Option<u64> {
+        self.multi.version(device)
     }
 
     /// The whole processing state, encoded (format in the module docs). Outputs not yet taken are
@@ -621,6 +658,7 @@ impl Table {
         p: &Params,
         r: RawReading<'_>,
         arrival_ms: i64,
+        multi: &mut DeviceModels,
         outputs: &mut Vec<Output>,
         metrics: &AgentMetrics,
     ) -> Result<(), IngestError> {
@@ -727,6 +765,25 @@ impl Table {
                 },
             });
         }
+        if let Some(hit) = multi.observe(device, metric, r.ts_ms, r.value) {
+            metrics.anomalies_total.fetch_add(1, Relaxed);
+            outputs.push(Output::Anomaly {
+                partition,
+                event: AnomalyEvent {
+                    phase: EventPhase::Onset,
+                    model_version: Some(hit.version),
+                    id: event_id(device, hit.metric, r.ts_ms, PCA),
+                    device: device.to_string(),
+                    metric: hit.metric.to_string(),
+                    ts_ms: r.ts_ms,
+                    value: hit.value,
+                    score: hit.score,
+                    detector: PCA.to_string(),
+                    window_start_ms,
+                    agent: p.agent.to_string(),
+                },
+            });
+        }
         Ok(())
     }
 }
@@ -817,6 +874,126 @@ mod tests {
             ts,
         )
         .unwrap();
+    }
+
+    /// Steps `from..to` of the three correlated metrics of `device` (see
+    /// `multivariate::tests::reading`), one reading per metric and second.
+    fn feed_multi(
+        p: &mut Pipeline,
+        device: &str,
+        from: i64,
+        to: i64,
+        broken: impl Fn(i64) -> bool,
+    ) {
+        use crate::multivariate::tests::{reading, FEATURES};
+        for i in from..to {
+            for (j, metric) in FEATURES.iter().enumerate() {
+                let ts = i * 1000 + j as i64;
+                let payload = format!(r#"{{"ts":{ts},"value":{}}}"#, reading(i, j, broken(i)));
+                p.handle(
+                    format!("sensors/{device}/{metric}").as_bytes(),
+                    payload.as_bytes(),
+                    ts,
+                )
+                .unwrap();
+            }
+        }
+    }
+
+    fn offer(p: &mut Pipeline, device: &str, version: u64) -> Result<ModelOffer, ModelRefused> {
+        use crate::multivariate::tests::{fitted, payload};
+        let key = edgewatch_models::wire::model_key(device);
+        p.offer_model(&key, &payload(&fitted(device, version)))
+    }
+
+    #[test]
+    fn a_device_model_raises_pca_events_naming_metric_and_version() {
+        let (mut p, m) = pipeline();
+        feed_multi(&mut p, "pump", 0, 100, |_| false);
+        assert!(offer(&mut p, "pump", 1).is_ok());
+        assert_eq!(m.models_loaded_total.load(Relaxed), 1);
+        assert_eq!(m.models.load(Relaxed), 1);
+        feed_multi(&mut p, "pump", 100, 300, |i| (200..260).contains(&i));
+        let out = p.take_outputs();
+        let pca: Vec<&AnomalyEvent> = events(&out)
+            .into_iter()
+            .filter(|e| e.detector == "pca")
+            .collect();
+        assert_eq!(pca.len(), 1, "{pca:?}");
+        let e = pca[0];
+        assert_eq!(
+            (e.device.as_str(), e.metric.as_str(), e.model_version),
+            ("pump", "current", Some(1))
+        );
+        assert!((200_000..210_000).contains(&e.ts_ms), "{e:?}");
+        assert!(e.score >= 0.5, "{e:?}");
+        assert_eq!(e.window_start_ms, e.ts_ms - e.ts_ms % 10_000);
+        assert!(e.check().is_ok(), "{:?}", e.check());
+        assert_eq!(
+            e.id,
+            event_id("pump", "current", e.ts_ms, "pca"),
+            "ids are deterministic"
+        );
+        // A feature the device does not have (it has been seen with flow, pressure, current).
+        let mut other = crate::multivariate::tests::fitted("pump", 2);
+        other.features[0] = "temp".into();
+        let key = edgewatch_models::wire::model_key("pump");
+        let r = p
+            .offer_model(&key, &crate::multivariate::tests::payload(&other))
+            .unwrap_err();
+        assert_eq!(r.reason, crate::telemetry::ModelRefusal::Features);
+        assert_eq!(crate::telemetry::ModelRefusal::Features.count(&m), 1);
+        assert_eq!(p.model_version("pump"), Some(1));
+    }
+
+    /// Swapping models mid-stream changes no series' state: the univariate outputs of a pipeline
+    /// that swaps v1 → v2 equal those of one that never had a model.
+    #[test]
+    fn a_model_swap_keeps_every_series_state() {
+        let (mut plain, _) = pipeline();
+        let (mut swapped, _) = pipeline();
+        let broken = |i: i64| (300..340).contains(&i) || (600..640).contains(&i);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for (from, to) in [(0, 250), (250, 500), (500, 800)] {
+            feed_multi(&mut plain, "pump", from, to, broken);
+            feed_multi(&mut plain, "fan", from, to, |_| false);
+            a.extend(plain.take_outputs());
+            if from == 0 {
+                offer(&mut swapped, "pump", 1).unwrap();
+            } else if from == 500 {
+                offer(&mut swapped, "pump", 2).unwrap();
+            }
+            feed_multi(&mut swapped, "pump", from, to, broken);
+            feed_multi(&mut swapped, "fan", from, to, |_| false);
+            b.extend(swapped.take_outputs());
+        }
+        plain.flush();
+        swapped.flush();
+        a.extend(plain.take_outputs());
+        b.extend(swapped.take_outputs());
+        let univariate = |o: &Output| match o {
+            Output::Anomaly { event, .. } => event.detector != "pca",
+            Output::Summary { .. } => true,
+        };
+        let pca: Vec<Option<u64>> = b
+            .iter()
+            .filter_map(|o| match o {
+                Output::Anomaly { event, .. } if event.detector == "pca" => {
+                    Some(event.model_version)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            pca,
+            vec![Some(1), Some(2)],
+            "one event per break, each naming its model"
+        );
+        let ua: Vec<&Output> = a.iter().filter(|o| univariate(o)).collect();
+        let ub: Vec<&Output> = b.iter().filter(|o| univariate(o)).collect();
+        assert!(ua.len() > 100, "{}", ua.len());
+        assert_eq!(ua, ub);
+        assert_eq!(plain.snapshot().unwrap(), swapped.snapshot().unwrap());
     }
 
     #[test]

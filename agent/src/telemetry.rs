@@ -87,6 +87,59 @@ pub struct AgentMetrics {
     /// Acks refused (nothing deleted for them), by [`AckRefusal`]:
     /// `edgewatch_agent_acks_refused_total{reason}`.
     pub acks_refused: [AtomicU64; AckRefusal::ALL.len()],
+    /// Multivariate models accepted and swapped in (from the uplink broker or from disk at start).
+    pub models_loaded_total: AtomicU64,
+    /// Multivariate models refused, by [`ModelRefusal`]: `edgewatch_agent_models_refused_total{reason}`.
+    pub models_refused: [AtomicU64; ModelRefusal::ALL.len()],
+    /// Multivariate models running now (one per device at most).
+    pub models: AtomicU64,
+}
+
+/// Why the agent refused a multivariate model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelRefusal {
+    /// Not a model: not JSON, or not the shape of a `PcaModel`.
+    Payload,
+    /// A model whose numbers or shapes are wrong (`PcaModel::validate`: NaN, lengths, limits).
+    Invalid,
+    /// The topic's key is not the key of the device the model names.
+    Key,
+    /// Not newer than the version running for that device.
+    Version,
+    /// A feature that is not one of the device's metrics.
+    Features,
+    /// Too many models arrived at once for the pipeline to take (sent again by the broker on the
+    /// next connect, since models are retained).
+    Busy,
+}
+
+impl ModelRefusal {
+    /// Every reason, in metric order.
+    pub const ALL: [ModelRefusal; 6] = [
+        ModelRefusal::Payload,
+        ModelRefusal::Invalid,
+        ModelRefusal::Key,
+        ModelRefusal::Version,
+        ModelRefusal::Features,
+        ModelRefusal::Busy,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ModelRefusal::Payload => "payload",
+            ModelRefusal::Invalid => "invalid",
+            ModelRefusal::Key => "key",
+            ModelRefusal::Version => "version",
+            ModelRefusal::Features => "features",
+            ModelRefusal::Busy => "busy",
+        }
+    }
+
+    /// Refused models of this reason so far.
+    pub fn count(self, m: &AgentMetrics) -> u64 {
+        m.models_refused[self as usize].load(Relaxed)
+    }
 }
 
 /// Why the uplink refused an ack.
@@ -120,6 +173,33 @@ impl AgentMetrics {
     /// Counts one refused ack.
     pub fn refuse_ack(&self, why: AckRefusal) {
         self.acks_refused[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts one refused model.
+    pub fn refuse_model(&self, why: ModelRefusal) {
+        self.models_refused[why as usize].fetch_add(1, Relaxed);
+    }
+
+    fn render_models(&self, agent: &str, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# TYPE edgewatch_agent_models_loaded_total counter\nedgewatch_agent_models_loaded_total{{agent=\"{agent}\"}} {}",
+            self.models_loaded_total.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE edgewatch_agent_models gauge\nedgewatch_agent_models{{agent=\"{agent}\"}} {}",
+            self.models.load(Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE edgewatch_agent_models_refused_total counter");
+        for why in ModelRefusal::ALL {
+            let _ = writeln!(
+                out,
+                "edgewatch_agent_models_refused_total{{agent=\"{agent}\",reason=\"{}\"}} {}",
+                why.label(),
+                why.count(self)
+            );
+        }
     }
 
     fn render_ack_refusals(&self, agent: &str, out: &mut String) {
@@ -310,6 +390,7 @@ impl AgentMetrics {
             self.event_lag_ms.load(Relaxed)
         );
         self.render_ack_refusals(agent, out);
+        self.render_models(agent, out);
     }
 }
 
@@ -414,6 +495,28 @@ mod tests {
             text.contains(r#"edgewatch_agent_acks_refused_total{agent="gw",reason="epoch"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn model_counters_are_rendered() {
+        let m = AgentMetrics::default();
+        m.refuse_model(ModelRefusal::Version);
+        m.refuse_model(ModelRefusal::Version);
+        m.refuse_model(ModelRefusal::Features);
+        m.models_loaded_total.fetch_add(3, Relaxed);
+        m.models.store(2, Relaxed);
+        assert_eq!(ModelRefusal::Version.count(&m), 2);
+        let mut text = String::new();
+        m.render("gw", &mut text);
+        for line in [
+            r#"edgewatch_agent_models_refused_total{agent="gw",reason="version"} 2"#,
+            r#"edgewatch_agent_models_refused_total{agent="gw",reason="features"} 1"#,
+            r#"edgewatch_agent_models_refused_total{agent="gw",reason="payload"} 0"#,
+            r#"edgewatch_agent_models_loaded_total{agent="gw"} 3"#,
+            "# TYPE edgewatch_agent_models gauge\nedgewatch_agent_models{agent=\"gw\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
     }
 
     #[test]

@@ -4,10 +4,12 @@
 
 use crate::checkpoint::{self, Sink};
 use crate::error::IngestError;
+use crate::multivariate::{store, ModelOffer};
 use crate::now_ms;
 use crate::pipeline::Pipeline;
 use crate::replay;
 use crate::telemetry::{self, AgentMetrics};
+use crate::uplink::link::ModelMessage;
 use crate::uplink::ToUplink;
 use rumqttc::AsyncClient;
 use std::collections::{HashMap, HashSet};
@@ -24,6 +26,10 @@ pub(crate) struct Worker {
     /// after_checkpoint: packet ids the restored checkpoint covers (redeliveries to skip).
     pub covered: HashSet<u16>,
     pub msg_rx: mpsc::Receiver<rumqttc::Publish>,
+    /// Models from the uplink broker (closed when `models.enabled` is false).
+    pub model_rx: mpsc::Receiver<ModelMessage>,
+    /// `state.dir/models` (accepted models are stored there); `None`: memory only.
+    pub models_dir: Option<std::path::PathBuf>,
     pub out_tx: mpsc::Sender<ToUplink>,
     /// The source link's client (manual acks).
     pub src_client: AsyncClient,
@@ -46,6 +52,8 @@ impl Worker {
             mut pipeline,
             mut covered,
             mut msg_rx,
+            mut model_rx,
+            models_dir,
             out_tx,
             src_client,
             metrics,
@@ -68,6 +76,8 @@ impl Worker {
         let mut replays = replay::Replays::default();
         let mut acker = Acker::default();
         let mut clock = checkpoint::Clock::default();
+        let mut model_log = ModelLog::default();
+        let mut models_open = true;
         loop {
             tokio::select! {
                 n = msg_rx.recv_many(&mut batch, 512) => {
@@ -124,6 +134,13 @@ impl Worker {
                         }
                     }
                 }
+                m = model_rx.recv(), if models_open => {
+                    match m {
+                        Some(m) => offer_model(&agent, &mut pipeline, m, models_dir.as_deref(), &mut model_log).await,
+                        None => models_open = false,
+                    }
+                    continue;
+                }
                 _ = tick.tick() => pipeline.tick(now_ms()),
                 _ = stop.cancelled() => break,
                 _ = checkpoint.tick(), if durable => {
@@ -173,6 +190,55 @@ impl Worker {
         }
         acker.finish().await;
     }
+}
+
+/// Offers a model from the uplink broker to the pipeline; an accepted one is stored under
+/// `models_dir` (off the async threads) so a restart runs it. Refusals are logged at a bounded rate.
+async fn offer_model(
+    agent: &str,
+    pipeline: &mut Pipeline,
+    m: ModelMessage,
+    models_dir: Option<&std::path::Path>,
+    log: &mut ModelLog,
+) {
+    match pipeline.offer_model(&m.key, &m.payload) {
+        Ok(ModelOffer::Loaded {
+            device,
+            version,
+            previous,
+        }) => {
+            tracing::info!(agent, key = %m.key, device = %device.escape_debug(), version, previous, "model swapped in");
+            let Some(dir) = models_dir else { return };
+            let dir = dir.to_path_buf();
+            let saved =
+                tokio::task::spawn_blocking(move || store::save(&dir, &m.key, &m.payload)).await;
+            match saved {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(agent, device = %device.escape_debug(), version, error = %e, "could not store the model: it runs, but not after a restart")
+                }
+                Err(e) => tracing::error!(agent, error = %e, "model store task failed"),
+            }
+        }
+        Ok(ModelOffer::Unchanged { device, version }) => {
+            tracing::debug!(agent, device = %device.escape_debug(), version, "model already running");
+        }
+        Err(e) => {
+            let limit = log
+                .by_reason
+                .entry(e.reason.label())
+                .or_insert_with(|| telemetry::LogLimit::every(Duration::from_secs(10)));
+            if let Some(suppressed) = limit.ready() {
+                tracing::warn!(agent, key = %m.key.escape_debug(), reason = e.reason.label(), error = %e.detail.escape_debug(), suppressed, "model refused (counted in edgewatch_agent_models_refused_total)");
+            }
+        }
+    }
+}
+
+/// Refused models, logged at most once per reason every 10 s.
+#[derive(Default)]
+struct ModelLog {
+    by_reason: HashMap<&'static str, telemetry::LogLimit>,
 }
 
 /// A checkpoint's completion and the readings it covers.

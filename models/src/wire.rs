@@ -335,6 +335,25 @@ impl Topics {
         format!("{}/anomalies/+/+", self.prefix)
     }
 
+    /// Topic a multivariate model is published on (retained), `{prefix}/models/{key}`, with
+    /// `key` from [`model_key`] (never a device id in clear).
+    pub fn models(&self, key: &str) -> String {
+        format!("{}/models/{key}", self.prefix)
+    }
+
+    /// Filter for every model: what an agent subscribes to on its uplink broker.
+    pub fn models_filter(&self) -> String {
+        format!("{}/models/#", self.prefix)
+    }
+
+    /// The key of a models topic (`{prefix}/models/{key}`, one level); `None` for any other topic.
+    pub fn models_key<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let key = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("/models/")?;
+        (!key.is_empty() && !key.contains('/')).then_some(key)
+    }
+
     /// Parses an uplink topic; `None` when it is not one of ours.
     pub fn parse<'t>(&self, topic: &'t str) -> Option<UplinkTopic<'t>> {
         let rest = topic
@@ -362,6 +381,13 @@ impl Topics {
         };
         parts.next().is_none().then_some(result)
     }
+}
+
+/// The key of a device's multivariate model in topic names and file names: `pca-` and the
+/// XXH3-64 (seed 0, as [`crate::partition::partition_of`]) of the device id as 16 lowercase hex
+/// digits, so device ids stay out of topic names. The model's own `key` field names the device.
+pub fn model_key(device: &str) -> String {
+    format!("pca-{:016x}", xxhash_rust::xxh3::xxh3_64(device.as_bytes()))
 }
 
 /// Whether `id` is a valid agent or aggregator id: `[A-Za-z0-9_-]{1,64}` (ids appear in topic names).
@@ -401,6 +427,29 @@ mod tests {
         );
         assert_eq!(t.summaries_filter(7), "edgewatch/v1/summaries/7/+");
         assert_eq!(t.all_summaries_filter(), "edgewatch/v1/summaries/+/+");
+    }
+
+    #[test]
+    fn model_topics_hide_the_device_and_round_trip_their_key() {
+        let t = Topics::new("edgewatch/v1/");
+        let key = model_key("pump-7");
+        assert_eq!(key.len(), 4 + 16);
+        assert!(key.starts_with("pca-") && !key.contains("pump"));
+        assert_eq!(key, model_key("pump-7"));
+        assert_ne!(key, model_key("pump-8"));
+        let topic = t.models(&key);
+        assert_eq!(topic, format!("edgewatch/v1/models/{key}"));
+        assert_eq!(t.models_key(&topic), Some(key.as_str()));
+        assert_eq!(t.models_filter(), "edgewatch/v1/models/#");
+        for other in [
+            "edgewatch/v1/models/",
+            "edgewatch/v1/models/a/b",
+            "edgewatch/v1/acks/a",
+            "edgewatch/v2/models/a",
+            "edgewatch/v1/modelsx",
+        ] {
+            assert_eq!(t.models_key(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod forgery;
 mod hostile;
 mod http_limits;
 mod interop;
+mod models;
 mod nats;
 mod nats_mqtt;
 mod outage;

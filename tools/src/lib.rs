@@ -1,5 +1,5 @@
 //! edgewatch's tools behind the command line: configuration loading, the demo and its embedded broker,
-//! the feed client (`tail`), benchmarks, detector evaluation and delivery verification, and the one
+//! the feed client (`tail`), benchmarks, detector evaluation and delivery verification, model push/show, and the one
 //! small HTTP client they share. The `edgewatch` binary parses arguments and dispatches into here.
 
 #[cfg(feature = "embedded-broker")]
@@ -11,5 +11,6 @@ pub mod config;
 pub mod demo;
 pub mod eval;
 pub mod http;
+pub mod models;
 pub mod tail;
 pub mod verify;
