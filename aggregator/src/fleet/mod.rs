@@ -1,0 +1,606 @@
+//! Fleet peer groups at the aggregator: each device's profile (a per-metric EWMA of its window
+//! means), devices grouped into classes (same metric set and group label), one
+//! [`PeerModel`] per class, and `detector: "fleet"` events when a device leaves its peer group.
+//! Pure bookkeeping here (time is a value passed in); [`run`] holds the refit task and publishing.
+
+pub(crate) mod run;
+
+use crate::config::{FleetConfig, FleetGroup};
+use edgewatch_models::detect::EventGate;
+use edgewatch_models::multi::{PeerModel, PeerOptions};
+use edgewatch_models::wire::{event_id, AnomalyEvent, EventPhase, WindowSummary};
+use edgewatch_models::ModelError;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// A peer score at or above this raises an event (the peer model scores 0.5 at its limit).
+pub(crate) const THRESHOLD: f64 = 0.5;
+/// Most metrics profiled per device; further metrics of a device are ignored (bounded memory).
+pub(crate) const MAX_METRICS: usize = 64;
+/// Training excludes devices further than this many robust standard deviations (1.4826 · MAD
+/// across the class) from the class median on some metric...
+const TRIM_Z: f64 = 6.0;
+/// ...but never more than a quarter of the class, most extreme first.
+const TRIM_SHARE: usize = 4;
+/// Name of the detector in the events.
+pub(crate) const DETECTOR: &str = "fleet";
+
+/// Devices are peers when they share a group label (or none) and their metric set.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub(crate) struct ClassKey {
+    /// The configured group label of its devices, if any.
+    pub label: Option<String>,
+    /// Its metrics, sorted: the model's features.
+    pub metrics: Vec<String>,
+}
+
+impl ClassKey {
+    /// `label/metric+metric` (`*` without a label): the class's name in the API.
+    pub(crate) fn name(&self) -> String {
+        format!(
+            "{}/{}",
+            self.label.as_deref().unwrap_or("*"),
+            self.metrics.join("+")
+        )
+    }
+}
+
+/// One metric of a profile.
+#[derive(Debug, Clone, PartialEq)]
+struct MetricProfile {
+    value: f64,
+    windows: u32,
+    last_end_ms: i64,
+}
+
+/// Where a device last stood against its class's model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Standing {
+    /// Peer score in [0, 1].
+    pub score: f64,
+    /// Distance to the nearest group's centroid / that group's spread.
+    pub ratio: f64,
+    /// Index of the nearest group.
+    pub cluster: usize,
+    /// The metric furthest from that group's centroid.
+    pub metric: String,
+    /// That metric's profile value.
+    pub value: f64,
+    /// Version of the model that scored it.
+    pub model_version: u64,
+}
+
+#[derive(Debug, Clone)]
+struct DeviceProfile {
+    partition: u32,
+    label: Option<String>,
+    metrics: BTreeMap<String, MetricProfile>,
+    /// The latest window seen: (start, latest reading), for the events' timestamps.
+    last_window: (i64, i64),
+    last_end_ms: i64,
+    scored_to_ms: i64,
+    gate: EventGate,
+    standing: Option<Standing>,
+}
+
+impl DeviceProfile {
+    fn class(&self) -> ClassKey {
+        ClassKey {
+            label: self.label.clone(),
+            metrics: self.metrics.keys().cloned().collect(),
+        }
+    }
+
+    fn complete(&self, min_windows: u32) -> bool {
+        !self.metrics.is_empty() && self.metrics.values().all(|m| m.windows >= min_windows)
+    }
+
+    fn in_class(&self, k: &ClassKey) -> bool {
+        self.label == k.label && self.metrics.keys().eq(k.metrics.iter())
+    }
+
+    fn outside(&self) -> bool {
+        self.standing.as_ref().is_some_and(|s| s.score >= THRESHOLD)
+    }
+}
+
+/// A class's fitted model.
+#[derive(Debug, Clone)]
+pub(crate) struct ClassModel {
+    /// The model; its `version` counts this class's fits.
+    pub model: PeerModel,
+    /// Wall-clock time of the fit (ms).
+    pub fitted_at_ms: i64,
+    /// Devices the model was fitted on, and those left out (outside their group or trimmed).
+    pub trained: usize,
+    /// Complete profiles of the class left out of the fit.
+    pub excluded: usize,
+    /// Per-metric median of the training profiles: where the class stood at the fit.
+    pub medians: Vec<f64>,
+}
+
+/// The profiles of one class ready for a fit (see [`Profiles::training_sets`]).
+#[derive(Debug, Clone)]
+pub(crate) struct TrainingSet {
+    /// The class.
+    pub class: ClassKey,
+    /// Row-major profiles of the devices kept, `class.metrics` columns.
+    pub rows: Vec<f64>,
+    /// Complete profiles left out (outside their group, or trimmed as robust outliers).
+    pub excluded: usize,
+    /// Event time of the newest profile (ms).
+    pub to_ms: i64,
+}
+
+impl TrainingSet {
+    /// Fits the class's peer model (runs on a blocking thread).
+    pub(crate) fn fit(&self, opts: &PeerOptions) -> Result<PeerModel, ModelError> {
+        PeerModel::fit(self.class.metrics.clone(), &self.rows, self.to_ms, opts)
+    }
+
+    /// Devices in the set.
+    pub(crate) fn devices(&self) -> usize {
+        self.rows.len() / self.class.metrics.len().max(1)
+    }
+}
+
+/// A `fleet` event and its device's partition.
+pub(crate) type FleetEvent = (u32, AnomalyEvent);
+
+/// Every device profile and every class model of one aggregator.
+#[derive(Debug)]
+pub(crate) struct Profiles {
+    cfg: FleetConfig,
+    gate: EventGate,
+    agent: String,
+    devices: HashMap<String, DeviceProfile>,
+    models: BTreeMap<ClassKey, ClassModel>,
+    /// Per class: the window end its current medians were taken at, and the medians.
+    medians: HashMap<ClassKey, (i64, Vec<f64>)>,
+    /// Newest window end seen (event time, ms).
+    newest_ms: i64,
+    /// Windows of devices not profiled because `max_devices` were.
+    pub refused_windows: u64,
+}
+
+impl Profiles {
+    /// Empty profiles; `agent` (the aggregator id) is named in the events.
+    pub(crate) fn new(cfg: &FleetConfig, agent: &str) -> Result<Self, ModelError> {
+        Ok(Self {
+            gate: EventGate::new(THRESHOLD, &cfg.gate)?,
+            cfg: cfg.clone(),
+            agent: agent.into(),
+            devices: HashMap::new(),
+            models: BTreeMap::new(),
+            medians: HashMap::new(),
+            newest_ms: i64::MIN,
+            refused_windows: 0,
+        })
+    }
+
+    /// Devices profiled.
+    pub(crate) fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Feeds one newly applied window of a device of `partition`: its mean moves the metric's
+    /// EWMA (time constant `profile_window_ms`, weight `1 - exp(-Δt / τ)` for the Δt since the
+    /// metric's previous window end). Windows not newer than the metric's last one, and
+    /// non-finite means, are ignored. Once every metric of the device has reached this window's
+    /// end, the profile is scored against its class's model (once per window): an event when the
+    /// device leaves its group.
+    pub(crate) fn observe(&mut self, partition: u32, s: &WindowSummary) -> Option<FleetEvent> {
+        if !s.mean.is_finite() {
+            return None;
+        }
+        self.newest_ms = self.newest_ms.max(s.end_ms);
+        if !self.devices.contains_key(&s.device) {
+            if self.devices.len() >= self.cfg.max_devices {
+                self.refused_windows = self.refused_windows.saturating_add(1);
+                return None;
+            }
+            let profile = DeviceProfile {
+                partition,
+                label: label_of(&self.cfg.groups, &s.device),
+                metrics: BTreeMap::new(),
+                last_window: (s.start_ms, s.last_ts_ms),
+                last_end_ms: i64::MIN,
+                scored_to_ms: i64::MIN,
+                gate: self.gate.clone(),
+                standing: None,
+            };
+            self.devices.insert(s.device.clone(), profile);
+        }
+        let tau = self.cfg.profile_window_ms as f64;
+        let dev = self.devices.get_mut(&s.device)?;
+        dev.partition = partition;
+        let full = dev.metrics.len() >= MAX_METRICS;
+        match dev.metrics.get_mut(&s.metric) {
+            Some(m) => {
+                if s.end_ms <= m.last_end_ms {
+                    return None;
+                }
+                let dt = (s.end_ms - m.last_end_ms) as f64;
+                let alpha = 1.0 - (-dt / tau).exp();
+                m.value += alpha * (s.mean - m.value);
+                m.windows = m.windows.saturating_add(1);
+                m.last_end_ms = s.end_ms;
+            }
+            None if full => return None,
+            None => {
+                // A new metric: another class; the episode state starts over.
+                dev.metrics.insert(
+                    s.metric.clone(),
+                    MetricProfile {
+                        value: s.mean,
+                        windows: 1,
+                        last_end_ms: s.end_ms,
+                    },
+                );
+                dev.gate = self.gate.clone();
+                dev.standing = None;
+            }
+        }
+        if s.end_ms >= dev.last_end_ms {
+            dev.last_end_ms = s.end_ms;
+            dev.last_window = (s.start_ms, s.last_ts_ms);
+        }
+        let window_done = s.end_ms > dev.scored_to_ms
+            && dev.metrics.values().all(|m| m.last_end_ms >= s.end_ms)
+            && dev.complete(self.cfg.min_windows);
+        if !window_done {
+            return None;
+        }
+        dev.scored_to_ms = s.end_ms;
+        let class = dev.class();
+        let fit_medians = self.models.get(&class)?.medians.clone();
+        let shift = self.shift(&class, &fit_medians, s.end_ms);
+        let model = self.models.get(&class)?;
+        let dev = self.devices.get_mut(&s.device)?;
+        score_device(&s.device, dev, model, &shift, &self.agent)
+    }
+
+    /// How far the class's median profile has moved since its model was fitted (`fit_medians`),
+    /// per metric: a fleet-wide change (load, season) moves every device and is taken out before
+    /// scoring, so only a device moving *against* its peers leaves its group. The current medians
+    /// are taken once per window end per class.
+    fn shift(&mut self, class: &ClassKey, fit_medians: &[f64], at_ms: i64) -> Vec<f64> {
+        let cached = self.medians.get(class).filter(|(t, _)| *t == at_ms);
+        let now = match cached {
+            Some((_, m)) => m.clone(),
+            None => {
+                let m = self.current_medians(class);
+                self.medians.insert(class.clone(), (at_ms, m.clone()));
+                m
+            }
+        };
+        now.iter()
+            .zip(fit_medians)
+            .map(|(a, b)| if (a - b).is_finite() { a - b } else { 0.0 })
+            .collect()
+    }
+
+    /// Per-metric median over the complete profiles of `class` now.
+    fn current_medians(&self, class: &ClassKey) -> Vec<f64> {
+        let n = class.metrics.len();
+        let mut cols: Vec<Vec<f64>> = vec![Vec::new(); n];
+        for d in self.devices.values() {
+            if d.complete(self.cfg.min_windows) && d.in_class(class) {
+                for (c, m) in cols.iter_mut().zip(d.metrics.values()) {
+                    c.push(m.value);
+                }
+            }
+        }
+        cols.iter_mut().map(|c| median(c)).collect()
+    }
+
+    /// The classes ready for a fit: every class with at least `min_devices` complete profiles,
+    /// less the devices outside their group and the robust outliers (at most a quarter), so a
+    /// device drifting between refits cannot drag its group's model along. First drops devices
+    /// silent for two `profile_window_ms` (event time) and the models of emptied classes.
+    pub(crate) fn training_sets(&mut self) -> Vec<TrainingSet> {
+        let stale_before = self
+            .newest_ms
+            .saturating_sub(2 * self.cfg.profile_window_ms as i64);
+        self.devices.retain(|_, d| d.last_end_ms >= stale_before);
+        let mut classes: BTreeMap<ClassKey, Vec<&DeviceProfile>> = BTreeMap::new();
+        for d in self.devices.values() {
+            if d.complete(self.cfg.min_windows) {
+                classes.entry(d.class()).or_default().push(d);
+            }
+        }
+        self.models.retain(|k, _| classes.contains_key(k));
+        let mut out = Vec::new();
+        for (class, members) in classes {
+            if members.len() < self.cfg.min_devices {
+                continue;
+            }
+            let n = class.metrics.len();
+            let cap = members.len() / TRIM_SHARE;
+            let outside = members.iter().filter(|d| d.outside()).count();
+            // Most of the class outside says the model is stale, not the devices: keep them all.
+            let skip_outside = outside <= cap;
+            let mut rows: Vec<f64> = Vec::with_capacity(members.len() * n);
+            for d in &members {
+                if !(skip_outside && d.outside()) {
+                    rows.extend(d.metrics.values().map(|m| m.value));
+                }
+            }
+            let left = if skip_outside { cap - outside } else { cap };
+            let rows = trim_outliers(&rows, n, left);
+            let to_ms = members.iter().map(|d| d.last_end_ms).max().unwrap_or(0);
+            let set = TrainingSet {
+                excluded: members.len() - rows.len() / n.max(1),
+                class,
+                rows,
+                to_ms,
+            };
+            if set.devices() >= 3 {
+                out.push(set);
+            }
+        }
+        out
+    }
+
+    /// Installs a class's new model (its version one above the previous one) fitted at wall-clock
+    /// `now_ms` on `set`, and scores every complete profile of the class against it.
+    pub(crate) fn install(
+        &mut self,
+        set: &TrainingSet,
+        mut model: PeerModel,
+        now_ms: i64,
+    ) -> Vec<FleetEvent> {
+        let version = self
+            .models
+            .get(&set.class)
+            .map_or(1, |m| m.model.version.saturating_add(1));
+        model.version = version;
+        let n = set.class.metrics.len();
+        let medians = (0..n)
+            .map(|j| {
+                let mut col: Vec<f64> = set.rows.chunks_exact(n).map(|r| r[j]).collect();
+                median(&mut col)
+            })
+            .collect();
+        let cm = ClassModel {
+            model,
+            fitted_at_ms: now_ms,
+            trained: set.devices(),
+            excluded: set.excluded,
+            medians,
+        };
+        // Against the whole class's medians now (the excluded devices included).
+        let now = self.current_medians(&set.class);
+        let shift: Vec<f64> = now
+            .iter()
+            .zip(&cm.medians)
+            .map(|(a, b)| if (a - b).is_finite() { a - b } else { 0.0 })
+            .collect();
+        let mut events = Vec::new();
+        for (id, dev) in self.devices.iter_mut() {
+            if dev.complete(self.cfg.min_windows) && dev.in_class(&set.class) {
+                events.extend(score_device(id, dev, &cm, &shift, &self.agent));
+            }
+        }
+        self.medians.remove(&set.class);
+        self.models.insert(set.class.clone(), cm);
+        events
+    }
+
+    /// Every class with its devices, its model and the devices currently outside their group.
+    pub(crate) fn classes(&self) -> Vec<ClassReport> {
+        let mut classes: BTreeMap<ClassKey, ClassReport> = BTreeMap::new();
+        for (id, d) in &self.devices {
+            let key = d.class();
+            let r = classes.entry(key.clone()).or_insert_with(|| ClassReport {
+                class: key.name(),
+                label: key.label.clone(),
+                metrics: key.metrics.clone(),
+                devices: 0,
+                complete: 0,
+                model: self.models.get(&key).cloned(),
+                outside: Vec::new(),
+            });
+            r.devices += 1;
+            if d.complete(self.cfg.min_windows) {
+                r.complete += 1;
+            }
+            if let Some(s) = d.standing.as_ref().filter(|_| d.outside()) {
+                r.outside.push((id.clone(), s.clone()));
+            }
+        }
+        let mut out: Vec<ClassReport> = classes.into_values().collect();
+        for r in &mut out {
+            r.outside.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        out
+    }
+
+    /// The fitted models, by class.
+    pub(crate) fn models(&self) -> &BTreeMap<ClassKey, ClassModel> {
+        &self.models
+    }
+
+    /// A device's profile (metric → value) and standing, if profiled.
+    #[cfg(test)]
+    fn profile(&self, device: &str) -> Option<(Vec<(String, f64)>, Option<Standing>)> {
+        self.devices.get(device).map(|d| {
+            (
+                d.metrics
+                    .iter()
+                    .map(|(k, m)| (k.clone(), m.value))
+                    .collect(),
+                d.standing.clone(),
+            )
+        })
+    }
+}
+
+/// One class in `GET /api/fleet`.
+#[derive(Debug, Clone)]
+pub(crate) struct ClassReport {
+    pub class: String,
+    pub label: Option<String>,
+    pub metrics: Vec<String>,
+    pub devices: usize,
+    pub complete: usize,
+    pub model: Option<ClassModel>,
+    pub outside: Vec<(String, Standing)>,
+}
+
+/// Scores `dev` against `cm`, updates its standing and gate; the event when it leaves its group.
+fn score_device(
+    id: &str,
+    dev: &mut DeviceProfile,
+    cm: &ClassModel,
+    shift: &[f64],
+    agent: &str,
+) -> Option<FleetEvent> {
+    let model = &cm.model;
+    if !model.features.iter().eq(dev.metrics.keys()) {
+        return None;
+    }
+    // In the fit's frame: the class's movement since taken out.
+    let profile: Vec<f64> = dev
+        .metrics
+        .values()
+        .zip(shift.iter().chain(std::iter::repeat(&0.0)))
+        .map(|(m, s)| m.value - s)
+        .collect();
+    let ps = model.score(&profile);
+    // The metric furthest from the nearest group's centroid (standardised units).
+    let centroid = model.centroids.get(ps.cluster)?;
+    let mut top = (0, f64::NEG_INFINITY);
+    for (j, ((x, c), (mean, scale))) in profile
+        .iter()
+        .zip(centroid)
+        .zip(model.means.iter().zip(&model.scales))
+        .enumerate()
+    {
+        let d = ((x - mean) / scale - c).abs();
+        if d > top.1 {
+            top = (j, d);
+        }
+    }
+    let metric = model.features.get(top.0)?.clone();
+    // The metric's own profile value (not shifted).
+    let value = dev.metrics.get(&metric).map_or(f64::NAN, |m| m.value);
+    dev.standing = Some(Standing {
+        score: ps.score,
+        ratio: ps.ratio,
+        cluster: ps.cluster,
+        metric: metric.clone(),
+        value,
+        model_version: model.version,
+    });
+    if !dev.gate.update(ps.score) {
+        return None;
+    }
+    let (window_start_ms, ts_ms) = dev.last_window;
+    Some((
+        dev.partition,
+        AnomalyEvent {
+            id: event_id(id, &metric, ts_ms, DETECTOR),
+            device: id.into(),
+            metric,
+            ts_ms,
+            value,
+            score: ps.score.clamp(0.0, 1.0),
+            detector: DETECTOR.into(),
+            window_start_ms,
+            agent: agent.into(),
+            phase: EventPhase::Onset,
+            model_version: Some(model.version),
+        },
+    ))
+}
+
+/// `rows` (row-major, `n` columns) without its robust outliers: rows further than [`TRIM_Z`]
+/// robust standard deviations from the column median on some column, most extreme first, at
+/// most `most` rows.
+fn trim_outliers(rows: &[f64], n: usize, most: usize) -> Vec<f64> {
+    if n == 0 || rows.len() < n {
+        return rows.to_vec();
+    }
+    let count = rows.len() / n;
+    let mut worst = vec![0.0f64; count];
+    let mut col = Vec::with_capacity(count);
+    for j in 0..n {
+        col.clear();
+        col.extend(rows.chunks_exact(n).map(|r| r[j]));
+        let med = median(&mut col);
+        for v in col.iter_mut() {
+            *v = (*v - med).abs();
+        }
+        // A column of identical values has MAD 0: any departure from it is extreme.
+        let scale = (1.4826 * median(&mut col))
+            .max(1e-9 * med.abs())
+            .max(1e-300);
+        for (w, r) in worst.iter_mut().zip(rows.chunks_exact(n)) {
+            let z = (r[j] - med).abs() / scale;
+            *w = w.max(if z.is_nan() { f64::INFINITY } else { z });
+        }
+    }
+    let mut order: Vec<usize> = (0..count).filter(|&i| worst[i] > TRIM_Z).collect();
+    order.sort_by(|&a, &b| worst[b].total_cmp(&worst[a]));
+    order.truncate(most);
+    rows.chunks_exact(n)
+        .enumerate()
+        .filter(|(i, _)| !order.contains(i))
+        .flat_map(|(_, r)| r.iter().copied())
+        .collect()
+}
+
+/// Median of `v` (reordered); NaN for an empty slice.
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// The label of the first group whose glob matches `device`.
+fn label_of(groups: &[FleetGroup], device: &str) -> Option<String> {
+    groups
+        .iter()
+        .find(|g| glob(&g.devices, device))
+        .map(|g| g.label.clone())
+}
+
+/// Whether `text` matches `pattern`: `*` any run of characters (also none), `?` one character.
+pub(crate) fn glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests;
