@@ -15,6 +15,7 @@ mod dashboard;
 mod e2e;
 mod eval_nab;
 mod failover;
+mod fleet;
 mod forgery;
 mod hostile;
 mod http_limits;
