@@ -620,6 +620,63 @@ mod tests {
     }
 
     #[test]
+    fn fleet_is_off_by_default_and_bad_values_are_all_reported() {
+        let mut c = AggregatorConfig::with_id("a");
+        assert!(!c.fleet.enabled);
+        assert_eq!(c.fleet.profile_window_ms, 3_600_000);
+        assert_eq!(c.fleet.refit_interval_ms, 600_000);
+        assert_eq!((c.fleet.min_devices, c.fleet.max_devices), (5, 100_000));
+        c.fleet.enabled = true;
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        c.fleet.refit_interval_ms = 0;
+        c.fleet.min_devices = 2;
+        c.fleet.max_devices = 0;
+        c.fleet.peers.limit = f64::NAN;
+        c.fleet.gate.rearm_ratio = 1.5;
+        c.fleet.groups.push(FleetGroup {
+            label: String::new(),
+            devices: "x*".into(),
+        });
+        let p = c.problems();
+        assert_eq!(p.len(), 6, "{p:?}");
+        for (got, want) in p.iter().zip([
+            "fleet.refit_interval_ms: must be in 1..=",
+            "fleet.min_devices: must be >= 3",
+            "fleet.max_devices: must be > 0",
+            "fleet.groups[0]: label and devices must be non-empty",
+            "fleet.peers.limit: must be finite and > 0, got NaN",
+            "fleet.gate: ",
+        ]) {
+            assert!(got.starts_with(want), "{got} / {want}");
+        }
+    }
+
+    #[test]
+    fn fleet_yaml_keys_parse_and_unknown_ones_are_rejected() {
+        let c: FleetConfig = serde_json::from_str(
+            r#"{"enabled": true, "groups": [{"label": "north", "devices": "n-*"}],
+                "peers": {"max_clusters": 2, "limit": 4.0}, "gate": {"min_gap_readings": 3}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.groups[0].label, "north");
+        assert_eq!((c.peers.max_clusters, c.gate.min_gap_readings), (2, 3));
+        let err = serde_json::from_str::<FleetConfig>(r#"{"refit_ms": 5}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refit_ms"), "{err}");
+    }
+
+    #[test]
+    fn fleet_is_refused_in_cluster_mode() {
+        let mut c = AggregatorConfig::with_id("a1");
+        c.cluster = Some(ClusterConfig::nats(vec!["nats://n1:4222".into()]));
+        c.fleet.enabled = true;
+        let p = c.problems();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("fleet.enabled: not available in cluster mode"));
+    }
+
+    #[test]
     fn cluster_problems_are_reported_under_the_cluster_key() {
         let mut c = AggregatorConfig::with_id("a");
         let mut cluster = ClusterConfig::nats(vec!["nats://n1:4222".into()]);

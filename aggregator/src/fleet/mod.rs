@@ -423,7 +423,7 @@ impl Profiles {
 
     /// A device's profile (metric → value) and standing, if profiled.
     #[cfg(test)]
-    fn profile(&self, device: &str) -> Option<(Vec<(String, f64)>, Option<Standing>)> {
+    fn profile(&self, device: &str) -> Option<(Vec<MetricValue>, Option<Standing>)> {
         self.devices.get(device).map(|d| {
             (
                 d.metrics
@@ -435,6 +435,10 @@ impl Profiles {
         })
     }
 }
+
+/// A metric's name and profile value.
+#[cfg(test)]
+type MetricValue = (String, f64);
 
 /// One class in `GET /api/fleet`.
 #[derive(Debug, Clone)]
