@@ -102,6 +102,8 @@ impl Aggregator {
         let fleet = if cfg.fleet.enabled {
             let f = fleet::run::Fleet::new(&cfg.fleet, &cfg.id)
                 .map_err(|e| AggregatorError::Config(vec![format!("fleet: {e}")]))?;
+            let seeded = f.seed(&state);
+            tracing::info!(aggregator = %cfg.id, windows = seeded, "fleet profiles seeded from the state");
             Some(f)
         } else {
             None

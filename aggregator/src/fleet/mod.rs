@@ -51,6 +51,22 @@ struct MetricProfile {
     value: f64,
     windows: u32,
     last_end_ms: i64,
+    /// The value before the last window (NaN before the second window) and its window end.
+    prev_value: f64,
+    prev_end_ms: i64,
+}
+
+impl MetricProfile {
+    /// The value as of event time `at_ms`: after the latest window ending at or before it.
+    fn value_at(&self, at_ms: i64) -> Option<f64> {
+        if self.last_end_ms <= at_ms {
+            Some(self.value)
+        } else if self.prev_end_ms <= at_ms && self.prev_value.is_finite() {
+            Some(self.prev_value)
+        } else {
+            None
+        }
+    }
 }
 
 /// Where a device last stood against its class's model.
@@ -222,6 +238,8 @@ impl Profiles {
                 }
                 let dt = (s.end_ms - m.last_end_ms) as f64;
                 let alpha = 1.0 - (-dt / tau).exp();
+                m.prev_value = m.value;
+                m.prev_end_ms = m.last_end_ms;
                 m.value += alpha * (s.mean - m.value);
                 m.windows = m.windows.saturating_add(1);
                 m.last_end_ms = s.end_ms;
@@ -235,6 +253,8 @@ impl Profiles {
                         value: s.mean,
                         windows: 1,
                         last_end_ms: s.end_ms,
+                        prev_value: f64::NAN,
+                        prev_end_ms: i64::MIN,
                     },
                 );
                 dev.gate = self.gate.clone();
@@ -252,24 +272,34 @@ impl Profiles {
             return None;
         }
         dev.scored_to_ms = s.end_ms;
+        // Scored as of its previous window end, against the class's medians as of then: by the
+        // time a device completes a window its peers have (nearly) all completed the one before,
+        // so the device and the medians describe the same moment even when the whole fleet moves.
+        let at_ms = dev.metrics.values().map(|m| m.prev_end_ms).max()?;
+        let profile: Vec<f64> = dev
+            .metrics
+            .values()
+            .map(|m| m.value_at(at_ms))
+            .collect::<Option<_>>()?;
         let class = dev.class();
         let fit_medians = self.models.get(&class)?.medians.clone();
-        let shift = self.shift(&class, &fit_medians, s.end_ms);
+        let shift = self.shift(&class, &fit_medians, at_ms);
         let model = self.models.get(&class)?;
         let dev = self.devices.get_mut(&s.device)?;
-        score_device(&s.device, dev, model, &shift, &self.agent)
+        score_device(&s.device, dev, &profile, model, &shift, &self.agent)
     }
 
     /// How far the class's median profile has moved since its model was fitted (`fit_medians`),
     /// per metric: a fleet-wide change (load, season) moves every device and is taken out before
     /// scoring, so only a device moving *against* its peers leaves its group. The current medians
-    /// are taken once per window end per class.
+    /// are taken once per class and window end (agents align windows to the epoch, so that is
+    /// once per window).
     fn shift(&mut self, class: &ClassKey, fit_medians: &[f64], at_ms: i64) -> Vec<f64> {
         let cached = self.medians.get(class).filter(|(t, _)| *t == at_ms);
         let now = match cached {
             Some((_, m)) => m.clone(),
             None => {
-                let m = self.current_medians(class);
+                let m = self.medians_at(class, Some(at_ms));
                 self.medians.insert(class.clone(), (at_ms, m.clone()));
                 m
             }
@@ -280,18 +310,48 @@ impl Profiles {
             .collect()
     }
 
-    /// Per-metric median over the complete profiles of `class` now.
-    fn current_medians(&self, class: &ClassKey) -> Vec<f64> {
+    /// Per-metric median over the complete profiles of `class`, as of event time `at_ms` (devices
+    /// without a value then are left out), or as they are now (`None`).
+    fn medians_at(&self, class: &ClassKey, at_ms: Option<i64>) -> Vec<f64> {
         let n = class.metrics.len();
         let mut cols: Vec<Vec<f64>> = vec![Vec::new(); n];
+        let mut row = Vec::with_capacity(n);
         for d in self.devices.values() {
             if d.complete(self.cfg.min_windows) && d.in_class(class) {
-                for (c, m) in cols.iter_mut().zip(d.metrics.values()) {
-                    c.push(m.value);
+                row.clear();
+                row.extend(
+                    d.metrics
+                        .values()
+                        .map(|m| at_ms.map_or(Some(m.value), |t| m.value_at(t))),
+                );
+                if row.iter().all(Option::is_some) {
+                    for (c, v) in cols.iter_mut().zip(row.iter().flatten()) {
+                        c.push(*v);
+                    }
                 }
             }
         }
         cols.iter_mut().map(|c| median(c)).collect()
+    }
+
+    /// Seeds the profiles from the windows the state holds (e.g. reloaded from the store at
+    /// startup), oldest window end first, so a restart does not start every profile over.
+    /// Returns the windows fed. No model exists yet, so no event comes of it.
+    pub(crate) fn seed(&mut self, state: &crate::state::FleetState) -> usize {
+        let mut windows: Vec<(u32, &WindowSummary)> = state
+            .devices()
+            .values()
+            .flat_map(|d| {
+                d.metrics
+                    .values()
+                    .flat_map(move |s| s.windows.iter().map(move |w| (d.partition, w)))
+            })
+            .collect();
+        windows.sort_by_key(|(_, w)| w.end_ms);
+        for (partition, w) in &windows {
+            self.observe(*partition, w);
+        }
+        windows.len()
     }
 
     /// The classes ready for a fit: every class with at least `min_devices` complete profiles,
@@ -370,7 +430,7 @@ impl Profiles {
             medians,
         };
         // Against the whole class's medians now (the excluded devices included).
-        let now = self.current_medians(&set.class);
+        let now = self.medians_at(&set.class, None);
         let shift: Vec<f64> = now
             .iter()
             .zip(&cm.medians)
@@ -379,7 +439,8 @@ impl Profiles {
         let mut events = Vec::new();
         for (id, dev) in self.devices.iter_mut() {
             if dev.complete(self.cfg.min_windows) && dev.in_class(&set.class) {
-                events.extend(score_device(id, dev, &cm, &shift, &self.agent));
+                let profile: Vec<f64> = dev.metrics.values().map(|m| m.value).collect();
+                events.extend(score_device(id, dev, &profile, &cm, &shift, &self.agent));
             }
         }
         self.medians.remove(&set.class);
@@ -453,23 +514,24 @@ pub(crate) struct ClassReport {
 }
 
 /// Scores `dev` against `cm`, updates its standing and gate; the event when it leaves its group.
+/// `raw` is its profile (laid out as its metrics) at the moment the class `shift` was measured.
 fn score_device(
     id: &str,
     dev: &mut DeviceProfile,
+    raw: &[f64],
     cm: &ClassModel,
     shift: &[f64],
     agent: &str,
 ) -> Option<FleetEvent> {
     let model = &cm.model;
-    if !model.features.iter().eq(dev.metrics.keys()) {
+    if !model.features.iter().eq(dev.metrics.keys()) || raw.len() != model.features.len() {
         return None;
     }
     // In the fit's frame: the class's movement since taken out.
-    let profile: Vec<f64> = dev
-        .metrics
-        .values()
+    let profile: Vec<f64> = raw
+        .iter()
         .zip(shift.iter().chain(std::iter::repeat(&0.0)))
-        .map(|(m, s)| m.value - s)
+        .map(|(v, s)| v - s)
         .collect();
     let ps = model.score(&profile);
     // The metric furthest from the nearest group's centroid (standardised units).
@@ -488,7 +550,7 @@ fn score_device(
     }
     let metric = model.features.get(top.0)?.clone();
     // The metric's own profile value (not shifted).
-    let value = dev.metrics.get(&metric).map_or(f64::NAN, |m| m.value);
+    let value = raw.get(top.0).copied().unwrap_or(f64::NAN);
     dev.standing = Some(Standing {
         score: ps.score,
         ratio: ps.ratio,

@@ -37,6 +37,11 @@ impl Fleet {
         })
     }
 
+    /// See [`Profiles::seed`].
+    pub(crate) fn seed(&self, state: &crate::state::FleetState) -> usize {
+        self.lock().seed(state)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Profiles> {
         self.profiles.lock().unwrap_or_else(|e| e.into_inner())
     }

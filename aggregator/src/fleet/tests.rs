@@ -312,6 +312,48 @@ fn a_metric_set_that_changes_moves_the_device_to_another_class() {
 }
 
 #[test]
+fn profiles_are_seeded_from_the_held_windows_in_window_order() {
+    let mut state = crate::state::FleetState::new(60);
+    // Applied out of order: the seed sorts by window end.
+    for i in [2, 0, 1] {
+        state.apply_window(3, &window("d", "m", i, 10.0 * (i + 1) as f64));
+    }
+    let mut seeded = Profiles::new(&cfg(), "agg").unwrap();
+    assert_eq!(seeded.seed(&state), 3);
+    let mut direct = Profiles::new(&cfg(), "agg").unwrap();
+    for i in 0..3 {
+        direct.observe(3, &window("d", "m", i, 10.0 * (i + 1) as f64));
+    }
+    assert_eq!(seeded.profile("d"), direct.profile("d"));
+    assert_eq!(seeded.devices["d"].partition, 3);
+}
+
+#[test]
+fn the_whole_fleet_moving_together_after_a_fit_is_no_event() {
+    let mut p = Profiles::new(&cfg(), "agg").unwrap();
+    feed(&mut p, 8, 0, 30, |_| 0.0);
+    refit(&mut p, 0);
+    let model = p.models().values().next().unwrap().model.clone();
+    // Every device's flow rises by 10 % (a fleet-wide load change), no refit meanwhile.
+    let mut events = Vec::new();
+    for i in 30..60 {
+        for d in 0..8 {
+            for (j, m) in METRICS.iter().enumerate() {
+                let extra = if j == 1 { 2.0 } else { 0.0 };
+                let mean = BASE[j] * (1.0 + 0.01 * wobble(d, j, i)) + extra;
+                events.extend(p.observe(7, &window(&format!("pump-{d}"), m, i, mean)));
+            }
+        }
+    }
+    assert!(events.is_empty(), "{events:?}");
+    // Scored against the stale model as is, every device would be outside.
+    let (profile, standing) = p.profile("pump-3").unwrap();
+    let raw: Vec<f64> = profile.iter().map(|(_, v)| *v).collect();
+    assert!(model.score(&raw).score > 0.99);
+    assert!(standing.unwrap().score < THRESHOLD);
+}
+
+#[test]
 fn globs_match_like_shell_patterns() {
     assert!(glob("pump-*", "pump-12"));
     assert!(glob("pump-*", "pump-"));
