@@ -1,6 +1,7 @@
 //! Unit tests of the profile bookkeeping, training sets, scoring and events.
 
 use super::*;
+use crate::config::FleetGroup;
 
 const MIN: i64 = 60_000;
 
