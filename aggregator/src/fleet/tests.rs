@@ -373,3 +373,38 @@ fn bad_gate_settings_are_refused() {
     c.gate.rearm_ratio = 0.0;
     assert!(Profiles::new(&c, "agg").is_err());
 }
+
+/// The memory figure stated in the README: a device's fixed part and each metric's. A BTreeMap
+/// leaf holds up to 11 (name, profile) pairs, so a device with 1 to 11 metrics allocates one leaf.
+#[test]
+fn a_profile_stays_within_its_stated_memory() {
+    let device = std::mem::size_of::<DeviceProfile>();
+    let metric = std::mem::size_of::<MetricProfile>() + std::mem::size_of::<String>();
+    eprintln!("DeviceProfile {device} B, (name, MetricProfile) {metric} B");
+    assert!(device <= 256, "{device}");
+    assert!(metric <= 64, "{metric}");
+}
+
+#[test]
+fn a_device_that_comes_back_and_leaves_again_raises_a_second_event() {
+    let mut p = Profiles::new(&cfg(), "agg").unwrap();
+    feed(&mut p, 8, 0, 30, |_| 0.0);
+    refit(&mut p, 0);
+    // Out (flow +3) for 20 windows, back for 40, out again for 20; no refit meanwhile.
+    let off = |i: i64| {
+        if (30..50).contains(&i) || i >= 90 {
+            3.0
+        } else {
+            0.0
+        }
+    };
+    let events = feed(&mut p, 8, 30, 110, off);
+    let at: Vec<(&str, i64)> = events
+        .iter()
+        .map(|(_, e)| (e.device.as_str(), e.window_start_ms / MIN))
+        .collect();
+    assert_eq!(at.len(), 2, "{at:?}");
+    assert!(at.iter().all(|(d, _)| *d == "pump-0"));
+    assert!((30..50).contains(&at[0].1) && at[1].1 >= 90, "{at:?}");
+    assert_ne!(events[0].1.id, events[1].1.id);
+}
