@@ -180,8 +180,6 @@ pub(crate) struct Profiles {
     models: BTreeMap<ClassKey, ClassModel>,
     /// Per class: the window end its current medians were taken at, and the medians.
     medians: HashMap<ClassKey, (i64, Vec<f64>)>,
-    /// Newest window end seen (event time, ms).
-    newest_ms: i64,
     /// Windows of devices not profiled because `max_devices` were.
     pub refused_windows: u64,
 }
@@ -196,7 +194,6 @@ impl Profiles {
             devices: HashMap::new(),
             models: BTreeMap::new(),
             medians: HashMap::new(),
-            newest_ms: i64::MIN,
             refused_windows: 0,
         })
     }
@@ -216,7 +213,6 @@ impl Profiles {
         if !s.mean.is_finite() {
             return None;
         }
-        self.newest_ms = self.newest_ms.max(s.end_ms);
         if !self.devices.contains_key(&s.device) {
             if self.devices.len() >= self.cfg.max_devices {
                 self.refused_windows = self.refused_windows.saturating_add(1);
@@ -364,11 +360,18 @@ impl Profiles {
     /// The classes ready for a fit: every class with at least `min_devices` complete profiles,
     /// less the devices outside their group and the robust outliers (at most a quarter), so a
     /// device drifting between refits cannot drag its group's model along. First drops devices
-    /// silent for two `profile_window_ms` (event time) and the models of emptied classes.
+    /// silent for two `profile_window_ms` (event time, counted from the median device's latest
+    /// window, so one sender's clock far ahead cannot age everybody else out) and the models of
+    /// emptied classes.
     pub(crate) fn training_sets(&mut self) -> Vec<TrainingSet> {
-        let stale_before = self
-            .newest_ms
-            .saturating_sub(2 * self.cfg.profile_window_ms as i64);
+        let mut ends: Vec<i64> = self.devices.values().map(|d| d.last_end_ms).collect();
+        let stale_before = if ends.is_empty() {
+            i64::MIN
+        } else {
+            let mid = ends.len() / 2;
+            let now = *ends.select_nth_unstable(mid).1;
+            now.saturating_sub(2 * self.cfg.profile_window_ms as i64)
+        };
         self.devices.retain(|_, d| d.last_end_ms >= stale_before);
         let mut classes: BTreeMap<ClassKey, Vec<&DeviceProfile>> = BTreeMap::new();
         for d in self.devices.values() {
