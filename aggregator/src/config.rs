@@ -40,7 +40,127 @@ pub struct AggregatorConfig {
     /// their state is checkpointed to the cluster's KV (then `state.dir` must be absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// Fleet peer groups: device profiles clustered per class, `detector: "fleet"` events.
+    #[serde(default)]
+    pub fleet: FleetConfig,
 }
+
+/// Fleet peer groups (see the `fleet` module): off unless `enabled`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Profile devices, fit peer groups and raise `detector: "fleet"` events. Static ownership
+    /// only (single aggregator or static ranges); refused in cluster mode for now.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Time constant of the per-metric EWMA of window means that makes a device's profile.
+    #[serde(default = "default_profile_window_ms")]
+    pub profile_window_ms: u64,
+    /// How often each class's peer model is refitted.
+    #[serde(default = "default_refit_interval_ms")]
+    pub refit_interval_ms: u64,
+    /// Complete device profiles a class needs before a model is fitted (at least 3).
+    #[serde(default = "default_min_devices")]
+    pub min_devices: usize,
+    /// Most devices profiled; windows of further devices are not profiled (counted).
+    #[serde(default = "default_max_devices")]
+    pub max_devices: usize,
+    /// Windows every metric of a device needs before its profile is complete.
+    #[serde(default = "default_min_windows")]
+    pub min_windows: u32,
+    /// Group labels by device id glob (`*`, `?`); the first match labels a device, and devices
+    /// are only peers of devices with the same label (and the same metric set).
+    #[serde(default)]
+    pub groups: Vec<FleetGroup>,
+    /// Peer model options: `max_clusters`, `limit` (distance / spread ratio scoring 0.5), `seed`.
+    #[serde(default)]
+    pub peers: edgewatch_models::multi::PeerOptions,
+    /// How scores become events (one per episode): `rearm_ratio`, `min_gap_readings` (here: scores,
+    /// i.e. windows or refits).
+    #[serde(default = "default_fleet_gate")]
+    pub gate: edgewatch_models::detect::GateConfig,
+}
+
+/// A configured group label: devices whose id matches `devices` (a glob) carry `label`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetGroup {
+    /// The label, non-empty.
+    pub label: String,
+    /// Device id glob: `*` any run of characters, `?` one character, e.g. `pump-*`.
+    pub devices: String,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            profile_window_ms: default_profile_window_ms(),
+            refit_interval_ms: default_refit_interval_ms(),
+            min_devices: default_min_devices(),
+            max_devices: default_max_devices(),
+            min_windows: default_min_windows(),
+            groups: Vec::new(),
+            peers: edgewatch_models::multi::PeerOptions::default(),
+            gate: default_fleet_gate(),
+        }
+    }
+}
+
+impl FleetConfig {
+    /// Every invalid value, as `key: message` (without the `fleet.` prefix).
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, ms) in [
+            ("profile_window_ms", self.profile_window_ms),
+            ("refit_interval_ms", self.refit_interval_ms),
+        ] {
+            if !(1..=MAX_FLEET_MS).contains(&ms) {
+                out.push(format!(
+                    "{key}: must be in 1..={MAX_FLEET_MS} (30 days), got {ms}"
+                ));
+            }
+        }
+        if self.min_devices < 3 {
+            out.push(format!(
+                "min_devices: must be >= 3 (a peer group needs peers), got {}",
+                self.min_devices
+            ));
+        }
+        if self.max_devices == 0 {
+            out.push("max_devices: must be > 0, got 0".into());
+        }
+        if self.min_windows == 0 {
+            out.push("min_windows: must be > 0, got 0".into());
+        }
+        for (i, g) in self.groups.iter().enumerate() {
+            if g.label.is_empty() || g.devices.is_empty() {
+                out.push(format!(
+                    "groups[{i}]: label and devices must be non-empty, got {:?} / {:?}",
+                    g.label, g.devices
+                ));
+            }
+        }
+        if self.peers.max_clusters == 0 {
+            out.push("peers.max_clusters: must be >= 1, got 0".into());
+        }
+        if !(self.peers.limit.is_finite() && self.peers.limit > 0.0) {
+            out.push(format!(
+                "peers.limit: must be finite and > 0, got {}",
+                self.peers.limit
+            ));
+        }
+        if let Err(e) =
+            edgewatch_models::detect::EventGate::new(crate::fleet::THRESHOLD, &self.gate)
+        {
+            out.push(format!("gate: {e}"));
+        }
+        out
+    }
+}
+
+/// The longest fleet interval accepted: 30 days.
+const MAX_FLEET_MS: u64 = 30 * 86_400_000;
 
 /// A partition number or an inclusive range `"a-b"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,6 +407,28 @@ fn default_client_queue() -> usize {
 fn default_windows_per_series() -> usize {
     60
 }
+fn default_profile_window_ms() -> u64 {
+    3_600_000
+}
+fn default_refit_interval_ms() -> u64 {
+    600_000
+}
+fn default_min_devices() -> usize {
+    5
+}
+fn default_max_devices() -> usize {
+    100_000
+}
+fn default_min_windows() -> u32 {
+    3
+}
+fn default_fleet_gate() -> edgewatch_models::detect::GateConfig {
+    // A profile moves slowly: once it has left its group, ten scores (windows) back inside re-arm.
+    edgewatch_models::detect::GateConfig {
+        rearm_ratio: 0.8,
+        min_gap_readings: 10,
+    }
+}
 fn default_max_seq_jump() -> u64 {
     crate::state::DEFAULT_MAX_SEQ_JUMP
 }
@@ -304,6 +446,7 @@ impl AggregatorConfig {
             feed: FeedConfig::default(),
             state: StateConfig::default(),
             cluster: None,
+            fleet: FleetConfig::default(),
         }
     }
 
@@ -377,6 +520,15 @@ impl AggregatorConfig {
         }
         if self.state.max_seq_jump == 0 {
             out.push("state.max_seq_jump: must be > 0, got 0".into());
+        }
+        out.extend(
+            self.fleet
+                .problems()
+                .into_iter()
+                .map(|p| format!("fleet.{p}")),
+        );
+        if self.fleet.enabled && self.cluster.is_some() {
+            out.push("fleet.enabled: not available in cluster mode yet (each member sees only its partitions' devices); use static ownership".into());
         }
         if let Some(c) = &self.cluster {
             out.extend(c.problems().into_iter().map(|p| format!("cluster.{p}")));
@@ -465,6 +617,63 @@ mod tests {
             p[0].starts_with("state.dir: not used in cluster mode"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn fleet_is_off_by_default_and_bad_values_are_all_reported() {
+        let mut c = AggregatorConfig::with_id("a");
+        assert!(!c.fleet.enabled);
+        assert_eq!(c.fleet.profile_window_ms, 3_600_000);
+        assert_eq!(c.fleet.refit_interval_ms, 600_000);
+        assert_eq!((c.fleet.min_devices, c.fleet.max_devices), (5, 100_000));
+        c.fleet.enabled = true;
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        c.fleet.refit_interval_ms = 0;
+        c.fleet.min_devices = 2;
+        c.fleet.max_devices = 0;
+        c.fleet.peers.limit = f64::NAN;
+        c.fleet.gate.rearm_ratio = 1.5;
+        c.fleet.groups.push(FleetGroup {
+            label: String::new(),
+            devices: "x*".into(),
+        });
+        let p = c.problems();
+        assert_eq!(p.len(), 6, "{p:?}");
+        for (got, want) in p.iter().zip([
+            "fleet.refit_interval_ms: must be in 1..=",
+            "fleet.min_devices: must be >= 3",
+            "fleet.max_devices: must be > 0",
+            "fleet.groups[0]: label and devices must be non-empty",
+            "fleet.peers.limit: must be finite and > 0, got NaN",
+            "fleet.gate: ",
+        ]) {
+            assert!(got.starts_with(want), "{got} / {want}");
+        }
+    }
+
+    #[test]
+    fn fleet_yaml_keys_parse_and_unknown_ones_are_rejected() {
+        let c: FleetConfig = serde_json::from_str(
+            r#"{"enabled": true, "groups": [{"label": "north", "devices": "n-*"}],
+                "peers": {"max_clusters": 2, "limit": 4.0}, "gate": {"min_gap_readings": 3}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.groups[0].label, "north");
+        assert_eq!((c.peers.max_clusters, c.gate.min_gap_readings), (2, 3));
+        let err = serde_json::from_str::<FleetConfig>(r#"{"refit_ms": 5}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refit_ms"), "{err}");
+    }
+
+    #[test]
+    fn fleet_is_refused_in_cluster_mode() {
+        let mut c = AggregatorConfig::with_id("a1");
+        c.cluster = Some(ClusterConfig::nats(vec!["nats://n1:4222".into()]));
+        c.fleet.enabled = true;
+        let p = c.problems();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("fleet.enabled: not available in cluster mode"));
     }
 
     #[test]

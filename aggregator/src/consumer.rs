@@ -385,6 +385,7 @@ fn apply(
                 return Ok(());
             }
             let mut applied = 0u64;
+            let mut fleet_events = Vec::new();
             for r in &batch.records {
                 if state.lane_seq(lane).is_some_and(|c| r.seq <= c) {
                     // Already applied and covered by the lane's progress: a resend. Skipping the
@@ -422,12 +423,22 @@ fn apply(
                 })?;
                 state.note_seq(lane, r.seq, r.prev_seq());
                 match state.apply_window(partition, &r.item) {
-                    Applied::New => m.summaries_applied_total.fetch_add(1, Relaxed),
+                    Applied::New => {
+                        // Only new windows move a profile (a revision cannot be taken back out
+                        // of an EWMA).
+                        if let Some(f) = &shared.fleet {
+                            fleet_events.extend(f.observe(partition, &r.item));
+                        }
+                        m.summaries_applied_total.fetch_add(1, Relaxed)
+                    }
                     Applied::Revised => m.summaries_revised_total.fetch_add(1, Relaxed),
                     Applied::Duplicate | Applied::Expired => {
                         m.summaries_duplicate_total.fetch_add(1, Relaxed)
                     }
                 };
+            }
+            if let Some(f) = &shared.fleet {
+                f.publish(shared, fleet_events, |p, e| state.record_anomaly(p, e));
             }
             // Once per batch, not per record: a throughput figure for the heartbeats.
             shared.owned.count_applied(partition, applied);
@@ -620,6 +631,7 @@ mod tests {
             metrics: Arc::new(crate::AggregatorMetrics::default()),
             started: Instant::now(),
             token: None,
+            fleet: None,
             cfg,
         }
     }

@@ -1,5 +1,6 @@
 //! The aggregator's HTTP face on one port: the WebSocket live feed (`/feed`), the JSON API
-//! (`/api/status`, `/api/devices`, `/api/devices/{id}`, `/api/windows`, `/api/cluster`, and
+//! (`/api/status`, `/api/devices`, `/api/devices/{id}`, `/api/windows`, `/api/cluster`,
+//! `/api/fleet`, `/api/models`, and
 //! `POST /api/feed/ticket`), Prometheus `/metrics` and the dashboard (`/`).
 //!
 //! One task per connection. What keeps the port usable for everyone:
@@ -251,12 +252,30 @@ impl Server {
                 shared
                     .metrics
                     .render(&shared.cfg.id, shared.feed.clients(), devices, &mut out);
+                if let Some(f) = &shared.fleet {
+                    f.render(&shared.cfg.id, &mut out);
+                }
                 Response::builder()
                     .header(CONTENT_TYPE, "text/plain; version=0.0.4")
                     .body(Full::new(Bytes::from(out)))
                     .unwrap_or_default()
             }
             "/api/status" => json_response(StatusCode::OK, &status(shared)),
+            "/api/fleet" => match &shared.fleet {
+                Some(f) => json_response(StatusCode::OK, &f.report(crate::fleet::run::now_ms())),
+                None => json_response(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": format!("fleet peer groups are off on aggregator {} (set fleet.enabled: true)", shared.cfg.id)}),
+                ),
+            },
+            "/api/models" => {
+                let models = shared
+                    .fleet
+                    .as_ref()
+                    .map(|f| f.models(crate::fleet::run::now_ms()))
+                    .unwrap_or_default();
+                json_response(StatusCode::OK, &json!({"aggregator": shared.cfg.id, "models": models}))
+            }
             "/api/cluster" => match &shared.cluster {
                 None => json_response(
                     StatusCode::NOT_FOUND,
@@ -335,7 +354,7 @@ impl Server {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /, /feed, /api/status, /api/devices, /api/windows, /api/feed/ticket (POST), /metrics\n",
+                "not found: try /, /feed, /api/status, /api/devices, /api/windows, /api/fleet, /api/models, /api/feed/ticket (POST), /metrics\n",
             ),
         }
     }

@@ -7,6 +7,7 @@ pub mod config;
 mod consumer;
 pub mod error;
 pub mod feed;
+mod fleet;
 mod http;
 pub mod ownership;
 pub mod state;
@@ -40,6 +41,8 @@ pub(crate) struct Shared {
     started: Instant,
     /// Bearer token required by the feed and the API, when configured.
     token: Option<String>,
+    /// Fleet peer groups, when `fleet.enabled`.
+    fleet: Option<fleet::run::Fleet>,
 }
 
 /// A configured aggregator with its HTTP listener bound.
@@ -96,8 +99,18 @@ impl Aggregator {
             let owned = ownership::Ownership::fixed(cfg.partitions, cfg.owned_set());
             (Some(store), state, None, owned)
         };
+        let fleet = if cfg.fleet.enabled {
+            let f = fleet::run::Fleet::new(&cfg.fleet, &cfg.id)
+                .map_err(|e| AggregatorError::Config(vec![format!("fleet: {e}")]))?;
+            let seeded = f.seed(&state);
+            tracing::info!(aggregator = %cfg.id, windows = seeded, "fleet profiles seeded from the state");
+            Some(f)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             token,
+            fleet,
             owned,
             cluster,
             state: Mutex::new(state.with_max_seq_jump(cfg.state.max_seq_jump)),
@@ -231,6 +244,7 @@ impl Aggregator {
             (None, None) => unreachable!("bind makes a store or joins a cluster"),
         };
         let http = tokio::spawn(http::serve(self.listener, shared.clone(), cancel.clone()));
+        let refit = tokio::spawn(fleet::run::refit_loop(shared.clone(), cancel.clone()));
 
         shutdown.await;
         tracing::info!(aggregator = %shared.cfg.id, "aggregator stopping");
@@ -242,6 +256,7 @@ impl Aggregator {
         let _ = poll.await;
         let _ = apply.await;
         let _ = http.await;
+        let _ = refit.await;
         // Give feed clients a moment to receive their close frames.
         tokio::time::sleep(Duration::from_millis(50)).await;
         tracing::info!(aggregator = %shared.cfg.id, "aggregator stopped");

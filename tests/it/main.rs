@@ -16,6 +16,7 @@ mod e2e;
 mod eval_csv;
 mod eval_nab;
 mod failover;
+mod fleet;
 mod forgery;
 mod hostile;
 mod http_limits;
