@@ -279,6 +279,13 @@ fn simulated_fleet_is_scored_per_kind_and_reproducibly() {
     assert_eq!(v["columns"].as_array().map(Vec::len), Some(3));
     let b = edgewatch::eval::evaluate_sim(&args).unwrap();
     assert_eq!(a.report, b.report, "same seed, same scores");
-    assert_eq!(a.columns, b.columns, "same seed, same scores in every column");
-    assert!(a.render().contains("multi recall / delay s"), "{}", a.render());
+    assert_eq!(
+        a.columns, b.columns,
+        "same seed, same scores in every column"
+    );
+    assert!(
+        a.render().contains("multi recall / delay s"),
+        "{}",
+        a.render()
+    );
 }
