@@ -367,21 +367,31 @@ fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
 fn models(cmd: edgewatch::models::ModelsCommand) -> Result<(), Failure> {
     use edgewatch::models::{self as m, ModelsCommand};
     match cmd {
-        ModelsCommand::Push { file, config } => {
+        ModelsCommand::Push {
+            file,
+            config,
+            agent,
+        } => {
             let model = m::read(&file).map_err(Failure::Usage)?;
             let target = m::Target::load(&config).map_err(Failure::Usage)?;
+            m::check_agent(&agent).map_err(Failure::Usage)?;
             let topic = tokio_runtime()?
-                .block_on(m::push(&target, &model))
+                .block_on(m::push(&target, &agent, &model))
                 .map_err(Failure::Runtime)?;
             println!(
                 "pushed model of {:?} v{} to {topic} (retained)",
                 model.key, model.version
             );
         }
-        ModelsCommand::Clear { device, config } => {
+        ModelsCommand::Clear {
+            device,
+            config,
+            agent,
+        } => {
             let target = m::Target::load(&config).map_err(Failure::Usage)?;
+            m::check_agent(&agent).map_err(Failure::Usage)?;
             let topic = tokio_runtime()?
-                .block_on(m::clear(&target, &device))
+                .block_on(m::clear(&target, &agent, &device))
                 .map_err(Failure::Runtime)?;
             println!("cleared the retained model on {topic}");
         }

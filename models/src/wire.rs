@@ -8,6 +8,9 @@ use xxhash_rust::xxh3::Xxh3;
 
 /// Default uplink topic prefix.
 pub const DEFAULT_PREFIX: &str = "edgewatch/v1";
+/// The agent segment of model topics meant for every gateway (`{prefix}/models/all/{key}`); no
+/// agent may be called `all`.
+pub const ALL_AGENTS: &str = "all";
 
 /// The lane epoch of senders and stores from before epochs existed (and of an agent whose durable
 /// outbox predates them: it keeps epoch 0 so an upgrade does not reset its lanes). Every newer lane
@@ -335,23 +338,29 @@ impl Topics {
         format!("{}/anomalies/+/+", self.prefix)
     }
 
-    /// Topic a multivariate model is published on (retained), `{prefix}/models/{key}`, with
-    /// `key` from [`model_key`] (never a device id in clear).
-    pub fn models(&self, key: &str) -> String {
-        format!("{}/models/{key}", self.prefix)
+    /// Topic a multivariate model is published on (retained): `{prefix}/models/{agent}/{key}`, with
+    /// `key` from [`model_key`] (never a device id in clear) and `agent` the gateway that runs the
+    /// device, or [`ALL_AGENTS`] for every gateway. Broker ACLs let an agent read only
+    /// `models/{its id}/#` and `models/all/#` (see `configs/security/`).
+    pub fn models(&self, agent: &str, key: &str) -> String {
+        format!("{}/models/{agent}/{key}", self.prefix)
     }
 
-    /// Filter for every model: what an agent subscribes to on its uplink broker.
-    pub fn models_filter(&self) -> String {
-        format!("{}/models/#", self.prefix)
+    /// The filters an agent subscribes to on its uplink broker: its own models and the fleet's.
+    pub fn models_filters(&self, agent: &str) -> [String; 2] {
+        [
+            format!("{}/models/{agent}/#", self.prefix),
+            format!("{}/models/{ALL_AGENTS}/#", self.prefix),
+        ]
     }
 
-    /// The key of a models topic (`{prefix}/models/{key}`, one level); `None` for any other topic.
+    /// The key of a models topic (`{prefix}/models/{agent}/{key}`); `None` for any other topic.
     pub fn models_key<'t>(&self, topic: &'t str) -> Option<&'t str> {
-        let key = topic
+        let rest = topic
             .strip_prefix(self.prefix.as_str())?
             .strip_prefix("/models/")?;
-        (!key.is_empty() && !key.contains('/')).then_some(key)
+        let (agent, key) = rest.split_once('/')?;
+        (!agent.is_empty() && !key.is_empty() && !key.contains('/')).then_some(key)
     }
 
     /// Parses an uplink topic; `None` when it is not one of ours.
@@ -437,13 +446,22 @@ mod tests {
         assert!(key.starts_with("pca-") && !key.contains("pump"));
         assert_eq!(key, model_key("pump-7"));
         assert_ne!(key, model_key("pump-8"));
-        let topic = t.models(&key);
-        assert_eq!(topic, format!("edgewatch/v1/models/{key}"));
+        let topic = t.models("gw-1", &key);
+        assert_eq!(topic, format!("edgewatch/v1/models/gw-1/{key}"));
         assert_eq!(t.models_key(&topic), Some(key.as_str()));
-        assert_eq!(t.models_filter(), "edgewatch/v1/models/#");
+        let fleet = t.models(ALL_AGENTS, &key);
+        assert_eq!(fleet, format!("edgewatch/v1/models/all/{key}"));
+        assert_eq!(t.models_key(&fleet), Some(key.as_str()));
+        assert_eq!(
+            t.models_filters("gw-1"),
+            ["edgewatch/v1/models/gw-1/#", "edgewatch/v1/models/all/#"]
+        );
         for other in [
             "edgewatch/v1/models/",
-            "edgewatch/v1/models/a/b",
+            "edgewatch/v1/models/a",
+            "edgewatch/v1/models/a/",
+            "edgewatch/v1/models//k",
+            "edgewatch/v1/models/a/b/c",
             "edgewatch/v1/acks/a",
             "edgewatch/v2/models/a",
             "edgewatch/v1/modelsx",

@@ -465,6 +465,19 @@ async fn mosquitto_acl_grants_every_subscribe_but_delivers_only_what_the_identit
         .await;
     agg.publish_with(&t("models/all"), "retained fleet model", true)
         .await;
+    // Device models live one level deeper, under the agent that runs the device.
+    agg.publish_with(
+        &t("models/gw-1/pca-0123456789abcdef"),
+        "secret: retained device model of gw-1",
+        true,
+    )
+    .await;
+    agg.publish_with(
+        &t("models/all/pca-fedcba9876543210"),
+        "retained fleet device model",
+        true,
+    )
+    .await;
 
     // mosquitto 2.0.11 never refuses a SUBSCRIBE from its acl_file (src/security_default.c:
     // "FIXME - implement ACL subscription strings"): each of these is granted at QoS 1 ...
@@ -494,7 +507,12 @@ async fn mosquitto_acl_grants_every_subscribe_but_delivers_only_what_the_identit
     agg.publish(&t("acks/gw-2"), "ack for gw-2").await;
     sensors.publish("sensors/dev-1/temp", "reading").await;
     let got = gw2
-        .until(&["retained fleet model", "ack for gw-2", "reading"])
+        .until(&[
+            "retained fleet model",
+            "retained fleet device model",
+            "ack for gw-2",
+            "reading",
+        ])
         .await;
     let secrets: Vec<_> = got
         .iter()
@@ -882,7 +900,14 @@ async fn nats_permissions_drop_forged_uplink_traffic_and_refuse_foreign_subscrip
         agg.subscribe_granted(&t(f)).await;
     }
     let mut gw1 = node.login(&ids, "gw-1", "up").await;
-    for f in ["acks/gw-1", "models/gw-1", "models/all", "config/gw-1"] {
+    for f in [
+        "acks/gw-1",
+        "models/gw-1",
+        "models/gw-1/#",
+        "models/all",
+        "models/all/#",
+        "config/gw-1",
+    ] {
         gw1.subscribe_granted(&t(f)).await;
     }
 
@@ -893,6 +918,7 @@ async fn nats_permissions_drop_forged_uplink_traffic_and_refuse_foreign_subscrip
         t("acks/gw-1"),
         t("acks/+"),
         t("models/gw-1"),
+        t("models/gw-1/#"),
         t("config/+"),
         t("summaries/+/+"),
         t("#"),

@@ -238,7 +238,7 @@ async fn models_are_pushed_swapped_in_mid_stream_and_survive_a_kill() {
         .await;
     // Acks and models.
     subscriptions
-        .wait_filters("edgewatch-gw-m-up", 2, Duration::from_secs(20))
+        .wait_filters("edgewatch-gw-m-up", 3, Duration::from_secs(20))
         .await;
 
     let mut opts = MqttOptions::new("models-sensors", "127.0.0.1", mosq.port);
@@ -267,13 +267,20 @@ async fn models_are_pushed_swapped_in_mid_stream_and_survive_a_kill() {
         shown.contains(DEVICE) && shown.contains("valid           yes"),
         "{shown}"
     );
-    let pushed = models_cli(&["push", v1.to_str().unwrap(), "--config", agg_yaml]);
-    assert!(pushed.contains("/models/pca-"), "{pushed}");
+    let pushed = models_cli(&[
+        "push",
+        v1.to_str().unwrap(),
+        "--config",
+        agg_yaml,
+        "--agent",
+        "gw-m",
+    ]);
+    assert!(pushed.contains("/models/gw-m/pca-"), "{pushed}");
     wait_log(&log, 0, &["model swapped in", "version=1"], 1).await;
 
     // Garbage on the device's model topic is refused (and logged with the reason); v1 runs on.
     let topic = edgewatch_models::wire::Topics::new("edgewatch/v1")
-        .models(&edgewatch_models::wire::model_key(DEVICE));
+        .models("gw-m", &edgewatch_models::wire::model_key(DEVICE));
     client
         .publish(&topic, QoS::AtLeastOnce, false, "{\"kind\":\"pca\"")
         .await
@@ -289,7 +296,14 @@ async fn models_are_pushed_swapped_in_mid_stream_and_survive_a_kill() {
     );
 
     let v2 = model_file(dir.path(), 2);
-    models_cli(&["push", v2.to_str().unwrap(), "--config", agg_yaml]);
+    models_cli(&[
+        "push",
+        v2.to_str().unwrap(),
+        "--config",
+        agg_yaml,
+        "--agent",
+        "gw-m",
+    ]);
     wait_log(&log, 0, &["model swapped in", "version=2", "previous=1"], 1).await;
     publish(&client, base, 500..800, |i| (600..660).contains(&i)).await;
     let e2 = wait_pca(&feed, base, 600..660).await;
@@ -307,7 +321,7 @@ async fn models_are_pushed_swapped_in_mid_stream_and_survive_a_kill() {
 
     // Crash; the broker forgets the model; the agent must run v2 from its own disk.
     agent.kill9();
-    let cleared = models_cli(&["clear", DEVICE, "--config", agg_yaml]);
+    let cleared = models_cli(&["clear", DEVICE, "--config", agg_yaml, "--agent", "gw-m"]);
     assert!(cleared.contains("cleared"), "{cleared}");
     let restart_at = plain_log(&log).len();
     let agent = Proc::spawn("agent", &args, &log);
@@ -319,7 +333,7 @@ async fn models_are_pushed_swapped_in_mid_stream_and_survive_a_kill() {
     )
     .await;
     subscriptions
-        .wait_filters("edgewatch-gw-m-up", 4, Duration::from_secs(20))
+        .wait_filters("edgewatch-gw-m-up", 6, Duration::from_secs(20))
         .await;
     subscriptions
         .wait_filters("edgewatch-gw-m-src", 2, Duration::from_secs(20))

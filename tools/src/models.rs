@@ -15,9 +15,9 @@ use std::time::Duration;
 /// The `models` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
-    /// Publish a model (JSON file) retained on `{prefix}/models/{key}`; agents running its device
-    /// swap it in. The model is validated first. Exits 1 on a bad file or configuration, 2 when the
-    /// broker cannot be reached or does not acknowledge the publish.
+    /// Publish a model (JSON file) retained on `{prefix}/models/{agent}/{key}`; agents running its
+    /// device swap it in. The model is validated first. Exits 1 on a bad file or configuration, 2
+    /// when the broker cannot be reached or does not acknowledge the publish.
     Push {
         /// The model, as JSON (a `PcaModel`).
         file: PathBuf,
@@ -25,6 +25,10 @@ pub enum ModelsCommand {
         /// `prefix` are used.
         #[arg(long)]
         config: PathBuf,
+        /// The agent (gateway) that runs the device: only it may read the model under the shipped
+        /// ACLs. `all` (the default) publishes to every gateway, which then sees the device id.
+        #[arg(long, default_value = edgewatch_models::wire::ALL_AGENTS)]
+        agent: String,
     },
     /// Remove the retained model of a device from the broker (agents that run it keep it).
     Clear {
@@ -33,6 +37,9 @@ pub enum ModelsCommand {
         /// An aggregator or agent configuration, as for `push`.
         #[arg(long)]
         config: PathBuf,
+        /// The agent it was pushed to, as for `push`.
+        #[arg(long, default_value = edgewatch_models::wire::ALL_AGENTS)]
+        agent: String,
     },
     /// Print a model file's summary: device, key and topic, version, features, components,
     /// training period and size, fit quality, and whether it is valid.
@@ -108,18 +115,29 @@ pub fn read(path: &Path) -> anyhow::Result<PcaModel> {
 }
 
 /// Publishes `model` retained (QoS 1) on its topic and waits for the broker's PubAck; returns the topic.
-pub async fn push(target: &Target, model: &PcaModel) -> anyhow::Result<String> {
+pub async fn push(target: &Target, agent: &str, model: &PcaModel) -> anyhow::Result<String> {
+    check_agent(agent)?;
     let payload = serde_json::to_vec(model)?;
-    let topic = Topics::new(&target.prefix).models(&model_key(&model.key));
+    let topic = Topics::new(&target.prefix).models(agent, &model_key(&model.key));
     publish_retained(target, &topic, payload).await?;
     Ok(topic)
 }
 
 /// Clears the retained model of `device` (an empty retained publish); returns the topic.
-pub async fn clear(target: &Target, device: &str) -> anyhow::Result<String> {
-    let topic = Topics::new(&target.prefix).models(&model_key(device));
+pub async fn clear(target: &Target, agent: &str, device: &str) -> anyhow::Result<String> {
+    check_agent(agent)?;
+    let topic = Topics::new(&target.prefix).models(agent, &model_key(device));
     publish_retained(target, &topic, Vec::new()).await?;
     Ok(topic)
+}
+
+/// An agent id (or `all`) that can be a topic level; the error names the flag.
+pub fn check_agent(agent: &str) -> anyhow::Result<()> {
+    if edgewatch_models::wire::is_valid_node_id(agent) {
+        Ok(())
+    } else {
+        anyhow::bail!("--agent: {agent:?} is not an agent id ([A-Za-z0-9_-]{{1,64}})")
+    }
 }
 
 async fn publish_retained(target: &Target, topic: &str, payload: Vec<u8>) -> anyhow::Result<()> {
@@ -167,7 +185,10 @@ pub fn summary(model: &PcaModel) -> String {
     let mut out = String::new();
     let key = model_key(&model.key);
     let _ = writeln!(out, "device          {}", model.key);
-    let _ = writeln!(out, "key             {key} (topic {{prefix}}/models/{key})");
+    let _ = writeln!(
+        out,
+        "key             {key} (topic {{prefix}}/models/{{agent or all}}/{key})"
+    );
     let _ = writeln!(out, "kind            {} v{}", model.kind, model.version);
     let _ = writeln!(out, "features        {}", model.features.join(", "));
     let _ = writeln!(
@@ -310,7 +331,7 @@ mod tests {
             },
             prefix: "edgewatch/v1".into(),
         };
-        let e = format!("{:#}", push(&t, &model()).await.unwrap_err());
+        let e = format!("{:#}", push(&t, "gw-1", &model()).await.unwrap_err());
         assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
     }
 }

@@ -87,9 +87,10 @@ impl UplinkLink {
                         tracing::error!(topic = %acks_topic, error = %e, "subscribe request failed");
                     }
                     if let Some(m) = &models {
-                        let filter = m.topics.models_filter();
-                        if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
-                            tracing::error!(topic = %filter, error = %e, "subscribe request failed");
+                        for filter in m.topics.models_filters(&agent) {
+                            if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                                tracing::error!(topic = %filter, error = %e, "subscribe request failed");
+                            }
                         }
                     }
                     let _ = notes.send(LinkNote::Up);

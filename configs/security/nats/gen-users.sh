@@ -81,7 +81,7 @@ EDGEWATCH_NOTHING = { publish: { deny: [">"] }, subscribe: { deny: [">"] } }
 EDGEWATCH_AGGREGATOR = {
   publish: {
     allow: [
-      "$p.acks.*", "$p.models.*", "$p.config.*", "$p.owners.*",
+      "$p.acks.*", "$p.models.>", "$p.config.*", "$p.owners.*",
 $(kv_publish)
     ]
   }
@@ -114,7 +114,7 @@ for a in $agents; do
     { user: "$a", password: $(pw "$a"), allowed_connection_types: ["MQTT"],
       permissions: {
         publish: { allow: ["$p.summaries.*.$a", "$p.anomalies.*.$a", "$p.samples.*.$a", "$p.status.$a"] }
-        subscribe: { allow: ["$p.acks.$a", "$p.config.$a", "$p.models.$a", "$p.models.all", "sensors.>", "\$MQTT.sub.>"] }
+        subscribe: { allow: ["$p.acks.$a", "$p.config.$a", "$p.models.$a", "$p.models.$a.>", "$p.models.all", "$p.models.all.>", "sensors.>", "\$MQTT.sub.>"] }
       } }
 EOF
 done
