@@ -39,7 +39,7 @@ use edgewatch_models::detect::{
 };
 use edgewatch_models::partition::partition_of;
 use edgewatch_models::window::{Admit, TumblingWindows, WindowAggregate};
-use edgewatch_models::wire::{event_id, AnomalyEvent, EventPhase, WindowSummary};
+use edgewatch_models::wire::{event_id, phase_event_id, AnomalyEvent, EventPhase, WindowSummary};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -803,12 +803,8 @@ fn silence_event(
             silent_ms
         }
     };
-    let tag = match phase {
-        EventPhase::Onset => SILENCE,
-        EventPhase::Recovery => "silence-recovery",
-    };
     AnomalyEvent {
-        id: event_id(&s.device, &s.metric, ts_ms, tag),
+        id: phase_event_id(&s.device, &s.metric, ts_ms, SILENCE, phase),
         device: s.device.to_string(),
         metric: s.metric.to_string(),
         ts_ms,

@@ -252,6 +252,21 @@ pub struct AckBatch {
     pub acks: Vec<Ack>,
 }
 
+/// The id of an event of `phase`: [`event_id`] for an onset; for a recovery, the same hash over
+/// `detector` followed by `/recovery`, so an episode's two ends never share an id.
+pub fn phase_event_id(
+    device: &str,
+    metric: &str,
+    ts_ms: i64,
+    detector: &str,
+    phase: EventPhase,
+) -> String {
+    match phase {
+        EventPhase::Onset => event_id(device, metric, ts_ms, detector),
+        EventPhase::Recovery => event_id(device, metric, ts_ms, &format!("{detector}/recovery")),
+    }
+}
+
 /// The deterministic anomaly event id: XXH3-64 of (device, metric, reading timestamp, detector), hex.
 pub fn event_id(device: &str, metric: &str, ts_ms: i64, detector: &str) -> String {
     let mut h = Xxh3::new();

@@ -14,7 +14,7 @@ use crate::gen::{Corpus, Gen, TIMESTAMPS};
 use crate::{budget, escaped, Runner};
 use edgewatch_agent::pipeline::{Output, Pipeline};
 use edgewatch_agent::{AgentConfig, AgentMetrics, IngestError};
-use edgewatch_models::wire::{event_id, AnomalyEvent, WindowSummary};
+use edgewatch_models::wire::{phase_event_id, AnomalyEvent, WindowSummary};
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -360,7 +360,10 @@ fn check_summary(s: &WindowSummary) {
 fn check_event(e: &AnomalyEvent) {
     assert!((0.0..=1.0).contains(&e.score), "score: {e:?}");
     assert!(e.value.is_finite(), "value: {e:?}");
-    assert_eq!(e.id, event_id(&e.device, &e.metric, e.ts_ms, &e.detector));
+    assert_eq!(
+        e.id,
+        phase_event_id(&e.device, &e.metric, e.ts_ms, &e.detector, e.phase)
+    );
     let json = serde_json::to_vec(e).expect("an event encodes");
     let back: AnomalyEvent = serde_json::from_slice(&json).expect("an event decodes");
     assert_eq!(&back, e, "anomaly event does not survive the wire");
