@@ -332,12 +332,8 @@ impl Pipeline {
                 s.dirty = true;
                 metrics.anomalies_total.fetch_add(1, Relaxed);
                 metrics.silences_total.fetch_add(1, Relaxed);
-                let ts_ms = match change {
-                    SilenceChange::Silent { silent_ms, .. } => {
-                        s.max_ts_ms.saturating_add(silent_ms)
-                    }
-                    SilenceChange::Recovered { .. } => s.max_ts_ms,
-                };
+                // The series' event time, moved on by the silence.
+                let ts_ms = s.max_ts_ms.saturating_add(change.silent_ms());
                 outputs.push(Output::Anomaly {
                     partition: s.partition,
                     event: silence_event(p, s, change, ts_ms, EventPhase::Onset),
@@ -798,11 +794,7 @@ fn silence_event(
     ts_ms: i64,
     phase: EventPhase,
 ) -> AnomalyEvent {
-    let silent_ms = match change {
-        SilenceChange::Silent { silent_ms, .. } | SilenceChange::Recovered { silent_ms, .. } => {
-            silent_ms
-        }
-    };
+    let silent_ms = change.silent_ms();
     AnomalyEvent {
         id: phase_event_id(&s.device, &s.metric, ts_ms, SILENCE, phase),
         device: s.device.to_string(),

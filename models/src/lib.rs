@@ -8,6 +8,7 @@
 pub mod detect;
 pub mod error;
 pub mod eval;
+pub mod glob;
 pub mod multi;
 pub mod partition;
 pub mod stats;

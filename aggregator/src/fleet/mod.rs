@@ -7,8 +7,6 @@ mod robust;
 pub(crate) mod run;
 mod score;
 
-#[cfg(test)]
-use robust::glob;
 use robust::{label_of, median, trim_outliers};
 use score::score_device;
 

@@ -3,6 +3,7 @@
 
 use super::TRIM_Z;
 use crate::config::FleetGroup;
+use edgewatch_models::glob::glob_match;
 
 /// `rows` (row-major, `n` columns) without its robust outliers: rows further than [`TRIM_Z`]
 /// robust standard deviations from the column median on some column, most extreme first, at
@@ -58,35 +59,6 @@ pub(super) fn median(v: &mut [f64]) -> f64 {
 pub(super) fn label_of(groups: &[FleetGroup], device: &str) -> Option<String> {
     groups
         .iter()
-        .find(|g| glob(&g.devices, device))
+        .find(|g| glob_match(&g.devices, device))
         .map(|g| g.label.clone())
-}
-
-/// Whether `text` matches `pattern`: `*` any run of characters (also none), `?` one character.
-pub(crate) fn glob(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        match p.get(pi) {
-            Some('*') => {
-                star = Some((pi, ti));
-                pi += 1;
-            }
-            Some(&c) if c == '?' || c == t[ti] => {
-                pi += 1;
-                ti += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    pi = sp + 1;
-                    ti = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
 }

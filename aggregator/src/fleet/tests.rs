@@ -362,19 +362,6 @@ fn the_whole_fleet_moving_together_after_a_fit_is_no_event() {
 }
 
 #[test]
-fn globs_match_like_shell_patterns() {
-    assert!(glob("pump-*", "pump-12"));
-    assert!(glob("pump-*", "pump-"));
-    assert!(!glob("pump-*", "pum-1"));
-    assert!(glob("*-north-?", "a-b-north-7"));
-    assert!(!glob("*-north-?", "a-b-north-77"));
-    assert!(glob("*", ""));
-    assert!(glob("a*b*c", "aXbYbZc"));
-    assert!(!glob("a*b*c", "aXbYbZ"));
-    assert!(glob("ü?", "üß"));
-}
-
-#[test]
 fn bad_gate_settings_are_refused() {
     let mut c = cfg();
     c.gate.rearm_ratio = 0.0;

@@ -100,6 +100,15 @@ pub enum SilenceChange {
 }
 
 impl SilenceChange {
+    /// Time since the last arrival (a silence so far) or between the two arrivals around it (a
+    /// recovery), ms.
+    pub fn silent_ms(&self) -> i64 {
+        match *self {
+            SilenceChange::Silent { silent_ms, .. }
+            | SilenceChange::Recovered { silent_ms, .. } => silent_ms,
+        }
+    }
+
     /// Score on the detectors' scale: 0.5 when the silence is exactly `factor` usual intervals long,
     /// rising towards 1 with its length.
     pub fn score(&self, factor: f64) -> f64 {

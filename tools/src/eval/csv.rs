@@ -12,6 +12,7 @@ use edgewatch_models::eval::csv::{
 };
 use edgewatch_models::eval::nab::format_timestamp;
 use edgewatch_models::eval::EvalError;
+use edgewatch_models::glob::glob_match;
 use edgewatch_models::multi::{AlignConfig, Aligner, FitOptions, PcaModel};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
@@ -263,29 +264,6 @@ fn list_files(data: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     }
     out.sort();
     Ok(out)
-}
-
-/// Shell-style match: `*` any text (slashes included), `?` one character.
-fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut i, mut j) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while j < t.len() {
-        if i < p.len() && (p[i] == '?' || p[i] == t[j]) {
-            i += 1;
-            j += 1;
-        } else if i < p.len() && p[i] == '*' {
-            star = Some((i, j));
-            i += 1;
-        } else if let Some((si, sj)) = star {
-            i = si + 1;
-            j = sj + 1;
-            star = Some((si, sj + 1));
-        } else {
-            return false;
-        }
-    }
-    p[i..].iter().all(|&c| c == '*')
 }
 
 fn matches_glob(pattern: &str, name: &str) -> bool {
@@ -797,12 +775,6 @@ mod tests {
 
     #[test]
     fn globs_match_paths_and_names() {
-        assert!(glob_match("train*", "train_01.csv"));
-        assert!(glob_match("*/normal/*.csv", "skab/normal/a.csv"));
-        assert!(glob_match("a?c", "abc"));
-        assert!(!glob_match("a?c", "abbc"));
-        assert!(glob_match("*", ""));
-        assert!(!glob_match("x*", "yx"));
         assert!(matches_glob(
             "anomaly-free*",
             "data/anomaly-free/anomaly-free.csv"
