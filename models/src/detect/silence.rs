@@ -129,7 +129,7 @@ impl SilenceChange {
     }
 }
 
-/// Per-series silence state (24 bytes); the last arrival time is the caller's (it has it anyway).
+/// Per-series silence state (16 bytes); the last arrival time is the caller's (it has it anyway).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Silence {
     /// EWMA of the gaps between arrivals, ms (0 before the second reading).
