@@ -241,6 +241,138 @@ pub struct Ack {
     /// but its own. Absent (and not written) for [`LEGACY_EPOCH`].
     #[serde(default, skip_serializing_if = "is_legacy_epoch")]
     pub epoch: u64,
+    /// Which of the partition's lanes: absent for the main one (summaries and events),
+    /// `"training"` for training samples.
+    #[serde(default, skip_serializing_if = "LaneKind::is_main")]
+    pub lane: LaneKind,
+}
+
+/// An agent has two lanes per partition: the main one (window summaries and anomaly events, which
+/// share one seq chain) and the training one (sampled vectors for the aggregator's device models),
+/// so a backlog of samples never delays a summary and losing samples never leaves a hole in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LaneKind {
+    /// Summaries and anomaly events.
+    #[default]
+    Main,
+    /// Training samples ([`TrainingSample`]).
+    Training,
+}
+
+impl LaneKind {
+    /// Whether this is the main lane (the default, not written in acks).
+    pub fn is_main(&self) -> bool {
+        *self == LaneKind::Main
+    }
+
+    /// The bit a training lane sets in an agent's local lane id ([`lane_id`]); partitions stay below it.
+    pub const TRAINING_BIT: u32 = 1 << 31;
+}
+
+/// An agent's local id of a lane, as its outbox keys it: the partition, with
+/// [`LaneKind::TRAINING_BIT`] set for the training lane. `None` for a partition at or above the bit
+/// (no configuration allows that many).
+pub fn lane_id(partition: u32, kind: LaneKind) -> Option<u32> {
+    if partition >= LaneKind::TRAINING_BIT {
+        return None;
+    }
+    Some(match kind {
+        LaneKind::Main => partition,
+        LaneKind::Training => partition | LaneKind::TRAINING_BIT,
+    })
+}
+
+/// The partition and kind of a local lane id (see [`lane_id`]).
+pub fn split_lane(id: u32) -> (u32, LaneKind) {
+    if id & LaneKind::TRAINING_BIT != 0 {
+        (id & !LaneKind::TRAINING_BIT, LaneKind::Training)
+    } else {
+        (id, LaneKind::Main)
+    }
+}
+
+/// Most features a training sample (and so a trained device model) may have.
+pub const MAX_TRAINING_FEATURES: usize = 64;
+
+/// Most rows in one training sample.
+pub const MAX_TRAINING_ROWS: usize = 4096;
+
+/// A bounded random sample (reservoir) of one device's aligned vectors over one training period,
+/// sent by the agent in its training lane for the aggregator to fit the device's model on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSample {
+    /// The device.
+    pub device: String,
+    /// Metric names, in the order of every row's values (sorted).
+    pub features: Vec<String>,
+    /// Event time of the period: `[from_ms, to_ms)`.
+    pub from_ms: i64,
+    /// End of the period (exclusive).
+    pub to_ms: i64,
+    /// Vectors aligned in the period (the rows are a uniform sample of them).
+    pub seen: u64,
+    /// Anomaly events raised on the device in the period (any detector): the aggregator leaves a
+    /// sample with events out of training.
+    #[serde(default)]
+    pub anomalies: u32,
+    /// The sampled vectors.
+    pub rows: Vec<Vec<f64>>,
+}
+
+impl TrainingSample {
+    /// Whether this sample can be real; `Err` names the first field that cannot: 1 to
+    /// [`MAX_TRAINING_FEATURES`] distinct non-empty features, `from_ms < to_ms`, 1 to
+    /// [`MAX_TRAINING_ROWS`] rows, no more than `seen`, each as long as `features`, all finite.
+    pub fn check(&self) -> Result<(), String> {
+        if self.device.is_empty() {
+            return Err("device must not be empty".into());
+        }
+        let n = self.features.len();
+        if n == 0 || n > MAX_TRAINING_FEATURES {
+            return Err(format!(
+                "features must hold 1 to {MAX_TRAINING_FEATURES} names, got {n}"
+            ));
+        }
+        for (i, f) in self.features.iter().enumerate() {
+            if f.is_empty() {
+                return Err(format!("features[{i}] must not be empty"));
+            }
+            if self.features[..i].contains(f) {
+                return Err(format!("features[{i}] ({f:?}) appears twice"));
+            }
+        }
+        if self.from_ms >= self.to_ms {
+            return Err(format!(
+                "to_ms must be > from_ms ({}), got {}",
+                self.from_ms, self.to_ms
+            ));
+        }
+        let rows = self.rows.len();
+        if rows == 0 || rows > MAX_TRAINING_ROWS {
+            return Err(format!(
+                "rows must hold 1 to {MAX_TRAINING_ROWS} vectors, got {rows}"
+            ));
+        }
+        if rows as u64 > self.seen {
+            return Err(format!(
+                "seen ({}) must be >= the number of rows ({rows})",
+                self.seen
+            ));
+        }
+        for (i, row) in self.rows.iter().enumerate() {
+            if row.len() != n {
+                return Err(format!(
+                    "rows[{i}] has {} values, features has {n}",
+                    row.len()
+                ));
+            }
+            if let Some(j) = row.iter().position(|v| !v.is_finite()) {
+                return Err(format!("rows[{i}][{j}] must be finite, got {}", row[j]));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Acks published by a partition owner to `{prefix}/acks/{agent}`.
@@ -296,6 +428,13 @@ pub enum UplinkTopic<'a> {
         /// Agent id.
         agent: &'a str,
     },
+    /// `{prefix}/training/{partition}/{agent}`
+    Training {
+        /// Partition number.
+        partition: u32,
+        /// Agent id.
+        agent: &'a str,
+    },
     /// `{prefix}/acks/{agent}`
     Acks {
         /// Agent id.
@@ -330,6 +469,21 @@ impl Topics {
     /// Topic for anomaly events of one lane.
     pub fn anomalies(&self, partition: u32, agent: &str) -> String {
         format!("{}/anomalies/{partition}/{agent}", self.prefix)
+    }
+
+    /// Topic for training samples of one lane (see [`LaneKind::Training`]).
+    pub fn training(&self, partition: u32, agent: &str) -> String {
+        format!("{}/training/{partition}/{agent}", self.prefix)
+    }
+
+    /// Filter for every agent's training samples of one partition.
+    pub fn training_filter(&self, partition: u32) -> String {
+        format!("{}/training/{partition}/+", self.prefix)
+    }
+
+    /// Filter for every agent's training samples of every partition.
+    pub fn all_training_filter(&self) -> String {
+        format!("{}/training/+/+", self.prefix)
     }
 
     /// Topic where owners acknowledge an agent's lanes.
@@ -386,16 +540,16 @@ impl Topics {
         let mut parts = rest.split('/');
         let kind = parts.next()?;
         let result = match kind {
-            "summaries" | "anomalies" => {
+            "summaries" | "anomalies" | "training" => {
                 let partition = parts.next()?.parse().ok()?;
                 let agent = parts.next()?;
                 if agent.is_empty() {
                     return None;
                 }
-                if kind == "summaries" {
-                    UplinkTopic::Summaries { partition, agent }
-                } else {
-                    UplinkTopic::Anomalies { partition, agent }
+                match kind {
+                    "summaries" => UplinkTopic::Summaries { partition, agent },
+                    "anomalies" => UplinkTopic::Anomalies { partition, agent },
+                    _ => UplinkTopic::Training { partition, agent },
                 }
             }
             "acks" => UplinkTopic::Acks {
