@@ -321,6 +321,7 @@ pub(crate) fn send_acks(shared: &Shared, topics: &Topics, client: &AsyncClient, 
             partition: *partition,
             upto_seq: *upto_seq,
             epoch: *epoch,
+            lane: Default::default(),
         });
     }
     for (agent, acks) in by_agent {

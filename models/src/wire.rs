@@ -685,6 +685,7 @@ mod tests {
                         partition: 1,
                         upto_seq: 2,
                         epoch: 0,
+                        lane: Default::default(),
                     },
                 },
                 Sequenced {
@@ -694,6 +695,7 @@ mod tests {
                         partition: 1,
                         upto_seq: 3,
                         epoch: 0,
+                        lane: Default::default(),
                     },
                 },
             ],
@@ -740,11 +742,13 @@ mod tests {
                     partition: 3,
                     upto_seq: 9,
                     epoch: 0xfeed,
+                    lane: Default::default(),
                 },
                 Ack {
                     partition: 4,
                     upto_seq: 1,
                     epoch: LEGACY_EPOCH,
+                    lane: Default::default(),
                 },
             ],
         };

@@ -214,6 +214,7 @@ fn payload(g: &mut Gen) -> Vec<u8> {
                     partition: g.u64() as u32,
                     upto_seq: g.u64(),
                     epoch: g.u64(),
+                    lane: Default::default(),
                 })
                 .collect();
             out = serde_json::to_vec(&AckBatch { owner: agent, acks }).expect("encodes");

@@ -335,21 +335,25 @@ async fn forged_acks_on_a_broker_without_acls_delete_nothing() {
             partition: p,
             upto_seq: u64::MAX,
             epoch,
+            lane: Default::default(),
         });
         acks.push(Ack {
             partition: p,
             upto_seq: max_seq + 1_000,
             epoch,
+            lane: Default::default(),
         });
         acks.push(Ack {
             partition: p,
             upto_seq: max_seq,
             epoch: epoch ^ 0x5a5a,
+            lane: Default::default(),
         });
         acks.push(Ack {
             partition: p,
             upto_seq: max_seq,
             epoch: 0,
+            lane: Default::default(),
         });
     }
     let unused = (0..64).find(|p| !lanes.contains_key(p)).unwrap();
@@ -357,6 +361,7 @@ async fn forged_acks_on_a_broker_without_acls_delete_nothing() {
         partition: unused,
         upto_seq: 1,
         epoch,
+        lane: Default::default(),
     });
     let forged = AckBatch {
         owner: "agg-evil".into(),

@@ -611,6 +611,7 @@ mod tests {
                     partition,
                     upto_seq,
                     epoch,
+                    lane: Default::default(),
                 })
                 .collect(),
         })
