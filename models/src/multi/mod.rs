@@ -1,18 +1,24 @@
 //! Fleet intelligence models, pure and I/O-free: aligning a device's readings into vectors, the
 //! multivariate PCA device model (T² and SPE against learned limits) and fleet peer groups
-//! (k-means over device profiles). Fitting uses linfa; scoring is plain arithmetic.
+//! (k-means over device profiles), and training: the agent's per-period reservoir of a device's
+//! vectors and the aggregator's bounded training sets and fit schedule. Fitting uses linfa; scoring
+//! is plain arithmetic.
 
 mod align;
 mod axes;
 mod limit;
 mod pca;
 mod peers;
+mod sample;
 mod standard;
+mod train;
 
 pub use align::{AlignConfig, Aligner};
 pub use limit::Limit;
 pub use pca::{FitOptions, FitQuality, MultiScore, PcaModel, PcaScorer};
 pub use peers::{PeerModel, PeerOptions, PeerScore};
+pub use sample::{DeviceSampler, SamplerConfig};
+pub use train::{Added, DeviceSet, FitJob, KeptSample, TrainConfig, Trainer};
 
 /// linfa version the models are fitted with, recorded in every artifact. Bump it together with the
 /// `linfa`, `linfa-reduction` and `linfa-clustering` lines of the root `Cargo.toml`
@@ -84,5 +90,46 @@ mod tests {
             broken > 800 * 9 / 10,
             "{broken} of 800 broken vectors scored >= 0.5"
         );
+    }
+
+    /// An agent's sampler turns four hours of a device's vectors into hourly samples; the
+    /// aggregator's trainer keeps them, schedules the device's fit and the model it fits catches
+    /// a correlation break.
+    #[test]
+    fn sampled_periods_train_a_device_model() {
+        let features: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        let mut sampler = DeviceSampler::new("pump", features.clone(), &SamplerConfig::default());
+        let mut trainer = Trainer::new(TrainConfig {
+            min_rows: 500,
+            ..TrainConfig::default()
+        });
+        let vector = |i: usize, broken: bool| {
+            let x = (i as f64 / 29.0).sin();
+            let w = 0.02 * (i as f64 * 1.618).sin();
+            [
+                x + w,
+                2.0 * x - w,
+                if broken { -x } else { 3.0 * x + w * w },
+            ]
+        };
+        let mut added = Vec::new();
+        for i in 0..4 * 3600 {
+            if let Some(s) = sampler.offer(i as i64 * 1000, &vector(i, false)) {
+                added.push(trainer.add("agent-1", "a,b,c", s));
+            }
+        }
+        added.extend(
+            sampler
+                .expire(4 * 3_600_000, 0)
+                .map(|s| trainer.add("agent-1", "a,b,c", s)),
+        );
+        assert_eq!(added, vec![Added::Kept; 4]);
+        let jobs = trainer.due(0);
+        assert_eq!((jobs.len(), jobs[0].rows.len()), (1, 4 * 256 * 3));
+        let model = jobs[0].fit().unwrap();
+        model.validate().unwrap();
+        let mut scorer = model.scorer();
+        assert!(scorer.score(&model, &vector(20_000, false)).score < 0.5);
+        assert!(scorer.score(&model, &vector(20_000, true)).score >= 0.5);
     }
 }
