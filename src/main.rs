@@ -71,7 +71,7 @@ enum Command {
     /// Evaluate detectors on a dataset.
     #[command(subcommand)]
     Eval(EvalCommand),
-    /// Multivariate device models: push one to the agents, clear one, show a model file.
+    /// Multivariate device models: push one to the agents, clear one, show a model file, list an aggregator's.
     #[command(subcommand)]
     Models(edgewatch::models::ModelsCommand),
     /// Reconcile a simulator readings log with the windows the aggregators hold.
@@ -398,6 +398,22 @@ fn models(cmd: edgewatch::models::ModelsCommand) -> Result<(), Failure> {
         ModelsCommand::Show { file } => {
             let model = m::read_unchecked(&file).map_err(Failure::Usage)?;
             print!("{}", m::summary(&model));
+        }
+        ModelsCommand::List {
+            aggregator,
+            token,
+            token_env,
+            json,
+        } => {
+            let token = m::token(token, token_env).map_err(Failure::Usage)?;
+            let doc = tokio_runtime()?
+                .block_on(m::fetch_list(&aggregator, token.as_deref()))
+                .map_err(Failure::Runtime)?;
+            if json {
+                println!("{doc:#}");
+            } else {
+                print!("{}", m::list_table(&doc));
+            }
         }
     }
     Ok(())

@@ -58,6 +58,70 @@ pub struct ModelsConfig {
     /// Share of the model's metrics that must be fresh for a vector to be scored, in (0, 1].
     #[serde(default = "default_models_min_fill")]
     pub min_fill: f64,
+    /// Training samples sent to the aggregator (with `enabled` only).
+    #[serde(default)]
+    pub training: TrainingConfig,
+}
+
+/// What the agent samples for the aggregator's device models: per device, a reservoir of its
+/// aligned vectors per `period_ms` of event time, sent in the partition's training lane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Send samples (only with `models.enabled`).
+    #[serde(default = "default_training_enabled")]
+    pub enabled: bool,
+    /// Event time covered by one sample, ms.
+    #[serde(default = "default_training_period_ms")]
+    pub period_ms: i64,
+    /// Vectors kept per device and period (reservoir size).
+    #[serde(default = "default_training_samples")]
+    pub samples: usize,
+    /// A period with fewer aligned vectors sends nothing.
+    #[serde(default = "default_training_min_rows")]
+    pub min_rows: usize,
+    /// Devices sampled at once; further devices are not sampled.
+    #[serde(default = "default_training_max_devices")]
+    pub max_devices: usize,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: default_training_enabled(),
+            period_ms: default_training_period_ms(),
+            samples: default_training_samples(),
+            min_rows: default_training_min_rows(),
+            max_devices: default_training_max_devices(),
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// The sampler settings of the models crate.
+    pub fn sampler(&self) -> edgewatch_models::multi::SamplerConfig {
+        edgewatch_models::multi::SamplerConfig {
+            period_ms: self.period_ms,
+            capacity: self.samples,
+            min_rows: self.min_rows,
+        }
+    }
+}
+
+fn default_training_enabled() -> bool {
+    true
+}
+fn default_training_period_ms() -> i64 {
+    3_600_000
+}
+fn default_training_samples() -> usize {
+    128
+}
+fn default_training_min_rows() -> usize {
+    32
+}
+fn default_training_max_devices() -> usize {
+    10_000
 }
 
 impl Default for ModelsConfig {
@@ -67,6 +131,7 @@ impl Default for ModelsConfig {
             threshold: default_models_threshold(),
             staleness_ms: default_models_staleness_ms(),
             min_fill: default_models_min_fill(),
+            training: TrainingConfig::default(),
         }
     }
 }
@@ -712,6 +777,15 @@ impl AgentConfig {
                 "models.min_fill: must be in (0, 1], got {}",
                 m.min_fill
             ));
+        }
+        if let Err(e) = m.training.sampler().check() {
+            out.push(format!(
+                "models.training.{}",
+                e.replace("capacity", "samples")
+            ));
+        }
+        if m.training.max_devices == 0 {
+            out.push("models.training.max_devices: must be > 0, got 0".into());
         }
         if self.pipeline.queue_capacity == 0 {
             out.push("pipeline.queue_capacity: must be > 0, got 0".into());

@@ -39,7 +39,9 @@ use edgewatch_models::detect::{
 };
 use edgewatch_models::partition::partition_of;
 use edgewatch_models::window::{Admit, TumblingWindows, WindowAggregate};
-use edgewatch_models::wire::{event_id, phase_event_id, AnomalyEvent, EventPhase, WindowSummary};
+use edgewatch_models::wire::{
+    event_id, phase_event_id, AnomalyEvent, EventPhase, TrainingSample, WindowSummary,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -69,6 +71,13 @@ pub enum Output {
         partition: u32,
         /// The event.
         event: AnomalyEvent,
+    },
+    /// A training sample of one device, for the partition's training lane.
+    Training {
+        /// Partition of the device.
+        partition: u32,
+        /// The sample.
+        sample: TrainingSample,
     },
 }
 
@@ -327,8 +336,10 @@ impl Pipeline {
         let idle_timeout = self.params.idle_timeout_ms;
         let (outputs, metrics) = (&mut self.outputs, &*self.metrics);
         let p = &self.params;
+        let multi = &mut self.multi;
         for s in &mut self.table.series {
             if let Some(change) = s.silence.check(s.last_arrival_ms, now_ms, &p.silence) {
+                multi.note_anomaly(&s.device, s.max_ts_ms);
                 s.dirty = true;
                 metrics.anomalies_total.fetch_add(1, Relaxed);
                 metrics.silences_total.fetch_add(1, Relaxed);
@@ -355,6 +366,12 @@ impl Pipeline {
             s.windows.advance(watermark, &mut |w| {
                 emit_window(outputs, metrics, device, metric, partition, &w)
             });
+        }
+        let mut samples = Vec::new();
+        multi.expire_samples(now_ms, &mut samples);
+        for (partition, sample) in samples {
+            metrics.training_samples_total.fetch_add(1, Relaxed);
+            outputs.push(Output::Training { partition, sample });
         }
     }
 
@@ -743,6 +760,7 @@ impl Table {
             });
         }
         if series.gate.update(score) {
+            multi.note_anomaly(device, r.ts_ms);
             metrics.anomalies_total.fetch_add(1, Relaxed);
             outputs.push(Output::Anomaly {
                 partition,
@@ -763,22 +781,26 @@ impl Table {
         }
         if let Some(hit) = multi.observe(device, metric, r.ts_ms, r.value) {
             metrics.anomalies_total.fetch_add(1, Relaxed);
-            outputs.push(Output::Anomaly {
-                partition,
-                event: AnomalyEvent {
-                    phase: EventPhase::Onset,
-                    model_version: Some(hit.version),
-                    id: event_id(device, hit.metric, r.ts_ms, PCA),
-                    device: device.to_string(),
-                    metric: hit.metric.to_string(),
-                    ts_ms: r.ts_ms,
-                    value: hit.value,
-                    score: hit.score,
-                    detector: PCA.to_string(),
-                    window_start_ms,
-                    agent: p.agent.to_string(),
-                },
-            });
+            let event = AnomalyEvent {
+                phase: EventPhase::Onset,
+                model_version: Some(hit.version),
+                id: event_id(device, hit.metric, r.ts_ms, PCA),
+                device: device.to_string(),
+                metric: hit.metric.to_string(),
+                ts_ms: r.ts_ms,
+                value: hit.value,
+                score: hit.score,
+                detector: PCA.to_string(),
+                window_start_ms,
+                agent: p.agent.to_string(),
+            };
+            multi.note_anomaly(device, r.ts_ms);
+            outputs.push(Output::Anomaly { partition, event });
+        }
+        if let Some((partition, sample)) = multi.sample(device, metric, partition, r.ts_ms, r.value)
+        {
+            metrics.training_samples_total.fetch_add(1, Relaxed);
+            outputs.push(Output::Training { partition, sample });
         }
         Ok(())
     }
@@ -962,6 +984,7 @@ mod tests {
         let univariate = |o: &Output| match o {
             Output::Anomaly { event, .. } => event.detector != "pca",
             Output::Summary { .. } => true,
+            Output::Training { .. } => false,
         };
         let pca: Vec<Option<u64>> = b
             .iter()

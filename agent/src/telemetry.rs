@@ -93,6 +93,12 @@ pub struct AgentMetrics {
     pub models_refused: [AtomicU64; ModelRefusal::ALL.len()],
     /// Multivariate models running now (one per device at most).
     pub models: AtomicU64,
+    /// Training samples (one device, one period) handed to the outbox's training lanes.
+    pub training_samples_total: AtomicU64,
+    /// Training sample messages published.
+    pub training_samples_published_total: AtomicU64,
+    /// Training samples deleted from the outbox unsent (over their share of the budget, or to make room).
+    pub outbox_training_evicted_total: AtomicU64,
 }
 
 /// Why the agent refused a multivariate model.
@@ -294,6 +300,18 @@ impl AgentMetrics {
             (
                 "edgewatch_agent_outbox_coarsened_total",
                 &self.outbox_coarsened_total,
+            ),
+            (
+                "edgewatch_agent_training_samples_total",
+                &self.training_samples_total,
+            ),
+            (
+                "edgewatch_agent_training_samples_published_total",
+                &self.training_samples_published_total,
+            ),
+            (
+                "edgewatch_agent_outbox_training_evicted_total",
+                &self.outbox_training_evicted_total,
             ),
             (
                 "edgewatch_agent_outbox_evicted_total",

@@ -43,6 +43,104 @@ pub struct AggregatorConfig {
     /// Fleet peer groups: device profiles clustered per class, `detector: "fleet"` events.
     #[serde(default)]
     pub fleet: FleetConfig,
+    /// Device models trained here from the agents' training samples and pushed to them.
+    #[serde(default)]
+    pub training: TrainingConfig,
+}
+
+/// Training device (PCA) models from the agents' training lanes (see the `training` module): off
+/// unless `enabled`. The rest are [`TrainConfig`]'s settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Subscribe to the owned partitions' training lanes, keep training sets, fit and publish
+    /// models. Static ownership only for now (refused in cluster mode).
+    #[serde(default)]
+    pub enabled: bool,
+    /// How often the fit task looks for devices due a fit, ms.
+    #[serde(default = "default_training_check_ms")]
+    pub check_interval_ms: u64,
+    /// Rows kept per device (oldest samples dropped first).
+    #[serde(default = "default_training_max_rows")]
+    pub max_rows: usize,
+    /// Rows a device's own model needs.
+    #[serde(default = "default_training_min_rows")]
+    pub min_rows: usize,
+    /// ... from at least this many samples (training periods).
+    #[serde(default = "default_training_min_samples")]
+    pub min_samples: usize,
+    /// A model is refitted when this long has passed since its fit and new rows came, ms.
+    #[serde(default = "default_training_refit_ms")]
+    pub refit_interval_ms: i64,
+    /// Devices of a class with data a class model (for devices short of their own) needs.
+    #[serde(default = "default_training_class_devices")]
+    pub class_min_devices: usize,
+    /// Devices with a training set; samples of further devices are refused (counted).
+    #[serde(default = "default_max_devices")]
+    pub max_devices: usize,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            check_interval_ms: default_training_check_ms(),
+            max_rows: default_training_max_rows(),
+            min_rows: default_training_min_rows(),
+            min_samples: default_training_min_samples(),
+            refit_interval_ms: default_training_refit_ms(),
+            class_min_devices: default_training_class_devices(),
+            max_devices: default_max_devices(),
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// The trainer's settings.
+    pub fn train(&self) -> edgewatch_models::multi::TrainConfig {
+        edgewatch_models::multi::TrainConfig {
+            max_rows: self.max_rows,
+            min_rows: self.min_rows,
+            min_samples: self.min_samples,
+            refit_interval_ms: self.refit_interval_ms,
+            class_min_devices: self.class_min_devices,
+            max_devices: self.max_devices,
+        }
+    }
+
+    /// Every invalid value, as `key: message` (without the `training.` prefix).
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !(1..=MAX_FLEET_MS).contains(&self.check_interval_ms) {
+            out.push(format!(
+                "check_interval_ms: must be in 1..={MAX_FLEET_MS} (30 days), got {}",
+                self.check_interval_ms
+            ));
+        }
+        if let Err(e) = self.train().check() {
+            out.push(e);
+        }
+        out
+    }
+}
+
+fn default_training_check_ms() -> u64 {
+    10_000
+}
+fn default_training_max_rows() -> usize {
+    20_000
+}
+fn default_training_min_rows() -> usize {
+    1_000
+}
+fn default_training_min_samples() -> usize {
+    3
+}
+fn default_training_refit_ms() -> i64 {
+    21_600_000
+}
+fn default_training_class_devices() -> usize {
+    2
 }
 
 /// Fleet peer groups (see the `fleet` module): off unless `enabled`.
@@ -447,6 +545,7 @@ impl AggregatorConfig {
             state: StateConfig::default(),
             cluster: None,
             fleet: FleetConfig::default(),
+            training: TrainingConfig::default(),
         }
     }
 
@@ -527,6 +626,15 @@ impl AggregatorConfig {
                 .into_iter()
                 .map(|p| format!("fleet.{p}")),
         );
+        out.extend(
+            self.training
+                .problems()
+                .into_iter()
+                .map(|p| format!("training.{p}")),
+        );
+        if self.training.enabled && self.cluster.is_some() {
+            out.push("training.enabled: not available in cluster mode yet (training sets and models would need the cluster's KV); use static ownership".into());
+        }
         if self.fleet.enabled && self.cluster.is_some() {
             out.push("fleet.enabled: not available in cluster mode yet (each member sees only its partitions' devices); use static ownership".into());
         }

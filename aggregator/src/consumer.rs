@@ -21,7 +21,8 @@ use crate::Shared;
 use edgewatch_link::{Flow, LinkEvent, LinkHandler};
 use edgewatch_models::partition::partition_of;
 use edgewatch_models::wire::{
-    Ack, AckBatch, AnomalyEvent, Batch, Topics, UplinkTopic, WindowSummary,
+    lane_id, split_lane, Ack, AckBatch, AnomalyEvent, Batch, LaneKind, Topics, TrainingSample,
+    UplinkTopic, WindowSummary,
 };
 use rumqttc::{AsyncClient, EventLoop, QoS, SubscribeFilter, SubscribeReasonCode};
 use std::collections::{BTreeMap, HashMap};
@@ -39,6 +40,8 @@ pub(crate) enum Input {
     Publish(rumqttc::Publish),
     /// An ownership change (cluster mode only).
     Control(crate::cluster::node::Control),
+    /// A device model fitted by the training task: stored, then published (static ownership).
+    Fitted(Box<crate::training::StoredModel>),
 }
 
 /// Runs the shared MQTT poll loop ([`edgewatch_link::poll_loop`]) until `cancel`; hands publishes
@@ -86,6 +89,13 @@ impl LinkHandler for Consumer {
                     self.shared.cfg.partitions,
                     self.shared.cluster.is_some(),
                 );
+                if self.shared.training.is_some() {
+                    self.subscribed.extend(training_filters(
+                        &self.topics,
+                        &self.shared.owned.list(),
+                        self.shared.cfg.partitions,
+                    ));
+                }
                 if let Err(e) = self.client.try_subscribe_many(self.subscribed.clone()) {
                     tracing::error!(error = %e, "subscribe request failed");
                 }
@@ -169,7 +179,28 @@ pub(crate) fn filters(
     f
 }
 
-/// Lanes applied since the last flush: (agent, partition, epoch) → highest seq applied.
+/// The training lanes' filters of an owner of `owned` (static ownership): one wildcard for all
+/// partitions, or one per owned partition.
+pub(crate) fn training_filters(
+    topics: &Topics,
+    owned: &[u32],
+    partitions: u32,
+) -> Vec<SubscribeFilter> {
+    if owned.len() == partitions as usize {
+        vec![SubscribeFilter::new(
+            topics.all_samples_filter(),
+            QoS::AtLeastOnce,
+        )]
+    } else {
+        owned
+            .iter()
+            .map(|&p| SubscribeFilter::new(topics.samples_filter(p), QoS::AtLeastOnce))
+            .collect()
+    }
+}
+
+/// Lanes applied since the last flush: (agent, lane id, epoch) → highest seq applied. The lane id
+/// is the partition, with [`edgewatch_models::wire::LaneKind::TRAINING_BIT`] for a training lane.
 pub(crate) type Touched = BTreeMap<(String, u32, u64), u64>;
 
 /// At most one warning per kind every 5 s, counting the ones suppressed in between, so a flood of
@@ -214,16 +245,26 @@ pub(crate) fn apply_loop(
     let mut warnings = Warnings::default();
     let mut touched = Touched::new();
     let mut batch = Vec::with_capacity(256);
+    let fitted = |store: &mut Box<dyn StateStore>, m: Box<crate::training::StoredModel>| {
+        if let Some(t) = &shared.training {
+            t.fitted(&shared, store.as_mut(), acks.as_ref(), &topics, *m);
+        }
+    };
     while let Some(first) = rx.blocking_recv() {
         // Static ownership: no coordinator sends controls.
-        let Input::Publish(first) = first else {
-            continue;
-        };
-        batch.push(first);
+        match first {
+            Input::Publish(first) => batch.push(first),
+            Input::Fitted(m) => {
+                fitted(&mut store, m);
+                continue;
+            }
+            Input::Control(_) => continue,
+        }
         // Small rounds: every round ends with a flush and acks, so senders see steady progress.
         while batch.len() < ROUND {
             match rx.try_recv() {
                 Ok(Input::Publish(p)) => batch.push(p),
+                Ok(Input::Fitted(m)) => fitted(&mut store, m),
                 Ok(Input::Control(_)) => {}
                 Err(_) => break,
             }
@@ -316,12 +357,13 @@ fn drop_evicted(
 /// Publishes one cumulative [`AckBatch`] per agent for the lanes in `touched`.
 pub(crate) fn send_acks(shared: &Shared, topics: &Topics, client: &AsyncClient, touched: &Touched) {
     let mut by_agent: BTreeMap<&str, Vec<Ack>> = BTreeMap::new();
-    for ((agent, partition, epoch), upto_seq) in touched {
+    for ((agent, lane, epoch), upto_seq) in touched {
+        let (partition, lane) = split_lane(*lane);
         by_agent.entry(agent).or_default().push(Ack {
-            partition: *partition,
+            partition,
             upto_seq: *upto_seq,
             epoch: *epoch,
-            lane: Default::default(),
+            lane,
         });
     }
     for (agent, acks) in by_agent {
@@ -540,8 +582,101 @@ fn apply(
             }
             Ok(())
         }
+        Some(UplinkTopic::Samples { partition, agent }) => {
+            apply_training(shared, p, partition, agent, store, touched, warnings)
+        }
         Some(UplinkTopic::Acks { .. }) | None => Err("not a summaries or anomalies topic".into()),
     }
+}
+
+/// A training lane's batch: checked and noted like summaries (seq, floor, the device's partition,
+/// [`TrainingSample::check`]), then added to the device's training set and stored. Only on an owner
+/// with `training.enabled`; anything else is counted as misrouted and never acknowledged.
+fn apply_training(
+    shared: &Shared,
+    p: &rumqttc::Publish,
+    partition: u32,
+    agent: &str,
+    store: &mut dyn StateStore,
+    touched: &mut Touched,
+    warnings: &mut Warnings,
+) -> Result<(), String> {
+    let partitions = shared.cfg.partitions;
+    let batch: Batch<TrainingSample> =
+        serde_json::from_slice(&p.payload).map_err(|e| format!("bad training batch: {e}"))?;
+    if batch.partition != partition || batch.agent != agent {
+        return Err(format!(
+            "batch says agent {:?} partition {} but the topic says agent {agent:?} partition {partition}",
+            batch.agent, batch.partition
+        ));
+    }
+    let m = &shared.metrics;
+    let n = batch.records.len() as u64;
+    let (Some(training), Some(id)) = (&shared.training, lane_id(partition, LaneKind::Training))
+    else {
+        m.misrouted_total.fetch_add(n, Relaxed);
+        return Ok(());
+    };
+    if !shared.owned.contains(partition) {
+        m.misrouted_total.fetch_add(n, Relaxed);
+        return Ok(());
+    }
+    let lane = LaneId::new(agent, id, batch.epoch);
+    let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(why) = state.note_floor(lane, batch.acked) {
+        let detail = format!(
+            "batch floor (acked) {} is too far above the lane's applied seq {}",
+            batch.acked,
+            state.lane_seq(lane).unwrap_or(0)
+        );
+        refuse(shared, warnings, why, n, lane, batch.acked, &detail);
+        return Ok(());
+    }
+    for r in batch.records {
+        if state.lane_seq(lane).is_some_and(|c| r.seq <= c) {
+            continue;
+        }
+        let refused = if let Err(why) = state.check_seq(lane, r.seq) {
+            let applied_seq = state.lane_seq(lane).unwrap_or(0);
+            Some((
+                why,
+                format!("seq too far above the lane's applied seq {applied_seq}"),
+            ))
+        } else if partition_of(&r.item.device, partitions) != partition {
+            Some((
+                Refusal::Partition,
+                format!(
+                    "device {:?} belongs to partition {} of {partitions}",
+                    r.item.device,
+                    partition_of(&r.item.device, partitions)
+                ),
+            ))
+        } else {
+            r.item
+                .check()
+                .err()
+                .map(|e| (Refusal::InvalidSample, format!("training sample: {e}")))
+        };
+        if let Some((why, detail)) = refused {
+            refuse(shared, warnings, why, 1, lane, r.seq, &detail);
+            continue;
+        }
+        let (seq, prev) = (r.seq, r.prev_seq());
+        training.add(store, agent, r.item).map_err(|e| {
+            m.store_errors_total.fetch_add(1, Relaxed);
+            format!("state store: {e}")
+        })?;
+        state.note_seq(lane, seq, prev);
+    }
+    drop_evicted(shared, &mut state, store)?;
+    if let Some(seq) = state.lane_seq(lane) {
+        store.put_lane_seq(lane, seq).map_err(|e| {
+            m.store_errors_total.fetch_add(1, Relaxed);
+            format!("state store: {e}")
+        })?;
+        touched.insert((agent.to_string(), id, batch.epoch), seq);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -633,8 +768,82 @@ mod tests {
             started: Instant::now(),
             token: None,
             fleet: None,
+            training: Some(crate::training::Training::new(&cfg.training, &[])),
             cfg,
         }
+    }
+
+    fn sample(device: &str, from_ms: i64) -> TrainingSample {
+        TrainingSample {
+            device: device.into(),
+            features: vec!["a".into(), "b".into()],
+            from_ms,
+            to_ms: from_ms + 60_000,
+            seen: 10,
+            anomalies: 0,
+            rows: (0..10).map(|i| vec![i as f64, 2.0 * i as f64]).collect(),
+        }
+    }
+
+    /// Training samples are a lane of their own: noted and acknowledged under the training lane
+    /// (never the partition's main lane), refused when they cannot be real or belong elsewhere,
+    /// and kept in the device's training set.
+    #[test]
+    fn training_samples_apply_to_their_own_lane_and_bad_ones_are_refused() {
+        let shared = shared();
+        let topics = Topics::new(&shared.cfg.prefix);
+        let mut store = MemoryStore::new(100);
+        let mut touched = Touched::new();
+        let mut warnings = Warnings::default();
+        let device = "pump-7";
+        let p = partition_of(device, 64);
+        let other = (0..)
+            .map(|i| format!("dev-{i}"))
+            .find(|d| partition_of(d, 64) != p)
+            .unwrap();
+        let mut ragged = sample(device, 120_000);
+        ragged.rows[4].pop();
+        let samples = batch(
+            p,
+            9,
+            0,
+            vec![
+                (1, sample(device, 0)),
+                (2, sample(device, 60_000)),
+                (3, sample(&other, 0)),
+                (4, ragged),
+            ],
+        );
+        apply(
+            &shared,
+            &topics,
+            &publish(topics.samples(p, "gw"), &samples),
+            &mut store,
+            &mut touched,
+            &mut warnings,
+        )
+        .unwrap();
+        let m = &shared.metrics;
+        assert_eq!(m.refused(Refusal::Partition), 1);
+        assert_eq!(m.refused(Refusal::InvalidSample), 1);
+        let id = lane_id(p, LaneKind::Training).unwrap();
+        assert_eq!(touched.get(&("gw".to_string(), id, 9)), Some(&2));
+        assert!(!touched.contains_key(&("gw".to_string(), p, 9)));
+        let t = shared.training.as_ref().unwrap();
+        let doc = t.waiting();
+        assert_eq!(doc.len(), 1, "{doc:?}");
+        assert_eq!(doc[0]["rows"], 20);
+        // The batch on another partition's topic is a mismatch, not applied.
+        let err = apply(
+            &shared,
+            &topics,
+            &publish(topics.samples(p + 1, "gw"), &samples),
+            &mut store,
+            &mut touched,
+            &mut warnings,
+        )
+        .unwrap_err();
+        assert!(err.contains("topic says"), "{err}");
     }
 
     fn window(device: &str, i: i64) -> WindowSummary {

@@ -255,6 +255,9 @@ impl Server {
                 if let Some(f) = &shared.fleet {
                     f.render(&shared.cfg.id, &mut out);
                 }
+                if let Some(t) = &shared.training {
+                    t.render(&shared.cfg.id, &mut out);
+                }
                 Response::builder()
                     .header(CONTENT_TYPE, "text/plain; version=0.0.4")
                     .body(Full::new(Bytes::from(out)))
@@ -269,12 +272,18 @@ impl Server {
                 ),
             },
             "/api/models" => {
-                let models = shared
-                    .fleet
+                let now = crate::fleet::run::now_ms();
+                let mut models = shared
+                    .training
                     .as_ref()
-                    .map(|f| f.models(crate::fleet::run::now_ms()))
+                    .map(|t| t.list(now))
                     .unwrap_or_default();
-                json_response(StatusCode::OK, &json!({"aggregator": shared.cfg.id, "models": models}))
+                models.extend(shared.fleet.as_ref().map(|f| f.models(now)).unwrap_or_default());
+                let waiting = shared.training.as_ref().map(|t| t.waiting());
+                json_response(
+                    StatusCode::OK,
+                    &json!({"aggregator": shared.cfg.id, "models": models, "training": waiting}),
+                )
             }
             "/api/cluster" => match &shared.cluster {
                 None => json_response(

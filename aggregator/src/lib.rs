@@ -13,11 +13,13 @@ pub mod ownership;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod training;
 
 pub use config::AggregatorConfig;
 pub use error::AggregatorError;
 pub use telemetry::AggregatorMetrics;
 
+use edgewatch_models::wire::Topics;
 use feed::FeedHub;
 use state::FleetState;
 use std::future::Future;
@@ -43,6 +45,8 @@ pub(crate) struct Shared {
     token: Option<String>,
     /// Fleet peer groups, when `fleet.enabled`.
     fleet: Option<fleet::run::Fleet>,
+    /// Device model training, when `training.enabled`.
+    training: Option<training::Training>,
 }
 
 /// A configured aggregator with its HTTP listener bound.
@@ -108,9 +112,21 @@ impl Aggregator {
         } else {
             None
         };
+        let training = if cfg.training.enabled {
+            let t = training::Training::new(&cfg.training, &cfg.fleet.groups);
+            if let Some(s) = &store {
+                let (sets, models) = s.load_training()?;
+                tracing::info!(aggregator = %cfg.id, devices = sets.len(), models = models.len(), "training sets and device models loaded from the store");
+                t.restore(sets, models);
+            }
+            Some(t)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             token,
             fleet,
+            training,
             owned,
             cluster,
             state: Mutex::new(state.with_max_seq_jump(cfg.state.max_seq_jump)),
@@ -187,6 +203,17 @@ impl Aggregator {
         // The coordinator stops first, so partitions are given back (final checkpoints, acks)
         // while the MQTT link is still up.
         let leaving = CancellationToken::new();
+        if let Some(t) = &shared.training {
+            let n = t.republish(&client, &Topics::new(&cfg.prefix));
+            if n > 0 {
+                tracing::info!(aggregator = %cfg.id, models = n, "stored device models published again (retained)");
+            }
+        }
+        let fit = tokio::spawn(training::fit_loop(
+            shared.clone(),
+            tx.clone(),
+            cancel.clone(),
+        ));
         let (apply, coordinator) = match (self.store, &shared.cluster) {
             (Some(store), _) => {
                 // Acks release the agents' outbox records. With a store they follow its flush;
@@ -257,6 +284,7 @@ impl Aggregator {
         let _ = apply.await;
         let _ = http.await;
         let _ = refit.await;
+        let _ = fit.await;
         // Give feed clients a moment to receive their close frames.
         tokio::time::sleep(Duration::from_millis(50)).await;
         tracing::info!(aggregator = %shared.cfg.id, "aggregator stopped");

@@ -43,7 +43,30 @@ pub trait StateStore: Send {
     fn load(&self) -> Result<Snapshot, StoreError>;
     /// Lane seqs only (for acks), as in [`Snapshot::lanes`].
     fn lane_seqs(&self) -> Result<Vec<StoredLane>, StoreError>;
+    /// Stores a device's training set (`changed`: the `from_ms` of the sample just added or
+    /// replaced). Stores without durable state keep nothing.
+    fn put_training(
+        &mut self,
+        _set: &edgewatch_models::multi::DeviceSet,
+        _changed: Option<i64>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Stores a fitted device model.
+    fn put_model(&mut self, _model: &crate::training::StoredModel) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Every stored training set and device model.
+    fn load_training(&self) -> Result<TrainingSnapshot, StoreError> {
+        Ok(Default::default())
+    }
 }
+
+/// Training sets and fitted device models, as stored.
+pub type TrainingSnapshot = (
+    Vec<edgewatch_models::multi::DeviceSet>,
+    Vec<crate::training::StoredModel>,
+);
 
 /// A stored lane: (agent, partition, epoch, last applied seq).
 pub type StoredLane = (String, u32, u64, u64);
@@ -440,6 +463,7 @@ pub struct SledStore {
     windows: sled::Tree,
     lanes: sled::Tree,
     legacy_lanes: sled::Tree,
+    training: crate::training::store::TrainingTrees,
     windows_per_series: usize,
 }
 
@@ -465,12 +489,14 @@ impl SledStore {
         let windows = db.open_tree("windows").map_err(open_err)?;
         let lanes = db.open_tree("lane_epochs").map_err(open_err)?;
         let legacy_lanes = db.open_tree("lanes").map_err(open_err)?;
+        let training = crate::training::store::TrainingTrees::open(&db).map_err(open_err)?;
         Ok(Self {
             path: path.to_path_buf(),
             db,
             windows,
             lanes,
             legacy_lanes,
+            training,
             windows_per_series: windows_per_series.max(1),
         })
     }
@@ -486,6 +512,7 @@ impl SledStore {
             windows,
             lanes,
             legacy_lanes,
+            training,
             ..
         } = self;
         let flushed = db.flush().map(|_| ()).map_err(|source| StoreError::Sled {
@@ -494,7 +521,7 @@ impl SledStore {
             key: "all trees".into(),
             source,
         });
-        drop((windows, lanes, legacy_lanes, db));
+        drop((windows, lanes, legacy_lanes, training, db));
         wait_unlocked(&path);
         flushed
     }
@@ -568,6 +595,22 @@ impl SledStore {
 }
 
 impl StateStore for SledStore {
+    fn put_training(
+        &mut self,
+        set: &edgewatch_models::multi::DeviceSet,
+        changed: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.training.put_set(&self.path, set, changed)
+    }
+
+    fn put_model(&mut self, model: &crate::training::StoredModel) -> Result<(), StoreError> {
+        self.training.put_model(&self.path, model)
+    }
+
+    fn load_training(&self) -> Result<TrainingSnapshot, StoreError> {
+        self.training.load(&self.path)
+    }
+
     fn put_window(&mut self, partition: u32, s: &WindowSummary) -> Result<Applied, StoreError> {
         validate(s)?;
         let name = || window_name(&s.device, &s.metric, s.start_ms);

@@ -92,15 +92,18 @@ pub enum Refusal {
     InvalidSummary,
     /// An anomaly event with a non-finite value or a score outside [0, 1].
     InvalidEvent,
+    /// A training sample that cannot be real (`TrainingSample::check`: shapes, non-finite values).
+    InvalidSample,
 }
 
 impl Refusal {
     /// Every reason, in metric order.
-    pub const ALL: [Refusal; 4] = [
+    pub const ALL: [Refusal; 5] = [
         Refusal::SeqJump,
         Refusal::Partition,
         Refusal::InvalidSummary,
         Refusal::InvalidEvent,
+        Refusal::InvalidSample,
     ];
 
     /// The `reason` label.
@@ -110,6 +113,7 @@ impl Refusal {
             Refusal::Partition => "partition",
             Refusal::InvalidSummary => "invalid_summary",
             Refusal::InvalidEvent => "invalid_event",
+            Refusal::InvalidSample => "invalid_sample",
         }
     }
 }

@@ -250,7 +250,9 @@ pub struct Ack {
 /// An agent has two lanes per partition: the main one (window summaries and anomaly events, which
 /// share one seq chain) and the training one (sampled vectors for the aggregator's device models),
 /// so a backlog of samples never delays a summary and losing samples never leaves a hole in it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LaneKind {
     /// Summaries and anomaly events.
@@ -428,8 +430,8 @@ pub enum UplinkTopic<'a> {
         /// Agent id.
         agent: &'a str,
     },
-    /// `{prefix}/training/{partition}/{agent}`
-    Training {
+    /// `{prefix}/samples/{partition}/{agent}`: a training lane.
+    Samples {
         /// Partition number.
         partition: u32,
         /// Agent id.
@@ -471,19 +473,20 @@ impl Topics {
         format!("{}/anomalies/{partition}/{agent}", self.prefix)
     }
 
-    /// Topic for training samples of one lane (see [`LaneKind::Training`]).
-    pub fn training(&self, partition: u32, agent: &str) -> String {
-        format!("{}/training/{partition}/{agent}", self.prefix)
+    /// Topic for training samples of one lane (see [`LaneKind::Training`]):
+    /// `{prefix}/samples/{partition}/{agent}`.
+    pub fn samples(&self, partition: u32, agent: &str) -> String {
+        format!("{}/samples/{partition}/{agent}", self.prefix)
     }
 
     /// Filter for every agent's training samples of one partition.
-    pub fn training_filter(&self, partition: u32) -> String {
-        format!("{}/training/{partition}/+", self.prefix)
+    pub fn samples_filter(&self, partition: u32) -> String {
+        format!("{}/samples/{partition}/+", self.prefix)
     }
 
     /// Filter for every agent's training samples of every partition.
-    pub fn all_training_filter(&self) -> String {
-        format!("{}/training/+/+", self.prefix)
+    pub fn all_samples_filter(&self) -> String {
+        format!("{}/samples/+/+", self.prefix)
     }
 
     /// Topic where owners acknowledge an agent's lanes.
@@ -540,7 +543,7 @@ impl Topics {
         let mut parts = rest.split('/');
         let kind = parts.next()?;
         let result = match kind {
-            "summaries" | "anomalies" | "training" => {
+            "summaries" | "anomalies" | "samples" => {
                 let partition = parts.next()?.parse().ok()?;
                 let agent = parts.next()?;
                 if agent.is_empty() {
@@ -549,7 +552,7 @@ impl Topics {
                 match kind {
                     "summaries" => UplinkTopic::Summaries { partition, agent },
                     "anomalies" => UplinkTopic::Anomalies { partition, agent },
-                    _ => UplinkTopic::Training { partition, agent },
+                    _ => UplinkTopic::Samples { partition, agent },
                 }
             }
             "acks" => UplinkTopic::Acks {

@@ -338,6 +338,16 @@ fn check_outputs(lane: &mut Lane, partitions: u32) {
                 );
                 check_event(&event);
             }
+            Output::Training { partition, sample } => {
+                assert!(
+                    partition < partitions,
+                    "partition {partition} of {partitions}"
+                );
+                // What the aggregator checks before it keeps a sample.
+                if let Err(e) = sample.check() {
+                    panic!("training sample the aggregator would refuse: {e}: {sample:?}");
+                }
+            }
         }
     }
 }

@@ -264,6 +264,7 @@ fn check_topic(topics: &Topics, topic: &str) {
     let (again, agent) = match &parsed {
         UplinkTopic::Summaries { partition, agent } => (topics.summaries(*partition, agent), agent),
         UplinkTopic::Anomalies { partition, agent } => (topics.anomalies(*partition, agent), agent),
+        UplinkTopic::Samples { partition, agent } => (topics.samples(*partition, agent), agent),
         UplinkTopic::Acks { agent } => (topics.acks(agent), agent),
     };
     assert!(!agent.is_empty() && !agent.contains('/'), "agent {agent:?}");
@@ -282,6 +283,7 @@ fn check(msg: &Message) -> [&'static str; 2] {
     let topic_label = match &parsed {
         Some(UplinkTopic::Summaries { .. }) => "topic:summaries",
         Some(UplinkTopic::Anomalies { .. }) => "topic:anomalies",
+        Some(UplinkTopic::Samples { .. }) => "topic:samples",
         Some(UplinkTopic::Acks { .. }) => "topic:acks",
         None => "topic:foreign",
     };

@@ -27,5 +27,6 @@ mod nats_mqtt;
 mod outage;
 mod restart;
 mod tls;
+mod training;
 mod verify;
 mod wait;

@@ -15,12 +15,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-const DEVICE: &str = "pump-m";
-const METRICS: [&str; 3] = ["flow", "pressure", "current"];
+pub(crate) const DEVICE: &str = "pump-m";
+pub(crate) const METRICS: [&str; 3] = ["flow", "pressure", "current"];
 
 /// Metric `j` at step `i`: a shared load drives all three; when `broken`, `current` reads 0.3 of
 /// the load away from what the others imply, inside its own normal range.
-fn reading(i: i64, j: usize, broken: bool) -> f64 {
+pub(crate) fn reading(i: i64, j: usize, broken: bool) -> f64 {
     let load = 0.5 + 0.4 * (i as f64 / 23.0).sin();
     let noise = 0.01 * ((i * 7 + j as i64 * 13) as f64 * 1.618).sin();
     let l = match (broken && j == 2, load < 0.5) {
@@ -59,7 +59,7 @@ fn model_file(dir: &Path, version: u64) -> PathBuf {
 }
 
 /// Runs `edgewatch models <args>`; panics with its output unless it exits 0.
-fn models_cli(args: &[&str]) -> String {
+pub(crate) fn models_cli(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_edgewatch"))
         .arg("models")
         .args(args)
@@ -75,7 +75,7 @@ fn models_cli(args: &[&str]) -> String {
 }
 
 /// The log without ANSI colour codes.
-fn plain_log(path: &Path) -> String {
+pub(crate) fn plain_log(path: &Path) -> String {
     let raw = std::fs::read_to_string(path).unwrap_or_default();
     let mut out = String::with_capacity(raw.len());
     let mut chars = raw.chars();
@@ -94,7 +94,7 @@ fn plain_log(path: &Path) -> String {
 }
 
 /// Waits until at least `n` lines of the log after byte `from` contain every one of `needles`.
-async fn wait_log(path: &Path, from: usize, needles: &[&str], n: usize) {
+pub(crate) async fn wait_log(path: &Path, from: usize, needles: &[&str], n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let log = plain_log(path);
@@ -116,7 +116,7 @@ async fn wait_log(path: &Path, from: usize, needles: &[&str], n: usize) {
 }
 
 /// Publishes steps `steps` of the device (QoS 1, in order), broken where `broken` says.
-async fn publish(
+pub(crate) async fn publish(
     client: &AsyncClient,
     base_ms: i64,
     steps: std::ops::Range<i64>,
@@ -143,7 +143,11 @@ async fn publish(
 }
 
 /// Waits for a `pca` event of the device whose timestamp lies in `steps`; returns it.
-async fn wait_pca(feed: &FeedClient, base_ms: i64, steps: std::ops::Range<i64>) -> AnomalyEvent {
+pub(crate) async fn wait_pca(
+    feed: &FeedClient,
+    base_ms: i64,
+    steps: std::ops::Range<i64>,
+) -> AnomalyEvent {
     let range = base_ms + steps.start * 1000..base_ms + steps.end * 1000;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -163,7 +167,7 @@ async fn wait_pca(feed: &FeedClient, base_ms: i64, steps: std::ops::Range<i64>) 
 }
 
 /// Waits until the aggregator holds exactly `n` readings (never more).
-async fn wait_readings(addr: std::net::SocketAddr, n: u64) {
+pub(crate) async fn wait_readings(addr: std::net::SocketAddr, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let held = readings(addr);

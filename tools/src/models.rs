@@ -47,6 +47,154 @@ pub enum ModelsCommand {
         /// The model, as JSON.
         file: PathBuf,
     },
+    /// List the models an aggregator holds (`GET /api/models`): the device models it trained
+    /// and the fleet's peer models, each with its version, training size, age and fit quality,
+    /// then the devices still collecting training data. Exits 2 when the aggregator cannot be
+    /// reached or refuses.
+    List {
+        /// Base URL of the aggregator's HTTP API, e.g. http://127.0.0.1:8080.
+        #[arg(long, value_name = "URL")]
+        aggregator: String,
+        /// Bearer token, when the aggregator requires one.
+        #[arg(long, conflicts_with = "token_env")]
+        token: Option<String>,
+        /// Name of an environment variable holding the bearer token (keeps it out of `ps`).
+        #[arg(long, value_name = "VAR")]
+        token_env: Option<String>,
+        /// Print the aggregator's JSON document as it is.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `GET /api/models` of the aggregator at `url` (`http://host:port[/prefix]`): the JSON document.
+pub async fn fetch_list(url: &str, token: Option<&str>) -> anyhow::Result<serde_json::Value> {
+    let base = crate::verify::fetch::Base::parse(url).map_err(|e| anyhow!("{e}"))?;
+    let body = base
+        .get("/api/models", token)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    serde_json::from_slice(&body)
+        .with_context(|| format!("{}: not a JSON document", base.url("/api/models")))
+}
+
+/// The bearer token of `--token` or of the variable `--token-env` names.
+pub fn token(token: Option<String>, token_env: Option<String>) -> anyhow::Result<Option<String>> {
+    let t = match (token, token_env) {
+        (Some(t), _) => Some(t),
+        (None, Some(var)) => Some(std::env::var(&var).map_err(|_| {
+            anyhow!("--token-env: environment variable {var} is not set (or not UTF-8)")
+        })?),
+        (None, None) => None,
+    };
+    if t.as_deref()
+        .is_some_and(|t| t.chars().any(char::is_control))
+    {
+        bail!("the token contains control characters, which cannot go into an HTTP header");
+    }
+    Ok(t)
+}
+
+/// The table `models list` prints from an `/api/models` document.
+pub fn list_table(doc: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let str_of = |v: &serde_json::Value, k: &str| {
+        v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_string()
+    };
+    let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+    let _ = writeln!(
+        out,
+        "{:<6} {:<24} {:<20} {:<12} {:>14} {:>8} {:>9}  quality",
+        "kind", "device / class", "key", "agent", "version", "samples", "age"
+    );
+    let models = doc
+        .get("models")
+        .and_then(|m| m.as_array())
+        .cloned()
+        .unwrap_or_default();
+    for m in &models {
+        let kind = str_of(m, "kind");
+        let who = if kind == "pca" {
+            str_of(m, "device")
+        } else {
+            str_of(m, "key").trim_start_matches("peer/").to_string()
+        };
+        let q = m.get("quality").cloned().unwrap_or_default();
+        let quality = if kind == "pca" {
+            format!(
+                "explained {:.3}, alarm rate {:.5}, solver {}{}",
+                num(&q, "explained_variance_ratio").unwrap_or(f64::NAN),
+                num(&q, "alarm_rate").unwrap_or(f64::NAN),
+                str_of(&q, "solver"),
+                m.get("class")
+                    .and_then(|c| c.as_str())
+                    .map(|c| format!(", class model of {c}"))
+                    .unwrap_or_default()
+            )
+        } else {
+            format!(
+                "{} clusters, {} excluded",
+                q.get("clusters")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0),
+                q.get("excluded")
+                    .map_or(0, |e| e.as_array().map_or(0, Vec::len))
+            )
+        };
+        let age = num(m, "age_s").map_or("-".into(), |a| format!("{a:.0} s"));
+        let _ = writeln!(
+            out,
+            "{:<6} {:<24} {:<20} {:<12} {:>14} {:>8} {:>9}  {quality}",
+            kind,
+            who,
+            str_of(m, "key"),
+            str_of(m, "agent"),
+            m.get("version")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+            m.get("samples")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+            age,
+        );
+    }
+    if models.is_empty() {
+        let _ = writeln!(out, "(no models yet)");
+    }
+    match doc.get("training") {
+        Some(serde_json::Value::Array(waiting)) if !waiting.is_empty() => {
+            let _ = writeln!(
+                out,
+                "\ncollecting training data ({} devices without a model):",
+                waiting.len()
+            );
+            for w in waiting {
+                let _ = writeln!(
+                    out,
+                    "  {:<24} agent {:<12} {} rows in {} samples, {} excluded",
+                    str_of(w, "device"),
+                    str_of(w, "agent"),
+                    w.get("rows")
+                        .and_then(serde_json::Value::as_u64)
+                        .unwrap_or(0),
+                    w.get("samples")
+                        .and_then(serde_json::Value::as_u64)
+                        .unwrap_or(0),
+                    w.get("excluded")
+                        .and_then(serde_json::Value::as_u64)
+                        .unwrap_or(0),
+                );
+            }
+        }
+        Some(serde_json::Value::Null) | None => {
+            let _ = writeln!(
+                out,
+                "\n(training is off on this aggregator: training.enabled)"
+            );
+        }
+        _ => {}
+    }
+    out
 }
 
 /// Where models are published: a broker and a topic prefix.

@@ -4,6 +4,7 @@
 //! (`store.rs`); the pipeline calls [`DeviceModels::observe`] for every reading.
 
 pub(crate) mod store;
+pub(crate) mod training;
 
 use crate::config::ModelsConfig;
 use crate::telemetry::ModelRefusal;
@@ -88,6 +89,8 @@ pub(crate) struct DeviceModels {
     /// A fresh gate at `models.threshold` with the `anomaly:` re-arm rules.
     gate: EventGate,
     by_device: HashMap<Box<str>, Running, Xxh3DefaultBuilder>,
+    /// Training samples for the aggregator (`models.enabled` and `models.training.enabled`).
+    sampling: Option<training::Sampling>,
 }
 
 impl DeviceModels {
@@ -97,11 +100,49 @@ impl DeviceModels {
         let align = cfg.align();
         // Checks staleness_ms and min_fill now rather than at the first model.
         Aligner::new(&["x".to_string()], &align)?;
+        let t = &cfg.training;
+        let sampling = (cfg.enabled && t.enabled)
+            .then(|| training::Sampling::new(t.sampler(), align.clone(), t.max_devices));
         Ok(Self {
             align,
             gate,
             by_device: HashMap::with_hasher(Xxh3DefaultBuilder::new()),
+            sampling,
         })
+    }
+
+    /// Feeds one reading to the device's training sampler; returns `(partition, sample)` when it
+    /// closes a training period.
+    #[inline]
+    pub(crate) fn sample(
+        &mut self,
+        device: &str,
+        metric: &str,
+        partition: u32,
+        ts_ms: i64,
+        value: f64,
+    ) -> Option<(u32, edgewatch_models::wire::TrainingSample)> {
+        self.sampling
+            .as_mut()?
+            .observe(device, metric, partition, ts_ms, value)
+    }
+
+    /// An anomaly event of `device` (any detector): its training period is left out.
+    pub(crate) fn note_anomaly(&mut self, device: &str, ts_ms: i64) {
+        if let Some(s) = &mut self.sampling {
+            s.note_anomaly(device, ts_ms);
+        }
+    }
+
+    /// Training periods that ended a whole period before `now_ms` (see [`training::Sampling::expire`]).
+    pub(crate) fn expire_samples(
+        &mut self,
+        now_ms: i64,
+        out: &mut Vec<(u32, edgewatch_models::wire::TrainingSample)>,
+    ) {
+        if let Some(s) = &mut self.sampling {
+            s.expire(now_ms, out);
+        }
     }
 
     /// Models running.

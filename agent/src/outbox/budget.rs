@@ -13,6 +13,7 @@ pub(super) struct Slot {
 #[derive(Debug, Clone, Copy)]
 pub(super) enum SlotKind {
     Anomaly,
+    Training,
     Summary {
         series: u64,
         start_ms: i64,
@@ -65,9 +66,66 @@ impl Outbox {
         budget / 100 * RECLAIM_TARGET_PERCENT + budget % 100 * RECLAIM_TARGET_PERCENT / 100
     }
 
+    /// What training samples may take (see [`TRAINING_SHARE_PERCENT`]).
+    pub(super) fn training_budget(&self) -> u64 {
+        self.records_budget() / 100 * TRAINING_SHARE_PERCENT
+    }
+
+    /// Deletes training samples, oldest first (by seq, then lane), until they take at most `keep`
+    /// bytes.
+    pub(super) fn evict_training(&mut self, keep: u64) -> Result<(), OutboxError> {
+        let mut candidates: Vec<(u64, u32, u64)> = Vec::new();
+        for (&lane, l) in &self.lanes {
+            for (&seq, slot) in &l.slots {
+                if matches!(slot.kind, SlotKind::Training) {
+                    candidates.push((seq, lane, slot.bytes));
+                }
+            }
+        }
+        candidates.sort_unstable();
+        let mut freed = 0;
+        let mut chosen = Vec::new();
+        for (seq, lane, bytes) in candidates {
+            if self.training_bytes.saturating_sub(freed) <= keep {
+                break;
+            }
+            freed += bytes;
+            chosen.push((lane, seq));
+        }
+        self.delete_slots(&chosen, "evict training samples")?;
+        for (lane, seq) in chosen {
+            if self.unindex(lane, seq).is_some() {
+                self.stats.training_evicted += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes records (persisting the touched lanes' next seqs first, so none is reused).
+    fn delete_slots(&mut self, chosen: &[(u32, u64)], op: &str) -> Result<(), OutboxError> {
+        let mut touched: Vec<u32> = chosen.iter().map(|&(p, _)| p).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for &p in &touched {
+            self.put_meta(p)?;
+        }
+        let mut batch = sled::Batch::default();
+        for &(p, s) in chosen {
+            batch.remove(&key(p, s));
+        }
+        self.records.apply_batch(batch).map_err(self.storage(op))
+    }
+
     pub(super) fn reclaim(&mut self) -> Result<(), OutboxError> {
         let target = self.target();
-        if self.summaries > 0 {
+        if self.training > 0 {
+            // Samples go first: a summary is data, a sample only a sample of it.
+            let keep = self
+                .training_bytes
+                .saturating_sub(self.bytes.saturating_sub(target));
+            self.evict_training(keep)?;
+        }
+        if self.summaries > 0 && self.bytes > target {
             self.coarsen(target)?;
         }
         if self.bytes > target && self.summaries > 0 {
@@ -219,19 +277,7 @@ impl Outbox {
             freed += bytes;
             chosen.push((partition, seq));
         }
-        let mut touched: Vec<u32> = chosen.iter().map(|&(p, _)| p).collect();
-        touched.sort_unstable();
-        touched.dedup();
-        for &p in &touched {
-            self.put_meta(p)?;
-        }
-        let mut batch = sled::Batch::default();
-        for &(p, s) in &chosen {
-            batch.remove(&key(p, s));
-        }
-        self.records
-            .apply_batch(batch)
-            .map_err(self.storage("evict summaries"))?;
+        self.delete_slots(&chosen, "evict summaries")?;
         for (p, s) in chosen {
             if let Some(Slot {
                 kind: SlotKind::Summary { count, .. },

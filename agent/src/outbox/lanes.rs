@@ -88,6 +88,11 @@ impl Outbox {
                 self.stats.anomalies_kept += 1;
                 SlotKind::Anomaly
             }
+            Record::Training(_) => {
+                self.training += 1;
+                self.training_bytes += bytes;
+                SlotKind::Training
+            }
             Record::Summary(s) => {
                 self.summaries += 1;
                 SlotKind::Summary {
@@ -111,6 +116,10 @@ impl Outbox {
         match slot.kind {
             SlotKind::Anomaly => self.stats.anomalies_kept -= 1,
             SlotKind::Summary { .. } => self.summaries -= 1,
+            SlotKind::Training => {
+                self.training -= 1;
+                self.training_bytes = self.training_bytes.saturating_sub(slot.bytes);
+            }
         }
         Some(slot)
     }
@@ -154,6 +163,12 @@ impl Outbox {
         self.lanes.entry(partition).or_default().next = seq + 1;
         self.index(partition, seq, &record, (k.len() + value.len()) as u64);
         self.stats.appended += 1;
+        if self.training_bytes > self.training_budget() {
+            if let Err(e) = self.evict_training(self.training_budget()) {
+                self.stats.reclaim_errors += 1;
+                tracing::error!(error = %e, "outbox could not delete old training samples; retried on the next append");
+            }
+        }
         if self.bytes > self.records_budget() {
             // The record is stored: failing the append now would make the caller store it twice.
             // The budget is retried on the next append.

@@ -56,6 +56,9 @@
 //!    partition) until the target is met (counted in [`OutboxStats::evicted`] and
 //!    [`OutboxStats::evicted_readings`]).
 //!
+//! Training samples (training lanes) are never coarsened; they are evicted oldest first before
+//! anything else, and whenever they take more than [`TRAINING_SHARE_PERCENT`] of the budget.
+//!
 //! Anomaly events are never coarsened or evicted. If they alone exceed the budget they are all kept and
 //! the append is counted in [`OutboxStats::over_budget`]. A summary appended in that state is evicted
 //! at once (it is the only thing that can go).
@@ -70,7 +73,7 @@
 //! that the lane still holds, which the owner uses to know no record is missing in between.
 
 use edgewatch_models::stats::RunningStats;
-use edgewatch_models::wire::{AnomalyEvent, WindowSummary, LEGACY_EPOCH};
+use edgewatch_models::wire::{AnomalyEvent, TrainingSample, WindowSummary, LEGACY_EPOCH};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -90,6 +93,11 @@ use store::*;
 /// After a reclaim, [`Outbox::bytes`] is at most this percentage of `max_outbox_bytes` (unless anomaly
 /// events alone take more).
 pub const RECLAIM_TARGET_PERCENT: u64 = 90;
+
+/// Training samples may take at most this percentage of the records' budget: beyond it the oldest
+/// are deleted (an aggregator that does not train never acknowledges them, and they are only a
+/// sample), so they never crowd out summaries.
+pub const TRAINING_SHARE_PERCENT: u64 = 10;
 
 const RECORDS_TREE: &str = "records";
 const META_TREE: &str = "meta";
@@ -112,6 +120,9 @@ pub enum Record {
     Summary(WindowSummary),
     /// An anomaly detected on one reading.
     Anomaly(AnomalyEvent),
+    /// Sampled vectors of one device for the aggregator's device models; only in training lanes
+    /// ([`edgewatch_models::wire::lane_id`]).
+    Training(TrainingSample),
 }
 
 /// Counters since [`Outbox::open`].
@@ -121,6 +132,9 @@ pub struct OutboxStats {
     pub appended: u64,
     /// Records removed by acks.
     pub acked: u64,
+    /// Training samples deleted unsent: over [`TRAINING_SHARE_PERCENT`] of the budget, or to make
+    /// room (they go before any summary).
+    pub training_evicted: u64,
     /// Summaries merged away by coarsening (a run of n becomes 1: n - 1 counted).
     pub coarsened: u64,
     /// Summaries evicted for the budget.
@@ -153,6 +167,9 @@ pub struct Outbox {
     lanes: BTreeMap<u32, Lane>,
     bytes: u64,
     summaries: u64,
+    /// Training samples stored, and their bytes.
+    training: u64,
+    training_bytes: u64,
     stats: OutboxStats,
     /// Whether the last append left anomaly events alone above the budget (logged on the transition).
     over_budget_now: bool,
@@ -187,6 +204,16 @@ fn check_finite(partition: u32, record: &Record) -> Result<(), OutboxError> {
             ("max_score", s.max_score),
         ],
         Record::Anomaly(a) => &[("value", a.value), ("score", a.score)],
+        Record::Training(t) => {
+            return match t.rows.iter().flatten().find(|v| !v.is_finite()) {
+                Some(&value) => Err(OutboxError::NotFinite {
+                    partition,
+                    field: "rows",
+                    value,
+                }),
+                None => Ok(()),
+            };
+        }
     };
     match fields.iter().find(|(_, v)| !v.is_finite()) {
         Some(&(field, value)) => Err(OutboxError::NotFinite {
@@ -295,6 +322,8 @@ impl Outbox {
             lanes: BTreeMap::new(),
             bytes: 0,
             summaries: 0,
+            training: 0,
+            training_bytes: 0,
             stats: OutboxStats::default(),
             over_budget_now: false,
             last_evict_log: None,

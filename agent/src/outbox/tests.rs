@@ -353,6 +353,72 @@ fn eviction_removes_oldest_summaries_and_never_anomalies() {
     assert_eq!(ob.append(0, summary("a", 0)).unwrap(), 7);
 }
 
+fn training(device: &str, from_ms: i64) -> Record {
+    Record::Training(edgewatch_models::wire::TrainingSample {
+        device: device.into(),
+        features: vec!["flow".into(), "temp".into()],
+        from_ms,
+        to_ms: from_ms + 3_600_000,
+        seen: 100,
+        anomalies: 0,
+        rows: (0..40).map(|i| vec![i as f64, 2.0 * i as f64]).collect(),
+    })
+}
+
+/// Training samples live in their own lanes, go before any summary when space is short, and never
+/// take more than their share of the budget; their lane's seqs stay unique across reopen.
+#[test]
+fn training_samples_are_evicted_first_and_bounded_to_their_share() {
+    use edgewatch_models::wire::{lane_id, LaneKind};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ob = Outbox::open(dir.path(), UNBOUNDED).unwrap();
+    let lane = lane_id(0, LaneKind::Training).unwrap();
+    for i in 0..4 {
+        ob.append(0, summary("a", i * 20_000)).unwrap();
+        ob.append(lane, training("a", i * 3_600_000)).unwrap();
+    }
+    assert_eq!(seqs(&ob, lane), vec![1, 2, 3, 4]);
+    assert_eq!(seqs(&ob, 0), vec![1, 2, 3, 4]);
+    // Short of space: samples go, oldest first, and no summary.
+    ob.cfg.max_outbox_bytes = ob.bytes() - 1;
+    ob.reclaim().unwrap();
+    assert_eq!(ob.stats().evicted, 0);
+    assert!(ob.stats().training_evicted >= 1);
+    let left = seqs(&ob, lane);
+    assert_eq!(left.last(), Some(&4), "the newest sample stays");
+    assert_eq!(left.len() as u64, 4 - ob.stats().training_evicted);
+    assert_eq!(seqs(&ob, 0).len(), 4);
+    // Over their share (10 % of the budget): the oldest go at the next append, whatever the rest.
+    let one = ob.bytes() / 8;
+    ob.cfg.max_outbox_bytes = one * 100;
+    let before = ob.stats().training_evicted;
+    for i in 4..40 {
+        ob.append(lane, training("a", i * 3_600_000)).unwrap();
+    }
+    assert!(
+        ob.training_bytes <= ob.training_budget(),
+        "{} > {}",
+        ob.training_bytes,
+        ob.training_budget()
+    );
+    assert!(ob.stats().training_evicted > before);
+    assert_eq!(seqs(&ob, 0).len(), 4, "summaries untouched");
+    drop(ob);
+    let mut ob = Outbox::open(dir.path(), UNBOUNDED).unwrap();
+    assert_eq!(
+        ob.append(lane, training("a", 0)).unwrap(),
+        41,
+        "no seq reused"
+    );
+    // A sample holding a non-finite value is refused like any record.
+    let Record::Training(mut bad) = training("a", 0) else {
+        unreachable!()
+    };
+    bad.rows[3][1] = f64::NAN;
+    let err = ob.append(lane, Record::Training(bad)).unwrap_err();
+    assert!(err.to_string().contains("rows"), "{err}");
+}
+
 #[test]
 fn corrupt_value_is_reported_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -574,6 +640,7 @@ proptest! {
                     match &record {
                         Record::Summary(s) => readings += s.count,
                         Record::Anomaly(_) => anomalies.entry(lane).or_default().push(record.clone()),
+                        Record::Training(_) => {}
                     }
                     o.append(lane, record).unwrap();
                 }

@@ -32,7 +32,10 @@ pub use sender::{LanePlan, LaneSender, LaneState, SenderSettings, MAX_ACK_TIMEOU
 use crate::outbox::{Outbox, OutboxError, OutboxStats, Record};
 use crate::pipeline::Output;
 use crate::telemetry::{AckRefusal, AgentMetrics, LogLimit};
-use edgewatch_models::wire::{AckBatch, AnomalyEvent, Batch, Sequenced, Topics, WindowSummary};
+use edgewatch_models::wire::{
+    lane_id, split_lane, AckBatch, AnomalyEvent, Batch, LaneKind, Sequenced, Topics,
+    TrainingSample, WindowSummary,
+};
 use rumqttc::{AsyncClient, QoS};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -211,6 +214,13 @@ impl Uplink {
                     self.urgent = true;
                     (partition, Record::Anomaly(event))
                 }
+                Output::Training { partition, sample } => {
+                    // Partitions are validated far below the bit at start.
+                    let Some(lane) = lane_id(partition, LaneKind::Training) else {
+                        continue;
+                    };
+                    (lane, Record::Training(sample))
+                }
             };
             match self.outbox.append(partition, record.clone()) {
                 Ok(seq) => {
@@ -259,12 +269,16 @@ impl Uplink {
                         self.refuse(AckRefusal::Epoch, &batch.owner, &ack, &why);
                         continue;
                     }
-                    let before = self.outbox.acked_seq(ack.partition);
-                    match self.outbox.ack(ack.partition, ack.upto_seq) {
+                    let Some(lane) = lane_id(ack.partition, ack.lane) else {
+                        let why = format!("partition {} is out of range", ack.partition);
+                        self.refuse(AckRefusal::Unsent, &batch.owner, &ack, &why);
+                        continue;
+                    };
+                    let before = self.outbox.acked_seq(lane);
+                    match self.outbox.ack(lane, ack.upto_seq) {
                         Ok(_) if ack.upto_seq > before => {
                             self.last_ack = Instant::now();
-                            self.sender
-                                .on_ack(self.last_ack, ack.partition, ack.upto_seq);
+                            self.sender.on_ack(self.last_ack, lane, ack.upto_seq);
                         }
                         Ok(_) => {}
                         Err(e @ OutboxError::AckAhead { .. }) => {
@@ -401,26 +415,49 @@ impl Uplink {
     }
 
     /// Publishes a lane's records of this round (events in one batch, summaries in batches of
-    /// `batch_max_records`). If the client refuses one (its request queue is full, e.g. the link
-    /// just dropped), the lane's cursor goes back before this round's records, so a later round
-    /// sends them again (replays are idempotent at the owner).
-    fn publish_lane(&mut self, client: &AsyncClient, p: u32, records: Vec<(u64, u64, Record)>) {
+    /// `batch_max_records`, training samples one per message: they are large). If the client
+    /// refuses one (its request queue is full, e.g. the link just dropped), the lane's cursor goes
+    /// back before this round's records, so a later round sends them again (replays are idempotent
+    /// at the owner).
+    fn publish_lane(&mut self, client: &AsyncClient, lane: u32, records: Vec<(u64, u64, Record)>) {
         let Some(lowest) = records.first().map(|r| r.0) else {
             return;
         };
-        let acked = self.outbox.acked_seq(p);
+        let acked = self.outbox.acked_seq(lane);
         let epoch = self.outbox.epoch();
+        let (p, _) = split_lane(lane);
         let mut summaries: Vec<Sequenced<WindowSummary>> = Vec::new();
         let mut events: Vec<Sequenced<AnomalyEvent>> = Vec::new();
+        let mut samples: Vec<Sequenced<TrainingSample>> = Vec::new();
         for (seq, prev, rec) in records {
             let prev = (prev + 1 != seq).then_some(prev);
             match rec {
                 Record::Summary(item) => summaries.push(Sequenced { seq, prev, item }),
                 Record::Anomaly(item) => events.push(Sequenced { seq, prev, item }),
+                Record::Training(item) => samples.push(Sequenced { seq, prev, item }),
             }
         }
         let mut ok = true;
-        if !events.is_empty() {
+        for sample in samples {
+            if !ok {
+                break;
+            }
+            let batch = Batch {
+                agent: self.s.agent.clone(),
+                partition: p,
+                records: vec![sample],
+                acked,
+                epoch,
+            };
+            let topic = self.s.topics.samples(p, &self.s.agent);
+            ok = self.publish(client, topic, &batch);
+            if ok {
+                self.metrics
+                    .training_samples_published_total
+                    .fetch_add(1, Relaxed);
+            }
+        }
+        if ok && !events.is_empty() {
             let n = events.len() as u64;
             let batch = Batch {
                 agent: self.s.agent.clone(),
@@ -454,7 +491,7 @@ impl Uplink {
             rest = tail;
         }
         if !ok {
-            self.sender.rewind(p, lowest, acked);
+            self.sender.rewind(lane, lowest, acked);
         }
     }
 
@@ -550,6 +587,8 @@ impl Uplink {
             .store(st.evicted_readings, Relaxed);
         m.outbox_over_budget_total.store(st.over_budget, Relaxed);
         m.outbox_acked_total.store(st.acked, Relaxed);
+        m.outbox_training_evicted_total
+            .store(st.training_evicted, Relaxed);
     }
 }
 
@@ -643,6 +682,66 @@ mod tests {
         assert_eq!(up.metrics.outbox_acked_total.load(Relaxed), 4);
     }
 
+    /// A training sample goes into its partition's training lane, is published on the training
+    /// topic, and only an ack naming that lane deletes it.
+    #[tokio::test]
+    async fn training_samples_have_their_own_lane_and_acks() {
+        let mut up = uplink();
+        let (client, _eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 100);
+        up.on_note(LinkNote::Up);
+        let sample = TrainingSample {
+            device: "d".into(),
+            features: vec!["a".into(), "b".into()],
+            from_ms: 0,
+            to_ms: 60_000,
+            seen: 3,
+            anomalies: 0,
+            rows: vec![vec![1.0, 2.0], vec![3.0, 4.0]],
+        };
+        let Record::Summary(summary) = summary(0) else {
+            unreachable!()
+        };
+        up.append(vec![
+            Output::Summary {
+                partition: 3,
+                summary,
+            },
+            Output::Training {
+                partition: 3,
+                sample,
+            },
+        ]);
+        assert!(up.round(&client).await);
+        assert_eq!(up.metrics.training_samples_published_total.load(Relaxed), 1);
+        assert_eq!(up.metrics.summaries_published_total.load(Relaxed), 1);
+        let lane = lane_id(3, LaneKind::Training).unwrap();
+        assert_eq!((up.outbox.len(3), up.outbox.len(lane)), (1, 1));
+        let epoch = up.outbox.epoch();
+        // The main lane's ack leaves the sample alone, and the other way round.
+        up.on_note(acks(&[(3, 1, epoch)]));
+        assert_eq!((up.outbox.len(3), up.outbox.len(lane)), (0, 1));
+        let mut training_ack = AckBatch {
+            owner: "o".into(),
+            acks: vec![Ack {
+                partition: 3,
+                upto_seq: 1,
+                epoch,
+                lane: LaneKind::Training,
+            }],
+        };
+        // A partition with the lane bit set is out of range, never an alias of a lane.
+        training_ack.acks.push(Ack {
+            partition: 3 | LaneKind::TRAINING_BIT,
+            upto_seq: 1,
+            epoch,
+            lane: LaneKind::Main,
+        });
+        up.on_note(LinkNote::Acks(training_ack));
+        assert_eq!(up.outbox.len(lane), 0);
+        assert_eq!(AckRefusal::Unsent.count(&up.metrics), 1);
+    }
+
     /// The shell under tokio's paused clock: what the sender decides reaches the client.
     #[tokio::test(start_paused = true)]
     async fn an_unacknowledged_lane_is_resent_from_its_ack_after_the_timeout() {
@@ -657,7 +756,7 @@ mod tests {
                     partition: 3,
                     summary,
                 },
-                Record::Anomaly(_) => unreachable!(),
+                _ => unreachable!(),
             })
             .collect();
         up.append(outputs);

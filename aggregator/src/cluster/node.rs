@@ -537,6 +537,8 @@ impl Loop {
                 let _ = done.send(ok);
             }
             Input::Control(Control::Lost { partition }) => self.drop_partition(partition, store),
+            // Training is refused in cluster mode: no fit task sends models here.
+            Input::Fitted(_) => {}
         }
     }
 

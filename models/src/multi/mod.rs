@@ -124,7 +124,7 @@ mod tests {
                 .map(|s| trainer.add("agent-1", "a,b,c", s)),
         );
         assert_eq!(added, vec![Added::Kept; 4]);
-        let jobs = trainer.due(0);
+        let jobs = trainer.due(0, usize::MAX);
         assert_eq!((jobs.len(), jobs[0].rows.len()), (1, 4 * 256 * 3));
         let model = jobs[0].fit().unwrap();
         model.validate().unwrap();

@@ -288,8 +288,9 @@ impl Trainer {
     /// A due device with less gets a class job when its class (same class key and features) holds
     /// rows of at least `class_min_devices` devices and `min_rows` rows in total: the rows of all
     /// those devices (device name order, oldest sample first), thinned to every k-th row to stay
-    /// within `max_rows`. Other devices wait for data.
-    pub fn due(&mut self, now_ms: i64) -> Vec<FitJob> {
+    /// within `max_rows`. Other devices wait for data. At most `max_jobs` jobs are handed out
+    /// (each holds a copy of its rows): call again for the rest.
+    pub fn due(&mut self, now_ms: i64, max_jobs: usize) -> Vec<FitJob> {
         let cfg = &self.cfg;
         let is_due = |s: &DeviceSet| match s.last_fit_ms {
             None => true,
@@ -304,6 +305,9 @@ impl Trainer {
         }
         let mut jobs = Vec::new();
         for s in self.sets.values().filter(|s| is_due(s)) {
+            if jobs.len() >= max_jobs {
+                break;
+            }
             let own = s.rows >= cfg.min_rows && s.samples.len() >= cfg.min_samples;
             let members: &[&DeviceSet] = match classes.get(&(&s.class, &s.features)) {
                 _ if own => &[s],
@@ -502,9 +506,12 @@ mod tests {
         let mut t = trainer(100, 60, 3);
         t.add("a1", "c", sample("pump", 0, 30));
         t.add("a1", "c", sample("pump", 1, 30));
-        assert!(t.due(0).is_empty(), "2 samples < min_samples, no class");
+        assert!(
+            t.due(0, usize::MAX).is_empty(),
+            "2 samples < min_samples, no class"
+        );
         t.add("a1", "c", sample("pump", 2, 30));
-        let mut jobs = t.due(10 * HOUR);
+        let mut jobs = t.due(10 * HOUR, usize::MAX);
         assert_eq!(jobs.len(), 1);
         let job = jobs.pop().unwrap();
         assert_eq!(
@@ -517,18 +524,21 @@ mod tests {
         model.check_compatible(&job.features).unwrap();
         assert_eq!((&*model.key, model.version, model.samples), ("pump", 1, 90));
         assert_eq!((model.trained_from_ms, model.trained_to_ms), (0, 3 * HOUR));
-        assert!(t.due(10 * HOUR).is_empty(), "handed out once");
+        assert!(t.due(10 * HOUR, usize::MAX).is_empty(), "handed out once");
         t.fitted("pump", job.version);
-        assert!(t.due(30 * HOUR).is_empty(), "no new rows");
+        assert!(t.due(30 * HOUR, usize::MAX).is_empty(), "no new rows");
         t.add("a1", "c", sample("pump", 3, 10));
-        assert!(t.due(16 * HOUR - 1).is_empty(), "interval not over");
-        let again = t.due(16 * HOUR);
+        assert!(
+            t.due(16 * HOUR - 1, usize::MAX).is_empty(),
+            "interval not over"
+        );
+        let again = t.due(16 * HOUR, usize::MAX);
         assert_eq!((again.len(), again[0].rows.len()), (1, 300));
         assert_eq!(again[0].fit().unwrap().version, 2);
         // A failed fit is retried after the interval, not before, even without new rows.
         t.failed("pump", 16 * HOUR);
-        assert!(t.due(22 * HOUR - 1).is_empty());
-        assert_eq!(t.due(22 * HOUR)[0].version, 2);
+        assert!(t.due(22 * HOUR - 1, usize::MAX).is_empty());
+        assert_eq!(t.due(22 * HOUR, usize::MAX)[0].version, 2);
         let empty = FitJob {
             rows: vec![],
             ..job
@@ -545,7 +555,10 @@ mod tests {
         }
         t.add("a3", "pumps", sample("pump-3", 0, 10));
         t.add("a3", "fans", sample("fan", 0, 10));
-        let jobs = t.due(0);
+        // Jobs hold copies of their rows: handed out at most `max_jobs` at a time.
+        let mut jobs = t.due(0, 2);
+        assert_eq!(jobs.len(), 2);
+        jobs.extend(t.due(0, usize::MAX));
         // pump-1 and -2 have their own data; pump-3 borrows its class's; the fan has neither.
         let who: Vec<_> = jobs
             .iter()
@@ -561,7 +574,7 @@ mod tests {
         let model = class.fit().unwrap();
         model.validate().unwrap();
         assert_eq!((&*model.key, model.version), ("pump-3", 1));
-        assert!(t.due(0).is_empty());
+        assert!(t.due(0, usize::MAX).is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! Exit codes (set by `main`): 0 everything matched (or only loss within `--tolerate-loss`),
 //! 1 mismatches, 2 usage or I/O errors.
 
-mod fetch;
+pub(crate) mod fetch;
 pub mod reconcile;
 
 use clap::Args;
