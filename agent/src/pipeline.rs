@@ -759,8 +759,12 @@ impl Table {
                 event: silence_event(p, series, change, r.ts_ms, EventPhase::Recovery),
             });
         }
-        if series.gate.update(score) {
+        let onset = series.gate.update(score);
+        if !series.gate.armed() {
+            // An episode in progress (not only its onset): the training period is left out.
             multi.note_anomaly(device, r.ts_ms);
+        }
+        if onset {
             metrics.anomalies_total.fetch_add(1, Relaxed);
             outputs.push(Output::Anomaly {
                 partition,
@@ -794,7 +798,6 @@ impl Table {
                 window_start_ms,
                 agent: p.agent.to_string(),
             };
-            multi.note_anomaly(device, r.ts_ms);
             outputs.push(Output::Anomaly { partition, event });
         }
         if let Some((partition, sample)) = multi.sample(device, metric, partition, r.ts_ms, r.value)

@@ -260,7 +260,14 @@ impl DeviceModels {
             return None;
         }
         let s = r.scorer.score(&r.model, r.aligner.vector());
-        if !r.gate.update(s.score) {
+        let onset = r.gate.update(s.score);
+        if !r.gate.armed() {
+            // The whole episode, not only its onset, is left out of training.
+            if let Some(sampling) = &mut self.sampling {
+                sampling.note_anomaly(device, ts_ms);
+            }
+        }
+        if !onset {
             return None;
         }
         Some(Hit {
