@@ -78,6 +78,10 @@ pub struct TrainingConfig {
     /// Devices with a training set; samples of further devices are refused (counted).
     #[serde(default = "default_max_devices")]
     pub max_devices: usize,
+    /// Values (rows × metrics, 8 bytes each) in all training sets together: the memory bound
+    /// (50 M: 400 MB). Samples beyond it are refused (counted) and acknowledged.
+    #[serde(default = "default_training_max_values")]
+    pub max_values: usize,
 }
 
 impl Default for TrainingConfig {
@@ -91,8 +95,13 @@ impl Default for TrainingConfig {
             refit_interval_ms: default_training_refit_ms(),
             class_min_devices: default_training_class_devices(),
             max_devices: default_max_devices(),
+            max_values: default_training_max_values(),
         }
     }
+}
+
+fn default_training_max_values() -> usize {
+    50_000_000
 }
 
 impl TrainingConfig {
@@ -105,6 +114,7 @@ impl TrainingConfig {
             refit_interval_ms: self.refit_interval_ms,
             class_min_devices: self.class_min_devices,
             max_devices: self.max_devices,
+            max_values: self.max_values,
         }
     }
 

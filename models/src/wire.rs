@@ -325,7 +325,8 @@ pub struct TrainingSample {
 impl TrainingSample {
     /// Whether this sample can be real; `Err` names the first field that cannot: 1 to
     /// [`MAX_TRAINING_FEATURES`] distinct non-empty features, `from_ms < to_ms`, 1 to
-    /// [`MAX_TRAINING_ROWS`] rows, no more than `seen`, each as long as `features`, all finite.
+    /// [`MAX_TRAINING_ROWS`] rows, no more than `seen`, each as long as `features`, all finite and
+    /// within [`crate::stats::MAX_ABS_VALUE`] (what the agent admits as a reading).
     pub fn check(&self) -> Result<(), String> {
         if self.device.is_empty() {
             return Err("device must not be empty".into());
@@ -369,8 +370,12 @@ impl TrainingSample {
                     row.len()
                 ));
             }
-            if let Some(j) = row.iter().position(|v| !v.is_finite()) {
-                return Err(format!("rows[{i}][{j}] must be finite, got {}", row[j]));
+            if let Some(j) = row.iter().position(|v| !crate::stats::in_range(*v)) {
+                return Err(format!(
+                    "rows[{i}][{j}] must be finite and at most {:e} in magnitude (as readings are), got {}",
+                    crate::stats::MAX_ABS_VALUE,
+                    row[j]
+                ));
             }
         }
         Ok(())

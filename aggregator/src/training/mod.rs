@@ -265,7 +265,10 @@ impl Training {
 
     /// Prometheus lines of the training counters and gauges.
     pub(crate) fn render(&self, id: &str, out: &mut String) {
-        let sets = self.trainer().len() as u64;
+        let (sets, values) = {
+            let t = self.trainer();
+            (t.len() as u64, t.values() as u64)
+        };
         let models = self.models().len() as u64;
         for (name, kind, v) in [
             (
@@ -299,6 +302,7 @@ impl Training {
                 self.published_total.load(Relaxed),
             ),
             ("edgewatch_training_devices", "gauge", sets),
+            ("edgewatch_training_values", "gauge", values),
             ("edgewatch_training_models", "gauge", models),
         ] {
             let _ = writeln!(

@@ -25,6 +25,9 @@ pub struct TrainConfig {
     pub class_min_devices: usize,
     /// Most devices with a training set (≥ 1); samples of further devices are refused.
     pub max_devices: usize,
+    /// Most values (rows × features, 8 bytes each) in all sets together (≥ `max_rows`): the
+    /// memory bound. A sample that would pass it is refused (its device keeps what it has).
+    pub max_values: usize,
 }
 
 impl Default for TrainConfig {
@@ -36,6 +39,7 @@ impl Default for TrainConfig {
             refit_interval_ms: 21_600_000,
             class_min_devices: 2,
             max_devices: 100_000,
+            max_values: 50_000_000,
         }
     }
 }
@@ -52,6 +56,10 @@ impl TrainConfig {
         if self.max_rows < self.min_rows {
             let rule = format!(">= min_rows ({})", self.min_rows);
             return fail("max_rows", rule, &self.max_rows);
+        }
+        if self.max_values < self.max_rows {
+            let rule = format!(">= max_rows ({})", self.max_rows);
+            return fail("max_values", rule, &self.max_values);
         }
         if self.refit_interval_ms <= 0 {
             return fail("refit_interval_ms", "> 0".into(), &self.refit_interval_ms);
@@ -129,6 +137,8 @@ pub enum Added {
 pub struct Trainer {
     cfg: TrainConfig,
     sets: BTreeMap<String, DeviceSet>,
+    /// Values (rows × features) in all sets.
+    values: usize,
 }
 
 /// Devices of each class (class key and features) in [`Trainer::due`]: those with rows, and their rows.
@@ -177,13 +187,22 @@ impl Trainer {
         Self {
             cfg,
             sets: BTreeMap::new(),
+            values: 0,
         }
     }
 
     /// Puts back a set read from the store at start (replacing any set of the same device); restored
     /// sets are never refused, even beyond `max_devices`.
     pub fn restore(&mut self, set: DeviceSet) {
-        self.sets.insert(set.device.clone(), set);
+        self.values += set.rows * set.features.len();
+        if let Some(old) = self.sets.insert(set.device.clone(), set) {
+            self.values -= old.rows * old.features.len();
+        }
+    }
+
+    /// Values (rows × features) held in all sets: what [`TrainConfig::max_values`] bounds.
+    pub fn values(&self) -> usize {
+        self.values
     }
 
     /// Adds `sample` from `agent` to its device's set; `class` is the device's class key, computed
@@ -198,6 +217,23 @@ impl Trainer {
                 self.cfg.max_devices, sample.device
             ));
         }
+        let incoming = sample.rows.len() * sample.features.len();
+        if sample.anomalies == 0 && self.values + incoming > self.cfg.max_values {
+            return Added::Refused(format!(
+                "max_values ({}) reached: {} values held, the sample of device {:?} brings {incoming}",
+                self.cfg.max_values, self.values, sample.device
+            ));
+        }
+        let device = sample.device.clone();
+        let held = |t: &Self| t.sets.get(&device).map_or(0, |s| s.rows * s.features.len());
+        let before = held(self);
+        let added = self.insert(agent, class, sample);
+        self.values = self.values - before + held(self);
+        added
+    }
+
+    /// [`Trainer::add`] once the sample passed its checks and bounds.
+    fn insert(&mut self, agent: &str, class: &str, sample: TrainingSample) -> Added {
         let set = self
             .sets
             .entry(sample.device.clone())
@@ -382,6 +418,7 @@ mod tests {
             refit_interval_ms,
             class_min_devices,
             max_devices,
+            max_values: usize::MAX,
         };
         cfg.check().unwrap();
         Trainer::new(cfg)
@@ -575,6 +612,34 @@ mod tests {
         model.validate().unwrap();
         assert_eq!((&*model.key, model.version), ("pump-3", 1));
         assert!(t.due(0, usize::MAX).is_empty());
+    }
+
+    /// The memory bound holds over all devices, counts what restores bring, and a refused
+    /// sample leaves its device's set as it was.
+    #[test]
+    fn the_values_of_all_sets_stay_within_max_values() {
+        let mut t = trainer(100, 60, 10);
+        t.cfg.max_values = 3 * 30 * 3 + 10;
+        for p in 0..3 {
+            assert_eq!(t.add("a", "c", sample("d1", p, 30)), Added::Kept);
+        }
+        assert_eq!(t.values(), 270);
+        assert!(
+            matches!(t.add("a", "c", sample("d2", 0, 30)), Added::Refused(e) if e.contains("max_values"))
+        );
+        assert!(t.get("d2").is_none());
+        assert_eq!(t.values(), 270);
+        // Trimming to max_rows frees values: d1's oldest sample goes, so a new one fits.
+        t.cfg.max_rows = 60;
+        assert_eq!(t.add("a", "c", sample("d1", 3, 3)), Added::Kept);
+        assert_eq!(t.values(), t.get("d1").unwrap().rows * 3);
+        let mut other = trainer(100, 60, 10);
+        other.restore(t.get("d1").unwrap().clone());
+        assert_eq!(other.values(), t.values());
+        // Forged magnitudes no agent would send are refused like any bad sample.
+        let mut huge = sample("d3", 0, 5);
+        huge.rows[2][1] = 1e200;
+        assert!(matches!(t.add("a", "c", huge), Added::Refused(e) if e.contains("rows[2][1]")));
     }
 
     #[test]
