@@ -171,6 +171,11 @@ impl Runner {
         self.outcomes_n(label, 1);
     }
 
+    /// Outcomes counted under `label` so far.
+    pub fn count(&self, label: &str) -> u64 {
+        self.outcomes.get(label).copied().unwrap_or(0)
+    }
+
     /// Counts `n` outcomes under `label`.
     pub fn outcomes_n(&mut self, label: &str, n: u64) {
         *self.outcomes.entry(label.to_string()).or_default() += n;

@@ -43,6 +43,9 @@ window: { size_ms: 1000, allowed_lateness_ms: 500, idle_timeout_ms: 3000 }
 detector: { type: zscore, window: 20, warmup: 5 }
 anomaly: { threshold: 0.5 }
 pipeline: { max_payload_bytes: 2048, max_series: 64 }
+# Device models on, so the training sampler sees the hostile input too (and its samples are checked
+# as the aggregator checks them).
+models: { enabled: true, training: { period_ms: 2000, samples: 8, min_rows: 2, max_devices: 16 } }
 "#;
 
 /// Series kept per pipeline for `configs/agent.yaml` (its own 100,000 would hold gigabytes of
@@ -435,6 +438,10 @@ fn emitted(runner: &mut Runner, lane: &Lane) {
     runner.outcomes_n("emitted:anomalies", m.anomalies_total.load(Relaxed));
     runner.outcomes_n("late_readings", m.late_readings_total.load(Relaxed));
     runner.outcomes_n("corrections", m.corrections_total.load(Relaxed));
+    runner.outcomes_n(
+        "emitted:training_samples",
+        m.training_samples_total.load(Relaxed),
+    );
 }
 
 fn describe(setup: &Setup, msg: &Message) -> String {
@@ -571,6 +578,11 @@ pub fn run() {
         );
         emitted(&mut runner, lane);
     }
+    // The fuzz agent samples for training: its samples were all checked above, so some must exist.
+    assert!(
+        runner.count("emitted:training_samples") > 0,
+        "the fuzz made no training sample: the sampler was not exercised"
+    );
     runner.finish();
 }
 
