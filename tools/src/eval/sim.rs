@@ -62,6 +62,11 @@ pub struct EvalSimArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Score nothing: write the simulated fleet under this folder as CSV for `eval csv`, one file per
+    /// device (`<device>.csv`: timestamp in ms, one column per metric, 0/1 label), over
+    /// `--duration-ms` (default: the config's duration_ms, else 6 h) with the config's anomalies.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["train_ms", "detector", "threshold", "tolerance_ms", "json"])]
+    pub write_csv: Option<PathBuf>,
 }
 
 /// One column of the side-by-side report.
@@ -106,6 +111,9 @@ pub struct SimRun {
 
 /// Runs `edgewatch eval sim`.
 pub fn run_sim(args: EvalSimArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.write_csv {
+        return write_csv(&args, dir);
+    }
     let run = evaluate_sim(&args)?;
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -113,6 +121,46 @@ pub fn run_sim(args: EvalSimArgs) -> anyhow::Result<()> {
     } else {
         write!(out, "{}", run.render())?;
     }
+    Ok(())
+}
+
+/// `--write-csv`: the simulated fleet as one CSV file per device under `dir`
+/// (`edgewatch_simulators::write_fleet_csv`).
+fn write_csv(args: &EvalSimArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    let cfg: SimulatorConfig = match &args.config {
+        Some(path) => crate::config::load(path)?,
+        None => SimulatorConfig::default(),
+    };
+    let duration_ms = args
+        .duration_ms
+        .or(cfg.duration_ms)
+        .unwrap_or(DEFAULT_DURATION_MS);
+    let start_ms = cfg.start_ms.unwrap_or(DEFAULT_START_MS);
+    let end_ms = start_ms.saturating_add(i64::try_from(duration_ms).unwrap_or(i64::MAX));
+    let mut fleet = Fleet::new(&cfg, start_ms).context("simulator")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let mut writers = fleet
+        .devices()
+        .iter()
+        .map(|d| {
+            let path = dir.join(format!("{d}.csv"));
+            let file = std::fs::File::create(&path)
+                .with_context(|| format!("{}: cannot create", path.display()))?;
+            Ok(std::io::BufWriter::with_capacity(1 << 16, file))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    edgewatch_simulators::write_fleet_csv(&mut fleet, end_ms, &mut writers)?;
+    for w in writers {
+        w.into_inner().map_err(|e| e.into_error())?;
+    }
+    let labels = fleet.ground_truth().len() + fleet.in_progress().len();
+    println!(
+        "wrote {} devices x {} metrics over {} s to {} ({labels} labelled anomalies)",
+        fleet.devices().len(),
+        fleet.metrics().len(),
+        duration_ms / 1000,
+        dir.display()
+    );
     Ok(())
 }
 
