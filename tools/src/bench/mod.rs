@@ -470,7 +470,7 @@ fn pipeline_run(
     pipeline_run_with(detector, data, models, |_| Ok(()))
 }
 
-/// [`pipeline_run`], then `after(pipeline)` (untimed) before the checks.
+/// [`pipeline_run`], then `after` on the pipeline (untimed, once the readings are checked).
 fn pipeline_run_with(
     detector: DetectorConfig,
     data: &[(String, Vec<u8>)],
