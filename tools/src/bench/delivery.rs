@@ -152,7 +152,7 @@ pub(super) async fn drain(readings: usize, rate: u64, base: &Path) -> anyhow::Re
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // One reading per series every 10 s of event time: a 60 s window closes every 6 readings.
-    let data = workload(readings, 1_000, 10_000)?;
+    let data = workload(readings, 1_000, 10_000)?.readings;
     let built = Instant::now();
     publish_paced(&publisher(&source, "bench-drain-pub"), &data, &m).await?;
     let produced = || m.windows_total.load(Relaxed) + m.anomalies_total.load(Relaxed);
@@ -214,7 +214,7 @@ pub(super) async fn restart(series: usize, per_series: usize, base: &Path) -> an
     let mut cfg = AgentConfig::with_id("bench-restart");
     cfg.source.mqtt.port = b.addr().port();
     cfg.state.dir = Some(scratch.0.join("agent"));
-    let data = workload(series * per_series, series, 1000)?;
+    let data = workload(series * per_series, series, 1000)?.readings;
 
     let (m, stop_agent, agent) = spawn_agent(cfg.clone())?;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -13,10 +13,12 @@ mod delivery;
 use crate::broker::{BrokerConfig, EmbeddedBroker};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use edgewatch_agent::pipeline::Pipeline;
+use edgewatch_agent::pipeline::{Output, Pipeline};
 use edgewatch_agent::{Agent, AgentConfig, AgentMetrics};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
 use edgewatch_models::detect::DetectorConfig;
+use edgewatch_models::multi::{Aligner, FitOptions, PcaModel};
+use edgewatch_models::wire::model_key;
 use edgewatch_simulators::{Fleet, SimulatorConfig};
 use futures_util::StreamExt;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -236,6 +238,8 @@ fn pipeline_section(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         args.detector.iter().cloned().map(Some).collect()
     };
+    // One workload for every run, so the figures compare the same readings of the same series.
+    let data = workload(args.readings, args.series, 1000)?;
     for preset in presets {
         let detector = match &preset {
             None => DetectorConfig::default(),
@@ -246,12 +250,34 @@ fn pipeline_section(args: &BenchArgs) -> anyhow::Result<()> {
                 )
             })?,
         };
-        let label = preset.unwrap_or_else(|| "default".into());
-        let (rate, windows) = pipeline_throughput(detector, args.readings, args.series)?;
+        let label = preset.clone().unwrap_or_else(|| "default".into());
+        let run = pipeline_run(detector.clone(), &data.readings, &[])?;
         println!(
-            "in-process pipeline [{label}]: {:>12.0} readings/s on one core (JSON payload -> score -> window; {} readings, {} series, {windows} windows)",
-            rate, args.readings, args.series
+            "in-process pipeline [{label}]: {:>12.0} readings/s on one core (JSON payload -> score -> window; {} readings, {} series, {} windows; load average {})",
+            run.rate,
+            args.readings,
+            data.series,
+            run.windows,
+            load_average()
         );
+        if preset.is_none() {
+            // The same readings with a PCA model per device (`models.enabled`), fitted beforehand.
+            let with = pipeline_with_models_on(detector, &data, args.series)?;
+            println!(
+                "in-process pipeline [{label} + models]: {:>12.0} readings/s on one core (JSON payload -> score -> window + device model; {} readings, {} series, {} devices of {} metrics, {} device models, {} pca events + {} of {} on the probe; load average {}) — {:.1} % of without",
+                with.run.rate,
+                args.readings,
+                data.series,
+                data.devices.len(),
+                data.metrics.len(),
+                with.models_loaded,
+                with.run.pca_events,
+                with.probe_events,
+                data.devices.len(),
+                load_average(),
+                with.run.rate / run.rate * 100.0
+            );
+        }
     }
     Ok(())
 }
@@ -361,53 +387,126 @@ fn load_average() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Pre-serialised (topic, payload) pairs from the simulator's generator, one reading per series
-/// every `interval_ms` of event time.
-fn workload(
-    readings: usize,
+/// The pipeline section's readings: pre-serialised (topic, payload) pairs and what they cover.
+struct Workload {
+    /// (topic, JSON payload) per reading, in publish order.
+    readings: Vec<(String, Vec<u8>)>,
+    /// The simulated devices (each publishes every metric).
+    devices: Vec<Arc<str>>,
+    /// The metrics of every device (the simulator's default pump: 4).
+    metrics: Vec<String>,
+    /// Distinct series among the readings.
     series: usize,
-    interval_ms: u64,
-) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    /// Event time of the workload's first step, ms.
+    start_ms: i64,
+    /// Event time of its last reading, ms.
+    end_ms: i64,
+}
+
+/// Event time of the pipeline workload's first step (2026-01-01 00:00 UTC).
+const WORKLOAD_START_MS: i64 = 1_767_225_600_000;
+
+/// The simulator fleet of `series` series: the default pump (4 correlated metrics per device, driven
+/// by a hidden load), `series / 4` devices (rounded up), seed 1.
+fn workload_fleet(series: usize, interval_ms: u64) -> SimulatorConfig {
     let mut sim = SimulatorConfig::default();
     let metrics = sim.metrics.len();
     sim.devices = series.div_ceil(metrics).max(1);
     sim.seed = 1;
     sim.interval_ms = interval_ms;
-    let mut fleet = Fleet::new(&sim, 1_767_225_600_000)?;
+    sim
+}
+
+/// Pre-serialised (topic, payload) pairs from the simulator's generator, one reading per series
+/// every `interval_ms` of event time.
+fn workload(readings: usize, series: usize, interval_ms: u64) -> anyhow::Result<Workload> {
+    let sim = workload_fleet(series, interval_ms);
+    let mut fleet = Fleet::new(&sim, WORKLOAD_START_MS)?;
     let mut out = Vec::with_capacity(readings);
     let mut step = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut end_ms = WORKLOAD_START_MS;
     while out.len() < readings {
         step.clear();
         fleet.step(&mut step);
-        for r in &step {
+        for r in step.iter().take(readings - out.len()) {
             let mut payload = Vec::with_capacity(48);
             edgewatch_simulators::payload(r, &mut payload);
+            if seen.len() < fleet.series() {
+                seen.insert((r.device.clone(), r.metric.clone()));
+            }
+            end_ms = end_ms.max(r.ts_ms);
             out.push((format!("sensors/{}/{}", r.device, r.metric), payload));
         }
     }
-    out.truncate(readings);
-    Ok(out)
+    Ok(Workload {
+        readings: out,
+        devices: fleet.devices(),
+        metrics: fleet.metrics().iter().map(|m| m.to_string()).collect(),
+        series: seen.len(),
+        start_ms: WORKLOAD_START_MS,
+        end_ms,
+    })
 }
 
-fn pipeline_throughput(
+/// Figures of one timed pass of a workload through a [`Pipeline`].
+struct PipelineRun {
+    /// Readings per second of wall time.
+    rate: f64,
+    /// Windows closed.
+    windows: u64,
+    /// `pca` events (device models) among the outputs.
+    pca_events: u64,
+}
+
+/// Replays `data` through a fresh pipeline with `detector`, after offering it `models` (key, PcaModel
+/// JSON; none: univariate only) outside the timed part; fails unless every reading was taken and
+/// every model loaded.
+fn pipeline_run(
     detector: DetectorConfig,
-    readings: usize,
-    series: usize,
-) -> anyhow::Result<(f64, u64)> {
-    let data = workload(readings, series, 1000)?;
+    data: &[(String, Vec<u8>)],
+    models: &[(String, Vec<u8>)],
+) -> anyhow::Result<PipelineRun> {
+    pipeline_run_with(detector, data, models, |_| Ok(()))
+}
+
+/// [`pipeline_run`], then `after` on the pipeline (untimed, once the readings are checked).
+fn pipeline_run_with(
+    detector: DetectorConfig,
+    data: &[(String, Vec<u8>)],
+    models: &[(String, Vec<u8>)],
+    after: impl FnOnce(&mut Pipeline) -> anyhow::Result<()>,
+) -> anyhow::Result<PipelineRun> {
+    let readings = data.len();
     let mut cfg = AgentConfig::with_id("bench");
     cfg.detector = detector;
+    cfg.models.enabled = !models.is_empty();
     let metrics = Arc::new(AgentMetrics::default());
     let mut pipeline = Pipeline::new(&cfg, metrics.clone())?;
+    for (key, payload) in models {
+        pipeline
+            .offer_model(key, payload)
+            .map_err(|e| anyhow::anyhow!("device model {key:?} refused: {e}"))?;
+    }
+    let loaded = metrics.models.load(Relaxed);
+    if loaded != models.len() as u64 {
+        bail!("{loaded} device models running of {} offered", models.len());
+    }
     let mut sink = Vec::new();
+    let mut pca_events = 0u64;
     // The workload's timestamps are in the past: arrival now keeps every one within
     // window.max_future_ms.
     let arrival = wall_ms();
     let start = Instant::now();
-    for (topic, payload) in &data {
+    for (topic, payload) in data {
         // Errors cannot happen with simulator payloads; count them anyway so the figure is honest.
         let _ = pipeline.handle_topic(topic, payload, arrival);
         pipeline.drain_outputs_into(&mut sink);
+        for o in &sink {
+            if matches!(o, Output::Anomaly { event, .. } if event.detector == "pca") {
+                pca_events += 1;
+            }
+        }
         sink.clear();
     }
     let secs = start.elapsed().as_secs_f64();
@@ -418,7 +517,154 @@ fn pipeline_throughput(
             readings as u64 - ok
         );
     }
-    Ok((readings as f64 / secs, metrics.windows_total.load(Relaxed)))
+    let windows = metrics.windows_total.load(Relaxed);
+    after(&mut pipeline)?;
+    Ok(PipelineRun {
+        rate: readings as f64 / secs,
+        windows,
+        pca_events,
+    })
+}
+
+/// Figures of the pipeline with a device model per device.
+struct ModelsRun {
+    run: PipelineRun,
+    /// Device models running during the run (the pipeline's `models` gauge).
+    models_loaded: u64,
+    /// Devices whose model raised a `pca` event for a probe reading after the timed part (one
+    /// reading 30 standard deviations off per device: proof that the models score the devices'
+    /// vectors; a device already in an episode raises none).
+    probe_events: u64,
+}
+
+/// Commissioning time the device models of the pipeline section are fitted on: the hour before the
+/// workload, without anomalies.
+const MODELS_TRAIN_MS: i64 = 3_600_000;
+
+/// One PCA model per device of `data` (key, model JSON), fitted on the device's aligned vectors
+/// over the hour before the workload (same fleet and seed, anomalies off), as the agent's aligner
+/// builds them.
+fn fit_device_models(
+    data: &Workload,
+    series: usize,
+    interval_ms: u64,
+    cfg: &AgentConfig,
+) -> anyhow::Result<Vec<(String, Vec<u8>, PcaModel)>> {
+    let mut sim = workload_fleet(series, interval_ms);
+    sim.anomalies.rate_per_series_hour = 0.0;
+    let from = data.start_ms - MODELS_TRAIN_MS;
+    let mut fleet = Fleet::new(&sim, from)?;
+    let features = data.metrics.clone();
+    let align = cfg.models.align();
+    let index: HashMap<Arc<str>, usize> = data
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.clone(), i))
+        .collect();
+    let mut aligners = data
+        .devices
+        .iter()
+        .map(|_| Aligner::new(&features, &align))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rows: Vec<Vec<f64>> = vec![Vec::new(); data.devices.len()];
+    let mut step = Vec::new();
+    while fleet.now_ms() < data.start_ms {
+        step.clear();
+        fleet.step(&mut step);
+        for r in &step {
+            let (Some(&d), Some(slot)) = (
+                index.get(&r.device),
+                features.iter().position(|f| **f == *r.metric),
+            ) else {
+                continue;
+            };
+            // One vector per device and step: when the step's last metric completes it.
+            if aligners[d].push(slot, r.ts_ms, r.value) && slot + 1 == features.len() {
+                rows[d].extend_from_slice(aligners[d].vector());
+            }
+        }
+    }
+    data.devices
+        .iter()
+        .zip(rows)
+        .map(|(device, rows)| {
+            let mut m = PcaModel::fit(
+                device,
+                features.clone(),
+                &rows,
+                from,
+                data.start_ms,
+                &FitOptions::default(),
+            )
+            .map_err(|e| anyhow::anyhow!("device model of {device}: {e}"))?;
+            m.version = 1;
+            Ok((model_key(device), serde_json::to_vec(&m)?, m))
+        })
+        .collect()
+}
+
+/// The pipeline section's models-on run: `data` through a pipeline running a PCA model per device
+/// (fitted and offered before the timed part); fails unless every device's model loaded and the
+/// models scored (at least one `pca` event in the run or on the probe after it).
+fn pipeline_with_models_on(
+    detector: DetectorConfig,
+    data: &Workload,
+    series: usize,
+) -> anyhow::Result<ModelsRun> {
+    let mut cfg = AgentConfig::with_id("bench");
+    cfg.models.enabled = true;
+    let fitted = fit_device_models(data, series, 1000, &cfg)?;
+    if fitted.is_empty() {
+        bail!("no device model fitted");
+    }
+    let models: Vec<(String, Vec<u8>)> = fitted
+        .iter()
+        .map(|(k, p, _)| (k.clone(), p.clone()))
+        .collect();
+    let mut models_loaded = 0;
+    let mut probe_events = 0;
+    let run = pipeline_run_with(detector, &data.readings, &models, |p| {
+        models_loaded = data
+            .devices
+            .iter()
+            .filter(|d| p.model_version(d).is_some())
+            .count() as u64;
+        // A reading of each device's first feature 30 standard deviations above its training
+        // mean, one interval after the workload.
+        let ts = data.end_ms + 1000;
+        let arrival = wall_ms();
+        let mut sink = Vec::new();
+        for (_, _, m) in &fitted {
+            let value = m.means[0] + 30.0 * m.scales[0];
+            let topic = format!("sensors/{}/{}", m.key, m.features[0]);
+            let payload = format!(r#"{{"ts":{ts},"value":{value}}}"#);
+            p.handle_topic(&topic, payload.as_bytes(), arrival)
+                .map_err(|e| anyhow::anyhow!("probe reading of {}: {e}", m.key))?;
+            p.drain_outputs_into(&mut sink);
+        }
+        probe_events = sink
+            .iter()
+            .filter(|o| matches!(o, Output::Anomaly { event, .. } if event.detector == "pca"))
+            .count() as u64;
+        Ok(())
+    })?;
+    if models_loaded != fitted.len() as u64 {
+        bail!(
+            "{models_loaded} device models running of {} offered",
+            fitted.len()
+        );
+    }
+    if run.pca_events + probe_events == 0 {
+        bail!(
+            "the {models_loaded} device models raised no pca event, not even for readings 30 standard deviations off: they do not score"
+        );
+    }
+    Ok(ModelsRun {
+        run,
+        models_loaded,
+        probe_events,
+    })
 }
 
 struct Stack {
@@ -549,7 +795,7 @@ struct EndToEnd {
 
 async fn end_to_end(readings: u64, state: Option<&Path>) -> anyhow::Result<EndToEnd> {
     let stack = stack(DetectorConfig::default(), state).await?;
-    let data = workload(readings as usize, 1_000, 1000)?;
+    let data = workload(readings as usize, 1_000, 1000)?.readings;
     let client = stack.publisher("bench-pub");
     let start = Instant::now();
     publish_paced(&client, &data, &stack.agent).await?;
@@ -678,4 +924,28 @@ pub(crate) fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pipeline section's models-on run on a small workload: 4 devices of the default pump's 4
+    /// metrics, a model per device, every reading processed (no timing assertion).
+    #[test]
+    fn the_models_on_run_loads_a_model_per_device_and_processes_every_reading() {
+        let data = workload(16 * 300, 16, 1000).unwrap();
+        assert_eq!(data.readings.len(), 16 * 300);
+        assert_eq!((data.devices.len(), data.metrics.len()), (4, 4));
+        assert_eq!(data.series, 16);
+        // Fails inside unless every reading was taken and every model loaded and scored.
+        let r = pipeline_with_models_on(DetectorConfig::default(), &data, 16).unwrap();
+        assert_eq!(r.models_loaded, 4);
+        assert!(r.run.pca_events + r.probe_events > 0, "no pca event");
+        assert!(r.run.windows > 0 && r.run.rate > 0.0);
+        // Without models: the same readings, no pca event.
+        let without = pipeline_run(DetectorConfig::default(), &data.readings, &[]).unwrap();
+        assert_eq!(without.pca_events, 0);
+        assert_eq!(without.windows, r.run.windows);
+    }
 }

@@ -624,6 +624,13 @@ impl CsvRun {
         self.readings as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
+    /// Rows replayed (scored and training) per second of wall time (whole run).
+    pub fn rows_per_second(&self) -> f64 {
+        let r = &self.report;
+        let rows = r.rows + r.files.iter().map(|f| f.training_rows).sum::<usize>();
+        rows as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
     /// The `--json` object: run facts, `overall` per view, `per_file` with each file's model.
     pub fn to_json(&self) -> serde_json::Value {
         let r = &self.report;
@@ -648,6 +655,7 @@ impl CsvRun {
             "training_rows": r.files.iter().map(|f| f.training_rows).sum::<usize>(),
             "readings": self.readings,
             "elapsed_s": self.elapsed.as_secs_f64(),
+            "rows_per_second": self.rows_per_second(),
             "readings_per_second": self.readings_per_second(),
             "overall": r.overall_json(),
             "per_file": per_file,
@@ -662,7 +670,7 @@ impl CsvRun {
         // Writing to a String cannot fail; the results are ignored for that reason.
         let _ = writeln!(
             s,
-            "eval csv: detector {}, model {} — {} files, {} rows scored ({} training), {} readings, {:.2} s, {:.0} readings/s",
+            "eval csv: detector {}, model {} — {} files, {} rows scored ({} training), {} readings, {:.2} s wall clock: {:.0} rows/s, {:.0} readings/s",
             self.detector,
             if self.multivariate { "pca" } else { "none" },
             r.files.len(),
@@ -670,6 +678,7 @@ impl CsvRun {
             r.files.iter().map(|f| f.training_rows).sum::<usize>(),
             self.readings,
             self.elapsed.as_secs_f64(),
+            self.rows_per_second(),
             self.readings_per_second()
         );
         let _ = if self.multivariate {

@@ -62,6 +62,11 @@ pub struct EvalSimArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Score nothing: write the simulated fleet under this folder as CSV for `eval csv`, one file per
+    /// device (`<device>.csv`: timestamp in ms, one column per metric, 0/1 label), over
+    /// `--duration-ms` (default: the config's duration_ms, else 6 h) with the config's anomalies.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["train_ms", "detector", "threshold", "tolerance_ms", "json"])]
+    pub write_csv: Option<PathBuf>,
 }
 
 /// One column of the side-by-side report.
@@ -106,6 +111,9 @@ pub struct SimRun {
 
 /// Runs `edgewatch eval sim`.
 pub fn run_sim(args: EvalSimArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.write_csv {
+        return write_csv(&args, dir);
+    }
     let run = evaluate_sim(&args)?;
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -113,6 +121,46 @@ pub fn run_sim(args: EvalSimArgs) -> anyhow::Result<()> {
     } else {
         write!(out, "{}", run.render())?;
     }
+    Ok(())
+}
+
+/// `--write-csv`: the simulated fleet as one CSV file per device under `dir`
+/// (`edgewatch_simulators::write_fleet_csv`).
+fn write_csv(args: &EvalSimArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    let cfg: SimulatorConfig = match &args.config {
+        Some(path) => crate::config::load(path)?,
+        None => SimulatorConfig::default(),
+    };
+    let duration_ms = args
+        .duration_ms
+        .or(cfg.duration_ms)
+        .unwrap_or(DEFAULT_DURATION_MS);
+    let start_ms = cfg.start_ms.unwrap_or(DEFAULT_START_MS);
+    let end_ms = start_ms.saturating_add(i64::try_from(duration_ms).unwrap_or(i64::MAX));
+    let mut fleet = Fleet::new(&cfg, start_ms).context("simulator")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let mut writers = fleet
+        .devices()
+        .iter()
+        .map(|d| {
+            let path = dir.join(format!("{d}.csv"));
+            let file = std::fs::File::create(&path)
+                .with_context(|| format!("{}: cannot create", path.display()))?;
+            Ok(std::io::BufWriter::with_capacity(1 << 16, file))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    edgewatch_simulators::write_fleet_csv(&mut fleet, end_ms, &mut writers)?;
+    for w in writers {
+        w.into_inner().map_err(|e| e.into_error())?;
+    }
+    let labels = fleet.ground_truth().len() + fleet.in_progress().len();
+    println!(
+        "wrote {} devices x {} metrics over {} s to {} ({labels} labelled anomalies)",
+        fleet.devices().len(),
+        fleet.metrics().len(),
+        duration_ms / 1000,
+        dir.display()
+    );
     Ok(())
 }
 
@@ -473,5 +521,62 @@ fn short(name: &str) -> &str {
         "multivariate" => "multi",
         "combined" => "both",
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--write-csv` writes one labelled file per device that `eval csv` replays as it is.
+    #[test]
+    fn the_fleet_written_as_csv_is_read_by_eval_csv() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("fleet");
+        let args = EvalSimArgs {
+            config: None,
+            duration_ms: Some(300_000),
+            train_ms: None,
+            detector: None,
+            threshold: None,
+            tolerance_ms: None,
+            json: false,
+            write_csv: Some(out.clone()),
+        };
+        run_sim(args).unwrap();
+        let text = std::fs::read_to_string(out.join("dev-0000.csv")).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next(),
+            Some("timestamp,temperature,flow,current,pressure,label")
+        );
+        assert_eq!(lines.count(), 300);
+        let files = std::fs::read_dir(&out).unwrap().count();
+        assert_eq!(files, SimulatorConfig::default().devices);
+        let run = crate::eval::evaluate_csv(
+            &crate::eval::EvalCsvArgs {
+                data: out,
+                time_column: None,
+                label_column: None,
+                columns: None,
+                ignore: Vec::new(),
+                separator: None,
+                detector: None,
+                threshold: None,
+                model: None,
+                train_rows: None,
+                train_files: None,
+                tolerance_ms: 0,
+                staleness_ms: 60_000,
+                results: None,
+                json: false,
+            },
+            false,
+        )
+        .unwrap();
+        assert!(run.multivariate);
+        assert_eq!(run.report.files.len(), files);
+        assert!(run.rows_per_second() > 0.0 && run.readings_per_second() > 0.0);
+        assert!(run.render().contains(" rows/s, "));
     }
 }
