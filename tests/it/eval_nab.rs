@@ -256,6 +256,7 @@ fn simulated_fleet_is_scored_per_kind_and_reproducibly() {
         threshold: None,
         tolerance_ms: None,
         json: true,
+        write_csv: None,
     };
     let a = edgewatch::eval::evaluate_sim(&args).unwrap();
     assert!(a.readings > 0 && a.series > 0);
