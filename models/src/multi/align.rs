@@ -1,6 +1,7 @@
 //! Aligning one device's readings into vectors in event time: one slot per metric holding its latest
 //! value, a slot counting only while its value is at most `staleness_ms` old, and a vector ready to
-//! score once enough slots are fresh. Checkpointable (serde) with the agent's state.
+//! score once enough slots are fresh and the device's round of readings is complete (one vector per
+//! round, not one per reading). Checkpointable (serde) with the agent's state.
 
 use crate::ModelError;
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,9 @@ struct AlignerState {
     need: usize,
     slots: Vec<Option<(i64, f64)>>,
     now_ms: i64,
+    /// Slots updated since the last vector (absent in states from before rounds: none).
+    #[serde(default)]
+    updated: Vec<bool>,
 }
 
 /// One device's latest reading per metric, aligned in event time. See [`Aligner::push`].
@@ -55,6 +59,8 @@ pub struct Aligner {
     slots: Vec<Option<(i64, f64)>>,
     /// Event time of the last stored reading.
     now_ms: i64,
+    /// Per slot: updated since the last vector was released.
+    updated: Vec<bool>,
     /// Slot values at `now_ms`, NaN where empty or stale.
     vector: Vec<f64>,
 }
@@ -93,6 +99,7 @@ impl Aligner {
             need,
             slots: vec![None; n],
             now_ms: i64::MIN,
+            updated: vec![false; n],
             vector: vec![f64::NAN; n],
         })
     }
@@ -102,11 +109,14 @@ impl Aligner {
         self.features.iter().position(|f| f == metric)
     }
 
-    /// Stores a reading in its slot and says whether a vector can be scored now: true when, at
+    /// Stores a reading in its slot and says whether a new vector is ready to score: true when, at
     /// `ts_ms`, at least ceil(min_fill · n) slots hold a value at most `staleness_ms` older than
-    /// `ts_ms`. Returns false without changing anything for a NaN/infinite value, an unknown slot, or
-    /// a reading older than the value its slot already holds (a late reading never overwrites a newer
-    /// one, and re-scoring the unchanged vector would count it twice). Allocates nothing.
+    /// `ts_ms` and the round is complete — every fresh slot got a reading since the previous vector,
+    /// or this slot got a second one (a faster metric starts the next round, so a slow one does not
+    /// hold the device back). A device whose metrics arrive together thus yields one vector per
+    /// round of readings, not one per reading. Returns false without changing anything for a
+    /// NaN/infinite value, an unknown slot, or a reading older than the value its slot already holds
+    /// (a late reading never overwrites a newer one). Allocates nothing.
     pub fn push(&mut self, slot: usize, ts_ms: i64, value: f64) -> bool {
         if !value.is_finite() || slot >= self.slots.len() {
             return false;
@@ -116,17 +126,23 @@ impl Aligner {
         }
         self.slots[slot] = Some((ts_ms, value));
         self.now_ms = ts_ms;
-        let mut fresh = 0;
-        for (v, s) in self.vector.iter_mut().zip(&self.slots) {
+        let again = std::mem::replace(&mut self.updated[slot], true);
+        let (mut fresh, mut waiting) = (0, false);
+        for ((v, s), u) in self.vector.iter_mut().zip(&self.slots).zip(&self.updated) {
             *v = match *s {
                 Some((t, x)) if ts_ms.saturating_sub(t) <= self.staleness_ms => {
                     fresh += 1;
+                    waiting |= !u;
                     x
                 }
                 _ => f64::NAN,
             };
         }
-        fresh >= self.need
+        let ready = fresh >= self.need && (!waiting || again);
+        if ready {
+            self.updated.fill(false);
+        }
+        ready
     }
 
     /// The current vector: one value per feature, NaN for a slot empty or stale at the last push.
@@ -148,6 +164,7 @@ impl From<Aligner> for AlignerState {
             need: a.need,
             slots: a.slots,
             now_ms: a.now_ms,
+            updated: a.updated,
         }
     }
 }
@@ -176,12 +193,15 @@ impl TryFrom<AlignerState> for Aligner {
                 _ => f64::NAN,
             })
             .collect();
+        let mut updated = s.updated;
+        updated.resize(n, false);
         Ok(Self {
             features: s.features,
             staleness_ms: s.staleness_ms,
             need: s.need,
             slots: s.slots,
             now_ms: s.now_ms,
+            updated,
             vector,
         })
     }
@@ -266,9 +286,42 @@ mod tests {
         // A late reading for slot 0 (older than its value) does not overwrite it.
         assert!(!a.push(0, 40, 9.0));
         assert_eq!(a.vector(), &[1.0, 2.0]);
-        // An equally old reading replaces it (same event time, newer arrival).
-        assert!(a.push(0, 50, 3.0));
-        assert_eq!(a.vector(), &[3.0, 2.0]);
+        // An equally old reading replaces it (same event time, newer arrival); the vector comes
+        // with the round, once b too has a new reading.
+        assert!(!a.push(0, 50, 3.0));
+        assert!(a.push(1, 60, 2.5));
+        assert_eq!(a.vector(), &[3.0, 2.5]);
+    }
+
+    /// One vector per round of readings, whatever the order within the round; a faster metric
+    /// starts the next round without waiting for a slower one that is still fresh.
+    #[test]
+    fn one_vector_per_round_and_a_fast_metric_does_not_wait_for_a_slow_one() {
+        let mut a = Aligner::new(&names(&["a", "b", "c"]), &cfg(10_000, 1.0)).unwrap();
+        let mut vectors = 0;
+        for step in 0..100i64 {
+            for j in [
+                (step % 3) as usize,
+                ((step + 1) % 3) as usize,
+                ((step + 2) % 3) as usize,
+            ] {
+                vectors += usize::from(a.push(j, step * 1000 + j as i64, step as f64));
+            }
+        }
+        assert_eq!(vectors, 100);
+        // c reports every 5 s (fresh for 10 s), a and b every second: a vector per second.
+        let mut b = Aligner::new(&names(&["a", "b", "c"]), &cfg(10_000, 1.0)).unwrap();
+        let mut vectors = 0;
+        for step in 0..100i64 {
+            if step % 5 == 0 {
+                vectors += usize::from(b.push(2, step * 1000, 1.0));
+            }
+            vectors += usize::from(b.push(0, step * 1000 + 1, 1.0));
+            vectors += usize::from(b.push(1, step * 1000 + 2, 1.0));
+        }
+        // Waiting for c would give 20; a repeating starts the next round, so at least one vector
+        // every other second (here 73 in 100 s).
+        assert!((50..=100).contains(&vectors), "{vectors}");
     }
 
     #[test]

@@ -630,17 +630,20 @@ fn pipeline_with_models_on(
             .iter()
             .filter(|d| p.model_version(d).is_some())
             .count() as u64;
-        // A reading of each device's first feature 30 standard deviations above its training
-        // mean, one interval after the workload.
+        // One round of readings of each device, one interval after the workload: its first
+        // feature 30 standard deviations above its training mean, the others at theirs.
         let ts = data.end_ms + 1000;
         let arrival = wall_ms();
         let mut sink = Vec::new();
         for (_, _, m) in &fitted {
-            let value = m.means[0] + 30.0 * m.scales[0];
-            let topic = format!("sensors/{}/{}", m.key, m.features[0]);
-            let payload = format!(r#"{{"ts":{ts},"value":{value}}}"#);
-            p.handle_topic(&topic, payload.as_bytes(), arrival)
-                .map_err(|e| anyhow::anyhow!("probe reading of {}: {e}", m.key))?;
+            for (k, feature) in m.features.iter().enumerate() {
+                let off = if k == 0 { 30.0 * m.scales[0] } else { 0.0 };
+                let value = m.means[k] + off;
+                let topic = format!("sensors/{}/{feature}", m.key);
+                let payload = format!(r#"{{"ts":{ts},"value":{value}}}"#);
+                p.handle_topic(&topic, payload.as_bytes(), arrival)
+                    .map_err(|e| anyhow::anyhow!("probe reading of {}: {e}", m.key))?;
+            }
             p.drain_outputs_into(&mut sink);
         }
         probe_events = sink

@@ -258,7 +258,10 @@ mod tests {
         assert!(r.aligned().is_some());
         let out = r.step(&row(1000, &[f64::NAN, 2.5])).unwrap();
         assert_eq!(out.column_alarms[0], 0.0);
-        // The slot still holds the reading of 1 s ago, fresh under the default staleness.
+        // The slot still holds the reading of 1 s ago, fresh under the default staleness: the
+        // round completes when the sensor that did report reports again.
+        assert!(!out.aligned);
+        let out = r.step(&row(2000, &[f64::NAN, 2.6])).unwrap();
         assert!(out.aligned);
         let e = r.step(&row(2000, &[1.0])).unwrap_err();
         assert!(e.to_string().contains("1 values for 2 sensors"), "{e}");
