@@ -47,7 +47,7 @@ fn aggregator_config(port: u16, dir: &std::path::Path) -> AggregatorConfig {
     c.state.dir = Some(dir.to_path_buf());
     c.training.enabled = true;
     c.training.check_interval_ms = 200;
-    c.training.min_rows = 300;
+    c.training.min_rows = 150;
     c.training.min_samples = 2;
     // Long enough that the first break is scored by v1 before any refit.
     c.training.refit_interval_ms = 8_000;
@@ -122,7 +122,7 @@ async fn the_aggregator_trains_pushes_and_refits_a_device_model_from_agent_sampl
     // Event time three hours back, on a training period boundary, 1 s per step.
     let base = (now - 3 * 3_600_000) / 60_000 * 60_000;
 
-    // Commissioning: 400 s of normal operation is six closed periods of 128 sampled vectors.
+    // Commissioning: 400 s of normal operation is six closed periods of 60 vectors (one a round).
     publish(&client, base, 0..400, |_| false).await;
     let m1 = wait_model(addr, 0).await;
     let v1 = m1["version"].as_u64().unwrap();
@@ -131,7 +131,7 @@ async fn the_aggregator_trains_pushes_and_refits_a_device_model_from_agent_sampl
         m1["features"],
         serde_json::json!(["current", "flow", "pressure"])
     );
-    assert!(m1["samples"].as_u64().unwrap() >= 300, "{m1}");
+    assert!(m1["samples"].as_u64().unwrap() >= 150, "{m1}");
     assert!(m1["class"].is_null(), "the device's own model: {m1}");
     wait_log(&log, 0, &["model swapped in", &format!("version={v1}")], 1).await;
 

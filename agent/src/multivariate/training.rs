@@ -17,6 +17,18 @@ struct Sampled {
     sampler: DeviceSampler,
 }
 
+impl Sampled {
+    /// Pushes a reading into the aligner; offers the vector when it completes a round.
+    #[inline]
+    fn push(&mut self, slot: usize, ts_ms: i64, value: f64) -> Option<(u32, TrainingSample)> {
+        if self.aligner.features().len() < 2 || !self.aligner.push(slot, ts_ms, value) {
+            return None;
+        }
+        let sample = self.sampler.offer(ts_ms, self.aligner.vector())?;
+        Some((self.partition, sample))
+    }
+}
+
 /// Every sampled device.
 pub(crate) struct Sampling {
     cfg: SamplerConfig,
@@ -51,7 +63,8 @@ impl Sampling {
         })
     }
 
-    /// Feeds one reading; returns `(partition, sample)` when it closes a period.
+    /// Feeds one reading; returns `(partition, sample)` when it closes a period. One hash lookup
+    /// per reading once the device's metrics are known.
     #[inline]
     pub(crate) fn observe(
         &mut self,
@@ -61,26 +74,21 @@ impl Sampling {
         ts_ms: i64,
         value: f64,
     ) -> Option<(u32, TrainingSample)> {
-        let slot = match self.by_device.get(device) {
-            Some(d) => match d.aligner.slot(metric) {
-                Some(slot) => slot,
-                None => self.add_metric(device, metric)?,
-            },
-            None => {
-                if self.by_device.len() >= self.max_devices {
-                    return None;
-                }
-                let d = self.build(device, partition, vec![metric.to_string()])?;
-                self.by_device.insert(device.into(), d);
-                0
+        if let Some(d) = self.by_device.get_mut(device) {
+            if let Some(slot) = d.aligner.slot(metric) {
+                return d.push(slot, ts_ms, value);
             }
-        };
-        let d = self.by_device.get_mut(device)?;
-        if d.aligner.features().len() < 2 || !d.aligner.push(slot, ts_ms, value) {
+        } else {
+            // A device's first metric: nothing to align yet.
+            if self.by_device.len() < self.max_devices {
+                if let Some(d) = self.build(device, partition, vec![metric.to_string()]) {
+                    self.by_device.insert(device.into(), d);
+                }
+            }
             return None;
         }
-        let sample = d.sampler.offer(ts_ms, d.aligner.vector())?;
-        Some((d.partition, sample))
+        let slot = self.add_metric(device, metric)?;
+        self.by_device.get_mut(device)?.push(slot, ts_ms, value)
     }
 
     /// Rebuilds a device's aligner and sampler with `metric` added (features stay sorted);
