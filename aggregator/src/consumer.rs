@@ -662,10 +662,17 @@ fn apply_training(
             continue;
         }
         let (seq, prev) = (r.seq, r.prev_seq());
-        training.add(store, agent, r.item).map_err(|e| {
+        let added = training.add(store, agent, r.item).map_err(|e| {
             m.store_errors_total.fetch_add(1, Relaxed);
             format!("state store: {e}")
         })?;
+        if let edgewatch_models::multi::Added::Refused(why) = added {
+            // Real but not kept (bounds, another agent's device): acknowledged, never resent.
+            if let Some(suppressed) = warnings.ready("training_refused") {
+                tracing::warn!(aggregator = %shared.cfg.id, agent = lane.agent, seq, reason = %why.escape_debug(), suppressed,
+                    "training sample not kept (counted in edgewatch_training_samples_refused_total; logged at most every 5 s)");
+            }
+        }
         state.note_seq(lane, seq, prev);
     }
     drop_evicted(shared, &mut state, store)?;

@@ -206,7 +206,8 @@ impl Trainer {
     }
 
     /// Adds `sample` from `agent` to its device's set; `class` is the device's class key, computed
-    /// by the caller, stored as given (the latest sample's class and agent win).
+    /// by the caller, stored as given (the latest sample's class wins). A device's set belongs to
+    /// the agent whose sample started it: samples of it from any other agent are refused.
     pub fn add(&mut self, agent: &str, class: &str, sample: TrainingSample) -> Added {
         if let Err(e) = sample.check() {
             return Added::Refused(e);
@@ -216,6 +217,16 @@ impl Trainer {
                 "max_devices ({}) reached, device {:?} refused",
                 self.cfg.max_devices, sample.device
             ));
+        }
+        if let Some(set) = self.sets.get(&sample.device) {
+            if !set.agent.is_empty() && set.agent != agent {
+                // An agent may forge samples of any device id; it must not mix them into
+                // another gateway's set, nor take the device's model away from it.
+                return Added::Refused(format!(
+                    "device {:?} is trained from agent {:?}'s samples; agent {agent:?}'s are refused",
+                    sample.device, set.agent
+                ));
+            }
         }
         let incoming = sample.rows.len() * sample.features.len();
         if sample.anomalies == 0 && self.values + incoming > self.cfg.max_values {
@@ -492,10 +503,10 @@ mod tests {
         assert_eq!(state(&t, "pump"), (80, 2, 120, 0));
         assert_eq!(t.get("pump").unwrap().samples[0].from_ms, HOUR);
         // A resend of a kept period replaces it; identical, it brings no new rows to fit on.
-        assert_eq!(t.add("a2", "c", sample("pump", 2, 40)), Added::Replaced);
+        assert_eq!(t.add("a1", "c", sample("pump", 2, 40)), Added::Replaced);
         assert_eq!(state(&t, "pump"), (80, 2, 120, 0));
-        assert_eq!(t.get("pump").unwrap().agent, "a2");
-        assert_eq!(t.add("a2", "c", sample("pump", 2, 10)), Added::Replaced);
+        assert_eq!(t.get("pump").unwrap().agent, "a1");
+        assert_eq!(t.add("a1", "c", sample("pump", 2, 10)), Added::Replaced);
         assert_eq!(state(&t, "pump"), (50, 2, 130, 0));
         // A sample with anomalies is left out, and takes a kept sample of its period with it.
         for (p, anomalies) in [(3, 1), (2, 2)] {
@@ -503,7 +514,7 @@ mod tests {
                 anomalies,
                 ..sample("pump", p, 10)
             };
-            assert_eq!(t.add("a2", "c", bad), Added::Excluded);
+            assert_eq!(t.add("a1", "c", bad), Added::Excluded);
         }
         assert_eq!(state(&t, "pump"), (40, 1, 130, 2));
     }
@@ -636,6 +647,10 @@ mod tests {
         let mut other = trainer(100, 60, 10);
         other.restore(t.get("d1").unwrap().clone());
         assert_eq!(other.values(), t.values());
+        // Another agent's samples of d1 are refused: they could be forged.
+        assert!(
+            matches!(t.add("b", "c", sample("d1", 9, 3)), Added::Refused(e) if e.contains("agent \"b\""))
+        );
         // Forged magnitudes no agent would send are refused like any bad sample.
         let mut huge = sample("d3", 0, 5);
         huge.rows[2][1] = 1e200;
