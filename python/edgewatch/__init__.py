@@ -9,9 +9,10 @@
 ``score`` whole numpy arrays (the GIL is released while scoring). ``state()`` returns the detector's
 bytes as the agent checkpoints them (postcard); ``Detector.from_state`` resumes with bit-identical
 scores. ``alarm_scores`` turns a score array into the event gate's alarm view, as ``eval nab``
-scores it. Invalid configurations raise ``ValueError`` naming the key, e.g. ``detector.alpha: ...``.
+scores it, and ``nab_score`` scores per-row scores against NAB's labels with ``eval nab``'s
+scorer (three profiles). Invalid configurations raise ``ValueError`` naming the key, e.g. ``detector.alpha: ...``.
 """
 
-from ._edgewatch import PRESETS, Detector, alarm_scores
+from ._edgewatch import PRESETS, Detector, alarm_scores, nab_score
 
-__all__ = ["Detector", "PRESETS", "alarm_scores"]
+__all__ = ["Detector", "PRESETS", "alarm_scores", "nab_score"]

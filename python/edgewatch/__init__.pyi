@@ -1,6 +1,7 @@
 """Type stubs of the edgewatch package (the native module edgewatch._edgewatch)."""
 
-from typing import Any, List, Mapping, Optional, Union
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypedDict, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -60,3 +61,28 @@ def alarm_scores(
     """The alarm view of ``scores`` through the agent's event gate: the score while the gate is armed,
     0 while an episode lasts (re-armed below ``threshold * rearm_ratio`` after ``min_gap_readings``).
     ``eval nab`` scores exactly this with the detector's recommended threshold and the defaults."""
+
+class _ProfileScore(TypedDict):
+    normalized: Optional[float]
+    threshold: float
+    raw: float
+    null: float
+    perfect: float
+    windows: int
+    windows_in_labels: int
+    detected: int
+    false_positives: int
+
+def nab_score(
+    files: Mapping[str, Tuple[npt.ArrayLike, npt.ArrayLike]],
+    labels: Union[str, "os.PathLike[str]", Mapping[str, Sequence[Sequence[str]]]],
+) -> Dict[str, Any]:
+    """The NAB v1.1 score of per-row anomaly scores, by the scorer ``edgewatch eval nab`` runs.
+
+    ``files`` maps each data file's name as the labels spell it (``"realKnownCause/nyc_taxi.csv"``)
+    to ``(timestamps_ms, scores)``, one score per row in file order. ``labels`` is NAB's
+    ``combined_windows.json``: a path, its JSON text, or the parsed dict. Returns ``files`` (sorted),
+    ``scorable_rows`` and, under each profile name (``standard``, ``reward_low_FP_rate``,
+    ``reward_low_FN_rate``), a :class:`_ProfileScore`: the normalised score (None when undefined),
+    the best threshold, raw/null/perfect scores and the counts at that threshold. Files are scored
+    in name order, so the result equals ``eval nab --json``'s for the same scores to the bit."""

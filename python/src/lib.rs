@@ -5,6 +5,8 @@
 //! and its postcard encoding — the bytes a detector has inside an agent checkpoint row — as `state()`.
 //! Whole-array scoring releases the GIL. The Python-facing docs are in `edgewatch/__init__.pyi`.
 
+mod nab;
+
 use edgewatch_models::detect::{
     self, AnyDetector, Detector as _, DetectorConfig, EventGate, GateConfig,
 };
@@ -375,6 +377,7 @@ fn alarm_scores<'py>(
 fn _edgewatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDetector>()?;
     m.add_function(wrap_pyfunction!(alarm_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(nab::nab_score, m)?)?;
     m.add("PRESETS", DetectorConfig::PRESETS.to_vec())?;
     Ok(())
 }

@@ -42,3 +42,13 @@ def edgewatch_bin() -> Path:
     if not target.is_absolute():
         target = REPO / target
     return target / "debug" / "edgewatch"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """No test may skip silently: a skip (pytest.skip, importorskip, skipif) is reported as a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and tests never skip here: {report.longrepr}"
