@@ -134,16 +134,12 @@ def main() -> None:
         secs = best_of(args.repeat, lambda: edgewatch.Detector.from_state(state).score(rest_ts, rest_values))
         rows.append((f"edgewatch {preset}: score() on criterion's synthetic series (warm)", 100_000, secs))
 
+    river_rate = next((c / t for w, c, t in rows if w.startswith("River")), None)
     width = max(len(r[0]) for r in rows)
-    print(f"{'what':<{width}}  {'readings':>9}  {'seconds':>9}  {'readings/s':>12}")
+    print(f"{'what':<{width}}  {'readings':>9}  {'seconds':>9}  {'readings/s':>12}  {'x River':>8}")
     for what, count, secs in rows:
-        print(f"{what:<{width}}  {count:>9}  {secs:>9.4f}  {count / secs:>12,.0f}")
-    river_rows = [r for r in rows if r[0].startswith("River")]
-    if river_rows:
-        river_rate = river_rows[0][1] / river_rows[0][2]
-        for what, count, secs in rows:
-            if what.startswith("edgewatch") and "criterion" not in what:
-                print(f"  {what.split(':')[0]} {what.split(':')[1].strip()[:24]}...: {count / secs / river_rate:,.0f}x River")
+        ratio = f"{count / secs / river_rate:>8,.0f}" if river_rate else f"{'-':>8}"
+        print(f"{what:<{width}}  {count:>9}  {secs:>9.4f}  {count / secs:>12,.0f}  {ratio}")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
