@@ -203,6 +203,12 @@ fn as_array<'py>(
 }
 
 /// One streaming detector over one series, exactly as the agent runs it.
+///
+/// `Detector(config=None)`: `config` is the agent's `detector:` block, as a dict
+/// (`{"type": "ewma", "alpha": 0.05}`) or YAML text; None is the default (the ensemble). A bad
+/// block raises ValueError starting with its key path (`detector.alpha: must be in (0, 1], got 2`).
+/// `update(ts_ms, value)` feeds one reading, `score(ts, values)` whole numpy arrays (GIL released);
+/// `state()` / `Detector.from_state(bytes)` save and resume it bit for bit.
 #[pyclass(module = "edgewatch._edgewatch", name = "Detector")]
 struct PyDetector {
     detector: AnyDetector,
@@ -344,7 +350,9 @@ impl PyDetector {
     }
 }
 
-/// The alarm view of a score array through an event gate (one detection per episode).
+/// The alarm view of a score array through the agent's event gate: the score while armed, 0 while an
+/// episode lasts (re-armed below `threshold * rearm_ratio` after `min_gap_readings` readings), as
+/// `edgewatch eval nab` scores it with the detector's recommended threshold.
 #[pyfunction]
 #[pyo3(signature = (scores, threshold, rearm_ratio = 0.8, min_gap_readings = 100))]
 fn alarm_scores<'py>(
