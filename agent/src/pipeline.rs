@@ -32,7 +32,7 @@
 use crate::config::AgentConfig;
 use crate::error::{AgentError, IngestError, SnapshotError};
 use crate::ingest::{Mapping, RawReading};
-use crate::multivariate::{DeviceModels, ModelOffer, ModelRefused, PCA};
+use crate::multivariate::{DeviceLink, DeviceModels, ModelOffer, ModelRefused, PCA};
 use crate::telemetry::AgentMetrics;
 use edgewatch_models::detect::{
     AnyDetector, Detector, EventGate, Silence, SilenceChange, SilenceConfig,
@@ -99,6 +99,9 @@ struct Series {
     /// Changed since the last [`Pipeline::take_changed`].
     #[serde(skip)]
     dirty: bool,
+    /// Its device's places in the device model and sampling tables (resolved on first use).
+    #[serde(skip)]
+    link: DeviceLink,
 }
 
 /// A reading dropped as late, for the shell to log (at a bounded rate).
@@ -339,7 +342,7 @@ impl Pipeline {
         let multi = &mut self.multi;
         for s in &mut self.table.series {
             if let Some(change) = s.silence.check(s.last_arrival_ms, now_ms, &p.silence) {
-                multi.note_anomaly(&s.device, s.max_ts_ms);
+                multi.note_anomaly(&s.link, &s.device, s.max_ts_ms);
                 s.dirty = true;
                 metrics.anomalies_total.fetch_add(1, Relaxed);
                 metrics.silences_total.fetch_add(1, Relaxed);
@@ -705,6 +708,7 @@ impl Table {
                     max_ts_ms: i64::MIN,
                     last_arrival_ms: arrival_ms,
                     dirty: true,
+                    link: DeviceLink::default(),
                 };
                 metrics.series.fetch_add(1, Relaxed);
                 self.index
@@ -762,7 +766,7 @@ impl Table {
         let onset = series.gate.update(score);
         if !series.gate.armed() {
             // An episode in progress (not only its onset): the training period is left out.
-            multi.note_anomaly(device, r.ts_ms);
+            multi.note_anomaly(&series.link, device, r.ts_ms);
         }
         if onset {
             metrics.anomalies_total.fetch_add(1, Relaxed);
@@ -783,7 +787,7 @@ impl Table {
                 },
             });
         }
-        if let Some(hit) = multi.observe(device, metric, r.ts_ms, r.value) {
+        if let Some(hit) = multi.observe(&mut series.link, device, metric, r.ts_ms, r.value) {
             metrics.anomalies_total.fetch_add(1, Relaxed);
             let event = AnomalyEvent {
                 phase: EventPhase::Onset,
@@ -800,8 +804,14 @@ impl Table {
             };
             outputs.push(Output::Anomaly { partition, event });
         }
-        if let Some((partition, sample)) = multi.sample(device, metric, partition, r.ts_ms, r.value)
-        {
+        if let Some((partition, sample)) = multi.sample(
+            &mut series.link,
+            device,
+            metric,
+            partition,
+            r.ts_ms,
+            r.value,
+        ) {
             metrics.training_samples_total.fetch_add(1, Relaxed);
             outputs.push(Output::Training { partition, sample });
         }

@@ -4,7 +4,10 @@
 //! (`store.rs`); the pipeline calls [`DeviceModels::observe`] for every reading.
 
 pub(crate) mod store;
+mod table;
 pub(crate) mod training;
+
+use table::{DeviceTable, Link};
 
 use crate::config::ModelsConfig;
 use crate::telemetry::ModelRefusal;
@@ -12,8 +15,6 @@ use edgewatch_models::detect::{EventGate, GateConfig};
 use edgewatch_models::multi::{Aligner, PcaModel, PcaScorer};
 use edgewatch_models::wire::model_key;
 use edgewatch_models::ModelError;
-use std::collections::HashMap;
-use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
 /// Detector name of multivariate events.
 pub(crate) const PCA: &str = "pca";
@@ -82,13 +83,21 @@ struct Running {
     gate: EventGate,
 }
 
+/// A series' cached places in the device tables (models and sampling): not checkpointed, resolved
+/// again (one hash lookup each) after a restore or when its device's entry changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct DeviceLink {
+    model: Link,
+    sample: Link,
+}
+
 /// Every device's model. Empty until a model is accepted; a device without one keeps univariate
 /// detection only.
 pub(crate) struct DeviceModels {
     align: edgewatch_models::multi::AlignConfig,
     /// A fresh gate at `models.threshold` with the `anomaly:` re-arm rules.
     gate: EventGate,
-    by_device: HashMap<Box<str>, Running, Xxh3DefaultBuilder>,
+    by_device: DeviceTable<Running>,
     /// Training samples for the aggregator (`models.enabled` and `models.training.enabled`).
     sampling: Option<training::Sampling>,
 }
@@ -106,7 +115,7 @@ impl DeviceModels {
         Ok(Self {
             align,
             gate,
-            by_device: HashMap::with_hasher(Xxh3DefaultBuilder::new()),
+            by_device: DeviceTable::new(),
             sampling,
         })
     }
@@ -116,6 +125,7 @@ impl DeviceModels {
     #[inline]
     pub(crate) fn sample(
         &mut self,
+        link: &mut DeviceLink,
         device: &str,
         metric: &str,
         partition: u32,
@@ -124,13 +134,13 @@ impl DeviceModels {
     ) -> Option<(u32, edgewatch_models::wire::TrainingSample)> {
         self.sampling
             .as_mut()?
-            .observe(device, metric, partition, ts_ms, value)
+            .observe(&mut link.sample, device, metric, partition, ts_ms, value)
     }
 
     /// An anomaly event of `device` (any detector): its training period is left out.
-    pub(crate) fn note_anomaly(&mut self, device: &str, ts_ms: i64) {
+    pub(crate) fn note_anomaly(&mut self, link: &DeviceLink, device: &str, ts_ms: i64) {
         if let Some(s) = &mut self.sampling {
-            s.note_anomaly(device, ts_ms);
+            s.note_anomaly(&link.sample, device, ts_ms);
         }
     }
 
@@ -152,7 +162,8 @@ impl DeviceModels {
 
     /// Version of the model running for `device`.
     pub(crate) fn version(&self, device: &str) -> Option<u64> {
-        self.by_device.get(device).map(|r| r.model.version)
+        let ix = self.by_device.find(device)?;
+        Some(self.by_device.get(ix).model.version)
     }
 
     /// Checks a model received under `key` (the topic's or file's key) and swaps it in. `metrics`
@@ -181,7 +192,10 @@ impl DeviceModels {
                 format!("{name}: published under {key:?}, its device's key is {want:?}"),
             ));
         }
-        let running = self.by_device.get(model.key.as_str());
+        let running = self
+            .by_device
+            .find(model.key.as_str())
+            .map(|ix| self.by_device.get(ix));
         if let Some(r) = running {
             if r.model == model {
                 return Ok(ModelOffer::Unchanged {
@@ -212,18 +226,21 @@ impl DeviceModels {
         // Built before the swap: an error leaves the running model as it was.
         let fresh = Aligner::new(&model.features, &self.align)
             .map_err(|e| refused(ModelRefusal::Invalid, format!("{name}: {e}")))?;
-        match self.by_device.get_mut(device.as_str()) {
-            Some(r) => {
+        match self.by_device.find(device.as_str()) {
+            Some(ix) => {
+                let r = self.by_device.get_mut(ix);
                 if r.aligner.features() != model.features.as_slice() {
                     r.aligner = fresh;
                 }
                 r.model = model;
                 r.scorer = scorer;
+                // The features (and so the slots) may have moved.
+                self.by_device.touch(ix);
             }
             None => {
                 let aligner = fresh;
                 self.by_device.insert(
-                    device.as_str().into(),
+                    device.as_str(),
                     Running {
                         model,
                         scorer,
@@ -246,6 +263,7 @@ impl DeviceModels {
     #[inline]
     pub(crate) fn observe(
         &mut self,
+        link: &mut DeviceLink,
         device: &str,
         metric: &str,
         ts_ms: i64,
@@ -254,8 +272,10 @@ impl DeviceModels {
         if self.by_device.is_empty() {
             return None;
         }
-        let r = self.by_device.get_mut(device)?;
-        let slot = r.aligner.slot(metric)?;
+        let (ix, slot) = self
+            .by_device
+            .link(&mut link.model, device, |r| r.aligner.slot(metric))?;
+        let r = self.by_device.get_mut(ix);
         if !r.aligner.push(slot, ts_ms, value) {
             return None;
         }
@@ -264,7 +284,7 @@ impl DeviceModels {
         if !r.gate.armed() {
             // The whole episode, not only its onset, is left out of training.
             if let Some(sampling) = &mut self.sampling {
-                sampling.note_anomaly(device, ts_ms);
+                sampling.note_anomaly(&link.sample, device, ts_ms);
             }
         }
         if !onset {
@@ -350,10 +370,11 @@ pub(crate) mod tests {
         broken: impl Fn(i64) -> bool,
     ) -> Vec<(i64, String, u64, f64)> {
         let mut hits = Vec::new();
+        let mut links = [DeviceLink::default(); 3];
         for i in from..to {
             for (j, f) in FEATURES.iter().enumerate() {
                 let v = reading(i, j, broken(i));
-                if let Some(h) = m.observe(device, f, i * 1000 + j as i64, v) {
+                if let Some(h) = m.observe(&mut links[j], device, f, i * 1000 + j as i64, v) {
                     hits.push((i, h.metric.to_string(), h.version, h.score));
                 }
             }
@@ -461,7 +482,11 @@ pub(crate) mod tests {
         run(&mut m, "pump", 2000, 2100, |_| false);
         let hits = run(&mut m, "pump", 2100, 2150, |_| true);
         assert_eq!(hits.len(), 1);
-        let before = m.by_device.get("pump").unwrap().aligner.clone();
+        let before = m
+            .by_device
+            .get(m.by_device.find("pump").unwrap())
+            .aligner
+            .clone();
         assert_eq!(
             m.offer(&key, &payload(&fitted("pump", 2)), none),
             Ok(ModelOffer::Loaded {
@@ -470,7 +495,10 @@ pub(crate) mod tests {
                 previous: Some(1)
             })
         );
-        assert_eq!(m.by_device.get("pump").unwrap().aligner, before);
+        assert_eq!(
+            m.by_device.get(m.by_device.find("pump").unwrap()).aligner,
+            before
+        );
         // The episode goes on under v2: no second event until it ends and re-arms.
         assert!(run(&mut m, "pump", 2150, 2200, |_| true).is_empty());
         run(&mut m, "pump", 2200, 2400, |_| false);
@@ -488,7 +516,7 @@ pub(crate) mod tests {
         let mut two = fitted("pump", 2);
         two.features.swap(0, 1);
         m.offer(&key, &payload(&two), none).unwrap();
-        let r = m.by_device.get("pump").unwrap();
+        let r = m.by_device.get(m.by_device.find("pump").unwrap());
         assert_eq!(r.aligner.features(), two.features.as_slice());
         assert!(r.aligner.vector().iter().all(|v| v.is_nan()));
     }
@@ -522,13 +550,18 @@ pub(crate) mod tests {
         for v in [f64::NAN, f64::INFINITY, f64::MAX, -f64::MAX] {
             for f in FEATURES {
                 // Huge values score (the model says how abnormal); NaN/inf never reach a slot.
-                let hit = m.observe("pump", f, 5_000_000, v);
+                let hit = m.observe(&mut DeviceLink::default(), "pump", f, 5_000_000, v);
                 if let Some(h) = hit {
                     assert!((0.0..=1.0).contains(&h.score), "{h:?}");
                     assert!(h.value.is_finite(), "{h:?}");
                 }
             }
         }
-        assert!(m.observe("pump", "unknown", 6_000_000, 1.0).is_none());
+        let mut link = DeviceLink::default();
+        assert!(m
+            .observe(&mut link, "pump", "unknown", 6_000_000, 1.0)
+            .is_none());
+        // The link remembers that the metric has no slot: no lookup on the next reading.
+        assert_ne!(link, DeviceLink::default());
     }
 }

@@ -5,10 +5,9 @@
 //! restarts the device's period (with the new feature set); the state is not checkpointed, so a
 //! restart loses at most the period in progress.
 
+use super::table::{DeviceTable, Link};
 use edgewatch_models::multi::{AlignConfig, Aligner, DeviceSampler, SamplerConfig};
 use edgewatch_models::wire::{TrainingSample, MAX_TRAINING_FEATURES};
-use std::collections::HashMap;
-use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
 /// One device's aligner and sampler.
 struct Sampled {
@@ -34,7 +33,7 @@ pub(crate) struct Sampling {
     cfg: SamplerConfig,
     align: AlignConfig,
     max_devices: usize,
-    by_device: HashMap<Box<str>, Sampled, Xxh3DefaultBuilder>,
+    devices: DeviceTable<Sampled>,
 }
 
 impl Sampling {
@@ -44,14 +43,14 @@ impl Sampling {
             cfg,
             align,
             max_devices,
-            by_device: HashMap::with_hasher(Xxh3DefaultBuilder::new()),
+            devices: DeviceTable::new(),
         }
     }
 
     /// Devices sampled.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.by_device.len()
+        self.devices.len()
     }
 
     fn build(&self, device: &str, partition: u32, features: Vec<String>) -> Option<Sampled> {
@@ -63,55 +62,60 @@ impl Sampling {
         })
     }
 
-    /// Feeds one reading; returns `(partition, sample)` when it closes a period. One hash lookup
-    /// per reading once the device's metrics are known.
+    /// Feeds one reading of a series (`link`: its cached place in the device table); returns
+    /// `(partition, sample)` when it closes a period. No hashing once the link is resolved.
     #[inline]
     pub(crate) fn observe(
         &mut self,
+        link: &mut Link,
         device: &str,
         metric: &str,
         partition: u32,
         ts_ms: i64,
         value: f64,
     ) -> Option<(u32, TrainingSample)> {
-        if let Some(d) = self.by_device.get_mut(device) {
-            if let Some(slot) = d.aligner.slot(metric) {
-                return d.push(slot, ts_ms, value);
-            }
-        } else {
-            // A device's first metric: nothing to align yet.
-            if self.by_device.len() < self.max_devices {
+        let (ix, slot) = match self.devices.link(link, device, |d| d.aligner.slot(metric)) {
+            Some(found) => found,
+            None => self.add(link, device, metric, partition)?,
+        };
+        self.devices.get_mut(ix).push(slot, ts_ms, value)
+    }
+
+    /// A device or metric not sampled yet: a new device starts with this metric (nothing to
+    /// align), a known one is rebuilt with it added (features stay sorted). `None` at the limits
+    /// ([`MAX_TRAINING_FEATURES`], `max_devices`).
+    #[cold]
+    fn add(
+        &mut self,
+        link: &mut Link,
+        device: &str,
+        metric: &str,
+        partition: u32,
+    ) -> Option<(usize, usize)> {
+        let Some(ix) = self.devices.find(device) else {
+            if self.devices.len() < self.max_devices {
                 if let Some(d) = self.build(device, partition, vec![metric.to_string()]) {
-                    self.by_device.insert(device.into(), d);
+                    self.devices.insert(device, d);
                 }
             }
             return None;
-        }
-        let slot = self.add_metric(device, metric)?;
-        self.by_device.get_mut(device)?.push(slot, ts_ms, value)
-    }
-
-    /// Rebuilds a device's aligner and sampler with `metric` added (features stay sorted);
-    /// returns the metric's slot. `None` at [`MAX_TRAINING_FEATURES`].
-    #[cold]
-    fn add_metric(&mut self, device: &str, metric: &str) -> Option<usize> {
-        let d = self.by_device.get(device)?;
+        };
+        let d = self.devices.get(ix);
         let mut features = d.aligner.features().to_vec();
-        if features.len() >= MAX_TRAINING_FEATURES {
+        if features.len() >= MAX_TRAINING_FEATURES || features.iter().any(|f| f == metric) {
             return None;
         }
         features.push(metric.to_string());
         features.sort_unstable();
-        let slot = features.iter().position(|f| f == metric)?;
         let rebuilt = self.build(device, d.partition, features)?;
-        self.by_device.insert(device.into(), rebuilt);
-        Some(slot)
+        self.devices.replace(ix, rebuilt);
+        self.devices.link(link, device, |d| d.aligner.slot(metric))
     }
 
     /// An anomaly event of `device` at `ts_ms`: its period is left out of training.
-    pub(crate) fn note_anomaly(&mut self, device: &str, ts_ms: i64) {
-        if let Some(d) = self.by_device.get_mut(device) {
-            d.sampler.note_anomaly(ts_ms);
+    pub(crate) fn note_anomaly(&mut self, link: &Link, device: &str, ts_ms: i64) {
+        if let Some(ix) = self.devices.index_of(link, device) {
+            self.devices.get_mut(ix).sampler.note_anomaly(ts_ms);
         }
     }
 
@@ -119,7 +123,7 @@ impl Sampling {
     /// quiet still send their last period), pushing `(partition, sample)` into `out`.
     pub(crate) fn expire(&mut self, now_ms: i64, out: &mut Vec<(u32, TrainingSample)>) {
         let grace = self.cfg.period_ms;
-        for d in self.by_device.values_mut() {
+        for d in self.devices.values_mut() {
             if let Some(s) = d.sampler.expire(now_ms, grace) {
                 out.push((d.partition, s));
             }
@@ -131,7 +135,50 @@ impl Sampling {
 mod tests {
     use super::*;
 
-    fn sampling() -> Sampling {
+    /// A sampling with the series links a pipeline would keep.
+    struct Fed {
+        s: Sampling,
+        links: std::collections::HashMap<(String, String), Link>,
+    }
+
+    impl Fed {
+        fn observe(
+            &mut self,
+            device: &str,
+            metric: &str,
+            partition: u32,
+            ts_ms: i64,
+            value: f64,
+        ) -> Option<(u32, TrainingSample)> {
+            let link = self
+                .links
+                .entry((device.into(), metric.into()))
+                .or_default();
+            self.s
+                .observe(link, device, metric, partition, ts_ms, value)
+        }
+
+        fn note_anomaly(&mut self, device: &str, ts_ms: i64) {
+            self.s.note_anomaly(&Link::default(), device, ts_ms);
+        }
+
+        fn expire(&mut self, now_ms: i64, out: &mut Vec<(u32, TrainingSample)>) {
+            self.s.expire(now_ms, out);
+        }
+
+        fn len(&self) -> usize {
+            self.s.len()
+        }
+    }
+
+    fn sampling() -> Fed {
+        Fed {
+            s: sampling_only(),
+            links: Default::default(),
+        }
+    }
+
+    fn sampling_only() -> Sampling {
         Sampling::new(
             SamplerConfig {
                 period_ms: 60_000,
