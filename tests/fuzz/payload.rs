@@ -45,7 +45,7 @@ anomaly: { threshold: 0.5 }
 pipeline: { max_payload_bytes: 2048, max_series: 64 }
 # Device models on, so the training sampler sees the hostile input too (and its samples are checked
 # as the aggregator checks them).
-models: { enabled: true, training: { period_ms: 2000, samples: 8, min_rows: 2, max_devices: 16 } }
+models: { enabled: true, training: { period_ms: 500, samples: 8, min_rows: 1, max_devices: 16 } }
 "#;
 
 /// Series kept per pipeline for `configs/agent.yaml` (its own 100,000 would hold gigabytes of
