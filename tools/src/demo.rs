@@ -57,6 +57,8 @@ fn default_agent() -> AgentConfig {
     // The simulated clock runs `speedup` times faster than the wall clock, so its readings are
     // soon "in the future" for the agent: accept a year ahead instead of the default 10 minutes.
     a.window.max_future_ms = DEMO_MAX_FUTURE_MS;
+    // Device models: the agent samples its pumps for the aggregators, which train and push back.
+    a.models.enabled = true;
     a
 }
 
@@ -74,6 +76,10 @@ fn default_aggregators() -> Vec<AggregatorConfig> {
                 (i + 1) * p / 2 - 1
             ))];
             a.http.listen = format!("127.0.0.1:{}", 8080 + i);
+            // One training period (an hour of event time) is a wall minute: a model per pump
+            // after three of them, 128 sampled vectors each.
+            a.training.enabled = true;
+            a.training.min_rows = 300;
             a
         })
         .collect()
@@ -371,6 +377,7 @@ mod tests {
         assert_eq!(owners.len(), 64);
         assert_eq!(owners[&0], "agg-1");
         assert_eq!(owners[&63], "agg-2");
+        assert!(cfg.agent.models.enabled && cfg.aggregators.iter().all(|a| a.training.enabled));
     }
 
     #[test]

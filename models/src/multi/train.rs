@@ -100,6 +100,10 @@ pub struct DeviceSet {
     pub last_fit_ms: Option<i64>,
     /// Version of the last model fitted for this device (0: none).
     pub version: u64,
+    /// The last fit was a class model (the device was short of its own data): it gets its own
+    /// model as soon as it has enough, without waiting for the refit interval.
+    #[serde(default)]
+    pub class_fit: bool,
 }
 
 /// One kept training sample: its period and its rows, flat.
@@ -339,8 +343,10 @@ impl Trainer {
     /// (each holds a copy of its rows): call again for the rest.
     pub fn due(&mut self, now_ms: i64, max_jobs: usize) -> Vec<FitJob> {
         let cfg = &self.cfg;
+        let own_data = |s: &DeviceSet| s.rows >= cfg.min_rows && s.samples.len() >= cfg.min_samples;
         let is_due = |s: &DeviceSet| match s.last_fit_ms {
             None => true,
+            Some(_) if s.class_fit && own_data(s) => true,
             Some(t) => now_ms.saturating_sub(t) >= cfg.refit_interval_ms && s.rows_since_fit > 0,
         };
         // Each class's devices with rows, by device name.
@@ -355,7 +361,7 @@ impl Trainer {
             if jobs.len() >= max_jobs {
                 break;
             }
-            let own = s.rows >= cfg.min_rows && s.samples.len() >= cfg.min_samples;
+            let own = own_data(s);
             let members: &[&DeviceSet] = match classes.get(&(&s.class, &s.features)) {
                 _ if own => &[s],
                 Some((c, rows)) if c.len() >= cfg.class_min_devices && *rows >= cfg.min_rows => c,
@@ -392,6 +398,7 @@ impl Trainer {
             if let Some(s) = self.sets.get_mut(&job.device) {
                 s.last_fit_ms = Some(now_ms);
                 s.rows_since_fit = 0;
+                s.class_fit = job.class.is_some();
             }
         }
         jobs
@@ -623,6 +630,18 @@ mod tests {
         model.validate().unwrap();
         assert_eq!((&*model.key, model.version), ("pump-3", 1));
         assert!(t.due(0, usize::MAX).is_empty());
+        t.fitted("pump-3", 1);
+        // Once pump-3 has data of its own it gets its own model at once, not a refit interval later.
+        for p in 1..3 {
+            t.add("a3", "pumps", sample("pump-3", p, 40));
+        }
+        let jobs = t.due(1, usize::MAX);
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        assert_eq!(
+            (&*jobs[0].device, jobs[0].class.as_deref(), jobs[0].version),
+            ("pump-3", None, 2)
+        );
+        assert!(t.due(2, usize::MAX).is_empty());
     }
 
     /// The memory bound holds over all devices, counts what restores bring, and a refused
