@@ -61,6 +61,8 @@ pub struct Aligner {
     now_ms: i64,
     /// Per slot: updated since the last vector was released.
     updated: Vec<bool>,
+    /// Event time of the reading that completed the last vector (`i64::MIN`: none yet).
+    last_vector_ms: i64,
     /// Slot values at `now_ms`, NaN where empty or stale.
     vector: Vec<f64>,
 }
@@ -100,6 +102,7 @@ impl Aligner {
             slots: vec![None; n],
             now_ms: i64::MIN,
             updated: vec![false; n],
+            last_vector_ms: i64::MIN,
             vector: vec![f64::NAN; n],
         })
     }
@@ -138,11 +141,40 @@ impl Aligner {
                 _ => f64::NAN,
             };
         }
+        let complete = fresh >= self.need && !waiting;
+        if complete && !again && self.mixes_rounds(ts_ms) {
+            // The round spans as long as the time between rounds: it started mid-round (a model
+            // swapped in between two readings of a round) and holds readings of two rounds.
+            // Start over from this reading, so the next round is a whole one.
+            self.updated.fill(false);
+            self.updated[slot] = true;
+            return false;
+        }
         let ready = fresh >= self.need && (!waiting || again);
         if ready {
             self.updated.fill(false);
+            self.last_vector_ms = ts_ms;
         }
         ready
+    }
+
+    /// Whether the fresh slots, completed at `ts_ms`, span at least half the time since the
+    /// previous vector: readings of two rounds rather than one.
+    fn mixes_rounds(&self, ts_ms: i64) -> bool {
+        if self.last_vector_ms == i64::MIN {
+            return false;
+        }
+        let oldest = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|&(t, _)| t)
+            .filter(|&t| ts_ms.saturating_sub(t) <= self.staleness_ms)
+            .min()
+            .unwrap_or(ts_ms);
+        let spread = ts_ms.saturating_sub(oldest);
+        let period = ts_ms.saturating_sub(self.last_vector_ms);
+        spread > 0 && period > 0 && spread.saturating_mul(2) >= period
     }
 
     /// The current vector: one value per feature, NaN for a slot empty or stale at the last push.
@@ -202,6 +234,7 @@ impl TryFrom<AlignerState> for Aligner {
             slots: s.slots,
             now_ms: s.now_ms,
             updated,
+            last_vector_ms: i64::MIN,
             vector,
         })
     }
@@ -322,6 +355,36 @@ mod tests {
         // Waiting for c would give 20; a repeating starts the next round, so at least one vector
         // every other second (here 73 in 100 s).
         assert!((50..=100).contains(&vectors), "{vectors}");
+    }
+
+    /// An aligner started between two readings of a round (a model swapped in mid-round) would
+    /// lock onto rounds mixing two steps; it starts over once and then releases whole rounds.
+    #[test]
+    fn an_aligner_started_mid_round_finds_whole_rounds() {
+        let mut a = Aligner::new(&names(&["a", "b", "c"]), &cfg(10_000, 1.0)).unwrap();
+        let mut released = Vec::new();
+        // Steps of readings a, b, c at +0, +1, +2 ms; the aligner starts at b of step 0.
+        let mut first = true;
+        for step in 0..6i64 {
+            for j in 0..3usize {
+                if first && j == 0 {
+                    continue;
+                }
+                first = false;
+                if a.push(j, step * 1000 + j as i64, step as f64) {
+                    released.push(a.vector().to_vec());
+                }
+            }
+        }
+        // The first vector mixes steps 0 and 1 (nothing to compare with yet); the next
+        // completion spans a whole step, so it starts over; from then on, whole rounds.
+        let whole: Vec<_> = released
+            .iter()
+            .filter(|v| v.iter().all(|x| *x == v[0]))
+            .collect();
+        assert!(released.len() >= 4, "{released:?}");
+        assert!(released.len() - whole.len() <= 1, "{released:?}");
+        assert_eq!(released.last().unwrap(), &vec![5.0, 5.0, 5.0]);
     }
 
     #[test]
