@@ -273,6 +273,7 @@ fn run(command: Command) -> Result<(), Failure> {
                     cluster,
                     &cfg.prefix,
                     &format!("status-{}", std::process::id()),
+                    false,
                 )
                 .await
                 .map_err(runtime)?;

@@ -54,7 +54,8 @@ pub struct AggregatorConfig {
 #[serde(deny_unknown_fields)]
 pub struct TrainingConfig {
     /// Subscribe to the owned partitions' training lanes, keep training sets, fit and publish
-    /// models. Static ownership only for now (refused in cluster mode).
+    /// models. In cluster mode only the member holding the `trainer` lease does (see
+    /// `cluster::trainer`).
     #[serde(default)]
     pub enabled: bool,
     /// How often the fit task looks for devices due a fit, ms.
@@ -642,9 +643,6 @@ impl AggregatorConfig {
                 .into_iter()
                 .map(|p| format!("training.{p}")),
         );
-        if self.training.enabled && self.cluster.is_some() {
-            out.push("training.enabled: not available in cluster mode yet (training sets and models would need the cluster's KV); use static ownership".into());
-        }
         if self.fleet.enabled && self.cluster.is_some() {
             out.push("fleet.enabled: not available in cluster mode yet (each member sees only its partitions' devices); use static ownership".into());
         }

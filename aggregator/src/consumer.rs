@@ -89,12 +89,22 @@ impl LinkHandler for Consumer {
                     self.shared.cfg.partitions,
                     self.shared.cluster.is_some(),
                 );
-                if self.shared.training.is_some() {
-                    self.subscribed.extend(training_filters(
+                match &self.shared.training {
+                    // Cluster mode: the trainer alone takes every training lane.
+                    Some(t) if self.shared.cluster.is_some() => {
+                        if t.is_active() {
+                            self.subscribed.push(SubscribeFilter::new(
+                                self.topics.all_samples_filter(),
+                                crate::cluster::node::PARTITION_QOS,
+                            ));
+                        }
+                    }
+                    Some(_) => self.subscribed.extend(training_filters(
                         &self.topics,
                         &self.shared.owned.list(),
                         self.shared.cfg.partitions,
-                    ));
+                    )),
+                    None => {}
                 }
                 if let Err(e) = self.client.try_subscribe_many(self.subscribed.clone()) {
                     tracing::error!(error = %e, "subscribe request failed");
@@ -617,45 +627,61 @@ fn apply_training(
         m.misrouted_total.fetch_add(n, Relaxed);
         return Ok(());
     };
-    if !shared.owned.contains(partition) {
+    // Static ownership: the partition's owner trains its devices. Cluster mode: the trainer
+    // (the member holding the trainer lease) trains every device.
+    let applies = if shared.cluster.is_some() {
+        training.is_active()
+    } else {
+        shared.owned.contains(partition)
+    };
+    if !applies {
         m.misrouted_total.fetch_add(n, Relaxed);
         return Ok(());
     }
     let lane = LaneId::new(agent, id, batch.epoch);
-    let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(why) = state.note_floor(lane, batch.acked) {
-        let detail = format!(
-            "batch floor (acked) {} is too far above the lane's applied seq {}",
-            batch.acked,
-            state.lane_seq(lane).unwrap_or(0)
-        );
-        refuse(shared, warnings, why, n, lane, batch.acked, &detail);
-        return Ok(());
+    // The state's lock is never held across the store's writes: in cluster mode they wait on the
+    // runtime (the KV), whose workers may be waiting for this lock (HTTP handlers).
+    let lock = || shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    {
+        let mut state = lock();
+        if let Err(why) = state.note_floor(lane, batch.acked) {
+            let detail = format!(
+                "batch floor (acked) {} is too far above the lane's applied seq {}",
+                batch.acked,
+                state.lane_seq(lane).unwrap_or(0)
+            );
+            drop(state);
+            refuse(shared, warnings, why, n, lane, batch.acked, &detail);
+            return Ok(());
+        }
     }
     for r in batch.records {
-        if state.lane_seq(lane).is_some_and(|c| r.seq <= c) {
-            continue;
-        }
-        let refused = if let Err(why) = state.check_seq(lane, r.seq) {
-            let applied_seq = state.lane_seq(lane).unwrap_or(0);
-            Some((
-                why,
-                format!("seq too far above the lane's applied seq {applied_seq}"),
-            ))
-        } else if partition_of(&r.item.device, partitions) != partition {
-            Some((
-                Refusal::Partition,
-                format!(
-                    "device {:?} belongs to partition {} of {partitions}",
-                    r.item.device,
-                    partition_of(&r.item.device, partitions)
-                ),
-            ))
-        } else {
-            r.item
-                .check()
-                .err()
-                .map(|e| (Refusal::InvalidSample, format!("training sample: {e}")))
+        let refused = {
+            let state = lock();
+            if state.lane_seq(lane).is_some_and(|c| r.seq <= c) {
+                continue;
+            }
+            if let Err(why) = state.check_seq(lane, r.seq) {
+                let applied_seq = state.lane_seq(lane).unwrap_or(0);
+                Some((
+                    why,
+                    format!("seq too far above the lane's applied seq {applied_seq}"),
+                ))
+            } else if partition_of(&r.item.device, partitions) != partition {
+                Some((
+                    Refusal::Partition,
+                    format!(
+                        "device {:?} belongs to partition {} of {partitions}",
+                        r.item.device,
+                        partition_of(&r.item.device, partitions)
+                    ),
+                ))
+            } else {
+                r.item
+                    .check()
+                    .err()
+                    .map(|e| (Refusal::InvalidSample, format!("training sample: {e}")))
+            }
         };
         if let Some((why, detail)) = refused {
             refuse(shared, warnings, why, 1, lane, r.seq, &detail);
@@ -673,8 +699,9 @@ fn apply_training(
                     "training sample not kept (counted in edgewatch_training_samples_refused_total; logged at most every 5 s)");
             }
         }
-        state.note_seq(lane, seq, prev);
+        lock().note_seq(lane, seq, prev);
     }
+    let mut state = lock();
     drop_evicted(shared, &mut state, store)?;
     if let Some(seq) = state.lane_seq(lane) {
         store.put_lane_seq(lane, seq).map_err(|e| {
@@ -775,7 +802,7 @@ mod tests {
             started: Instant::now(),
             token: None,
             fleet: None,
-            training: Some(crate::training::Training::new(&cfg.training, &[])),
+            training: Some(crate::training::Training::new(&cfg.training, &[], true)),
             cfg,
         }
     }

@@ -280,9 +280,12 @@ impl Server {
                     .unwrap_or_default();
                 models.extend(shared.fleet.as_ref().map(|f| f.models(now)).unwrap_or_default());
                 let waiting = shared.training.as_ref().map(|t| t.waiting());
+                // Whether this instance trains: always with static ownership and training on;
+                // in cluster mode only the member holding the trainer lease.
+                let trainer = shared.training.as_ref().is_some_and(|t| t.is_active());
                 json_response(
                     StatusCode::OK,
-                    &json!({"aggregator": shared.cfg.id, "models": models, "training": waiting}),
+                    &json!({"aggregator": shared.cfg.id, "trainer": trainer, "models": models, "training": waiting}),
                 )
             }
             "/api/cluster" => match &shared.cluster {

@@ -88,9 +88,10 @@ impl Aggregator {
         let wps = cfg.state.windows_per_series;
         let (store, state, cluster, owned) = if let Some(c) = &cfg.cluster {
             // State lives in the cluster's KV; partitions are owned as their leases are won.
-            let buckets = cluster::node::Buckets::join(c, &cfg.prefix, &cfg.id)
-                .await
-                .map_err(AggregatorError::Cluster)?;
+            let buckets =
+                cluster::node::Buckets::join(c, &cfg.prefix, &cfg.id, cfg.training.enabled)
+                    .await
+                    .map_err(AggregatorError::Cluster)?;
             tracing::info!(aggregator = %cfg.id, servers = %c.servers.join(","), "joined the nats cluster");
             (
                 None,
@@ -113,7 +114,9 @@ impl Aggregator {
             None
         };
         let training = if cfg.training.enabled {
-            let t = training::Training::new(&cfg.training, &cfg.fleet.groups);
+            // In cluster mode only the member holding the trainer lease trains.
+            let t =
+                training::Training::new(&cfg.training, &cfg.fleet.groups, cfg.cluster.is_none());
             if let Some(s) = &store {
                 let (sets, models) = s.load_training()?;
                 tracing::info!(aggregator = %cfg.id, devices = sets.len(), models = models.len(), "training sets and device models loaded from the store");
@@ -238,6 +241,7 @@ impl Aggregator {
                 // which may itself be waiting for the apply loop (Own/Disown); and it holds at most
                 // one entry per partition (a fenced partition is dropped until taken again).
                 let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+                let (fenced_tx, fenced_rx) = mpsc::unbounded_channel();
                 let kv = cluster::store::KvStore::new(
                     buckets.checkpoints.clone(),
                     handle.clone(),
@@ -247,15 +251,24 @@ impl Aggregator {
                 let interval = Duration::from_millis(c.checkpoint_interval_ms);
                 let acks = client.clone();
                 let apply = tokio::task::spawn_blocking(move || {
-                    cluster::node::apply_loop(rx, apply_shared, kv, acks, lost_tx, handle, interval)
+                    cluster::node::apply_loop(
+                        rx,
+                        apply_shared,
+                        kv,
+                        acks,
+                        lost_tx,
+                        fenced_tx,
+                        handle,
+                        interval,
+                    )
                 });
                 let coordinator = cluster::node::Coordinator {
                     shared: shared.clone(),
                     buckets: buckets.clone(),
                     cluster: c.clone(),
                     http: self.addr.to_string(),
-                    ctl: tx,
-                    client,
+                    ctl: tx.clone(),
+                    client: client.clone(),
                     lost: lost_rx,
                     plan: cluster::plan::Plan::new(
                         &shared.cfg.id,
@@ -266,7 +279,33 @@ impl Aggregator {
                     started_ms: cluster::lease::now_ms(),
                     last_applied: (Instant::now(), shared.owned.applied()),
                 };
-                (apply, Some(tokio::spawn(coordinator.run(leaving.clone()))))
+                // The fleet trainer role runs beside the coordinator (its take-over may be slow).
+                let trainer = buckets.training.clone().map(|bucket| {
+                    cluster::trainer::TrainerRole {
+                        shared: shared.clone(),
+                        leases: buckets.leases.clone(),
+                        bucket,
+                        cluster: c.clone(),
+                        ctl: tx.clone(),
+                        client: client.clone(),
+                        fenced: fenced_rx,
+                        lease: None,
+                    }
+                    .run(leaving.clone())
+                });
+                // The apply loop ends once every sender is gone: the coordinator's and the role's
+                // end with them.
+                drop(tx);
+                let coordinator = coordinator.run(leaving.clone());
+                let both = async move {
+                    match trainer {
+                        Some(t) => {
+                            tokio::join!(coordinator, t);
+                        }
+                        None => coordinator.await,
+                    }
+                };
+                (apply, Some(tokio::spawn(both)))
             }
             (None, None) => unreachable!("bind makes a store or joins a cluster"),
         };

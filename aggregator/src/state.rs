@@ -387,6 +387,15 @@ impl FleetState {
         self.lanes.retain(|_, l| !l.is_empty());
     }
 
+    /// Forgets every training lane (lane ids with the training bit): this member stopped being the
+    /// fleet trainer.
+    pub fn drop_training_lanes(&mut self) {
+        for lanes in self.lanes.values_mut() {
+            lanes.retain(|id, _| id & edgewatch_models::wire::LaneKind::TRAINING_BIT == 0);
+        }
+        self.lanes.retain(|_, l| !l.is_empty());
+    }
+
     /// Takes in the stored state of `partition` (after taking it over): its kept windows, oldest
     /// first, and its lanes, as (agent, epoch, seq), at their stored seqs. Counters cover the kept
     /// windows only, as in [`crate::store::rebuild`].

@@ -144,6 +144,15 @@ pub enum StoreError {
         /// Whether a later write may succeed (false when another owner took the partition).
         retryable: bool,
     },
+    /// Writing to the cluster's training bucket failed (the fleet trainer, cluster mode).
+    /// Retryable unless a newer trainer took training over.
+    #[error("training bucket: {reason}")]
+    Training {
+        /// What failed, with the key.
+        reason: String,
+        /// Whether a later write may succeed.
+        retryable: bool,
+    },
 }
 
 fn retry_hint(e: &sled::Error) -> &'static str {
@@ -163,7 +172,9 @@ impl StoreError {
             StoreError::Corrupt { .. }
             | StoreError::Invalid { .. }
             | StoreError::NotOwned { .. } => false,
-            StoreError::Checkpoint { retryable, .. } => *retryable,
+            StoreError::Checkpoint { retryable, .. } | StoreError::Training { retryable, .. } => {
+                *retryable
+            }
         }
     }
 }

@@ -1061,7 +1061,7 @@ async fn nats_permissions_let_a_cluster_mode_aggregator_and_an_agent_run_end_to_
     };
     run_fleet_through(node.mqtt, &ids, &agg_metrics).await;
     // `edgewatch cluster status` under the same identity (it reads every lease).
-    let buckets = Buckets::open(&c, "edgewatch/v1", "aggregator-1")
+    let buckets = Buckets::open(&c, "edgewatch/v1", "aggregator-1", false)
         .await
         .unwrap();
     let status = status::collect(&buckets, 64).await.unwrap();

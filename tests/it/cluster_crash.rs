@@ -39,6 +39,8 @@ struct Run {
     aggs: BTreeMap<String, Member>,
     agents: Vec<Proc>,
     readings_log: PathBuf,
+    /// Device model training on: aggregators train (the trainer lease), agents sample.
+    training: bool,
 }
 
 struct Member {
@@ -82,7 +84,11 @@ fn write(dir: &Path, name: &str, yaml: &str) -> PathBuf {
 impl Run {
     fn new(timing: Timing) -> Self {
         let nats = NatsCluster::start();
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
+        if std::env::var_os("EDGEWATCH_KEEP_TEST_DIRS").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("logs and state kept in {}", dir.path().display());
+        }
         let readings_log = dir.path().join("readings.csv");
         let subscriptions = SubscriptionLog::new();
         Self {
@@ -97,6 +103,7 @@ impl Run {
             aggs: BTreeMap::new(),
             agents: Vec::new(),
             readings_log,
+            training: false,
         }
     }
 
@@ -107,7 +114,13 @@ impl Run {
     /// A NATS cluster with aggregators `ids` (the i-th on node i mod 3), once they share every
     /// partition.
     async fn with_members(timing: Timing, ids: &[&str]) -> Self {
+        Self::with_members_training(timing, ids, false).await
+    }
+
+    /// [`Run::with_members`], with device model training on when `training`.
+    async fn with_members_training(timing: Timing, ids: &[&str], training: bool) -> Self {
         let mut run = Self::new(timing);
+        run.training = training;
         for (i, id) in ids.iter().enumerate() {
             run.start_aggregator(id, i % 3);
         }
@@ -142,10 +155,15 @@ impl Run {
                 "id: {id}\nmqtt: {}\npartitions: {PARTITIONS}\n\
                  http: {{ listen: \"127.0.0.1:{http}\" }}\n\
                  state: {{ windows_per_series: 100000 }}\n\
-                 cluster: {{ type: nats, servers: [{servers}], lease_ttl_ms: {}, heartbeat_ms: {}, checkpoint_interval_ms: 200 }}\n",
+                 cluster: {{ type: nats, servers: [{servers}], lease_ttl_ms: {}, heartbeat_ms: {}, checkpoint_interval_ms: 200 }}\n{}",
                 link(&self.nats, node),
                 self.timing.ttl_ms,
                 self.timing.heartbeat_ms,
+                if self.training {
+                    "training: { enabled: true, check_interval_ms: 200, min_rows: 100, min_samples: 2, refit_interval_ms: 2000 }\n"
+                } else {
+                    ""
+                },
             ),
         );
         let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
@@ -276,10 +294,15 @@ impl Run {
                      source:\n  mqtt: {{ host: 127.0.0.1, port: {} }}\n  qos: 1\n  subscriptions:\n{subscriptions}\
                      uplink: {{ mqtt: {}, partitions: {PARTITIONS}, ack_timeout_ms: 2000 }}\n\
                      window: {{ size_ms: {WINDOW_MS}, allowed_lateness_ms: 5000, idle_timeout_ms: 20000 }}\n\
-                     state: {{ dir: \"{}\", checkpoint_interval_ms: 500, flush_on_exit: true }}\n",
+                     state: {{ dir: \"{}\", checkpoint_interval_ms: 500, flush_on_exit: true }}\n{}",
                     self.sensors.port,
                     link(&self.nats, uplink),
-                    self.path(&format!("{id}-state")).display()
+                    self.path(&format!("{id}-state")).display(),
+                    if self.training {
+                        "models: { enabled: true, training: { period_ms: 60000, samples: 128, min_rows: 16 } }\n"
+                    } else {
+                        ""
+                    },
                 ),
             );
             self.agents.push(Proc::spawn(
@@ -356,6 +379,18 @@ impl Run {
             for l in tail {
                 out.push_str(l);
                 out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Every aggregator log line containing `needle`.
+    fn grep_logs(&self, needle: &str) -> String {
+        let mut out = String::new();
+        for id in self.aggs.keys() {
+            let log = std::fs::read_to_string(self.path(&format!("{id}.log"))).unwrap_or_default();
+            for l in log.lines().filter(|l| l.contains(needle)) {
+                out.push_str(&format!("{id}: {l}\n"));
             }
         }
         out
@@ -653,4 +688,150 @@ async fn cluster_killing_the_lease_leader_node_loses_nothing() {
     eprintln!("finished {:?} after the kill", killed.elapsed());
     assert_eq!(code, 0, "verify exact:\n{out}\n{}", run.logs());
     assert!(run.settled(), "ownership settled after the election");
+}
+
+/// The live member that says it is the fleet trainer (never more than one), with its device models
+/// (device → version) and training sets (device → rows), once `done` holds for them.
+async fn wait_trainer(
+    run: &Run,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&str, &BTreeMap<String, u64>) -> bool,
+) -> (String, BTreeMap<String, u64>, BTreeMap<String, u64>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut trainers = Vec::new();
+        for (id, addr) in run.live() {
+            let Some(doc) = try_json(addr, "/api/models") else {
+                continue;
+            };
+            if doc["trainer"] != true {
+                assert!(
+                    doc["models"].as_array().is_none_or(|m| m.is_empty()),
+                    "{id} is not the trainer but holds models: {doc:#}"
+                );
+                continue;
+            }
+            let mut models = BTreeMap::new();
+            let mut rows = BTreeMap::new();
+            for m in doc["models"].as_array().unwrap() {
+                if m["kind"] == "pca" {
+                    let device = m["device"].as_str().unwrap().to_string();
+                    models.insert(device.clone(), m["version"].as_u64().unwrap());
+                    rows.insert(device, m["training"]["rows"].as_u64().unwrap_or(0));
+                }
+            }
+            trainers.push((id.to_string(), models, rows));
+        }
+        assert!(
+            trainers.len() <= 1,
+            "two live trainers at once: {:?}",
+            trainers.iter().map(|t| &t.0).collect::<Vec<_>>()
+        );
+        if let Some((id, models, rows)) = trainers.pop() {
+            if done(&id, &models) {
+                return (id, models, rows);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}\n{}\n{}",
+            run.logs(),
+            run.grep_logs("trainer")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Device model training in cluster mode: one member holds the trainer lease, applies every
+/// agent's training lane and publishes the models. SIGKILLed, another member takes the lease over,
+/// resumes from the training bucket (the same models and training sets, loaded, not refitted from
+/// nothing), publishes newer versions and the agents swap them in. Readings stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_killed_trainer_hands_training_to_another_member() {
+    edgewatch::logging::init("warn");
+    let timing = Timing {
+        ttl_ms: 4_000,
+        heartbeat_ms: 1_000,
+    };
+    let mut run = Run::with_members_training(timing, &["agg-1", "agg-2", "agg-3"], true).await;
+    let sim = run.start_stream(60).await;
+    let (first, models, _) = wait_trainer(
+        &run,
+        "a trainer with models for every device",
+        Duration::from_secs(90),
+        |_, m| m.len() == DEVICES,
+    )
+    .await;
+    eprintln!("trainer {first}: {models:?}");
+    run.kill9(&first);
+    let killed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let (next, resumed, rows) = wait_trainer(
+        &run,
+        "another member training after the kill",
+        Duration::from_secs(60),
+        |id, m| id != first && m.len() == DEVICES,
+    )
+    .await;
+    eprintln!("trainer {next} after the kill: {resumed:?}, rows {rows:?}");
+    for (device, v) in &models {
+        assert!(
+            resumed[device] >= *v,
+            "{device}: v{} < v{v} after the take-over",
+            resumed[device]
+        );
+        assert!(
+            rows[device] > 0,
+            "{device}: the training set was loaded: {rows:?}"
+        );
+    }
+    let log = crate::models::plain_log(&run.path(&format!("{next}.log")));
+    let took = log
+        .lines()
+        .find(|l| l.contains("this member is the fleet trainer"))
+        .unwrap_or_else(|| panic!("{next} never said it trains:\n{log}"));
+    assert!(
+        !took.contains("models=0"),
+        "the new trainer loaded the models: {took}"
+    );
+    // Refits by the new trainer reach the agents.
+    let (_, refit, _) = wait_trainer(
+        &run,
+        "newer versions from the new trainer",
+        Duration::from_secs(60),
+        |id, m| id == next && models.iter().all(|(d, v)| m.get(d).is_some_and(|n| n > v)),
+    )
+    .await;
+    // Versions are the fit time (ms): one above the kill's time was fitted by the new trainer.
+    let swapped_after = |t: i64| {
+        ["gw-a", "gw-b"].iter().any(|a| {
+            crate::models::plain_log(&run.path(&format!("{a}.log")))
+                .lines()
+                .filter(|l| l.contains("model swapped in"))
+                .filter_map(|l| {
+                    l.split("version=")
+                        .nth(1)?
+                        .split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse::<i64>()
+                        .ok()
+                })
+                .any(|v| v > t)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !swapped_after(killed_ms) {
+        assert!(
+            Instant::now() < deadline,
+            "no agent swapped in a model fitted after the kill (newer trainer's: {refit:?})\n{}",
+            run.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let published = sim.await.unwrap();
+    let (code, text) = run.finish(published).await;
+    assert_eq!(code, 0, "{text}");
 }

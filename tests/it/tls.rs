@@ -434,7 +434,7 @@ async fn cluster_mode_connects_to_nats_over_tls_and_names_what_fails() {
     tls.client_key_file = Some(pki.client_key.clone());
     cfg.tls = Some(tls.clone());
     assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
-    let buckets = Buckets::open(&cfg, "tls-test", "agg-tls").await;
+    let buckets = Buckets::open(&cfg, "tls-test", "agg-tls", false).await;
     let buckets = match buckets {
         Ok(b) => b,
         Err(e) => panic!("TLS connect failed: {e}"),
@@ -446,7 +446,7 @@ async fn cluster_mode_connects_to_nats_over_tls_and_names_what_fails() {
     let mut untrusted = tls.clone();
     untrusted.ca_file = pki.other_ca.clone();
     wrong.tls = Some(untrusted);
-    let e = Buckets::open(&wrong, "tls-test", "agg-tls")
+    let e = Buckets::open(&wrong, "tls-test", "agg-tls", false)
         .await
         .unwrap_err()
         .to_string();
@@ -455,7 +455,7 @@ async fn cluster_mode_connects_to_nats_over_tls_and_names_what_fails() {
 
     let mut missing = cfg.clone();
     missing.tls = Some(TlsSettings::with_ca("/nonexistent/edgewatch/ca.pem"));
-    let e = Buckets::open(&missing, "tls-test", "agg-tls")
+    let e = Buckets::open(&missing, "tls-test", "agg-tls", false)
         .await
         .unwrap_err()
         .to_string();

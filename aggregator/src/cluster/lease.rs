@@ -113,8 +113,17 @@ pub struct Leases {
     owner: String,
 }
 
-/// The key of a partition's lease.
+/// The pseudo-partition of the fleet trainer's lease (key `trainer`): the one member that applies
+/// the agents' training lanes and fits device models (see [`super::trainer`]). Partition counts
+/// are far below it, so it names no real partition.
+pub const TRAINER: u32 = u32::MAX;
+
+/// The key of a partition's lease (`p{partition}`), or `trainer` for [`TRAINER`]. The trainer's
+/// lanes checkpoint has the same key in the training bucket.
 pub(crate) fn key(partition: u32) -> String {
+    if partition == TRAINER {
+        return "trainer".to_string();
+    }
     format!("p{partition}")
 }
 

@@ -19,6 +19,7 @@ pub mod node;
 pub(crate) mod plan;
 pub mod status;
 pub mod store;
+pub mod trainer;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointFence, KvCheckpoints};
 pub use config::{ClusterConfig, ClusterKind, NatsCredentials};

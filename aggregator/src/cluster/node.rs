@@ -14,9 +14,16 @@ use super::lease::{Lease, LeaseError, Leases};
 use super::members::{MemberInfo, Members, OwnedPartition};
 use super::plan::{Action, Plan, Renewal, Verdict};
 use super::store::{KvStore, PartitionState};
+use super::trainer::{KvTraining, TrainerState, TrainingBucket};
 use crate::consumer::{self, Input, Touched, Warnings};
+use crate::state::LaneId;
 use crate::Shared;
-use edgewatch_models::wire::Topics;
+use edgewatch_models::wire::{LaneKind, Topics};
+
+/// Whether a lane id is a training lane's (held by the trainer, not a partition).
+fn is_training(id: u32) -> bool {
+    id & LaneKind::TRAINING_BIT != 0
+}
 use rumqttc::{AsyncClient, QoS};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -57,6 +64,23 @@ pub enum Control {
         /// The partition.
         partition: u32,
     },
+    /// Start training (the trainer lease was won) from `state`, writing through `training`.
+    Train {
+        /// The trainer's writes, fenced under the lease's revision.
+        training: Box<KvTraining>,
+        /// The sets, models and lane seqs read from the training bucket.
+        state: Box<TrainerState>,
+        /// Answered once training.
+        done: oneshot::Sender<()>,
+    },
+    /// Stop training; with `checkpoint`, write the training lanes' seqs and acknowledge them first
+    /// (giving the lease back), answering whether that write succeeded.
+    Untrain {
+        /// Write and acknowledge first (a clean give-back), or drop at once (lease lost).
+        checkpoint: bool,
+        /// Answered once stopped.
+        done: Option<oneshot::Sender<bool>>,
+    },
 }
 
 /// The KV side of a member: its buckets.
@@ -68,12 +92,20 @@ pub struct Buckets {
     pub leases: Leases,
     /// Partition checkpoints.
     pub checkpoints: KvCheckpoints,
+    /// Training sets, models and the trainer's lane seqs (opened only with `training.enabled`).
+    pub training: Option<TrainingBucket>,
 }
 
 impl Buckets {
     /// Connects to the cluster as `id` and opens (creating if needed) the three buckets of the
-    /// deployment with uplink prefix `prefix` (see [`bucket_name`]).
-    pub async fn open(cfg: &ClusterConfig, prefix: &str, id: &str) -> Result<Self, super::KvError> {
+    /// deployment with uplink prefix `prefix` (see [`bucket_name`]), and the training bucket when
+    /// `training`.
+    pub async fn open(
+        cfg: &ClusterConfig,
+        prefix: &str,
+        id: &str,
+        training: bool,
+    ) -> Result<Self, super::KvError> {
         let client = super::kv::connect(cfg, &format!("edgewatch-aggregator-{id}")).await?;
         let js = async_nats::jetstream::new(client);
         let ttl = Duration::from_millis(cfg.lease_ttl_ms);
@@ -104,10 +136,24 @@ impl Buckets {
             )
             .await?,
         );
+        let training = if training {
+            Some(TrainingBucket::new(
+                super::kv::ensure_bucket(
+                    &js,
+                    &bucket_name(prefix, super::trainer::TRAINING_BUCKET),
+                    None,
+                    cfg.replicas,
+                )
+                .await?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             members,
             leases,
             checkpoints,
+            training,
         })
     }
 }
@@ -117,24 +163,32 @@ impl Buckets {
     /// with backoff up to [`JOIN_ATTEMPTS`] times while the cause may pass (a server down, an
     /// election, a request that never returns); a wrong password, address or bucket setting fails
     /// at once.
-    pub async fn join(cfg: &ClusterConfig, prefix: &str, id: &str) -> Result<Self, super::KvError> {
+    pub async fn join(
+        cfg: &ClusterConfig,
+        prefix: &str,
+        id: &str,
+        training: bool,
+    ) -> Result<Self, super::KvError> {
         let mut backoff =
             edgewatch_link::backoff::Backoff::new(500, 5_000, u64::from(std::process::id()));
         let mut attempt = 1;
         loop {
-            let why = match tokio::time::timeout(JOIN_ATTEMPT, Self::open(cfg, prefix, id)).await {
-                Ok(Ok(b)) => return Ok(b),
-                Ok(Err(e)) if !e.is_retryable() || attempt >= JOIN_ATTEMPTS => return Err(e),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) if attempt >= JOIN_ATTEMPTS => {
-                    return Err(super::KvError::Timeout {
-                        servers: cfg.servers.join(","),
-                        attempts: attempt,
-                        each: JOIN_ATTEMPT,
-                    })
-                }
-                Err(_) => format!("no answer within {JOIN_ATTEMPT:?}"),
-            };
+            let why =
+                match tokio::time::timeout(JOIN_ATTEMPT, Self::open(cfg, prefix, id, training))
+                    .await
+                {
+                    Ok(Ok(b)) => return Ok(b),
+                    Ok(Err(e)) if !e.is_retryable() || attempt >= JOIN_ATTEMPTS => return Err(e),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) if attempt >= JOIN_ATTEMPTS => {
+                        return Err(super::KvError::Timeout {
+                            servers: cfg.servers.join(","),
+                            attempts: attempt,
+                            each: JOIN_ATTEMPT,
+                        })
+                    }
+                    Err(_) => format!("no answer within {JOIN_ATTEMPT:?}"),
+                };
             let delay = backoff.next_delay_ms();
             tracing::warn!(aggregator = id, attempt, error = %why, retry_in_ms = delay, "cannot join the nats cluster yet; retrying");
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -466,6 +520,7 @@ pub(crate) fn apply_loop(
     mut store: KvStore,
     client: AsyncClient,
     lost: mpsc::UnboundedSender<u32>,
+    trainer_fenced: mpsc::UnboundedSender<()>,
     handle: tokio::runtime::Handle,
     interval: Duration,
 ) {
@@ -476,6 +531,7 @@ pub(crate) fn apply_loop(
         warnings: Warnings::default(),
         client,
         lost,
+        trainer_fenced,
     };
     l.topics = Topics::new(&l.shared.cfg.prefix);
     let mut next = Instant::now() + interval;
@@ -510,6 +566,8 @@ struct Loop {
     warnings: Warnings,
     client: AsyncClient,
     lost: mpsc::UnboundedSender<u32>,
+    /// Tells the trainer role that a training write was fenced (another member trains).
+    trainer_fenced: mpsc::UnboundedSender<()>,
 }
 
 impl Loop {
@@ -537,9 +595,88 @@ impl Loop {
                 let _ = done.send(ok);
             }
             Input::Control(Control::Lost { partition }) => self.drop_partition(partition, store),
-            // Training is refused in cluster mode: no fit task sends models here.
-            Input::Fitted(_) => {}
+            Input::Control(Control::Train {
+                training,
+                state,
+                done,
+            }) => {
+                let state = *state;
+                if let Some(t) = &self.shared.training {
+                    {
+                        let mut fleet = self.lock();
+                        for ((agent, id, epoch), seq) in &state.lanes {
+                            fleet.restore_lane(LaneId::new(agent, *id, *epoch), *seq);
+                        }
+                    }
+                    store.train(*training);
+                    t.activate(state.sets, state.models);
+                    let n = t.republish(&self.client, &self.topics);
+                    tracing::info!(aggregator = %self.shared.cfg.id, models = n, "device models published again (retained) by the new trainer");
+                }
+                let _ = done.send(());
+            }
+            Input::Control(Control::Untrain { checkpoint, done }) => {
+                let written = checkpoint && self.checkpoint_training(store);
+                self.stop_training(store);
+                if let Some(done) = done {
+                    let _ = done.send(written);
+                }
+            }
+            Input::Fitted(m) => {
+                // A fit that finishes after the role was lost is dropped: the new trainer fits.
+                if let Some(t) = self.shared.training.as_ref().filter(|_| store.trains()) {
+                    t.fitted(&self.shared, store, Some(&self.client), &self.topics, *m);
+                }
+            }
         }
+    }
+
+    /// Writes the training lanes' seqs and acknowledges them; `false` when the write failed.
+    fn checkpoint_training(&mut self, store: &mut KvStore) -> bool {
+        match store.checkpoint_training() {
+            None => false,
+            Some(Ok(())) => {
+                let mut ready = Touched::new();
+                self.touched.retain(|(agent, id, epoch), seq| {
+                    if is_training(*id) {
+                        ready.insert((agent.clone(), *id, *epoch), *seq);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if !ready.is_empty() {
+                    consumer::send_acks(&self.shared, &self.topics, &self.client, &ready);
+                }
+                true
+            }
+            Some(Err(e @ CheckpointError::Fenced { .. })) => {
+                tracing::warn!(aggregator = %self.shared.cfg.id, error = %e, "training lanes fenced: another member is the trainer; stopping training");
+                self.stop_training(store);
+                let _ = self.trainer_fenced.send(());
+                false
+            }
+            Some(Err(e)) => {
+                self.shared
+                    .metrics
+                    .checkpoint_errors_total
+                    .fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.warnings.ready("training_checkpoint") {
+                    tracing::warn!(aggregator = %self.shared.cfg.id, error = %e, suppressed, "training lanes checkpoint failed; not acknowledging them, retrying with the next checkpoint");
+                }
+                false
+            }
+        }
+    }
+
+    /// Stops training here: the store's training part, the sets and models, the lane seqs.
+    fn stop_training(&mut self, store: &mut KvStore) {
+        store.untrain();
+        if let Some(t) = &self.shared.training {
+            t.deactivate();
+        }
+        self.lock().drop_training_lanes();
+        self.touched.retain(|(_, id, _), _| !is_training(*id));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, crate::state::FleetState> {
@@ -579,6 +716,9 @@ impl Loop {
                     }
                 }
             }
+        }
+        if store.trains() && only.is_none() {
+            self.checkpoint_training(store);
         }
         for p in store.partitions() {
             let lag = store.lag(p).unwrap_or_default();

@@ -20,7 +20,7 @@
 use super::checkpoint::{CheckpointError, CheckpointFence, KvCheckpoints};
 use crate::state::{Applied, LaneId};
 use crate::store::{MemoryStore, Snapshot, StateStore, StoreError, StoredLane};
-use edgewatch_models::wire::WindowSummary;
+use edgewatch_models::wire::{LaneKind, WindowSummary};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -135,6 +135,13 @@ pub struct KvStore {
     windows_per_series: usize,
     owned: BTreeMap<u32, Owned>,
     write_timeout: Duration,
+    /// The training bucket, while this member is the fleet trainer.
+    training: Option<super::trainer::KvTraining>,
+}
+
+/// Whether a lane id is a training lane's (the trainer's, not a partition's).
+fn is_training(id: u32) -> bool {
+    id & LaneKind::TRAINING_BIT != 0
 }
 
 impl std::fmt::Debug for KvStore {
@@ -160,7 +167,40 @@ impl KvStore {
             windows_per_series,
             owned: BTreeMap::new(),
             write_timeout,
+            training: None,
         }
+    }
+
+    /// The write timeout of checkpoints (the trainer's writes use it too).
+    pub fn write_timeout(&self) -> Duration {
+        self.write_timeout
+    }
+
+    /// Starts acting as the fleet trainer, writing to `training`.
+    pub fn train(&mut self, training: super::trainer::KvTraining) {
+        self.training = Some(training);
+    }
+
+    /// Stops acting as the fleet trainer, without writing anything.
+    pub fn untrain(&mut self) {
+        self.training = None;
+    }
+
+    /// Whether this member is the trainer.
+    pub fn trains(&self) -> bool {
+        self.training.is_some()
+    }
+
+    /// Writes the training lanes' seqs if they changed (`None` when not the trainer).
+    pub fn checkpoint_training(&mut self) -> Option<Result<(), CheckpointError>> {
+        self.training.as_mut().map(|t| t.checkpoint())
+    }
+
+    fn trainer_mut(&mut self) -> Result<&mut super::trainer::KvTraining, StoreError> {
+        self.training.as_mut().ok_or(StoreError::Training {
+            reason: "this member is not the fleet trainer".into(),
+            retryable: false,
+        })
     }
 
     /// Starts owning `fence.partition` from `state` (what the take-over read).
@@ -199,13 +239,20 @@ impl KvStore {
         self.owned.remove(&partition);
     }
 
-    /// Whether `partition` is owned.
+    /// Whether `partition` is owned (a training lane id: whether this member is the trainer).
     pub fn owns(&self, partition: u32) -> bool {
+        if is_training(partition) {
+            return self.training.is_some();
+        }
         self.owned.contains_key(&partition)
     }
 
-    /// Whether `partition` has changes not yet checkpointed.
+    /// Whether `partition` has changes not yet checkpointed (a training lane id: the trainer's
+    /// lane seqs).
     pub fn is_dirty(&self, partition: u32) -> bool {
+        if is_training(partition) {
+            return self.training.as_ref().is_some_and(|t| t.is_dirty());
+        }
         self.owned.get(&partition).is_some_and(|o| o.dirty)
     }
 
@@ -300,6 +347,11 @@ impl StateStore for KvStore {
     }
 
     fn put_lane_seq(&mut self, lane: LaneId<'_>, seq: u64) -> Result<(), StoreError> {
+        if is_training(lane.partition) {
+            self.trainer_mut()?
+                .put_lane(lane.agent, lane.partition, lane.epoch, seq);
+            return Ok(());
+        }
         let o = self.owned_mut(lane.partition)?;
         // Looked up by &str: this runs for every batch, and resends must not mark it dirty.
         match o.lanes.get_mut(lane.agent) {
@@ -320,6 +372,12 @@ impl StateStore for KvStore {
     }
 
     fn drop_lane(&mut self, lane: LaneId<'_>) -> Result<(), StoreError> {
+        if is_training(lane.partition) {
+            if let Some(t) = &mut self.training {
+                t.drop_lane(lane.agent, lane.partition, lane.epoch);
+            }
+            return Ok(());
+        }
         let Some(o) = self.owned.get_mut(&lane.partition) else {
             return Ok(()); // nothing stored for a partition not owned
         };
@@ -345,7 +403,25 @@ impl StateStore for KvStore {
                 });
             }
         }
+        if let Some(Err(e)) = self.checkpoint_training() {
+            return Err(StoreError::Training {
+                retryable: !matches!(e, CheckpointError::Fenced { .. }),
+                reason: format!("lane seqs: {e}"),
+            });
+        }
         Ok(())
+    }
+
+    fn put_training(
+        &mut self,
+        set: &edgewatch_models::multi::DeviceSet,
+        changed: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.trainer_mut()?.put_set(set, changed)
+    }
+
+    fn put_model(&mut self, model: &crate::training::StoredModel) -> Result<(), StoreError> {
+        self.trainer_mut()?.put_model(model)
     }
 
     fn load(&self) -> Result<Snapshot, StoreError> {

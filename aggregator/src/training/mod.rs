@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -43,6 +43,10 @@ pub struct StoredModel {
 /// Training state shared by the consumer, the fit task and the HTTP server.
 pub(crate) struct Training {
     check_interval: Duration,
+    /// Whether this aggregator trains: always with static ownership; in cluster mode only while
+    /// it holds the trainer lease (the sets and models are loaded from the KV when it wins it).
+    active: AtomicBool,
+    train_cfg: edgewatch_models::multi::TrainConfig,
     groups: Vec<FleetGroup>,
     trainer: Mutex<Trainer>,
     models: Mutex<BTreeMap<String, StoredModel>>,
@@ -55,10 +59,13 @@ pub(crate) struct Training {
 }
 
 impl Training {
-    /// Empty training state; `groups` label classes as in `fleet.groups`.
-    pub(crate) fn new(cfg: &TrainingConfig, groups: &[FleetGroup]) -> Self {
+    /// Empty training state; `groups` label classes as in `fleet.groups`. `active`: whether it
+    /// trains from the start (static ownership) or only once elected (cluster mode).
+    pub(crate) fn new(cfg: &TrainingConfig, groups: &[FleetGroup], active: bool) -> Self {
         Self {
             check_interval: Duration::from_millis(cfg.check_interval_ms),
+            active: AtomicBool::new(active),
+            train_cfg: cfg.train(),
             groups: groups.to_vec(),
             trainer: Mutex::new(Trainer::new(cfg.train())),
             models: Mutex::new(BTreeMap::new()),
@@ -77,6 +84,28 @@ impl Training {
 
     fn models(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, StoredModel>> {
         self.models.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this aggregator trains now (see [`Training::activate`]).
+    pub(crate) fn is_active(&self) -> bool {
+        self.active.load(Relaxed)
+    }
+
+    /// Starts training from `sets` and `models` (cluster mode: the trainer lease was won and the
+    /// training bucket read), replacing whatever was held.
+    pub(crate) fn activate(&self, sets: Vec<DeviceSet>, models: Vec<StoredModel>) {
+        *self.trainer() = Trainer::new(self.train_cfg.clone());
+        self.models().clear();
+        self.restore(sets, models);
+        self.active.store(true, Relaxed);
+    }
+
+    /// Stops training (cluster mode: the trainer lease was lost or given back) and forgets the sets
+    /// and models: the next trainer holds them.
+    pub(crate) fn deactivate(&self) {
+        self.active.store(false, Relaxed);
+        *self.trainer() = Trainer::new(self.train_cfg.clone());
+        self.models().clear();
     }
 
     /// Loads what the store holds (at start).
@@ -131,8 +160,12 @@ impl Training {
                 self.samples_total.fetch_add(1, Relaxed);
             }
         }
-        if let Some(set) = t.get(&device) {
-            store.put_training(set, Some(from_ms))?;
+        // Stored after the lock is released: a store may wait on the runtime (the cluster's KV),
+        // whose workers may be waiting for this lock (HTTP, the fit task).
+        let set = t.get(&device).cloned();
+        drop(t);
+        if let Some(set) = set {
+            store.put_training(&set, Some(from_ms))?;
         }
         Ok(added)
     }
@@ -329,6 +362,9 @@ pub(crate) async fn fit_loop(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if !training.is_active() {
+            continue;
         }
         let now = crate::fleet::run::now_ms();
         // A few at a time: every job holds a copy of its rows.
