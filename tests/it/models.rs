@@ -313,13 +313,25 @@ async fn models_are_pushed_swapped_in_mid_stream_and_survive_a_kill() {
     let e2 = wait_pca(&feed, base, 600..660).await;
     assert_eq!(e2.model_version, Some(2), "{e2:?}");
     assert_eq!(e2.metric, "current", "{e2:?}");
-    let pca: Vec<Option<u64>> = feed
+    let events: Vec<(Option<u64>, i64, String, f64)> = feed
         .snapshot()
         .iter()
         .filter(|e| e.detector == "pca")
-        .map(|e| e.model_version)
+        .map(|e| {
+            (
+                e.model_version,
+                (e.ts_ms - base) / 1000,
+                e.metric.clone(),
+                e.score,
+            )
+        })
         .collect();
-    assert_eq!(pca, vec![Some(1), Some(2)], "one event per break");
+    let pca: Vec<Option<u64>> = events.iter().map(|e| e.0).collect();
+    assert_eq!(
+        pca,
+        vec![Some(1), Some(2)],
+        "one event per break; (version, step, metric, score): {events:?}"
+    );
     // Every reading counted exactly once (the last windows close on the agent's idle timeout).
     wait_readings(addr, 800 * 3).await;
 

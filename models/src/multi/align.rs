@@ -142,6 +142,9 @@ impl Aligner {
             };
         }
         let complete = fresh >= self.need && !waiting;
+        if complete && !again && self.last_vector_ms == i64::MIN && self.first_round() {
+            return false;
+        }
         if complete && !again && self.mixes_rounds(ts_ms) {
             // The round spans as long as the time between rounds: it started mid-round (a model
             // swapped in between two readings of a round) and holds readings of two rounds.
@@ -156,6 +159,50 @@ impl Aligner {
             self.last_vector_ms = ts_ms;
         }
         ready
+    }
+
+    /// The first round of a fresh aligner (a model swapped in, or a device seen for the first time)
+    /// may have started mid-round: with no previous vector there is no period to tell. Its fresh
+    /// readings are split at their largest gap in event time: those after it start the round, and
+    /// the last one before it stands for the previous vector. Returns whether it split (nothing is
+    /// released then); `false` when no gap dominates (readings together, or evenly spread), or
+    /// with fewer than three fresh readings (a device of two metrics cannot tell).
+    fn first_round(&mut self) -> bool {
+        let now = self.now_ms;
+        // Once per aligner, so this one allocation is not per vector.
+        let mut times: Vec<i64> = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|&(t, _)| t)
+            .filter(|&t| now.saturating_sub(t) <= self.staleness_ms)
+            .collect();
+        // Two readings are two readings: only three or more show which gap is the round's edge.
+        if times.len() < 3 {
+            return false;
+        }
+        times.sort_unstable();
+        let Some((before, after)) = times
+            .windows(2)
+            .map(|w| (w[0], w[1]))
+            .max_by_key(|(a, b)| (b.saturating_sub(*a), std::cmp::Reverse(*a)))
+        else {
+            return false;
+        };
+        // Only a gap that dominates the round splits it: readings a few ms apart around a gap of
+        // most of a period. Evenly spread readings (staggered metrics) are one round.
+        let gap = after.saturating_sub(before);
+        let rest = times[times.len() - 1]
+            .saturating_sub(times[0])
+            .saturating_sub(gap);
+        if gap <= 0 || gap <= rest.saturating_mul(4) {
+            return false;
+        }
+        for (u, s) in self.updated.iter_mut().zip(&self.slots) {
+            *u = matches!(*s, Some((t, _)) if t >= after && now.saturating_sub(t) <= self.staleness_ms);
+        }
+        self.last_vector_ms = before;
+        true
     }
 
     /// Whether the fresh slots, completed at `ts_ms`, span at least half the time since the
@@ -412,5 +459,34 @@ mod tests {
         assert_eq!(c.vector(), &[1.5, -2.5, 0.0]);
         let bad = json.replace("\"need\":3", "\"need\":4");
         assert!(serde_json::from_str::<Aligner>(&bad).is_err());
+    }
+
+    /// A model swapped in between two readings of a round: the fresh aligner's first vector holds
+    /// one round, not the tail of one and the head of the next.
+    #[test]
+    fn an_aligner_started_mid_round_releases_whole_rounds_from_the_first() {
+        let features: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        for start in 0..3 {
+            let mut al = Aligner::new(&features, &AlignConfig::default()).unwrap();
+            let mut vectors = Vec::new();
+            for i in 195..200i64 {
+                for j in 0..3usize {
+                    if i == 195 && j < start {
+                        continue;
+                    }
+                    // The value is the step: a mixed vector holds two steps.
+                    if al.push(j, i * 1000 + j as i64, i as f64) {
+                        vectors.push(al.vector().to_vec());
+                    }
+                }
+            }
+            assert!(vectors.len() >= 3, "start {start}: {vectors:?}");
+            for v in &vectors {
+                assert!(
+                    v.iter().all(|&x| x == v[0]),
+                    "start {start}: mixed vector {v:?} in {vectors:?}"
+                );
+            }
+        }
     }
 }
