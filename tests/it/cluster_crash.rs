@@ -777,6 +777,10 @@ async fn cluster_a_killed_trainer_hands_training_to_another_member() {
     )
     .await;
     eprintln!("trainer {next} after the kill: {resumed:?}, rows {rows:?}");
+    // The cluster's status names the trainer.
+    let addr = run.aggs[&next].addr;
+    let status = try_json(addr, "/api/cluster").expect("/api/cluster");
+    assert_eq!(status["trainer"]["owner"], next.as_str(), "{status:#}");
     for (device, v) in &models {
         assert!(
             resumed[device] >= *v,

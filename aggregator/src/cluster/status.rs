@@ -25,6 +25,20 @@ pub struct ClusterStatus {
     pub leases: Vec<PartitionStatus>,
     /// Partitions nobody holds a lease on (moving, or no member alive).
     pub unowned: Vec<u32>,
+    /// The member holding the `trainer` lease (device model training), if any.
+    #[serde(default)]
+    pub trainer: Option<TrainerStatus>,
+}
+
+/// The fleet trainer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerStatus {
+    /// The member holding the lease.
+    pub owner: String,
+    /// The lease revision (the epoch its training writes carry).
+    pub epoch: u64,
+    /// Ms since the lease was last renewed (server clock).
+    pub renewed_ms_ago: i64,
 }
 
 /// One live member.
@@ -128,12 +142,20 @@ pub async fn collect(buckets: &Buckets, partitions: u32) -> Result<ClusterStatus
             }
         }
     }
+    let trainer = buckets.leases.holder(super::lease::TRAINER).await?.map(
+        |(value, epoch, renewed_ms_ago)| TrainerStatus {
+            owner: value.owner,
+            epoch,
+            renewed_ms_ago,
+        },
+    );
     Ok(ClusterStatus {
         at_ms,
         partitions,
         members,
         leases,
         unowned,
+        trainer,
     })
 }
 
@@ -148,6 +170,15 @@ impl ClusterStatus {
             self.partitions,
             self.unowned.len()
         );
+        if let Some(t) = &self.trainer {
+            let _ = writeln!(
+                out,
+                "trainer: {} (epoch {}, renewed {:.1}s ago)",
+                t.owner,
+                t.epoch,
+                t.renewed_ms_ago as f64 / 1000.0
+            );
+        }
         let _ = writeln!(
             out,
             "{:<24} {:<22} {:>7} {:>9} {:>11} {:>10}",
@@ -220,8 +251,17 @@ mod tests {
                 PartitionStatus::unowned(1),
             ],
             unowned: vec![1],
+            trainer: Some(TrainerStatus {
+                owner: "agg-1".into(),
+                epoch: 88,
+                renewed_ms_ago: 1_200,
+            }),
         };
         let r = s.render();
+        assert!(
+            r.contains("trainer: agg-1 (epoch 88, renewed 1.2s ago)"),
+            "{r}"
+        );
         assert!(
             r.starts_with("1 member(s), 2 partition(s), 1 unowned"),
             "{r}"
