@@ -341,3 +341,35 @@ def test_the_aggregators_fit_equals_the_python_fit_bit_for_bit(aggregator):
         edgewatch.fetch_model("ws://x", device)
     with pytest.raises(OSError):
         edgewatch.fetch_model(f"http://127.0.0.1:{free_port()}", device, timeout=2)
+
+
+def test_score_and_windows_release_the_gil():
+    """While one thread scores a big matrix (or summarises a long series), another keeps running
+    Python code for most of the call (holding the GIL, the call would stop it throughout)."""
+    import threading
+
+    rows = correlated(400_000)
+    model = edgewatch.PcaModel.fit(rows[:1000], FEATURES)
+    ts = np.arange(3_000_000, dtype=np.int64)
+    values = np.sin(ts / 100.0)
+    for call in (lambda: model.score(rows), lambda: edgewatch.windows(ts, values, 10)):
+        start = time.perf_counter()
+        call()
+        duration = time.perf_counter() - start
+        started = threading.Event()
+
+        def work():
+            started.set()
+            call()
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        started.wait()
+        first = last = time.perf_counter()
+        longest = 0.0
+        while worker.is_alive():
+            now = time.perf_counter()
+            longest, last = max(longest, now - last), now
+        worker.join()
+        assert last - first > duration / 2, f"ran {last - first:.3f} s of a {duration:.3f} s call"
+        assert longest < duration / 2, f"longest pause {longest:.3f} s of a {duration:.3f} s call"
