@@ -146,7 +146,6 @@ async def feed(
                 target,
                 additional_headers=headers,
                 open_timeout=open_timeout_s,
-                max_size=None,
             )
         except InvalidStatus as err:
             status = err.response.status_code
