@@ -348,11 +348,13 @@ def test_score_and_windows_release_the_gil():
     Python code for most of the call (holding the GIL, the call would stop it throughout)."""
     import threading
 
-    rows = correlated(400_000)
+    # Calls of about a second in a release build: long against the scheduling hiccups of a
+    # loaded machine, which the pause bound must not mistake for the GIL.
+    rows = correlated(2_000_000)
     model = edgewatch.PcaModel.fit(rows[:1000], FEATURES)
-    ts = np.arange(3_000_000, dtype=np.int64)
+    ts = np.arange(10_000_000, dtype=np.int64)
     values = np.sin(ts / 100.0)
-    for call in (lambda: model.score(rows), lambda: edgewatch.windows(ts, values, 10)):
+    for call in (lambda: model.score(rows), lambda: edgewatch.windows(ts, values, 1000)):
         start = time.perf_counter()
         call()
         duration = time.perf_counter() - start
