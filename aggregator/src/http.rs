@@ -1,6 +1,6 @@
 //! The aggregator's HTTP face on one port: the WebSocket live feed (`/feed`), the JSON API
 //! (`/api/status`, `/api/devices`, `/api/devices/{id}`, `/api/windows`, `/api/cluster`,
-//! `/api/fleet`, `/api/models`, and
+//! `/api/fleet`, `/api/models`, `/api/models/{device}` (a device model's JSON artifact), and
 //! `POST /api/feed/ticket`), Prometheus `/metrics` and the dashboard (`/`).
 //!
 //! One task per connection. What keeps the port usable for everyone:
@@ -288,6 +288,31 @@ impl Server {
                     &json!({"aggregator": shared.cfg.id, "trainer": trainer, "models": models, "training": waiting}),
                 )
             }
+            p if p.starts_with("/api/models/") => {
+                // One device model, as the JSON artifact its agent receives (`edgewatch models
+                // show` reads it; the Python package's `fetch_model` loads it).
+                let Some(device) = percent_decode(&p["/api/models/".len()..]) else {
+                    return text(StatusCode::BAD_REQUEST, "device id: bad percent-encoding\n");
+                };
+                let model = shared.training.as_ref().and_then(|t| t.model(&device));
+                match model.map(|m| serde_json::to_vec(&m)) {
+                    Some(Ok(body)) => Response::builder()
+                        .header(CONTENT_TYPE, "application/json")
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap_or_default(),
+                    Some(Err(e)) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("cannot serialise the model: {e}\n"),
+                    ),
+                    None => json_response(
+                        StatusCode::NOT_FOUND,
+                        &json!({"error": match shared.training {
+                            Some(_) => format!("no model of device {device:?} on aggregator {}", shared.cfg.id),
+                            None => format!("no model of device {device:?}: training is off on aggregator {} (training.enabled)", shared.cfg.id),
+                        }, "device": device}),
+                    ),
+                }
+            }
             "/api/cluster" => match &shared.cluster {
                 None => json_response(
                     StatusCode::NOT_FOUND,
@@ -366,7 +391,7 @@ impl Server {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /, /feed, /api/status, /api/devices, /api/windows, /api/fleet, /api/models, /api/feed/ticket (POST), /metrics\n",
+                "not found: try /, /feed, /api/status, /api/devices, /api/windows, /api/fleet, /api/models, /api/models/{device}, /api/feed/ticket (POST), /metrics\n",
             ),
         }
     }

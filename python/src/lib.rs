@@ -3,9 +3,13 @@
 //! A thin face over `edgewatch_models::detect`: the same [`DetectorConfig`] parsing (serde, unknown
 //! keys rejected, then `build()`'s validation), the same [`AnyDetector`] the agent runs per series,
 //! and its postcard encoding — the bytes a detector has inside an agent checkpoint row — as `state()`.
-//! Whole-array scoring releases the GIL. The Python-facing docs are in `edgewatch/__init__.pyi`.
+//! Whole-array scoring releases the GIL. Beside it: the multivariate `PcaModel` (`pca.rs`),
+//! tumbling-window summaries (`windows.rs`) and the NAB scorer (`nab.rs`). The Python-facing docs
+//! are in `edgewatch/__init__.pyi`.
 
 mod nab;
+mod pca;
+mod windows;
 
 use edgewatch_models::detect::{
     self, AnyDetector, Detector as _, DetectorConfig, EventGate, GateConfig,
@@ -386,6 +390,8 @@ fn _edgewatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDetector>()?;
     m.add_function(wrap_pyfunction!(alarm_scores, m)?)?;
     m.add_function(wrap_pyfunction!(nab::nab_score, m)?)?;
+    m.add_class::<pca::PyPcaModel>()?;
+    m.add_function(wrap_pyfunction!(windows::windows, m)?)?;
     m.add("PRESETS", DetectorConfig::PRESETS.to_vec())?;
     Ok(())
 }

@@ -249,3 +249,139 @@ fn write_aggregator_yaml(dir: &std::path::Path, port: u16) -> String {
     .unwrap();
     path.to_str().unwrap().to_string()
 }
+
+/// `GET /api/models/{device}` serves a device model as the JSON artifact the aggregator published
+/// to the device's agent (the same bytes, read back retained from the broker), behind the same
+/// bearer token as the rest of the API; an unknown device is a 404 whose JSON error names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_model_is_served_as_the_published_artifact() {
+    use edgewatch_models::wire::{Batch, Sequenced, Topics, TrainingSample};
+    edgewatch::logging::init("warn");
+    const TOKEN: &str = "models-t0ken";
+    // A device id that needs percent-encoding in the path.
+    const PUMP: &str = "pump api/7";
+    let dir = tempfile::tempdir().unwrap();
+    let subscriptions = SubscriptionLog::new();
+    let mosq = Mosquitto::start_on(
+        free_port(),
+        &format!("persistence false\n{}", subscriptions.settings()),
+    );
+    std::env::set_var("EDGEWATCH_IT_MODELS_TOKEN", TOKEN);
+    let mut cfg = aggregator_config(mosq.port, &dir.path().join("state"));
+    cfg.http.auth_token_env = Some("EDGEWATCH_IT_MODELS_TOKEN".into());
+    cfg.training.min_samples = 1;
+    let partitions = cfg.partitions;
+    let agg = Aggregator::bind(cfg).await.unwrap();
+    let addr = agg.local_addr();
+    let stop_agg = CancellationToken::new();
+    let agg_task = {
+        let t = stop_agg.clone();
+        tokio::spawn(agg.run(async move { t.cancelled().await }))
+    };
+    subscriptions
+        .wait_filters("edgewatch-agg-t", 3, Duration::from_secs(20))
+        .await;
+    let get = |path: &str, token: Option<&str>| {
+        let a = addr.to_string();
+        let r = edgewatch_tools::http::Get::new(&a, path)
+            .bearer(token)
+            .send_blocking()
+            .unwrap_or_else(|e| panic!("GET http://{a}{path}: {e}"));
+        (r.status, r.text())
+    };
+    let path = "/api/models/pump%20api%2F7";
+    let (status, body) = get(path, Some(TOKEN));
+    assert_eq!(status, 404, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        error["error"].as_str().unwrap().contains("\"pump api/7\""),
+        "{body}"
+    );
+    assert_eq!(error["device"], PUMP);
+
+    // One training sample of 200 correlated rows, sent as an agent's training lane sends it.
+    let rows: Vec<Vec<f64>> = (0..200)
+        .map(|i| {
+            let x = (i as f64 / 9.0).sin();
+            let w = 0.03 * (i as f64 * 1.618).sin();
+            vec![2.0 * x + w, x - w, 40.0 + 0.5 * x + w * w]
+        })
+        .collect();
+    let partition = edgewatch_models::partition::partition_of(PUMP, partitions);
+    let batch = Batch {
+        agent: "gw-api".into(),
+        partition,
+        records: vec![Sequenced {
+            seq: 1,
+            prev: None,
+            item: TrainingSample {
+                device: PUMP.into(),
+                features: ["current", "flow", "temp"].map(String::from).into(),
+                from_ms: 1_700_000_000_000,
+                to_ms: 1_700_000_060_000,
+                seen: 200,
+                anomalies: 0,
+                rows,
+            },
+        }],
+        acked: 0,
+        epoch: 1,
+    };
+    let client = {
+        let mut opts = MqttOptions::new("models-api-sender", "127.0.0.1", mosq.port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        // The batch is bigger than rumqttc's default 10 KiB packet limit.
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 10);
+        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        client
+    };
+    client
+        .publish(
+            Topics::new("edgewatch/v1").samples(partition, "gw-api"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&batch).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let served = loop {
+        let (status, body) = get(path, Some(TOKEN));
+        if status == 200 {
+            break body;
+        }
+        assert_eq!(status, 404, "{body}");
+        assert!(Instant::now() < deadline, "no model served: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let model: edgewatch_models::multi::PcaModel = serde_json::from_str(&served).unwrap();
+    model.validate().unwrap();
+    assert_eq!((model.key.as_str(), model.samples), (PUMP, 200));
+    // The retained message the agent would receive holds exactly these bytes.
+    let sub = std::process::Command::new(require("mosquitto_sub"))
+        .args(["-p", &mosq.port.to_string(), "-t", "edgewatch/v1/models/#"])
+        .args(["-C", "1", "-W", "20"])
+        .output()
+        .unwrap();
+    assert!(sub.status.success(), "mosquitto_sub: {sub:?}");
+    let published = String::from_utf8(sub.stdout).unwrap();
+    assert_eq!(published.trim_end_matches('\n'), served);
+
+    // Same auth as the rest of the API.
+    let (status, body) = get(path, None);
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = get(path, Some("wrong"));
+    assert_eq!(status, 401);
+    // The list still answers on its own path.
+    let (status, list) = get("/api/models", Some(TOKEN));
+    assert_eq!(status, 200, "{list}");
+    assert!(list.contains("pump api/7"), "{list}");
+    let (status, body) = get("/api/models/pump%ZZ", Some(TOKEN));
+    assert_eq!(status, 400, "{body}");
+
+    client.disconnect().await.unwrap();
+    stop_agg.cancel();
+    agg_task.await.unwrap().unwrap();
+}

@@ -283,6 +283,11 @@ impl Training {
             .collect()
     }
 
+    /// The stored model of `device` (its own or its class's), as published to its agent.
+    pub(crate) fn model(&self, device: &str) -> Option<PcaModel> {
+        self.models().get(device).map(|s| s.model.clone())
+    }
+
     /// Devices with a training set and no model yet: `(device, rows, samples)`.
     pub(crate) fn waiting(&self) -> Vec<Value> {
         let models = self.models();
