@@ -146,7 +146,6 @@ mod tests {
             lag_ms: 120,
             source_connected: true,
             uplink_connected: false,
-            ..Sample::default()
         };
         let line = StatusLine::between(&prev, &now, Duration::from_secs(60));
         assert_eq!(line.readings_per_sec, 50.0);

@@ -535,3 +535,44 @@ async fn the_agent_warns_once_when_no_aggregator_acks_and_says_when_acks_resume(
     agg_task.await.unwrap().unwrap();
     drop(agent);
 }
+
+#[test]
+fn config_check_names_the_http_and_status_keys_with_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.yaml");
+    std::fs::write(
+        &path,
+        "id: gw-x\nhttp:\n  listen: localhost\n  auth_token_env: \"\"\nuplink:\n  ack_warn_ms: 0\nlog:\n  status_interval_ms: -1\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+        .args(["config", "check", "--kind", "agent"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    // A negative interval is a type error, reported first (serde stops there) with its line.
+    assert!(text.contains("log.status_interval_ms (line 8"), "{text}");
+    std::fs::write(
+        &path,
+        "id: gw-x\nhttp:\n  listen: localhost\n  auth_token_env: \"\"\nuplink:\n  ack_warn_ms: 0\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+        .args(["config", "check", "--kind", "agent"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for key in [
+        "http.listen (line 3, col 3): expected an address such as 127.0.0.1:9187, got \"localhost\"",
+        "http.auth_token_env (line 4, col 3)",
+        "uplink.ack_warn_ms (line 6, col 3): must be > 0, got 0",
+    ] {
+        assert!(text.contains(key), "{key} not in {text}");
+    }
+}
