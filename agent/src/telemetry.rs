@@ -271,7 +271,7 @@ impl AgentMetrics {
             let _ = writeln!(out, "edgewatch_agent_lane_unacked_records{{agent=\"{agent}\",partition=\"{}\",lane=\"{}\"}} {}", r.partition, r.kind, r.unacked);
         }
         family(out, "edgewatch_agent_lane_oldest_unacked_seconds", "gauge",
-            "Age of a lane's oldest unacknowledged record (at most 1 s too old; records from before a restart count from the start).");
+            "Age of a lane's oldest unacknowledged record (never too young; at most 1 s too old while the backlog spans under 512 s of appends, coarser beyond; records from before a restart count from the start).");
         for r in &lanes {
             let _ = writeln!(out, "edgewatch_agent_lane_oldest_unacked_seconds{{agent=\"{agent}\",partition=\"{}\",lane=\"{}\"}} {}", r.partition, r.kind, r.oldest_unacked.as_secs_f64());
         }

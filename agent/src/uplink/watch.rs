@@ -6,9 +6,11 @@
 //! **Ages without a timestamp per record.** A lane remembers the append time of one record per
 //! [`MARK_EVERY`] (at most [`MAX_MARKS`] of them): the oldest unacknowledged record is at most one
 //! mark period younger than the newest mark at or before it, so the age reported is at most
-//! [`MARK_EVERY`] too old, never too young. Records found in the outbox at start count from the
-//! start (their append time is not stored): after a restart the age is a lower bound for those.
-//! Past [`MAX_MARKS`] no mark is added, which can only make the age older.
+//! [`MARK_EVERY`] too old (until marks are thinned, below), never too young. Records found in the
+//! outbox at start count from the start (their append time is not stored): after a restart the age
+//! is a lower bound for those.
+//! At [`MAX_MARKS`] every other mark but the first is dropped (the period between marks doubles),
+//! which can only make the age older, never younger.
 //!
 //! **Latency.** The first publish time of each record in flight (at most [`MAX_IN_FLIGHT`] per
 //! lane; beyond that records are not timed) is kept until an ack covers it; every covered record
@@ -22,10 +24,11 @@ use tokio::time::Instant;
 
 /// One append time is remembered per this period per lane.
 pub(crate) const MARK_EVERY: Duration = Duration::from_secs(1);
-/// Most append-time marks per lane (an hour of appends at one mark per second).
-pub(crate) const MAX_MARKS: usize = 3_600;
-/// Most records per lane whose publish time is kept for the latency histogram.
-pub(crate) const MAX_IN_FLIGHT: usize = 10_000;
+/// Most append-time marks per lane (about 12 KB; 128 lanes: 1.5 MB at most).
+pub(crate) const MAX_MARKS: usize = 512;
+/// Most records per lane whose publish time is kept for the latency histogram (about 40 KB;
+/// 128 lanes: 5 MB at most, reached only while an owner acknowledges nothing).
+pub(crate) const MAX_IN_FLIGHT: usize = 1_000;
 
 #[derive(Debug)]
 struct Watched {
@@ -146,7 +149,15 @@ impl LaneWatch {
             .marks
             .back()
             .is_none_or(|&(_, t)| now.saturating_duration_since(t) >= MARK_EVERY);
-        if due && w.marks.len() < MAX_MARKS {
+        if due {
+            if w.marks.len() >= MAX_MARKS {
+                // Thin out: keep the first (the oldest held record's) and every other one after it.
+                let mut i = 0;
+                w.marks.retain(|_| {
+                    i += 1;
+                    i % 2 == 1
+                });
+            }
             w.marks.push_back((seq, now));
         }
     }
@@ -327,11 +338,25 @@ mod tests {
         }
         let lane = &w.lanes[&2];
         assert_eq!(lane.sent.len(), MAX_IN_FLIGHT);
-        assert_eq!(lane.marks.len(), MAX_MARKS);
-        // Bounded marks make the age older, never younger.
+        assert!(lane.marks.len() <= MAX_MARKS);
+        assert!(lane
+            .marks
+            .iter()
+            .zip(lane.marks.iter().skip(1))
+            .all(|(a, b)| a.0 < b.0 && a.1 < b.1));
+        // The oldest mark stays: the age is exact for the first record.
         let now = t0 + Duration::from_secs(20_000);
-        let r = w.report(now, |_| 10_500);
+        let r = w.report(now, |_| 1_500);
         assert_eq!(r[0].oldest_unacked, now - (t0 + S));
+        // After acks, thinned marks make the age older, never younger: seq 1001 was appended at
+        // 1001 s; the newest mark at or before it is no later.
+        w.acked(2, 1_000, now, |_| {});
+        let age = w.report(now, |_| 500)[0].oldest_unacked;
+        assert!(age >= now - (t0 + Duration::from_secs(1_001)), "{age:?}");
+        assert!(
+            age <= now - (t0 + Duration::from_secs(1_001 - 64)),
+            "{age:?}"
+        );
     }
 
     #[test]
