@@ -7,6 +7,9 @@ use edgewatch_models::detect::{DetectorConfig, GateConfig, SilenceConfig};
 use edgewatch_models::wire::{is_valid_node_id, DEFAULT_PREFIX};
 use serde::{Deserialize, Serialize};
 
+mod ops;
+pub use ops::{HttpConfig, LogConfig};
+
 /// Top-level agent configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +40,12 @@ pub struct AgentConfig {
     /// Multivariate device models pushed by the aggregator (`{prefix}/models/#`).
     #[serde(default)]
     pub models: ModelsConfig,
+    /// The HTTP endpoint (`/metrics`, `/healthz`, `/readyz`); off unless `http.listen` is set.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Lines the agent logs on its own (the periodic status line).
+    #[serde(default)]
+    pub log: LogConfig,
 }
 
 /// Multivariate device models: whether the agent takes them, and how it scores with them.
@@ -385,6 +394,10 @@ pub struct UplinkConfig {
     /// How long a shutdown waits for the owners' acks (stops early once they stall for 2 s).
     #[serde(default = "default_shutdown_wait_ms")]
     pub shutdown_wait_ms: u64,
+    /// A lane holding records whose ack has not moved for this long is reported: one WARN per lane
+    /// and episode (an INFO when acks resume), and `/readyz` fails, ms; > 0.
+    #[serde(default = "default_ack_warn_ms")]
+    pub ack_warn_ms: u64,
 }
 
 impl Default for UplinkConfig {
@@ -402,10 +415,14 @@ impl Default for UplinkConfig {
             max_unacked_records: default_max_unacked_records(),
             drain_records_per_sec: default_drain_records_per_sec(),
             shutdown_wait_ms: default_shutdown_wait_ms(),
+            ack_warn_ms: default_ack_warn_ms(),
         }
     }
 }
 
+fn default_ack_warn_ms() -> u64 {
+    30_000
+}
 fn default_prefix() -> String {
     DEFAULT_PREFIX.into()
 }
@@ -607,6 +624,8 @@ impl AgentConfig {
             pipeline: PipelineConfig::default(),
             state: StateConfig::default(),
             models: ModelsConfig::default(),
+            http: HttpConfig::default(),
+            log: LogConfig::default(),
         }
     }
 
@@ -698,6 +717,7 @@ impl AgentConfig {
             ("ack_timeout_ms", self.uplink.ack_timeout_ms),
             ("max_unacked_records", self.uplink.max_unacked_records),
             ("drain_records_per_sec", self.uplink.drain_records_per_sec),
+            ("ack_warn_ms", self.uplink.ack_warn_ms),
         ] {
             if v == 0 {
                 out.push(format!("uplink.{field}: must be > 0, got 0"));
@@ -787,6 +807,12 @@ impl AgentConfig {
         if m.training.max_devices == 0 {
             out.push("models.training.max_devices: must be > 0, got 0".into());
         }
+        out.extend(
+            self.http
+                .problems()
+                .into_iter()
+                .map(|p| format!("http.{p}")),
+        );
         if self.pipeline.queue_capacity == 0 {
             out.push("pipeline.queue_capacity: must be > 0, got 0".into());
         }

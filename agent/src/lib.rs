@@ -9,12 +9,15 @@
 mod checkpoint;
 pub mod config;
 pub mod error;
+mod http;
 pub mod ingest;
 pub mod multivariate;
 pub mod outbox;
 pub mod pipeline;
+pub mod readiness;
 mod replay;
 mod source;
+mod status;
 mod tasks;
 pub mod telemetry;
 pub mod uplink;
@@ -40,6 +43,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Agent {
     cfg: AgentConfig,
     metrics: Arc<AgentMetrics>,
+    /// The HTTP endpoint's listener (bound by [`Agent::new`]) and bearer token, when `http.listen` is set.
+    http: Option<(std::net::TcpListener, Option<String>)>,
     /// Test hook: the task of this name panics as it starts.
     #[cfg(test)]
     panic_in: Option<&'static str>,
@@ -52,8 +57,13 @@ impl Agent {
         if !problems.is_empty() {
             return Err(AgentError::Config(problems));
         }
+        let http = match cfg.http.addr() {
+            Some(addr) => Some((bind_http(addr)?, http_token(&cfg)?)),
+            None => None,
+        };
         Ok(Self {
             cfg,
+            http,
             metrics: Arc::new(AgentMetrics::default()),
             #[cfg(test)]
             panic_in: None,
@@ -65,6 +75,11 @@ impl Agent {
         self.metrics.clone()
     }
 
+    /// The bound address of the HTTP endpoint, when `http.listen` is set.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     /// Runs until `shutdown` resolves, then drains: closes open windows, publishes what is pending
     /// and disconnects cleanly. The source, worker, uplink and uplink-link tasks run under one
     /// tracker ([`tasks::Tasks`]): should one of them panic, the agent logs it, stops the others
@@ -72,7 +87,60 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         #[cfg(test)]
         let panic_in = self.panic_in;
-        let Agent { cfg, metrics, .. } = self;
+        #[cfg(not(test))]
+        let panic_in = None;
+        let Agent {
+            cfg, metrics, http, ..
+        } = self;
+        // The endpoint and the status line run from the start: /healthz answers while the outbox
+        // opens, /readyz says what is not up yet.
+        let stop_ops = CancellationToken::new();
+        let mut ops = Vec::new();
+        if let Some((listener, token)) = http {
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| AgentError::Io(format!("http.listen: {e}")))?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(agent = %cfg.id, %addr, token = token.is_some(), "http endpoint: /metrics, /healthz, /readyz");
+                if !addr.ip().is_loopback() && token.is_none() {
+                    tracing::warn!(agent = %cfg.id, %addr, "the http endpoint listens beyond loopback without http.auth_token_env: anyone who reaches this port reads the metrics");
+                }
+            }
+            let ep = http::Endpoint {
+                agent: cfg.id.clone(),
+                metrics: metrics.clone(),
+                token,
+                ack_warn: Duration::from_millis(cfg.uplink.ack_warn_ms),
+                max_outbox_bytes: cfg.uplink.max_outbox_bytes,
+            };
+            ops.push(tokio::spawn(http::serve(
+                listener,
+                Arc::new(ep),
+                stop_ops.clone(),
+            )));
+        }
+        if cfg.log.status_interval_ms > 0 {
+            ops.push(tokio::spawn(status::run(
+                cfg.id.clone(),
+                metrics.clone(),
+                Duration::from_millis(cfg.log.status_interval_ms),
+                stop_ops.clone(),
+            )));
+        }
+        let result = Self::run_tasks(cfg, metrics, shutdown, panic_in).await;
+        stop_ops.cancel();
+        for task in ops {
+            let _ = task.await;
+        }
+        result
+    }
+
+    async fn run_tasks(
+        cfg: AgentConfig,
+        metrics: Arc<AgentMetrics>,
+        shutdown: impl Future<Output = ()>,
+        // Test hook: the task of this name panics as it starts (always `None` outside tests).
+        #[cfg_attr(not(test), allow(unused_variables))] panic_in: Option<&'static str>,
+    ) -> Result<(), AgentError> {
         let mut outbox = open_outbox(&cfg).await?;
         let (mut pipeline, covered) = checkpoint::restore(&cfg, &metrics, &mut outbox)?;
         // Models accepted before the restart run from the first reading on.
@@ -327,6 +395,30 @@ fn uplink_settings(cfg: &AgentConfig) -> uplink::UplinkSettings {
         max_unacked: u.max_unacked_records,
         drain_rate: u.drain_records_per_sec as f64,
         shutdown_wait: Duration::from_millis(u.shutdown_wait_ms),
+        ack_warn: Duration::from_millis(u.ack_warn_ms),
+    }
+}
+
+/// Binds the HTTP endpoint's listener (so a taken port fails at start, naming the key).
+fn bind_http(addr: std::net::SocketAddr) -> Result<std::net::TcpListener, AgentError> {
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| AgentError::Io(format!("http.listen: cannot listen on {addr}: {e}")))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| AgentError::Io(format!("http.listen: {addr}: {e}")))?;
+    Ok(listener)
+}
+
+/// The bearer token named by `http.auth_token_env`, read from the environment.
+fn http_token(cfg: &AgentConfig) -> Result<Option<String>, AgentError> {
+    match &cfg.http.auth_token_env {
+        None => Ok(None),
+        Some(var) => match std::env::var(var) {
+            Ok(t) if !t.is_empty() => Ok(Some(t)),
+            _ => Err(AgentError::Secret(format!(
+                "http.auth_token_env: environment variable {var} is not set, empty or not UTF-8"
+            ))),
+        },
     }
 }
 

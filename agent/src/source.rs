@@ -52,6 +52,7 @@ impl Source {
             async move {
                 match ev {
                     LinkEvent::Connected => {
+                        metrics.source_connected.store(1, Relaxed);
                         for f in &filters {
                             if let Err(e) = client.try_subscribe(f.clone(), qos) {
                                 tracing::error!(filter = %f, error = %e, "subscribe request failed");
@@ -72,7 +73,8 @@ impl Source {
                             }
                         }
                     },
-                    LinkEvent::PubAck | LinkEvent::Disconnected => {}
+                    LinkEvent::Disconnected => metrics.source_connected.store(0, Relaxed),
+                    LinkEvent::PubAck => {}
                 }
             }
         })

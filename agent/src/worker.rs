@@ -156,6 +156,7 @@ impl Worker {
                 }
             }
             let out = pipeline.take_outputs();
+            observe_emits(&metrics, &out, now_ms());
             if !out.is_empty() && out_tx.send(ToUplink::Outputs(out)).await.is_err() {
                 break;
             }
@@ -189,6 +190,20 @@ impl Worker {
             }
         }
         acker.finish().await;
+    }
+}
+
+/// Counts the emit delay of every first emission of a window among `out` (corrections, sent
+/// again on purpose, would only measure the lateness allowed).
+fn observe_emits(metrics: &AgentMetrics, out: &[crate::pipeline::Output], now_ms: i64) {
+    for o in out {
+        if let crate::pipeline::Output::Summary { summary, .. } = o {
+            if summary.revision == 0 {
+                // A device clock ahead of ours would make this negative: counted as zero.
+                let ms = now_ms.saturating_sub(summary.end_ms).max(0) as u64;
+                metrics.window_emit_delay.observe(Duration::from_millis(ms));
+            }
+        }
     }
 }
 

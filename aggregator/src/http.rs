@@ -1,7 +1,9 @@
 //! The aggregator's HTTP face on one port: the WebSocket live feed (`/feed`), the JSON API
 //! (`/api/status`, `/api/devices`, `/api/devices/{id}`, `/api/windows`, `/api/cluster`,
 //! `/api/fleet`, `/api/models`, `/api/models/{device}` (a device model's JSON artifact), and
-//! `POST /api/feed/ticket`), Prometheus `/metrics` and the dashboard (`/`).
+//! `POST /api/feed/ticket`), Prometheus `/metrics` (a `# HELP` on every family), `/healthz` (alive),
+//! `/readyz` (broker connected, partitions owned, store writing: [`ready`]) and the dashboard (`/`).
+//! `HEAD` works wherever `GET` does, without the body.
 //!
 //! One task per connection. What keeps the port usable for everyone:
 //! - **One limit**, `http.max_connections`, on plain HTTP and WebSocket connections together: a
@@ -34,6 +36,7 @@
 
 mod auth;
 mod conn;
+mod ready;
 mod throttle;
 mod ws;
 
@@ -79,6 +82,8 @@ struct Server {
     ping_interval: Duration,
     feed_refused_log: Mutex<LogThrottle>,
     ws_evicted_log: Mutex<LogThrottle>,
+    /// When store writes last failed (`/readyz`).
+    store_watch: Mutex<ready::StoreWatch>,
     cancel: CancellationToken,
 }
 
@@ -107,6 +112,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: Ca
         ping_interval: Duration::from_millis(http.ws_ping_interval_ms),
         feed_refused_log: Mutex::new(LogThrottle::new(conn::REFUSAL_LOG_EVERY)),
         ws_evicted_log: Mutex::new(LogThrottle::new(conn::REFUSAL_LOG_EVERY)),
+        store_watch: Mutex::new(ready::StoreWatch::default()),
         cancel: cancel.clone(),
         shared: shared.clone(),
     });
@@ -174,7 +180,9 @@ impl Server {
                     }));
                 }
                 let closing = wants_close(req.version(), req.headers().get(CONNECTION));
+                let head = req.method() == Method::HEAD;
                 let resp = server.route(req, &slot).await;
+                let resp = if head { without_body(resp) } else { resp };
                 let keep_alive =
                     !closing && !wants_close(resp.version(), resp.headers().get(CONNECTION));
                 Ok::<_, Infallible>(resp.map(|body| TrackedBody {
@@ -219,12 +227,18 @@ impl Server {
         } else {
             Method::GET
         };
-        if req.method() != allowed {
+        let head_of_get = req.method() == Method::HEAD && allowed == Method::GET;
+        if req.method() != allowed && !head_of_get {
             let mut resp = text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 &format!("only {allowed} is supported here\n"),
             );
-            if let Ok(v) = HeaderValue::from_str(allowed.as_str()) {
+            let allow = if allowed == Method::GET {
+                "GET, HEAD"
+            } else {
+                allowed.as_str()
+            };
+            if let Ok(v) = HeaderValue::from_str(allow) {
                 resp.headers_mut().insert(ALLOW, v);
             }
             return resp;
@@ -246,6 +260,17 @@ impl Server {
             "/feed" => ws::upgrade(req, self.clone(), slot),
             "/api/feed/ticket" => self.ticket(),
             "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => {
+                let failing = self.readiness();
+                if failing.is_empty() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("not ready:\n{}\n", failing.join("\n")),
+                    )
+                }
+            }
             "/metrics" => {
                 let mut out = String::new();
                 let devices = shared.state.lock().map(|s| s.devices().len()).unwrap_or(0);
@@ -258,9 +283,17 @@ impl Server {
                 if let Some(t) = &shared.training {
                     t.render(&shared.cfg.id, &mut out);
                 }
+                let _ = std::fmt::Write::write_fmt(
+                    &mut out,
+                    format_args!(
+                        "# TYPE edgewatch_aggregator_partitions_owned gauge\nedgewatch_aggregator_partitions_owned{{aggregator=\"{}\"}} {}\n",
+                        shared.cfg.id,
+                        shared.owned.list().len()
+                    ),
+                );
                 Response::builder()
                     .header(CONTENT_TYPE, "text/plain; version=0.0.4")
-                    .body(Full::new(Bytes::from(out)))
+                    .body(Full::new(Bytes::from(crate::telemetry::with_help(&out))))
                     .unwrap_or_default()
             }
             "/api/status" => json_response(StatusCode::OK, &status(shared)),
@@ -391,9 +424,31 @@ impl Server {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /, /feed, /api/status, /api/devices, /api/windows, /api/fleet, /api/models, /api/models/{device}, /api/feed/ticket (POST), /metrics\n",
+                "not found: try /, /feed, /healthz, /readyz, /api/status, /api/devices, /api/windows, /api/fleet, /api/models, /api/models/{device}, /api/feed/ticket (POST), /metrics\n",
             ),
         }
+    }
+
+    /// The conditions `/readyz` fails on now.
+    fn readiness(&self) -> Vec<String> {
+        let shared = &self.shared;
+        let m = &shared.metrics;
+        let errors = m
+            .store_errors_total
+            .load(Relaxed)
+            .saturating_add(m.checkpoint_errors_total.load(Relaxed));
+        let recent = self
+            .store_watch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recent(errors, Instant::now());
+        ready::failing(&ready::Inputs {
+            broker_connected: m.broker_connected.load(Relaxed) == 1,
+            owned: shared.owned.list().len(),
+            partitions: shared.cfg.partitions,
+            cluster: shared.cluster.is_some(),
+            recent_store_errors: recent,
+        })
     }
 
     /// Whether `req` may proceed: the configured token in the `Authorization` header (or none
@@ -549,6 +604,17 @@ fn status(shared: &Shared) -> serde_json::Value {
         "feed_history": shared.feed.history_len(),
         "uptime_secs": shared.started.elapsed().as_secs(),
     })
+}
+
+/// The head of `resp` with its `Content-Length`, and no body (the answer to a `HEAD`).
+fn without_body(resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let (mut parts, body) = resp.into_parts();
+    if let Some(len) = body.size_hint().exact() {
+        parts
+            .headers
+            .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    Response::from_parts(parts, Full::new(Bytes::new()))
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -1,4 +1,5 @@
-//! The aggregator's metrics, defined once.
+//! The aggregator's metrics, defined once. Every family's `# HELP` text is in [`HELP`] (the fleet's
+//! and training's families included), added to the exposition by [`with_help`].
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -75,6 +76,227 @@ pub struct AggregatorMetrics {
     /// Lanes forgotten because their (agent, partition) had [`crate::state::MAX_EPOCHS`] more
     /// recently seen epochs.
     pub lanes_evicted_total: AtomicU64,
+    /// Gauge: whether the MQTT link is connected (1) or not (0).
+    pub broker_connected: AtomicU64,
+}
+
+/// The `# HELP` text of every family the aggregator's `/metrics` serves.
+pub const HELP: &[(&str, &str)] = &[
+    (
+        "edgewatch_aggregator_summaries_received_total",
+        "Summary records received on owned partitions.",
+    ),
+    (
+        "edgewatch_aggregator_summaries_applied_total",
+        "Summary records applied to the fleet state.",
+    ),
+    (
+        "edgewatch_aggregator_summaries_duplicate_total",
+        "Summary records already applied (replays, resends), ignored.",
+    ),
+    (
+        "edgewatch_aggregator_summaries_revised_total",
+        "Summaries that replaced an earlier revision of their window.",
+    ),
+    (
+        "edgewatch_aggregator_anomalies_received_total",
+        "Anomaly events received.",
+    ),
+    (
+        "edgewatch_aggregator_anomalies_duplicate_total",
+        "Anomaly events already seen, not fanned out again.",
+    ),
+    (
+        "edgewatch_aggregator_misrouted_total",
+        "Records for partitions this aggregator does not own (left to their owner).",
+    ),
+    (
+        "edgewatch_aggregator_bad_messages_total",
+        "Messages that could not be decoded.",
+    ),
+    (
+        "edgewatch_aggregator_connection_errors_total",
+        "MQTT connection errors (each followed by a backoff and a reconnect).",
+    ),
+    (
+        "edgewatch_aggregator_feed_lagged_total",
+        "Feed clients disconnected for falling too far behind.",
+    ),
+    (
+        "edgewatch_aggregator_feed_connections_total",
+        "Feed (WebSocket) connections accepted.",
+    ),
+    (
+        "edgewatch_aggregator_http_requests_total",
+        "HTTP requests received.",
+    ),
+    (
+        "edgewatch_aggregator_store_errors_total",
+        "State store operations that failed.",
+    ),
+    (
+        "edgewatch_aggregator_acks_sent_total",
+        "Ack messages published to agents.",
+    ),
+    (
+        "edgewatch_aggregator_http_unauthorized_total",
+        "HTTP requests refused for a missing or wrong bearer token.",
+    ),
+    (
+        "edgewatch_aggregator_checkpoints_total",
+        "Cluster checkpoints written.",
+    ),
+    (
+        "edgewatch_aggregator_checkpoint_bytes_total",
+        "Bytes of the cluster checkpoints written.",
+    ),
+    (
+        "edgewatch_aggregator_checkpoint_errors_total",
+        "Cluster checkpoints that failed.",
+    ),
+    (
+        "edgewatch_aggregator_partitions_acquired_total",
+        "Partition leases won (cluster mode).",
+    ),
+    (
+        "edgewatch_aggregator_partitions_released_total",
+        "Partition leases given back (cluster mode).",
+    ),
+    (
+        "edgewatch_aggregator_partitions_lost_total",
+        "Partition leases lost to another member (cluster mode).",
+    ),
+    (
+        "edgewatch_aggregator_http_connections_total",
+        "HTTP connections accepted.",
+    ),
+    (
+        "edgewatch_aggregator_http_refused_total",
+        "HTTP connections refused at the connection limit (503).",
+    ),
+    (
+        "edgewatch_aggregator_http_idle_evicted_total",
+        "Idle HTTP connections closed to admit a new one at the limit.",
+    ),
+    (
+        "edgewatch_aggregator_http_timeouts_total",
+        "HTTP connections closed by a header, idle or write timeout.",
+    ),
+    (
+        "edgewatch_aggregator_feed_refused_total",
+        "Feed upgrades refused because the feed's share of the connections was taken (503).",
+    ),
+    (
+        "edgewatch_aggregator_ws_evicted_total",
+        "Feed clients closed for not reading (stalled write, or no pong).",
+    ),
+    (
+        "edgewatch_aggregator_oversized_packets_total",
+        "MQTT packets larger than mqtt.max_packet_bytes, read once and dropped.",
+    ),
+    (
+        "edgewatch_aggregator_lanes_evicted_total",
+        "Lanes forgotten because their (agent, partition) had newer epochs.",
+    ),
+    (
+        "edgewatch_aggregator_records_refused_total",
+        "Records refused (not applied, not acknowledged), by reason.",
+    ),
+    (
+        "edgewatch_aggregator_feed_clients",
+        "Feed clients connected now.",
+    ),
+    (
+        "edgewatch_aggregator_http_connections",
+        "Open HTTP connections, feed clients included.",
+    ),
+    (
+        "edgewatch_aggregator_http_connections_peak",
+        "The most HTTP connections ever open at once.",
+    ),
+    (
+        "edgewatch_aggregator_devices",
+        "Devices in the fleet state of this aggregator.",
+    ),
+    (
+        "edgewatch_aggregator_broker_connected",
+        "Whether the MQTT link is connected (1) or not (0).",
+    ),
+    (
+        "edgewatch_aggregator_partitions_owned",
+        "Partitions owned now.",
+    ),
+    (
+        "edgewatch_aggregator_build_info",
+        "Always 1; the version of the running aggregator in its label.",
+    ),
+    (
+        "edgewatch_fleet_events_total",
+        "Fleet peer-group events raised.",
+    ),
+    ("edgewatch_fleet_fits_total", "Fleet peer-group model fits."),
+    (
+        "edgewatch_fleet_fit_errors_total",
+        "Fleet peer-group model fits that failed.",
+    ),
+    (
+        "edgewatch_fleet_windows_refused_total",
+        "Windows the fleet profiles refused.",
+    ),
+    ("edgewatch_fleet_devices", "Devices with a fleet profile."),
+    ("edgewatch_fleet_models", "Fleet peer-group models held."),
+    (
+        "edgewatch_training_samples_total",
+        "Training samples received.",
+    ),
+    (
+        "edgewatch_training_samples_excluded_total",
+        "Training samples excluded from training.",
+    ),
+    (
+        "edgewatch_training_samples_refused_total",
+        "Training samples refused.",
+    ),
+    ("edgewatch_training_fits_total", "Device model fits."),
+    (
+        "edgewatch_training_fit_errors_total",
+        "Device model fits that failed.",
+    ),
+    (
+        "edgewatch_training_models_published_total",
+        "Device models published (retained) to agents.",
+    ),
+    ("edgewatch_training_devices", "Devices with a training set."),
+    (
+        "edgewatch_training_values",
+        "Values held in the training sets.",
+    ),
+    ("edgewatch_training_models", "Device models held."),
+];
+
+/// Help text of a family not in [`HELP`] (a test keeps it from ever being served).
+pub const UNDOCUMENTED: &str = "(undocumented)";
+
+/// `text` with a `# HELP` line from [`HELP`] before every `# TYPE` line that has none.
+pub fn with_help(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 2);
+    let mut prev = "";
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap_or_default();
+            if !prev.starts_with(&format!("# HELP {name} ")) {
+                let help = HELP
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(UNDOCUMENTED, |(_, h)| h);
+                let _ = writeln!(out, "# HELP {name} {help}");
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+        prev = line;
+    }
+    out
 }
 
 /// Why a record was refused. A refused record is neither applied nor counted as received in its
@@ -292,6 +514,16 @@ impl AggregatorMetrics {
             out,
             "# TYPE edgewatch_aggregator_devices gauge\nedgewatch_aggregator_devices{{aggregator=\"{id}\"}} {devices}"
         );
+        let _ = writeln!(
+            out,
+            "# TYPE edgewatch_aggregator_broker_connected gauge\nedgewatch_aggregator_broker_connected{{aggregator=\"{id}\"}} {}",
+            self.broker_connected.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE edgewatch_aggregator_build_info gauge\nedgewatch_aggregator_build_info{{aggregator=\"{id}\",version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
     }
 }
 
@@ -302,6 +534,9 @@ impl edgewatch_link::LinkCounters for AggregatorMetrics {
     }
     fn oversized_packet(&self) {
         self.oversized_packets_total.fetch_add(1, Relaxed);
+    }
+    fn link_state(&self, up: bool) {
+        self.broker_connected.store(u64::from(up), Relaxed);
     }
 }
 
@@ -328,5 +563,40 @@ mod tests {
             );
             assert!(text.contains(&line), "{line} in {text}");
         }
+    }
+
+    #[test]
+    fn every_family_of_the_aggregator_gets_its_help_line() {
+        let m = AggregatorMetrics::default();
+        let mut raw = String::new();
+        m.render("agg", 2, 3, &mut raw);
+        raw.push_str("# TYPE edgewatch_aggregator_partitions_owned gauge\nedgewatch_aggregator_partitions_owned{aggregator=\"agg\"} 4\n");
+        let text = with_help(&raw);
+        assert!(!text.contains(UNDOCUMENTED), "{text}");
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+        assert_eq!(types, helps);
+        assert!(types >= 36, "{types}");
+        for (i, line) in text.lines().enumerate() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                let prev = text.lines().nth(i - 1).unwrap();
+                assert!(
+                    prev.starts_with(&format!("# HELP {name} ")),
+                    "{prev} / {line}"
+                );
+            }
+        }
+        // Already documented families are left alone; unknown ones are marked, not dropped.
+        assert_eq!(
+            with_help("# HELP a b\n# TYPE a gauge\na 1\n"),
+            "# HELP a b\n# TYPE a gauge\na 1\n"
+        );
+        assert!(with_help("# TYPE zz gauge\nzz 1\n").starts_with("# HELP zz (undocumented)\n"));
+        // Every HELP entry is unique.
+        let mut names: Vec<&str> = HELP.iter().map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), HELP.len());
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Settings, backoff and reconnect decisions are plain data and state machines, tested without a
 //! broker; [`poll::poll_loop`] is the thin async shell that applies them to a rumqttc event loop.
+//! [`bearer`] is the one bearer-token check of the agent's and the aggregator's HTTP endpoints.
 
 pub mod backoff;
+pub mod bearer;
 pub mod error;
 pub mod options;
 pub mod poll;

@@ -50,6 +50,11 @@ pub trait LinkCounters {
     fn connection_error(&self);
     /// A packet over `max_packet_bytes` broke the connection.
     fn oversized_packet(&self);
+    /// The link is connected (`true`, on every CONNACK) or not (`false`, on every failure); for a
+    /// readiness check. Does nothing unless implemented.
+    fn link_state(&self, up: bool) {
+        let _ = up;
+    }
 }
 
 impl<T: LinkCounters + ?Sized> LinkCounters for std::sync::Arc<T> {
@@ -58,6 +63,9 @@ impl<T: LinkCounters + ?Sized> LinkCounters for std::sync::Arc<T> {
     }
     fn oversized_packet(&self) {
         (**self).oversized_packet();
+    }
+    fn link_state(&self, up: bool) {
+        (**self).link_state(up);
     }
 }
 
@@ -120,6 +128,7 @@ pub async fn poll_loop<C, H>(
         };
         let failure = match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                counters.link_state(true);
                 let connected = reconnect.connected();
                 if connected.after_failures {
                     tracing::info!(link = name, %broker, "reconnected");
@@ -182,6 +191,7 @@ pub async fn poll_loop<C, H>(
         };
         if let Some((error, oversized)) = failure {
             counters.connection_error();
+            counters.link_state(false);
             if handler.on_event(LinkEvent::Disconnected).await == Flow::Stop {
                 return;
             }

@@ -24,6 +24,7 @@ mod interop;
 mod models;
 mod nats;
 mod nats_mqtt;
+mod observe;
 mod outage;
 mod restart;
 mod tls;

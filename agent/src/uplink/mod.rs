@@ -26,6 +26,7 @@
 
 pub(crate) mod link;
 pub mod sender;
+pub mod watch;
 
 pub use sender::{LanePlan, LaneSender, LaneState, SenderSettings, MAX_ACK_TIMEOUT};
 
@@ -79,6 +80,8 @@ pub(crate) struct UplinkSettings {
     pub drain_rate: f64,
     /// How long shutdown waits for outstanding acks (stopping early once they stall).
     pub shutdown_wait: Duration,
+    /// A lane whose ack has not moved for this long is warned about (`uplink.ack_warn_ms`).
+    pub ack_warn: Duration,
 }
 
 /// Shutdown stops waiting for acks when none came for this long.
@@ -107,6 +110,8 @@ pub(crate) struct Uplink {
     refusals_log: LogLimit,
     /// Rate limit of the records-not-stored errors.
     append_log: LogLimit,
+    /// Per-lane ages, latencies and the no-ack warning's state.
+    watch: watch::LaneWatch,
 }
 
 impl Uplink {
@@ -126,7 +131,14 @@ impl Uplink {
             },
             now,
         );
-        let up = Self {
+        let mut lanes = watch::LaneWatch::new(s.ack_warn);
+        for p in outbox.lanes() {
+            if outbox.len(p) > 0 {
+                lanes.restored(p, outbox.acked_seq(p), now);
+            }
+        }
+        let mut up = Self {
+            watch: lanes,
             s,
             fresh_stats: outbox.stats(),
             outbox,
@@ -186,6 +198,7 @@ impl Uplink {
                 Some(note) = notes.recv() => self.on_note(note),
                 _ = tick.tick() => {
                     self.check_timeouts();
+                    self.check_stalls();
                     self.round(&client).await;
                     continue;
                 }
@@ -224,6 +237,7 @@ impl Uplink {
             };
             match self.outbox.append(partition, record.clone()) {
                 Ok(seq) => {
+                    self.watch.appended(partition, seq, Instant::now());
                     self.fresh.entry(partition).or_default().push((seq, record));
                     self.unflushed += 1;
                     self.oldest_unflushed.get_or_insert_with(Instant::now);
@@ -279,6 +293,9 @@ impl Uplink {
                         Ok(_) if ack.upto_seq > before => {
                             self.last_ack = Instant::now();
                             self.sender.on_ack(self.last_ack, lane, ack.upto_seq);
+                            let latency = &self.metrics.ack_latency;
+                            self.watch
+                                .acked(lane, ack.upto_seq, self.last_ack, |d| latency.observe(d));
                         }
                         Ok(_) => {}
                         Err(e @ OutboxError::AckAhead { .. }) => {
@@ -308,6 +325,37 @@ impl Uplink {
             tracing::warn!(agent = %self.s.agent, owner = %owner.escape_debug(), partition = ack.partition,
                 upto_seq = ack.upto_seq, epoch = ack.epoch, reason = why.label(), detail, suppressed,
                 "ack refused: nothing deleted (forged, or meant for another run of this agent); logged at most every 10 s");
+        }
+    }
+
+    /// The no-ack warning: once per lane and episode, naming the partitions and what it likely
+    /// means; and an INFO when acks resume.
+    fn check_stalls(&mut self) {
+        let outbox = &self.outbox;
+        let alerts = self.watch.tick(Instant::now(), |p| outbox.len(p) as u64);
+        if !alerts.stalled.is_empty() {
+            let partitions = alert_list(&alerts.stalled);
+            let records: u64 = alerts.stalled.iter().map(|a| a.unacked).sum();
+            let waited_s = alerts
+                .stalled
+                .iter()
+                .map(|a| a.no_ack_for)
+                .max()
+                .unwrap_or_default()
+                .as_secs();
+            if self.connected {
+                tracing::warn!(agent = %self.s.agent, partitions = %partitions, records, no_ack_for_s = waited_s,
+                    ack_warn_ms = self.s.ack_warn.as_millis() as u64,
+                    "no ack from the owner of partition(s) {partitions} for {waited_s} s although the uplink is connected: no aggregator owns them? check the aggregators' owned: ranges (or cluster status); the records wait in the outbox");
+            } else {
+                tracing::warn!(agent = %self.s.agent, partitions = %partitions, records, no_ack_for_s = waited_s,
+                    ack_warn_ms = self.s.ack_warn.as_millis() as u64,
+                    "no ack for partition(s) {partitions} for {waited_s} s: the uplink broker is unreachable; the records wait in the outbox");
+            }
+        }
+        if !alerts.resumed.is_empty() {
+            let partitions = alert_list(&alerts.resumed);
+            tracing::info!(agent = %self.s.agent, partitions = %partitions, "acks resumed for partition(s) {partitions}");
         }
     }
 
@@ -426,6 +474,7 @@ impl Uplink {
         let acked = self.outbox.acked_seq(lane);
         let epoch = self.outbox.epoch();
         let (p, _) = split_lane(lane);
+        let seqs: Vec<u64> = records.iter().map(|r| r.0).collect();
         let mut summaries: Vec<Sequenced<WindowSummary>> = Vec::new();
         let mut events: Vec<Sequenced<AnomalyEvent>> = Vec::new();
         let mut samples: Vec<Sequenced<TrainingSample>> = Vec::new();
@@ -490,7 +539,9 @@ impl Uplink {
             }
             rest = tail;
         }
-        if !ok {
+        if ok {
+            self.watch.published(lane, seqs, Instant::now());
+        } else {
             self.sender.rewind(lane, lowest, acked);
         }
     }
@@ -573,7 +624,10 @@ impl Uplink {
         readings
     }
 
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
+        let outbox = &self.outbox;
+        let lanes = self.watch.report(Instant::now(), |p| outbox.len(p) as u64);
+        *self.metrics.lanes.lock().unwrap_or_else(|e| e.into_inner()) = lanes;
         let m = &self.metrics;
         let st = self.outbox.stats();
         m.outbox_bytes.store(self.outbox.bytes(), Relaxed);
@@ -590,6 +644,21 @@ impl Uplink {
         m.outbox_training_evicted_total
             .store(st.training_evicted, Relaxed);
     }
+}
+
+/// `3, 7 (training)`: the partitions of `alerts`, naming training lanes.
+fn alert_list(alerts: &[watch::LaneAlert]) -> String {
+    alerts
+        .iter()
+        .map(|a| {
+            if a.kind == "main" {
+                a.partition.to_string()
+            } else {
+                format!("{} ({})", a.partition, a.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -632,6 +701,7 @@ mod tests {
             max_unacked: 100,
             drain_rate: 100.0,
             shutdown_wait: Duration::from_secs(1),
+            ack_warn: Duration::from_secs(30),
         };
         Uplink::new(
             s,

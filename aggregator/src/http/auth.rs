@@ -17,23 +17,7 @@ use std::time::{Duration, Instant};
 /// Most tickets outstanding at once; issuing another drops the oldest.
 pub(crate) const MAX_TICKETS: usize = 1024;
 
-/// The credentials in an `Authorization` header value, if its scheme is `Bearer` (any case).
-pub(crate) fn bearer(header: &str) -> Option<&str> {
-    let (scheme, rest) = header.trim_start().split_once([' ', '\t'])?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let token = rest.trim_matches([' ', '\t']);
-    (!token.is_empty()).then_some(token)
-}
-
-/// Compares without an early exit, so response time does not reveal how much of a guess matched.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub(crate) use edgewatch_link::bearer::{bearer, constant_time_eq};
 
 /// Why a ticket was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,35 +113,6 @@ impl TicketStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_bearer_scheme_is_case_insensitive() {
-        assert_eq!(bearer("Bearer abc"), Some("abc"));
-        assert_eq!(bearer("bearer abc"), Some("abc"));
-        assert_eq!(bearer("BEARER abc"), Some("abc"));
-        assert_eq!(
-            bearer("BeArEr   abc  "),
-            Some("abc"),
-            "extra spaces are allowed"
-        );
-        assert_eq!(bearer("Bearer\tabc"), Some("abc"));
-    }
-
-    #[test]
-    fn other_schemes_and_empty_credentials_are_not_bearer_tokens() {
-        assert_eq!(bearer("Basic YWxhZGRpbjpvcGVu"), None);
-        assert_eq!(bearer("Bearer"), None);
-        assert_eq!(bearer("Bearer "), None);
-        assert_eq!(bearer("Bearerabc"), None);
-        assert_eq!(bearer(""), None);
-    }
-
-    #[test]
-    fn constant_time_eq_compares_whole_values() {
-        assert!(constant_time_eq(b"s3cret", b"s3cret"));
-        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
-        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
-    }
 
     #[test]
     fn a_ticket_is_accepted_once() {
