@@ -616,6 +616,9 @@ pub(crate) mod tests {
         assert_ne!(link, DeviceLink::default());
     }
 
+    /// (step, metric, version, score) of events.
+    type Events = Vec<(i64, String, u64, f64)>;
+
     /// Steps `from..to` of `device` through a sampling `Fed`: (step, metric, version, score) of
     /// every event, and the samples.
     fn run_sampled(
@@ -624,7 +627,7 @@ pub(crate) mod tests {
         from: i64,
         to: i64,
         broken: impl Fn(i64) -> bool,
-    ) -> (Vec<(i64, String, u64, f64)>, Vec<TrainingSample>) {
+    ) -> (Events, Vec<TrainingSample>) {
         let (mut hits, mut samples) = (Vec::new(), Vec::new());
         for i in from..to {
             for (j, metric) in FEATURES.iter().enumerate() {

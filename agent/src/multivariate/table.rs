@@ -73,6 +73,7 @@ impl<T> DeviceTable<T> {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
