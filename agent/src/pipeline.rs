@@ -99,7 +99,7 @@ struct Series {
     /// Changed since the last [`Pipeline::take_changed`].
     #[serde(skip)]
     dirty: bool,
-    /// Its device's places in the device model and sampling tables (resolved on first use).
+    /// Its device's place in the device table of models and sampling (resolved on first use).
     #[serde(skip)]
     link: DeviceLink,
 }
@@ -787,7 +787,15 @@ impl Table {
                 },
             });
         }
-        if let Some(hit) = multi.observe(&mut series.link, device, metric, r.ts_ms, r.value) {
+        let seen = multi.observe(
+            &mut series.link,
+            device,
+            metric,
+            partition,
+            r.ts_ms,
+            r.value,
+        );
+        if let Some(hit) = seen.hit {
             metrics.anomalies_total.fetch_add(1, Relaxed);
             let event = AnomalyEvent {
                 phase: EventPhase::Onset,
@@ -804,14 +812,7 @@ impl Table {
             };
             outputs.push(Output::Anomaly { partition, event });
         }
-        if let Some((partition, sample)) = multi.sample(
-            &mut series.link,
-            device,
-            metric,
-            partition,
-            r.ts_ms,
-            r.value,
-        ) {
+        if let Some((partition, sample)) = seen.sample {
             metrics.training_samples_total.fetch_add(1, Relaxed);
             outputs.push(Output::Training { partition, sample });
         }

@@ -1,19 +1,23 @@
 //! Multivariate device models on the agent, without I/O: which model runs for which device, the
 //! checks an incoming model must pass before it is swapped in, and per-reading scoring (the device's
-//! `Aligner` → `PcaScorer` → `EventGate`). Models arrive from the uplink broker or from disk
-//! (`store.rs`); the pipeline calls [`DeviceModels::observe`] for every reading.
+//! `Aligner` → `PcaScorer` → `EventGate`), together with the device's training sampler
+//! (`training.rs`), which shares the model's aligner when their features agree (`device.rs`).
+//! Models arrive from the uplink broker or from disk (`store.rs`); the pipeline calls
+//! [`DeviceModels::observe`] for every reading.
 
+mod device;
 pub(crate) mod store;
 mod table;
 pub(crate) mod training;
 
-use table::{DeviceTable, Link};
+use device::Device;
+use table::{DeviceTable, Link, Slots};
 
 use crate::config::ModelsConfig;
 use crate::telemetry::ModelRefusal;
 use edgewatch_models::detect::{EventGate, GateConfig};
-use edgewatch_models::multi::{Aligner, PcaModel, PcaScorer};
-use edgewatch_models::wire::model_key;
+use edgewatch_models::multi::{Aligner, PcaModel};
+use edgewatch_models::wire::{model_key, TrainingSample};
 use edgewatch_models::ModelError;
 
 /// Detector name of multivariate events.
@@ -75,29 +79,27 @@ pub(crate) struct Hit<'a> {
     pub version: u64,
 }
 
-/// The model running for one device and its scoring state.
-struct Running {
-    model: PcaModel,
-    scorer: PcaScorer,
-    aligner: Aligner,
-    gate: EventGate,
+/// What one reading gave: a `pca` onset, and a training sample whose period it closed.
+#[derive(Debug, Default)]
+pub(crate) struct Observed<'a> {
+    pub hit: Option<Hit<'a>>,
+    pub sample: Option<(u32, TrainingSample)>,
 }
 
-/// A series' cached places in the device tables (models and sampling): not checkpointed, resolved
-/// again (one hash lookup each) after a restore or when its device's entry changed.
+/// A series' cached place in the device table (model and sampling): not checkpointed, resolved
+/// again (one hash lookup) after a restore or when its device's entry changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct DeviceLink {
-    model: Link,
-    sample: Link,
-}
+pub(crate) struct DeviceLink(Link);
 
-/// Every device's model. Empty until a model is accepted; a device without one keeps univariate
-/// detection only.
+/// Every device's model and training sampler. Empty until a model is accepted or (with
+/// sampling) a reading arrives; a device without a model keeps univariate detection only.
 pub(crate) struct DeviceModels {
     align: edgewatch_models::multi::AlignConfig,
     /// A fresh gate at `models.threshold` with the `anomaly:` re-arm rules.
     gate: EventGate,
-    by_device: DeviceTable<Running>,
+    devices: DeviceTable<Device>,
+    /// Devices with a model.
+    models: usize,
     /// Training samples for the aggregator (`models.enabled` and `models.training.enabled`).
     sampling: Option<training::Sampling>,
 }
@@ -110,60 +112,45 @@ impl DeviceModels {
         // Checks staleness_ms and min_fill now rather than at the first model.
         Aligner::new(&["x".to_string()], &align)?;
         let t = &cfg.training;
-        let sampling = (cfg.enabled && t.enabled)
-            .then(|| training::Sampling::new(t.sampler(), align.clone(), t.max_devices));
+        let sampling =
+            (cfg.enabled && t.enabled).then(|| training::Sampling::new(t.sampler(), t.max_devices));
         Ok(Self {
             align,
             gate,
-            by_device: DeviceTable::new(),
+            devices: DeviceTable::new(),
+            models: 0,
             sampling,
         })
     }
 
-    /// Feeds one reading to the device's training sampler; returns `(partition, sample)` when it
-    /// closes a training period.
-    #[inline]
-    pub(crate) fn sample(
-        &mut self,
-        link: &mut DeviceLink,
-        device: &str,
-        metric: &str,
-        partition: u32,
-        ts_ms: i64,
-        value: f64,
-    ) -> Option<(u32, edgewatch_models::wire::TrainingSample)> {
-        self.sampling
-            .as_mut()?
-            .observe(&mut link.sample, device, metric, partition, ts_ms, value)
-    }
-
     /// An anomaly event of `device` (any detector): its training period is left out.
     pub(crate) fn note_anomaly(&mut self, link: &DeviceLink, device: &str, ts_ms: i64) {
-        if let Some(s) = &mut self.sampling {
-            s.note_anomaly(&link.sample, device, ts_ms);
+        if self.sampling.is_none() {
+            return;
+        }
+        if let Some(ix) = self.devices.index_of(&link.0, device) {
+            if let Some(s) = &mut self.devices.get_mut(ix).sampled {
+                s.sampler.note_anomaly(ts_ms);
+            }
         }
     }
 
     /// Training periods that ended a whole period before `now_ms` (see [`training::Sampling::expire`]).
-    pub(crate) fn expire_samples(
-        &mut self,
-        now_ms: i64,
-        out: &mut Vec<(u32, edgewatch_models::wire::TrainingSample)>,
-    ) {
-        if let Some(s) = &mut self.sampling {
-            s.expire(now_ms, out);
+    pub(crate) fn expire_samples(&mut self, now_ms: i64, out: &mut Vec<(u32, TrainingSample)>) {
+        if let Some(s) = &self.sampling {
+            s.expire(self.devices.values_mut(), now_ms, out);
         }
     }
 
     /// Models running.
     pub(crate) fn len(&self) -> usize {
-        self.by_device.len()
+        self.models
     }
 
     /// Version of the model running for `device`.
     pub(crate) fn version(&self, device: &str) -> Option<u64> {
-        let ix = self.by_device.find(device)?;
-        Some(self.by_device.get(ix).model.version)
+        let ix = self.devices.find(device)?;
+        Some(self.devices.get(ix).model.as_ref()?.model.version)
     }
 
     /// Checks a model received under `key` (the topic's or file's key) and swaps it in. `metrics`
@@ -171,7 +158,8 @@ impl DeviceModels {
     /// any features are accepted). Refused: a payload that is not a model, an invalid one, a key
     /// that is not [`model_key`] of its device, a version not newer than the running one, or a
     /// feature the device does not have. On a swap the device's aligner is kept when the features
-    /// are the same (rebuilt empty otherwise: it refills within one reading interval) and its event
+    /// are the same, and so is the one the device's sampler shares with a model of its features
+    /// (otherwise the model gets a fresh one: it refills within one reading interval); its event
     /// gate carries over (an episode in progress raises no second event).
     pub(crate) fn offer<'m>(
         &mut self,
@@ -192,10 +180,8 @@ impl DeviceModels {
                 format!("{name}: published under {key:?}, its device's key is {want:?}"),
             ));
         }
-        let running = self
-            .by_device
-            .find(model.key.as_str())
-            .map(|ix| self.by_device.get(ix));
+        let found = self.devices.find(model.key.as_str());
+        let running = found.and_then(|ix| self.devices.get(ix).model.as_ref());
         if let Some(r) = running {
             if r.model == model {
                 return Ok(ModelOffer::Unchanged {
@@ -222,33 +208,24 @@ impl DeviceModels {
         let previous = running.map(|r| r.model.version);
         let device = model.key.clone();
         let version = model.version;
-        let scorer = model.scorer();
-        // Built before the swap: an error leaves the running model as it was.
-        let fresh = Aligner::new(&model.features, &self.align)
-            .map_err(|e| refused(ModelRefusal::Invalid, format!("{name}: {e}")))?;
-        match self.by_device.find(device.as_str()) {
+        let invalid = |e: ModelError| refused(ModelRefusal::Invalid, format!("{name}: {e}"));
+        // Aligners are built before the swap: an error leaves the running model as it was.
+        match found {
             Some(ix) => {
-                let r = self.by_device.get_mut(ix);
-                if r.aligner.features() != model.features.as_slice() {
-                    r.aligner = fresh;
-                }
-                r.model = model;
-                r.scorer = scorer;
+                self.devices
+                    .get_mut(ix)
+                    .set_model(model, &self.gate, &self.align)
+                    .map_err(invalid)?;
                 // The features (and so the slots) may have moved.
-                self.by_device.touch(ix);
+                self.devices.touch(ix);
             }
             None => {
-                let aligner = fresh;
-                self.by_device.insert(
-                    device.as_str(),
-                    Running {
-                        model,
-                        scorer,
-                        aligner,
-                        gate: self.gate.clone(),
-                    },
-                );
+                let d = Device::modelled(model, self.gate.clone(), &self.align).map_err(invalid)?;
+                self.devices.insert(device.as_str(), d);
             }
+        }
+        if previous.is_none() {
+            self.models += 1;
         }
         Ok(ModelOffer::Loaded {
             device,
@@ -257,49 +234,115 @@ impl DeviceModels {
         })
     }
 
-    /// Feeds one reading to its device's model, if the device has one and the metric is one of its
-    /// features; returns what to report when the vector it completes starts an episode. Allocates
-    /// nothing.
+    /// Feeds one reading to its device: once into the aligner the model and the sampler share
+    /// (or into each one's when their features differ), then the model scores the vector it
+    /// completes and the sampler takes it. Returns what to report when the vector starts an
+    /// episode, and the training sample of a period it closes. Allocates nothing unless it closes
+    /// a period or the device or metric is new to sampling.
     #[inline]
     pub(crate) fn observe(
         &mut self,
         link: &mut DeviceLink,
         device: &str,
         metric: &str,
+        partition: u32,
         ts_ms: i64,
         value: f64,
-    ) -> Option<Hit<'_>> {
-        if self.by_device.is_empty() {
-            return None;
-        }
-        let (ix, slot) = self
-            .by_device
-            .link(&mut link.model, device, |r| r.aligner.slot(metric))?;
-        let r = self.by_device.get_mut(ix);
-        if !r.aligner.push(slot, ts_ms, value) {
-            return None;
-        }
-        let s = r.scorer.score(&r.model, r.aligner.vector());
-        let onset = r.gate.update(s.score);
-        if !r.gate.armed() {
-            // The whole episode, not only its onset, is left out of training.
-            if let Some(sampling) = &mut self.sampling {
-                sampling.note_anomaly(&link.sample, device, ts_ms);
+    ) -> Observed<'_> {
+        let found = self.devices.link(&mut link.0, device, |d| d.slots(metric));
+        let sampled = |ix: usize, slots: Slots, devices: &DeviceTable<Device>| {
+            slots.first().is_some() && devices.get(ix).sampled.is_some()
+        };
+        let (ix, slots) = match (found, &self.sampling) {
+            (Some((ix, slots)), None) => (ix, slots),
+            (Some((ix, slots)), Some(_)) if sampled(ix, slots, &self.devices) => (ix, slots),
+            (found, Some(_)) => {
+                match self.add(&mut link.0, device, metric, partition, found.map(|f| f.0)) {
+                    Some(found) => found,
+                    None => return Observed::default(),
+                }
+            }
+            (None, None) => return Observed::default(),
+        };
+        let d = self.devices.get_mut(ix);
+        let released = d.push(slots, ts_ms, value);
+        let mut onset = None;
+        if released.model {
+            if let Some((s, fired, armed)) = d.score() {
+                if !armed {
+                    // The whole episode, not only its onset, is left out of training.
+                    if let Some(sampled) = &mut d.sampled {
+                        sampled.sampler.note_anomaly(ts_ms);
+                    }
+                }
+                onset = fired.then_some(s);
             }
         }
-        if !onset {
+        let sample = if released.shared {
+            d.offer_sample(ts_ms)
+        } else {
+            None
+        };
+        let d = self.devices.get(ix);
+        let hit = onset.and_then(|s| {
+            let r = d.model.as_ref()?;
+            Some(Hit {
+                metric: r.model.features.get(s.top)?,
+                value: d.model_vector().get(s.top).copied()?,
+                score: if s.score.is_finite() {
+                    s.score.clamp(0.0, 1.0)
+                } else {
+                    0.0
+                },
+                version: r.model.version,
+            })
+        });
+        Observed { hit, sample }
+    }
+
+    /// A device or metric not sampled yet (`ix`: the device's entry, if it has one): a new device
+    /// starts with this metric (nothing to align), a known one is sampled with it added (features
+    /// stay sorted). Returns the reading's place when it has a slot to go to. Nothing changes at
+    /// the limits ([`edgewatch_models::wire::MAX_TRAINING_FEATURES`], `max_devices`).
+    #[cold]
+    fn add(
+        &mut self,
+        link: &mut Link,
+        device: &str,
+        metric: &str,
+        partition: u32,
+        ix: Option<usize>,
+    ) -> Option<(usize, Slots)> {
+        let sampling = self.sampling.as_mut()?;
+        let Some(ix) = ix else {
+            if sampling.has_room() {
+                let features = vec![metric.to_string()];
+                if let Ok(d) = sampling.device(device, partition, features, &self.align) {
+                    self.devices.insert(device, d);
+                    sampling.added();
+                }
+            }
             return None;
+        };
+        let d = self.devices.get_mut(ix);
+        let newly = d.sampled.is_none();
+        if newly && !sampling.has_room() {
+            // Not sampled: the model alone.
+            return self.devices.link(link, device, |d| d.slots(metric));
         }
-        Some(Hit {
-            metric: r.model.features.get(s.top)?,
-            value: r.aligner.vector().get(s.top).copied()?,
-            score: if s.score.is_finite() {
-                s.score.clamp(0.0, 1.0)
-            } else {
-                0.0
-            },
-            version: r.model.version,
-        })
+        if let Some(features) = training::with_metric(d.sampled_features(), metric) {
+            if sampling
+                .resample(d, device, partition, features, &self.align)
+                .is_ok()
+            {
+                if newly {
+                    sampling.added();
+                }
+                self.devices.touch(ix);
+            }
+        }
+        let (ix, slots) = self.devices.link(link, device, |d| d.slots(metric))?;
+        (slots.first().is_some() || slots.second().is_some()).then_some((ix, slots))
     }
 }
 
@@ -307,6 +350,7 @@ impl DeviceModels {
 pub(crate) mod tests {
     use super::*;
     use edgewatch_models::multi::FitOptions;
+    use edgewatch_models::wire::TrainingSample;
 
     pub(crate) const FEATURES: [&str; 3] = ["flow", "pressure", "current"];
 
@@ -326,12 +370,20 @@ pub(crate) mod tests {
     /// A model for `device` fitted on the vectors of 2000 normal steps, streamed through an
     /// aligner as the agent sees them (one reading per metric and second), at `version`.
     pub(crate) fn fitted(device: &str, version: u64) -> PcaModel {
-        let features = FEATURES.map(String::from).to_vec();
+        fitted_over(device, version, &FEATURES)
+    }
+
+    /// [`fitted`] over `features` (some of [`FEATURES`], in any order).
+    pub(crate) fn fitted_over(device: &str, version: u64, features: &[&str]) -> PcaModel {
+        let features: Vec<String> = features.iter().map(|f| f.to_string()).collect();
         let mut aligner = Aligner::new(&features, &Default::default()).unwrap();
         let mut rows = Vec::new();
         for i in 0..2000 {
-            for j in 0..3 {
-                if aligner.push(j, i * 1000 + j as i64, reading(i, j, false)) {
+            for (j, f) in FEATURES.iter().enumerate() {
+                let Some(slot) = aligner.slot(f) else {
+                    continue;
+                };
+                if aligner.push(slot, i * 1000 + j as i64, reading(i, j, false)) {
                     rows.extend_from_slice(aligner.vector());
                 }
             }
@@ -351,6 +403,12 @@ pub(crate) mod tests {
 
     pub(crate) fn payload(m: &PcaModel) -> Vec<u8> {
         serde_json::to_vec(m).unwrap()
+    }
+
+    /// The aligner the model of `device` scores.
+    fn aligner<'a>(m: &'a DeviceModels, device: &str) -> &'a Aligner {
+        let d = m.devices.get(m.devices.find(device).unwrap());
+        d.model_aligner().unwrap()
     }
 
     fn models() -> DeviceModels {
@@ -374,7 +432,8 @@ pub(crate) mod tests {
         for i in from..to {
             for (j, f) in FEATURES.iter().enumerate() {
                 let v = reading(i, j, broken(i));
-                if let Some(h) = m.observe(&mut links[j], device, f, i * 1000 + j as i64, v) {
+                let seen = m.observe(&mut links[j], device, f, 0, i * 1000 + j as i64, v);
+                if let Some(h) = seen.hit {
                     hits.push((i, h.metric.to_string(), h.version, h.score));
                 }
             }
@@ -482,11 +541,7 @@ pub(crate) mod tests {
         run(&mut m, "pump", 2000, 2100, |_| false);
         let hits = run(&mut m, "pump", 2100, 2150, |_| true);
         assert_eq!(hits.len(), 1);
-        let before = m
-            .by_device
-            .get(m.by_device.find("pump").unwrap())
-            .aligner
-            .clone();
+        let before = aligner(&m, "pump").clone();
         assert_eq!(
             m.offer(&key, &payload(&fitted("pump", 2)), none),
             Ok(ModelOffer::Loaded {
@@ -495,10 +550,7 @@ pub(crate) mod tests {
                 previous: Some(1)
             })
         );
-        assert_eq!(
-            m.by_device.get(m.by_device.find("pump").unwrap()).aligner,
-            before
-        );
+        assert_eq!(aligner(&m, "pump"), &before);
         // The episode goes on under v2: no second event until it ends and re-arms.
         assert!(run(&mut m, "pump", 2150, 2200, |_| true).is_empty());
         run(&mut m, "pump", 2200, 2400, |_| false);
@@ -516,9 +568,9 @@ pub(crate) mod tests {
         let mut two = fitted("pump", 2);
         two.features.swap(0, 1);
         m.offer(&key, &payload(&two), none).unwrap();
-        let r = m.by_device.get(m.by_device.find("pump").unwrap());
-        assert_eq!(r.aligner.features(), two.features.as_slice());
-        assert!(r.aligner.vector().iter().all(|v| v.is_nan()));
+        let a = aligner(&m, "pump");
+        assert_eq!(a.features(), two.features.as_slice());
+        assert!(a.vector().iter().all(|v| v.is_nan()));
     }
 
     #[test]
@@ -550,18 +602,134 @@ pub(crate) mod tests {
         for v in [f64::NAN, f64::INFINITY, f64::MAX, -f64::MAX] {
             for f in FEATURES {
                 // Huge values score (the model says how abnormal); NaN/inf never reach a slot.
-                let hit = m.observe(&mut DeviceLink::default(), "pump", f, 5_000_000, v);
-                if let Some(h) = hit {
+                let seen = m.observe(&mut DeviceLink::default(), "pump", f, 0, 5_000_000, v);
+                if let Some(h) = seen.hit {
                     assert!((0.0..=1.0).contains(&h.score), "{h:?}");
                     assert!(h.value.is_finite(), "{h:?}");
                 }
             }
         }
         let mut link = DeviceLink::default();
-        assert!(m
-            .observe(&mut link, "pump", "unknown", 6_000_000, 1.0)
-            .is_none());
+        let seen = m.observe(&mut link, "pump", "unknown", 0, 6_000_000, 1.0);
+        assert!(seen.hit.is_none() && seen.sample.is_none());
         // The link remembers that the metric has no slot: no lookup on the next reading.
         assert_ne!(link, DeviceLink::default());
+    }
+
+    /// (step, metric, version, score) of events.
+    type Events = Vec<(i64, String, u64, f64)>;
+
+    /// Steps `from..to` of `device` through a sampling `Fed`: (step, metric, version, score) of
+    /// every event, and the samples.
+    fn run_sampled(
+        f: &mut training::tests::Fed,
+        device: &str,
+        from: i64,
+        to: i64,
+        broken: impl Fn(i64) -> bool,
+    ) -> (Events, Vec<TrainingSample>) {
+        let (mut hits, mut samples) = (Vec::new(), Vec::new());
+        for i in from..to {
+            for (j, metric) in FEATURES.iter().enumerate() {
+                let v = reading(i, j, broken(i));
+                let mut link = *f.link(device, metric);
+                let seen =
+                    f.m.observe(&mut link, device, metric, 0, i * 1000 + j as i64, v);
+                if let Some(h) = seen.hit {
+                    hits.push((i, h.metric.to_string(), h.version, h.score));
+                }
+                samples.extend(seen.sample.map(|(_, s)| s));
+                *f.link(device, metric) = link;
+            }
+        }
+        (hits, samples)
+    }
+
+    fn breaks(i: i64) -> bool {
+        (2400..2500).contains(&i) || (2700..2800).contains(&i)
+    }
+
+    /// A model over the sampled features (the device's metrics, sorted) scores the aligner the
+    /// sampler takes its vectors from: one aligner, and the same events as without sampling.
+    #[test]
+    fn a_model_of_the_sampled_features_shares_the_samplers_aligner() {
+        let mut sorted = FEATURES;
+        sorted.sort_unstable();
+        let model = payload(&fitted_over("pump", 1, &sorted));
+        let key = model_key("pump");
+        let mut alone = models();
+        alone.offer(&key, &model, none).unwrap();
+        let want = run(&mut alone, "pump", 2000, 3000, breaks);
+        assert_eq!(want.len(), 2, "{want:?}");
+        // Offered before the first reading, as at a start with stored models: while the
+        // device's metrics appear the model keeps its own aligner, then the sampler takes it.
+        let mut f = training::tests::sampling();
+        f.m.offer(&key, &model, none).unwrap();
+        let (hits, samples) = run_sampled(&mut f, "pump", 2000, 3000, breaks);
+        assert_eq!(hits, want);
+        let d = f.m.devices.get(f.m.devices.find("pump").unwrap());
+        assert!(d.shares(), "one aligner for the model and the sampler");
+        assert_eq!(d.sampled_features(), sorted.map(String::from));
+        // A sample a minute, breaks counted; every row a whole round of one step.
+        assert!(samples.len() >= 15, "{}", samples.len());
+        for s in &samples {
+            s.check().unwrap();
+            assert_eq!(s.features, sorted.map(String::from));
+        }
+        assert!(samples.iter().any(|s| s.anomalies > 0));
+        // Offered mid-stream to a sampled device: it shares the sampler's aligner at once.
+        let mut f = training::tests::sampling();
+        run_sampled(&mut f, "pump", 2000, 2200, |_| false);
+        f.m.offer(&key, &model, none).unwrap();
+        let d = f.m.devices.get(f.m.devices.find("pump").unwrap());
+        assert!(d.shares());
+        assert!(
+            d.model_vector().iter().all(|v| v.is_finite()),
+            "nothing to refill"
+        );
+        let (hits, _) = run_sampled(&mut f, "pump", 2200, 3000, breaks);
+        assert_eq!(hits, want);
+    }
+
+    /// A model over a subset of the sampled metrics, or in another order, keeps an aligner of
+    /// its own: its events are those without sampling, and the sampler still sends all metrics.
+    #[test]
+    fn a_model_of_other_features_keeps_its_own_aligner_beside_the_samplers() {
+        let key = model_key("pump");
+        for features in [&FEATURES[..], &["pressure", "flow"][..]] {
+            let model = payload(&fitted_over("pump", 1, features));
+            let mut alone = models();
+            alone.offer(&key, &model, none).unwrap();
+            let want = run(&mut alone, "pump", 2000, 3000, breaks);
+            let mut f = training::tests::sampling();
+            run_sampled(&mut f, "pump", 1990, 2000, |_| false);
+            f.m.offer(&key, &model, none).unwrap();
+            let (hits, samples) = run_sampled(&mut f, "pump", 2000, 3000, breaks);
+            // Offered 10 s into the stream against a fresh aligner in both runs.
+            assert_eq!(hits, want, "{features:?}");
+            assert!(!want.is_empty() || features.len() == 2, "{features:?}");
+            let d = f.m.devices.get(f.m.devices.find("pump").unwrap());
+            assert!(!d.shares(), "{features:?}");
+            assert_eq!(d.sampled_features().len(), 3);
+            assert!(samples.iter().all(|s| s.features.len() == 3));
+            assert!(!samples.is_empty());
+        }
+    }
+
+    /// A device beyond the sampling limit is not sampled; its model still scores it.
+    #[test]
+    fn a_model_runs_on_a_device_beyond_the_sampling_limit() {
+        let mut f = training::tests::sampling();
+        for d in ["a", "b", "c"] {
+            f.observe(d, "x", 0, 0, 1.0);
+        }
+        let key = model_key("pump");
+        f.m.offer(&key, &payload(&fitted("pump", 1)), none).unwrap();
+        let (hits, samples) = run_sampled(&mut f, "pump", 2000, 3000, breaks);
+        assert_eq!(hits.len(), 2, "{hits:?}");
+        assert!(samples.is_empty());
+        let d = f.m.devices.get(f.m.devices.find("pump").unwrap());
+        assert!(d.sampled.is_none() && d.shares());
+        assert_eq!(f.m.len(), 1);
     }
 }

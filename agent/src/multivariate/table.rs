@@ -1,5 +1,5 @@
 //! A table of per-device state with stable indices, and the link a series caches into it, so the
-//! hot path finds its device's entry and its metric's slot without hashing the device id on every
+//! hot path finds its device's entry and its metric's slots without hashing the device id on every
 //! reading: a link is resolved once (one hash lookup) and checked against the entry's generation,
 //! which moves whenever the entry's slots may have moved (a model swapped, a metric added).
 
@@ -8,12 +8,39 @@ use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
 const NONE: u32 = u32::MAX;
 
-/// A series' cached place in one [`DeviceTable`]: its device's index and its metric's slot there.
+/// A metric's slots in a device's entry: one in each of (at most) two aligners, the entry's shared
+/// one and a second one (a model's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slots([u32; 2]);
+
+impl Slots {
+    /// No slot in either aligner.
+    pub(crate) const NONE: Slots = Slots([NONE; 2]);
+
+    pub(crate) fn new(first: Option<usize>, second: Option<usize>) -> Self {
+        let at = |s: Option<usize>| s.and_then(|s| u32::try_from(s).ok()).unwrap_or(NONE);
+        Self([at(first), at(second)])
+    }
+
+    /// The slot in the shared aligner.
+    #[inline]
+    pub(crate) fn first(self) -> Option<usize> {
+        (self.0[0] != NONE).then_some(self.0[0] as usize)
+    }
+
+    /// The slot in the second aligner.
+    #[inline]
+    pub(crate) fn second(self) -> Option<usize> {
+        (self.0[1] != NONE).then_some(self.0[1] as usize)
+    }
+}
+
+/// A series' cached place in one [`DeviceTable`]: its device's index and its metric's slots there.
 /// Not checkpointed: a restored series resolves it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Link {
     ix: u32,
-    slot: u32,
+    slots: Slots,
     /// The entry's generation when resolved; for an unresolved link, the table's count of
     /// added devices at the failed lookup (nothing to retry until it moves).
     gen: u32,
@@ -23,7 +50,7 @@ impl Default for Link {
     fn default() -> Self {
         Self {
             ix: NONE,
-            slot: NONE,
+            slots: Slots::NONE,
             gen: 0,
         }
     }
@@ -46,12 +73,9 @@ impl<T> DeviceTable<T> {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// The index of `device`, if it has an entry (one hash lookup).
@@ -76,13 +100,6 @@ impl<T> DeviceTable<T> {
         &mut self.entries[ix].1
     }
 
-    /// Replaces entry `ix` (its slots may have moved: every link to it resolves again).
-    pub(crate) fn replace(&mut self, ix: usize, value: T) {
-        let e = &mut self.entries[ix];
-        e.0 = e.0.wrapping_add(1);
-        e.1 = value;
-    }
-
     /// Marks entry `ix` changed in place (its slots may have moved).
     pub(crate) fn touch(&mut self, ix: usize) {
         let e = &mut self.entries[ix];
@@ -103,21 +120,22 @@ impl<T> DeviceTable<T> {
         }
     }
 
-    /// The `(index, slot)` a series' `link` points at, resolving it when stale: `slot_of` gives
-    /// the metric's slot in an entry. `None` when the device has no entry (looked up again only
-    /// once devices were added since) or the metric no slot in it. No hashing while the link is fresh.
+    /// The `(index, slots)` a series' `link` points at, resolving it when stale: `slots_of` gives
+    /// the metric's slots in an entry ([`Slots::NONE`] when it has none). `None` when the device
+    /// has no entry (looked up again only once devices were added since). No hashing while the
+    /// link is fresh.
     #[inline]
     pub(crate) fn link(
         &self,
         link: &mut Link,
         device: &str,
-        slot_of: impl FnOnce(&T) -> Option<usize>,
-    ) -> Option<(usize, usize)> {
+        slots_of: impl FnOnce(&T) -> Slots,
+    ) -> Option<(usize, Slots)> {
         if link.ix != NONE {
             let (gen, entry) = &self.entries[link.ix as usize];
             if *gen != link.gen {
                 link.gen = *gen;
-                link.slot = slot_of(entry).map_or(NONE, |s| s as u32);
+                link.slots = slots_of(entry);
             }
         } else {
             if link.gen == self.added {
@@ -128,7 +146,7 @@ impl<T> DeviceTable<T> {
                     let (gen, entry) = &self.entries[ix as usize];
                     *link = Link {
                         ix,
-                        slot: slot_of(entry).map_or(NONE, |s| s as u32),
+                        slots: slots_of(entry),
                         gen: *gen,
                     };
                 }
@@ -138,7 +156,7 @@ impl<T> DeviceTable<T> {
                 }
             }
         }
-        (link.slot != NONE).then_some((link.ix as usize, link.slot as usize))
+        Some((link.ix as usize, link.slots))
     }
 }
 
@@ -146,36 +164,59 @@ impl<T> DeviceTable<T> {
 mod tests {
     use super::*;
 
-    fn slot_of<'a>(metric: &'a str) -> impl FnOnce(&Vec<&str>) -> Option<usize> + 'a {
-        move |features| features.iter().position(|f| *f == metric)
+    /// Slots of `metric` in an entry of two aligners' features.
+    fn slots_of<'a>(metric: &'a str) -> impl FnOnce(&(Vec<&str>, Vec<&str>)) -> Slots + 'a {
+        move |(first, second)| {
+            let at = |f: &Vec<&str>| f.iter().position(|f| *f == metric);
+            Slots::new(at(first), at(second))
+        }
     }
 
-    /// A link resolves once, follows a replaced entry, and retries an unknown device only after
+    fn at(first: Option<usize>, second: Option<usize>) -> Slots {
+        Slots::new(first, second)
+    }
+
+    /// A link resolves once, follows a changed entry, and retries an unknown device only after
     /// devices were added.
     #[test]
     fn links_resolve_once_and_follow_changes() {
-        let mut t: DeviceTable<Vec<&str>> = DeviceTable::new();
+        let mut t: DeviceTable<(Vec<&str>, Vec<&str>)> = DeviceTable::new();
         let mut link = Link::default();
-        assert_eq!(t.link(&mut link, "pump", slot_of("b")), None);
+        assert_eq!(t.link(&mut link, "pump", slots_of("b")), None);
         assert_eq!(link.gen, t.added, "remembers the failed lookup");
-        let ix = t.insert("pump", vec!["a", "b"]);
-        assert_eq!(t.link(&mut link, "pump", slot_of("b")), Some((ix, 1)));
+        assert_eq!(t.link(&mut link, "pump", |_| panic!("nothing added")), None);
+        let ix = t.insert("pump", (vec!["a", "b"], vec![]));
+        let found = t.link(&mut link, "pump", slots_of("b"));
+        assert_eq!(found, Some((ix, at(Some(1), None))));
+        assert_eq!(found.unwrap().1.first(), Some(1));
+        assert_eq!(found.unwrap().1.second(), None);
         // Fresh: the entry is not consulted again.
         assert_eq!(
             t.link(&mut link, "pump", |_| panic!("fresh link")),
-            Some((ix, 1))
+            Some((ix, at(Some(1), None)))
         );
-        t.replace(ix, vec!["b", "c", "a"]);
-        assert_eq!(t.link(&mut link, "pump", slot_of("b")), Some((ix, 0)));
-        t.get_mut(ix).retain(|f| *f != "b");
+        *t.get_mut(ix) = (vec!["c", "a"], vec!["b", "c", "a"]);
         t.touch(ix);
-        assert_eq!(t.link(&mut link, "pump", slot_of("b")), None, "metric gone");
-        let other = t.insert("fan", vec!["b"]);
+        assert_eq!(
+            t.link(&mut link, "pump", slots_of("b")),
+            Some((ix, at(None, Some(0))))
+        );
+        t.get_mut(ix).1.retain(|f| *f != "b");
+        t.touch(ix);
+        assert_eq!(
+            t.link(&mut link, "pump", slots_of("b")),
+            Some((ix, Slots::NONE)),
+            "metric gone, device still there"
+        );
+        let other = t.insert("fan", (vec!["b"], vec![]));
         let mut fan = Link::default();
-        assert_eq!(t.link(&mut fan, "fan", slot_of("b")), Some((other, 0)));
+        assert_eq!(
+            t.link(&mut fan, "fan", slots_of("b")),
+            Some((other, at(Some(0), None)))
+        );
         assert_eq!(t.len(), 2);
         assert_eq!(t.find("fan"), Some(other));
-        assert_eq!(t.get(other), &vec!["b"]);
+        assert_eq!(t.get(other).0, vec!["b"]);
         assert_eq!(t.index_of(&fan, "whatever"), Some(other));
         assert_eq!(t.index_of(&Link::default(), "pump"), Some(ix));
         assert_eq!(t.index_of(&Link::default(), "nope"), None);

@@ -1,148 +1,129 @@
 //! Training samples on the agent, without I/O: per device, the device's readings aligned into
 //! vectors over every metric it has shown (sorted by name) and a reservoir of them per training
-//! period ([`DeviceSampler`]); a finished period becomes a [`TrainingSample`] for the partition's
+//! period (`DeviceSampler`); a finished period becomes a [`TrainingSample`] for the partition's
 //! training lane. A device with one metric has nothing to align and sends nothing. A new metric
 //! restarts the device's period (with the new feature set); the state is not checkpointed, so a
-//! restart loses at most the period in progress.
+//! restart loses at most the period in progress. The aligner lives with the device's model
+//! (`device.rs`), which shares it when its features are the sampled ones; this file holds the
+//! sampling's settings and limits.
 
-use super::table::{DeviceTable, Link};
-use edgewatch_models::multi::{AlignConfig, Aligner, DeviceSampler, SamplerConfig};
+use super::device::Device;
+use edgewatch_models::multi::{AlignConfig, SamplerConfig};
 use edgewatch_models::wire::{TrainingSample, MAX_TRAINING_FEATURES};
+use edgewatch_models::ModelError;
 
-/// One device's aligner and sampler.
-struct Sampled {
-    partition: u32,
-    aligner: Aligner,
-    sampler: DeviceSampler,
-}
-
-impl Sampled {
-    /// Pushes a reading into the aligner; offers the vector when it completes a round.
-    #[inline]
-    fn push(&mut self, slot: usize, ts_ms: i64, value: f64) -> Option<(u32, TrainingSample)> {
-        if self.aligner.features().len() < 2 || !self.aligner.push(slot, ts_ms, value) {
-            return None;
-        }
-        let sample = self.sampler.offer(ts_ms, self.aligner.vector())?;
-        Some((self.partition, sample))
-    }
-}
-
-/// Every sampled device.
+/// The sampling's settings and how many devices it holds.
 pub(crate) struct Sampling {
     cfg: SamplerConfig,
-    align: AlignConfig,
     max_devices: usize,
-    devices: DeviceTable<Sampled>,
+    /// Devices sampled.
+    sampled: usize,
 }
 
 impl Sampling {
     /// Sampling with validated settings.
-    pub(crate) fn new(cfg: SamplerConfig, align: AlignConfig, max_devices: usize) -> Self {
+    pub(crate) fn new(cfg: SamplerConfig, max_devices: usize) -> Self {
         Self {
             cfg,
-            align,
             max_devices,
-            devices: DeviceTable::new(),
+            sampled: 0,
         }
     }
 
     /// Devices sampled.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.devices.len()
+        self.sampled
     }
 
-    fn build(&self, device: &str, partition: u32, features: Vec<String>) -> Option<Sampled> {
-        let aligner = Aligner::new(&features, &self.align).ok()?;
-        Some(Sampled {
-            partition,
-            aligner,
-            sampler: DeviceSampler::new(device, features, &self.cfg),
-        })
+    /// Whether another device may be sampled (`max_devices`).
+    pub(super) fn has_room(&self) -> bool {
+        self.sampled < self.max_devices
     }
 
-    /// Feeds one reading of a series (`link`: its cached place in the device table); returns
-    /// `(partition, sample)` when it closes a period. No hashing once the link is resolved.
-    #[inline]
-    pub(crate) fn observe(
-        &mut self,
-        link: &mut Link,
+    /// Counts a device that started being sampled.
+    pub(super) fn added(&mut self) {
+        self.sampled += 1;
+    }
+
+    /// A new sampled device over `features`.
+    pub(super) fn device(
+        &self,
         device: &str,
-        metric: &str,
         partition: u32,
-        ts_ms: i64,
-        value: f64,
-    ) -> Option<(u32, TrainingSample)> {
-        let (ix, slot) = match self.devices.link(link, device, |d| d.aligner.slot(metric)) {
-            Some(found) => found,
-            None => self.add(link, device, metric, partition)?,
-        };
-        self.devices.get_mut(ix).push(slot, ts_ms, value)
+        features: Vec<String>,
+        align: &AlignConfig,
+    ) -> Result<Device, ModelError> {
+        Device::sampled(device, partition, features, align, &self.cfg)
     }
 
-    /// A device or metric not sampled yet: a new device starts with this metric (nothing to
-    /// align), a known one is rebuilt with it added (features stay sorted). `None` at the limits
-    /// ([`MAX_TRAINING_FEATURES`], `max_devices`).
-    #[cold]
-    fn add(
-        &mut self,
-        link: &mut Link,
+    /// Samples `d` over `features` from now on (see [`Device::resample`]).
+    pub(super) fn resample(
+        &self,
+        d: &mut Device,
         device: &str,
-        metric: &str,
         partition: u32,
-    ) -> Option<(usize, usize)> {
-        let Some(ix) = self.devices.find(device) else {
-            if self.devices.len() < self.max_devices {
-                if let Some(d) = self.build(device, partition, vec![metric.to_string()]) {
-                    self.devices.insert(device, d);
-                }
-            }
-            return None;
-        };
-        let d = self.devices.get(ix);
-        let mut features = d.aligner.features().to_vec();
-        if features.len() >= MAX_TRAINING_FEATURES || features.iter().any(|f| f == metric) {
-            return None;
-        }
-        features.push(metric.to_string());
-        features.sort_unstable();
-        let rebuilt = self.build(device, d.partition, features)?;
-        self.devices.replace(ix, rebuilt);
-        self.devices.link(link, device, |d| d.aligner.slot(metric))
-    }
-
-    /// An anomaly event of `device` at `ts_ms`: its period is left out of training.
-    pub(crate) fn note_anomaly(&mut self, link: &Link, device: &str, ts_ms: i64) {
-        if let Some(ix) = self.devices.index_of(link, device) {
-            self.devices.get_mut(ix).sampler.note_anomaly(ts_ms);
-        }
+        features: Vec<String>,
+        align: &AlignConfig,
+    ) -> Result<(), ModelError> {
+        d.resample(device, partition, features, align, &self.cfg)
     }
 
     /// Closes the periods that ended at least a whole period before `now_ms` (devices that went
     /// quiet still send their last period), pushing `(partition, sample)` into `out`.
-    pub(crate) fn expire(&mut self, now_ms: i64, out: &mut Vec<(u32, TrainingSample)>) {
+    pub(super) fn expire<'a>(
+        &self,
+        devices: impl Iterator<Item = &'a mut Device>,
+        now_ms: i64,
+        out: &mut Vec<(u32, TrainingSample)>,
+    ) {
         let grace = self.cfg.period_ms;
-        for d in self.devices.values_mut() {
-            if let Some(s) = d.sampler.expire(now_ms, grace) {
-                out.push((d.partition, s));
+        for s in devices.filter_map(|d| d.sampled.as_mut()) {
+            if let Some(sample) = s.sampler.expire(now_ms, grace) {
+                out.push((s.partition, sample));
             }
         }
     }
 }
 
+/// The sampled `features` with `metric` added, sorted; `None` when it is one of them already or
+/// the device has [`MAX_TRAINING_FEATURES`].
+pub(super) fn with_metric(features: &[String], metric: &str) -> Option<Vec<String>> {
+    if features.len() >= MAX_TRAINING_FEATURES || features.iter().any(|f| f == metric) {
+        return None;
+    }
+    let mut features = features.to_vec();
+    features.push(metric.to_string());
+    features.sort_unstable();
+    Some(features)
+}
+
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    /// A sampling with the series links a pipeline would keep.
-    struct Fed {
-        s: Sampling,
-        links: std::collections::HashMap<(String, String), Link>,
+    use crate::config::ModelsConfig;
+    use crate::multivariate::{DeviceLink, DeviceModels};
+    use edgewatch_models::detect::GateConfig;
+
+    /// Sampling (in the agent's device models) with the series links a pipeline would keep.
+    pub(in crate::multivariate) struct Fed {
+        pub(in crate::multivariate) m: DeviceModels,
+        links: std::collections::HashMap<(String, String), DeviceLink>,
     }
 
     impl Fed {
-        fn observe(
+        pub(in crate::multivariate) fn link(
+            &mut self,
+            device: &str,
+            metric: &str,
+        ) -> &mut DeviceLink {
+            self.links
+                .entry((device.into(), metric.into()))
+                .or_default()
+        }
+
+        pub(in crate::multivariate) fn observe(
             &mut self,
             device: &str,
             metric: &str,
@@ -150,44 +131,43 @@ mod tests {
             ts_ms: i64,
             value: f64,
         ) -> Option<(u32, TrainingSample)> {
-            let link = self
-                .links
-                .entry((device.into(), metric.into()))
-                .or_default();
-            self.s
-                .observe(link, device, metric, partition, ts_ms, value)
+            let mut link = *self.link(device, metric);
+            let sample = self
+                .m
+                .observe(&mut link, device, metric, partition, ts_ms, value)
+                .sample;
+            *self.link(device, metric) = link;
+            sample
         }
 
         fn note_anomaly(&mut self, device: &str, ts_ms: i64) {
-            self.s.note_anomaly(&Link::default(), device, ts_ms);
+            self.m.note_anomaly(&DeviceLink::default(), device, ts_ms);
         }
 
         fn expire(&mut self, now_ms: i64, out: &mut Vec<(u32, TrainingSample)>) {
-            self.s.expire(now_ms, out);
+            self.m.expire_samples(now_ms, out);
         }
 
         fn len(&self) -> usize {
-            self.s.len()
+            self.m.sampling.as_ref().map_or(0, Sampling::len)
         }
     }
 
-    fn sampling() -> Fed {
+    /// Sampling of at most 3 devices, 16 rows of a minute each (4 needed).
+    pub(in crate::multivariate) fn sampling() -> Fed {
+        let mut cfg = ModelsConfig {
+            enabled: true,
+            ..Default::default()
+        };
+        cfg.training.enabled = true;
+        cfg.training.period_ms = 60_000;
+        cfg.training.samples = 16;
+        cfg.training.min_rows = 4;
+        cfg.training.max_devices = 3;
         Fed {
-            s: sampling_only(),
+            m: DeviceModels::new(&cfg, &GateConfig::default()).unwrap(),
             links: Default::default(),
         }
-    }
-
-    fn sampling_only() -> Sampling {
-        Sampling::new(
-            SamplerConfig {
-                period_ms: 60_000,
-                capacity: 16,
-                min_rows: 4,
-            },
-            AlignConfig::default(),
-            3,
-        )
     }
 
     /// Two metrics, one reading each per second: a sample per minute of event time, with the

@@ -30,12 +30,23 @@ pub struct Limit {
     pub value_at_half: f64,
 }
 
+/// Wilson–Hilferty z at or below which a statistic is *quiet*: its normal tail probability is at
+/// least 0.5 + 3.9e-4 (the tail approximation's error is below 1e-7), so its surprise after the
+/// Bonferroni factor, `−log10 p − log10 2`, is negative and the detectors' surprise mapping gives
+/// exactly 0. When both statistics are quiet the combined score is exactly 0 without evaluating
+/// the tail (see `PcaScorer::score`; `quiet_statistics_score_exactly_what_the_full_path_does` in
+/// `pca_tests.rs` checks it against the full computation).
+pub(crate) const QUIET_Z: f64 = -1e-3;
+
 /// Wilson–Hilferty constants of one limit, precomputed for scoring.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct WilsonHilferty {
     inv_gh: f64,
     centre: f64,
     inv_sd: f64,
+    /// `s·inv_gh` at or below which `z(s) ≤ QUIET_Z` (the cube of the cube root's bound; NaN when
+    /// no statistic is that small).
+    quiet: f64,
 }
 
 impl WilsonHilferty {
@@ -43,6 +54,19 @@ impl WilsonHilferty {
     #[inline]
     pub(crate) fn z(&self, s: f64) -> f64 {
         ((s * self.inv_gh).max(0.0).cbrt() - self.centre) * self.inv_sd
+    }
+
+    /// Whether `z(s) ≤ QUIET_Z`, without a cube root (up to the rounding of one cube, far inside
+    /// the margin of [`QUIET_Z`]). False for NaN.
+    #[inline]
+    pub(crate) fn is_quiet(&self, s: f64) -> bool {
+        s * self.inv_gh <= self.quiet
+    }
+
+    /// The largest quiet statistic, about (up to rounding at the bound).
+    #[cfg(test)]
+    pub(crate) fn quiet_bound(&self) -> f64 {
+        self.quiet / self.inv_gh
     }
 
     /// Whether `z(s) ≥ z` — decided without a cube root (cubing the threshold instead), since
@@ -104,10 +128,19 @@ impl Limit {
 
     pub(crate) fn wilson_hilferty(&self) -> WilsonHilferty {
         let v = 2.0 / (9.0 * self.h);
+        let (centre, inv_sd) = (1.0 - v, 1.0 / v.sqrt());
+        // z(s) ≤ QUIET_Z ⇔ cbrt(s·inv_gh) ≤ base ⇔ s·inv_gh ≤ base³ (for base ≥ 0).
+        let base = centre + QUIET_Z / inv_sd;
         WilsonHilferty {
             inv_gh: 1.0 / (self.g * self.h),
-            centre: 1.0 - v,
-            inv_sd: 1.0 / v.sqrt(),
+            centre,
+            inv_sd,
+            // NaN (no statistic compares ≤) when even 0 is not quiet.
+            quiet: if base >= 0.0 {
+                base * base * base
+            } else {
+                f64::NAN
+            },
         }
     }
 

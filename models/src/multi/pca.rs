@@ -450,8 +450,25 @@ impl PcaScorer {
         // One cube root when T² decides, two when SPE does (`reaches` compares without one).
         let zt = self.wh_t2.z(t2);
         let spe_decides = self.wh_spe.reaches(spe, zt);
+        if self.wh_t2.is_quiet(t2) && self.wh_spe.is_quiet(spe) {
+            // Both far from their limits: the tail below gives exactly 0 (see `QUIET_Z`).
+            return (0.0, spe_decides);
+        }
+        (self.full_score(zt, spe, spe_decides), spe_decides)
+    }
+
+    /// [`PcaScorer::combine`] without the quiet early-out: what it must equal bit for bit.
+    #[cfg(test)]
+    fn combine_full(&self, t2: f64, spe: f64) -> (f64, bool) {
+        let zt = self.wh_t2.z(t2);
+        let spe_decides = self.wh_spe.reaches(spe, zt);
+        (self.full_score(zt, spe, spe_decides), spe_decides)
+    }
+
+    /// The score from the tail probability of the deciding statistic (`zt`: T²'s z).
+    fn full_score(&self, zt: f64, spe: f64, spe_decides: bool) -> f64 {
         let l = neg_log10_tail(if spe_decides { self.wh_spe.z(spe) } else { zt });
-        (surprise_score(l - std::f64::consts::LOG10_2), spe_decides)
+        surprise_score(l - std::f64::consts::LOG10_2)
     }
 }
 

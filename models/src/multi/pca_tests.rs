@@ -2,6 +2,8 @@
 //! the training data, serialisation, validation and refusals.
 
 use super::*;
+use crate::multi::limit::QUIET_Z;
+use proptest::prelude::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -431,4 +433,89 @@ fn unvalidated_artifacts_with_wrong_shapes_never_panic() {
         assert_eq!(s.score(&bad, &x).score, 0.0);
         assert!(bad.validate().is_err());
     }
+}
+
+/// A scorer with the limits `(g, h)` of T² and SPE (only the limits matter to `combine`).
+fn scorer_with(t2: (f64, f64), spe: (f64, f64)) -> PcaScorer {
+    let limit = |(g, h)| Limit {
+        g,
+        h,
+        value_at_half: 1.0,
+    };
+    PcaScorer {
+        wh_t2: limit(t2).wilson_hilferty(),
+        wh_spe: limit(spe).wilson_hilferty(),
+        ..PcaScorer::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    /// The quiet early-out gives the full computation's score bit for bit (and the same deciding
+    /// statistic), for any limits and statistics: around the quiet bound, far below and above it,
+    /// and at 0.
+    #[test]
+    fn quiet_statistics_score_exactly_what_the_full_path_does(
+        gt in 1e-9f64..1e6, ht in 0.1f64..1e4,
+        gs in 1e-9f64..1e6, hs in 0.1f64..1e4,
+        // The statistics as multiples of their limit's mean g·h, on a log scale, or 0.
+        rt in prop_oneof![Just(f64::NEG_INFINITY), -12.0f64..3.0, -0.05f64..0.05],
+        rs in prop_oneof![Just(f64::NEG_INFINITY), -12.0f64..3.0, -0.05f64..0.05],
+    ) {
+        let s = scorer_with((gt, ht), (gs, hs));
+        let (t2, spe) = (gt * ht * rt.exp(), gs * hs * rs.exp());
+        let (fast, full) = (s.combine(t2, spe), s.combine_full(t2, spe));
+        prop_assert_eq!(fast.0.to_bits(), full.0.to_bits(), "{:?} {:?}", fast, full);
+        prop_assert_eq!(fast.1, full.1);
+    }
+}
+
+/// Statistics at the quiet bound itself (give or take an ulp) score exactly 0 on the full path,
+/// and the early-out is taken for the bulk of a normal device's vectors.
+#[test]
+fn quiet_bound_is_inside_the_zero_score_region() {
+    for (g, h) in [(1e-9, 0.1), (0.3, 2.0), (1.0, 4.0), (7.0, 50.0), (1e6, 1e4)] {
+        let s = scorer_with((g, h), (g, h));
+        let wh = s.wh_t2;
+        let bound = wh.quiet_bound();
+        for x in [bound, bound * (1.0 + 1e-15), bound * (1.0 - 1e-15), 0.0] {
+            if wh.is_quiet(x) {
+                assert!(wh.z(x) <= QUIET_Z + 1e-9, "g {g} h {h}: z {}", wh.z(x));
+                assert_eq!(s.combine_full(x, x).0.to_bits(), 0.0f64.to_bits());
+                assert_eq!(s.combine(x, x), s.combine_full(x, x));
+            }
+        }
+        assert!(!wh.is_quiet(f64::NAN) && !wh.is_quiet(f64::INFINITY));
+    }
+    let m = pump_model();
+    let mut s = m.scorer();
+    let rows = process(2000, 9);
+    let mut quiet = 0;
+    for x in rows.chunks_exact(4) {
+        let r = s.score(&m, x);
+        let full = s.combine_full(r.t2, r.spe);
+        assert_eq!(r.score.to_bits(), full.0.to_bits());
+        quiet += usize::from(s.wh_t2.is_quiet(r.t2) && s.wh_spe.is_quiet(r.spe));
+    }
+    assert!(
+        quiet > 200,
+        "the early-out was taken for {quiet} of 2000 vectors"
+    );
+}
+
+/// Every z at or below the quiet bound scores exactly 0 through the detectors' tail and surprise
+/// mapping (a dense sweep; the margin to where scores turn positive is what makes it hold).
+#[test]
+fn every_z_below_the_quiet_bound_scores_zero() {
+    let score = |z: f64| surprise_score(neg_log10_tail(z) - std::f64::consts::LOG10_2);
+    let mut z = QUIET_Z;
+    while z > -60.0 {
+        assert_eq!(score(z).to_bits(), 0.0f64.to_bits(), "z {z}");
+        z -= 1e-5 * (1.0 - z);
+    }
+    assert_eq!(score(f64::NEG_INFINITY), 0.0);
+    // The bound is not needlessly low: the score turns positive only just above z = 0.
+    assert_eq!(score(-1e-6), 0.0);
+    assert!(score(1e-3) > 0.0);
 }

@@ -1,0 +1,242 @@
+//! One device's multivariate state on the agent, without I/O: its model (if one runs), its training
+//! sampler (if it is sampled) and the aligner they share when their features agree, so a reading
+//! is pushed once for both. The model keeps an aligner of its own only when its features differ
+//! from the sampled ones (a model over a subset of the metrics, a metric beyond the sampler's
+//! limit, or a device whose metrics are still appearing); each side's aligner is kept when the
+//! other side changes. What a model or a sampler does with a vector is not decided here.
+
+use super::table::Slots;
+use edgewatch_models::detect::EventGate;
+use edgewatch_models::multi::{
+    AlignConfig, Aligner, DeviceSampler, MultiScore, PcaModel, PcaScorer, SamplerConfig,
+};
+use edgewatch_models::wire::TrainingSample;
+use edgewatch_models::ModelError;
+
+/// The model running for a device and its scoring state.
+pub(super) struct Running {
+    pub(super) model: PcaModel,
+    pub(super) scorer: PcaScorer,
+    pub(super) gate: EventGate,
+    /// The model's own aligner, when its features are not the shared aligner's.
+    own: Option<Aligner>,
+}
+
+/// A sampled device's training sampler.
+pub(super) struct Sampled {
+    pub(super) partition: u32,
+    pub(super) sampler: DeviceSampler,
+}
+
+/// What a reading released: a vector of the shared aligner (for the sampler), and one for the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Released {
+    pub(super) shared: bool,
+    pub(super) model: bool,
+}
+
+/// One device's model, sampler and aligners.
+///
+/// Invariants: without a sampler the device has a model and the shared aligner is the model's
+/// (features equal); with a sampler the shared aligner's features are the sampler's; a model
+/// without an aligner of its own has the shared aligner's features.
+pub(super) struct Device {
+    shared: Aligner,
+    pub(super) model: Option<Running>,
+    pub(super) sampled: Option<Sampled>,
+}
+
+impl Device {
+    /// A sampled device without a model, over `features`.
+    pub(super) fn sampled(
+        device: &str,
+        partition: u32,
+        features: Vec<String>,
+        align: &AlignConfig,
+        cfg: &SamplerConfig,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            shared: Aligner::new(&features, align)?,
+            model: None,
+            sampled: Some(Sampled {
+                partition,
+                sampler: DeviceSampler::new(device, features, cfg),
+            }),
+        })
+    }
+
+    /// A device with `model` (valid) and no sampler: a fresh aligner over the model's features.
+    pub(super) fn modelled(
+        model: PcaModel,
+        gate: EventGate,
+        align: &AlignConfig,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            shared: Aligner::new(&model.features, align)?,
+            model: Some(Running {
+                scorer: model.scorer(),
+                model,
+                gate,
+                own: None,
+            }),
+            sampled: None,
+        })
+    }
+
+    /// The metric's slots: in the shared aligner, and in the model's own one.
+    pub(super) fn slots(&self, metric: &str) -> Slots {
+        let own = self.model.as_ref().and_then(|r| r.own.as_ref());
+        Slots::new(self.shared.slot(metric), own.and_then(|a| a.slot(metric)))
+    }
+
+    /// The sampled features (empty when the device is not sampled).
+    pub(super) fn sampled_features(&self) -> &[String] {
+        match &self.sampled {
+            Some(s) => s.sampler.features(),
+            None => &[],
+        }
+    }
+
+    /// Swaps in `model` (valid), keeping the gate of a running one (an episode in progress
+    /// raises no second event). Its aligner: the shared one when the features agree (kept, as
+    /// for a swap with the same features); else the model's own, kept if it already has these
+    /// features and fresh otherwise. An error (a feature set the aligner refuses) changes nothing.
+    pub(super) fn set_model(
+        &mut self,
+        model: PcaModel,
+        gate: &EventGate,
+        align: &AlignConfig,
+    ) -> Result<(), ModelError> {
+        let own_kept = self
+            .model
+            .as_ref()
+            .and_then(|r| r.own.as_ref())
+            .is_some_and(|a| a.features() == model.features.as_slice());
+        let shares = self.shared.features() == model.features.as_slice();
+        // Built before anything changes.
+        let fresh = if shares || own_kept {
+            None
+        } else {
+            Some(Aligner::new(&model.features, align)?)
+        };
+        let gate = self
+            .model
+            .as_ref()
+            .map_or_else(|| gate.clone(), |r| r.gate.clone());
+        let mut own = self.model.take().and_then(|r| r.own);
+        if shares {
+            own = None;
+        } else if let Some(fresh) = fresh {
+            if self.sampled.is_none() {
+                // The shared aligner is the model's own: replaced.
+                self.shared = fresh;
+                own = None;
+            } else {
+                own = Some(fresh);
+            }
+        }
+        self.model = Some(Running {
+            scorer: model.scorer(),
+            model,
+            gate,
+            own,
+        });
+        Ok(())
+    }
+
+    /// Samples the device over `features` (sorted, other than the sampled ones), with a new
+    /// sampler (a period in progress is dropped, as when a metric appears). The shared aligner
+    /// becomes one over `features`: the model's own if it has them, else fresh; a model that
+    /// shared the old one keeps it as its own.
+    pub(super) fn resample(
+        &mut self,
+        device: &str,
+        partition: u32,
+        features: Vec<String>,
+        align: &AlignConfig,
+        cfg: &SamplerConfig,
+    ) -> Result<(), ModelError> {
+        if self.shared.features() != features.as_slice() {
+            let fresh = Aligner::new(&features, align)?;
+            let own = self
+                .model
+                .as_mut()
+                .and_then(|r| r.own.take_if(|a| a.features() == features.as_slice()));
+            let old = std::mem::replace(&mut self.shared, own.unwrap_or(fresh));
+            if let Some(r) = &mut self.model {
+                if r.own.is_none() && r.model.features != features {
+                    // It shared the old one.
+                    r.own = Some(old);
+                }
+            }
+        }
+        let partition = self.sampled.as_ref().map_or(partition, |s| s.partition);
+        self.sampled = Some(Sampled {
+            partition,
+            sampler: DeviceSampler::new(device, features, cfg),
+        });
+        Ok(())
+    }
+
+    /// Pushes a reading into the aligners holding its metric (each at most once).
+    #[inline]
+    pub(super) fn push(&mut self, slots: Slots, ts_ms: i64, value: f64) -> Released {
+        let shared = slots
+            .first()
+            .is_some_and(|s| self.shared.push(s, ts_ms, value));
+        let model = match &mut self.model {
+            None => false,
+            Some(Running { own: None, .. }) => shared,
+            Some(Running { own: Some(a), .. }) => {
+                slots.second().is_some_and(|s| a.push(s, ts_ms, value))
+            }
+        };
+        Released { shared, model }
+    }
+
+    /// Scores the model's vector: the score, whether it starts an episode, and whether the gate
+    /// is armed after it (`None` without a model).
+    #[inline]
+    pub(super) fn score(&mut self) -> Option<(MultiScore, bool, bool)> {
+        let r = self.model.as_mut()?;
+        let vector = match &r.own {
+            None => self.shared.vector(),
+            Some(a) => a.vector(),
+        };
+        let s = r.scorer.score(&r.model, vector);
+        let onset = r.gate.update(s.score);
+        Some((s, onset, r.gate.armed()))
+    }
+
+    /// Offers the shared aligner's vector to the sampler (a device of one metric has nothing to
+    /// align and offers nothing); returns `(partition, sample)` when it closes a period.
+    #[inline]
+    pub(super) fn offer_sample(&mut self, ts_ms: i64) -> Option<(u32, TrainingSample)> {
+        let s = self.sampled.as_mut()?;
+        if self.shared.features().len() < 2 {
+            return None;
+        }
+        let sample = s.sampler.offer(ts_ms, self.shared.vector())?;
+        Some((s.partition, sample))
+    }
+
+    /// The aligner the model scores (`None` without a model).
+    pub(super) fn model_aligner(&self) -> Option<&Aligner> {
+        match &self.model {
+            None => None,
+            Some(Running { own: None, .. }) => Some(&self.shared),
+            Some(Running { own: Some(a), .. }) => Some(a),
+        }
+    }
+
+    /// The model's vector (empty without a model).
+    pub(super) fn model_vector(&self) -> &[f64] {
+        self.model_aligner().map_or(&[], Aligner::vector)
+    }
+
+    /// Whether the model scores the shared aligner (the sampler's, if sampled).
+    #[cfg(test)]
+    pub(super) fn shares(&self) -> bool {
+        self.model.as_ref().is_some_and(|r| r.own.is_none())
+    }
+}
