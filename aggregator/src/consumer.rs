@@ -91,14 +91,13 @@ impl LinkHandler for Consumer {
                 );
                 match &self.shared.training {
                     // Cluster mode: the trainer alone takes every training lane.
-                    Some(t) if self.shared.cluster.is_some() => {
-                        if t.is_active() {
-                            self.subscribed.push(SubscribeFilter::new(
-                                self.topics.all_samples_filter(),
-                                crate::cluster::node::PARTITION_QOS,
-                            ));
-                        }
+                    Some(t) if self.shared.cluster.is_some() && t.is_active() => {
+                        self.subscribed.push(SubscribeFilter::new(
+                            self.topics.all_samples_filter(),
+                            crate::cluster::node::PARTITION_QOS,
+                        ));
                     }
+                    Some(_) if self.shared.cluster.is_some() => {}
                     Some(_) => self.subscribed.extend(training_filters(
                         &self.topics,
                         &self.shared.owned.list(),

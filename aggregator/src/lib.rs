@@ -256,8 +256,10 @@ impl Aggregator {
                         apply_shared,
                         kv,
                         acks,
-                        lost_tx,
-                        fenced_tx,
+                        cluster::node::Fenced {
+                            partitions: lost_tx,
+                            trainer: fenced_tx,
+                        },
                         handle,
                         interval,
                     )

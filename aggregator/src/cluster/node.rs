@@ -510,6 +510,16 @@ impl Coordinator {
     }
 }
 
+/// Where the apply loop reports fenced writes: a partition's checkpoint (the coordinator drops the
+/// partition) or the trainer's (the trainer role stops). Unbounded on purpose: the blocking apply
+/// loop must never wait on them, and each holds at most one entry per partition or role.
+pub(crate) struct Fenced {
+    /// A partition's checkpoint was fenced.
+    pub(crate) partitions: mpsc::UnboundedSender<u32>,
+    /// A training write was fenced.
+    pub(crate) trainer: mpsc::UnboundedSender<()>,
+}
+
 /// The apply loop of a cluster member: applies messages of owned partitions to the state and the
 /// [`KvStore`], checkpoints dirty partitions every `interval`, and acknowledges lanes whose
 /// partition is checkpointed. Runs on a blocking thread; ends when the queue closes (after a
@@ -519,11 +529,14 @@ pub(crate) fn apply_loop(
     shared: Arc<Shared>,
     mut store: KvStore,
     client: AsyncClient,
-    lost: mpsc::UnboundedSender<u32>,
-    trainer_fenced: mpsc::UnboundedSender<()>,
+    fenced: Fenced,
     handle: tokio::runtime::Handle,
     interval: Duration,
 ) {
+    let Fenced {
+        partitions: lost,
+        trainer: trainer_fenced,
+    } = fenced;
     let mut l = Loop {
         shared,
         topics: Topics::new(""),
