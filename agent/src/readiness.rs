@@ -1,6 +1,6 @@
 //! When the agent is ready (`/readyz`): the source broker and the uplink are connected, acks are
-//! flowing (no lane holds a record older than `uplink.ack_warn_ms`) and the outbox is below its
-//! budget. A pure function of the agent's figures, so every condition is tested without a broker.
+//! flowing (no summaries lane holds a record older than `uplink.ack_warn_ms`; training lanes are
+//! best effort and do not count) and the outbox is below its budget. A pure function of the agent's figures, so every condition is tested without a broker.
 
 use crate::uplink::watch::LaneReport;
 use std::time::Duration;
@@ -38,7 +38,9 @@ pub fn failing(i: &Inputs<'_>) -> Vec<String> {
     let mut stale: Vec<&LaneReport> = i
         .lanes
         .iter()
-        .filter(|l| l.unacked > 0 && l.oldest_unacked > i.ack_warn)
+        // Training samples are best effort (evicted first, held within a tenth of the outbox) and
+        // are never acknowledged where no aggregator trains: they do not make the agent unready.
+        .filter(|l| l.kind == "main" && l.unacked > 0 && l.oldest_unacked > i.ack_warn)
         .collect();
     stale.sort_by_key(|l| (l.partition, l.kind));
     if !stale.is_empty() {
@@ -138,9 +140,23 @@ mod tests {
         assert!(f[1].starts_with("uplink:"), "{f:?}");
         assert_eq!(
             f[2],
-            "acks: unacknowledged records older than uplink.ack_warn_ms (30000 ms) on partition 2: 1 records, oldest 3600 s; partition 2 (training): 4 records, oldest 40 s; partition 9: 3 records, oldest 31 s"
+            "acks: unacknowledged records older than uplink.ack_warn_ms (30000 ms) on partition 2: 1 records, oldest 3600 s; partition 9: 3 records, oldest 31 s"
         );
         assert!(f[3].starts_with("outbox: 850 bytes"), "{f:?}");
+    }
+
+    /// Training samples nobody acknowledges (no aggregator trains) leave the agent ready.
+    #[test]
+    fn unacknowledged_training_samples_do_not_make_the_agent_unready() {
+        let lanes = [LaneReport {
+            kind: "training",
+            ..lane(3, 12, 7200 * S)
+        }];
+        let i = Inputs {
+            lanes: &lanes,
+            ..ready()
+        };
+        assert_eq!(failing(&i), Vec::<String>::new());
     }
 
     #[test]

@@ -332,7 +332,17 @@ impl Uplink {
     /// means; and an INFO when acks resume.
     fn check_stalls(&mut self) {
         let outbox = &self.outbox;
-        let alerts = self.watch.tick(Instant::now(), |p| outbox.len(p) as u64);
+        let mut alerts = self.watch.tick(Instant::now(), |p| outbox.len(p) as u64);
+        // Training lanes wait for the aggregator that trains, if any: a hint of their own.
+        let (training, stalled): (Vec<_>, Vec<_>) =
+            alerts.stalled.drain(..).partition(|a| a.kind == "training");
+        alerts.stalled = stalled;
+        if !training.is_empty() {
+            let partitions = alert_list(&training);
+            let records: u64 = training.iter().map(|a| a.unacked).sum();
+            tracing::warn!(agent = %self.s.agent, partitions = %partitions, records,
+                "no ack for the training samples of partition(s) {partitions}: does an aggregator have training.enabled (in cluster mode: is a member the trainer, see cluster status)? samples are kept within a tenth of the outbox and dropped first; summaries are not affected");
+        }
         if !alerts.stalled.is_empty() {
             let partitions = alert_list(&alerts.stalled);
             let records: u64 = alerts.stalled.iter().map(|a| a.unacked).sum();
