@@ -272,6 +272,10 @@ pub const HELP: &[(&str, &str)] = &[
         "Values held in the training sets.",
     ),
     ("edgewatch_training_models", "Device models held."),
+    (
+        "edgewatch_training_trainer",
+        "1 while this aggregator trains device models (always with static ownership and training on; in cluster mode only the member holding the trainer lease).",
+    ),
 ];
 
 /// Help text of a family not in [`HELP`] (a test keeps it from ever being served).

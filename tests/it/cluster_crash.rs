@@ -781,6 +781,14 @@ async fn cluster_a_killed_trainer_hands_training_to_another_member() {
     let addr = run.aggs[&next].addr;
     let status = try_json(addr, "/api/cluster").expect("/api/cluster");
     assert_eq!(status["trainer"]["owner"], next.as_str(), "{status:#}");
+    for (id, _) in run.live() {
+        let expected = u64::from(id == next);
+        assert_eq!(
+            run.metric(id, "edgewatch_training_trainer"),
+            expected,
+            "{id}"
+        );
+    }
     for (device, v) in &models {
         assert!(
             resumed[device] >= *v,

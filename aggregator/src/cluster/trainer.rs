@@ -33,6 +33,9 @@ use std::time::Duration;
 /// The bucket of training sets, models and the trainer's lane seqs.
 pub const TRAINING_BUCKET: &str = "training";
 
+/// Keys read at once when taking training over.
+const READS_IN_FLIGHT: usize = 16;
+
 /// A training lane's applied seq: (agent, lane id with the training bit, lane epoch) → seq.
 pub type TrainingLanes = BTreeMap<(String, u32, u64), u64>;
 
@@ -138,10 +141,18 @@ impl TrainingBucket {
             names.push(k.map_err(|e| op_err(&self.store, "list", "keys", e))?);
         }
         names.sort();
+        // Reads in flight at once: one at a time costs a round trip per key (see NATS.md).
+        let store = &self.store;
+        let mut entries = futures_util::stream::iter(names)
+            .map(|name| async move {
+                let entry = super::kv::live_entry(store, &name).await;
+                (name, entry)
+            })
+            .buffered(READS_IN_FLIGHT);
         let mut sets: BTreeMap<String, DeviceSet> = BTreeMap::new();
         let mut samples: HashMap<String, Vec<KeptSample>> = HashMap::new();
-        for name in names {
-            let Some(entry) = super::kv::live_entry(&self.store, &name).await? else {
+        while let Some((name, entry)) = entries.next().await {
+            let Some(entry) = entry? else {
                 continue;
             };
             let mut parts = name.splitn(3, '.');

@@ -342,6 +342,11 @@ impl Training {
             ("edgewatch_training_devices", "gauge", sets),
             ("edgewatch_training_values", "gauge", values),
             ("edgewatch_training_models", "gauge", models),
+            (
+                "edgewatch_training_trainer",
+                "gauge",
+                u64::from(self.is_active()),
+            ),
         ] {
             let _ = writeln!(
                 out,
