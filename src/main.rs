@@ -318,6 +318,8 @@ fn run(command: Command) -> Result<(), Failure> {
 
 fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
     let mut failed = 0;
+    // Static aggregators checked together: their partitions must be covered exactly once.
+    let mut aggregators: Vec<(PathBuf, edgewatch_aggregator::AggregatorConfig)> = Vec::new();
     for file in files {
         let Some(kind) = kind.or_else(|| Kind::guess(file)) else {
             eprintln!(
@@ -329,9 +331,8 @@ fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
         };
         let result = match kind {
             Kind::Agent => config::load::<edgewatch_agent::AgentConfig>(file).map(|_| ()),
-            Kind::Aggregator => {
-                config::load::<edgewatch_aggregator::AggregatorConfig>(file).map(|_| ())
-            }
+            Kind::Aggregator => config::load::<edgewatch_aggregator::AggregatorConfig>(file)
+                .map(|c| aggregators.push((file.clone(), c))),
             Kind::Simulator => {
                 config::load::<edgewatch_simulators::SimulatorConfig>(file).map(|_| ())
             }
@@ -355,6 +356,16 @@ fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
             }
         }
     }
+    let coverage_problems = check_coverage(&aggregators);
+    for p in &coverage_problems {
+        eprintln!("{p}");
+    }
+    if !coverage_problems.is_empty() {
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "the aggregators' partitions are not covered exactly once ({} problems)",
+            coverage_problems.len()
+        )));
+    }
     if failed > 0 {
         return Err(Failure::Usage(anyhow::anyhow!(
             "{failed} of {} files invalid",
@@ -362,6 +373,70 @@ fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
         )));
     }
     Ok(())
+}
+
+/// Partition coverage of the static aggregators among the checked files, per uplink prefix: with
+/// two or more files of one deployment, a partition nobody owns or two files own is a problem
+/// (returned); one file alone owning only some partitions gets a note on stdout (another file may
+/// own the rest). Cluster-mode files win partitions by lease and are left out.
+fn check_coverage(
+    aggregators: &[(PathBuf, edgewatch_aggregator::AggregatorConfig)],
+) -> Vec<String> {
+    use edgewatch_aggregator::ownership::{ranges, Coverage};
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut by_prefix: BTreeMap<&str, Vec<(&PathBuf, &edgewatch_aggregator::AggregatorConfig)>> =
+        BTreeMap::new();
+    for (file, cfg) in aggregators.iter().filter(|(_, c)| c.cluster.is_none()) {
+        by_prefix.entry(&cfg.prefix).or_default().push((file, cfg));
+    }
+    let mut problems = Vec::new();
+    for (prefix, group) in by_prefix {
+        let partitions = group[0].1.partitions;
+        if let Some((file, cfg)) = group.iter().find(|(_, c)| c.partitions != partitions) {
+            problems.push(format!(
+                "{}: partitions: {} here but {} in {} (prefix {prefix}): every aggregator and agent of a deployment needs the same count",
+                file.display(),
+                cfg.partitions,
+                partitions,
+                group[0].0.display()
+            ));
+            continue;
+        }
+        let owned: Vec<(String, BTreeSet<u32>)> = group
+            .iter()
+            .map(|(f, c)| (format!("{} ({})", c.id, f.display()), c.owned_set()))
+            .collect();
+        let coverage = Coverage::of(partitions, owned.iter().map(|(id, o)| (id.as_str(), o)));
+        if group.len() == 1 {
+            if !coverage.uncovered.is_empty() {
+                println!(
+                    "{}: note: partitions {} of 0..{partitions} are owned by another aggregator or by nobody; check the deployment's files together to know",
+                    group[0].0.display(),
+                    ranges(&coverage.uncovered)
+                );
+            }
+            continue;
+        }
+        if !coverage.uncovered.is_empty() {
+            problems.push(format!(
+                "prefix {prefix}: partitions {} (of 0..{partitions}) are owned by none of {}: their devices' summaries are never applied or acknowledged",
+                ranges(&coverage.uncovered),
+                group.iter().map(|(f, _)| f.display().to_string()).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let mut overlaps: BTreeMap<Vec<String>, Vec<u32>> = BTreeMap::new();
+        for (p, ids) in coverage.overlapping {
+            overlaps.entry(ids).or_default().push(p);
+        }
+        for (ids, ps) in overlaps {
+            problems.push(format!(
+                "prefix {prefix}: partitions {} are owned by {}: each partition needs exactly one owner",
+                ranges(&ps),
+                ids.join(" and ")
+            ));
+        }
+    }
+    problems
 }
 
 /// `edgewatch models ...`: a bad file or configuration exits 1, a broker failure 2.

@@ -94,9 +94,96 @@ impl Ownership {
     }
 }
 
+/// How a set of aggregators covers the partitions: the ones nobody owns and the ones two or more
+/// claim. Pure: `config check` computes it from files, a running instance from published owners.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// Partitions no aggregator owns, ascending.
+    pub uncovered: Vec<u32>,
+    /// Partitions claimed by more than one aggregator, ascending, with the claimants.
+    pub overlapping: Vec<(u32, Vec<String>)>,
+}
+
+impl Coverage {
+    /// The coverage of `0..partitions` by `owners` (aggregator id, owned partitions); partitions
+    /// out of range are ignored (configuration checks refuse them separately).
+    pub fn of<'a>(
+        partitions: u32,
+        owners: impl IntoIterator<Item = (&'a str, &'a std::collections::BTreeSet<u32>)>,
+    ) -> Self {
+        let mut claims: Vec<Vec<String>> = vec![Vec::new(); partitions as usize];
+        for (id, owned) in owners {
+            for &p in owned {
+                if let Some(c) = claims.get_mut(p as usize) {
+                    c.push(id.to_string());
+                }
+            }
+        }
+        let mut out = Self::default();
+        for (p, c) in claims.into_iter().enumerate() {
+            match c.len() {
+                0 => out.uncovered.push(p as u32),
+                1 => {}
+                _ => out.overlapping.push((p as u32, c)),
+            }
+        }
+        out
+    }
+
+    /// Whether every partition has exactly one owner.
+    pub fn is_complete(&self) -> bool {
+        self.uncovered.is_empty() && self.overlapping.is_empty()
+    }
+}
+
+/// `0-3, 7, 9-10`: ascending partitions as compact ranges, for messages.
+pub fn ranges(partitions: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < partitions.len() {
+        let start = partitions[i];
+        let mut end = start;
+        while i + 1 < partitions.len() && partitions[i + 1] == end + 1 {
+            i += 1;
+            end = partitions[i];
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    out.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coverage_names_the_gaps_and_the_overlaps() {
+        use std::collections::BTreeSet;
+        let a: BTreeSet<u32> = (0..4).collect();
+        let b: BTreeSet<u32> = (3..6).collect();
+        let c = Coverage::of(8, [("a", &a), ("b", &b)]);
+        assert_eq!(c.uncovered, vec![6, 7]);
+        assert_eq!(
+            c.overlapping,
+            vec![(3, vec!["a".to_string(), "b".to_string()])]
+        );
+        assert!(!c.is_complete());
+        let b: BTreeSet<u32> = (4..8).chain([99]).collect();
+        assert!(Coverage::of(8, [("a", &a), ("b", &b)]).is_complete());
+        assert_eq!(Coverage::of(3, []).uncovered, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn ranges_are_compact() {
+        assert_eq!(ranges(&[0, 1, 2, 3, 7, 9, 10]), "0-3, 7, 9-10");
+        assert_eq!(ranges(&[5]), "5");
+        assert_eq!(ranges(&[]), "");
+    }
 
     #[test]
     fn set_clear_and_list_track_ownership_and_ignore_out_of_range() {

@@ -161,6 +161,63 @@ fn config_check_command_exits_1_and_names_the_problem() {
     );
 }
 
+/// `config check` on a deployment's aggregator files: the shipped pair covers 0..64 exactly once;
+/// a gap and an overlap exit 1 naming the partitions and the files; one file alone gets a note.
+#[test]
+fn config_check_names_partitions_nobody_or_two_aggregators_own() {
+    let bin = env!("CARGO_BIN_EXE_edgewatch");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let check = |files: &[PathBuf]| {
+        let out = std::process::Command::new(bin)
+            .args(["config", "check"])
+            .args(files)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let shipped = [
+        root.join("configs/aggregator-1.yaml"),
+        root.join("configs/aggregator-2.yaml"),
+    ];
+    let (code, text) = check(&shipped);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("owned by"), "{text}");
+
+    let (code, text) = check(&shipped[..1]);
+    assert_eq!(code, Some(0), "one file alone is not an error: {text}");
+    assert!(text.contains("note: partitions 32-63 of 0..64"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, id: &str, owned: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("id: {id}\npartitions: 64\nowned: {owned}\n")).unwrap();
+        p
+    };
+    let a = write("aggregator-a.yaml", "agg-a", "[\"0-29\"]");
+    let b = write("aggregator-b.yaml", "agg-b", "[\"28-40\", 50]");
+    let (code, text) = check(&[a.clone(), b]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("partitions 41-49, 51-63 (of 0..64) are owned by none of"),
+        "{text}"
+    );
+    assert!(
+        text.contains("partitions 28-29 are owned by agg-a") && text.contains("and agg-b"),
+        "{text}"
+    );
+
+    let c = dir.path().join("aggregator-c.yaml");
+    std::fs::write(&c, "id: agg-c\npartitions: 32\nowned: [\"30-31\"]\n").unwrap();
+    let (code, text) = check(&[a, c]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("partitions: 32 here but 64 in"), "{text}");
+}
+
 #[test]
 fn secrets_never_appear_in_errors() {
     let dir = tempfile::tempdir().unwrap();
