@@ -52,3 +52,46 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped, and tests never skip here: {report.longrepr}"
+
+
+def _runs_beside(call):
+    """Runs `call` in a worker thread while this thread spins in Python; returns the CPU seconds
+    (`time.thread_time`) each thread used meanwhile: (this thread's, the worker's)."""
+    import threading
+    import time
+
+    started = threading.Event()
+    worker_cpu = []
+
+    def work():
+        started.set()
+        t0 = time.thread_time()
+        call()
+        worker_cpu.append(time.thread_time() - t0)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    started.wait()
+    t0 = time.thread_time()
+    spins = 0
+    while worker.is_alive():
+        spins += 1
+    main_cpu = time.thread_time() - t0
+    worker.join()
+    return main_cpu, worker_cpu[0], spins
+
+
+@pytest.fixture
+def gil_share():
+    """How much a long call lets other Python threads run: the CPU time a thread spinning in Python
+    beside it gets, as a share of the call's own CPU time. CPU time, not wall time, so the machine's
+    load does not matter: a fairly scheduled spinner gets about as much CPU as the call's thread
+    (share near 1) when the call releases the GIL, and almost none (near 0) when the call holds it,
+    since the spinner then sleeps waiting for the GIL. `test_detector.py` checks both ends."""
+
+    def share(call):
+        main_cpu, worker_cpu, spins = _runs_beside(call)
+        assert worker_cpu > 0.02, f"the call used {worker_cpu:.3f} s of CPU: too short to tell"
+        return main_cpu / worker_cpu, f"spinner {main_cpu:.3f} s ({spins} spins), call {worker_cpu:.3f} s"
+
+    return share
