@@ -1,9 +1,12 @@
-//! The `edgewatch` binary's library half: process-level logging and shutdown. The tools behind the
+//! The `edgewatch` binary's library half: process-level logging, shutdown and the systemd protocol. The tools behind the
 //! subcommands live in `edgewatch-tools`; they are re-exported here under their old paths.
 
+pub use edgewatch_tools::tail;
 #[cfg(feature = "embedded-broker")]
 pub use edgewatch_tools::{bench, broker, demo};
-pub use edgewatch_tools::{eval, models, tail, verify};
+#[cfg(feature = "cloud")]
+pub use edgewatch_tools::{eval, models, verify};
 pub mod config;
 pub mod logging;
 pub mod shutdown;
+pub mod systemd;

@@ -29,12 +29,14 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    #[cfg(feature = "cloud")]
     /// Run one aggregator instance: partition state, live feed, HTTP API.
     Aggregator {
         /// Aggregator configuration (YAML).
         #[arg(short, long)]
         config: PathBuf,
     },
+    #[cfg(feature = "cloud")]
     /// Publish a simulated fleet with labelled anomalies over MQTT.
     Simulate {
         /// Simulator configuration (YAML).
@@ -65,15 +67,19 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    #[cfg(feature = "cloud")]
     /// Cluster mode tools (NATS JetStream).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    #[cfg(feature = "cloud")]
     /// Evaluate detectors on a dataset.
     #[command(subcommand)]
     Eval(EvalCommand),
+    #[cfg(feature = "cloud")]
     /// Multivariate device models: push one to the agents, clear one, show a model file, list an aggregator's.
     #[command(subcommand)]
     Models(edgewatch::models::ModelsCommand),
+    #[cfg(feature = "cloud")]
     /// Reconcile a simulator readings log with the windows the aggregators hold.
     /// Exits 0 when every reading is counted exactly once, 1 on mismatches, 2 on errors.
     Verify(edgewatch::verify::VerifyArgs),
@@ -92,6 +98,7 @@ enum ConfigCommand {
     },
 }
 
+#[cfg(feature = "cloud")]
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
     /// Print the members, the owner and lease age of every partition, checkpoint lag and
@@ -107,6 +114,7 @@ enum ClusterCommand {
     },
 }
 
+#[cfg(feature = "cloud")]
 #[derive(Debug, Subcommand)]
 enum EvalCommand {
     /// Score a detector on the Numenta Anomaly Benchmark.
@@ -145,6 +153,7 @@ enum Failure {
     Usage(anyhow::Error),
     Runtime(anyhow::Error),
     /// `verify` found mismatches and has printed them: exit 1, nothing more to say.
+    #[cfg_attr(not(feature = "cloud"), allow(dead_code))]
     Mismatch,
 }
 
@@ -160,10 +169,10 @@ fn runtime(e: impl Into<anyhow::Error>) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Daemons log at info; interactive commands keep stderr for warnings.
-    let default_level = match cli.command {
-        Command::Agent { .. } | Command::Aggregator { .. } | Command::Simulate { .. } => "info",
-        _ => "warn",
+    let default_level = if is_daemon(&cli.command) {
+        "info"
+    } else {
+        "warn"
     };
     edgewatch::logging::init(cli.log_level.as_deref().unwrap_or(default_level));
     match run(cli.command) {
@@ -180,6 +189,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Daemons log at info; interactive commands keep stderr for warnings.
+fn is_daemon(command: &Command) -> bool {
+    match command {
+        Command::Agent { .. } => true,
+        #[cfg(feature = "cloud")]
+        Command::Aggregator { .. } | Command::Simulate { .. } => true,
+        _ => false,
+    }
+}
+
 fn tokio_runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -193,11 +212,15 @@ fn run(command: Command) -> Result<(), Failure> {
             let cfg: edgewatch_agent::AgentConfig = config::load(&config)?;
             tokio_runtime()?.block_on(async {
                 let stop = edgewatch::shutdown::on_signal_or_deadline(None);
-                edgewatch_agent::run(cfg, async move { stop.cancelled().await })
-                    .await
-                    .map_err(runtime)
+                let agent = edgewatch_agent::Agent::new(cfg).map_err(runtime)?;
+                edgewatch::systemd::notify("READY=1");
+                edgewatch::systemd::spawn_watchdog();
+                let result = agent.run(async move { stop.cancelled().await }).await;
+                edgewatch::systemd::notify("STOPPING=1");
+                result.map_err(runtime)
             })
         }
+        #[cfg(feature = "cloud")]
         Command::Aggregator { config } => {
             let cfg: edgewatch_aggregator::AggregatorConfig = config::load(&config)?;
             tokio_runtime()?.block_on(async {
@@ -206,11 +229,14 @@ fn run(command: Command) -> Result<(), Failure> {
                     .await
                     .map_err(runtime)?;
                 println!("{}", agg.feed_url());
-                agg.run(async move { stop.cancelled().await })
-                    .await
-                    .map_err(runtime)
+                edgewatch::systemd::notify("READY=1");
+                edgewatch::systemd::spawn_watchdog();
+                let result = agg.run(async move { stop.cancelled().await }).await;
+                edgewatch::systemd::notify("STOPPING=1");
+                result.map_err(runtime)
             })
         }
+        #[cfg(feature = "cloud")]
         Command::Simulate { config } => {
             let cfg: edgewatch_simulators::SimulatorConfig = config::load(&config)?;
             tokio_runtime()?.block_on(async {
@@ -260,6 +286,7 @@ fn run(command: Command) -> Result<(), Failure> {
         #[cfg(feature = "embedded-broker")]
         Command::Bench(args) => edgewatch::bench::run(args).map_err(Failure::Runtime),
         Command::Config(ConfigCommand::Check { files, kind }) => check(&files, kind),
+        #[cfg(feature = "cloud")]
         Command::Cluster(ClusterCommand::Status { config, json }) => {
             let cfg: edgewatch_aggregator::AggregatorConfig = config::load(&config)?;
             let Some(cluster) = &cfg.cluster else {
@@ -291,21 +318,26 @@ fn run(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
+        #[cfg(feature = "cloud")]
         Command::Eval(EvalCommand::Nab(args)) => {
             // An unknown detector name is a usage error (exit 1), not a runtime failure.
             edgewatch::eval::ScoreSource::from_name(args.detector.as_deref())
                 .map_err(Failure::Usage)?;
             edgewatch::eval::run_nab(args).map_err(Failure::Runtime)
         }
+        #[cfg(feature = "cloud")]
         Command::Models(cmd) => models(cmd),
+        #[cfg(feature = "cloud")]
         Command::Eval(EvalCommand::Sim(args)) => {
             edgewatch::eval::sim::run_sim(args).map_err(Failure::Runtime)
         }
+        #[cfg(feature = "cloud")]
         Command::Eval(EvalCommand::Csv(args)) => {
             edgewatch::eval::csv::detector_config(args.detector.as_deref())
                 .map_err(Failure::Usage)?;
             edgewatch::eval::run_csv(args).map_err(Failure::Runtime)
         }
+        #[cfg(feature = "cloud")]
         // Bad arguments and unreadable inputs exit 2 here (like clap's own usage errors), because
         // 1 means "mismatches found" to scripts checking delivery.
         Command::Verify(args) => match tokio_runtime()?.block_on(edgewatch::verify::run(args)) {
@@ -319,6 +351,7 @@ fn run(command: Command) -> Result<(), Failure> {
 fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
     let mut failed = 0;
     // Static aggregators checked together: their partitions must be covered exactly once.
+    #[cfg(feature = "cloud")]
     let mut aggregators: Vec<(PathBuf, edgewatch_aggregator::AggregatorConfig)> = Vec::new();
     for file in files {
         let Some(kind) = kind.or_else(|| Kind::guess(file)) else {
@@ -331,10 +364,21 @@ fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
         };
         let result = match kind {
             Kind::Agent => config::load::<edgewatch_agent::AgentConfig>(file).map(|_| ()),
+            #[cfg(feature = "cloud")]
             Kind::Aggregator => config::load::<edgewatch_aggregator::AggregatorConfig>(file)
                 .map(|c| aggregators.push((file.clone(), c))),
+            #[cfg(feature = "cloud")]
             Kind::Simulator => {
                 config::load::<edgewatch_simulators::SimulatorConfig>(file).map(|_| ())
+            }
+            #[cfg(not(feature = "cloud"))]
+            Kind::Aggregator | Kind::Simulator => {
+                eprintln!(
+                    "{}: {kind:?} files need the full build (this is the gateway build: agent, tail and config check of agent files)",
+                    file.display()
+                );
+                failed += 1;
+                continue;
             }
             #[cfg(feature = "embedded-broker")]
             Kind::Demo => config::load::<edgewatch::demo::DemoConfig>(file).map(|_| ()),
@@ -356,7 +400,10 @@ fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
             }
         }
     }
+    #[cfg(feature = "cloud")]
     let coverage_problems = check_coverage(&aggregators);
+    #[cfg(not(feature = "cloud"))]
+    let coverage_problems: Vec<String> = Vec::new();
     for p in &coverage_problems {
         eprintln!("{p}");
     }
@@ -375,6 +422,7 @@ fn check(files: &[PathBuf], kind: Option<Kind>) -> Result<(), Failure> {
     Ok(())
 }
 
+#[cfg(feature = "cloud")]
 /// Partition coverage of the static aggregators among the checked files, per uplink prefix: with
 /// two or more files of one deployment, a partition nobody owns or two files own is a problem
 /// (returned); one file alone owning only some partitions gets a note on stdout (another file may
@@ -439,6 +487,7 @@ fn check_coverage(
     problems
 }
 
+#[cfg(feature = "cloud")]
 /// `edgewatch models ...`: a bad file or configuration exits 1, a broker failure 2.
 fn models(cmd: edgewatch::models::ModelsCommand) -> Result<(), Failure> {
     use edgewatch::models::{self as m, ModelsCommand};

@@ -26,6 +26,7 @@ mod nats;
 mod nats_mqtt;
 mod observe;
 mod outage;
+mod package;
 mod restart;
 mod tls;
 mod training;

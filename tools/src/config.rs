@@ -72,12 +72,14 @@ impl Validate for edgewatch_agent::AgentConfig {
     }
 }
 
+#[cfg(feature = "cloud")]
 impl Validate for edgewatch_aggregator::AggregatorConfig {
     fn problems(&self) -> Vec<String> {
         edgewatch_aggregator::AggregatorConfig::problems(self)
     }
 }
 
+#[cfg(feature = "cloud")]
 impl Validate for edgewatch_simulators::SimulatorConfig {
     fn problems(&self) -> Vec<String> {
         edgewatch_simulators::SimulatorConfig::problems(self)
@@ -359,6 +361,7 @@ window:
     }
 
     #[test]
+    #[cfg(feature = "cloud")]
     fn every_config_kind_is_refused_past_the_nesting_limit() {
         let deep = format!("id: a\nx: {}\n", "{a: ".repeat(80));
         let file = Path::new("deep.yaml");
@@ -409,6 +412,7 @@ window:
     }
 
     #[test]
+    #[cfg(feature = "cloud")]
     fn aggregator_cluster_problems_are_located_in_the_file() {
         let yaml = "id: a\ncluster:\n  type: nats\n  servers:\n    - nats://n1:4222\n    - n2:4222\n  heartbeat_ms: 9000\n";
         let e = parse::<edgewatch_aggregator::AggregatorConfig>(yaml, Path::new("agg.yaml"))

@@ -9,8 +9,11 @@ pub mod broker;
 pub mod config;
 #[cfg(feature = "embedded-broker")]
 pub mod demo;
+#[cfg(feature = "cloud")]
 pub mod eval;
 pub mod http;
+#[cfg(feature = "cloud")]
 pub mod models;
 pub mod tail;
+#[cfg(feature = "cloud")]
 pub mod verify;
