@@ -101,8 +101,10 @@ enum ConfigCommand {
 #[cfg(feature = "cloud")]
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
-    /// Print the members, the owner and lease age of every partition, checkpoint lag and
-    /// per-partition throughput, read from the cluster's KV. Exits 2 when the cluster cannot be read.
+    /// Print the members (suspect when their heartbeat is late), the owner and lease age of every
+    /// partition (at risk when its owner is suspect), checkpoint lag and per-partition throughput,
+    /// read from the cluster's KV without creating anything. Exits 2 when the cluster cannot be
+    /// read within --wait.
     Status {
         /// Configuration of any aggregator of the deployment (its `cluster:`, `prefix` and
         /// `partitions` are used).
@@ -111,6 +113,10 @@ enum ClusterCommand {
         /// Print JSON (the same document as `GET /api/cluster`) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Keep trying this long (seconds) while the cluster does not answer, e.g. during a
+        /// JetStream leader election, before exiting 2.
+        #[arg(long, default_value_t = 20)]
+        wait: u64,
     },
 }
 
@@ -287,7 +293,7 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Bench(args) => edgewatch::bench::run(args).map_err(Failure::Runtime),
         Command::Config(ConfigCommand::Check { files, kind }) => check(&files, kind),
         #[cfg(feature = "cloud")]
-        Command::Cluster(ClusterCommand::Status { config, json }) => {
+        Command::Cluster(ClusterCommand::Status { config, json, wait }) => {
             let cfg: edgewatch_aggregator::AggregatorConfig = config::load(&config)?;
             let Some(cluster) = &cfg.cluster else {
                 return Err(Failure::Usage(anyhow::anyhow!(
@@ -295,19 +301,26 @@ fn run(command: Command) -> Result<(), Failure> {
                     config.display()
                 )));
             };
-            let status = tokio_runtime()?.block_on(async {
-                let buckets = edgewatch_aggregator::cluster::node::Buckets::open(
+            let wait = std::time::Duration::from_secs(wait);
+            let status = tokio_runtime()?
+                .block_on(edgewatch_aggregator::cluster::status::read(
                     cluster,
                     &cfg.prefix,
-                    &format!("status-{}", std::process::id()),
-                    false,
-                )
-                .await
-                .map_err(runtime)?;
-                edgewatch_aggregator::cluster::status::collect(&buckets, cfg.partitions)
-                    .await
-                    .map_err(runtime)
-            })?;
+                    cfg.partitions,
+                    wait,
+                    std::time::Duration::from_secs(5),
+                    |error| {
+                        eprintln!("cluster status: the cluster did not answer ({error}): a JetStream leader election in progress, or a server down? retrying for up to {}s", wait.as_secs());
+                    },
+                ))
+                .map_err(|u| {
+                    Failure::Runtime(anyhow::anyhow!(
+                        "cannot read the cluster after {:.0}s: {} (are the nats servers up, and has an aggregator of prefix {} started once?)",
+                        u.tried.as_secs_f64(),
+                        u.error,
+                        cfg.prefix
+                    ))
+                })?;
             if json {
                 println!(
                     "{}",

@@ -847,3 +847,144 @@ async fn cluster_a_killed_trainer_hands_training_to_another_member() {
     let (code, text) = run.finish(published).await;
     assert_eq!(code, 0, "{text}");
 }
+
+/// `edgewatch cluster status --json` through the CLI: (exit code, document or null, stderr).
+fn cli_status(conf: &Path, wait_s: u64) -> (Option<i32>, serde_json::Value, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+        .args([
+            "cluster",
+            "status",
+            "--json",
+            "--wait",
+            &wait_s.to_string(),
+            "--config",
+        ])
+        .arg(conf)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A member that stops answering (SIGSTOP: alive to the kernel, dead to the cluster) is listed as
+/// SUSPECT, with its partitions at risk, long before its lease expires (the issue: "0 unowned"
+/// for the whole lease TTL); `cluster status` only reads, creating no bucket of a deployment that
+/// has none; and it answers while a NATS node is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_shows_a_silent_member_as_suspect_and_never_creates_buckets() {
+    edgewatch::logging::init("warn");
+    let timing = Timing {
+        ttl_ms: 15_000,
+        heartbeat_ms: 1_000,
+    };
+    let mut run = Run::with_members(timing, &["agg-1", "agg-2"]).await;
+    run.wait_settled("two members", Duration::from_secs(30))
+        .await;
+    let conf = run.aggs["agg-1"].conf.clone();
+    let (code, doc, err) = cli_status(&conf, 10);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        doc["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["suspect"] == false)
+            && doc["at_risk"].as_array().unwrap().is_empty(),
+        "{doc:#}"
+    );
+
+    let held = run.owned_by("agg-2");
+    let pid = run.pid("agg-2").to_string();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    let stopped = Instant::now();
+    let (suspect, doc) = loop {
+        let (code, doc, err) = cli_status(&conf, 10);
+        assert_eq!(code, Some(0), "{err}");
+        let agg2 = doc["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == "agg-2")
+            .cloned()
+            .expect("agg-2 is listed until its heartbeat expires");
+        if agg2["suspect"] == true {
+            break (stopped.elapsed(), doc);
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "agg-2 never suspect: {doc:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let at_risk: BTreeSet<u32> = doc["at_risk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap() as u32)
+        .collect();
+    eprintln!(
+        "agg-2 stopped: suspect after {suspect:?}, {} partitions at risk",
+        at_risk.len()
+    );
+    assert!(
+        suspect < Duration::from_millis(timing.ttl_ms),
+        "suspect before the lease TTL"
+    );
+    assert_eq!(
+        at_risk, held,
+        "exactly agg-2's partitions are at risk: {doc:#}"
+    );
+    assert!(doc["unowned"].as_array().unwrap().is_empty(), "{doc:#}");
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+        .args(["cluster", "status", "--config"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("SUSPECT: agg-2 (no heartbeat for over 2.5s"),
+        "{table}"
+    );
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+
+    // A deployment that never started (another prefix): status reads, fails with exit 2 after its
+    // wait, says why, and creates nothing.
+    let other = run.path("other.yaml");
+    let yaml = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&other, format!("{yaml}prefix: nobody/v1\n")).unwrap();
+    let (code, _, err) = cli_status(&other, 2);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cannot read the cluster after") && err.contains("prefix nobody/v1"),
+        "{err}"
+    );
+    for what in ["members", "leases", "checkpoints"] {
+        assert!(
+            run.nats
+                .stream_leader(&format!("KV_nobody_v1_{what}"))
+                .is_none(),
+            "cluster status created bucket {what}"
+        );
+    }
+
+    // A NATS node killed (the members bucket's leader: an election follows): status still answers
+    // within its wait.
+    let leader = run
+        .nats
+        .stream_leader("KV_edgewatch_v1_members")
+        .expect("the members bucket has a leader");
+    run.nats.kill_node(leader);
+    let (code, doc, err) = cli_status(&conf, 30);
+    assert_eq!(code, Some(0), "status during the election failed: {err}");
+    assert_eq!(doc["partitions"], PARTITIONS, "{doc:#}");
+    eprintln!("status after killing n{}: stderr {err:?}", leader + 1);
+}

@@ -257,6 +257,17 @@ pub async fn ensure_bucket(
         })
 }
 
+/// Opens KV bucket `name` only if it exists: what a reader uses (`cluster status`), which must
+/// never create anything, so a bucket missing or a stream without a leader is an error here.
+pub async fn open_existing(js: &jetstream::Context, name: &str) -> Result<kv::Store, KvError> {
+    js.get_key_value(name)
+        .await
+        .map_err(|source| KvError::OpenBucket {
+            bucket: name.to_string(),
+            source,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

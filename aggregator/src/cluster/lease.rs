@@ -94,6 +94,11 @@ impl LeaseTiming {
         self.ttl
     }
 
+    /// The self-fencing margin: one heartbeat period (at most half the TTL).
+    pub fn margin(&self) -> Duration {
+        self.margin
+    }
+
     /// The end of `lease`'s local validity.
     pub fn valid_until(&self, lease: &Lease) -> Instant {
         lease.acquired_at + (self.ttl - self.margin)

@@ -64,6 +64,16 @@ impl Members {
         })
     }
 
+    /// The existing bucket `bucket`, never created (see [`super::kv::open_existing`]).
+    pub async fn open_existing(
+        js: &async_nats::jetstream::Context,
+        bucket: &str,
+    ) -> Result<Self, KvError> {
+        Ok(Self {
+            store: super::kv::open_existing(js, bucket).await?,
+        })
+    }
+
     /// Puts `info` as the heartbeat of `info.id`.
     pub async fn heartbeat(&self, info: &MemberInfo) -> Result<(), KvError> {
         let value = Bytes::from(serde_json::to_vec(info).unwrap_or_default());

@@ -159,6 +159,35 @@ impl Buckets {
 }
 
 impl Buckets {
+    /// The deployment's existing buckets, for reading only (`cluster status`): nothing is created,
+    /// so a reader never competes with the members for a stream or its leader; the training bucket
+    /// is not opened.
+    pub async fn read_only(
+        cfg: &ClusterConfig,
+        prefix: &str,
+        reader: &str,
+    ) -> Result<Self, super::KvError> {
+        let client = super::kv::connect(cfg, reader).await?;
+        let js = async_nats::jetstream::new(client);
+        let existing = |what: &str| bucket_name(prefix, what);
+        let members =
+            Members::open_existing(&js, &existing(super::members::MEMBERS_BUCKET)).await?;
+        let leases = Leases::new(
+            super::kv::open_existing(&js, &existing(super::lease::LEASES_BUCKET)).await?,
+            cfg.lease_timing(),
+            reader,
+        );
+        let checkpoints = KvCheckpoints::new(
+            super::kv::open_existing(&js, &existing(super::checkpoint::CHECKPOINTS_BUCKET)).await?,
+        );
+        Ok(Self {
+            members,
+            leases,
+            checkpoints,
+            training: None,
+        })
+    }
+
     /// [`Buckets::open`] as a member joining: each attempt bounded by [`JOIN_ATTEMPT`], retried
     /// with backoff up to [`JOIN_ATTEMPTS`] times while the cause may pass (a server down, an
     /// election, a request that never returns); a wrong password, address or bucket setting fails
