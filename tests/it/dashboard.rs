@@ -1,19 +1,44 @@
-//! The dashboard in a real browser (Debian's headless chromium): the page connects to the feed and
-//! shows recent anomaly events as table rows, behind a bearer token, which it never puts in a URL
-//! (the feed's WebSocket gets a single-use ticket instead).
+//! The dashboard in a real browser: Debian's headless chromium driven over the DevTools protocol
+//! (a WebSocket, `Page.navigate`, `Runtime.evaluate`, `Input.insertText`,
+//! `Page.captureScreenshot`). Checks, against one aggregator fed by a test publisher:
+//! - a 401 shows the token prompt, and the page works once the token is typed in;
+//! - the fleet page shows the right device count, the device list and the anomaly-rate chart;
+//! - a device (reached by clicking it) draws one chart point per window and a marker per event;
+//! - an anomaly published while the live page is open appears on it within 2 s;
+//! - live filters come from the URL; a `#token=` fragment works and leaves the address bar.
+//!
+//! Screenshots of each page go to `target/it-screenshots/`. With `EDGEWATCH_SCREENSHOT_URL` set
+//! (a running demo, e.g. `http://127.0.0.1:18080`), the test also photographs that dashboard's
+//! three pages into `docs/img/` for the README.
+//!
+//! Also without a browser: pages and assets are public and typed, cached by `ETag`, under a CSP;
+//! the API and `/api/anomalies/rate` need the token; tokens never go into a URL.
 
 use crate::common::*;
 use crate::wait::SubAckTap;
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
-use edgewatch_models::wire::{event_id, AnomalyEvent, Batch, Sequenced, Topics};
+use edgewatch_models::partition::partition_of;
+use edgewatch_models::wire::{event_id, AnomalyEvent, Batch, Sequenced, Topics, WindowSummary};
+use futures_util::{SinkExt, StreamExt};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
-use std::time::Duration;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+const TOKEN: &str = "dash-s3cret";
+const AGENT: &str = "gw-dash";
+const DEVICES: usize = 7;
+const METRICS: [&str; 2] = ["temperature", "vibration"];
+const WINDOWS: i64 = 12;
+const WINDOW_MS: i64 = 60_000;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_shows_feed_events_in_a_real_browser() {
-    let chromium = require("chromium");
-    std::env::set_var("EDGEWATCH_IT_DASH_TOKEN", "dash-s3cret");
+async fn dashboard_pages_work_in_a_real_browser() {
+    std::env::set_var("EDGEWATCH_IT_DASH_TOKEN", TOKEN);
     let broker = embedded_broker();
     // Through the tap, so the test sees the aggregator's subscriptions land.
     let tap = SubAckTap::start(broker.addr()).await;
@@ -30,117 +55,258 @@ async fn dashboard_shows_feed_events_in_a_real_browser() {
     };
     tap.wait_subscribed("edgewatch-agg-dash", Duration::from_secs(10))
         .await;
-
-    // One anomaly event, published the way an agent does.
     let (client, mut el) = AsyncClient::new(
         MqttOptions::new("dash-pub", "127.0.0.1", broker.addr().port()),
-        10,
+        100,
     );
     tokio::spawn(async move { while el.poll().await.is_ok() {} });
-    let event = AnomalyEvent {
-        phase: edgewatch_models::wire::EventPhase::Onset,
-        model_version: None,
-        id: event_id("pump-42", "vibration", 1_767_225_600_000, "ensemble"),
-        device: "pump-42".into(),
-        metric: "vibration".into(),
-        ts_ms: 1_767_225_600_000,
-        value: 9.75,
-        score: 0.97,
-        detector: "ensemble".into(),
-        window_start_ms: 1_767_225_600_000,
-        agent: "gw-dash".into(),
-    };
-    // The device's own partition: an aggregator refuses an event filed under another one.
-    let partition = edgewatch_models::partition::partition_of("pump-42", 64);
-    let batch = Batch {
-        agent: "gw-dash".into(),
-        partition,
-        records: vec![Sequenced {
-            seq: 1,
-            prev: None,
-            item: event,
-        }],
-        acked: 0,
-        epoch: 0,
-    };
-    client
-        .publish(
-            Topics::new("edgewatch/v1").anomalies(partition, "gw-dash"),
-            QoS::AtLeastOnce,
-            false,
-            serde_json::to_vec(&batch).unwrap(),
-        )
-        .await
-        .unwrap();
+
+    // Seven devices, two metrics, twelve one-minute windows each, ending now; three anomalies
+    // of pump-1's vibration inside its windows.
+    let start = (now_ms() / WINDOW_MS - WINDOWS) * WINDOW_MS;
+    publish_windows(&client, start).await;
+    let events: Vec<AnomalyEvent> = (0..3)
+        .map(|i| event("pump-1", "vibration", start + (2 + 4 * i) * WINDOW_MS + 30_000, 0.9 + 0.04 * i as f64))
+        .collect();
+    for (seq, e) in events.iter().enumerate() {
+        publish_event(&client, seq as u64 + 1, e.clone()).await;
+    }
     wait_until(
-        "the event in the feed history",
-        Duration::from_secs(10),
+        "the windows applied and the events in the feed history",
+        Duration::from_secs(15),
         || {
-            let (_, body) = get_authorized(addr, "/api/status", "dash-s3cret");
-            serde_json::from_str::<serde_json::Value>(&body).unwrap()["feed_history"] == 1
+            let s = api(addr, "/api/status");
+            s["summaries_applied"] == DEVICES as u64 * METRICS.len() as u64 * WINDOWS as u64
+                && s["feed_history"] == 3
         },
     )
     .await;
+    let held = api(addr, "/api/devices/pump-1");
+    let vibration_windows = held["state"]["metrics"]["vibration"]["windows"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(vibration_windows, WINDOWS as usize, "{held}");
 
-    let profile = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        // The token in the fragment (never sent to the server); the page moves it to its tab's
-        // storage and trades it for a feed ticket.
-        .arg(format!("http://{addr}/#token=dash-s3cret"))
-        .output()
-        .await
-        .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        dom.contains("<td>pump-42</td>"),
-        "the event row is on the page:\n{dom}"
-    );
-    assert!(
-        dom.contains("<td>vibration</td>") && dom.contains("0.970"),
-        "{dom}"
-    );
-    assert!(
-        dom.contains("agg-dash"),
-        "the status header names the aggregator"
-    );
-    assert!(
-        !dom.contains("dash-s3cret"),
-        "the token is not left on the page"
-    );
+    let shots = screenshot_dir();
+    let mut b = Browser::start().await;
+    let base = format!("http://{addr}");
 
+    // The fleet page, without a token: the API's 401 brings up the prompt.
+    b.navigate(&format!("{base}/")).await;
+    b.wait_for(
+        "the token prompt",
+        "!!document.getElementById('token-input')",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(b.text("#devices-count").await, "—", "no data without the token");
+    assert_eq!(b.text("#conn").await, "token required");
+    b.eval("document.getElementById('token-input').focus()").await;
+    b.call("Input.insertText", json!({ "text": TOKEN })).await;
+    b.eval("document.querySelector('#login button').click()").await;
+    b.wait_for(
+        "the device count after the token",
+        &format!("document.getElementById('devices-count').textContent === '{DEVICES}'"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(b.eval("document.getElementById('login') === null").await == true);
+    assert_eq!(
+        b.eval("sessionStorage.getItem('edgewatch.token')").await,
+        TOKEN,
+        "kept for the session"
+    );
+    assert!(!b.eval("location.href").await.as_str().unwrap().contains(TOKEN));
+    assert_eq!(b.text("#agg").await, "agg-dash");
+    assert_eq!(
+        b.eval("document.querySelectorAll('#devices tr[data-device]').length").await,
+        DEVICES,
+        "every device listed (one page)"
+    );
+    b.wait_for(
+        "the anomaly-rate chart with the three events",
+        "(() => { const s = document.querySelector('#rate-chart svg'); return s && s.dataset.points === '60' \
+         && [...s.querySelectorAll('.bars rect')].length === 60; })()",
+        Duration::from_secs(10),
+    )
+    .await;
+    let rate = api(addr, "/api/anomalies/rate?bucket_ms=60000&buckets=60");
+    assert_eq!(
+        rate["counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum::<u64>(),
+        3,
+        "{rate}"
+    );
+    assert_eq!(
+        b.eval("document.querySelectorAll('#strip rect').length").await,
+        64,
+        "a cell per partition"
+    );
+    b.screenshot(&shots.join("fleet.png")).await;
+
+    // A device, reached by clicking it: a point per window, a marker per event, a score bar
+    // per window, and its events listed.
+    b.eval("document.querySelector('#devices a[href=\"device?id=pump-1\"]').click()")
+        .await;
+    b.wait_for(
+        "pump-1's vibration chart",
+        "(() => { const l = document.querySelector('[data-metric=\"vibration\"] polyline.mean'); \
+         return !!l && location.search === '?id=pump-1'; })()",
+        Duration::from_secs(10),
+    )
+    .await;
+    for metric in METRICS {
+        let points = b
+            .eval(&format!(
+                "document.querySelector('[data-metric=\"{metric}\"] polyline.mean').points.numberOfItems"
+            ))
+            .await;
+        assert_eq!(points, WINDOWS, "{metric}: one point per window");
+        let bars = b
+            .eval(&format!(
+                "document.querySelectorAll('[data-metric=\"{metric}\"] svg.scores .bars rect').length"
+            ))
+            .await;
+        assert_eq!(bars, WINDOWS, "{metric}: one score bar per window");
+    }
+    b.wait_for(
+        "the three anomaly markers (from the feed)",
+        "document.querySelectorAll('[data-metric=\"vibration\"] circle.marker').length === 3",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        b.eval("document.querySelectorAll('[data-metric=\"temperature\"] circle.marker').length")
+            .await,
+        0
+    );
+    assert_eq!(
+        b.eval("document.querySelectorAll('#events tr.event').length").await,
+        3
+    );
+    assert!(
+        b.eval("document.getElementById('token-input') === null").await == true,
+        "the token carried over to the next page"
+    );
+    b.screenshot(&shots.join("device.png")).await;
+
+    // The live page: the history first, then an event published now shows within 2 s.
+    b.navigate(&format!("{base}/live")).await;
+    b.wait_for(
+        "the feed's history on the live page",
+        "document.querySelectorAll('#rows tr.event').length === 3 && document.getElementById('conn').textContent === 'live'",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        b.eval("document.getElementById('time-head').textContent").await.as_str().unwrap().starts_with("time ("),
+        "the time column names its zone"
+    );
+    let fresh = event("pump-3", "temperature", now_ms(), 0.99);
+    publish_event(&client, 4, fresh.clone()).await;
+    let published = Instant::now();
+    b.wait_for(
+        "the event published during the test",
+        &format!("!!document.querySelector('#rows tr.event[data-id=\"{}\"]')", fresh.id),
+        Duration::from_secs(2),
+    )
+    .await;
+    eprintln!("live page showed the event {:?} after publishing", published.elapsed());
+    assert_eq!(
+        b.eval("document.querySelector('#rows tr.event').dataset.id").await,
+        fresh.id.as_str(),
+        "newest first"
+    );
+    b.screenshot(&shots.join("live.png")).await;
+
+    // Filters come from the URL: the server filters by metric and score, the page by detector.
+    b.navigate(&format!("{base}/live?metric=vibration&min_score=0.95&detector=ensemble"))
+        .await;
+    b.wait_for(
+        "the filtered feed",
+        "document.getElementById('conn').textContent === 'live' && document.querySelectorAll('#rows tr.event').length === 1",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(b.eval("document.getElementById('f-metric').value").await, "vibration");
+    assert_eq!(b.eval("document.getElementById('f-min-score').value").await, "0.95");
+    // A detector that matches nothing leaves the hint, which says the feed is live.
+    b.navigate(&format!("{base}/live?detector=pca")).await;
+    b.wait_for(
+        "the warm-up hint",
+        "document.getElementById('conn').textContent === 'live' && /no anomaly matching these filters has arrived yet/.test(document.getElementById('hint').textContent)",
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // A fresh tab's token from the fragment, which the page takes out of the address bar.
+    b.eval("sessionStorage.clear()").await;
+    b.navigate(&format!("{base}/live#token={TOKEN}")).await;
+    b.wait_for(
+        "the feed with a token from the fragment",
+        "document.querySelectorAll('#rows tr.event').length === 4",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(!b.eval("location.href").await.as_str().unwrap().contains(TOKEN));
+    assert!(b.eval("document.body.innerHTML.includes('dash-s3cret')").await == false);
+
+    if let Ok(url) = std::env::var("EDGEWATCH_SCREENSHOT_URL") {
+        photograph_demo(&mut b, url.trim_end_matches('/')).await;
+    }
+
+    drop(b);
     stop.cancel();
     task.await.unwrap().unwrap();
 }
 
-/// GET with `Authorization: Bearer <token>`; (status, body).
-fn get_authorized(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, String) {
-    let addr = addr.to_string();
-    let r = edgewatch_tools::http::Get::new(&addr, path)
-        .bearer(Some(token))
-        .send_blocking()
-        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
-    (r.status, r.text())
+/// The README's pictures: the three pages of a running dashboard (no token), into `docs/img/`.
+async fn photograph_demo(b: &mut Browser, base: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/img");
+    std::fs::create_dir_all(&dir).unwrap();
+    b.eval("sessionStorage.clear()").await;
+    b.navigate(&format!("{base}/")).await;
+    b.wait_for(
+        "the demo's fleet page",
+        "document.querySelectorAll('#devices tr[data-device]').length > 0 && /readings\\/s/.test(document.getElementById('ingest').textContent)",
+        Duration::from_secs(30),
+    )
+    .await;
+    b.screenshot(&dir.join("fleet.png")).await;
+    b.navigate(&format!("{base}/live")).await;
+    b.wait_for(
+        "the demo's live page",
+        "document.querySelectorAll('#rows tr.event').length >= 10",
+        Duration::from_secs(60),
+    )
+    .await;
+    b.screenshot(&dir.join("live.png")).await;
+    // The device of the newest event, reached by clicking it.
+    b.eval("document.querySelector('#rows tr.event td:nth-child(2) a').click()")
+        .await;
+    b.wait_for(
+        "the demo's device page",
+        "location.pathname.endsWith('/device') && document.querySelectorAll('polyline.mean').length > 0",
+        Duration::from_secs(30),
+    )
+    .await;
+    // Its anomaly marker, when its event falls inside the windows held (not guaranteed).
+    b.wait_a_while(
+        "document.querySelectorAll('circle.marker').length > 0",
+        Duration::from_secs(10),
+    )
+    .await;
+    b.screenshot(&dir.join("device.png")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_opens_the_feed_with_a_ticket_never_a_token() {
+async fn pages_are_public_typed_and_cached_while_the_api_needs_the_token() {
+    std::env::set_var("EDGEWATCH_IT_DASH_TOKEN", TOKEN);
     let broker = embedded_broker();
     let mut cfg = AggregatorConfig::with_id("agg-dash-html");
     cfg.mqtt.port = broker.addr().port();
     cfg.http.listen = "127.0.0.1:0".into();
+    cfg.http.auth_token_env = Some("EDGEWATCH_IT_DASH_TOKEN".into());
     let agg = Aggregator::bind(cfg).await.unwrap();
     let addr = agg.local_addr();
     let stop = CancellationToken::new();
@@ -148,45 +314,486 @@ async fn the_dashboard_opens_the_feed_with_a_ticket_never_a_token() {
         let t = stop.clone();
         tokio::spawn(agg.run(async move { t.cancelled().await }))
     };
-    let (status, html) = tokio::task::spawn_blocking(move || http_get(addr, "/"))
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
-    // Issue 13: `?token=` in the WebSocket URL reached proxy logs and browser history.
-    assert!(
-        !html.contains("searchParams.set('token'"),
-        "the page puts no token in a URL"
-    );
-    assert!(html.contains("fetch('api/feed/ticket', { method: 'POST'"));
-    assert!(html.contains("url.searchParams.set('ticket', t)"));
-    assert!(
-        html.contains("history.replaceState"),
-        "a #token= fragment is taken out of the address bar"
-    );
-    // Without a configured token the page's flow is the same: tickets are issued to anyone, and
-    // the feed ignores them.
-    let raw = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "POST /api/feed/ticket HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        raw
-    })
-    .await
-    .unwrap();
-    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-    let ticket: serde_json::Value =
-        serde_json::from_str(raw.split_once("\r\n\r\n").unwrap().1).unwrap();
-    let url = format!(
-        "ws://{addr}/feed?last=200&ticket={}",
-        ticket["ticket"].as_str().unwrap()
-    );
-    assert!(
-        tokio_tungstenite::connect_async(url.as_str()).await.is_ok(),
-        "{url}"
-    );
+    let checks = tokio::task::spawn_blocking(move || {
+        for (path, kind) in [
+            ("/", "text/html"),
+            ("/live", "text/html"),
+            ("/device", "text/html"),
+            ("/device?id=pump%2F1", "text/html"),
+            ("/assets/style.css", "text/css"),
+            ("/assets/common.js", "text/javascript"),
+            ("/assets/chart.js", "text/javascript"),
+            ("/assets/fleet.js", "text/javascript"),
+            ("/assets/live.js", "text/javascript"),
+            ("/assets/device.js", "text/javascript"),
+        ] {
+            let r = raw(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+            assert_eq!(r.status, 200, "{path} needs no token: {r:?}");
+            assert!(r.header("content-type").starts_with(kind), "{path}: {r:?}");
+            assert_eq!(r.header("cache-control"), "no-cache", "{path}");
+            assert_eq!(r.header("x-content-type-options"), "nosniff", "{path}");
+            if kind == "text/html" {
+                let csp = r.header("content-security-policy");
+                assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{path}: {csp}");
+            }
+            // Revalidation: the same ETag gets a 304 and no body; HEAD works too.
+            let etag = r.header("etag");
+            assert!(etag.starts_with('"'), "{path}: {r:?}");
+            let again = raw(
+                addr,
+                &format!("GET {path} HTTP/1.1\r\nHost: x\r\nIf-None-Match: {etag}\r\nConnection: close\r\n\r\n"),
+            );
+            assert_eq!((again.status, again.body.as_str()), (304, ""), "{path}");
+            let head = raw(addr, &format!("HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+            assert_eq!(head.status, 200, "{path}");
+        }
+        let unknown = raw(addr, "GET /assets/nope.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert_eq!(unknown.status, 401, "anything else is the API's: the token first");
+        let unknown = raw(
+            addr,
+            &format!("GET /assets/nope.js HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(unknown.status, 404);
+        let posted = raw(addr, "POST /live HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        assert_eq!(posted.status, 405);
+
+        // The rate needs the token, and says what is wrong with a bad query.
+        let r = raw(addr, "GET /api/anomalies/rate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert_eq!(r.status, 401, "{r:?}");
+        for (q, says) in [
+            ("bucket_ms=10", "bucket_ms must be"),
+            ("buckets=999999999999999999999", "buckets must be"),
+            ("colour=red", "unknown query parameter \"colour\""),
+        ] {
+            let r = raw(
+                addr,
+                &format!("GET /api/anomalies/rate?{q} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"),
+            );
+            assert_eq!(r.status, 400, "{q}: {r:?}");
+            assert!(r.body.contains(says), "{q}: {}", r.body);
+        }
+        let rate = api(addr, "/api/anomalies/rate?bucket_ms=1000&buckets=5");
+        assert_eq!(rate["counts"], json!([0, 0, 0, 0, 0]), "{rate}");
+        assert_eq!((rate["held"].as_u64(), rate["aggregator"].as_str()), (Some(0), Some("agg-dash-html")));
+
+        // Issue 13: `?token=` in the WebSocket URL reached proxy logs and browser history.
+        let (_, js) = http_get(addr, "/assets/common.js");
+        assert!(!js.contains("searchParams.set('token'"), "the pages put no token in a URL");
+        assert!(js.contains("fetch('api/feed/ticket', { method: 'POST'"));
+        assert!(js.contains("url.searchParams.set('ticket', t)"));
+        assert!(js.contains("sessionStorage"), "the token is kept for the tab's session");
+        assert!(js.contains("history.replaceState"), "a #token= fragment is taken out of the address bar");
+    });
+    checks.await.unwrap();
     stop.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// Publishes every device's windows from `start`, as agent `gw-dash` does: a batch per partition.
+async fn publish_windows(client: &AsyncClient, start: i64) {
+    let topics = Topics::new("edgewatch/v1");
+    let mut by_partition: BTreeMap<u32, Vec<WindowSummary>> = BTreeMap::new();
+    for d in 0..DEVICES {
+        for (j, metric) in METRICS.iter().enumerate() {
+            for i in 0..WINDOWS {
+                let device = format!("pump-{d}");
+                let s = start + i * WINDOW_MS;
+                let mean = 20.0 + 10.0 * j as f64 + (i as f64 * 0.7).sin() * 3.0 + d as f64;
+                by_partition
+                    .entry(partition_of(&device, 64))
+                    .or_default()
+                    .push(WindowSummary {
+                        device,
+                        metric: metric.to_string(),
+                        start_ms: s,
+                        end_ms: s + WINDOW_MS,
+                        count: 60,
+                        min: mean - 2.0,
+                        max: mean + 2.5,
+                        mean,
+                        std: 0.8,
+                        first_ts_ms: s,
+                        last_ts_ms: s + WINDOW_MS - 1_000,
+                        max_score: (i % 5) as f64 / 5.0,
+                        revision: 0,
+                    });
+            }
+        }
+    }
+    for (partition, items) in by_partition {
+        let records = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| Sequenced {
+                seq: i as u64 + 1,
+                prev: None,
+                item,
+            })
+            .collect();
+        let batch = Batch {
+            agent: AGENT.into(),
+            partition,
+            records,
+            acked: 0,
+            epoch: 0,
+        };
+        client
+            .publish(
+                topics.summaries(partition, AGENT),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&batch).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn event(device: &str, metric: &str, ts_ms: i64, score: f64) -> AnomalyEvent {
+    AnomalyEvent {
+        phase: edgewatch_models::wire::EventPhase::Onset,
+        model_version: None,
+        id: event_id(device, metric, ts_ms, "ensemble"),
+        device: device.into(),
+        metric: metric.into(),
+        ts_ms,
+        value: 31.5,
+        score,
+        detector: "ensemble".into(),
+        window_start_ms: ts_ms - ts_ms % WINDOW_MS,
+        agent: AGENT.into(),
+    }
+}
+
+/// Publishes one anomaly event the way an agent does (its own lane seq per partition).
+async fn publish_event(client: &AsyncClient, seq: u64, e: AnomalyEvent) {
+    // The device's own partition: an aggregator refuses an event filed under another one.
+    let partition = partition_of(&e.device, 64);
+    let batch = Batch {
+        agent: AGENT.into(),
+        partition,
+        records: vec![Sequenced {
+            seq,
+            prev: None,
+            item: e,
+        }],
+        acked: 0,
+        epoch: 0,
+    };
+    client
+        .publish(
+            Topics::new("edgewatch/v1").anomalies(partition, AGENT),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&batch).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// GET JSON with the bearer token.
+fn api(addr: SocketAddr, path: &str) -> Value {
+    let a = addr.to_string();
+    let r = edgewatch_tools::http::Get::new(&a, path)
+        .bearer(Some(TOKEN))
+        .send_blocking()
+        .unwrap_or_else(|e| panic!("GET http://{a}{path}: {e}"));
+    let body = r.text();
+    assert_eq!(r.status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
+/// A raw HTTP exchange's status, headers and body (for the headers the API client hides).
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Raw {
+    /// A header's value (name in any case), or "".
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// Sends `request` as is and reads the answer to the end (the request says `Connection: close`).
+fn raw(addr: SocketAddr, request: &str) -> Raw {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Raw {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// Where screenshots go: `target/it-screenshots/`.
+fn screenshot_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/it-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+type CdpSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Debian's headless chromium with one tab, driven over the DevTools protocol; killed on drop.
+struct Browser {
+    _child: tokio::process::Child,
+    _profile: tempfile::TempDir,
+    ws: CdpSocket,
+    next_id: u64,
+}
+
+impl Browser {
+    async fn start() -> Self {
+        let chromium = require("chromium");
+        let profile = tempfile::tempdir().unwrap();
+        let child = tokio::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                "--remote-debugging-port=0",
+                "--window-size=1280,900",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromium starts");
+        // Chromium writes its port (first line) once it listens.
+        let port_file = profile.path().join("DevToolsActivePort");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let port: u16 = loop {
+            if let Some(p) = std::fs::read_to_string(&port_file)
+                .ok()
+                .filter(|s| s.lines().count() >= 2)
+                .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
+            {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "chromium wrote no {}", port_file.display());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let list = tokio::task::spawn_blocking(move || {
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (status, body) = http_get(addr, "/json/list");
+                let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                if status == 200 && v.as_array().is_some_and(|a| a.iter().any(|t| t["type"] == "page")) {
+                    break v;
+                }
+                assert!(Instant::now() < deadline, "chromium lists no page: {body}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .await
+        .unwrap();
+        let page = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "page")
+            .unwrap();
+        let url = page["webSocketDebuggerUrl"].as_str().unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .unwrap_or_else(|e| panic!("DevTools at {url}: {e}"));
+        let mut b = Self {
+            _child: child,
+            _profile: profile,
+            ws,
+            next_id: 0,
+        };
+        b.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false}),
+        )
+        .await;
+        b
+    }
+
+    /// One DevTools command; its result (events in between are skipped).
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.try_call(method, params)
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e}"))
+    }
+
+    /// One DevTools command; its result, or the protocol's error.
+    async fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let msg = json!({"id": id, "method": method, "params": params}).to_string();
+        self.ws.send(Message::text(msg)).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("{method}: no answer from chromium in 30 s"))
+                .unwrap_or_else(|| panic!("{method}: chromium closed the DevTools socket"))
+                .unwrap();
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["id"] == id {
+                return match v.get("error") {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(v["result"].clone()),
+                };
+            }
+        }
+    }
+
+    /// Evaluates `expr` in the page (awaiting a promise); its JSON value.
+    async fn eval(&mut self, expr: &str) -> Value {
+        self.try_eval(expr)
+            .await
+            .unwrap_or_else(|e| panic!("{expr}: {e}"))
+    }
+
+    /// Evaluates `expr`; its value, or the error (e.g. the page was navigating).
+    async fn try_eval(&mut self, expr: &str) -> Result<Value, Value> {
+        let r = self
+            .try_call(
+                "Runtime.evaluate",
+                json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
+            )
+            .await?;
+        match r.get("exceptionDetails") {
+            Some(e) => Err(e.clone()),
+            None => Ok(r["result"]["value"].clone()),
+        }
+    }
+
+    async fn text(&mut self, selector: &str) -> String {
+        let v = self
+            .eval(&format!("document.querySelector({selector:?}).textContent"))
+            .await;
+        v.as_str().unwrap_or_default().to_string()
+    }
+
+    /// Polls `expr` every 50 ms until it is `true` (an error, as while a page loads, is not);
+    /// on timeout, panics with the page's text.
+    async fn wait_for(&mut self, what: &str, expr: &str, timeout: Duration) {
+        if !self.wait_a_while(expr, timeout).await {
+            let page = self.try_eval("document.body ? document.body.innerText : ''").await;
+            panic!("timed out after {timeout:?} waiting for {what} ({expr}); the page says:\n{page:?}");
+        }
+    }
+
+    /// Whether `expr` became `true` within `timeout`.
+    async fn wait_a_while(&mut self, expr: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.try_eval(expr).await.is_ok_and(|v| v == true) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Opens `url` in the tab and waits for the new document to have loaded.
+    async fn navigate(&mut self, url: &str) {
+        let before = self.eval("performance.timeOrigin").await;
+        self.call("Page.navigate", json!({ "url": url })).await;
+        self.wait_for(
+            &format!("{url} to load"),
+            &format!(
+                "performance.timeOrigin !== {before} && document.readyState === 'complete'"
+            ),
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+
+    /// A PNG of the whole page (up to 2400 px tall) at `path`.
+    async fn screenshot(&mut self, path: &Path) {
+        let height = self
+            .eval("Math.min(2400, Math.ceil(document.documentElement.scrollHeight))")
+            .await;
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": false}),
+        )
+        .await;
+        let shot = self
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false}),
+        )
+        .await;
+        let png = base64_decode(shot["data"].as_str().unwrap());
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        std::fs::write(path, png).unwrap();
+        eprintln!("screenshot: {}", path.display());
+    }
+}
+
+/// Standard base64 (the DevTools protocol's binary encoding), without a dependency for it.
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a') as u32 + 26,
+            b'0'..=b'9' => (c - b'0') as u32 + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c:?}"),
+        }
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for chunk in bytes.chunks(4) {
+        let data: Vec<u8> = chunk.iter().copied().filter(|c| *c != b'=').collect();
+        let n = data
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, c)| acc | val(*c) << (18 - 6 * i));
+        for i in 0..data.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
 }

@@ -4,7 +4,7 @@
 
 const KEY = 'edgewatch.token';
 
-// A token given once as http://HOST/#token=<token> (a fragment never reaches the server) is
+// A token given once as a fragment, PAGE#token=<token> (a fragment never reaches the server), is
 // moved to the tab's storage and taken out of the address bar.
 {
   const fromHash = new URLSearchParams(location.hash.slice(1)).get('token');
