@@ -59,17 +59,26 @@ async fn dashboard_pages_work_in_a_real_browser() {
         MqttOptions::new("dash-pub", "127.0.0.1", broker.addr().port()),
         100,
     );
-    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = el.poll().await {
+                eprintln!("test publisher: {e} (reconnecting)");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
 
     // Seven devices, two metrics, twelve one-minute windows each, ending now; three anomalies
     // of pump-1's vibration inside its windows.
     let start = (now_ms() / WINDOW_MS - WINDOWS) * WINDOW_MS;
-    publish_windows(&client, start).await;
+    // Events share their lane's seqs with summaries: one counter per partition.
+    let mut seqs = BTreeMap::new();
+    publish_windows(&client, &mut seqs, start).await;
     let events: Vec<AnomalyEvent> = (0..3)
         .map(|i| event("pump-1", "vibration", start + (2 + 4 * i) * WINDOW_MS + 30_000, 0.9 + 0.04 * i as f64))
         .collect();
-    for (seq, e) in events.iter().enumerate() {
-        publish_event(&client, seq as u64 + 1, e.clone()).await;
+    for e in &events {
+        publish_event(&client, &mut seqs, e.clone()).await;
     }
     wait_until(
         "the windows applied and the events in the feed history",
@@ -203,7 +212,7 @@ async fn dashboard_pages_work_in_a_real_browser() {
         "the time column names its zone"
     );
     let fresh = event("pump-3", "temperature", now_ms(), 0.99);
-    publish_event(&client, 4, fresh.clone()).await;
+    publish_event(&client, &mut seqs, fresh.clone()).await;
     let published = Instant::now();
     b.wait_for(
         "the event published during the test",
@@ -389,13 +398,14 @@ async fn pages_are_public_typed_and_cached_while_the_api_needs_the_token() {
     task.await.unwrap().unwrap();
 }
 
-/// Publishes every device's windows from `start`, as agent `gw-dash` does: a batch per partition.
-async fn publish_windows(client: &AsyncClient, start: i64) {
+/// Publishes every device's windows from `start` as agent `gw-dash` does: a batch per partition
+/// and window (the broker takes packets of up to 10 kB).
+async fn publish_windows(client: &AsyncClient, seqs: &mut BTreeMap<u32, u64>, start: i64) {
     let topics = Topics::new("edgewatch/v1");
-    let mut by_partition: BTreeMap<u32, Vec<WindowSummary>> = BTreeMap::new();
-    for d in 0..DEVICES {
-        for (j, metric) in METRICS.iter().enumerate() {
-            for i in 0..WINDOWS {
+    for i in 0..WINDOWS {
+        let mut by_partition: BTreeMap<u32, Vec<WindowSummary>> = BTreeMap::new();
+        for d in 0..DEVICES {
+            for (j, metric) in METRICS.iter().enumerate() {
                 let device = format!("pump-{d}");
                 let s = start + i * WINDOW_MS;
                 let mean = 20.0 + 10.0 * j as f64 + (i as f64 * 0.7).sin() * 3.0 + d as f64;
@@ -419,33 +429,36 @@ async fn publish_windows(client: &AsyncClient, start: i64) {
                     });
             }
         }
-    }
-    for (partition, items) in by_partition {
-        let records = items
-            .into_iter()
-            .enumerate()
-            .map(|(i, item)| Sequenced {
-                seq: i as u64 + 1,
-                prev: None,
-                item,
-            })
-            .collect();
-        let batch = Batch {
-            agent: AGENT.into(),
-            partition,
-            records,
-            acked: 0,
-            epoch: 0,
-        };
-        client
-            .publish(
-                topics.summaries(partition, AGENT),
-                QoS::AtLeastOnce,
-                false,
-                serde_json::to_vec(&batch).unwrap(),
-            )
-            .await
-            .unwrap();
+        for (partition, items) in by_partition {
+            let seq = seqs.entry(partition).or_insert(0);
+            let records = items
+                .into_iter()
+                .map(|item| {
+                    *seq += 1;
+                    Sequenced {
+                        seq: *seq,
+                        prev: None,
+                        item,
+                    }
+                })
+                .collect();
+            let batch = Batch {
+                agent: AGENT.into(),
+                partition,
+                records,
+                acked: 0,
+                epoch: 0,
+            };
+            client
+                .publish(
+                    topics.summaries(partition, AGENT),
+                    QoS::AtLeastOnce,
+                    false,
+                    serde_json::to_vec(&batch).unwrap(),
+                )
+                .await
+                .unwrap();
+        }
     }
 }
 
@@ -465,10 +478,13 @@ fn event(device: &str, metric: &str, ts_ms: i64, score: f64) -> AnomalyEvent {
     }
 }
 
-/// Publishes one anomaly event the way an agent does (its own lane seq per partition).
-async fn publish_event(client: &AsyncClient, seq: u64, e: AnomalyEvent) {
+/// Publishes one anomaly event the way an agent does (the next seq of its partition's lane).
+async fn publish_event(client: &AsyncClient, seqs: &mut BTreeMap<u32, u64>, e: AnomalyEvent) {
     // The device's own partition: an aggregator refuses an event filed under another one.
     let partition = partition_of(&e.device, 64);
+    let seq = seqs.entry(partition).or_insert(0);
+    *seq += 1;
+    let seq = *seq;
     let batch = Batch {
         agent: AGENT.into(),
         partition,
@@ -570,6 +586,8 @@ struct Browser {
     _profile: tempfile::TempDir,
     ws: CdpSocket,
     next_id: u64,
+    /// The tab's DevTools session, once attached.
+    session: Option<String>,
 }
 
 impl Browser {
@@ -597,51 +615,46 @@ impl Browser {
             .kill_on_drop(true)
             .spawn()
             .expect("chromium starts");
-        // Chromium writes its port (first line) once it listens.
+        // Chromium writes its port and its browser endpoint's path once it listens.
         let port_file = profile.path().join("DevToolsActivePort");
         let deadline = Instant::now() + Duration::from_secs(30);
-        let port: u16 = loop {
-            if let Some(p) = std::fs::read_to_string(&port_file)
-                .ok()
-                .filter(|s| s.lines().count() >= 2)
-                .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
-            {
-                break p;
+        let endpoint = loop {
+            let lines: Vec<String> = std::fs::read_to_string(&port_file)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect();
+            if let [port, path, ..] = lines.as_slice() {
+                break format!("ws://127.0.0.1:{}{}", port.trim(), path.trim());
             }
-            assert!(Instant::now() < deadline, "chromium wrote no {}", port_file.display());
+            assert!(
+                Instant::now() < deadline,
+                "chromium wrote no {}",
+                port_file.display()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let list = tokio::task::spawn_blocking(move || {
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let (status, body) = http_get(addr, "/json/list");
-                let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                if status == 200 && v.as_array().is_some_and(|a| a.iter().any(|t| t["type"] == "page")) {
-                    break v;
-                }
-                assert!(Instant::now() < deadline, "chromium lists no page: {body}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-        .await
-        .unwrap();
-        let page = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["type"] == "page")
-            .unwrap();
-        let url = page["webSocketDebuggerUrl"].as_str().unwrap();
-        let (ws, _) = tokio_tungstenite::connect_async(url)
+        let (ws, _) = tokio_tungstenite::connect_async(endpoint.as_str())
             .await
-            .unwrap_or_else(|e| panic!("DevTools at {url}: {e}"));
+            .unwrap_or_else(|e| panic!("DevTools at {endpoint}: {e}"));
         let mut b = Self {
             _child: child,
             _profile: profile,
             ws,
             next_id: 0,
+            session: None,
         };
+        // A tab of our own, its commands sent in its session over the browser's socket.
+        let target = b
+            .call("Target.createTarget", json!({"url": "about:blank"}))
+            .await;
+        let attached = b
+            .call(
+                "Target.attachToTarget",
+                json!({"targetId": target["targetId"], "flatten": true}),
+            )
+            .await;
+        b.session = Some(attached["sessionId"].as_str().unwrap().to_string());
         b.call(
             "Emulation.setDeviceMetricsOverride",
             json!({"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false}),
@@ -661,7 +674,11 @@ impl Browser {
     async fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
         self.next_id += 1;
         let id = self.next_id;
-        let msg = json!({"id": id, "method": method, "params": params}).to_string();
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(session) = &self.session {
+            msg["sessionId"] = session.clone().into();
+        }
+        let msg = msg.to_string();
         self.ws.send(Message::text(msg)).await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
