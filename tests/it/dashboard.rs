@@ -75,7 +75,14 @@ async fn dashboard_pages_work_in_a_real_browser() {
     let mut seqs = BTreeMap::new();
     publish_windows(&client, &mut seqs, start).await;
     let events: Vec<AnomalyEvent> = (0..3)
-        .map(|i| event("pump-1", "vibration", start + (2 + 4 * i) * WINDOW_MS + 30_000, 0.9 + 0.04 * i as f64))
+        .map(|i| {
+            event(
+                "pump-1",
+                "vibration",
+                start + (2 + 4 * i) * WINDOW_MS + 30_000,
+                0.9 + 0.04 * i as f64,
+            )
+        })
         .collect();
     for e in &events {
         publish_event(&client, &mut seqs, e.clone()).await;
@@ -109,11 +116,17 @@ async fn dashboard_pages_work_in_a_real_browser() {
         Duration::from_secs(10),
     )
     .await;
-    assert_eq!(b.text("#devices-count").await, "—", "no data without the token");
+    assert_eq!(
+        b.text("#devices-count").await,
+        "—",
+        "no data without the token"
+    );
     assert_eq!(b.text("#conn").await, "token required");
-    b.eval("document.getElementById('token-input').focus()").await;
+    b.eval("document.getElementById('token-input').focus()")
+        .await;
     b.call("Input.insertText", json!({ "text": TOKEN })).await;
-    b.eval("document.querySelector('#login button').click()").await;
+    b.eval("document.querySelector('#login button').click()")
+        .await;
     b.wait_for(
         "the device count after the token",
         &format!("document.getElementById('devices-count').textContent === '{DEVICES}'"),
@@ -126,10 +139,16 @@ async fn dashboard_pages_work_in_a_real_browser() {
         TOKEN,
         "kept for the session"
     );
-    assert!(!b.eval("location.href").await.as_str().unwrap().contains(TOKEN));
+    assert!(!b
+        .eval("location.href")
+        .await
+        .as_str()
+        .unwrap()
+        .contains(TOKEN));
     assert_eq!(b.text("#agg").await, "agg-dash");
     assert_eq!(
-        b.eval("document.querySelectorAll('#devices tr[data-device]').length").await,
+        b.eval("document.querySelectorAll('#devices tr[data-device]').length")
+            .await,
         DEVICES,
         "every device listed (one page)"
     );
@@ -142,12 +161,18 @@ async fn dashboard_pages_work_in_a_real_browser() {
     .await;
     let rate = api(addr, "/api/anomalies/rate?bucket_ms=60000&buckets=60");
     assert_eq!(
-        rate["counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum::<u64>(),
+        rate["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .sum::<u64>(),
         3,
         "{rate}"
     );
     assert_eq!(
-        b.eval("document.querySelectorAll('#strip rect').length").await,
+        b.eval("document.querySelectorAll('#strip rect').length")
+            .await,
         64,
         "a cell per partition"
     );
@@ -190,11 +215,14 @@ async fn dashboard_pages_work_in_a_real_browser() {
         0
     );
     assert_eq!(
-        b.eval("document.querySelectorAll('#events tr.event').length").await,
+        b.eval("document.querySelectorAll('#events tr.event').length")
+            .await,
         3
     );
     assert!(
-        b.eval("document.getElementById('token-input') === null").await == true,
+        b.eval("document.getElementById('token-input') === null")
+            .await
+            == true,
         "the token carried over to the next page"
     );
     b.screenshot(&shots.join("device.png")).await;
@@ -208,7 +236,11 @@ async fn dashboard_pages_work_in_a_real_browser() {
     )
     .await;
     assert!(
-        b.eval("document.getElementById('time-head').textContent").await.as_str().unwrap().starts_with("time ("),
+        b.eval("document.getElementById('time-head').textContent")
+            .await
+            .as_str()
+            .unwrap()
+            .starts_with("time ("),
         "the time column names its zone"
     );
     let fresh = event("pump-3", "temperature", now_ms(), 0.99);
@@ -216,29 +248,44 @@ async fn dashboard_pages_work_in_a_real_browser() {
     let published = Instant::now();
     b.wait_for(
         "the event published during the test",
-        &format!("!!document.querySelector('#rows tr.event[data-id=\"{}\"]')", fresh.id),
+        &format!(
+            "!!document.querySelector('#rows tr.event[data-id=\"{}\"]')",
+            fresh.id
+        ),
         Duration::from_secs(2),
     )
     .await;
-    eprintln!("live page showed the event {:?} after publishing", published.elapsed());
+    eprintln!(
+        "live page showed the event {:?} after publishing",
+        published.elapsed()
+    );
     assert_eq!(
-        b.eval("document.querySelector('#rows tr.event').dataset.id").await,
+        b.eval("document.querySelector('#rows tr.event').dataset.id")
+            .await,
         fresh.id.as_str(),
         "newest first"
     );
     b.screenshot(&shots.join("live.png")).await;
 
     // Filters come from the URL: the server filters by metric and score, the page by detector.
-    b.navigate(&format!("{base}/live?metric=vibration&min_score=0.95&detector=ensemble"))
-        .await;
+    b.navigate(&format!(
+        "{base}/live?metric=vibration&min_score=0.95&detector=ensemble"
+    ))
+    .await;
     b.wait_for(
         "the filtered feed",
         "document.getElementById('conn').textContent === 'live' && document.querySelectorAll('#rows tr.event').length === 1",
         Duration::from_secs(10),
     )
     .await;
-    assert_eq!(b.eval("document.getElementById('f-metric').value").await, "vibration");
-    assert_eq!(b.eval("document.getElementById('f-min-score').value").await, "0.95");
+    assert_eq!(
+        b.eval("document.getElementById('f-metric').value").await,
+        "vibration"
+    );
+    assert_eq!(
+        b.eval("document.getElementById('f-min-score').value").await,
+        "0.95"
+    );
     // A detector that matches nothing leaves the hint, which says the feed is live.
     b.navigate(&format!("{base}/live?detector=pca")).await;
     b.wait_for(
@@ -257,8 +304,17 @@ async fn dashboard_pages_work_in_a_real_browser() {
         Duration::from_secs(10),
     )
     .await;
-    assert!(!b.eval("location.href").await.as_str().unwrap().contains(TOKEN));
-    assert!(b.eval("document.body.innerHTML.includes('dash-s3cret')").await == false);
+    assert!(!b
+        .eval("location.href")
+        .await
+        .as_str()
+        .unwrap()
+        .contains(TOKEN));
+    assert!(
+        b.eval("document.body.innerHTML.includes('dash-s3cret')")
+            .await
+            == false
+    );
 
     if let Ok(url) = std::env::var("EDGEWATCH_SCREENSHOT_URL") {
         photograph_demo(&mut b, url.trim_end_matches('/')).await;
@@ -281,7 +337,11 @@ async fn photograph_demo(b: &mut Browser, base: &str) {
         Duration::from_secs(30),
     )
     .await;
-    b.screenshot(&dir.join("fleet.png")).await;
+    let listed = b
+        .eval("JSON.stringify([...document.querySelectorAll('#devices tr[data-device]')].map((r) => r.dataset.device))")
+        .await;
+    let listed = listed.as_str().unwrap().to_string();
+    b.screenshot_viewport(&dir.join("fleet.png")).await;
     b.navigate(&format!("{base}/live")).await;
     b.wait_for(
         "the demo's live page",
@@ -289,23 +349,32 @@ async fn photograph_demo(b: &mut Browser, base: &str) {
         Duration::from_secs(60),
     )
     .await;
-    b.screenshot(&dir.join("live.png")).await;
-    // The device of the newest event, reached by clicking it.
-    b.eval("document.querySelector('#rows tr.event td:nth-child(2) a').click()")
-        .await;
+    b.screenshot_viewport(&dir.join("live.png")).await;
+    // The device of the newest event that this aggregator can show, reached by clicking it.
+    let click = format!(
+        "(() => {{ const known = new Set({listed}); const a = [...document.querySelectorAll('#rows tr.event td:nth-child(2) a')].find((a) => known.has(a.textContent)); if (a) a.click(); return !!a; }})()"
+    );
+    assert!(
+        b.eval(&click).await == true,
+        "no event of a device listed by {base}"
+    );
     b.wait_for(
         "the demo's device page",
         "location.pathname.endsWith('/device') && document.querySelectorAll('polyline.mean').length > 0",
         Duration::from_secs(30),
     )
     .await;
-    // Its anomaly marker, when its event falls inside the windows held (not guaranteed).
-    b.wait_a_while(
+    // Its anomaly marker, when its event falls inside the windows held (not guaranteed), in view.
+    if b.wait_a_while(
         "document.querySelectorAll('circle.marker').length > 0",
         Duration::from_secs(10),
     )
-    .await;
-    b.screenshot(&dir.join("device.png")).await;
+    .await
+    {
+        b.eval("document.querySelector('circle.marker').closest('.metric').scrollIntoView()")
+            .await;
+    }
+    b.screenshot_viewport(&dir.join("device.png")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,14 +405,20 @@ async fn pages_are_public_typed_and_cached_while_the_api_needs_the_token() {
             ("/assets/live.js", "text/javascript"),
             ("/assets/device.js", "text/javascript"),
         ] {
-            let r = raw(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+            let r = raw(
+                addr,
+                &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            );
             assert_eq!(r.status, 200, "{path} needs no token: {r:?}");
             assert!(r.header("content-type").starts_with(kind), "{path}: {r:?}");
             assert_eq!(r.header("cache-control"), "no-cache", "{path}");
             assert_eq!(r.header("x-content-type-options"), "nosniff", "{path}");
             if kind == "text/html" {
                 let csp = r.header("content-security-policy");
-                assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{path}: {csp}");
+                assert!(
+                    csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+                    "{path}: {csp}"
+                );
             }
             // Revalidation: the same ETag gets a 304 and no body; HEAD works too.
             let etag = r.header("etag");
@@ -353,21 +428,36 @@ async fn pages_are_public_typed_and_cached_while_the_api_needs_the_token() {
                 &format!("GET {path} HTTP/1.1\r\nHost: x\r\nIf-None-Match: {etag}\r\nConnection: close\r\n\r\n"),
             );
             assert_eq!((again.status, again.body.as_str()), (304, ""), "{path}");
-            let head = raw(addr, &format!("HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+            let head = raw(
+                addr,
+                &format!("HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            );
             assert_eq!(head.status, 200, "{path}");
         }
-        let unknown = raw(addr, "GET /assets/nope.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        assert_eq!(unknown.status, 401, "anything else is the API's: the token first");
+        let unknown = raw(
+            addr,
+            "GET /assets/nope.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(
+            unknown.status, 401,
+            "anything else is the API's: the token first"
+        );
         let unknown = raw(
             addr,
             &format!("GET /assets/nope.js HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"),
         );
         assert_eq!(unknown.status, 404);
-        let posted = raw(addr, "POST /live HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let posted = raw(
+            addr,
+            "POST /live HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
         assert_eq!(posted.status, 405);
 
         // The rate needs the token, and says what is wrong with a bad query.
-        let r = raw(addr, "GET /api/anomalies/rate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let r = raw(
+            addr,
+            "GET /api/anomalies/rate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
         assert_eq!(r.status, 401, "{r:?}");
         for (q, says) in [
             ("bucket_ms=10", "bucket_ms must be"),
@@ -383,15 +473,27 @@ async fn pages_are_public_typed_and_cached_while_the_api_needs_the_token() {
         }
         let rate = api(addr, "/api/anomalies/rate?bucket_ms=1000&buckets=5");
         assert_eq!(rate["counts"], json!([0, 0, 0, 0, 0]), "{rate}");
-        assert_eq!((rate["held"].as_u64(), rate["aggregator"].as_str()), (Some(0), Some("agg-dash-html")));
+        assert_eq!(
+            (rate["held"].as_u64(), rate["aggregator"].as_str()),
+            (Some(0), Some("agg-dash-html"))
+        );
 
         // Issue 13: `?token=` in the WebSocket URL reached proxy logs and browser history.
         let (_, js) = http_get(addr, "/assets/common.js");
-        assert!(!js.contains("searchParams.set('token'"), "the pages put no token in a URL");
+        assert!(
+            !js.contains("searchParams.set('token'"),
+            "the pages put no token in a URL"
+        );
         assert!(js.contains("fetch('api/feed/ticket', { method: 'POST'"));
         assert!(js.contains("url.searchParams.set('ticket', t)"));
-        assert!(js.contains("sessionStorage"), "the token is kept for the tab's session");
-        assert!(js.contains("history.replaceState"), "a #token= fragment is taken out of the address bar");
+        assert!(
+            js.contains("sessionStorage"),
+            "the token is kept for the tab's session"
+        );
+        assert!(
+            js.contains("history.replaceState"),
+            "a #token= fragment is taken out of the address bar"
+        );
     });
     checks.await.unwrap();
     stop.cancel();
@@ -730,8 +832,12 @@ impl Browser {
     /// on timeout, panics with the page's text.
     async fn wait_for(&mut self, what: &str, expr: &str, timeout: Duration) {
         if !self.wait_a_while(expr, timeout).await {
-            let page = self.try_eval("document.body ? document.body.innerText : ''").await;
-            panic!("timed out after {timeout:?} waiting for {what} ({expr}); the page says:\n{page:?}");
+            let page = self
+                .try_eval("document.body ? document.body.innerText : ''")
+                .await;
+            panic!(
+                "timed out after {timeout:?} waiting for {what} ({expr}); the page says:\n{page:?}"
+            );
         }
     }
 
@@ -755,12 +861,21 @@ impl Browser {
         self.call("Page.navigate", json!({ "url": url })).await;
         self.wait_for(
             &format!("{url} to load"),
-            &format!(
-                "performance.timeOrigin !== {before} && document.readyState === 'complete'"
-            ),
+            &format!("performance.timeOrigin !== {before} && document.readyState === 'complete'"),
             Duration::from_secs(10),
         )
         .await;
+    }
+
+    /// A PNG of what a 1280 x 900 window shows, at `path` (the README's pictures: small files).
+    async fn screenshot_viewport(&mut self, path: &Path) {
+        let shot = self
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
+        let png = base64_decode(shot["data"].as_str().unwrap());
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        std::fs::write(path, png).unwrap();
+        eprintln!("screenshot: {}", path.display());
     }
 
     /// A PNG of the whole page (up to 2400 px tall) at `path`.

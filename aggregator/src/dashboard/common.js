@@ -206,7 +206,8 @@ export function num(v, digits = 3) {
   if (a >= 1e9) return (v / 1e9).toPrecision(digits) + ' G';
   if (a >= 1e6) return (v / 1e6).toPrecision(digits) + ' M';
   if (a >= 1e4) return (v / 1e3).toPrecision(digits) + ' k';
-  return Number.isInteger(v) ? String(v) : v.toPrecision(digits);
+  if (Number.isInteger(v)) return String(v);
+  return a >= 100 ? String(Math.round(v)) : String(+v.toPrecision(digits));
 }
 /** A field that may be missing (an older or single-instance API): "—" then. */
 export function orDash(v) { return v === undefined || v === null || v === '' ? '—' : String(v); }

@@ -33,13 +33,16 @@ function render() {
   if (!device) return;
   const ms = Object.entries(device.metrics).sort(([a], [b]) => a.localeCompare(b));
   const sum = (k) => ms.reduce((a, [, m]) => a + (Number(m[k]) || 0), 0);
+  // Without the fleet API's last_seen_ms: the newest reading of any window held, on its own clock.
+  const newest = Math.max(...ms.map(([, m]) => Math.max(...(m.windows || []).map((w) => w.last_ts_ms ?? -Infinity))));
+  const seen = typeof device.last_seen_ms === 'number' ? device.last_seen_ms : isFinite(newest) ? newest : undefined;
   $('#title').textContent = `Device ${device.device}`;
   $('#facts').replaceChildren(
     fact('partition', orDash(device.partition)),
     fact('owner', orDash(device.owner)),
     fact('agent', orDash(device.agent)),
-    fact('last seen', typeof device.last_seen_ms === 'number' ? ago(device.last_seen_ms) : '—',
-         typeof device.last_seen_ms === 'number' ? fmtTime(device.last_seen_ms, true) : undefined),
+    fact(typeof device.last_seen_ms === 'number' ? 'last seen' : 'newest reading',
+         seen === undefined ? '—' : ago(seen), seen === undefined ? undefined : fmtTime(seen, true)),
     fact('readings', num(sum('readings')), `${num(sum('windows_applied'))} windows applied`),
     fact('anomalies', num(sum('anomalies')), `${ms.length} metric${ms.length === 1 ? '' : 's'}`));
   for (const [, m] of ms) if (m.last_anomaly) addEvent(m.last_anomaly);
@@ -63,7 +66,7 @@ function render() {
     el('td', { class: 'num', text: num(e.value, 4) }),
     el('td', {}, scoreBadge(e.score)),
     el('td', { text: e.detector }),
-    el('td', { class: 'muted', text: e.phase || '' }),
+    el('td', { class: 'muted', text: e.phase || 'onset' }),
     el('td', { class: 'muted', text: e.agent }),
     el('td', { class: 'muted', text: short(e.id), title: e.id })));
   if (!rows.length) rows.push(el('tr', { class: 'hint' }, el('td', { colspan: 8, text: 'No anomaly of this device in the feed\'s recent history.' })));
@@ -83,8 +86,10 @@ async function load() {
     device = d;
     if (d.events) d.events.forEach(addEvent);
     $('#message').textContent = '';
+    $('#message').className = 'muted';
     render();
   } catch (e) {
+    $('#title').textContent = `Device ${id}`;
     $('#message').textContent = e.status === 404 ? `Not found: ${e.message}` : `The API failed: ${e.message}`;
     $('#message').className = 'error';
     if (e.status !== 404) throw e;

@@ -38,16 +38,18 @@ function hint() {
 }
 
 function eventRow(e) {
-  const tr = el('tr', { class: 'event', 'data-id': e.id },
+  // A missing phase is an onset (the wire leaves the default out).
+  const phase = e.phase || 'onset';
+  const tr = el('tr', { class: 'event ' + phase, 'data-id': e.id },
     el('td', { text: fmtTime(e.ts_ms), title: fmtTime(e.ts_ms, true) + ' — event ' + e.id }),
     el('td', {}, deviceLink(String(e.device))),
     el('td', { text: e.metric }),
     el('td', { class: 'num', text: num(e.value, 4) }),
     el('td', {}, scoreBadge(e.score)),
     el('td', { text: e.detector }),
-    el('td', { class: 'muted', text: e.phase || '' }),
+    el('td', { class: 'muted', text: phase }),
     el('td', { class: 'muted', text: e.agent }));
-  tr.firstChild.style.borderLeftColor = scoreColour(e.score);
+  if (phase !== 'recovery') tr.firstChild.style.borderLeftColor = scoreColour(e.score);
   return tr;
 }
 

@@ -308,7 +308,10 @@ mod tests {
         let r = Rate::count([(60_500, 0.9)].into_iter(), 10_000, &P);
         assert_eq!((r.end_ms, r.counts[3]), (61_000, 1));
         let r = Rate::count([(i64::MAX, 0.9), (9_999, f64::NAN)].into_iter(), 10_000, &P);
-        assert_eq!(r.end_ms, 11_000, "a far-future stamp is ignored for the end");
+        assert_eq!(
+            r.end_ms, 11_000,
+            "a far-future stamp is ignored for the end"
+        );
         assert_eq!((r.outside, r.counts[2], r.max_score[2]), (1, 1, 0.0));
     }
 
@@ -366,7 +369,13 @@ mod tests {
                 a.path
             );
             if a.content_type == HTML {
-                let handlers = [" onclick=", " onload=", " onsubmit=", " onerror=", " oninput="];
+                let handlers = [
+                    " onclick=",
+                    " onload=",
+                    " onsubmit=",
+                    " onerror=",
+                    " oninput=",
+                ];
                 assert!(
                     !a.body.contains("<script>") && !handlers.iter().any(|h| a.body.contains(h)),
                     "{}: inline script",
