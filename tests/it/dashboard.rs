@@ -364,17 +364,14 @@ async fn photograph_demo(b: &mut Browser, base: &str) {
         Duration::from_secs(30),
     )
     .await;
-    // Its anomaly marker, when its event falls inside the windows held (not guaranteed), in view.
-    if b.wait_a_while(
+    // Its anomaly marker, when its event falls inside the windows held (not guaranteed).
+    b.wait_a_while(
         "document.querySelectorAll('circle.marker').length > 0",
         Duration::from_secs(10),
     )
-    .await
-    {
-        b.eval("document.querySelector('circle.marker').closest('.metric').scrollIntoView()")
-            .await;
-    }
-    b.screenshot_viewport(&dir.join("device.png")).await;
+    .await;
+    // The whole page: every metric's chart.
+    b.screenshot(&dir.join("device.png")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
