@@ -267,6 +267,25 @@ async fn dashboard_pages_work_in_a_real_browser() {
     );
     b.screenshot(&shots.join("live.png")).await;
 
+    // Pause keeps new events aside (and says how many); resume shows them.
+    b.eval("document.getElementById('pause').click()").await;
+    let held_back = event("pump-4", "vibration", now_ms(), 0.8);
+    publish_event(&client, &mut seqs, held_back.clone()).await;
+    b.wait_for(
+        "the paused page counting the new event",
+        "document.getElementById('paused').textContent.startsWith('paused: 1 new')",
+        Duration::from_secs(5),
+    )
+    .await;
+    let row = format!(
+        "!!document.querySelector('#rows tr.event[data-id=\"{}\"]')",
+        held_back.id
+    );
+    assert!(b.eval(&row).await == false, "not shown while paused");
+    b.eval("document.getElementById('pause').click()").await;
+    assert!(b.eval(&row).await == true, "shown on resume");
+    assert_eq!(b.text("#count").await, "5");
+
     // Filters come from the URL: the server filters by metric and score, the page by detector.
     b.navigate(&format!(
         "{base}/live?metric=vibration&min_score=0.95&detector=ensemble"
@@ -300,7 +319,7 @@ async fn dashboard_pages_work_in_a_real_browser() {
     b.navigate(&format!("{base}/live#token={TOKEN}")).await;
     b.wait_for(
         "the feed with a token from the fragment",
-        "document.querySelectorAll('#rows tr.event').length === 4",
+        "document.querySelectorAll('#rows tr.event').length === 5",
         Duration::from_secs(10),
     )
     .await;
@@ -323,6 +342,278 @@ async fn dashboard_pages_work_in_a_real_browser() {
     drop(b);
     stop.cancel();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_page_says_when_it_lost_the_feed_and_where_it_resumed() {
+    let broker = embedded_broker();
+    let mut cfg = AggregatorConfig::with_id("agg-dash-resume");
+    cfg.mqtt.port = broker.addr().port();
+    cfg.http.listen = "127.0.0.1:0".into();
+    let agg = Aggregator::bind(cfg.clone()).await.unwrap();
+    let addr = agg.local_addr();
+    let run = |agg: Aggregator| {
+        let stop = CancellationToken::new();
+        let t = stop.clone();
+        (
+            stop,
+            tokio::spawn(agg.run(async move { t.cancelled().await })),
+        )
+    };
+    let (stop, task) = run(agg);
+    let (client, mut el) = AsyncClient::new(
+        MqttOptions::new("dash-resume-pub", "127.0.0.1", broker.addr().port()),
+        100,
+    );
+    tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let mut seqs = BTreeMap::new();
+    let first = event("pump-1", "vibration", now_ms(), 0.9);
+    publish_until_held(addr, &client, &mut seqs, &first, 1).await;
+
+    let mut b = Browser::start().await;
+    b.navigate(&format!("http://{addr}/live")).await;
+    b.wait_for(
+        "the first event, live",
+        &format!(
+            "document.getElementById('conn').textContent === 'live' && !!document.querySelector('tr[data-id=\"{}\"]')",
+            first.id
+        ),
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // The aggregator goes away: the page says so and counts down to its next try.
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    b.wait_for(
+        "the disconnected state",
+        "/^disconnected, retrying in [0-9]+ s$/.test(document.getElementById('conn').textContent)",
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // Back on the same port: the page reconnects by itself, resuming after the last event it had.
+    cfg.http.listen = addr.to_string();
+    let (stop, task) = run(Aggregator::bind(cfg).await.unwrap());
+    let second = event("pump-2", "temperature", now_ms(), 0.95);
+    publish_until_held(addr, &client, &mut seqs, &second, 1).await;
+    b.wait_for(
+        "the resumed state and the event published meanwhile",
+        &format!(
+            "document.getElementById('conn').textContent === 'live — resumed from event {}…' && !!document.querySelector('tr[data-id=\"{}\"]')",
+            &first.id[..12],
+            second.id
+        ),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        b.eval("document.querySelectorAll('#rows tr.event').length")
+            .await,
+        2,
+        "each event once"
+    );
+    assert!(
+        b.text("tr.control[data-type=closed]")
+            .await
+            .contains("server shutting down"),
+        "the server's close reason is shown"
+    );
+    b.screenshot(&screenshot_dir().join("live-resumed.png"))
+        .await;
+    drop(b);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_device_ids_and_huge_values_are_shown_as_text_and_drawn() {
+    let broker = embedded_broker();
+    let mut cfg = AggregatorConfig::with_id("agg-dash-hostile");
+    cfg.mqtt.port = broker.addr().port();
+    cfg.http.listen = "127.0.0.1:0".into();
+    let agg = Aggregator::bind(cfg).await.unwrap();
+    let addr = agg.local_addr();
+    let stop = CancellationToken::new();
+    let task = {
+        let t = stop.clone();
+        tokio::spawn(agg.run(async move { t.cancelled().await }))
+    };
+    let (client, mut el) = AsyncClient::new(
+        MqttOptions::new("dash-hostile-pub", "127.0.0.1", broker.addr().port()),
+        100,
+    );
+    tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    // Markup, a query separator, a slash, a space and non-ASCII in one id; values at the edge
+    // of f64 in its windows.
+    let device = "<img src=x onerror=\"window.pwned=1\">&id=/ü x";
+    let mut seqs = BTreeMap::new();
+    let start = (now_ms() / WINDOW_MS - 4) * WINDOW_MS;
+    let partition = partition_of(device, 64);
+    let values = [
+        (1.0, 0.5, 1.5),
+        (1e300, -1e300, 1.7e308),
+        (-1e-300, -2.0, 3.0),
+        (2.0, 1.0, 3.0),
+    ];
+    let records = values
+        .iter()
+        .enumerate()
+        .map(|(i, &(mean, min, max))| {
+            let s = start + i as i64 * WINDOW_MS;
+            Sequenced {
+                seq: i as u64 + 1,
+                prev: None,
+                item: WindowSummary {
+                    device: device.into(),
+                    metric: "m".into(),
+                    start_ms: s,
+                    end_ms: s + WINDOW_MS,
+                    count: 10,
+                    min,
+                    max,
+                    mean,
+                    std: 0.0,
+                    first_ts_ms: s,
+                    last_ts_ms: s + 1_000,
+                    max_score: 1.0,
+                    revision: 0,
+                },
+            }
+        })
+        .collect();
+    seqs.insert(partition, values.len() as u64);
+    let batch = Batch {
+        agent: AGENT.into(),
+        partition,
+        records,
+        acked: 0,
+        epoch: 0,
+    };
+    let hostile = event(device, "m", start + WINDOW_MS + 5, 1.0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        // Until the aggregator, perhaps still subscribing, has both.
+        client
+            .publish(
+                Topics::new("edgewatch/v1").summaries(partition, AGENT),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&batch).unwrap(),
+            )
+            .await
+            .unwrap();
+        publish_event(&client, &mut seqs, hostile.clone()).await;
+        let s = tokio::task::spawn_blocking(move || get_json(addr, "/api/status"))
+            .await
+            .unwrap();
+        if s["devices"] == 1 && s["feed_history"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never applied: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut b = Browser::start().await;
+    b.navigate(&format!("http://{addr}/")).await;
+    b.wait_for(
+        "the hostile device listed",
+        "document.querySelectorAll('#devices tr[data-device]').length === 1",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(b.text("#devices a.device").await, device, "the id as text");
+    let no_markup = "document.querySelectorAll('img').length === 0 && window.pwned === undefined";
+    assert!(
+        b.eval(no_markup).await == true,
+        "no element made from the id"
+    );
+    b.eval("document.querySelector('#devices a.device').click()")
+        .await;
+    b.wait_for(
+        "its device page, with a chart of its four windows",
+        "!!document.querySelector('polyline.mean') && document.querySelector('polyline.mean').points.numberOfItems === 4",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        b.text("#title").await,
+        format!("Device {device}"),
+        "the id survived the link"
+    );
+    let drawn = b
+        .eval("[...document.querySelectorAll('svg.chart polyline, svg.chart polygon, svg.chart circle, svg.chart rect')].every((e) => !/NaN|Infinity/.test(e.outerHTML))")
+        .await;
+    assert!(drawn == true, "every coordinate finite");
+    // Axis ticks stay few for any range: huge, tiny against their magnitude, far-flung times.
+    let ticks = b
+        .eval(
+            "import('./assets/chart.js').then((m) => [m.niceTicks(1e17, 1e17 + 16), \
+             m.niceTicks(-1.7e308, 1.7e308), m.niceTicks(0, 5e-324), \
+             m.timeTicks(-8.64e15, 8.64e15).ticks].map((t) => t.length))",
+        )
+        .await;
+    assert!(
+        ticks
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n.as_u64().unwrap() <= 14),
+        "{ticks}"
+    );
+    assert!(b.eval(no_markup).await == true);
+    b.navigate(&format!("http://{addr}/live")).await;
+    b.wait_for(
+        "its event on the live page",
+        "document.querySelectorAll('#rows tr.event').length === 1",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(b.text("#rows tr.event a.device").await, device);
+    assert!(b.eval(no_markup).await == true);
+    drop(b);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Publishes `e` (again, with the lane's next seq: it is deduplicated by id) until the
+/// aggregator at `addr` holds `held` events in its feed history: it may still be subscribing.
+async fn publish_until_held(
+    addr: SocketAddr,
+    client: &AsyncClient,
+    seqs: &mut BTreeMap<u32, u64>,
+    e: &AnomalyEvent,
+    held: u64,
+) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        publish_event(client, seqs, e.clone()).await;
+        let history = tokio::task::spawn_blocking(move || get_json(addr, "/api/status"))
+            .await
+            .unwrap()["feed_history"]
+            .as_u64();
+        if history >= Some(held) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "aggregator at {addr} never held event {}",
+            e.id
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The README's pictures: the three pages of a running dashboard (no token), into `docs/img/`.

@@ -16,26 +16,40 @@ export function s(tag, attrs = {}, text) {
   return e;
 }
 
-/** About `n` round tick values covering [lo, hi]. */
+/** About `n` round tick values covering [lo, hi] (never more than 3n, whatever the numbers). */
 export function niceTicks(lo, hi, n = 4) {
   if (!isFinite(lo) || !isFinite(hi)) return [];
   if (hi === lo) { hi = lo + 1; lo = lo - 1; }
-  const raw = (hi - lo) / n;
+  const raw = (hi / 2 - lo / 2) * 2 / n;
+  if (!isFinite(raw) || raw <= 0) return [lo, hi];
   const mag = Math.pow(10, Math.floor(Math.log10(raw)));
   const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((st) => st >= raw) || 10 * mag;
+  const first = Math.ceil(lo / step) * step;
   const out = [];
-  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(+v.toPrecision(12));
+  // By index, not by adding: at 1e17 adding a small step changes nothing.
+  for (let i = 0; i <= 3 * n; i++) {
+    const v = first + i * step;
+    if (!isFinite(v) || v > hi + step * 1e-9) break;
+    out.push(+v.toPrecision(12));
+  }
   return out;
 }
 
 const TIME_STEPS = [1e3, 5e3, 15e3, 30e3, 60e3, 300e3, 900e3, 1800e3, 3600e3, 3 * 3600e3,
   6 * 3600e3, 12 * 3600e3, 86400e3, 7 * 86400e3];
-/** Round time ticks (ms) in local time for [lo, hi]. */
+/** Round time ticks (ms) in local time for [lo, hi]: about `n`, never more than 2n. */
 export function timeTicks(lo, hi, n = 6) {
-  const step = TIME_STEPS.find((st) => (hi - lo) / st <= n) || TIME_STEPS[TIME_STEPS.length - 1];
-  const off = new Date(lo).getTimezoneOffset() * 60e3;
+  const last = TIME_STEPS[TIME_STEPS.length - 1];
+  const step = TIME_STEPS.find((st) => (hi - lo) / st <= n) || last * Math.ceil((hi - lo) / n / last);
+  if (!isFinite(step) || step <= 0 || !isFinite(lo)) return { ticks: [], step: last };
+  const off = new Date(lo).getTimezoneOffset() * 60e3 || 0;
+  const first = Math.ceil((lo - off) / step) * step + off;
   const out = [];
-  for (let v = Math.ceil((lo - off) / step) * step + off; v <= hi; v += step) out.push(v);
+  for (let i = 0; i <= 2 * n; i++) {
+    const v = first + i * step;
+    if (v > hi) break;
+    out.push(v);
+  }
   return { ticks: out, step };
 }
 function timeLabel(ms, step) {
@@ -49,8 +63,9 @@ function timeLabel(ms, step) {
 
 function frame(height, x0, x1, y0, y1, { yFmt = (v) => String(v), yTicks } = {}) {
   const svg = s('svg', { viewBox: `0 0 ${W} ${height}`, class: 'chart', role: 'img' });
-  const X = (v) => PAD.l + ((v - x0) / (x1 - x0 || 1)) * (W - PAD.l - PAD.r);
-  const Y = (v) => height - PAD.b - ((v - y0) / (y1 - y0 || 1)) * (height - PAD.t - PAD.b);
+  // Halves before subtracting: values near ±1.8e308 must not overflow to Infinity.
+  const X = (v) => PAD.l + ((v / 2 - x0 / 2) / (x1 / 2 - x0 / 2 || 1)) * (W - PAD.l - PAD.r);
+  const Y = (v) => height - PAD.b - ((v / 2 - y0 / 2) / (y1 / 2 - y0 / 2 || 1)) * (height - PAD.t - PAD.b);
   const grid = s('g', { class: 'grid' });
   for (const v of yTicks || niceTicks(y0, y1)) {
     if (v < y0 || v > y1) continue;
@@ -86,8 +101,8 @@ export function windowChart(windows, markers = [], height = 190) {
   // Markers inside the time span widen the value axis so none is drawn off the chart.
   const inside = ms.filter((m) => m.ts_ms >= x0 && m.ts_ms <= x1);
   for (const m of inside) { y0 = Math.min(y0, m.value); y1 = Math.max(y1, m.value); }
-  const padY = (y1 - y0) * 0.08 || Math.abs(y0) * 0.1 || 1;
-  y0 -= padY; y1 += padY;
+  const padY = (y1 / 2 - y0 / 2) * 0.16 || Math.abs(y0) * 0.1 || 1;
+  y0 = Math.max(-Number.MAX_VALUE, y0 - padY); y1 = Math.min(Number.MAX_VALUE, y1 + padY);
   const { svg, X, Y } = frame(height, x0, x1, y0, y1, { yFmt: fmtValue });
   svg.setAttribute('data-points', ws.length);
   const mid = (w) => (w.start_ms + w.end_ms) / 2;

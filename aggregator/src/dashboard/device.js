@@ -24,8 +24,15 @@ function normalise(d) {
   };
 }
 
+const MAX_EVENTS = 500;
 function addEvent(e) {
-  if (e && e.id && String(e.device) === id) events.set(e.id, e);
+  if (!e || !e.id || String(e.device) !== id) return;
+  events.set(e.id, e);
+  if (events.size > MAX_EVENTS) {
+    // Forget the oldest by event time.
+    const oldest = [...events.values()].sort((a, b) => a.ts_ms - b.ts_ms).slice(0, events.size - MAX_EVENTS);
+    for (const o of oldest) events.delete(o.id);
+  }
 }
 
 function render() {
@@ -112,7 +119,9 @@ if (!id) {
 } else {
   $('#device-id').value = id;
   document.title = `edgewatch — ${id}`;
-  openFeed({ device: id, last: 100 }, {
+  // The server takes `last` from the whole history before filtering by device: ask for all it
+  // holds (feed.history) to get this device's recent events; only those are sent.
+  openFeed({ device: id, last: 100000 }, {
     onEvent: (e) => { addEvent(e); queueRender(); },
     onControl: () => {},
     onState: showFeedState,

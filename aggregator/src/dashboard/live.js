@@ -58,7 +58,7 @@ function controlRow(m) {
   const parts = Object.entries(rest).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`);
   const what = type === 'gap' ? 'gap — events may be missing here' : type === 'closed' ? 'the server closed the feed' : type;
   return el('tr', { class: 'control', 'data-type': type },
-    el('td', { text: new Date().toLocaleTimeString(), title: 'when this notice arrived' }),
+    el('td', { text: fmtTime(Date.now()), title: 'when this notice arrived' }),
     el('td', { colspan: 7, text: `${what}${parts.length ? ' (' + parts.join(', ') + ')' : ''}` }));
 }
 
@@ -90,7 +90,9 @@ function onEvent(e) {
 function start() {
   if (feed) feed.close();
   const f = current();
-  const params = { device: f.device, metric: f.metric, min_score: f.min_score, last: 200 };
+  // `last` counts the history before the server's filters: a filtered view looks further back.
+  const filtered = f.device || f.metric || f.min_score;
+  const params = { device: f.device, metric: f.metric, min_score: f.min_score, last: filtered ? 2000 : 200 };
   feed = openFeed(params, {
     onEvent,
     onControl: (m) => put(controlRow(m)),
