@@ -433,6 +433,139 @@ async fn the_live_page_says_when_it_lost_the_feed_and_where_it_resumed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_read_the_fleet_wide_api_of_the_contract() {
+    // The fleet-wide answers (built in parallel by the API work) given by the browser itself,
+    // so the pages' reading of them is checked before any server gives them.
+    let broker = embedded_broker();
+    let mut cfg = AggregatorConfig::with_id("agg-a");
+    cfg.mqtt.port = broker.addr().port();
+    cfg.http.listen = "127.0.0.1:0".into();
+    let agg = Aggregator::bind(cfg).await.unwrap();
+    let addr = agg.local_addr();
+    let stop = CancellationToken::new();
+    let task = {
+        let t = stop.clone();
+        tokio::spawn(agg.run(async move { t.cancelled().await }))
+    };
+    let now = now_ms();
+    let status = json!({
+        "id": "agg-a", "partitions": 8, "owned": [0, 1, 2, 3], "devices": 2, "readings": 100,
+        "lanes": 0, "lane_progress": [], "summaries_applied": 0, "anomalies_received": 5,
+        "bad_messages": 0, "feed_clients": 0, "uptime_secs": 10,
+        "fleet": {"devices": 40, "readings": 123456, "anomalies": 77,
+            "aggregators": [
+                {"id": "agg-a", "http": format!("http://{addr}"), "partitions": [0, 1, 2, 3], "online": true, "age_ms": 800},
+                {"id": "agg-b", "http": "http://127.0.0.1:9", "partitions": [4, 5], "online": false, "age_ms": 60000}],
+            "uncovered": [6, 7], "overlapping": []}
+    });
+    let devices: Vec<Value> = (0..25)
+        .map(|i| json!({"device": format!("dev-{i}"), "partition": i % 6, "owner": if i % 6 < 4 { "agg-a" } else { "agg-b" },
+            "agent": "gw-1", "last_seen_ms": now - if i < 20 { 1_000 } else { 600_000 }, "readings": 1000 + i,
+            "anomalies": i % 3, "metrics": ["m"], "last_anomaly_ms": null}))
+        .collect();
+    let page = json!({"aggregator": "agg-a", "scope": "fleet", "total": 40, "offset": 0, "limit": 25,
+        "devices": devices, "missing_partitions": [6, 7]});
+    let start = (now / WINDOW_MS - 5) * WINDOW_MS;
+    let windows: Vec<Value> = (0..5)
+        .map(|i| json!({"device": "dev-1", "metric": "m", "start_ms": start + i * WINDOW_MS,
+            "end_ms": start + (i + 1) * WINDOW_MS, "count": 60, "min": 1.0, "max": 3.0, "mean": 2.0 + i as f64 * 0.1,
+            "std": 0.5, "first_ts_ms": start + i * WINDOW_MS, "last_ts_ms": start + i * WINDOW_MS + 59_000,
+            "max_score": 0.2, "revision": 0}))
+        .collect();
+    let events: Vec<Value> = (0..2)
+        .map(|i| {
+            serde_json::to_value(event(
+                "dev-1",
+                "m",
+                start + (1 + 2 * i) * WINDOW_MS + 10_000,
+                0.9,
+            ))
+            .unwrap()
+        })
+        .collect();
+    let device = json!({"device": "dev-1", "partition": 1, "owner": "agg-a", "agent": "gw-1", "last_seen_ms": now - 1_000,
+        "state": {"metrics": {"m": {"windows": windows, "windows_applied": 5, "readings": 300, "anomalies": 2, "last_anomaly": null}}},
+        "events": events});
+    let mut b = Browser::start().await;
+    b.fake(vec![
+        ("/api/status", status),
+        ("seen_within_ms=120000", json!({"scope": "fleet", "total": 30, "offset": 0, "limit": 1, "devices": [], "missing_partitions": []})),
+        ("/api/devices?", page),
+        ("/api/devices/dev-1", device),
+    ])
+    .await;
+    b.navigate(&format!("http://{addr}/")).await;
+    b.wait_for(
+        "the fleet's count",
+        "document.getElementById('devices-count').textContent === '40'",
+        Duration::from_secs(10),
+    )
+    .await;
+    b.wait_for(
+        "the owners",
+        "document.querySelectorAll('#owners tr').length === 2",
+        Duration::from_secs(10),
+    )
+    .await;
+    for (selector, want) in [
+        ("#devices-scope", "(fleet)"),
+        ("#devices-sub", "30 online, 10 silent for 2 min or more"),
+        ("#readings", "123 k"),
+        ("#anomalies", "77"),
+        ("#aggs", "1 / 2"),
+        ("#page", "1–25 of 40"),
+    ] {
+        assert_eq!(b.text(selector).await, want, "{selector}");
+    }
+    assert!(b.text("#coverage").await.contains("No owner: 6-7"));
+    assert!(b.text("#owners").await.contains("offline"));
+    assert!(b
+        .text("#list-note")
+        .await
+        .contains("whole fleet — partitions not answering: 6-7"));
+    assert_eq!(
+        b.eval("document.querySelectorAll('#devices tr.silent').length")
+            .await,
+        5,
+        "silent devices stand out"
+    );
+    assert_eq!(
+        b.eval("document.querySelectorAll('#strip rect')[6].textContent")
+            .await,
+        "partition 6: NO OWNER"
+    );
+    b.screenshot(&screenshot_dir().join("fleet-contract.png"))
+        .await;
+    b.eval("document.querySelector('#devices a[href=\"device?id=dev-1\"]').click()")
+        .await;
+    b.wait_for(
+        "the device of the contract",
+        "!!document.querySelector('polyline.mean') && document.querySelector('polyline.mean').points.numberOfItems === 5",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        b.eval("document.querySelectorAll('#events tr.event').length")
+            .await,
+        2,
+        "the answer's own events"
+    );
+    assert_eq!(
+        b.eval("document.querySelectorAll('circle.marker').length")
+            .await,
+        2
+    );
+    let facts = b.text("#facts").await;
+    assert!(
+        facts.contains("agg-a") && facts.contains("gw-1") && facts.contains("last seen"),
+        "{facts}"
+    );
+    drop(b);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_device_ids_and_huge_values_are_shown_as_text_and_drawn() {
     let broker = embedded_broker();
     let mut cfg = AggregatorConfig::with_id("agg-dash-hostile");
@@ -978,6 +1111,8 @@ struct Browser {
     next_id: u64,
     /// The tab's DevTools session, once attached.
     session: Option<String>,
+    /// Requests answered by the test instead of the server: (URL part, JSON), first match wins.
+    fakes: Vec<(String, Value)>,
 }
 
 impl Browser {
@@ -1033,6 +1168,7 @@ impl Browser {
             ws,
             next_id: 0,
             session: None,
+            fakes: Vec::new(),
         };
         // A tab of our own, its commands sent in its session over the browser's socket.
         let target = b
@@ -1079,6 +1215,10 @@ impl Browser {
                 .unwrap();
             let Message::Text(t) = m else { continue };
             let v: Value = serde_json::from_str(&t).unwrap();
+            if v["method"] == "Fetch.requestPaused" {
+                self.answer_paused(&v["params"]).await;
+                continue;
+            }
             if v["id"] == id {
                 return match v.get("error") {
                     Some(e) => Err(e.clone()),
@@ -1086,6 +1226,40 @@ impl Browser {
                 };
             }
         }
+    }
+
+    /// Answers the page's requests whose URL contains a fake's key with its JSON, from now on;
+    /// the others go to the server.
+    async fn fake(&mut self, fakes: Vec<(&str, Value)>) {
+        self.fakes = fakes.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        self.call(
+            "Fetch.enable",
+            json!({"patterns": [{"urlPattern": "*/api/*", "requestStage": "Request"}]}),
+        )
+        .await;
+    }
+
+    /// A request held by `Fetch.enable`: faked or let through. The command's own answer is
+    /// skipped by `try_call` like any other.
+    async fn answer_paused(&mut self, params: &Value) {
+        let url = params["request"]["url"].as_str().unwrap_or_default();
+        let fake = self.fakes.iter().find(|(k, _)| url.contains(k.as_str()));
+        self.next_id += 1;
+        let mut msg = match fake {
+            Some((_, body)) => {
+                json!({"id": self.next_id, "method": "Fetch.fulfillRequest", "params": {
+                    "requestId": params["requestId"], "responseCode": 200,
+                    "responseHeaders": [{"name": "content-type", "value": "application/json"}],
+                    "body": base64_encode(body.to_string().as_bytes()),
+                }})
+            }
+            None => json!({"id": self.next_id, "method": "Fetch.continueRequest",
+                           "params": {"requestId": params["requestId"]}}),
+        };
+        if let Some(session) = &self.session {
+            msg["sessionId"] = session.clone().into();
+        }
+        self.ws.send(Message::text(msg.to_string())).await.unwrap();
     }
 
     /// Evaluates `expr` in the page (awaiting a promise); its JSON value.
@@ -1189,6 +1363,26 @@ impl Browser {
         std::fs::write(path, png).unwrap();
         eprintln!("screenshot: {}", path.display());
     }
+}
+
+/// Standard base64 with padding.
+fn base64_encode(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Standard base64 (the DevTools protocol's binary encoding), without a dependency for it.
