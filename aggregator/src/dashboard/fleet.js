@@ -9,7 +9,8 @@ const PAGE = 25;
 const ONLINE_MS = 120000;
 let offset = 0, total = 0;
 let last = null;           // previous status poll: {t, readings, summaries}
-const lanesSeen = new Map(); // agent -> {seq, changedAt}
+const lanesSeen = new Map(); // agent/partition -> {agent, seq, changedAt}
+let clusterMode;              // unknown until /api/cluster answered once
 
 function filters() {
   return {
@@ -111,7 +112,12 @@ async function owners(status) {
     if (!coverage) coverage = 'Every partition has exactly one owner.';
   } else {
     let cluster = null;
-    try { cluster = await api('api/cluster'); } catch (_) { /* not in cluster mode */ }
+    if (clusterMode !== false) {
+      try { cluster = await api('api/cluster'); clusterMode = true; } catch (e) {
+        // 404: not in cluster mode, which does not change while the page is open.
+        if (e.status === 404) clusterMode = false;
+      }
+    }
     if (cluster && Array.isArray(cluster.members)) {
       map.fill(null);
       for (const l of cluster.leases || []) if (l.owner) add(l.partition, l.owner);
