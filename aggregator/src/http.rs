@@ -36,6 +36,7 @@
 
 mod auth;
 mod conn;
+mod pages;
 mod ready;
 mod throttle;
 mod ws;
@@ -63,8 +64,6 @@ use throttle::LogThrottle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-
-const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// How long a connection may finish its request once the server is stopping.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
@@ -243,6 +242,9 @@ impl Server {
             }
             return resp;
         }
+        if let Some(resp) = pages::route(self, &req, &path) {
+            return resp;
+        }
         if !matches!(path.as_str(), "/" | "/healthz") {
             if let Err(refusal) = self.authorize(&req, &path) {
                 shared.metrics.http_unauthorized_total.fetch_add(1, Relaxed);
@@ -253,10 +255,6 @@ impl Server {
             }
         }
         match path.as_str() {
-            "/" => Response::builder()
-                .header(CONTENT_TYPE, "text/html; charset=utf-8")
-                .body(Full::new(Bytes::from_static(DASHBOARD.as_bytes())))
-                .unwrap_or_default(),
             "/feed" => ws::upgrade(req, self.clone(), slot),
             "/api/feed/ticket" => self.ticket(),
             "/healthz" => text(StatusCode::OK, "ok\n"),

@@ -5,6 +5,7 @@ mod acl;
 mod auth;
 mod bad_input;
 mod broker_restart;
+mod browser;
 mod cli;
 mod cluster;
 mod cluster_crash;
