@@ -17,6 +17,7 @@ mod eval_csv;
 mod eval_nab;
 mod failover;
 mod fleet;
+mod fleet_api;
 mod forgery;
 mod hostile;
 mod http_limits;
