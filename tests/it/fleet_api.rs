@@ -25,7 +25,6 @@ const DEVICES: usize = 30;
 const AGENT: &str = "gw-fleet";
 
 struct Running {
-    id: String,
     addr: SocketAddr,
     metrics: Arc<AggregatorMetrics>,
     stop: CancellationToken,
@@ -55,7 +54,6 @@ impl Running {
         tap.wait_subscribed(&format!("edgewatch-{id}"), Duration::from_secs(10))
             .await;
         Self {
-            id: id.into(),
             addr,
             metrics,
             stop,
