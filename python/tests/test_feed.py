@@ -246,6 +246,32 @@ def test_an_unknown_since_gives_a_gap_marker_to_on_control_and_never_as_an_event
     assert "missed" in gap["reason"] and isinstance(gap["replayed"], int), gap
 
 
+def test_the_example_client_prints_events_from_the_demo(demo_url):
+    """examples/feed_client.py: plain `websockets`, starting with recent events."""
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "feed_client.py"
+    out = subprocess.run(
+        [sys.executable, str(example), demo_url, "--last", "5", "--count", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if l]
+    assert len(lines) == 3, out.stdout
+    assert all("score=" in l and " id=" in l for l in lines), lines
+    out = subprocess.run(
+        [sys.executable, str(example), demo_url + "?since=nope", "--count", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "control message: {" in out.stderr and '"type": "gap"' in out.stderr, out.stderr
+
+
 def test_refusals_and_unreachable_feeds_raise():
     with pytest.raises(ValueError, match="ws://"):
         edgewatch.feed_sync("http://127.0.0.1:1/feed")

@@ -15,6 +15,7 @@ mod dashboard;
 mod e2e;
 mod eval_csv;
 mod eval_nab;
+mod examples;
 mod failover;
 mod fleet;
 mod fleet_api;
