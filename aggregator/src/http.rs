@@ -3,7 +3,8 @@
 //! `/api/fleet`, `/api/models`, `/api/models/{device}` (a device model's JSON artifact), and
 //! `POST /api/feed/ticket`), Prometheus `/metrics` (a `# HELP` on every family), `/healthz` (alive),
 //! `/readyz` (broker connected, partitions owned, store writing: [`ready`]) and the dashboard (`/`).
-//! `HEAD` works wherever `GET` does, without the body.
+//! `HEAD` works wherever `GET` does, without the body. `/api/devices` and `/api/devices/{id}` answer
+//! for the whole fleet, asking the other owners in the owners directory ([`devices`]).
 //!
 //! One task per connection. What keeps the port usable for everyone:
 //! - **One limit**, `http.max_connections`, on plain HTTP and WebSocket connections together: a

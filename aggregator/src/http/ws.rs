@@ -1,5 +1,7 @@
 //! The live feed's WebSocket side: the upgrade of `/feed` and one task per client moving events
-//! from its bounded queue (a broadcast receiver) to its socket.
+//! from its bounded queue (a broadcast receiver) to its socket. Events go out as their JSON
+//! objects; control messages carry a `type` key: a `since` not in the history gets a `gap` marker
+//! first, then the whole history (the protocol, close codes included, is docs/feed.md).
 //!
 //! A client costs the server a task, a queue and a connection slot, so none may be held by a
 //! client that stopped reading:
