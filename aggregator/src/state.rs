@@ -613,6 +613,28 @@ mod tests {
     }
 
     #[test]
+    fn a_device_knows_its_agent_and_latest_reading_and_old_windows_do_not_move_it_back() {
+        let mut st = FleetState::new(10);
+        st.apply_window(1, &summary(100, 5, 0));
+        assert_eq!(
+            st.device("d").unwrap().agent,
+            None,
+            "not known from a window alone"
+        );
+        st.note_agent("d", "gw-1");
+        st.note_agent("nobody", "gw-1");
+        assert!(st.device("nobody").is_none());
+        st.apply_window(1, &summary(0, 5, 0));
+        let d = st.device("d").unwrap();
+        assert_eq!(d.agent.as_deref(), Some("gw-1"));
+        assert_eq!(d.last_seen_ms, Some(109));
+        let json = serde_json::to_value(d).unwrap();
+        assert_eq!(json["agent"], "gw-1");
+        assert_eq!(json["last_seen_ms"], 109);
+        assert_eq!(st.anomalies(), 0);
+    }
+
+    #[test]
     fn replay_is_a_duplicate_and_changes_nothing() {
         let mut st = FleetState::new(10);
         assert_eq!(st.apply_summary("a", 1, 1, &summary(0, 5, 0)), Applied::New);
