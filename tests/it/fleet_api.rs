@@ -34,6 +34,15 @@ struct Running {
 
 impl Running {
     async fn start(broker: SocketAddr, id: &str, owned: &str) -> Self {
+        Self::start_with(broker, id, owned, |_| {}).await
+    }
+
+    async fn start_with(
+        broker: SocketAddr,
+        id: &str,
+        owned: &str,
+        tune: impl FnOnce(&mut AggregatorConfig),
+    ) -> Self {
         let tap = SubAckTap::start(broker).await;
         let mut cfg = AggregatorConfig::with_id(id);
         cfg.mqtt.port = tap.port();
@@ -44,6 +53,7 @@ impl Running {
         cfg.owners.publish_interval_ms = 300;
         cfg.owners.stale_after_ms = 5_000;
         cfg.owners.startup_grace_ms = 500;
+        tune(&mut cfg);
         let agg = Aggregator::bind(cfg).await.unwrap();
         let addr = agg.local_addr();
         let metrics = agg.metrics();
@@ -712,4 +722,91 @@ async fn a_feed_client_that_never_pongs_is_closed_and_an_unknown_since_gets_a_ga
     pump.abort();
     stop.cancel();
     task.await.unwrap();
+}
+
+/// GET with a bearer token, off the runtime's workers; (status, JSON).
+async fn get_with_token(addr: SocketAddr, path: &str, token: &str) -> (u16, serde_json::Value) {
+    let (path, token) = (path.to_string(), token.to_string());
+    tokio::task::spawn_blocking(move || {
+        let a = addr.to_string();
+        let r = edgewatch_tools::http::Get::new(&a, &path)
+            .bearer(Some(&token))
+            .send_blocking()
+            .unwrap();
+        (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_bearer_token_instances_ask_each_other_with_it() {
+    edgewatch::logging::init("warn");
+    std::env::set_var("EDGEWATCH_IT_FLEET_TOKEN", "fleet-s3cret");
+    let broker = embedded_broker();
+    let secure = |cfg: &mut AggregatorConfig| {
+        cfg.http.auth_token_env = Some("EDGEWATCH_IT_FLEET_TOKEN".into());
+    };
+    let a = Running::start_with(broker.addr(), "agg-ta", "0-3", secure).await;
+    let b = Running::start_with(broker.addr(), "agg-tb", "4-7", secure).await;
+    let (client, mut eventloop) = AsyncClient::new(
+        MqttOptions::new("fleet-token-test", "127.0.0.1", broker.addr().port()),
+        100,
+    );
+    let pump = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    // One device on each side.
+    let a_dev = (0..)
+        .map(device)
+        .find(|d| partition_of(d, PARTITIONS) < 4)
+        .unwrap();
+    let b_dev = (0..)
+        .map(device)
+        .find(|d| partition_of(d, PARTITIONS) >= 4)
+        .unwrap();
+    for d in [&a_dev, &b_dev] {
+        let p = partition_of(d, PARTITIONS);
+        let batch = Batch {
+            agent: AGENT.into(),
+            partition: p,
+            records: vec![Sequenced {
+                seq: 1,
+                prev: None,
+                item: summary(d, "flow", 1_767_225_600_000),
+            }],
+            acked: 0,
+            epoch: 0,
+        };
+        client
+            .publish(
+                Topics::new("edgewatch/v1").summaries(p, AGENT),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&batch).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let aa = a.addr;
+    eventually(
+        "both devices listed by agg-ta",
+        Duration::from_secs(20),
+        || async move { get_with_token(aa, "/api/devices", "fleet-s3cret").await.1["total"] == 2 },
+    )
+    .await;
+    let (status, list) = get_with_token(a.addr, "/api/devices", "fleet-s3cret").await;
+    assert_eq!(status, 200);
+    assert_eq!(list["missing_partitions"], serde_json::json!([]), "{list}");
+    assert_eq!(list["devices"][0]["device"], a_dev.min(b_dev.clone()));
+    let (status, dev) =
+        get_with_token(a.addr, &format!("/api/devices/{b_dev}"), "fleet-s3cret").await;
+    assert_eq!(status, 200, "{dev}");
+    assert_eq!(dev["owner"], "agg-tb");
+    // Without the token: refused before anything is asked.
+    assert_eq!(get(a.addr, "/api/devices").await.0, 401);
+    pump.abort();
+    a.stop().await;
+    b.stop().await;
 }
