@@ -101,7 +101,8 @@ pub(crate) fn own_record(shared: &Shared, owned: Vec<u32>, now_ms: i64) -> Owner
 }
 
 /// Publishes this instance's record until `stop`: at once, whenever the owned partitions change
-/// (checked every 250 ms at most), and every `owners.publish_interval_ms`.
+/// or the broker connection comes back (checked every 250 ms at most: a dropped connection may
+/// have fired the last will), and every `owners.publish_interval_ms`.
 pub(crate) async fn run(shared: Arc<Shared>, client: AsyncClient, stop: CancellationToken) {
     let topics = Topics::new(&shared.cfg.prefix);
     let topic = topic(&topics, &shared.cfg.id);
@@ -110,6 +111,7 @@ pub(crate) async fn run(shared: Arc<Shared>, client: AsyncClient, stop: Cancella
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last: Option<(Vec<u32>, Instant)> = None;
     let mut warnings = Warnings::default();
+    let mut was_connected = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -117,7 +119,10 @@ pub(crate) async fn run(shared: Arc<Shared>, client: AsyncClient, stop: Cancella
         }
         let owned = shared.owned.list();
         let now = Instant::now();
-        let changed = last.as_ref().is_none_or(|(o, _)| *o != owned);
+        let connected = shared.metrics.broker_connected.load(Relaxed) == 1;
+        let reconnected = connected && !was_connected;
+        was_connected = connected;
+        let changed = reconnected || last.as_ref().is_none_or(|(o, _)| *o != owned);
         let due = last
             .as_ref()
             .is_none_or(|(_, t)| now.duration_since(*t) >= every);
