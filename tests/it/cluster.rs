@@ -236,7 +236,7 @@ async fn members_split_the_partitions_and_hand_them_over_on_leave_and_join_exact
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(each_partition_has_one_owner(&live));
-    // Any member lists the whole fleet's devices, the same on each, from the owners records of
+    // Any member lists the whole fleet's devices (the simulator's 16), the same on each, from the owners records of
     // the lease holders (cluster mode).
     let addrs: Vec<SocketAddr> = live.iter().map(|m| m.addr).collect();
     let deadline = Instant::now() + Duration::from_secs(30);
