@@ -46,6 +46,106 @@ pub struct AggregatorConfig {
     /// Device models trained here from the agents' training samples and pushed to them.
     #[serde(default)]
     pub training: TrainingConfig,
+    /// The owners directory: this instance's retained record on `{prefix}/owners/{id}` and how
+    /// everyone else's are judged (see the `directory` module).
+    #[serde(default)]
+    pub owners: OwnersConfig,
+}
+
+/// Timing of the owners directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnersConfig {
+    /// How often this instance publishes its owners record (also at once when what it owns
+    /// changes), ms.
+    #[serde(default = "default_owners_publish_ms")]
+    pub publish_interval_ms: u64,
+    /// A record not refreshed for this long is stale: its aggregator counts as gone and its
+    /// partitions as uncovered. At least twice `publish_interval_ms`.
+    #[serde(default = "default_owners_stale_ms")]
+    pub stale_after_ms: u64,
+    /// Uncovered and overlapping partitions are reported only this long after start, once the
+    /// retained records have arrived.
+    #[serde(default = "default_owners_grace_ms")]
+    pub startup_grace_ms: u64,
+}
+
+impl Default for OwnersConfig {
+    fn default() -> Self {
+        Self {
+            publish_interval_ms: default_owners_publish_ms(),
+            stale_after_ms: default_owners_stale_ms(),
+            startup_grace_ms: default_owners_grace_ms(),
+        }
+    }
+}
+
+impl OwnersConfig {
+    /// Every invalid value, as `key: message` (without the `owners.` prefix).
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !(100..=MAX_HTTP_TIMEOUT_MS).contains(&self.publish_interval_ms) {
+            out.push(format!(
+                "publish_interval_ms: must be in 100..={MAX_HTTP_TIMEOUT_MS} (one day), got {}",
+                self.publish_interval_ms
+            ));
+        }
+        if self.stale_after_ms < self.publish_interval_ms.saturating_mul(2)
+            || self.stale_after_ms > MAX_HTTP_TIMEOUT_MS
+        {
+            out.push(format!(
+                "stale_after_ms: must be at least twice publish_interval_ms ({}) and at most {MAX_HTTP_TIMEOUT_MS}, got {}",
+                self.publish_interval_ms, self.stale_after_ms
+            ));
+        }
+        if self.startup_grace_ms > MAX_HTTP_TIMEOUT_MS {
+            out.push(format!(
+                "startup_grace_ms: must be at most {MAX_HTTP_TIMEOUT_MS} (one day), got {}",
+                self.startup_grace_ms
+            ));
+        }
+        out
+    }
+}
+
+fn default_owners_publish_ms() -> u64 {
+    5_000
+}
+fn default_owners_stale_ms() -> u64 {
+    15_000
+}
+fn default_owners_grace_ms() -> u64 {
+    10_000
+}
+
+/// The `host:port` (or `host`) of an `http://host[:port][/]` URL, or what is wrong with it. Plain
+/// HTTP only: the aggregators' requests to each other do not speak TLS.
+pub fn http_authority(url: &str) -> Result<&str, String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!(
+            "expected http://HOST:PORT (plain HTTP, which instances use to reach each other), got {:?}",
+            url.chars().take(100).collect::<String>()
+        ));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let bad = authority.is_empty()
+        || url.len() > 256
+        || authority
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '?' | '#' | '@'));
+    let port_ok = match authority.rsplit_once(':') {
+        // An IPv6 literal without a port: "[::1]".
+        Some((host, _)) if authority.ends_with(']') => host.starts_with('['),
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => true,
+    };
+    if bad || !port_ok {
+        return Err(format!(
+            "expected http://HOST:PORT with nothing after the port, got {:?}",
+            url.chars().take(100).collect::<String>()
+        ));
+    }
+    Ok(authority)
 }
 
 /// Training device (PCA) models from the agents' training lanes (see the `training` module): off
@@ -336,8 +436,8 @@ pub struct HttpConfig {
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
     /// Interval of WebSocket pings to feed clients; a client that sends nothing (not even a pong)
-    /// for two intervals is closed as dead.
-    #[serde(default = "default_ws_ping_interval_ms")]
+    /// for two intervals is closed as dead. Also accepted as `feed_ping_ms`.
+    #[serde(default = "default_ws_ping_interval_ms", alias = "feed_ping_ms")]
     pub ws_ping_interval_ms: u64,
     /// Lifetime of a feed ticket (`POST /api/feed/ticket`, redeemed once by `/feed?ticket=`).
     #[serde(default = "default_ticket_ttl_ms")]
@@ -347,6 +447,18 @@ pub struct HttpConfig {
     /// cannot send that header, uses a ticket (`/feed?ticket=`). `/` and `/healthz` stay open.
     #[serde(default)]
     pub auth_token_env: Option<String>,
+    /// The URL other aggregators use to reach this one (`http://HOST:PORT`), published in its
+    /// owners record. Default: `http://` plus `listen` with the bound port, an unspecified address
+    /// (`0.0.0.0`, `::`) read as loopback — so set it whenever instances run on different hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Most time a request to another instance may take (the fleet-wide `/api/devices` and a
+    /// device fetched from its owner), ms.
+    #[serde(default = "default_fleet_timeout_ms")]
+    pub fleet_timeout_ms: u64,
+    /// Most requests to other instances in flight at once for one fleet-wide answer.
+    #[serde(default = "default_fleet_concurrency")]
+    pub fleet_concurrency: usize,
 }
 
 impl Default for HttpConfig {
@@ -361,11 +473,28 @@ impl Default for HttpConfig {
             ws_ping_interval_ms: default_ws_ping_interval_ms(),
             ticket_ttl_ms: default_ticket_ttl_ms(),
             auth_token_env: None,
+            advertise: None,
+            fleet_timeout_ms: default_fleet_timeout_ms(),
+            fleet_concurrency: default_fleet_concurrency(),
         }
     }
 }
 
 impl HttpConfig {
+    /// The URL published for other instances: `advertise`, or `http://` plus the bound address
+    /// with an unspecified IP read as loopback.
+    pub fn advertise_url(&self, bound: std::net::SocketAddr) -> String {
+        if let Some(url) = &self.advertise {
+            return url.trim_end_matches('/').to_string();
+        }
+        let ip = match bound.ip() {
+            std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+            ip => ip,
+        };
+        format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
+    }
+
     /// Connections feed clients may not take: `reserved_connections`, or `max_connections / 32`.
     pub fn reserved(&self) -> usize {
         self.reserved_connections
@@ -394,6 +523,17 @@ impl HttpConfig {
         if self.max_connections == 0 {
             out.push("max_connections: must be > 0, got 0".into());
         }
+        if let Some(url) = &self.advertise {
+            if let Err(e) = http_authority(url) {
+                out.push(format!("advertise: {e}"));
+            }
+        }
+        if !(1..=1024).contains(&self.fleet_concurrency) {
+            out.push(format!(
+                "fleet_concurrency: must be in 1..=1024, got {}",
+                self.fleet_concurrency
+            ));
+        }
         if let Some(r) = self.reserved_connections {
             if r >= self.max_connections.max(1) {
                 out.push(format!(
@@ -408,6 +548,7 @@ impl HttpConfig {
             ("write_timeout_ms", self.write_timeout_ms),
             ("ws_ping_interval_ms", self.ws_ping_interval_ms),
             ("ticket_ttl_ms", self.ticket_ttl_ms),
+            ("fleet_timeout_ms", self.fleet_timeout_ms),
         ] {
             // Zero would close every connection at once; past a day is a typo, not a policy.
             if !(1..=MAX_HTTP_TIMEOUT_MS).contains(&ms) {
@@ -502,7 +643,13 @@ fn default_write_timeout_ms() -> u64 {
     10_000
 }
 fn default_ws_ping_interval_ms() -> u64 {
-    30_000
+    15_000
+}
+fn default_fleet_timeout_ms() -> u64 {
+    2_000
+}
+fn default_fleet_concurrency() -> usize {
+    8
 }
 fn default_ticket_ttl_ms() -> u64 {
     30_000
@@ -557,6 +704,7 @@ impl AggregatorConfig {
             cluster: None,
             fleet: FleetConfig::default(),
             training: TrainingConfig::default(),
+            owners: OwnersConfig::default(),
         }
     }
 
@@ -622,6 +770,12 @@ impl AggregatorConfig {
                 .into_iter()
                 .map(|p| format!("http.{p}")),
         );
+        out.extend(
+            self.owners
+                .problems()
+                .into_iter()
+                .map(|p| format!("owners.{p}")),
+        );
         if self.feed.client_queue == 0 {
             out.push("feed.client_queue: must be > 0, got 0".into());
         }
@@ -662,6 +816,48 @@ impl AggregatorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn advertised_urls_are_plain_http_host_and_port() {
+        assert_eq!(http_authority("http://10.0.0.5:8080"), Ok("10.0.0.5:8080"));
+        assert_eq!(
+            http_authority("http://agg-1.local:80/"),
+            Ok("agg-1.local:80")
+        );
+        assert_eq!(http_authority("http://[::1]:9000"), Ok("[::1]:9000"));
+        assert_eq!(http_authority("http://agg"), Ok("agg"));
+        for bad in [
+            "https://h:1",
+            "h:1",
+            "http://",
+            "http://h:1/api",
+            "http://u@h:1",
+            "http://h:0",
+            "http://h:99999",
+            "http://h :1",
+            "http://:80",
+        ] {
+            assert!(http_authority(bad).is_err(), "{bad} accepted");
+        }
+        let mut h = HttpConfig::default();
+        let bound: std::net::SocketAddr = "0.0.0.0:4242".parse().unwrap();
+        assert_eq!(h.advertise_url(bound), "http://127.0.0.1:4242");
+        assert_eq!(h.advertise_url("[::]:1".parse().unwrap()), "http://[::1]:1");
+        h.advertise = Some("http://agg-1:8080/".into());
+        assert_eq!(h.advertise_url(bound), "http://agg-1:8080");
+        h.advertise = Some("https://agg-1".into());
+        assert!(
+            h.problems()[0].starts_with("advertise: expected http://"),
+            "{:?}",
+            h.problems()
+        );
+        let o = OwnersConfig {
+            publish_interval_ms: 5_000,
+            stale_after_ms: 9_000,
+            startup_grace_ms: 0,
+        };
+        assert!(o.problems()[0].starts_with("stale_after_ms: must be at least twice"));
+    }
 
     #[test]
     fn ranges_and_numbers_expand() {

@@ -63,6 +63,7 @@ pub(crate) async fn poll_loop(
         shared,
         tx,
         subscribed: Vec::new(),
+        owner_warnings: Warnings::default(),
     };
     edgewatch_link::poll_loop(eventloop, addresses, &name, &metrics, cancel, handler).await;
     let _ = client.try_disconnect();
@@ -77,6 +78,8 @@ struct Consumer {
     /// The filters of the last SUBSCRIBE of the whole set, to name refused ones (partition
     /// changes in cluster mode subscribe one filter at a time).
     subscribed: Vec<SubscribeFilter>,
+    /// Rate limit of the warnings about refused owners records.
+    owner_warnings: Warnings,
 }
 
 impl LinkHandler for Consumer {
@@ -105,9 +108,26 @@ impl LinkHandler for Consumer {
                     )),
                     None => {}
                 }
+                // Every aggregator's owners record (retained), for the directory.
+                self.subscribed.push(SubscribeFilter::new(
+                    crate::directory::publish::filter(&self.topics),
+                    QoS::AtLeastOnce,
+                ));
                 if let Err(e) = self.client.try_subscribe_many(self.subscribed.clone()) {
                     tracing::error!(error = %e, "subscribe request failed");
                 }
+                Flow::Continue
+            }
+            // Owners records update the directory here: cheap, and never behind the apply queue.
+            LinkEvent::Publish(p)
+                if crate::directory::publish::owner_id(&self.topics, &p.topic).is_some() =>
+            {
+                crate::directory::publish::on_record(
+                    &self.shared,
+                    &self.topics,
+                    &p,
+                    &mut self.owner_warnings,
+                );
                 Flow::Continue
             }
             LinkEvent::Publish(p) => match self.tx.send(Input::Publish(p)).await {
@@ -474,7 +494,9 @@ fn apply(
                     format!("state store: {e}")
                 })?;
                 state.note_seq(lane, r.seq, r.prev_seq());
-                match state.apply_window(partition, &r.item) {
+                let applied_now = state.apply_window(partition, &r.item);
+                state.note_agent(&r.item.device, agent);
+                match applied_now {
                     Applied::New => {
                         // Only new windows move a profile (a revision cannot be taken back out
                         // of an EWMA).
@@ -802,6 +824,16 @@ mod tests {
             token: None,
             fleet: None,
             training: Some(crate::training::Training::new(&cfg.training, &[], true)),
+            directory: std::sync::Mutex::new(crate::directory::Directory::new(
+                &cfg.id,
+                cfg.partitions,
+                crate::directory::Timing {
+                    stale_after_ms: 15_000,
+                    startup_grace_ms: 10_000,
+                },
+                0,
+            )),
+            advertise: "http://127.0.0.1:1".into(),
             cfg,
         }
     }

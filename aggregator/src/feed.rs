@@ -181,6 +181,27 @@ impl FeedHub {
         (backlog, found, rx)
     }
 
+    /// Up to `n` most recent events of `device` in the history, oldest first.
+    pub fn recent_of(&self, device: &str, n: usize) -> Vec<AnomalyEvent> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<AnomalyEvent> = inner
+            .history
+            .iter()
+            .rev()
+            .filter(|i| i.event.device == device)
+            .take(n)
+            .map(|i| i.event.clone())
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// The id of the oldest event held, if any.
+    pub fn oldest_id(&self) -> Option<String> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.history.front().map(|i| i.event.id.clone())
+    }
+
     /// Connected clients.
     pub fn clients(&self) -> usize {
         self.tx.receiver_count()
@@ -252,6 +273,22 @@ mod tests {
             hub.subscribe(None, None).0.is_empty(),
             "a plain client starts live"
         );
+    }
+
+    #[test]
+    fn a_devices_recent_events_come_newest_last_and_bounded() {
+        let hub = FeedHub::new(100, 10);
+        for i in 0..10 {
+            hub.publish(event(
+                &i.to_string(),
+                if i % 2 == 0 { "a" } else { "b" },
+                0.9,
+            ));
+        }
+        let ids: Vec<String> = hub.recent_of("a", 3).into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["4", "6", "8"]);
+        assert!(hub.recent_of("nobody", 3).is_empty());
+        assert_eq!(hub.oldest_id().as_deref(), Some("0"));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! `/api/fleet`, `/api/models`, `/api/models/{device}` (a device model's JSON artifact), and
 //! `POST /api/feed/ticket`), Prometheus `/metrics` (a `# HELP` on every family), `/healthz` (alive),
 //! `/readyz` (broker connected, partitions owned, store writing: [`ready`]) and the dashboard (`/`).
-//! `HEAD` works wherever `GET` does, without the body.
+//! `HEAD` works wherever `GET` does, without the body. `/api/devices` and `/api/devices/{id}` answer
+//! for the whole fleet, asking the other owners in the owners directory ([`devices`]).
 //!
 //! One task per connection. What keeps the port usable for everyone:
 //! - **One limit**, `http.max_connections`, on plain HTTP and WebSocket connections together: a
@@ -36,7 +37,9 @@
 
 mod auth;
 mod conn;
+mod devices;
 mod pages;
+mod peer;
 mod ready;
 mod throttle;
 mod ws;
@@ -254,6 +257,13 @@ impl Server {
                 return resp;
             }
         }
+        // Forwarded to the owners asked on the caller's behalf when this instance has no token.
+        let caller_token = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer)
+            .map(str::to_string);
         match path.as_str() {
             "/feed" => ws::upgrade(req, self.clone(), slot),
             "/api/feed/ticket" => self.ticket(),
@@ -289,6 +299,20 @@ impl Server {
                         shared.owned.list().len()
                     ),
                 );
+                let coverage = shared
+                    .directory
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .coverage(crate::fleet::run::now_ms());
+                let _ = std::fmt::Write::write_fmt(
+                    &mut out,
+                    format_args!(
+                        "# TYPE edgewatch_aggregator_partitions_uncovered gauge\nedgewatch_aggregator_partitions_uncovered{{aggregator=\"{id}\"}} {}\n# TYPE edgewatch_aggregator_partitions_overlapping gauge\nedgewatch_aggregator_partitions_overlapping{{aggregator=\"{id}\"}} {}\n",
+                        coverage.uncovered.len(),
+                        coverage.overlapping.len(),
+                        id = shared.cfg.id,
+                    ),
+                );
                 Response::builder()
                     .header(CONTENT_TYPE, "text/plain; version=0.0.4")
                     .body(Full::new(Bytes::from(crate::telemetry::with_help(&out))))
@@ -314,9 +338,16 @@ impl Server {
                 // Whether this instance trains: always with static ownership and training on;
                 // in cluster mode only the member holding the trainer lease.
                 let trainer = shared.training.as_ref().is_some_and(|t| t.is_active());
+                let (offset, limit) = match page(req.uri().query(), MODELS_LIMIT) {
+                    Ok(p) => p,
+                    Err(e) => return json_response(StatusCode::BAD_REQUEST, &json!({ "error": e })),
+                };
+                let total = models.len();
+                let models: Vec<_> = models.into_iter().skip(offset).take(limit).collect();
                 json_response(
                     StatusCode::OK,
-                    &json!({"aggregator": shared.cfg.id, "trainer": trainer, "models": models, "training": waiting}),
+                    &json!({"aggregator": shared.cfg.id, "trainer": trainer, "total": total, "offset": offset,
+                        "limit": limit, "models": models, "training": waiting}),
                 )
             }
             p if p.starts_with("/api/models/") => {
@@ -360,30 +391,7 @@ impl Server {
                 }
             },
             "/api/devices" => {
-                let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-                let list: Vec<_> = state
-                    .devices()
-                    .iter()
-                    .map(|(id, d)| {
-                        let metrics: serde_json::Map<String, serde_json::Value> = d
-                            .metrics
-                            .iter()
-                            .map(|(m, s)| {
-                                (
-                                    m.clone(),
-                                    json!({
-                                        "windows_applied": s.windows_applied,
-                                        "readings": s.readings,
-                                        "anomalies": s.anomalies,
-                                        "last_window": s.windows.back(),
-                                    }),
-                                )
-                            })
-                            .collect();
-                        json!({"device": id, "partition": d.partition, "metrics": metrics})
-                    })
-                    .collect();
-                json_response(StatusCode::OK, &serde_json::Value::Array(list))
+                devices::list(self, req.uri().query(), caller_token.as_deref()).await
             }
             "/api/windows" => {
                 // Every held window of every series (or one device's): what `edgewatch verify` reads.
@@ -395,8 +403,25 @@ impl Server {
                     let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
                     state.held_series(device.as_deref())
                 };
+                // Paged only when asked: `edgewatch verify` reads the plain array of everything.
+                let query = req.uri().query();
+                let paged = matches!(query_param(query, "offset"), Ok(Some(_)))
+                    || matches!(query_param(query, "limit"), Ok(Some(_)));
+                let body = if paged {
+                    let (offset, limit) = match page(query, devices::MAX_LIMIT) {
+                        Ok(p) => p,
+                        Err(e) => return json_response(StatusCode::BAD_REQUEST, &json!({ "error": e })),
+                    };
+                    let total = held.len();
+                    let series: Vec<_> = held.into_iter().skip(offset).take(limit).collect();
+                    serde_json::to_vec(
+                        &json!({"total": total, "offset": offset, "limit": limit, "series": series}),
+                    )
+                } else {
+                    serde_json::to_vec(&held)
+                };
                 // Serialised outside the lock, straight to bytes: this can be the biggest response.
-                match serde_json::to_vec(&held) {
+                match body {
                     Ok(body) => Response::builder()
                         .header(CONTENT_TYPE, "application/json")
                         .body(Full::new(Bytes::from(body)))
@@ -411,14 +436,7 @@ impl Server {
                 let Some(id) = percent_decode(&p["/api/devices/".len()..]) else {
                     return text(StatusCode::BAD_REQUEST, "device id: bad percent-encoding\n");
                 };
-                let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-                match state.device(&id) {
-                    Some(d) => json_response(StatusCode::OK, &json!({"device": id, "state": d})),
-                    None => json_response(
-                        StatusCode::NOT_FOUND,
-                        &json!({"error": format!("device {id:?} is not owned by aggregator {} or has sent nothing yet", shared.cfg.id)}),
-                    ),
-                }
+                devices::one(self, &id, req.uri().query(), caller_token.as_deref()).await
             }
             _ => text(
                 StatusCode::NOT_FOUND,
@@ -440,7 +458,14 @@ impl Server {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .recent(errors, Instant::now());
+        let coverage = shared
+            .directory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .coverage(crate::fleet::run::now_ms());
         ready::failing(&ready::Inputs {
+            uncovered: coverage.uncovered,
+            overlapping: coverage.overlapping,
             broker_connected: m.broker_connected.load(Relaxed) == 1,
             owned: shared.owned.list().len(),
             partitions: shared.cfg.partitions,
@@ -582,10 +607,45 @@ fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, String
         .ok_or_else(|| format!("{name}: bad percent-encoding, got {raw:?}\n"))
 }
 
+/// Most models listed by one `/api/models` answer (and its default `limit`).
+const MODELS_LIMIT: usize = 1000;
+
+/// `offset` and `limit` of a list endpoint's query (`limit` defaults to and is capped at `max`);
+/// an error names the parameter. Other parameters are left to the endpoint.
+fn page(query: Option<&str>, max: usize) -> Result<(usize, usize), String> {
+    let number = |name: &str| -> Result<Option<usize>, String> {
+        match query_param(query, name).map_err(|e| e.trim_end().to_string())? {
+            None => Ok(None),
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= devices::MAX_OFFSET)
+                .map(Some)
+                .ok_or_else(|| {
+                    format!(
+                        "{name}: expected a whole number in 0..={}, got {v:?}",
+                        devices::MAX_OFFSET
+                    )
+                }),
+        }
+    };
+    let offset = number("offset")?.unwrap_or(0);
+    let limit = number("limit")?.unwrap_or(max);
+    if limit == 0 || limit > max {
+        return Err(format!("limit: expected 1..={max}, got {limit}"));
+    }
+    Ok((offset, limit))
+}
+
 fn status(shared: &Shared) -> serde_json::Value {
+    let fleet = devices::fleet_status(shared);
     let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     let m = &shared.metrics;
     json!({
+        "scope": "instance",
+        "fleet": fleet,
+        "advertise": shared.advertise,
+        "anomalies": state.anomalies(),
         "id": shared.cfg.id,
         "partitions": shared.cfg.partitions,
         "owned": shared.owned.list(),

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod config;
 mod consumer;
+pub mod directory;
 pub mod error;
 pub mod feed;
 mod fleet;
@@ -47,6 +48,10 @@ pub(crate) struct Shared {
     fleet: Option<fleet::run::Fleet>,
     /// Device model training, when `training.enabled`.
     training: Option<training::Training>,
+    /// Who owns which partition, from every aggregator's owners record.
+    directory: Mutex<directory::Directory>,
+    /// The URL other instances reach this one at (`http.advertise` or derived from the listener).
+    advertise: String,
 }
 
 /// A configured aggregator with its HTTP listener bound.
@@ -126,7 +131,22 @@ impl Aggregator {
         } else {
             None
         };
+        let advertise = cfg.http.advertise_url(addr);
+        if cfg.http.advertise.is_none() && addr.ip().is_unspecified() {
+            tracing::info!(aggregator = %cfg.id, advertise = %advertise, "http.advertise not set: other instances are told to use loopback; set it when aggregators run on different hosts");
+        }
+        let directory = directory::Directory::new(
+            &cfg.id,
+            cfg.partitions,
+            directory::Timing {
+                stale_after_ms: cfg.owners.stale_after_ms,
+                startup_grace_ms: cfg.owners.startup_grace_ms,
+            },
+            fleet::run::now_ms(),
+        );
         let shared = Arc::new(Shared {
+            directory: Mutex::new(directory),
+            advertise,
             token,
             fleet,
             training,
@@ -188,13 +208,19 @@ impl Aggregator {
             .clone()
             .unwrap_or_else(|| format!("edgewatch-{}", cfg.id));
         // Every broker address, primary first; the poll loop moves to the next one on failure.
-        let addresses = edgewatch_link::options(&cfg.mqtt, client_id)?;
+        let mut addresses = edgewatch_link::options(&cfg.mqtt, client_id)?;
+        // Retained `online: false` on our owners topic if the connection dies uncleanly.
+        let will = directory::publish::last_will(&Topics::new(&cfg.prefix), &cfg.id);
+        for a in &mut addresses {
+            a.set_last_will(will.clone());
+        }
         let (client, eventloop) = edgewatch_link::client(&addresses, cfg.mqtt.request_channel);
+        let owners_client = client.clone();
         tracing::info!(aggregator = %cfg.id, http = %self.addr, owned = shared.owned.list().len(), cluster = shared.cluster.is_some(), broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), "aggregator starting");
 
         let cancel = CancellationToken::new();
         let (tx, rx) = mpsc::channel(4096);
-        let poll = tokio::spawn(consumer::poll_loop(
+        let mut poll = tokio::spawn(consumer::poll_loop(
             eventloop,
             addresses,
             client.clone(),
@@ -312,6 +338,12 @@ impl Aggregator {
             (None, None) => unreachable!("bind makes a store or joins a cluster"),
         };
         let http = tokio::spawn(http::serve(self.listener, shared.clone(), cancel.clone()));
+        let owners_stop = CancellationToken::new();
+        let owners = tokio::spawn(directory::publish::run(
+            shared.clone(),
+            owners_client.clone(),
+            owners_stop.clone(),
+        ));
         let refit = tokio::spawn(fleet::run::refit_loop(shared.clone(), cancel.clone()));
 
         shutdown.await;
@@ -320,8 +352,22 @@ impl Aggregator {
         if let Some(c) = coordinator {
             let _ = c.await;
         }
+        // A clean stop says so on the owners topic (a broker only sends the will on a dropped
+        // connection), then disconnects: the poll loop ends once both are written.
+        owners_stop.cancel();
+        let _ = owners.await;
+        directory::publish::offline(&shared, &owners_client);
+        let _ = owners_client.try_disconnect();
+        let polled = tokio::time::timeout(Duration::from_secs(1), &mut poll)
+            .await
+            .is_ok();
+        if !polled {
+            tracing::debug!(aggregator = %shared.cfg.id, "broker unreachable at stop: the offline owners record is left to the last will");
+        }
         cancel.cancel();
-        let _ = poll.await;
+        if !polled {
+            let _ = poll.await;
+        }
         let _ = apply.await;
         let _ = http.await;
         let _ = refit.await;

@@ -85,8 +85,43 @@ pub struct SeriesState {
 pub struct DeviceState {
     /// Its partition.
     pub partition: u32,
+    /// The agent that last sent its data; unknown (`None`) for a device rebuilt from a store until
+    /// its next batch (stores keep windows, not senders, so old stores load unchanged).
+    pub agent: Option<String>,
+    /// Timestamp of its latest reading seen (a window's last reading or an event), ms since the
+    /// Unix epoch, on the device's clock; `None` before any.
+    pub last_seen_ms: Option<i64>,
     /// Series by metric name.
     pub metrics: BTreeMap<String, SeriesState>,
+}
+
+impl DeviceState {
+    /// Moves `last_seen_ms` forward to `ts_ms`.
+    fn seen(&mut self, ts_ms: i64) {
+        self.last_seen_ms = Some(self.last_seen_ms.map_or(ts_ms, |t| t.max(ts_ms)));
+    }
+
+    /// Readings covered by its applied windows, every metric (saturating).
+    pub fn readings(&self) -> u64 {
+        self.metrics
+            .values()
+            .fold(0u64, |sum, s| sum.saturating_add(s.readings))
+    }
+
+    /// Anomaly events recorded, every metric (saturating).
+    pub fn anomalies(&self) -> u64 {
+        self.metrics
+            .values()
+            .fold(0u64, |sum, s| sum.saturating_add(s.anomalies))
+    }
+
+    /// Timestamp of its most recent anomaly event, any metric.
+    pub fn last_anomaly_ms(&self) -> Option<i64> {
+        self.metrics
+            .values()
+            .filter_map(|s| s.last_anomaly.as_ref().map(|e| e.ts_ms))
+            .max()
+    }
 }
 
 /// How far a lane (agent, partition, epoch) has been applied without a hole.
@@ -237,6 +272,7 @@ impl FleetState {
     pub fn apply_window(&mut self, partition: u32, s: &WindowSummary) -> Applied {
         let device = self.devices.entry(s.device.clone()).or_default();
         device.partition = partition;
+        device.seen(s.last_ts_ms);
         let series = device.metrics.entry(s.metric.clone()).or_default();
         let pos = series.windows.partition_point(|w| w.start_ms < s.start_ms);
         if let Some(existing) = series
@@ -272,6 +308,8 @@ impl FleetState {
     pub fn record_anomaly(&mut self, partition: u32, e: &AnomalyEvent) {
         let device = self.devices.entry(e.device.clone()).or_default();
         device.partition = partition;
+        // Not the agent: fleet events carry the aggregator's id there; summaries name the sender.
+        device.seen(e.ts_ms);
         let series = device.metrics.entry(e.metric.clone()).or_default();
         series.anomalies = series.anomalies.saturating_add(1);
         if series
@@ -280,6 +318,15 @@ impl FleetState {
             .is_none_or(|l| l.ts_ms <= e.ts_ms)
         {
             series.last_anomaly = Some(e.clone());
+        }
+    }
+
+    /// Notes `agent` as the sender of `device`'s data (no-op for a device not held).
+    pub fn note_agent(&mut self, device: &str, agent: &str) {
+        if let Some(d) = self.devices.get_mut(device) {
+            if d.agent.as_deref() != Some(agent) {
+                d.agent = Some(agent.to_string());
+            }
         }
     }
 
@@ -434,6 +481,13 @@ impl FleetState {
             .fold(0u64, |sum, s| sum.saturating_add(s.readings))
     }
 
+    /// Total anomaly events recorded on held devices (saturating).
+    pub fn anomalies(&self) -> u64 {
+        self.devices
+            .values()
+            .fold(0u64, |sum, d| sum.saturating_add(d.anomalies()))
+    }
+
     /// Number of lanes kept (every epoch counts).
     pub fn lanes(&self) -> usize {
         self.lanes
@@ -556,6 +610,28 @@ mod tests {
             max_score: 0.0,
             revision,
         }
+    }
+
+    #[test]
+    fn a_device_knows_its_agent_and_latest_reading_and_old_windows_do_not_move_it_back() {
+        let mut st = FleetState::new(10);
+        st.apply_window(1, &summary(100, 5, 0));
+        assert_eq!(
+            st.device("d").unwrap().agent,
+            None,
+            "not known from a window alone"
+        );
+        st.note_agent("d", "gw-1");
+        st.note_agent("nobody", "gw-1");
+        assert!(st.device("nobody").is_none());
+        st.apply_window(1, &summary(0, 5, 0));
+        let d = st.device("d").unwrap();
+        assert_eq!(d.agent.as_deref(), Some("gw-1"));
+        assert_eq!(d.last_seen_ms, Some(109));
+        let json = serde_json::to_value(d).unwrap();
+        assert_eq!(json["agent"], "gw-1");
+        assert_eq!(json["last_seen_ms"], 109);
+        assert_eq!(st.anomalies(), 0);
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub struct AggregatorMetrics {
     /// Lanes forgotten because their (agent, partition) had [`crate::state::MAX_EPOCHS`] more
     /// recently seen epochs.
     pub lanes_evicted_total: AtomicU64,
+    /// Owners records refused (see `directory::RecordError`).
+    pub owners_refused_total: AtomicU64,
+    /// Requests to other aggregators that failed or timed out.
+    pub fleet_requests_failed_total: AtomicU64,
     /// Gauge: whether the MQTT link is connected (1) or not (0).
     pub broker_connected: AtomicU64,
 }
@@ -225,6 +229,22 @@ pub const HELP: &[(&str, &str)] = &[
     (
         "edgewatch_aggregator_partitions_owned",
         "Partitions owned now.",
+    ),
+    (
+        "edgewatch_aggregator_partitions_uncovered",
+        "Partitions no live aggregator claims in the owners directory (0 during the start-up grace period).",
+    ),
+    (
+        "edgewatch_aggregator_partitions_overlapping",
+        "Partitions two or more live aggregators claim in the owners directory.",
+    ),
+    (
+        "edgewatch_aggregator_owners_refused_total",
+        "Owners records refused: malformed, forged (topic id differs from the body) or out of range.",
+    ),
+    (
+        "edgewatch_aggregator_fleet_requests_failed_total",
+        "Requests to other aggregators (fleet-wide devices, a device fetched from its owner) that failed or timed out.",
     ),
     (
         "edgewatch_aggregator_build_info",
@@ -474,6 +494,14 @@ impl AggregatorMetrics {
                 "edgewatch_aggregator_lanes_evicted_total",
                 &self.lanes_evicted_total,
             ),
+            (
+                "edgewatch_aggregator_owners_refused_total",
+                &self.owners_refused_total,
+            ),
+            (
+                "edgewatch_aggregator_fleet_requests_failed_total",
+                &self.fleet_requests_failed_total,
+            ),
         ];
         for (name, c) in counters {
             let _ = writeln!(
@@ -575,6 +603,8 @@ mod tests {
         let mut raw = String::new();
         m.render("agg", 2, 3, &mut raw);
         raw.push_str("# TYPE edgewatch_aggregator_partitions_owned gauge\nedgewatch_aggregator_partitions_owned{aggregator=\"agg\"} 4\n");
+        raw.push_str("# TYPE edgewatch_aggregator_partitions_uncovered gauge\nedgewatch_aggregator_partitions_uncovered{aggregator=\"agg\"} 0\n");
+        raw.push_str("# TYPE edgewatch_aggregator_partitions_overlapping gauge\nedgewatch_aggregator_partitions_overlapping{aggregator=\"agg\"} 0\n");
         let text = with_help(&raw);
         assert!(!text.contains(UNDOCUMENTED), "{text}");
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();

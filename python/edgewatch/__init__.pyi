@@ -4,6 +4,7 @@ import os
 from typing import (
     Any,
     AsyncIterator,
+    Callable,
     Dict,
     Iterator,
     List,
@@ -262,12 +263,15 @@ def feed(
     max_backoff_s: float = 5.0,
     open_timeout_s: float = 10.0,
     remember: int = 100_000,
+    on_control: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> AsyncIterator[Dict[str, Any]]:
     """The live anomaly feed of ``url`` (``ws://host:port/feed``): ``async for event in feed(url)``
     yields every event once, as the aggregator's JSON object. After a disconnection it reconnects
     (capped, jittered backoff) with ``since=<last id>`` and drops ids it has yielded already. Filters
     (``device``, ``metric``, ``min_score``) are applied by the server; ``token`` goes in the
-    ``Authorization`` header. See :mod:`edgewatch.feed` for what cannot be recovered."""
+    ``Authorization`` header. Control messages (a ``type`` key, such as the ``gap`` marker) are
+    never yielded: ``on_control`` receives them. See :mod:`edgewatch.feed` for what cannot be
+    recovered."""
 
 class feed_sync(Iterator[Dict[str, Any]]):
     """:func:`feed` as a blocking iterator with the same arguments; ``close()`` or ``with``."""
@@ -284,6 +288,7 @@ class feed_sync(Iterator[Dict[str, Any]]):
         max_backoff_s: float = 5.0,
         open_timeout_s: float = 10.0,
         remember: int = 100_000,
+        on_control: Optional[Callable[[Dict[str, Any]], None]] = None,
     ) -> None: ...
     def __next__(self) -> Dict[str, Any]: ...
     def close(self) -> None: ...

@@ -14,6 +14,11 @@ aggregator sends (``id``, ``device``, ``metric``, ``ts_ms``, ``value``, ``score`
   no longer holds the ``since`` event and replays its whole history, nor when a replayed event
   crosses a live one.
 
+Messages that carry a ``type`` key are control messages, not events (docs/feed.md): a ``gap``
+(``{"type": "gap", "since", "reason", "replayed"}``) comes first when the server does not hold the
+``since`` event, saying events may have been missed. They are never yielded as events; pass
+``on_control`` to see them (it is called with each one's dict).
+
 What it cannot recover: events the server dropped from its history (``feed.history``) during a
 long disconnection, and, before the first event arrives, events published while disconnected
 (there is no id to resume after yet). When the server does not hold the ``since`` event (it
@@ -29,7 +34,7 @@ import collections
 import json
 import random
 import urllib.parse
-from typing import Any, AsyncIterator, Deque, Dict, Iterator, Optional, Set
+from typing import Any, AsyncIterator, Callable, Deque, Dict, Iterator, Optional, Set
 
 __all__ = ["FeedError", "feed", "feed_sync"]
 
@@ -117,13 +122,16 @@ async def feed(
     max_backoff_s: float = 5.0,
     open_timeout_s: float = 10.0,
     remember: int = 100_000,
+    on_control: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> AsyncIterator[Dict[str, Any]]:
     """Yields the events of the feed at ``url`` (``ws://host:port/feed``), each once, for ever.
 
     ``token``: the aggregator's bearer token. ``device``, ``metric``, ``min_score``: the server's
     filters. ``since``: start after this event id (the server's history after it comes first).
     ``max_backoff_s``: longest wait between reconnection attempts. ``remember``: how many recent
-    event ids are kept to drop duplicates. Stop by breaking out of the loop (or cancelling).
+    event ids are kept to drop duplicates. ``on_control``: called with each control message
+    (a dict with a ``type``, such as a ``gap`` marker), which is never yielded. Stop by breaking out
+    of the loop (or cancelling).
     """
     _check(url, token, min_score)
     try:
@@ -169,6 +177,10 @@ async def feed(
                 try:
                     event = json.loads(message)
                 except ValueError:
+                    continue
+                if isinstance(event, dict) and isinstance(event.get("type"), str):
+                    if on_control is not None:
+                        on_control(event)
                     continue
                 event_id = event.get("id") if isinstance(event, dict) else None
                 if not isinstance(event_id, str):

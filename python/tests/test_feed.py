@@ -209,6 +209,8 @@ def test_feed_resumes_after_a_cut_without_duplicates_or_gaps(demo_url, server_fo
             from websockets.asyncio.client import connect
 
             async with connect(demo_url + "?since=forgotten-x") as ws:
+                gap = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert gap["type"] == "gap" and gap["since"] == "forgotten-x", gap
                 replayed = set()
                 while ids[0] not in replayed:
                     replayed.add(json.loads(await asyncio.wait_for(ws.recv(), 10))["id"])
@@ -231,6 +233,43 @@ def test_feed_sync_filters_and_starts_after_since(demo_url):
     with edgewatch.feed_sync(demo_url, device=device, since=first[0]["id"]) as events:
         e = next(events)
     assert e["device"] == device
+
+
+def test_an_unknown_since_gives_a_gap_marker_to_on_control_and_never_as_an_event(demo_url):
+    controls = []
+    with edgewatch.feed_sync(demo_url, since="no-such-event", on_control=controls.append) as events:
+        first = next(events)
+    assert "type" not in first and isinstance(first["id"], str)
+    assert len(controls) == 1, controls
+    gap = controls[0]
+    assert gap["type"] == "gap" and gap["since"] == "no-such-event", gap
+    assert "missed" in gap["reason"] and isinstance(gap["replayed"], int), gap
+
+
+def test_the_example_client_prints_events_from_the_demo(demo_url):
+    """examples/feed_client.py: plain `websockets`, starting with recent events."""
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "feed_client.py"
+    out = subprocess.run(
+        [sys.executable, str(example), demo_url, "--last", "5", "--count", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if l]
+    assert len(lines) == 3, out.stdout
+    assert all("score=" in l and " id=" in l for l in lines), lines
+    out = subprocess.run(
+        [sys.executable, str(example), demo_url + "?since=nope", "--count", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "control message: {" in out.stderr and '"type": "gap"' in out.stderr, out.stderr
 
 
 def test_refusals_and_unreachable_feeds_raise():

@@ -236,6 +236,44 @@ async fn members_split_the_partitions_and_hand_them_over_on_leave_and_join_exact
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(each_partition_has_one_owner(&live));
+    // Any member lists the whole fleet's devices (the simulator's 16), the same on each, from the owners records of
+    // the lease holders (cluster mode).
+    let addrs: Vec<SocketAddr> = live.iter().map(|m| m.addr).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let addrs = addrs.clone();
+        let (lists, local, uncovered) = tokio::task::spawn_blocking(move || {
+            let lists: Vec<serde_json::Value> = addrs
+                .iter()
+                .map(|a| get_json(*a, "/api/devices?limit=1000"))
+                .collect();
+            let local: u64 = addrs
+                .iter()
+                .map(|a| {
+                    get_json(*a, "/api/devices?scope=local")["total"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .sum();
+            let uncovered = get_json(addrs[0], "/api/status")["fleet"]["uncovered"].clone();
+            (lists, local, uncovered)
+        })
+        .await
+        .unwrap();
+        let same = lists.iter().all(|l| {
+            l["devices"] == lists[0]["devices"]
+                && l["missing_partitions"] == serde_json::json!([])
+                && l["total"] == local
+        });
+        if same && uncovered == serde_json::json!([]) && local == 16 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members disagree on the fleet's devices ({local} held): {lists:?}; uncovered {uncovered}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let checkpoints: u64 = live
         .iter()
         .map(|m| metric(m.addr, "edgewatch_aggregator_checkpoints_total"))

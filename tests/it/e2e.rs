@@ -157,7 +157,8 @@ async fn simulated_fleet_reaches_the_feed_exactly_once_and_is_sharded() {
         } else {
             (32..64).collect()
         };
-        for d in get_json(*a, "/api/devices").as_array().unwrap() {
+        let local = get_json(*a, "/api/devices?scope=local&limit=1000000");
+        for d in local["devices"].as_array().unwrap() {
             let id = d["device"].as_str().unwrap().to_string();
             assert!(
                 owned.contains(&partition_of(&id, 64)),

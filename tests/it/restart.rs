@@ -178,6 +178,11 @@ async fn acks_follow_the_flush_and_a_restart_resumes_from_the_store() {
     acked.lock().unwrap().clear();
     send(records).await;
     wait_until("the re-ack", Duration::from_secs(15), || upto(&acked) == 20).await;
+    // The first batch's ack already covers seq 20 (the lane was restored there): wait for all four.
+    wait_until("every resent record seen", Duration::from_secs(15), || {
+        get_json(addr, "/api/status")["summaries_duplicate"] == 20
+    })
+    .await;
     let again = get_json(addr, "/api/status");
     assert_eq!(again["readings"], 1200, "replays change nothing");
     assert_eq!(again["summaries_duplicate"], 20);

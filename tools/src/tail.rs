@@ -1,5 +1,7 @@
 //! `edgewatch tail`: prints the live anomaly feed as readable lines (or raw JSON), reconnecting and
-//! resuming with `?since=<last event id>` when the connection drops.
+//! resuming with `?since=<last event id>` when the connection drops. Reconnections, the event they
+//! resume after, and the server's `gap` markers (events may have been missed) go to stderr; stdout
+//! carries events only. The protocol is in docs/feed.md.
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Arguments of `edgewatch tail`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct TailArgs {
     /// Feed URL, e.g. ws://127.0.0.1:8080/feed
     pub url: String,
@@ -28,8 +30,11 @@ pub struct TailArgs {
     #[arg(long)]
     pub json: bool,
     /// Resume after this event id.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "last")]
     pub since: Option<String>,
+    /// Start with up to this many of the most recent events the aggregator holds.
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
     /// Exit after printing this many events.
     #[arg(long)]
     pub count: Option<u64>,
@@ -39,6 +44,7 @@ pub struct TailArgs {
 }
 
 /// Builds the feed URL with the filters in its query string.
+/// `last` applies only while no event has been received (`since` is `None`).
 pub fn feed_url(args: &TailArgs, since: Option<&str>) -> anyhow::Result<String> {
     if !(args.url.starts_with("ws://") || args.url.starts_with("wss://")) {
         bail!("feed URL must start with ws:// (got {:?})", args.url);
@@ -58,8 +64,10 @@ pub fn feed_url(args: &TailArgs, since: Option<&str>) -> anyhow::Result<String> 
     if let Some(s) = args.min_score {
         q.push(format!("min_score={s}"));
     }
-    if let Some(s) = since {
-        q.push(format!("since={}", encode(s)));
+    match (since, args.last) {
+        (Some(s), _) => q.push(format!("since={}", encode(s))),
+        (None, Some(n)) => q.push(format!("last={n}")),
+        (None, None) => {}
     }
     let sep = if args.url.contains('?') { '&' } else { '?' };
     Ok(if q.is_empty() {
@@ -96,6 +104,22 @@ fn request(
         req.headers_mut().insert("authorization", value);
     }
     Ok(req)
+}
+
+/// The stderr line for a control message (a JSON object with a `type`); `None` for an event.
+pub fn control_note(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let kind = v.get("type")?.as_str()?;
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
+    Some(match kind {
+        "gap" => format!(
+            "GAP: events may have been missed after {}: {} ({} events replayed)",
+            s("since"),
+            s("reason"),
+            v.get("replayed").and_then(|x| x.as_u64()).unwrap_or(0)
+        ),
+        other => format!("feed control message {other:?}: {text}"),
+    })
 }
 
 /// One readable line for an event.
@@ -145,7 +169,18 @@ pub async fn run(args: TailArgs, stop: tokio_util::sync::CancellationToken) -> a
     let mut backoff = Backoff::new(200, 5_000, u64::from(std::process::id()));
     let stdout = std::io::stdout();
     loop {
-        let url = feed_url(&args, since.as_deref())?;
+        // `--last` once: a reconnection before any event must not replay those again.
+        let url = if connected_once && args.last.is_some() {
+            feed_url(
+                &TailArgs {
+                    last: None,
+                    ..args.clone()
+                },
+                since.as_deref(),
+            )?
+        } else {
+            feed_url(&args, since.as_deref())?
+        };
         let ws = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             r = tokio_tungstenite::connect_async(request(&url, args.token.as_deref())?) => r,
@@ -162,6 +197,14 @@ pub async fn run(args: TailArgs, stop: tokio_util::sync::CancellationToken) -> a
                 continue;
             }
         };
+        if connected_once {
+            match &since {
+                Some(id) => eprintln!("feed reconnected: resuming after event {id}"),
+                None => eprintln!(
+                    "feed reconnected: no event received yet, so nothing to resume from; events published while disconnected are not replayed"
+                ),
+            }
+        }
         connected_once = true;
         backoff.reset();
         let (_sink, mut stream) = ws.split();
@@ -172,6 +215,10 @@ pub async fn run(args: TailArgs, stop: tokio_util::sync::CancellationToken) -> a
             };
             match msg {
                 Some(Ok(Message::Text(text))) => {
+                    if let Some(note) = control_note(&text) {
+                        eprintln!("{note}");
+                        continue;
+                    }
                     let line = if args.json {
                         text.to_string()
                     } else {
@@ -230,9 +277,15 @@ mod tests {
             min_score: Some(0.5),
             json: false,
             since: None,
+            last: Some(5),
             count: None,
             token: None,
         };
+        assert_eq!(
+            feed_url(&args, None).unwrap(),
+            "ws://h:1/feed?device=pump%207%2Fa&min_score=0.5&last=5",
+            "last only until an event has been received"
+        );
         assert_eq!(
             feed_url(&args, Some("ab")).unwrap(),
             "ws://h:1/feed?device=pump%207%2Fa&min_score=0.5&since=ab"
@@ -242,5 +295,21 @@ mod tests {
             ..args
         };
         assert!(feed_url(&bad, None).is_err());
+    }
+
+    #[test]
+    fn gap_markers_are_noted_and_events_are_not() {
+        let note =
+            control_note(r#"{"type":"gap","since":"ab","reason":"unknown event id","replayed":3}"#)
+                .unwrap();
+        assert_eq!(
+            note,
+            "GAP: events may have been missed after ab: unknown event id (3 events replayed)"
+        );
+        assert!(control_note(r#"{"id":"x","device":"d"}"#).is_none());
+        assert!(control_note("not json").is_none());
+        assert!(control_note(r#"{"type":"hello"}"#)
+            .unwrap()
+            .contains("hello"));
     }
 }

@@ -1,6 +1,7 @@
 //! When the aggregator is ready (`/readyz`): connected to its MQTT broker, owning at least one
-//! partition, and its store writing (no store or checkpoint write failed in the last
-//! [`STORE_ERROR_WINDOW`]). Same shape as the agent's: `200 ready`, or `503 not ready:` with one
+//! partition, its store writing (no store or checkpoint write failed in the last
+//! [`STORE_ERROR_WINDOW`]), and every partition of the fleet owned exactly once according to the
+//! owners directory (after its start-up grace period). Same shape as the agent's: `200 ready`, or `503 not ready:` with one
 //! line per failing condition. Pure functions of the figures and the time, tested directly.
 
 use std::time::{Duration, Instant};
@@ -46,6 +47,10 @@ pub(crate) struct Inputs {
     pub cluster: bool,
     /// Store or checkpoint write errors in the last [`STORE_ERROR_WINDOW`].
     pub recent_store_errors: Option<u64>,
+    /// Partitions no live aggregator owns (owners directory).
+    pub uncovered: Vec<u32>,
+    /// Partitions two or more live aggregators claim.
+    pub overlapping: Vec<u32>,
 }
 
 /// Every condition that fails, one sentence each; empty when ready.
@@ -63,6 +68,20 @@ pub(crate) fn failing(i: &Inputs) -> Vec<String> {
         out.push(format!(
             "partitions: owns none of the {} partitions ({why})",
             i.partitions
+        ));
+    }
+    if !i.uncovered.is_empty() {
+        out.push(format!(
+            "coverage: {} partition(s) owned by no live aggregator: {} (a stopped aggregator or a gap in the owned: ranges; their records wait in the agents' outboxes; see /api/status fleet)",
+            i.uncovered.len(),
+            crate::directory::ranges(&i.uncovered)
+        ));
+    }
+    if !i.overlapping.is_empty() {
+        out.push(format!(
+            "coverage: {} partition(s) claimed by two or more aggregators: {} (overlapping owned: ranges; see /api/status fleet.aggregators)",
+            i.overlapping.len(),
+            crate::directory::ranges(&i.overlapping)
         ));
     }
     if let Some(n) = i.recent_store_errors {
@@ -85,6 +104,8 @@ mod tests {
             partitions: 8,
             cluster: false,
             recent_store_errors: None,
+            uncovered: Vec::new(),
+            overlapping: Vec::new(),
         }
     }
 
@@ -112,6 +133,20 @@ mod tests {
             f[2].starts_with("store: 3 write error(s) in the last 30 s"),
             "{f:?}"
         );
+    }
+
+    #[test]
+    fn uncovered_and_overlapping_partitions_are_named() {
+        let f = failing(&Inputs {
+            uncovered: vec![4, 5, 6, 7, 9],
+            overlapping: vec![1],
+            ..ready()
+        });
+        assert_eq!(
+            f[0],
+            "coverage: 5 partition(s) owned by no live aggregator: 4-7, 9 (a stopped aggregator or a gap in the owned: ranges; their records wait in the agents' outboxes; see /api/status fleet)"
+        );
+        assert!(f[1].starts_with("coverage: 1 partition(s) claimed by two or more aggregators: 1 "));
     }
 
     #[test]

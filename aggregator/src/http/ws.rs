@@ -1,5 +1,7 @@
 //! The live feed's WebSocket side: the upgrade of `/feed` and one task per client moving events
-//! from its bounded queue (a broadcast receiver) to its socket.
+//! from its bounded queue (a broadcast receiver) to its socket. Events go out as their JSON
+//! objects; control messages carry a `type` key: a `since` not in the history gets a `gap` marker
+//! first, then the whole history (the protocol, close codes included, is docs/feed.md).
 //!
 //! A client costs the server a task, a queue and a connection slot, so none may be held by a
 //! client that stopped reading:
@@ -162,10 +164,20 @@ async fn serve<S>(
     let write_limit = server.write_timeout;
     let ping_every = server.ping_interval;
     let (mut sink, mut stream) = ws.split();
-    let (backlog, _found, mut rx) = server
+    let (backlog, found, mut rx) = server
         .shared
         .feed
         .subscribe(filter.since.as_deref(), filter.last);
+    if let (Some(since), false) = (&filter.since, found) {
+        // Never a silent replay: say first that events may have been missed.
+        let replayed = backlog.iter().filter(|i| filter.matches(&i.event)).count();
+        let gap = gap_message(since, backlog.len(), replayed);
+        match send(&mut sink, Message::text(gap), write_limit).await {
+            Ok(()) => {}
+            Err(WriteError::Stalled) => return evicted(server, "write stalled"),
+            Err(WriteError::Closed) => return,
+        }
+    }
     let mut last_id = filter.since.clone();
     for item in backlog {
         if filter.matches(&item.event) {
@@ -230,9 +242,37 @@ async fn serve<S>(
     }
 }
 
+/// The `gap` control message sent first to a client whose `since` is not in the history: the
+/// `held` events that are (`replayed` of them pass its filter) follow it.
+pub(crate) fn gap_message(since: &str, held: usize, replayed: usize) -> String {
+    let reason = if held == 0 {
+        "unknown event id: this aggregator holds no history yet (restarted, or nothing detected since it started); events may have been missed".to_string()
+    } else {
+        format!("unknown event id: not among the {held} events this aggregator holds (older than its history, or not an event id); events may have been missed, the whole history follows")
+    };
+    serde_json::json!({"type": "gap", "since": since, "reason": reason, "replayed": replayed})
+        .to_string()
+}
+
 fn close(code: CloseCode, reason: String) -> Message {
     Message::Close(Some(CloseFrame {
         code,
         reason: reason.into(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gap_marker_is_a_typed_control_message() {
+        let v: serde_json::Value = serde_json::from_str(&gap_message("ev-1", 5, 3)).unwrap();
+        assert_eq!(v["type"], "gap");
+        assert_eq!(v["since"], "ev-1");
+        assert_eq!(v["replayed"], 3);
+        assert!(v["reason"].as_str().unwrap().contains("5 events"));
+        let v: serde_json::Value = serde_json::from_str(&gap_message("x\"y", 0, 0)).unwrap();
+        assert_eq!(v["since"], "x\"y");
+    }
 }
