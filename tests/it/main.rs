@@ -35,3 +35,4 @@ mod tls;
 mod training;
 mod verify;
 mod wait;
+mod walkthrough;
