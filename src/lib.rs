@@ -3,7 +3,7 @@
 
 #[cfg(feature = "embedded-broker")]
 pub use edgewatch_tools::{bench, broker, demo};
-pub use edgewatch_tools::{eval, models, tail, verify};
+pub use edgewatch_tools::{agents, eval, models, tail, verify};
 pub mod config;
 pub mod logging;
 pub mod shutdown;
