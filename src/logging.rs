@@ -65,7 +65,9 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
         let e = anyhow::Error::new(io).context("Connection refused");
         assert_eq!(chain(&e), "Connection refused");
-        let e = anyhow::anyhow!("inner").context("outer: inner").context("top");
+        let e = anyhow::anyhow!("inner")
+            .context("outer: inner")
+            .context("top");
         assert_eq!(chain(&e), "top: outer: inner");
         let e = anyhow::anyhow!("root cause").context("cannot connect to 127.0.0.1:1");
         assert_eq!(chain(&e), "cannot connect to 127.0.0.1:1: root cause");

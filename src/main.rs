@@ -212,7 +212,10 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Agent { config } => {
             let cfg: edgewatch_agent::AgentConfig = config::load(&config)?;
             let text = std::fs::read_to_string(&config).map_err(|e| {
-                Failure::Usage(anyhow::anyhow!("{}: cannot read the file: {e}", config.display()))
+                Failure::Usage(anyhow::anyhow!(
+                    "{}: cannot read the file: {e}",
+                    config.display()
+                ))
             })?;
             let parser = agent_parser(config.clone());
             let (cfg, overlay) = edgewatch_agent::control::effective_at_start(cfg, &text, &parser);
@@ -336,10 +339,13 @@ fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Models(cmd) => models(cmd),
         Command::Agents(args) => {
-            let token = edgewatch::models::token(args.token, args.token_env)
-                .map_err(Failure::Usage)?;
+            let token =
+                edgewatch::models::token(args.token, args.token_env).map_err(Failure::Usage)?;
             let doc = tokio_runtime()?
-                .block_on(edgewatch::agents::fetch_all(&args.aggregator, token.as_deref()))
+                .block_on(edgewatch::agents::fetch_all(
+                    &args.aggregator,
+                    token.as_deref(),
+                ))
                 .map_err(Failure::Runtime)?;
             if args.json {
                 println!("{doc:#}");

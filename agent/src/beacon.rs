@@ -68,6 +68,11 @@ impl Board {
     pub(crate) fn digest(&self) -> String {
         self.state().digest.clone()
     }
+
+    /// Whether the latest configuration change was refused.
+    pub(crate) fn refused(&self) -> bool {
+        self.state().config.refused.is_some()
+    }
 }
 
 /// The MQTT last will of the uplink connection: the offline record, retained.

@@ -84,6 +84,8 @@ pub(crate) struct Control {
     pub board: Arc<Board>,
     /// Where the overlay is persisted (`state.dir`).
     pub persist_dir: Option<PathBuf>,
+    /// Keys of the accepted configuration that wait for a restart.
+    pub pending: Vec<String>,
 }
 
 impl Control {
@@ -150,8 +152,9 @@ impl Control {
                 },
             ),
             Outcome::Refused(r) => {
-                self.board.error(format!("configuration refused: {}", r.error));
-                let pending = reload::diff(&self.started, &self.running).restart;
+                self.board
+                    .error(format!("configuration refused: {}", r.error));
+                let pending = self.pending.clone();
                 self.board.set_config(
                     self.board.digest(),
                     ConfigReport {
@@ -196,6 +199,14 @@ impl Control {
         };
         let overlay = (!text.trim().is_empty()).then(|| text.to_string());
         if overlay == self.overlay {
+            if self.board.refused() {
+                // The configuration in force pushed again after a refused one: report it applied.
+                return Outcome::Applied {
+                    digest: self.board.digest(),
+                    live: Vec::new(),
+                    restart: self.pending.clone(),
+                };
+            }
             return Outcome::Unchanged;
         }
         let new = match self.parse(&base, overlay.as_deref()) {
@@ -220,7 +231,10 @@ impl Control {
         if let Some(dir) = &self.persist_dir {
             if let Err(e) = persist(dir, overlay.as_deref()) {
                 return refused(
-                    format!("remote config: could not be stored in {}: {e}", dir.display()),
+                    format!(
+                        "remote config: could not be stored in {}: {e}",
+                        dir.display()
+                    ),
                     None,
                 );
             }
@@ -232,6 +246,7 @@ impl Control {
     fn apply(&mut self, new: AgentConfig) -> Outcome {
         let plan = reload::diff(&self.running, &new);
         let restart = reload::diff(&self.started, &new).restart;
+        self.pending = restart.clone();
         let digest = reload::digest(&new);
         if !plan.live.is_empty() {
             self.running = Arc::new(reload::merge_live(&self.running, &new));
@@ -347,6 +362,7 @@ mod tests {
             cfg_tx,
             board: Arc::new(Board::new("d0".into(), ConfigReport::default())),
             persist_dir: None,
+            pending: Vec::new(),
         };
         (c, cfg_rx)
     }
@@ -370,7 +386,9 @@ mod tests {
     #[test]
     fn an_invalid_file_is_refused_and_nothing_changes() {
         let (mut c, rx) = control("id: gw\n");
-        let out = c.handle(Request::File(Ok("id: gw\nanomaly: { threshold: 7 }\n".into())));
+        let out = c.handle(Request::File(Ok(
+            "id: gw\nanomaly: { threshold: 7 }\n".into()
+        )));
         assert!(
             matches!(&out, Outcome::Refused(r) if r.error.contains("anomaly.threshold")),
             "{out:?}"

@@ -193,6 +193,7 @@ impl Agent {
                 cfg_tx,
                 board: board.clone(),
                 persist_dir: cfg.state.dir.clone(),
+                pending: Vec::new(),
             }
             .run(control_rx, stop_ops.clone()),
         ));

@@ -3,6 +3,7 @@
 //! checkpoint every `checkpoint_interval_ms`; on stop it drains and takes the final checkpoint.
 
 use crate::checkpoint::{self, Sink};
+use crate::config::AgentConfig;
 use crate::error::IngestError;
 use crate::multivariate::{store, ModelOffer};
 use crate::now_ms;
@@ -16,7 +17,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-use crate::config::AgentConfig;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 

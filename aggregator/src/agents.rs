@@ -151,8 +151,7 @@ impl Directory {
             .saturating_sub(s.updated_ms.unwrap_or(e.received_ms).min(now_ms))
             .max(0) as u64;
         let stale = s.online
-            && s
-                .interval_ms
+            && s.interval_ms
                 .is_some_and(|i| age_ms > i.saturating_mul(STALE_INTERVALS));
         let mut v = serde_json::to_value(s).unwrap_or_else(|_| json!({}));
         if let Value::Object(m) = &mut v {
@@ -277,7 +276,11 @@ impl Agents {
 /// `offset` and `limit` of a query string (defaults 0 and [`DEFAULT_LIMIT`]).
 fn paging(query: Option<&str>) -> Result<(usize, usize), String> {
     let (mut offset, mut limit) = (0, DEFAULT_LIMIT);
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let n = || {
             v.parse::<usize>()
@@ -354,7 +357,8 @@ mod tests {
         d.record("a", &online("a", 0), 0).unwrap();
         d.record("b", &online("b", 0), 0).unwrap();
         assert_eq!(d.record("c", &online("c", 0), 0), Err(Refused::Full));
-        d.record("a", br#"{"agent":"a","online":false}"#, 1).unwrap();
+        d.record("a", br#"{"agent":"a","online":false}"#, 1)
+            .unwrap();
         d.record("c", &online("c", 2), 2).unwrap();
         let ids: Vec<Value> = d.page(0, 10, 2)["agents"]
             .as_array()
@@ -382,7 +386,8 @@ mod tests {
         assert_eq!(d.page(0, 1, 13_001)["agents"][0]["stale"], json!(true));
         assert_eq!(d.counts(13_001), (0, 0, 25));
         // A clock far ahead on the agent's side gives age 0, not a negative number.
-        d.record("gw-00", &online("gw-00", i64::MAX), 14_000).unwrap();
+        d.record("gw-00", &online("gw-00", i64::MAX), 14_000)
+            .unwrap();
         assert_eq!(d.page(0, 1, 14_000)["agents"][0]["age_ms"], json!(0));
     }
 

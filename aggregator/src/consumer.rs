@@ -815,6 +815,7 @@ mod tests {
             token: None,
             fleet: None,
             training: Some(crate::training::Training::new(&cfg.training, &[], true)),
+            agents: Default::default(),
             cfg,
         }
     }

@@ -227,8 +227,9 @@ mod tests {
             source: Some("remote".into()),
             applied: None,
             refused: Some(ConfigRefusal {
-                error: "remote config: anomaly.threshold (line 2, col 14): must be in (0, 1], got 7"
-                    .into(),
+                error:
+                    "remote config: anomaly.threshold (line 2, col 14): must be in (0, 1], got 7"
+                        .into(),
                 line: Some(2),
             }),
             restart_needed: vec![],

@@ -140,8 +140,16 @@ mod tests {
         assert!(lines[1].contains(" online "), "{t}");
         assert!(lines[1].contains("40.0"), "{t}");
         assert!(lines[1].contains("1.5s"), "{t}");
-        assert!(lines[1].contains("config refused: remote config: anomaly.threshold (line 2, col 3): bad x"), "{t}");
-        assert!(lines[2].contains(" offline ") && lines[2].contains(" 2h "), "{t}");
+        assert!(
+            lines[1].contains(
+                "config refused: remote config: anomaly.threshold (line 2, col 3): bad x"
+            ),
+            "{t}"
+        );
+        assert!(
+            lines[2].contains(" offline ") && lines[2].contains(" 2h "),
+            "{t}"
+        );
         assert_eq!(lines[3], "2 agents");
     }
 }

@@ -58,7 +58,10 @@ pub(crate) enum ToUplink {
     },
     /// New batching settings from a reload (`uplink.batch_max_records`, `uplink.batch_max_delay_ms`),
     /// in force from the next round.
-    Batching { batch_max: usize, max_delay: Duration },
+    Batching {
+        batch_max: usize,
+        max_delay: Duration,
+    },
 }
 
 /// What the uplink's MQTT poll loop reports.
