@@ -168,12 +168,14 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            // --help and --version print to stdout and succeed; a usage error is exit code 1.
+            // --help and --version print to stdout and succeed; a usage error is exit code 1,
+            // except for `verify`, whose 1 means "mismatches found" to scripts: 2 there.
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
+            let verify = std::env::args_os().skip(1).any(|a| a == "verify");
+            return match (e.use_stderr(), verify) {
+                (false, _) => ExitCode::SUCCESS,
+                (true, false) => ExitCode::from(1),
+                (true, true) => ExitCode::from(2),
             };
         }
     };

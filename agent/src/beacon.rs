@@ -183,6 +183,10 @@ impl Beacon {
     }
 
     fn publish(&self, status: &AgentStatus) {
+        // While the link is down nothing is queued: the reconnect publishes a fresh status at once.
+        if self.metrics.uplink_connected.load(Relaxed) != 1 {
+            return;
+        }
         let Ok(payload) = serde_json::to_vec(status) else {
             return;
         };
@@ -201,12 +205,18 @@ impl Beacon {
 }
 
 /// Publishes the offline record (retained), for a clean stop: a DISCONNECT discards the last will.
+/// Only while connected (else the shutdown would wait for its PubAck in vain; the broker then
+/// publishes the will when it notices the connection gone).
 pub(crate) fn publish_offline(
     client: &AsyncClient,
     topics: &Topics,
     agent: &str,
     sent: &AtomicU64,
+    connected: bool,
 ) {
+    if !connected {
+        return;
+    }
     sent.fetch_add(1, Relaxed);
     if client
         .try_publish(

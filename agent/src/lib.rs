@@ -421,7 +421,8 @@ impl Agent {
         if let Some(b) = beacon {
             let _ = b.await;
             // A DISCONNECT discards the last will: say it ourselves.
-            beacon::publish_offline(&up_client, &topics, &cfg.id, &sent);
+            let connected = metrics.uplink_connected.load(Relaxed) == 1;
+            beacon::publish_offline(&up_client, &topics, &cfg.id, &sent, connected);
         }
         if cfg.uplink.qos > 0 || beacon_on {
             let deadline = Instant::now() + Duration::from_secs(10);

@@ -109,19 +109,17 @@ pub(crate) async fn run(
 ) {
     let mut prev = Sample::of(&metrics);
     let mut at = tokio::time::Instant::now();
+    // False once nothing can change the configuration any more (no reloads): the interval stays.
+    let mut open = true;
     loop {
         let interval_ms = cfg.borrow_and_update().log.status_interval_ms;
         let sleep = tokio::time::sleep(Duration::from_millis(interval_ms.max(1)));
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = sleep, if interval_ms > 0 => {}
-            // A new interval: start the period again.
-            r = cfg.changed() => {
-                if r.is_err() {
-                    // The control is gone (the agent is stopping): keep the interval in force.
-                    cancel.cancelled().await;
-                    return;
-                }
+            // A new configuration: start the period again with its interval.
+            r = cfg.changed(), if open => {
+                open = r.is_ok();
                 continue;
             }
         }

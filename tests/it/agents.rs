@@ -103,7 +103,6 @@ fn client(port: u16, id: &str) -> AsyncClient {
 
 /// An agent's configuration file: status every 500 ms, HTTP endpoint on `http`, no silence events
 /// (a series that stops would raise one), `threshold`, `topic` as its subscription.
-#[allow(clippy::too_many_arguments)] // reason: one test file's fixture, every field is used.
 fn agent_yaml(
     dir: &Path,
     id: &str,
