@@ -531,3 +531,45 @@ async fn sighup_changes_the_threshold_live_keeps_a_bad_file_out_and_verify_stays
     stop.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregator_survives_sighup_refuses_a_bad_file_and_names_keys_needing_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = embedded_broker();
+    let http = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+    let conf = crate::crash::aggregator_yaml(dir.path(), "agg-hup", broker.addr().port(), http);
+    let log = dir.path().join("aggregator.log");
+    let agg = Proc::spawn(
+        "aggregator",
+        &["aggregator", "--config", conf.to_str().unwrap()],
+        &log,
+    );
+    crate::crash::wait_http(addr);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let hup = || {
+        let ok = Command::new("kill")
+            .args(["-HUP", &agg.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    let good = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("{good}feed: {{ history: 7 }}\n")).unwrap();
+    hup();
+    wait_until("the changed keys named", Duration::from_secs(20), || {
+        log_text().contains("only after a restart of the aggregator")
+    })
+    .await;
+    assert!(log_text().contains("feed.history"), "{}", log_text());
+    std::fs::write(&conf, "id: \"agg hup\"\n").unwrap();
+    hup();
+    wait_until("the refusal logged", Duration::from_secs(20), || {
+        log_text().contains("configuration refused")
+    })
+    .await;
+    assert!(log_text().contains("id (line 1, col 1)"), "{}", log_text());
+    // Still serving, then a clean stop on SIGTERM.
+    assert_eq!(http_get(addr, "/healthz").0, 200);
+    agg.terminate();
+}
