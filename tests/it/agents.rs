@@ -348,7 +348,11 @@ async fn every_aggregator_lists_the_fleet_and_pushed_configs_are_applied_or_refu
     wait_until(
         "the invalid config refused",
         Duration::from_secs(20),
-        || listed(a1, "gw-a").is_some_and(|a| a["config"]["refused"]["line"] == 2),
+        || {
+            [a1, a2].iter().all(|addr| {
+                listed(*addr, "gw-a").is_some_and(|a| a["config"]["refused"]["line"] == 2)
+            })
+        },
     )
     .await;
     let a = listed(a2, "gw-a").unwrap();

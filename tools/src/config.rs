@@ -146,17 +146,14 @@ pub fn parse<T: DeserializeOwned + Validate>(text: &str, file: &Path) -> Result<
     })?;
     let de = serde_norway::Deserializer::from_str(text);
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
+        let key = clean_key(e.path().to_string());
         let inner = e.into_inner();
         let location = inner.location().map(|l| (l.line(), l.column()));
-        let mut message = inner.to_string();
-        if let Some(at) = message.find(" at line ") {
-            message.truncate(at);
-        }
+        let message = clean_message(inner.to_string(), &key);
         ConfigError {
             file: file.to_path_buf(),
             problems: vec![ConfigProblem {
-                key: if key == "." { String::new() } else { key },
+                key,
                 location,
                 message,
             }],
@@ -214,15 +211,14 @@ pub fn parse_overlay<T: DeserializeOwned + Validate>(
         }
     };
     let value: T = serde_path_to_error::deserialize(merged).map_err(|e| {
-        let key = e.path().to_string();
-        let key = if key == "." { String::new() } else { key };
+        let key = clean_key(e.path().to_string());
         let (at, location) = place(&key);
         ConfigError {
             file: at,
             problems: vec![ConfigProblem {
+                message: clean_message(e.into_inner().to_string(), &key),
                 key,
                 location,
-                message: e.into_inner().to_string(),
             }],
         }
     })?;
@@ -262,6 +258,30 @@ pub fn parse_overlay<T: DeserializeOwned + Validate>(
             })
             .collect(),
     })
+}
+
+/// The key path of a serde error; empty for the whole document (`.`) and for syntax errors, whose
+/// path is unknown (`?`), so messages never read `file.yaml: ?:` or `file.yaml: .:`.
+fn clean_key(key: String) -> String {
+    if key == "." || key == "?" {
+        String::new()
+    } else {
+        key
+    }
+}
+
+/// A serde message without what the location already says: libyaml's ` at line L column C` and the
+/// key path some messages start with (`window.size_ms: invalid type ...` after `window.size_ms`).
+fn clean_message(mut message: String, key: &str) -> String {
+    if let Some(at) = message.find(" at line ") {
+        message.truncate(at);
+    }
+    if !key.is_empty() {
+        if let Some(rest) = message.strip_prefix(&format!("{key}: ")) {
+            return rest.to_string();
+        }
+    }
+    message
 }
 
 /// Syntax (and size, nesting) checks of one YAML text, as a value.
@@ -479,6 +499,23 @@ window:
         let cfg: edgewatch_agent::AgentConfig =
             parse_overlay("id: gw\n", Path::new("a.yaml"), "", Path::new("r")).unwrap();
         assert_eq!(cfg.id, "gw");
+    }
+
+    #[test]
+    fn messages_repeat_neither_the_key_nor_an_unknown_path() {
+        let e = parse::<edgewatch_agent::AgentConfig>(
+            "id: gw\nwindow: { size_ms: x }\n",
+            Path::new("a.yaml"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a.yaml: window.size_ms (line 2, col 20): invalid type: string \"x\", expected i64"
+        );
+        let e = parse::<edgewatch_agent::AgentConfig>(":\n", Path::new("a.yaml")).unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("a.yaml (line 1, col 1): "), "{text}");
+        assert!(!text.contains('?') && !text.contains("::"), "{text}");
     }
 
     #[test]
