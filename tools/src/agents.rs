@@ -52,17 +52,8 @@ pub fn table(doc: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<24} {:<8} {:>8} {:<10} {:<16} {:>8} {:>10} {:>12} {:>10}  {}",
-        "AGENT",
-        "STATE",
-        "AGE",
-        "VERSION",
-        "CONFIG",
-        "SERIES",
-        "READINGS/S",
-        "OUTBOX",
-        "UNACKED",
-        "LAST ERROR / CONFIG"
+        "{:<24} {:<8} {:>8} {:<10} {:<16} {:>8} {:>10} {:>12} {:>10}  LAST ERROR / CONFIG",
+        "AGENT", "STATE", "AGE", "VERSION", "CONFIG", "SERIES", "READINGS/S", "OUTBOX", "UNACKED",
     );
     let none = Vec::new();
     for a in doc["agents"].as_array().unwrap_or(&none) {
