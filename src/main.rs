@@ -184,9 +184,12 @@ fn main() -> ExitCode {
         Command::Agent { .. } | Command::Aggregator { .. } | Command::Simulate { .. } => "info",
         _ => "warn",
     };
-    edgewatch::logging::init_with(
+    // An agent's `log.level` may set the filter (at start and on reloads) unless the command line did.
+    let reloadable = cli.log_level.is_none() && matches!(cli.command, Command::Agent { .. });
+    edgewatch::logging::init_full(
         cli.log_level.as_deref().unwrap_or(default_level),
         cli.log_format,
+        reloadable,
     );
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -213,6 +216,7 @@ fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Agent { config } => {
             let cfg: edgewatch_agent::AgentConfig = config::load(&config)?;
+            check_log_level(&cfg, &config).map_err(|e| Failure::Usage(anyhow::anyhow!(e.error)))?;
             let text = std::fs::read_to_string(&config).map_err(|e| {
                 Failure::Usage(anyhow::anyhow!(
                     "{}: cannot read the file: {e}",
@@ -221,7 +225,14 @@ fn run(command: Command) -> Result<(), Failure> {
             })?;
             let parser = agent_parser(config.clone());
             let (cfg, overlay) = edgewatch_agent::control::effective_at_start(cfg, &text, &parser);
-            let agent = edgewatch_agent::Agent::new(cfg).map_err(runtime)?;
+            if let Some(level) = &cfg.log.level {
+                edgewatch::logging::set_level(level);
+            }
+            let agent = edgewatch_agent::Agent::new(cfg)
+                .map_err(runtime)?
+                .with_log_level(std::sync::Arc::new(|l: &str| {
+                    edgewatch::logging::set_level(l)
+                }));
             tokio_runtime()?.block_on(async {
                 let stop = edgewatch::shutdown::on_signal_or_deadline(None);
                 let agent = agent.with_reload(parser, text, overlay);
@@ -383,11 +394,29 @@ fn agent_parser(file: PathBuf) -> edgewatch_agent::ConfigParser {
             None => config::parse::<edgewatch_agent::AgentConfig>(base, &file),
             Some(o) => config::parse_overlay(base, &file, o, Path::new("remote config")),
         };
-        parsed.map_err(|e| ConfigRefusal {
+        let cfg = parsed.map_err(|e| ConfigRefusal {
             error: e.to_string(),
             line: e.problems.iter().find_map(|p| p.location).map(|l| l.0),
-        })
+        })?;
+        check_log_level(&cfg, &file)?;
+        Ok(cfg)
     })
+}
+
+/// `log.level` must be a filter `tracing` understands (the agent's own checks cannot tell).
+fn check_log_level(
+    cfg: &edgewatch_agent::AgentConfig,
+    file: &Path,
+) -> Result<(), edgewatch_models::agent_status::ConfigRefusal> {
+    match &cfg.log.level {
+        Some(level) => edgewatch::logging::check_level(level).map_err(|e| {
+            edgewatch_models::agent_status::ConfigRefusal {
+                error: format!("{}: log.level: {e}", file.display()),
+                line: None,
+            }
+        }),
+        None => Ok(()),
+    }
 }
 
 /// What SIGHUP does to an aggregator: re-read and validate the file; an invalid one is logged

@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 pub type ConfigParser =
     Arc<dyn Fn(&str, Option<&str>) -> Result<AgentConfig, ConfigRefusal> + Send + Sync>;
 
+/// Applies a log filter (`log.level`); false when it was not applied (the binary's logging says why).
+pub type LogLevelHook = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// File name of the persisted remote configuration, under `state.dir`.
 pub const REMOTE_CONFIG_FILE: &str = "remote-config.yaml";
 
@@ -86,6 +89,8 @@ pub(crate) struct Control {
     pub persist_dir: Option<PathBuf>,
     /// Keys of the accepted configuration that wait for a restart.
     pub pending: Vec<String>,
+    /// Applies `log.level` (the process's logging belongs to the binary).
+    pub log_level: Option<LogLevelHook>,
 }
 
 impl Control {
@@ -252,6 +257,11 @@ impl Control {
             self.running = Arc::new(reload::merge_live(&self.running, &new));
             self.cfg_tx.send_replace(self.running.clone());
         }
+        if plan.live.iter().any(|k| k == "log.level") {
+            if let Some(hook) = &self.log_level {
+                hook(new.log.level.as_deref().unwrap_or("info"));
+            }
+        }
         Outcome::Applied {
             digest,
             live: plan.live,
@@ -363,6 +373,7 @@ mod tests {
             board: Arc::new(Board::new("d0".into(), ConfigReport::default())),
             persist_dir: None,
             pending: Vec::new(),
+            log_level: None,
         };
         (c, cfg_rx)
     }

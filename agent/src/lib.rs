@@ -55,6 +55,8 @@ pub struct Agent {
     /// The loader of reloads and remote configuration, the file's text and the overlay in force
     /// ([`Agent::with_reload`]); without it neither is possible.
     reload: Option<(ConfigParser, String, Option<String>)>,
+    /// Applies `log.level` on reloads ([`Agent::with_log_level`]).
+    log_level: Option<control::LogLevelHook>,
     /// Test hook: the task of this name panics as it starts.
     #[cfg(test)]
     panic_in: Option<&'static str>,
@@ -79,6 +81,7 @@ impl Agent {
             control_tx,
             control_rx,
             reload: None,
+            log_level: None,
             metrics: Arc::new(AgentMetrics::default()),
             #[cfg(test)]
             panic_in: None,
@@ -95,6 +98,12 @@ impl Agent {
         overlay: Option<String>,
     ) -> Self {
         self.reload = Some((parser, base_text, overlay));
+        self
+    }
+
+    /// Lets reloads apply `log.level` through `hook` (the process's logging is the caller's).
+    pub fn with_log_level(mut self, hook: control::LogLevelHook) -> Self {
+        self.log_level = Some(hook);
         self
     }
 
@@ -131,6 +140,7 @@ impl Agent {
             control_tx,
             control_rx,
             reload,
+            log_level,
             ..
         } = self;
         let started = Arc::new(cfg.clone());
@@ -194,6 +204,7 @@ impl Agent {
                 board: board.clone(),
                 persist_dir: cfg.state.dir.clone(),
                 pending: Vec::new(),
+                log_level,
             }
             .run(control_rx, stop_ops.clone()),
         ));

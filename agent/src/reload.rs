@@ -5,8 +5,8 @@
 //!
 //! Applied live: `anomaly.*` (threshold, re-arm rules, silence: every series, episode state kept),
 //! `detector` (series created from then on; existing ones keep their detector state),
-//! `uplink.batch_max_records`, `uplink.batch_max_delay_ms`, `log.status_interval_ms`,
-//! `status.interval_ms`. Every other key (links, subscriptions, windows, partitions, state, ...)
+//! `uplink.batch_max_records`, `uplink.batch_max_delay_ms`, `log.status_interval_ms`, `log.level`
+//! (through the hook the binary gives), `status.interval_ms`. Every other key (links, subscriptions, windows, partitions, state, ...)
 //! is named as needing a restart; its new value is not used until then.
 
 use crate::config::AgentConfig;
@@ -20,6 +20,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "uplink.batch_max_records",
     "uplink.batch_max_delay_ms",
     "log.status_interval_ms",
+    "log.level",
     "status.interval_ms",
 ];
 
@@ -67,6 +68,7 @@ pub fn merge_live(running: &AgentConfig, new: &AgentConfig) -> AgentConfig {
     out.uplink.batch_max_records = new.uplink.batch_max_records;
     out.uplink.batch_max_delay_ms = new.uplink.batch_max_delay_ms;
     out.log.status_interval_ms = new.log.status_interval_ms;
+    out.log.level = new.log.level.clone();
     out.status.interval_ms = new.status.interval_ms;
     out
 }
@@ -145,7 +147,7 @@ mod tests {
     #[test]
     fn thresholds_detector_batches_and_intervals_are_live() {
         let a = cfg("id: gw\n");
-        let b = cfg("id: gw\nanomaly: { threshold: 0.9, silence: { min_silence_ms: 5000 } }\ndetector: { type: ewma, alpha: 0.2 }\nuplink: { batch_max_records: 10, batch_max_delay_ms: 50 }\nlog: { status_interval_ms: 1000 }\nstatus: { interval_ms: 1000 }\n");
+        let b = cfg("id: gw\nanomaly: { threshold: 0.9, silence: { min_silence_ms: 5000 } }\ndetector: { type: ewma, alpha: 0.2 }\nuplink: { batch_max_records: 10, batch_max_delay_ms: 50 }\nlog: { status_interval_ms: 1000, level: debug }\nstatus: { interval_ms: 1000 }\n");
         let plan = diff(&a, &b);
         assert!(plan.restart.is_empty(), "{plan:?}");
         for key in [
@@ -153,6 +155,7 @@ mod tests {
             "uplink.batch_max_records",
             "uplink.batch_max_delay_ms",
             "log.status_interval_ms",
+            "log.level",
             "status.interval_ms",
         ] {
             assert!(plan.live.iter().any(|k| k == key), "{key} in {plan:?}");

@@ -577,3 +577,54 @@ async fn an_aggregator_survives_sighup_refuses_a_bad_file_and_names_keys_needing
     assert_eq!(http_get(addr, "/healthz").0, 200);
     agg.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_log_level_follows_its_file_at_start_and_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = embedded_broker();
+    let http = free_port();
+    let topic = "sensors/{device}/{metric}";
+    let port = broker.addr().port();
+    let text = |level: &str| {
+        agent_text(dir.path(), "gw-l", port, http, 0.9, topic, "").replace(
+            "log: { status_interval_ms: 0 }",
+            &format!("log: {{ status_interval_ms: 0, level: {level} }}"),
+        )
+    };
+    let conf = dir.path().join("gw-l.yaml");
+    std::fs::write(&conf, text("warn")).unwrap();
+    let log = dir.path().join("agent.log");
+    // No RUST_LOG and no --log-level: the file's log.level decides.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+        .args(["agent", "--config", conf.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+    crate::crash::wait_http(addr);
+    wait_until("the agent connected", Duration::from_secs(20), || {
+        agent_metric(http, "edgewatch_agent_uplink_connected") == 1
+    })
+    .await;
+    std::fs::write(&conf, text("info")).unwrap();
+    let ok = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("the reload logged at info", Duration::from_secs(20), || {
+        log_text().contains("configuration applied")
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = log_text();
+    assert!(
+        !text.contains("agent starting"),
+        "warn was in force at start:\n{text}"
+    );
+    assert!(text.contains("log.level"), "{text}");
+}

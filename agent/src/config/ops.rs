@@ -58,12 +58,17 @@ pub struct LogConfig {
     /// record, lag), ms; 0 turns it off.
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
+    /// Log filter of `edgewatch agent` (`info`, `debug`, `warn,edgewatch_agent=debug`), applied at
+    /// start and by every reload; `--log-level` and `RUST_LOG` win over it. Default: `info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             status_interval_ms: default_status_interval_ms(),
+            level: None,
         }
     }
 }
