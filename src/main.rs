@@ -1,6 +1,6 @@
 //! The `edgewatch` command line: parses arguments, loads configuration, runs one component.
-//! Exit codes: 0 ok, 1 invalid configuration or usage, 2 runtime failure; `verify` exits 1 on
-//! mismatches and 2 on any error.
+//! Exit codes (the README's table): 0 ok, 1 invalid configuration or usage (clap's usage errors
+//! included), 2 runtime failure; `verify` exits 1 on mismatches and 2 on any other error.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use edgewatch::config::{self, ConfigError};
@@ -17,6 +17,9 @@ struct Cli {
     /// Log filter (e.g. info, debug, edgewatch_agent=trace); RUST_LOG overrides it.
     #[arg(long, global = true)]
     log_level: Option<String>,
+    /// Log line format on stderr: text (coloured only on a terminal) or json (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t)]
+    log_format: edgewatch::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,6 +82,10 @@ enum Command {
     /// Multivariate device models: push one to the agents, clear one, show a model file, list an aggregator's.
     #[command(subcommand)]
     Models(edgewatch::models::ModelsCommand),
+    #[cfg(feature = "cloud")]
+    /// List the fleet's agents as any aggregator knows them (their retained status messages):
+    /// online or offline, age, version, configuration digest, rates, outbox, last error.
+    Agents(edgewatch::agents::AgentsArgs),
     #[cfg(feature = "cloud")]
     /// Reconcile a simulator readings log with the windows the aggregators hold.
     /// Exits 0 when every reading is counted exactly once, 1 on mismatches, 2 on errors.
@@ -174,21 +181,40 @@ fn runtime(e: impl Into<anyhow::Error>) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; a usage error is exit code 1,
+            // except for `verify`, whose 1 means "mismatches found" to scripts: 2 there.
+            let _ = e.print();
+            let verify = std::env::args_os().skip(1).any(|a| a == "verify");
+            return match (e.use_stderr(), verify) {
+                (false, _) => ExitCode::SUCCESS,
+                (true, false) => ExitCode::from(1),
+                (true, true) => ExitCode::from(2),
+            };
+        }
+    };
     let default_level = if is_daemon(&cli.command) {
         "info"
     } else {
         "warn"
     };
-    edgewatch::logging::init(cli.log_level.as_deref().unwrap_or(default_level));
+    // An agent's `log.level` may set the filter (at start and on reloads) unless the command line did.
+    let reloadable = cli.log_level.is_none() && matches!(cli.command, Command::Agent { .. });
+    edgewatch::logging::init_full(
+        cli.log_level.as_deref().unwrap_or(default_level),
+        cli.log_format,
+        reloadable,
+    );
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(e)) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", edgewatch::logging::chain(&e));
             ExitCode::from(1)
         }
         Err(Failure::Runtime(e)) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", edgewatch::logging::chain(&e));
             ExitCode::from(2)
         }
         Err(Failure::Mismatch) => ExitCode::from(1),
@@ -216,9 +242,34 @@ fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Agent { config } => {
             let cfg: edgewatch_agent::AgentConfig = config::load(&config)?;
+            check_log_level(&cfg, &config).map_err(|e| Failure::Usage(anyhow::anyhow!(e.error)))?;
+            let text = std::fs::read_to_string(&config).map_err(|e| {
+                Failure::Usage(anyhow::anyhow!(
+                    "{}: cannot read the file: {e}",
+                    config.display()
+                ))
+            })?;
+            let parser = agent_parser(config.clone());
+            let (cfg, overlay) = edgewatch_agent::control::effective_at_start(cfg, &text, &parser);
+            if let Some(level) = &cfg.log.level {
+                edgewatch::logging::set_level(level);
+            }
+            let agent = edgewatch_agent::Agent::new(cfg)
+                .map_err(runtime)?
+                .with_log_level(std::sync::Arc::new(|l: &str| {
+                    edgewatch::logging::set_level(l)
+                }));
             tokio_runtime()?.block_on(async {
                 let stop = edgewatch::shutdown::on_signal_or_deadline(None);
-                let agent = edgewatch_agent::Agent::new(cfg).map_err(runtime)?;
+                let agent = agent.with_reload(parser, text, overlay);
+                let reloader = agent.reloader();
+                edgewatch::shutdown::on_hangup(move || {
+                    let text = std::fs::read_to_string(&config)
+                        .map_err(|e| format!("{}: cannot read the file: {e}", config.display()));
+                    if !reloader.reload_file(text) {
+                        tracing::warn!("reload not queued: earlier reloads are still waiting");
+                    }
+                });
                 edgewatch::systemd::notify("READY=1");
                 edgewatch::systemd::spawn_watchdog();
                 let result = agent.run(async move { stop.cancelled().await }).await;
@@ -231,6 +282,7 @@ fn run(command: Command) -> Result<(), Failure> {
             let cfg: edgewatch_aggregator::AggregatorConfig = config::load(&config)?;
             tokio_runtime()?.block_on(async {
                 let stop = edgewatch::shutdown::on_signal_or_deadline(None);
+                edgewatch::shutdown::on_hangup(aggregator_reload(config.clone(), cfg.clone()));
                 let agg = edgewatch_aggregator::Aggregator::bind(cfg)
                     .await
                     .map_err(runtime)?;
@@ -341,6 +393,23 @@ fn run(command: Command) -> Result<(), Failure> {
         #[cfg(feature = "cloud")]
         Command::Models(cmd) => models(cmd),
         #[cfg(feature = "cloud")]
+        Command::Agents(args) => {
+            let token =
+                edgewatch::models::token(args.token, args.token_env).map_err(Failure::Usage)?;
+            let doc = tokio_runtime()?
+                .block_on(edgewatch::agents::fetch_all(
+                    &args.aggregator,
+                    token.as_deref(),
+                ))
+                .map_err(Failure::Runtime)?;
+            if args.json {
+                println!("{doc:#}");
+            } else {
+                print!("{}", edgewatch::agents::table(&doc));
+            }
+            Ok(())
+        }
+        #[cfg(feature = "cloud")]
         Command::Eval(EvalCommand::Sim(args)) => {
             edgewatch::eval::sim::run_sim(args).map_err(Failure::Runtime)
         }
@@ -358,6 +427,67 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(false) => Err(Failure::Mismatch),
             Err(e) => Err(Failure::Runtime(e)),
         },
+    }
+}
+
+/// The agent's loader of reloads and remote configuration: the same checks as `config check`
+/// (file, key path, line and column), the remote overlay laid over the file's text.
+fn agent_parser(file: PathBuf) -> edgewatch_agent::ConfigParser {
+    use edgewatch_models::agent_status::ConfigRefusal;
+    std::sync::Arc::new(move |base: &str, overlay: Option<&str>| {
+        let parsed = match overlay {
+            None => config::parse::<edgewatch_agent::AgentConfig>(base, &file),
+            Some(o) => config::parse_overlay(base, &file, o, Path::new("remote config")),
+        };
+        let cfg = parsed.map_err(|e| ConfigRefusal {
+            error: e.to_string(),
+            line: e.problems.iter().find_map(|p| p.location).map(|l| l.0),
+        })?;
+        check_log_level(&cfg, &file)?;
+        Ok(cfg)
+    })
+}
+
+/// `log.level` must be a filter `tracing` understands (the agent's own checks cannot tell).
+fn check_log_level(
+    cfg: &edgewatch_agent::AgentConfig,
+    file: &Path,
+) -> Result<(), edgewatch_models::agent_status::ConfigRefusal> {
+    match &cfg.log.level {
+        Some(level) => edgewatch::logging::check_level(level).map_err(|e| {
+            edgewatch_models::agent_status::ConfigRefusal {
+                error: format!("{}: log.level: {e}", file.display()),
+                line: None,
+            }
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(feature = "cloud")]
+/// What SIGHUP does to an aggregator: re-read and validate the file; an invalid one is logged
+/// (file, key, line) and the one in force stays; changed keys are named. Nothing of an
+/// aggregator's configuration is applied live yet: every change waits for a restart (the feed's
+/// clients, state and partitions are untouched).
+fn aggregator_reload(
+    path: PathBuf,
+    running: edgewatch_aggregator::AggregatorConfig,
+) -> impl FnMut() + Send + 'static {
+    move || match config::load::<edgewatch_aggregator::AggregatorConfig>(&path) {
+        Err(e) => {
+            tracing::error!(error = %e, "configuration refused; keeping the one in force")
+        }
+        Ok(new) => {
+            let keys = edgewatch_agent::reload::changed_keys(
+                &serde_json::to_value(&running).unwrap_or_default(),
+                &serde_json::to_value(&new).unwrap_or_default(),
+            );
+            if keys.is_empty() {
+                tracing::info!(file = %path.display(), "configuration unchanged");
+            } else {
+                tracing::warn!(file = %path.display(), keys = ?keys, "changed keys take effect only after a restart of the aggregator");
+            }
+        }
     }
 }
 

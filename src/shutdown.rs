@@ -47,3 +47,31 @@ async fn signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+/// Calls `on_hangup` for every SIGHUP until the process ends (reload). The handler is installed
+/// before this returns, so from then on SIGHUP no longer terminates the process (its default
+/// action); SIGINT and SIGTERM stay a clean stop. Must be called inside a Tokio runtime. On other
+/// platforms, or if the handler cannot be installed (logged), nothing happens.
+pub fn on_hangup(mut on_hangup: impl FnMut() + Send + 'static) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP received; reloading the configuration");
+                        on_hangup();
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reloads need a restart")
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = &mut on_hangup;
+    }
+}

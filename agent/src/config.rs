@@ -8,7 +8,7 @@ use edgewatch_models::wire::{is_valid_node_id, DEFAULT_PREFIX};
 use serde::{Deserialize, Serialize};
 
 mod ops;
-pub use ops::{HttpConfig, LogConfig};
+pub use ops::{HttpConfig, LogConfig, StatusConfig};
 
 /// Top-level agent configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +46,10 @@ pub struct AgentConfig {
     /// Lines the agent logs on its own (the periodic status line).
     #[serde(default)]
     pub log: LogConfig,
+    /// The retained status message and remote configuration (`{prefix}/status/{agent}`,
+    /// `{prefix}/config/{agent}`).
+    #[serde(default)]
+    pub status: StatusConfig,
 }
 
 /// Multivariate device models: whether the agent takes them, and how it scores with them.
@@ -626,6 +630,7 @@ impl AgentConfig {
             models: ModelsConfig::default(),
             http: HttpConfig::default(),
             log: LogConfig::default(),
+            status: StatusConfig::default(),
         }
     }
 

@@ -6,8 +6,10 @@
 //! (source link), `worker.rs` (pipeline, checkpoints), `uplink/` (outbox owner and its link),
 //! supervised by `tasks.rs`; `checkpoint.rs` stores and restores the pipeline.
 
+mod beacon;
 mod checkpoint;
 pub mod config;
+pub mod control;
 pub mod error;
 mod http;
 pub mod ingest;
@@ -15,6 +17,7 @@ pub mod multivariate;
 pub mod outbox;
 pub mod pipeline;
 pub mod readiness;
+pub mod reload;
 mod replay;
 mod source;
 mod status;
@@ -24,6 +27,7 @@ pub mod uplink;
 mod worker;
 
 pub use config::AgentConfig;
+pub use control::{ConfigParser, Reloader};
 pub use error::{AgentError, IngestError, SnapshotError};
 pub use telemetry::AgentMetrics;
 
@@ -45,6 +49,14 @@ pub struct Agent {
     metrics: Arc<AgentMetrics>,
     /// The HTTP endpoint's listener (bound by [`Agent::new`]) and bearer token, when `http.listen` is set.
     http: Option<(std::net::TcpListener, Option<String>)>,
+    /// Configuration changes: reloads ([`Reloader`]) and remote configuration queue here.
+    control_tx: mpsc::Sender<control::Request>,
+    control_rx: mpsc::Receiver<control::Request>,
+    /// The loader of reloads and remote configuration, the file's text and the overlay in force
+    /// ([`Agent::with_reload`]); without it neither is possible.
+    reload: Option<(ConfigParser, String, Option<String>)>,
+    /// Applies `log.level` on reloads ([`Agent::with_log_level`]).
+    log_level: Option<control::LogLevelHook>,
     /// Test hook: the task of this name panics as it starts.
     #[cfg(test)]
     panic_in: Option<&'static str>,
@@ -61,13 +73,45 @@ impl Agent {
             Some(addr) => Some((bind_http(addr)?, http_token(&cfg)?)),
             None => None,
         };
+        // Reloads are rare; a few waiting is plenty (a SIGHUP storm is not queued).
+        let (control_tx, control_rx) = mpsc::channel(4);
         Ok(Self {
             cfg,
             http,
+            control_tx,
+            control_rx,
+            reload: None,
+            log_level: None,
             metrics: Arc::new(AgentMetrics::default()),
             #[cfg(test)]
             panic_in: None,
         })
+    }
+
+    /// Enables reloads and remote configuration: `parser` validates new text like the file at
+    /// start, `base_text` is the file's text the configuration came from and `overlay` the remote
+    /// configuration laid over it, if any (see [`control::effective_at_start`]).
+    pub fn with_reload(
+        mut self,
+        parser: ConfigParser,
+        base_text: String,
+        overlay: Option<String>,
+    ) -> Self {
+        self.reload = Some((parser, base_text, overlay));
+        self
+    }
+
+    /// Lets reloads apply `log.level` through `hook` (the process's logging is the caller's).
+    pub fn with_log_level(mut self, hook: control::LogLevelHook) -> Self {
+        self.log_level = Some(hook);
+        self
+    }
+
+    /// A handle to reload this agent's configuration file while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            tx: self.control_tx.clone(),
+        }
     }
 
     /// Live metrics of this agent.
@@ -90,8 +134,31 @@ impl Agent {
         #[cfg(not(test))]
         let panic_in = None;
         let Agent {
-            cfg, metrics, http, ..
+            cfg,
+            metrics,
+            http,
+            control_tx,
+            control_rx,
+            reload,
+            log_level,
+            ..
         } = self;
+        let started = Arc::new(cfg.clone());
+        let digest = reload::digest(&cfg);
+        let (parser, base_text, overlay) = match reload {
+            Some((p, t, o)) => (Some(p), Some(t), o),
+            None => (None, None, None),
+        };
+        let board = Arc::new(beacon::Board::new(
+            digest.clone(),
+            edgewatch_models::agent_status::ConfigReport {
+                source: Some(if overlay.is_some() { "remote" } else { "file" }.into()),
+                applied: Some(digest),
+                ..Default::default()
+            },
+        ));
+        let (cfg_tx, cfg_rx) = tokio::sync::watch::channel(started.clone());
+        let remote = cfg.status.remote_config && parser.is_some();
         // The endpoint and the status line run from the start: /healthz answers while the outbox
         // opens, /readyz says what is not up yet.
         let stop_ops = CancellationToken::new();
@@ -118,15 +185,35 @@ impl Agent {
                 stop_ops.clone(),
             )));
         }
-        if cfg.log.status_interval_ms > 0 {
-            ops.push(tokio::spawn(status::run(
-                cfg.id.clone(),
-                metrics.clone(),
-                Duration::from_millis(cfg.log.status_interval_ms),
-                stop_ops.clone(),
-            )));
-        }
-        let result = Self::run_tasks(cfg, metrics, shutdown, panic_in).await;
+        ops.push(tokio::spawn(status::run(
+            cfg.id.clone(),
+            metrics.clone(),
+            cfg_rx.clone(),
+            stop_ops.clone(),
+        )));
+        ops.push(tokio::spawn(
+            control::Control {
+                agent: cfg.id.clone(),
+                parser,
+                base_text,
+                overlay,
+                remote,
+                started: started.clone(),
+                running: started,
+                cfg_tx,
+                board: board.clone(),
+                persist_dir: cfg.state.dir.clone(),
+                pending: Vec::new(),
+                log_level,
+            }
+            .run(control_rx, stop_ops.clone()),
+        ));
+        let ctl = Ctl {
+            board,
+            cfg: cfg_rx,
+            remote: remote.then_some(control_tx),
+        };
+        let result = Self::run_tasks(cfg, metrics, ctl, shutdown, panic_in).await;
         stop_ops.cancel();
         for task in ops {
             let _ = task.await;
@@ -137,6 +224,7 @@ impl Agent {
     async fn run_tasks(
         cfg: AgentConfig,
         metrics: Arc<AgentMetrics>,
+        ctl: Ctl,
         shutdown: impl Future<Output = ()>,
         // Test hook: the task of this name panics as it starts (always `None` outside tests).
         #[cfg_attr(not(test), allow(unused_variables))] panic_in: Option<&'static str>,
@@ -167,7 +255,15 @@ impl Agent {
             }
         }
         let up_link = cfg.uplink_link();
-        let up_opts = mqtt::options(up_link, client_id(up_link, &cfg.id, "up"))?;
+        let mut up_opts = mqtt::options(up_link, client_id(up_link, &cfg.id, "up"))?;
+        let topics = Topics::new(&cfg.uplink.prefix);
+        let beacon_on = cfg.status.interval_ms > 0;
+        if beacon_on {
+            // The broker publishes the offline record if this connection dies without a DISCONNECT.
+            for o in &mut up_opts {
+                o.set_last_will(beacon::last_will(&topics, &cfg.id));
+            }
+        }
         // `options` yields at least the primary address; the others are tried in turn on failure.
         let (src_client, mut src_loop) =
             AsyncClient::new(src_opts[0].clone(), cfg.source.mqtt.request_channel);
@@ -227,6 +323,7 @@ impl Agent {
                 after_checkpoint,
                 flush_on_exit: cfg.state.dir.is_none() || cfg.state.flush_on_exit,
                 durable: cfg.state.dir.is_some(),
+                cfg: ctl.cfg.clone(),
                 stop: stop_worker.clone(),
             }
             .run(),
@@ -252,10 +349,28 @@ impl Agent {
                 sent: sent.clone(),
                 acked: acked.clone(),
                 metrics: metrics.clone(),
+                board: ctl.board.clone(),
+                config: ctl.remote.clone().map(|tx| (topics.config(&cfg.id), tx)),
                 cancel: stop_uplink.clone(),
             }
             .run(),
         );
+        let stop_beacon = CancellationToken::new();
+        let beacon = beacon_on.then(|| {
+            tokio::spawn(
+                beacon::Beacon {
+                    agent: cfg.id.clone(),
+                    topics: topics.clone(),
+                    client: up_client.clone(),
+                    metrics: metrics.clone(),
+                    board: ctl.board.clone(),
+                    cfg: ctl.cfg.clone(),
+                    sent: sent.clone(),
+                    cancel: stop_beacon.clone(),
+                }
+                .run(),
+            )
+        });
         let uplink = {
             let up =
                 uplink::Uplink::new(uplink_settings(&cfg), outbox, metrics.clone(), sent.clone());
@@ -313,7 +428,14 @@ impl Agent {
             tasks::first_failure(&mut result, worker.join().await);
         }
         tasks::first_failure(&mut result, uplink.join().await);
-        if cfg.uplink.qos > 0 {
+        stop_beacon.cancel();
+        if let Some(b) = beacon {
+            let _ = b.await;
+            // A DISCONNECT discards the last will: say it ourselves.
+            let connected = metrics.uplink_connected.load(Relaxed) == 1;
+            beacon::publish_offline(&up_client, &topics, &cfg.id, &sent, connected);
+        }
+        if cfg.uplink.qos > 0 || beacon_on {
             let deadline = Instant::now() + Duration::from_secs(10);
             while acked.load(Relaxed) < sent.load(Relaxed) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -356,6 +478,15 @@ impl Agent {
         );
         result
     }
+}
+
+/// The configuration control's ends that the tasks of [`Agent::run_tasks`] hold.
+struct Ctl {
+    board: Arc<beacon::Board>,
+    /// The configuration in force, as reloads change it.
+    cfg: tokio::sync::watch::Receiver<Arc<AgentConfig>>,
+    /// Where remote configuration goes, when it is taken.
+    remote: Option<mpsc::Sender<control::Request>>,
 }
 
 /// Offers every model stored in `dir` to the pipeline (at start, before the first reading). A file

@@ -245,6 +245,43 @@ impl Pipeline {
         })
     }
 
+    /// Applies the live part of a new configuration (see `reload.rs`): threshold and re-arm rules
+    /// to every series (their episode state carries over, as after a restore), silence rules, and
+    /// the detector of the series created from now on (existing series keep their detector and its
+    /// state). Windows, partitions and mappings are left as they are. Fails, changing nothing,
+    /// when `cfg` is invalid.
+    pub fn reconfigure(&mut self, cfg: &AgentConfig) -> Result<(), AgentError> {
+        let prototype = cfg
+            .detector
+            .build()
+            .map_err(|e| AgentError::Config(vec![format!("detector.{e}")]))?;
+        let gate = EventGate::new(cfg.threshold(), &cfg.anomaly.gate())
+            .map_err(|e| AgentError::Config(vec![format!("anomaly.{e}")]))?;
+        cfg.anomaly
+            .silence
+            .validate()
+            .map_err(|e| AgentError::Config(vec![format!("anomaly.silence.{e}")]))?;
+        // Checkpoints taken from now on are the new configuration's: a restart with it restores them.
+        let fingerprint = fingerprint(cfg, &prototype, &self.params.windows)
+            .map_err(|e| AgentError::Config(vec![format!("detector: {e}")]))?;
+        let p = &mut self.params;
+        p.detector_name = prototype.name();
+        p.prototype = prototype;
+        p.gate = gate;
+        p.silence = cfg.anomaly.silence;
+        p.fingerprint = fingerprint;
+        for s in &mut self.table.series {
+            s.gate = s.gate.retuned(&p.gate);
+            s.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Score threshold of the event gate new and existing series use.
+    pub fn threshold(&self) -> f64 {
+        self.params.gate.threshold()
+    }
+
     /// MQTT filters to subscribe to, one per mapping.
     pub fn filters(&self) -> Vec<String> {
         self.mappings.iter().map(Mapping::filter).collect()
@@ -775,13 +812,15 @@ impl Table {
                 event: AnomalyEvent {
                     phase: EventPhase::Onset,
                     model_version: None,
-                    id: event_id(device, metric, r.ts_ms, p.detector_name),
+                    // The series' own detector: after a live change of `detector`, series created
+                    // before it keep theirs.
+                    id: event_id(device, metric, r.ts_ms, series.detector.name()),
                     device: device.to_string(),
                     metric: metric.to_string(),
                     ts_ms: r.ts_ms,
                     value: r.value,
                     score,
-                    detector: p.detector_name.to_string(),
+                    detector: series.detector.name().to_string(),
                     window_start_ms,
                     agent: p.agent.to_string(),
                 },

@@ -2,10 +2,12 @@
 //! windows, outbox, oldest unacknowledged record and lag. [`StatusLine`] computes a line from two
 //! samples of the counters and the time between them; the task only samples and logs.
 
+use crate::config::AgentConfig;
 use crate::telemetry::AgentMetrics;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// The counters a status line is made of, at one moment.
@@ -97,21 +99,29 @@ impl StatusLine {
     }
 }
 
-/// Logs a status line every `interval` until `cancel`.
+/// Logs a status line every `log.status_interval_ms` of the configuration in force (none while it
+/// is 0; a reload changes it from the next line on) until `cancel`.
 pub(crate) async fn run(
     agent: String,
     metrics: Arc<AgentMetrics>,
-    interval: Duration,
+    mut cfg: watch::Receiver<Arc<AgentConfig>>,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prev = Sample::of(&metrics);
     let mut at = tokio::time::Instant::now();
+    // False once nothing can change the configuration any more (no reloads): the interval stays.
+    let mut open = true;
     loop {
+        let interval_ms = cfg.borrow_and_update().log.status_interval_ms;
+        let sleep = tokio::time::sleep(Duration::from_millis(interval_ms.max(1)));
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = sleep, if interval_ms > 0 => {}
+            // A new configuration: start the period again with its interval.
+            r = cfg.changed(), if open => {
+                open = r.is_ok();
+                continue;
+            }
         }
         let now = Sample::of(&metrics);
         let t = tokio::time::Instant::now();

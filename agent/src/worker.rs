@@ -3,6 +3,7 @@
 //! checkpoint every `checkpoint_interval_ms`; on stop it drains and takes the final checkpoint.
 
 use crate::checkpoint::{self, Sink};
+use crate::config::AgentConfig;
 use crate::error::IngestError;
 use crate::multivariate::{store, ModelOffer};
 use crate::now_ms;
@@ -16,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 /// What the worker task needs.
@@ -41,6 +42,8 @@ pub(crate) struct Worker {
     /// state.dir is set: checkpoints are taken (without it nothing survives a restart, so a
     /// checkpoint would only fill the temporary store).
     pub durable: bool,
+    /// The configuration in force: a reload changes thresholds, detector and batching live.
+    pub cfg: watch::Receiver<Arc<AgentConfig>>,
     pub stop: CancellationToken,
 }
 
@@ -61,8 +64,10 @@ impl Worker {
             after_checkpoint,
             flush_on_exit,
             durable,
+            mut cfg,
             stop,
         } = self;
+        let mut cfg_open = true;
         let mut batch = Vec::with_capacity(512);
         let mut log = RejectLog::default();
         let mut late_log = telemetry::LogLimit::every(Duration::from_secs(5));
@@ -138,6 +143,25 @@ impl Worker {
                     match m {
                         Some(m) => offer_model(&agent, &mut pipeline, m, models_dir.as_deref(), &mut model_log).await,
                         None => models_open = false,
+                    }
+                    continue;
+                }
+                r = cfg.changed(), if cfg_open => {
+                    if r.is_err() {
+                        cfg_open = false;
+                        continue;
+                    }
+                    let c = cfg.borrow_and_update().clone();
+                    match pipeline.reconfigure(&c) {
+                        Ok(()) => tracing::info!(agent = %agent, threshold = pipeline.threshold(), "pipeline reconfigured: thresholds and re-arm rules for every series, detector for new series"),
+                        Err(e) => tracing::error!(agent = %agent, error = %e, "pipeline not reconfigured"),
+                    }
+                    let batching = ToUplink::Batching {
+                        batch_max: c.uplink.batch_max_records,
+                        max_delay: Duration::from_millis(c.uplink.batch_max_delay_ms),
+                    };
+                    if out_tx.send(batching).await.is_err() {
+                        break;
                     }
                     continue;
                 }

@@ -113,6 +113,11 @@ impl LinkHandler for Consumer {
                     crate::directory::publish::filter(&self.topics),
                     QoS::AtLeastOnce,
                 ));
+                // Every agent's status, last (tests count filters in order).
+                self.subscribed.push(SubscribeFilter::new(
+                    self.topics.status_filter(),
+                    QoS::AtLeastOnce,
+                ));
                 if let Err(e) = self.client.try_subscribe_many(self.subscribed.clone()) {
                     tracing::error!(error = %e, "subscribe request failed");
                 }
@@ -128,6 +133,14 @@ impl LinkHandler for Consumer {
                     &p,
                     &mut self.owner_warnings,
                 );
+                Flow::Continue
+            }
+            // Agent status: recorded here, it never waits (see agents.rs).
+            LinkEvent::Publish(p) if self.topics.status_agent(&p.topic).is_some() => {
+                let agent = self.topics.status_agent(&p.topic).unwrap_or_default();
+                self.shared
+                    .agents
+                    .record(&self.shared.cfg.id, &p.topic, agent, &p.payload);
                 Flow::Continue
             }
             LinkEvent::Publish(p) => match self.tx.send(Input::Publish(p)).await {
@@ -834,6 +847,7 @@ mod tests {
                 0,
             )),
             advertise: "http://127.0.0.1:1".into(),
+            agents: Default::default(),
             cfg,
         }
     }

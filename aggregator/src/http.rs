@@ -291,6 +291,7 @@ impl Server {
                 if let Some(t) = &shared.training {
                     t.render(&shared.cfg.id, &mut out);
                 }
+                shared.agents.render(&shared.cfg.id, &mut out);
                 let _ = std::fmt::Write::write_fmt(
                     &mut out,
                     format_args!(
@@ -319,6 +320,10 @@ impl Server {
                     .unwrap_or_default()
             }
             "/api/status" => json_response(StatusCode::OK, &status(shared)),
+            "/api/agents" => match shared.agents.api(req.uri().query()) {
+                Ok(v) => json_response(StatusCode::OK, &v),
+                Err(e) => text(StatusCode::BAD_REQUEST, &e),
+            },
             "/api/fleet" => match &shared.fleet {
                 Some(f) => json_response(StatusCode::OK, &f.report(crate::fleet::run::now_ms())),
                 None => json_response(

@@ -2,6 +2,7 @@
 //! anomaly event, keeps per-device state, and serves the live anomaly feed, an HTTP API and a
 //! dashboard. Several instances split the partitions between them; each serves the whole feed.
 
+mod agents;
 pub mod cluster;
 pub mod config;
 mod consumer;
@@ -52,6 +53,8 @@ pub(crate) struct Shared {
     directory: Mutex<directory::Directory>,
     /// The URL other instances reach this one at (`http.advertise` or derived from the listener).
     advertise: String,
+    /// The fleet's agents, from their status messages (`GET /api/agents`).
+    agents: agents::Agents,
 }
 
 /// A configured aggregator with its HTTP listener bound.
@@ -150,6 +153,7 @@ impl Aggregator {
             token,
             fleet,
             training,
+            agents: agents::Agents::default(),
             owned,
             cluster,
             state: Mutex::new(state.with_max_seq_jump(cfg.state.max_seq_jump)),

@@ -5,6 +5,7 @@
 //! so everything is a plain state machine a test — or a data scientist — can drive directly. How to
 //! reach a broker (settings, TLS, reconnects) lives in `edgewatch-link`.
 
+pub mod agent_status;
 pub mod detect;
 pub mod error;
 pub mod eval;

@@ -540,6 +540,31 @@ impl Topics {
         (!agent.is_empty() && !key.is_empty() && !key.contains('/')).then_some(key)
     }
 
+    /// Topic of an agent's retained status (see [`crate::agent_status`]): `{prefix}/status/{agent}`.
+    /// The agent's MQTT last will is an offline status on the same topic.
+    pub fn status(&self, agent: &str) -> String {
+        format!("{}/status/{agent}", self.prefix)
+    }
+
+    /// Filter for every agent's status: what aggregators subscribe to.
+    pub fn status_filter(&self) -> String {
+        format!("{}/status/+", self.prefix)
+    }
+
+    /// The agent id of a status topic (`{prefix}/status/{agent}`); `None` for any other topic. The id
+    /// is returned as it appears: callers check it with [`is_valid_node_id`].
+    pub fn status_agent<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let agent = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("/status/")?;
+        (!agent.is_empty() && !agent.contains('/')).then_some(agent)
+    }
+
+    /// Topic of the configuration pushed to one agent (retained YAML): `{prefix}/config/{agent}`.
+    pub fn config(&self, agent: &str) -> String {
+        format!("{}/config/{agent}", self.prefix)
+    }
+
     /// Parses an uplink topic; `None` when it is not one of ours.
     pub fn parse<'t>(&self, topic: &'t str) -> Option<UplinkTopic<'t>> {
         let rest = topic
@@ -587,6 +612,19 @@ pub fn is_valid_node_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_and_config_topics_name_one_agent() {
+        let t = Topics::new("edgewatch/v1");
+        assert_eq!(t.status("gw-1"), "edgewatch/v1/status/gw-1");
+        assert_eq!(t.status_filter(), "edgewatch/v1/status/+");
+        assert_eq!(t.config("gw-1"), "edgewatch/v1/config/gw-1");
+        assert_eq!(t.status_agent("edgewatch/v1/status/gw-1"), Some("gw-1"));
+        assert_eq!(t.status_agent("edgewatch/v1/status/"), None);
+        assert_eq!(t.status_agent("edgewatch/v1/status/a/b"), None);
+        assert_eq!(t.status_agent("other/v1/status/gw-1"), None);
+        assert_eq!(t.status_agent("edgewatch/v1/config/gw-1"), None);
+    }
 
     #[test]
     fn topics_round_trip() {

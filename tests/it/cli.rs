@@ -148,7 +148,112 @@ fn every_command_has_help() {
         );
     }
     let out = edgewatch().args(["agent"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "clap's usage errors exit 2");
+    assert_eq!(out.status.code(), Some(1), "usage errors exit 1");
+}
+
+/// The exit-code table of the README: usage errors 1 (`verify`: 2, its 1 means mismatches),
+/// `--help` and `--version` 0, a runtime failure 2, its cause chain printed without repeats.
+#[test]
+fn exit_codes_follow_the_readme_table() {
+    let code = |args: &[&str]| edgewatch().args(args).output().unwrap();
+    assert_eq!(code(&["--version"]).status.code(), Some(0));
+    assert_eq!(
+        code(&["agents"]).status.code(),
+        Some(1),
+        "missing --aggregator"
+    );
+    assert_eq!(code(&["no-such-command"]).status.code(), Some(1));
+    assert_eq!(
+        code(&["--log-format", "xml", "agents"]).status.code(),
+        Some(1)
+    );
+    assert_eq!(
+        code(&["verify"]).status.code(),
+        Some(2),
+        "verify keeps 2 for bad arguments"
+    );
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = code(&[
+        "agents",
+        "--aggregator",
+        &format!("http://127.0.0.1:{port}"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_default();
+    assert!(line.contains("127.0.0.1"), "{err}");
+    // No cause printed twice in a row (`Connection refused: Connection refused`).
+    let parts: Vec<&str> = line.split(": ").collect();
+    assert!(parts.windows(2).all(|w| w[0] != w[1]), "{line}");
+}
+
+/// `--log-format json` prints one JSON object per line; text logs carry no ANSI colour when stderr
+/// is not a terminal (here a pipe).
+#[test]
+fn log_lines_are_json_on_request_and_never_coloured_into_a_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("agent.yaml");
+    // A broker that is not there: the agent logs its start and its connection failures.
+    std::fs::write(
+        &conf,
+        "id: gw-log
+source: { mqtt: { host: 127.0.0.1, port: 1 } }
+",
+    )
+    .unwrap();
+    for format in ["json", "text"] {
+        let mut child = edgewatch()
+            .args([
+                "--log-format",
+                format,
+                "agent",
+                "-c",
+                conf.to_str().unwrap(),
+            ])
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !lines.iter().any(|l: &String| l.contains("agent starting")) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => lines.push(l),
+                Err(_) => panic!("{format}: no start line in {lines:?}"),
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        for l in &lines {
+            assert!(!l.contains('\u{1b}'), "{format}: ANSI escape in {l:?}");
+            if format == "json" {
+                let v: serde_json::Value = serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("not one JSON object per line: {e}: {l}"));
+                assert!(
+                    v["level"].is_string() && v["fields"]["message"].is_string(),
+                    "{l}"
+                );
+            }
+        }
+    }
 }
 
 /// Every section of `edgewatch bench` but `cluster` (below) at tiny sizes, so the bench code cannot

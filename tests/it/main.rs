@@ -2,6 +2,7 @@
 //! real YAML. One test binary, one module per concern.
 
 mod acl;
+mod agents;
 mod auth;
 mod bad_input;
 mod broker_restart;

@@ -148,17 +148,14 @@ pub fn parse<T: DeserializeOwned + Validate>(text: &str, file: &Path) -> Result<
     })?;
     let de = serde_norway::Deserializer::from_str(text);
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
+        let key = clean_key(e.path().to_string());
         let inner = e.into_inner();
         let location = inner.location().map(|l| (l.line(), l.column()));
-        let mut message = inner.to_string();
-        if let Some(at) = message.find(" at line ") {
-            message.truncate(at);
-        }
+        let message = clean_message(inner.to_string(), &key);
         ConfigError {
             file: file.to_path_buf(),
             problems: vec![ConfigProblem {
-                key: if key == "." { String::new() } else { key },
+                key,
                 location,
                 message,
             }],
@@ -185,6 +182,166 @@ pub fn parse<T: DeserializeOwned + Validate>(text: &str, file: &Path) -> Result<
             })
             .collect(),
     })
+}
+
+/// Parses `base` (the text of `file`) with `overlay` (a YAML mapping, e.g. a configuration pushed to
+/// an agent, named `overlay_name` in messages) laid over it: mappings merge key by key, any other
+/// value (lists included) replaces the file's. The result is validated like [`parse`]; a problem
+/// with a key the overlay sets is located in the overlay, any other in the file.
+pub fn parse_overlay<T: DeserializeOwned + Validate>(
+    base: &str,
+    file: &Path,
+    overlay: &str,
+    overlay_name: &Path,
+) -> Result<T, ConfigError> {
+    let over: serde_norway::Value = parse_value(overlay, overlay_name)?;
+    if !(over.is_mapping() || over.is_null()) {
+        return Err(ConfigError::whole_file(
+            overlay_name,
+            None,
+            "must be a mapping of configuration keys (the file's keys it replaces)".into(),
+        ));
+    }
+    let mut merged: serde_norway::Value = parse_value(base, file)?;
+    merge(&mut merged, over.clone());
+    // Where a key path is: in the overlay if it sets it, else in the file.
+    let place = |key: &str| -> (PathBuf, Option<(usize, usize)>) {
+        if !key.is_empty() && lookup(&over, key) {
+            (overlay_name.to_path_buf(), locate(overlay, key))
+        } else {
+            (file.to_path_buf(), locate(base, key))
+        }
+    };
+    let value: T = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let key = clean_key(e.path().to_string());
+        let (at, location) = place(&key);
+        ConfigError {
+            file: at,
+            problems: vec![ConfigProblem {
+                message: clean_message(e.into_inner().to_string(), &key),
+                key,
+                location,
+            }],
+        }
+    })?;
+    let problems = value.problems();
+    if problems.is_empty() {
+        return Ok(value);
+    }
+    let problems: Vec<(PathBuf, ConfigProblem)> = problems
+        .into_iter()
+        .map(|p| {
+            let (key, message) = split_problem(p);
+            let (at, location) = place(&key);
+            (
+                at,
+                ConfigProblem {
+                    key,
+                    location,
+                    message,
+                },
+            )
+        })
+        .collect();
+    // One error names one file: the overlay's problems first (they are what changed).
+    let first = problems
+        .iter()
+        .find(|(at, _)| at == overlay_name)
+        .map_or_else(|| file.to_path_buf(), |(at, _)| at.clone());
+    Err(ConfigError {
+        file: first.clone(),
+        problems: problems
+            .into_iter()
+            .map(|(at, mut p)| {
+                if at != first {
+                    p.key = format!("{} {}", at.display(), p.key);
+                }
+                p
+            })
+            .collect(),
+    })
+}
+
+/// The key path of a serde error; empty for the whole document (`.`) and for syntax errors, whose
+/// path is unknown (`?`), so messages never read `file.yaml: ?:` or `file.yaml: .:`.
+fn clean_key(key: String) -> String {
+    if key == "." || key == "?" {
+        String::new()
+    } else {
+        key
+    }
+}
+
+/// A serde message without what the location already says: libyaml's ` at line L column C` and the
+/// key path some messages start with (`window.size_ms: invalid type ...` after `window.size_ms`).
+fn clean_message(mut message: String, key: &str) -> String {
+    if let Some(at) = message.find(" at line ") {
+        message.truncate(at);
+    }
+    if !key.is_empty() {
+        if let Some(rest) = message.strip_prefix(&format!("{key}: ")) {
+            return rest.to_string();
+        }
+    }
+    message
+}
+
+/// Syntax (and size, nesting) checks of one YAML text, as a value.
+fn parse_value(text: &str, file: &Path) -> Result<serde_norway::Value, ConfigError> {
+    yaml_limits::check(text.as_bytes(), YamlLimits::default())
+        .map_err(|e| ConfigError::whole_file(file, None, e.to_string()))?;
+    serde_norway::from_str(text).map_err(|e| {
+        let location = e.location().map(|l| (l.line(), l.column()));
+        let mut message = e.to_string();
+        if let Some(at) = message.find(" at line ") {
+            message.truncate(at);
+        }
+        ConfigError::whole_file(file, location, message)
+    })
+}
+
+/// Lays `over` on `base`: mappings key by key, anything else replaced.
+fn merge(base: &mut serde_norway::Value, over: serde_norway::Value) {
+    use serde_norway::Value;
+    match (base, over) {
+        (Value::Mapping(b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        // An empty overlay changes nothing.
+        (_, Value::Null) => {}
+        (b, o) => *b = o,
+    }
+}
+
+/// Whether `value` has `key_path` (`a.b[2].c`).
+fn lookup(value: &serde_norway::Value, key_path: &str) -> bool {
+    let mut v = value;
+    for seg in segments(key_path) {
+        let next = match seg {
+            Seg::Key(k) => v.get(k),
+            Seg::Index(i) => v.get(i),
+        };
+        match next {
+            Some(n) => v = n,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// `key.path: message` as the two parts (no key when the first part has a space).
+fn split_problem(p: String) -> (String, String) {
+    match p.split_once(": ") {
+        Some((k, m)) if !k.contains(' ') => (k.to_string(), m.to_string()),
+        _ => (String::new(), p),
+    }
 }
 
 enum Seg<'a> {
@@ -284,6 +441,84 @@ source:
 window:
   size_ms: 0
 ";
+
+    #[test]
+    fn an_overlay_merges_over_the_file_and_its_problems_are_located_in_it() {
+        let base = "id: gw-1\nwindow:\n  size_ms: 1000\nanomaly:\n  rearm_ratio: 0.5\n";
+        let cfg: edgewatch_agent::AgentConfig = parse_overlay(
+            base,
+            Path::new("a.yaml"),
+            "anomaly:\n  threshold: 0.8\n",
+            Path::new("remote config"),
+        )
+        .unwrap();
+        assert_eq!(cfg.anomaly.threshold, Some(0.8));
+        assert_eq!(cfg.anomaly.rearm_ratio, 0.5, "kept from the file");
+        assert_eq!(cfg.window.size_ms, 1000);
+        let e = parse_overlay::<edgewatch_agent::AgentConfig>(
+            base,
+            Path::new("a.yaml"),
+            "# pushed\nanomaly:\n  threshold: 7\n",
+            Path::new("remote config"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "remote config: anomaly.threshold (line 3, col 3): must be in (0, 1], got 7"
+        );
+        let e = parse_overlay::<edgewatch_agent::AgentConfig>(
+            base,
+            Path::new("a.yaml"),
+            "anomaly:\n  treshold: 0.5\n",
+            Path::new("remote config"),
+        )
+        .unwrap_err();
+        assert_eq!(e.file, Path::new("remote config"));
+        assert_eq!(e.problems[0].location, Some((2, 3)));
+        assert!(e.problems[0].message.contains("unknown field `treshold`"));
+    }
+
+    #[test]
+    fn an_overlay_with_bad_syntax_or_not_a_mapping_is_refused_with_its_line() {
+        let e = parse_overlay::<edgewatch_agent::AgentConfig>(
+            "id: gw\n",
+            Path::new("a.yaml"),
+            "anomaly:\n  threshold: [\n",
+            Path::new("remote config"),
+        )
+        .unwrap_err();
+        assert_eq!(e.file, Path::new("remote config"));
+        assert!(e.problems[0].location.is_some(), "{e}");
+        let e = parse_overlay::<edgewatch_agent::AgentConfig>(
+            "id: gw\n",
+            Path::new("a.yaml"),
+            "- 1\n",
+            Path::new("remote config"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("must be a mapping"), "{e}");
+        // An empty overlay is the file.
+        let cfg: edgewatch_agent::AgentConfig =
+            parse_overlay("id: gw\n", Path::new("a.yaml"), "", Path::new("r")).unwrap();
+        assert_eq!(cfg.id, "gw");
+    }
+
+    #[test]
+    fn messages_repeat_neither_the_key_nor_an_unknown_path() {
+        let e = parse::<edgewatch_agent::AgentConfig>(
+            "id: gw\nwindow: { size_ms: x }\n",
+            Path::new("a.yaml"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a.yaml: window.size_ms (line 2, col 20): invalid type: string \"x\", expected i64"
+        );
+        let e = parse::<edgewatch_agent::AgentConfig>(":\n", Path::new("a.yaml")).unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("a.yaml (line 1, col 1): "), "{text}");
+        assert!(!text.contains('?') && !text.contains("::"), "{text}");
+    }
 
     #[test]
     fn locate_finds_nested_keys_and_list_items() {

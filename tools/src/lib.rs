@@ -2,6 +2,8 @@
 //! the feed client (`tail`), benchmarks, detector evaluation and delivery verification, model push/show, and the one
 //! small HTTP client they share. The `edgewatch` binary parses arguments and dispatches into here.
 
+#[cfg(feature = "cloud")]
+pub mod agents;
 #[cfg(feature = "embedded-broker")]
 pub mod bench;
 #[cfg(feature = "embedded-broker")]

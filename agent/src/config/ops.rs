@@ -58,18 +58,55 @@ pub struct LogConfig {
     /// record, lag), ms; 0 turns it off.
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
+    /// Log filter of `edgewatch agent` (`info`, `debug`, `warn,edgewatch_agent=debug`), applied at
+    /// start and by every reload; `--log-level` and `RUST_LOG` win over it. Default: `info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             status_interval_ms: default_status_interval_ms(),
+            level: None,
         }
     }
 }
 
 fn default_status_interval_ms() -> u64 {
     60_000
+}
+
+/// The retained status the agent publishes on `{prefix}/status/{agent}` over its uplink (remote node
+/// management: every aggregator lists the fleet's agents at `GET /api/agents`), with an MQTT last
+/// will marking it offline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Period of the status message, ms; 0 publishes none (and sets no last will).
+    #[serde(default = "default_status_publish_ms")]
+    pub interval_ms: u64,
+    /// Take configuration pushed (retained) on `{prefix}/config/{agent}`: validated like the file,
+    /// applied like a reload, outcome in the status. Needs broker ACLs that let only operators and
+    /// aggregators write that topic (`configs/security/`).
+    #[serde(default = "default_remote_config")]
+    pub remote_config: bool,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: default_status_publish_ms(),
+            remote_config: default_remote_config(),
+        }
+    }
+}
+
+fn default_status_publish_ms() -> u64 {
+    5_000
+}
+fn default_remote_config() -> bool {
+    true
 }
 
 #[cfg(test)]
@@ -97,6 +134,12 @@ mod tests {
         };
         assert!(ok.problems().is_empty());
         assert_eq!(ok.addr().unwrap().port(), 9187);
+    }
+
+    #[test]
+    fn the_status_message_defaults_to_five_seconds_with_remote_config() {
+        let s = StatusConfig::default();
+        assert_eq!((s.interval_ms, s.remote_config), (5_000, true));
     }
 
     #[test]

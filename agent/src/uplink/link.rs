@@ -52,6 +52,10 @@ pub(crate) struct UplinkLink {
     pub sent: Arc<AtomicU64>,
     pub acked: Arc<AtomicU64>,
     pub metrics: Arc<AgentMetrics>,
+    /// The status board: told to publish at once on every connect, and of lost connections.
+    pub board: Arc<crate::beacon::Board>,
+    /// `{prefix}/config/{agent}` and where its messages go, when remote configuration is taken.
+    pub config: Option<(String, mpsc::Sender<crate::control::Request>)>,
     pub cancel: CancellationToken,
 }
 
@@ -69,6 +73,8 @@ impl UplinkLink {
             sent,
             acked,
             metrics,
+            board,
+            config,
             cancel,
         } = self;
         // Anyone may publish on the acks topic: a flood of garbage is counted, not logged.
@@ -93,10 +99,25 @@ impl UplinkLink {
                             }
                         }
                     }
+                    if let Some((topic, _)) = &config {
+                        if let Err(e) = client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+                            tracing::error!(topic = %topic, error = %e, "subscribe request failed");
+                        }
+                    }
+                    // The status says online again at once (the last will may have said otherwise).
+                    board.now.notify_one();
                     let _ = notes.send(LinkNote::Up);
                 }
                 LinkEvent::Disconnected => {
+                    board.error("uplink connection lost (reconnecting)");
                     let _ = notes.send(LinkNote::Down);
+                }
+                LinkEvent::Publish(p) if config.as_ref().is_some_and(|(t, _)| *t == p.topic) => {
+                    if let Some((_, tx)) = &config {
+                        if tx.try_send(crate::control::Request::Remote(p.payload)).is_err() {
+                            tracing::warn!(agent = %agent, topic = %p.topic, "remote configuration dropped: earlier changes are still being applied; it is applied at the next connect (retained)");
+                        }
+                    }
                 }
                 LinkEvent::Publish(p) if models.as_ref().is_some_and(|m| m.topics.models_key(&p.topic).is_some()) => {
                     if let Some(m) = &models {

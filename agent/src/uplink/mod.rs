@@ -56,6 +56,12 @@ pub(crate) enum ToUplink {
         rows: Vec<(u32, Vec<u8>)>,
         done: Option<oneshot::Sender<()>>,
     },
+    /// New batching settings from a reload (`uplink.batch_max_records`, `uplink.batch_max_delay_ms`),
+    /// in force from the next round.
+    Batching {
+        batch_max: usize,
+        max_delay: Duration,
+    },
 }
 
 /// What the uplink's MQTT poll loop reports.
@@ -174,6 +180,10 @@ impl Uplink {
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(ToUplink::Outputs(outputs)) => self.append(outputs),
+                    Some(ToUplink::Batching { batch_max, max_delay }) => {
+                        self.s.batch_max = batch_max;
+                        self.s.max_delay = max_delay;
+                    }
                     Some(ToUplink::Checkpoint { header, rows, done }) => {
                         self.metrics.checkpoint_rows_total.fetch_add(rows.len() as u64, Relaxed);
                         match self.outbox.put_checkpoint(&header, &rows) {

@@ -88,10 +88,9 @@ impl Base {
                 "401 unauthorized: the aggregator wants a bearer token (--token or --token-env)"
                     .into(),
             )),
-            404 => Err(fail(
-                "404 not found: is this an edgewatch aggregator recent enough to serve /api/windows?"
-                    .into(),
-            )),
+            404 => Err(fail(format!(
+                "404 not found: is this an edgewatch aggregator recent enough to serve {path}?"
+            ))),
             s => {
                 let text = response.text();
                 let snippet: String = text.chars().take(200).collect();
