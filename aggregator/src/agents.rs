@@ -243,7 +243,17 @@ impl Agents {
     /// `GET /api/agents?offset=&limit=`.
     pub(crate) fn api(&self, query: Option<&str>) -> Result<Value, String> {
         let (offset, limit) = paging(query)?;
-        Ok(self.dir().page(offset, limit, now_ms()))
+        let now = now_ms();
+        let dir = self.dir();
+        let mut page = dir.page(offset, limit, now);
+        // Counts over every agent, not the page: the dashboard's online/offline at a glance.
+        let (online, offline, stale) = dir.counts(now);
+        if let Some(m) = page.as_object_mut() {
+            m.insert("online".into(), json!(online));
+            m.insert("offline".into(), json!(offline));
+            m.insert("stale".into(), json!(stale));
+        }
+        Ok(page)
     }
 
     /// The agents' families of `/metrics`, HELP lines included.

@@ -427,6 +427,14 @@ async fn the_live_page_says_when_it_lost_the_feed_and_where_it_resumed() {
             .contains("server shutting down"),
         "the server's close reason is shown"
     );
+    // The restarted aggregator kept no history (no state.dir): it cannot resume after the page's
+    // last event and says so with a gap marker, which the page shows as a row of its own.
+    assert!(
+        b.text("tr.control[data-type=gap]")
+            .await
+            .contains("gap — events may be missing here"),
+        "the gap marker is shown"
+    );
     b.screenshot(&screenshot_dir().join("live-resumed.png"))
         .await;
     drop(b);
@@ -491,6 +499,7 @@ async fn the_pages_read_the_fleet_wide_api_of_the_contract() {
     let mut b = Browser::start().await;
     b.fake(vec![
         ("/api/status", status),
+        ("/api/agents", json!({"total": 3, "offset": 0, "limit": 1, "online": 1, "offline": 1, "stale": 1, "agents": []})),
         ("seen_within_ms=120000", json!({"scope": "fleet", "total": 30, "offset": 0, "limit": 1, "devices": [], "missing_partitions": []})),
         ("/api/devices?", page),
         ("/api/devices/dev-1", device),
@@ -515,6 +524,11 @@ async fn the_pages_read_the_fleet_wide_api_of_the_contract() {
         ("#readings", "123 k"),
         ("#anomalies", "77"),
         ("#aggs", "1 / 2"),
+        ("#agents-count", "3"),
+        (
+            "#agents-sub",
+            "1 online, 1 offline, 1 silent (fleet, from their status)",
+        ),
         ("#page", "1–25 of 40"),
     ] {
         assert_eq!(b.text(selector).await, want, "{selector}");

@@ -182,12 +182,24 @@ async function refresh() {
   $('#lag').textContent = num(waiting);
   $('#lag-sub').textContent = `records waiting for a gap, over ${orDash(status.lanes)} lanes; ${num(status.bad_messages)} bad messages`;
 
-  const agents = agentsFrom(status, now);
-  const sending = [...agents.values()].filter((a) => a.sending).length;
-  $('#agents-count').textContent = agents.size ? String(agents.size) : '—';
-  $('#agents-sub').textContent = agents.size
-    ? `${sending} sending in the last minute, ${agents.size - sending} quiet (lanes at this instance)`
-    : 'none has sent to this instance yet';
+  // The fleet's agents from their status messages (any instance has them all); an aggregator
+  // without /api/agents: the agents whose lanes reach this instance.
+  let fleetAgents = null;
+  try { fleetAgents = await api('api/agents?limit=1'); } catch (_) { fleetAgents = null; }
+  if (fleetAgents && typeof fleetAgents.total === 'number') {
+    const { total, online = 0, offline = 0, stale = 0 } = fleetAgents;
+    $('#agents-count').textContent = String(total);
+    $('#agents-sub').textContent = total
+      ? `${online} online, ${offline} offline${stale ? `, ${stale} silent` : ''} (fleet, from their status)`
+      : 'no agent has published its status yet';
+  } else {
+    const agents = agentsFrom(status, now);
+    const sending = [...agents.values()].filter((a) => a.sending).length;
+    $('#agents-count').textContent = agents.size ? String(agents.size) : '—';
+    $('#agents-sub').textContent = agents.size
+      ? `${sending} sending in the last minute, ${agents.size - sending} quiet (lanes at this instance)`
+      : 'none has sent to this instance yet';
+  }
 
   const { list, noFilter } = await devices();
   let count = fleet && typeof fleet.devices === 'number' ? fleet.devices : null;
