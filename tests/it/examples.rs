@@ -3,6 +3,7 @@
 //! starts with `--last N` and reports a gap marker for an unknown `--since` on stderr. (The Python
 //! example, `examples/feed_client.py`, runs in python/tests/test_feed.py.)
 
+use crate::browser::Browser;
 use crate::common::*;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -44,7 +45,6 @@ fn edgewatch() -> Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_browser_example_and_tail_print_events_from_a_live_demo() {
-    let chromium = require("chromium");
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("demo.yaml");
     std::fs::write(&cfg, DEMO).unwrap();
@@ -104,31 +104,32 @@ async fn the_browser_example_and_tail_print_events_from_a_live_demo() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // The browser example, from its file, with the feed in its URL.
+    // The browser example, from its file, with the feed in its URL, in a real chromium driven
+    // over the DevTools protocol: the page is polled until its events are listed (no virtual time,
+    // which does not wait for a WebSocket's real I/O on a loaded machine).
     let page = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/feed.html");
-    let profile = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("file://{}?feed={url}&last=3", page.display()))
-        .output()
-        .await
-        .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
-    let events = dom.matches("<li class=\"event\">").count();
-    assert!(events >= 3, "the page lists the 3 recent events:\n{dom}");
-    assert!(dom.contains("score=") && dom.contains("id="), "{dom}");
-    assert!(dom.contains("connected, "), "{dom}");
+    let mut browser = Browser::start().await;
+    browser
+        .navigate(&format!("file://{}?feed={url}&last=3", page.display()))
+        .await;
+    browser
+        .wait_for(
+            "the page to list the 3 recent events",
+            "document.querySelectorAll('li.event').length >= 3",
+            Duration::from_secs(30),
+        )
+        .await;
+    let events = browser
+        .eval("Array.from(document.querySelectorAll('li.event')).map(li => li.textContent).join('\\n')")
+        .await;
+    let events = events.as_str().unwrap_or_default().to_string();
+    assert!(
+        events.contains("score=") && events.contains("id="),
+        "{events}"
+    );
+    let status = browser.text("#status").await;
+    assert!(status.starts_with("connected, "), "{status}");
+    drop(browser);
 
     // tail --last 3 prints the three most recent events at once.
     let tail = |args: Vec<String>| async move {
