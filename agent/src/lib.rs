@@ -282,6 +282,12 @@ impl Agent {
         let stop_worker = CancellationToken::new();
         let stop_uplink = CancellationToken::new();
         let accepting = Arc::new(AtomicBool::new(true));
+        // A persistent session keeps subscriptions across restarts: the list is kept beside it.
+        let subscriptions = Arc::new(source::Subscriptions::new(
+            filters.clone(),
+            qos(cfg.source.qos),
+            cfg.state.dir.as_deref(),
+        ));
 
         tracing::info!(agent = %cfg.id, filters = ?filters, broker = %format!("{}:{}", cfg.source.mqtt.host, cfg.source.mqtt.port), "agent starting");
 
@@ -297,8 +303,7 @@ impl Agent {
                 eventloop: src_loop,
                 addresses: src_opts,
                 client: src_client.clone(),
-                filters,
-                qos: qos(cfg.source.qos),
+                subscriptions: subscriptions.clone(),
                 msg_tx,
                 when_full: cfg.pipeline.when_full,
                 accepting: accepting.clone(),
@@ -318,6 +323,7 @@ impl Agent {
                 models_dir,
                 out_tx,
                 src_client: src_client.clone(),
+                subscriptions,
                 metrics: metrics.clone(),
                 checkpoint_interval: Duration::from_millis(cfg.state.checkpoint_interval_ms),
                 after_checkpoint,

@@ -177,6 +177,11 @@ pub struct ChangedSeries {
 pub struct Pipeline {
     params: Params,
     mappings: Vec<Mapping>,
+    /// Mappings a live reload removed, still used for messages that were in flight when it came
+    /// (tried after `mappings`; at most [`MAX_RETIRED_MAPPINGS`], for [`RETIRED_MAPPINGS_MS`]).
+    retired: Vec<Mapping>,
+    /// Arrival time after which `retired` is dropped.
+    retired_until_ms: i64,
     table: Table,
     /// Multivariate models per device (not checkpointed: reloaded from `state.dir/models`, their
     /// aligners and gates start empty and refill within one reading interval).
@@ -197,17 +202,7 @@ impl Pipeline {
             .detector
             .build()
             .map_err(|e| AgentError::Config(vec![format!("detector.{e}")]))?;
-        let mappings = cfg
-            .source
-            .subscriptions
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                Mapping::new(s).map_err(|e| {
-                    AgentError::Config(vec![format!("source.subscriptions[{i}].topic: {e}")])
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mappings = mappings(cfg)?;
         let gate = EventGate::new(cfg.threshold(), &cfg.anomaly.gate())
             .map_err(|e| AgentError::Config(vec![format!("anomaly.{e}")]))?;
         let windows = TumblingWindows::new(cfg.window.size_ms, cfg.window.allowed_lateness_ms)
@@ -232,6 +227,8 @@ impl Pipeline {
                 fingerprint,
             },
             mappings,
+            retired: Vec::new(),
+            retired_until_ms: i64::MIN,
             table: Table {
                 index: HashMap::with_hasher(Xxh3DefaultBuilder::new()),
                 series: Vec::new(),
@@ -248,9 +245,12 @@ impl Pipeline {
     /// Applies the live part of a new configuration (see `reload.rs`): threshold and re-arm rules
     /// to every series (their episode state carries over, as after a restore), silence rules, and
     /// the detector of the series created from now on (existing series keep their detector and its
-    /// state). Windows, partitions and mappings are left as they are. Fails, changing nothing,
-    /// when `cfg` is invalid.
-    pub fn reconfigure(&mut self, cfg: &AgentConfig) -> Result<(), AgentError> {
+    /// state), and the topic mappings of `source.subscriptions` (the removed ones are kept for
+    /// messages already in flight; the caller then changes the subscriptions). Windows and
+    /// partitions are left as they are. Fails, changing nothing, when `cfg` is invalid. `now_ms`:
+    /// the wall clock, from which the removed mappings serve [`RETIRED_MAPPINGS_MS`] more.
+    pub fn reconfigure(&mut self, cfg: &AgentConfig, now_ms: i64) -> Result<(), AgentError> {
+        let new_mappings = mappings(cfg)?;
         let prototype = cfg
             .detector
             .build()
@@ -270,6 +270,16 @@ impl Pipeline {
         p.gate = gate;
         p.silence = cfg.anomaly.silence;
         p.fingerprint = fingerprint;
+        let filters: Vec<String> = new_mappings.iter().map(Mapping::filter).collect();
+        let old = std::mem::replace(&mut self.mappings, new_mappings);
+        let mut retired: Vec<Mapping> = old
+            .into_iter()
+            .chain(std::mem::take(&mut self.retired))
+            .filter(|m| !filters.contains(&m.filter()))
+            .collect();
+        retired.truncate(MAX_RETIRED_MAPPINGS);
+        self.retired = retired;
+        self.retired_until_ms = now_ms.saturating_add(RETIRED_MAPPINGS_MS);
         for s in &mut self.table.series {
             s.gate = s.gate.retuned(&p.gate);
             s.dirty = true;
@@ -337,9 +347,13 @@ impl Pipeline {
                 max: self.params.max_payload_bytes,
             });
         }
+        if !self.retired.is_empty() && arrival_ms > self.retired_until_ms {
+            self.retired.clear();
+        }
         let (mapping, device, metric) = self
             .mappings
             .iter()
+            .chain(&self.retired)
             .find_map(|m| m.claims(topic).map(|(d, mt)| (m, d, mt)))
             .ok_or(IngestError::TopicMismatch)?;
         let mut count = 0usize;
@@ -615,6 +629,28 @@ impl Pipeline {
 /// Hash of what a snapshot's state depends on: window size and lateness, partitions, the detector
 /// configuration, and the binary encoding of a fresh detector and window set (so that a field added
 /// to a detector or window type makes old snapshots incompatible instead of misread).
+/// Mappings a live reload removed that are still tried for in-flight messages.
+const MAX_RETIRED_MAPPINGS: usize = 64;
+
+/// How long (ms of arrival time) removed mappings still decode what was in flight: the queue and
+/// the broker's messages sent before it processed the unsubscribe. After that, a message on a
+/// removed topic is a `topic_mismatch` like any other.
+pub const RETIRED_MAPPINGS_MS: i64 = 30_000;
+
+/// The topic mappings of `source.subscriptions`, in their order.
+fn mappings(cfg: &AgentConfig) -> Result<Vec<Mapping>, AgentError> {
+    cfg.source
+        .subscriptions
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Mapping::new(s).map_err(|e| {
+                AgentError::Config(vec![format!("source.subscriptions[{i}].topic: {e}")])
+            })
+        })
+        .collect()
+}
+
 fn fingerprint(
     cfg: &AgentConfig,
     prototype: &AnyDetector,
@@ -967,6 +1003,47 @@ mod tests {
         use crate::multivariate::tests::{fitted, payload};
         let key = edgewatch_models::wire::model_key(device);
         p.offer_model(&key, &payload(&fitted(device, version)))
+    }
+
+    #[test]
+    fn a_live_subscription_change_swaps_mappings_and_keeps_the_removed_ones_for_in_flight_messages()
+    {
+        let (mut p, m) = pipeline();
+        feed(&mut p, "d1", 1_000, 1.0);
+        let mut cfg = p_config();
+        cfg.source.subscriptions = vec![crate::config::Subscription {
+            topic: "plant/{device}/{metric}".into(),
+            filter: None,
+            metric: None,
+            payload: Default::default(),
+        }];
+        p.reconfigure(&cfg, 10_000).unwrap();
+        assert_eq!(p.filters(), vec!["plant/+/+".to_string()]);
+        let reading = |ts: i64| format!(r#"{{"ts":{ts},"value":1.0}}"#);
+        // The new topic is decoded at once.
+        assert_eq!(
+            p.handle(b"plant/d2/temp", reading(2_000).as_bytes(), 10_001),
+            Ok(1)
+        );
+        // A message of the removed subscription still in flight is decoded with its old mapping...
+        assert_eq!(
+            p.handle(b"sensors/d1/temp", reading(3_000).as_bytes(), 10_002),
+            Ok(1)
+        );
+        // ...for RETIRED_MAPPINGS_MS; then it is a topic mismatch like any other.
+        assert_eq!(
+            p.handle(
+                b"sensors/d1/temp",
+                reading(4_000).as_bytes(),
+                10_000 + RETIRED_MAPPINGS_MS + 1
+            ),
+            Err(IngestError::TopicMismatch)
+        );
+        assert_eq!(m.readings_total.load(Relaxed), 3);
+        // An invalid subscription changes nothing.
+        cfg.source.subscriptions[0].topic = "plant/{metric}".into();
+        assert!(p.reconfigure(&cfg, 20_000).is_err());
+        assert_eq!(p.filters(), vec!["plant/+/+".to_string()]);
     }
 
     #[test]

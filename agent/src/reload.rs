@@ -5,9 +5,11 @@
 //!
 //! Applied live: `anomaly.*` (threshold, re-arm rules, silence: every series, episode state kept),
 //! `detector` (series created from then on; existing ones keep their detector state),
-//! `uplink.batch_max_records`, `uplink.batch_max_delay_ms`, `log.status_interval_ms`, `log.level`
-//! (through the hook the binary gives), `status.interval_ms`. Every other key (links, subscriptions, windows, partitions, state, ...)
-//! is named as needing a restart; its new value is not used until then.
+//! `source.subscriptions` (the worker swaps the topic mappings, then subscribes to the new filters
+//! and unsubscribes from the removed ones), `uplink.batch_max_records`, `uplink.batch_max_delay_ms`,
+//! `log.status_interval_ms`, `log.level` (through the hook the binary gives), `status.interval_ms`.
+//! Every other key (links, QoS, windows, partitions, state, ...) is named as needing a restart; its
+//! new value is not used until then.
 
 use crate::config::AgentConfig;
 use serde_json::Value;
@@ -17,6 +19,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "anomaly.",
     "detector.",
     "detector",
+    "source.subscriptions",
     "uplink.batch_max_records",
     "uplink.batch_max_delay_ms",
     "log.status_interval_ms",
@@ -65,6 +68,7 @@ pub fn merge_live(running: &AgentConfig, new: &AgentConfig) -> AgentConfig {
     let mut out = running.clone();
     out.anomaly = new.anomaly.clone();
     out.detector = new.detector.clone();
+    out.source.subscriptions = new.source.subscriptions.clone();
     out.uplink.batch_max_records = new.uplink.batch_max_records;
     out.uplink.batch_max_delay_ms = new.uplink.batch_max_delay_ms;
     out.log.status_interval_ms = new.log.status_interval_ms;
@@ -166,23 +170,26 @@ mod tests {
     }
 
     #[test]
-    fn links_windows_state_and_subscriptions_need_a_restart_and_are_named() {
+    fn links_qos_windows_and_state_need_a_restart_and_are_named() {
         let a = cfg("id: gw\n");
-        let b = cfg("id: gw2\nsource: { mqtt: { port: 1884 }, subscriptions: [ { topic: 'x/{device}/{metric}' } ] }\nwindow: { size_ms: 1000 }\nstate: { dir: /tmp/x }\nuplink: { partitions: 8, prefix: p }\nanomaly: { threshold: 0.8 }\n");
+        let b = cfg("id: gw2\nsource: { mqtt: { port: 1884 }, qos: 0, subscriptions: [ { topic: 'x/{device}/{metric}' } ] }\nwindow: { size_ms: 1000 }\nstate: { dir: /tmp/x }\nuplink: { partitions: 8, prefix: p }\nanomaly: { threshold: 0.8 }\n");
         let plan = diff(&a, &b);
         assert_eq!(
             plan.restart,
             vec![
                 "id",
                 "source.mqtt.port",
-                "source.subscriptions",
+                "source.qos",
                 "state.dir",
                 "uplink.partitions",
                 "uplink.prefix",
                 "window.size_ms",
             ]
         );
-        assert_eq!(plan.live, vec!["anomaly.threshold"]);
+        assert_eq!(plan.live, vec!["anomaly.threshold", "source.subscriptions"]);
+        let merged = merge_live(&a, &b);
+        assert_eq!(merged.source.subscriptions[0].topic, "x/{device}/{metric}");
+        assert_eq!(merged.source.mqtt.port, a.source.mqtt.port);
     }
 
     #[test]

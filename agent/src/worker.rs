@@ -32,8 +32,10 @@ pub(crate) struct Worker {
     /// `state.dir/models` (accepted models are stored there); `None`: memory only.
     pub models_dir: Option<std::path::PathBuf>,
     pub out_tx: mpsc::Sender<ToUplink>,
-    /// The source link's client (manual acks).
+    /// The source link's client (manual acks, and subscription changes on a live reload).
     pub src_client: AsyncClient,
+    /// The source link's subscription filters.
+    pub subscriptions: Arc<crate::source::Subscriptions>,
     pub metrics: Arc<AgentMetrics>,
     pub checkpoint_interval: Duration,
     pub after_checkpoint: bool,
@@ -59,6 +61,7 @@ impl Worker {
             models_dir,
             out_tx,
             src_client,
+            subscriptions,
             metrics,
             checkpoint_interval,
             after_checkpoint,
@@ -152,8 +155,16 @@ impl Worker {
                         continue;
                     }
                     let c = cfg.borrow_and_update().clone();
-                    match pipeline.reconfigure(&c) {
-                        Ok(()) => tracing::info!(agent = %agent, threshold = pipeline.threshold(), "pipeline reconfigured: thresholds and re-arm rules for every series, detector for new series"),
+                    match pipeline.reconfigure(&c, now_ms()) {
+                        Ok(()) => {
+                            tracing::info!(agent = %agent, threshold = pipeline.threshold(), "pipeline reconfigured: thresholds and re-arm rules for every series, detector for new series");
+                            // The mappings are switched first: what the new filters bring is
+                            // decoded, and what the removed ones still deliver too.
+                            let (added, removed) = subscriptions.replace(&src_client, pipeline.filters());
+                            if !added.is_empty() || !removed.is_empty() {
+                                tracing::info!(agent = %agent, subscribed = ?added, unsubscribed = ?removed, "subscriptions changed");
+                            }
+                        }
                         Err(e) => tracing::error!(agent = %agent, error = %e, "pipeline not reconfigured"),
                     }
                     let batching = ToUplink::Batching {

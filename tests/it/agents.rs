@@ -69,12 +69,23 @@ fn now_ms() -> i64 {
 /// Publishes `p`'s series for `device` (metric `temp`) on
 /// `sensors/{device}/temp`; appends each reading to the readings log `log`, if given.
 async fn publish_series(client: &AsyncClient, device: &str, p: &Pattern, log: Option<&Path>) {
+    publish_on(client, "sensors", device, p, log).await
+}
+
+/// [`publish_series`] on `{prefix}/{device}/temp`.
+async fn publish_on(
+    client: &AsyncClient,
+    prefix: &str,
+    device: &str,
+    p: &Pattern,
+    log: Option<&Path>,
+) {
     let mut lines = String::new();
     for (ts, v) in p.ts.iter().zip(&p.values) {
         let payload = format!(r#"{{"value":{v},"ts":{ts}}}"#);
         client
             .publish(
-                format!("sensors/{device}/temp"),
+                format!("{prefix}/{device}/temp"),
                 QoS::AtLeastOnce,
                 false,
                 payload,
@@ -532,6 +543,114 @@ async fn sighup_changes_the_threshold_live_keeps_a_bad_file_out_and_verify_stays
     .await;
     let (code, out) = verify(&readings, &[addr], &[]);
     assert_eq!(code, 0, "verify is exact across the reloads:\n{out}");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_subscriptions_live_and_a_restart_unsubscribes_what_the_file_dropped() {
+    edgewatch::logging::init("warn");
+    let p = pattern();
+    let dir = tempfile::tempdir().unwrap();
+    let subs = SubscriptionLog::new();
+    let mosq = Mosquitto::start_on(
+        free_port(),
+        &format!("persistence false\n{}", subs.settings_with_unsubscribes()),
+    );
+    let (addr, stop, task) = aggregator("agg-s", mosq.port, "0-63").await;
+    let http = free_port();
+    let conf = |topic: &str| {
+        agent_yaml(dir.path(), "gw-s", mosq.port, http, p.high, topic, "");
+    };
+    conf("sensors/{device}/{metric}");
+    let log = dir.path().join("agent.log");
+    let start = || {
+        Proc::spawn(
+            "gw-s",
+            &[
+                "agent",
+                "--config",
+                dir.path().join("gw-s.yaml").to_str().unwrap(),
+            ],
+            &log,
+        )
+    };
+    let agent = start();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let client_id = "edgewatch-gw-s-src";
+    subs.wait_line(client_id, "1 sensors/+/+", Duration::from_secs(20))
+        .await;
+    let readings = dir.path().join("readings.csv");
+    let sensors = client(mosq.port, "sensors");
+    let n = p.values.len() as u64;
+    let processed = |k: u64| {
+        wait_until("readings processed", Duration::from_secs(30), move || {
+            agent_metric(http, "edgewatch_agent_readings_total") == k * n
+        })
+    };
+    publish_series(&sensors, "s1", &p, Some(&readings)).await;
+    processed(1).await;
+
+    // The subscription moves to plant/: applied live (subscribe first, then unsubscribe).
+    conf("plant/{device}/{metric}");
+    let hup = |pid: u32| {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    hup(agent.id());
+    subs.wait_line(client_id, "1 plant/+/+", Duration::from_secs(20))
+        .await;
+    subs.wait_line(client_id, "sensors/+/+", Duration::from_secs(20))
+        .await;
+    let text = log_text();
+    assert!(text.contains("subscriptions changed"), "{text}");
+    assert!(
+        !text.contains("only after a restart"),
+        "source.subscriptions is applied live:\n{text}"
+    );
+    // What is published on the old topic is no longer delivered; the new topic is processed, and
+    // nothing is refused as a topic mismatch.
+    publish_series(&sensors, "gone", &p, None).await;
+    publish_on(&sensors, "plant", "p1", &p, Some(&readings)).await;
+    processed(2).await;
+
+    // Restart with the file moved on to line/: the persistent session still holds plant/+/+, which
+    // the agent unsubscribes at its first connect (the list is kept in state.dir).
+    agent.terminate();
+    conf("line/{device}/{metric}");
+    let agent = start();
+    subs.wait_line(client_id, "1 line/+/+", Duration::from_secs(20))
+        .await;
+    subs.wait_line(client_id, "plant/+/+", Duration::from_secs(20))
+        .await;
+    publish_on(&sensors, "plant", "gone-too", &p, None).await;
+    publish_on(&sensors, "line", "l1", &p, Some(&readings)).await;
+    wait_until("l1 processed", Duration::from_secs(30), || {
+        agent_metric(http, "edgewatch_agent_readings_total") == n
+    })
+    .await;
+    let (_, metrics) = http_get(format!("127.0.0.1:{http}").parse().unwrap(), "/metrics");
+    let mismatches: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("reason=\"topic_mismatch\"") && !l.ends_with(" 0"))
+        .collect();
+    assert!(
+        mismatches.is_empty(),
+        "nothing from a dropped subscription reached the agent: {mismatches:?}"
+    );
+    agent.terminate();
+    wait_until("every window applied", Duration::from_secs(30), || {
+        get_json(addr, "/api/status")["readings"].as_u64() == Some(3 * n)
+    })
+    .await;
+    let (code, out) = verify(&readings, &[addr], &[]);
+    assert_eq!(
+        code, 0,
+        "verify is exact across the subscription changes:\n{out}"
+    );
     stop.cancel();
     task.await.unwrap();
 }

@@ -30,6 +30,30 @@ impl SubscriptionLog {
         )
     }
 
+    /// [`Self::settings`] plus a line per unsubscribed filter (`<time>: <client id> <filter>`).
+    pub fn settings_with_unsubscribes(&self) -> String {
+        format!("{}log_type unsubscribe\n", self.settings())
+    }
+
+    /// Waits (up to `timeout`) until the log has a line ending in `: <client_id> <rest>`: with
+    /// [`Self::settings_with_unsubscribes`], `rest` = a filter is its unsubscription and
+    /// `rest` = `<qos> <filter>` a subscription.
+    pub async fn wait_line(&self, client_id: &str, rest: &str, timeout: Duration) {
+        let needle = format!(": {client_id} {rest}");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = std::fs::read_to_string(&self.path).unwrap_or_default();
+            if log.lines().any(|l| l.ends_with(&needle)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {needle:?} in the broker's log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits (up to `timeout`) until client `client_id` has subscribed to at least one filter.
     pub async fn wait_subscribed(&self, client_id: &str, timeout: Duration) {
         self.wait_filters(client_id, 1, timeout).await;
