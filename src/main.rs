@@ -200,8 +200,8 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
-    // An agent's `log.level` may set the filter (at start and on reloads) unless the command line did.
-    let reloadable = cli.log_level.is_none() && matches!(cli.command, Command::Agent { .. });
+    // A daemon's `log.level` may set the filter (at start and on reloads) unless the command line did.
+    let reloadable = cli.log_level.is_none() && has_log_level(&cli.command);
     edgewatch::logging::init_full(
         cli.log_level.as_deref().unwrap_or(default_level),
         cli.log_format,
@@ -218,6 +218,16 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::Mismatch) => ExitCode::from(1),
+    }
+}
+
+/// Commands whose file has a `log.level` (the agent and the aggregator).
+fn has_log_level(command: &Command) -> bool {
+    match command {
+        Command::Agent { .. } => true,
+        #[cfg(feature = "cloud")]
+        Command::Aggregator { .. } => true,
+        _ => false,
     }
 }
 
@@ -280,12 +290,18 @@ fn run(command: Command) -> Result<(), Failure> {
         #[cfg(feature = "cloud")]
         Command::Aggregator { config } => {
             let cfg: edgewatch_aggregator::AggregatorConfig = config::load(&config)?;
+            if let Some(level) = &cfg.log.level {
+                edgewatch::logging::check_level(level).map_err(|e| {
+                    Failure::Usage(anyhow::anyhow!("{}: log.level: {e}", config.display()))
+                })?;
+                edgewatch::logging::set_level(level);
+            }
             tokio_runtime()?.block_on(async {
                 let stop = edgewatch::shutdown::on_signal_or_deadline(None);
-                edgewatch::shutdown::on_hangup(aggregator_reload(config.clone(), cfg.clone()));
                 let agg = edgewatch_aggregator::Aggregator::bind(cfg)
                     .await
                     .map_err(runtime)?;
+                edgewatch::shutdown::on_hangup(aggregator_reload(config.clone(), agg.reloader()));
                 println!("{}", agg.feed_url());
                 edgewatch::systemd::notify("READY=1");
                 edgewatch::systemd::spawn_watchdog();
@@ -466,26 +482,43 @@ fn check_log_level(
 
 #[cfg(feature = "cloud")]
 /// What SIGHUP does to an aggregator: re-read and validate the file; an invalid one is logged
-/// (file, key, line) and the one in force stays; changed keys are named. Nothing of an
-/// aggregator's configuration is applied live yet: every change waits for a restart (the feed's
-/// clients, state and partitions are untouched).
+/// (file, key, line) and the one in force stays; the live keys are applied (see
+/// `edgewatch_aggregator::reload`) and those needing a restart are named (the feed's clients,
+/// state and partitions are untouched).
 fn aggregator_reload(
     path: PathBuf,
-    running: edgewatch_aggregator::AggregatorConfig,
+    reloader: edgewatch_aggregator::reload::Reloader,
 ) -> impl FnMut() + Send + 'static {
-    move || match config::load::<edgewatch_aggregator::AggregatorConfig>(&path) {
-        Err(e) => {
-            tracing::error!(error = %e, "configuration refused; keeping the one in force")
+    move || {
+        let new = match config::load::<edgewatch_aggregator::AggregatorConfig>(&path) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration refused; keeping the one in force");
+                return;
+            }
+        };
+        if let Some(level) = &new.log.level {
+            if let Err(e) = edgewatch::logging::check_level(level) {
+                tracing::error!(file = %path.display(), error = %format!("log.level: {e}"), "configuration refused; keeping the one in force");
+                return;
+            }
         }
-        Ok(new) => {
-            let keys = edgewatch_agent::reload::changed_keys(
-                &serde_json::to_value(&running).unwrap_or_default(),
-                &serde_json::to_value(&new).unwrap_or_default(),
-            );
-            if keys.is_empty() {
-                tracing::info!(file = %path.display(), "configuration unchanged");
-            } else {
-                tracing::warn!(file = %path.display(), keys = ?keys, "changed keys take effect only after a restart of the aggregator");
+        match reloader.apply(&new) {
+            Err(problems) => {
+                tracing::error!(file = %path.display(), problems = ?problems, "configuration refused; keeping the one in force")
+            }
+            Ok(applied) => {
+                if applied.live.iter().any(|k| k == "log.level") {
+                    edgewatch::logging::set_level(new.log.level.as_deref().unwrap_or("info"));
+                }
+                if applied.live.is_empty() && applied.restart.is_empty() {
+                    tracing::info!(file = %path.display(), "configuration unchanged");
+                } else {
+                    tracing::info!(file = %path.display(), live = ?applied.live, "configuration applied");
+                }
+                if !applied.restart.is_empty() {
+                    tracing::warn!(file = %path.display(), keys = ?applied.restart, "changed keys take effect only after a restart of the aggregator");
+                }
             }
         }
     }

@@ -12,7 +12,7 @@
 //! new value is not used until then.
 
 use crate::config::AgentConfig;
-use serde_json::Value;
+pub use edgewatch_models::reload::{changed_keys, Plan};
 
 /// Keys (or key prefixes, ending in `.`) applied without a restart.
 pub const LIVE_KEYS: &[&str] = &[
@@ -27,39 +27,9 @@ pub const LIVE_KEYS: &[&str] = &[
     "status.interval_ms",
 ];
 
-/// The changes from one configuration to the next.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
-    /// Changed keys applied live, as key paths (`anomaly.threshold`).
-    pub live: Vec<String>,
-    /// Changed keys that take effect only after a restart.
-    pub restart: Vec<String>,
-}
-
-impl Plan {
-    /// Nothing changed.
-    pub fn is_empty(&self) -> bool {
-        self.live.is_empty() && self.restart.is_empty()
-    }
-
-    /// Whether a live key under `prefix` changed.
-    pub fn touches(&self, prefix: &str) -> bool {
-        self.live.iter().any(|k| k.starts_with(prefix))
-    }
-}
-
 /// The plan from `old` to `new`: every changed leaf key (a list counts as one value), sorted.
 pub fn diff(old: &AgentConfig, new: &AgentConfig) -> Plan {
-    let changed = changed_keys(&to_value(old), &to_value(new));
-    let mut plan = Plan::default();
-    for key in changed {
-        if is_live(&key) {
-            plan.live.push(key);
-        } else {
-            plan.restart.push(key);
-        }
-    }
-    plan
+    Plan::of(old, new, LIVE_KEYS)
 }
 
 /// A configuration where the keys that need a restart keep `running`'s values and the live ones
@@ -75,55 +45,6 @@ pub fn merge_live(running: &AgentConfig, new: &AgentConfig) -> AgentConfig {
     out.log.level = new.log.level.clone();
     out.status.interval_ms = new.status.interval_ms;
     out
-}
-
-fn is_live(key: &str) -> bool {
-    LIVE_KEYS.iter().any(|live| {
-        if let Some(prefix) = live.strip_suffix('.') {
-            key.strip_prefix(prefix).is_some_and(|r| r.starts_with('.'))
-        } else {
-            key == *live
-        }
-    })
-}
-
-fn to_value(cfg: &AgentConfig) -> Value {
-    // Serialising plain config structs cannot fail (no maps with non-string keys).
-    serde_json::to_value(cfg).unwrap_or(Value::Null)
-}
-
-/// Every leaf key path whose value differs between two JSON documents (a list counts as one
-/// value), sorted: what any component's reload reports.
-pub fn changed_keys(a: &Value, b: &Value) -> Vec<String> {
-    let mut changed = Vec::new();
-    walk(a, b, String::new(), &mut changed);
-    changed.sort();
-    changed
-}
-
-fn walk(a: &Value, b: &Value, path: String, out: &mut Vec<String>) {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            for k in keys {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                walk(
-                    x.get(k).unwrap_or(&Value::Null),
-                    y.get(k).unwrap_or(&Value::Null),
-                    p,
-                    out,
-                );
-            }
-        }
-        _ if a != b => out.push(if path.is_empty() { ".".into() } else { path }),
-        _ => {}
-    }
 }
 
 /// Digest of a configuration: 16 hex digits of XXH3-64 of its JSON (fields in declaration order,
@@ -194,6 +115,7 @@ mod tests {
 
     #[test]
     fn a_key_that_only_shares_a_prefix_with_a_live_key_is_not_live() {
+        let is_live = |k: &str| edgewatch_models::reload::is_live(k, LIVE_KEYS);
         assert!(is_live("anomaly.threshold"));
         assert!(is_live("detector"));
         assert!(is_live("detector.alpha"));

@@ -50,6 +50,26 @@ pub struct AggregatorConfig {
     /// everyone else's are judged (see the `directory` module).
     #[serde(default)]
     pub owners: OwnersConfig,
+    /// Logging.
+    #[serde(default, skip_serializing_if = "AggregatorLog::is_default")]
+    pub log: AggregatorLog,
+}
+
+/// The aggregator's logging.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorLog {
+    /// Log filter of `edgewatch aggregator` (`info`, `debug`, `warn,edgewatch_aggregator=debug`),
+    /// applied at start and by every reload; `--log-level` and `RUST_LOG` win over it. Default:
+    /// `info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+}
+
+impl AggregatorLog {
+    fn is_default(&self) -> bool {
+        self.level.is_none()
+    }
 }
 
 /// Timing of the owners directory.
@@ -705,6 +725,7 @@ impl AggregatorConfig {
             fleet: FleetConfig::default(),
             training: TrainingConfig::default(),
             owners: OwnersConfig::default(),
+            log: AggregatorLog::default(),
         }
     }
 

@@ -12,6 +12,7 @@ pub mod feed;
 mod fleet;
 mod http;
 pub mod ownership;
+pub mod reload;
 pub mod state;
 pub mod store;
 pub mod telemetry;
@@ -189,6 +190,11 @@ impl Aggregator {
     /// The bound HTTP address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Applies reloads to this aggregator while it runs (SIGHUP; see [`reload`]).
+    pub fn reloader(&self) -> reload::Reloader {
+        reload::Reloader::new(self.shared.clone())
     }
 
     /// The feed's WebSocket URL.

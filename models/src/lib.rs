@@ -12,6 +12,7 @@ pub mod eval;
 pub mod glob;
 pub mod multi;
 pub mod partition;
+pub mod reload;
 pub mod stats;
 pub mod window;
 pub mod wire;

@@ -698,6 +698,67 @@ async fn an_aggregator_survives_sighup_refuses_a_bad_file_and_names_keys_needing
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregator_applies_log_level_and_fleet_gates_live_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = embedded_broker();
+    let http = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+    let conf = crate::crash::aggregator_yaml(dir.path(), "agg-live", broker.addr().port(), http);
+    let base = std::fs::read_to_string(&conf).unwrap();
+    let with = |extra: &str| std::fs::write(&conf, format!("{base}{extra}")).unwrap();
+    with("fleet: { enabled: true }\nlog: { level: warn }\n");
+    let log = dir.path().join("aggregator.log");
+    // No RUST_LOG and no --log-level: the file's log.level decides.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgewatch"))
+        .args(["aggregator", "--config", conf.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    crate::crash::wait_http(addr);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let hup = |pid: u32| {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    // The level goes to info and the fleet's gate and class minimum change: applied live.
+    with("fleet: { enabled: true, min_devices: 9, gate: { rearm_ratio: 0.5 } }\nlog: { level: info }\n");
+    hup(child.id());
+    wait_until("the reload logged at info", Duration::from_secs(20), || {
+        log_text().contains("configuration applied")
+    })
+    .await;
+    let text = log_text();
+    assert!(
+        !text.contains("http.advertise not set"),
+        "warn was in force at start:\n{text}"
+    );
+    for key in ["log.level", "fleet.gate.rearm_ratio", "fleet.min_devices"] {
+        assert!(text.contains(key), "{key} applied:\n{text}");
+    }
+    assert!(!text.contains("only after a restart"), "{text}");
+    // A key that needs a restart beside a bad gate: refused whole, nothing applied.
+    with("fleet: { enabled: true, gate: { rearm_ratio: 0.0 } }\nfeed: { history: 7 }\nlog: { level: info }\n");
+    hup(child.id());
+    wait_until("the refusal logged", Duration::from_secs(20), || {
+        log_text().contains("configuration refused")
+    })
+    .await;
+    assert!(
+        log_text().contains("fleet.gate.rearm_ratio"),
+        "{}",
+        log_text()
+    );
+    assert_eq!(http_get(addr, "/healthz").0, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_log_level_follows_its_file_at_start_and_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
     let broker = embedded_broker();

@@ -196,6 +196,27 @@ impl Profiles {
         })
     }
 
+    /// Takes the live part of a reload (see `reload.rs`): the gate of every device (its episode
+    /// state kept), the peer options of the next fit, and the class and completeness minimums.
+    /// Fails, changing nothing, when the gate is invalid.
+    pub(crate) fn retune(&mut self, cfg: &FleetConfig) -> Result<(), ModelError> {
+        let gate = EventGate::new(THRESHOLD, &cfg.gate)?;
+        for dev in self.devices.values_mut() {
+            dev.gate = dev.gate.retuned(&gate);
+        }
+        self.gate = gate;
+        self.cfg.gate = cfg.gate;
+        self.cfg.peers = cfg.peers.clone();
+        self.cfg.min_devices = cfg.min_devices;
+        self.cfg.min_windows = cfg.min_windows;
+        Ok(())
+    }
+
+    /// The options the next peer model fit uses.
+    pub(crate) fn peer_options(&self) -> PeerOptions {
+        self.cfg.peers.clone()
+    }
+
     /// Devices profiled.
     pub(crate) fn len(&self) -> usize {
         self.devices.len()

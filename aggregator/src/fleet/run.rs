@@ -37,6 +37,11 @@ impl Fleet {
         })
     }
 
+    /// See [`Profiles::retune`].
+    pub(crate) fn retune(&self, cfg: &FleetConfig) -> Result<(), ModelError> {
+        self.lock().retune(cfg)
+    }
+
     /// See [`Profiles::seed`].
     pub(crate) fn seed(&self, state: &crate::state::FleetState) -> usize {
         self.lock().seed(state)
@@ -194,11 +199,13 @@ pub(crate) async fn refit_loop(shared: Arc<Shared>, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let sets = fleet.lock().training_sets();
+        let (sets, opts) = {
+            let mut p = fleet.lock();
+            (p.training_sets(), p.peer_options())
+        };
         if sets.is_empty() {
             continue;
         }
-        let opts = shared.cfg.fleet.peers.clone();
         let fitted = tokio::task::spawn_blocking(move || {
             sets.into_iter()
                 .map(|s| {

@@ -368,6 +368,38 @@ fn bad_gate_settings_are_refused() {
     assert!(Profiles::new(&c, "agg").is_err());
 }
 
+#[test]
+fn a_reload_retunes_gates_minimums_and_peer_options_and_a_bad_gate_changes_nothing() {
+    let mut p = Profiles::new(&cfg(), "agg").unwrap();
+    for i in 0..2 {
+        for d in 0..5 {
+            p.observe(0, &window(&format!("d{d}"), "a", i, 1.0 + d as f64 * 0.01));
+        }
+    }
+    // Five complete profiles make a class of min_devices 5...
+    assert_eq!(p.training_sets().len(), 1);
+    let mut c = cfg();
+    c.min_devices = 6;
+    c.peers.limit = 7.5;
+    c.gate.rearm_ratio = 0.25;
+    p.retune(&c).unwrap();
+    // ...and not of 6; the next fit takes the new options; every device's gate has the new ratio.
+    assert!(p.training_sets().is_empty());
+    assert_eq!(p.peer_options().limit, 7.5);
+    assert!(p
+        .devices
+        .values()
+        .all(|d| d.gate == d.gate.retuned(&p.gate)));
+    assert_eq!(p.gate, EventGate::new(THRESHOLD, &c.gate).unwrap());
+    // An invalid gate is refused and the profiles keep the one in force.
+    let mut bad = c.clone();
+    bad.gate.rearm_ratio = 0.0;
+    bad.min_devices = 2;
+    assert!(p.retune(&bad).is_err());
+    assert_eq!(p.cfg.min_devices, 6);
+    assert_eq!(p.gate, EventGate::new(THRESHOLD, &c.gate).unwrap());
+}
+
 /// The memory figure stated in the README: a device's fixed part and each metric's. A BTreeMap
 /// leaf holds up to 11 (name, profile) pairs, so a device with 1 to 11 metrics allocates one leaf.
 #[test]

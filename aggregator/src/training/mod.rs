@@ -13,7 +13,7 @@ use crate::store::{StateStore, StoreError};
 use crate::Shared;
 pub(crate) mod store;
 
-use edgewatch_models::multi::{Added, DeviceSet, PcaModel, Trainer};
+use edgewatch_models::multi::{Added, DeviceSet, PcaModel, TrainConfig, Trainer};
 use edgewatch_models::wire::{model_key, Topics, TrainingSample};
 use rumqttc::{AsyncClient, QoS};
 use serde::{Deserialize, Serialize};
@@ -46,7 +46,7 @@ pub(crate) struct Training {
     /// Whether this aggregator trains: always with static ownership; in cluster mode only while
     /// it holds the trainer lease (the sets and models are loaded from the KV when it wins it).
     active: AtomicBool,
-    train_cfg: edgewatch_models::multi::TrainConfig,
+    train_cfg: Mutex<TrainConfig>,
     groups: Vec<FleetGroup>,
     trainer: Mutex<Trainer>,
     models: Mutex<BTreeMap<String, StoredModel>>,
@@ -65,7 +65,7 @@ impl Training {
         Self {
             check_interval: Duration::from_millis(cfg.check_interval_ms),
             active: AtomicBool::new(active),
-            train_cfg: cfg.train(),
+            train_cfg: Mutex::new(cfg.train()),
             groups: groups.to_vec(),
             trainer: Mutex::new(Trainer::new(cfg.train())),
             models: Mutex::new(BTreeMap::new()),
@@ -94,7 +94,7 @@ impl Training {
     /// Starts training from `sets` and `models` (cluster mode: the trainer lease was won and the
     /// training bucket read), replacing whatever was held.
     pub(crate) fn activate(&self, sets: Vec<DeviceSet>, models: Vec<StoredModel>) {
-        *self.trainer() = Trainer::new(self.train_cfg.clone());
+        *self.trainer() = Trainer::new(self.train_cfg());
         self.models().clear();
         self.restore(sets, models);
         self.active.store(true, Relaxed);
@@ -104,8 +104,23 @@ impl Training {
     /// and models: the next trainer holds them.
     pub(crate) fn deactivate(&self) {
         self.active.store(false, Relaxed);
-        *self.trainer() = Trainer::new(self.train_cfg.clone());
+        *self.trainer() = Trainer::new(self.train_cfg());
         self.models().clear();
+    }
+
+    fn train_cfg(&self) -> TrainConfig {
+        self.train_cfg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Takes the live part of a reload: the trainer's bounds and pace, for the sets held and for
+    /// those of a later activation. Sets above a lowered bound shrink as their next samples arrive.
+    pub(crate) fn retune(&self, cfg: &TrainingConfig) {
+        let new = cfg.train();
+        *self.train_cfg.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        self.trainer().set_config(new);
     }
 
     /// Loads what the store holds (at start).

@@ -186,6 +186,17 @@ impl FitJob {
 }
 
 impl Trainer {
+    /// Replaces the bounds and pace (a reload); the sets held are kept, and shrink to lowered
+    /// bounds as their next samples arrive. `cfg` should pass [`TrainConfig::check`].
+    pub fn set_config(&mut self, cfg: TrainConfig) {
+        self.cfg = cfg;
+    }
+
+    /// The bounds and pace in force.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
     /// A trainer without sets; `cfg` should pass [`TrainConfig::check`].
     pub fn new(cfg: TrainConfig) -> Self {
         Self {
