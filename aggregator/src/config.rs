@@ -51,7 +51,7 @@ pub struct AggregatorConfig {
     #[serde(default)]
     pub owners: OwnersConfig,
     /// Logging.
-    #[serde(default, skip_serializing_if = "AggregatorLog::is_default")]
+    #[serde(default)]
     pub log: AggregatorLog,
 }
 
@@ -64,12 +64,6 @@ pub struct AggregatorLog {
     /// `info`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<String>,
-}
-
-impl AggregatorLog {
-    fn is_default(&self) -> bool {
-        self.level.is_none()
-    }
 }
 
 /// Timing of the owners directory.
