@@ -37,6 +37,23 @@ pub struct ClusterConfig {
     /// most the number of NATS nodes.
     #[serde(default = "default_replicas")]
     pub replicas: usize,
+    /// How partitions are checkpointed: `incremental` (only what changed since the last
+    /// checkpoint, compacted into a whole base now and then) or `full` (the whole partition every
+    /// time: the format before incremental checkpoints, which members of older versions read).
+    #[serde(default)]
+    pub checkpoint: CheckpointMode,
+}
+
+/// `cluster.checkpoint`: what each checkpoint of a partition writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointMode {
+    /// Only the windows and lanes changed since the last checkpoint, as a delta record after a
+    /// base; a whole base again when the deltas since the last one outgrow it.
+    #[default]
+    Incremental,
+    /// The whole partition every time (what versions before incremental checkpoints wrote).
+    Full,
 }
 
 /// The coordination backend (`type:`).
@@ -98,6 +115,7 @@ impl ClusterConfig {
             heartbeat_ms: default_heartbeat_ms(),
             checkpoint_interval_ms: default_checkpoint_interval_ms(),
             replicas: default_replicas(),
+            checkpoint: CheckpointMode::default(),
         }
     }
 

@@ -12,6 +12,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod incremental;
 pub mod kv;
 pub mod lease;
 pub mod members;
