@@ -421,7 +421,9 @@ impl KvCheckpoints {
     /// behind are skipped by readers (they start at the last base) and dropped by the history
     /// limit.
     async fn purge_before(&self, partition: u32, revision: u64) {
-        if !self.chained {
+        // nats-server reads a purge up to sequence 1 as "no bound" and purges the whole subject,
+        // the base included; nothing precedes the stream's first message anyway.
+        if !self.chained || revision <= 1 {
             return;
         }
         let subject = format!("{}{}", self.store.prefix, key(partition));

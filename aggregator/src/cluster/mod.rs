@@ -22,7 +22,9 @@ pub mod status;
 pub mod store;
 pub mod trainer;
 
-pub use checkpoint::{Checkpoint, CheckpointError, CheckpointFence, KvCheckpoints};
+pub use checkpoint::{
+    Chain, Checkpoint, CheckpointError, CheckpointFence, KvCheckpoints, TakeOverWrite,
+};
 pub use config::{ClusterConfig, ClusterKind, NatsCredentials};
 pub use kv::{connect, ensure_bucket, KvError};
 pub use lease::{wanted, Lease, LeaseError, LeaseTiming, Leases};
