@@ -694,7 +694,11 @@ mod incremental {
         assert!(deltas >= 6, "mostly deltas: {kinds:?}");
         let held = a.load().unwrap();
         let held_windows: Vec<WindowSummary> = held.windows.into_iter().map(|(_, w)| w).collect();
-        assert_eq!(held_windows.len(), 50 * WPS, "evicted down to {WPS} per series");
+        assert_eq!(
+            held_windows.len(),
+            50 * WPS,
+            "evicted down to {WPS} per series"
+        );
 
         // B takes over under epoch 20: base + deltas fold to exactly what A held.
         let (chain, fence_b) = ckpt_b
@@ -722,7 +726,10 @@ mod incremental {
         assert_eq!(written.len(), 1);
         assert_eq!(written[0].kind, Kind::Delta, "a delta was attempted");
         let e = written[0].result.as_ref().unwrap_err();
-        assert!(matches!(e, CheckpointError::Fenced { partition: 5, .. }), "{e}");
+        assert!(
+            matches!(e, CheckpointError::Fenced { partition: 5, .. }),
+            "{e}"
+        );
         drop(a);
 
         // B continues incrementally from where A was; a third owner reads B's state, not A's.

@@ -602,8 +602,7 @@ impl KvCheckpoints {
             Kind::Base => encode(fence.epoch, state),
             Kind::Delta => encode_delta(fence.epoch, state),
         };
-        match self.store.update(&k, value, fence.revision).await
-        {
+        match self.store.update(&k, value, fence.revision).await {
             Ok(revision) => {
                 fence.revision = revision;
                 Ok(revision)

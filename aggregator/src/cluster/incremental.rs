@@ -193,7 +193,11 @@ mod tests {
         for _ in 0..9 {
             k.written(Kind::Delta, 10_000);
         }
-        assert_eq!(k.next(10_000), Kind::Delta, "90 KB of deltas + 10 = the base");
+        assert_eq!(
+            k.next(10_000),
+            Kind::Delta,
+            "90 KB of deltas + 10 = the base"
+        );
         k.written(Kind::Delta, 10_000);
         assert_eq!(k.next(1), Kind::Base, "one byte more than the base");
         k.written(Kind::Base, 120_000);
@@ -228,6 +232,10 @@ mod tests {
         let mut k = Compaction::new(100_000, 0, 0);
         k.failed(Kind::Base, 100_000);
         assert_eq!(k.deltas(), 1);
-        assert_eq!(k.next(1), Kind::Base, "it may have landed: the chain is longer");
+        assert_eq!(
+            k.next(1),
+            Kind::Base,
+            "it may have landed: the chain is longer"
+        );
     }
 }

@@ -274,7 +274,10 @@ pub async fn ensure_bucket_history(
                 .await
                 .map_err(|e| KvError::Mismatch {
                     bucket: name.to_string(),
-                    what: format!("history {} cannot be raised to {n}: {e}", got.max_messages_per_subject),
+                    what: format!(
+                        "history {} cannot be raised to {n}: {e}",
+                        got.max_messages_per_subject
+                    ),
                 })?;
             stream = js
                 .get_stream(format!("KV_{name}"))

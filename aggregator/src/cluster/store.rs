@@ -229,7 +229,11 @@ impl Owned {
         self.dirty_since.get_or_insert_with(Instant::now);
     }
 
-    fn put_window(&mut self, partition: u32, summary: &WindowSummary) -> Result<Applied, StoreError> {
+    fn put_window(
+        &mut self,
+        partition: u32,
+        summary: &WindowSummary,
+    ) -> Result<Applied, StoreError> {
         let applied = self.model.put_window(partition, summary)?;
         if applied != Applied::Duplicate {
             self.mark_dirty();
@@ -548,7 +552,8 @@ impl StateStore for KvStore {
                 .put_lane(lane.agent, lane.partition, lane.epoch, seq);
             return Ok(());
         }
-        self.owned_mut(lane.partition)?.put_lane_seq(lane.agent, lane.epoch, seq);
+        self.owned_mut(lane.partition)?
+            .put_lane_seq(lane.agent, lane.epoch, seq);
         Ok(())
     }
 
@@ -727,7 +732,12 @@ mod tests {
     #[test]
     fn base_and_deltas_fold_back_to_the_writer_s_state() {
         let wps = 3;
-        let mut o = Owned::new(fence(), &PartitionState::default(), wps, Compaction::default());
+        let mut o = Owned::new(
+            fence(),
+            &PartitionState::default(),
+            wps,
+            Compaction::default(),
+        );
         let mut chain = Chain::default();
         let mut kinds = Vec::new();
         let mut t = 0;
@@ -747,20 +757,44 @@ mod tests {
                 o.drop_lane(&format!("gw-{}", round - 2), 7);
             }
             t += 1000;
-            kinds.push(checkpoint_into(&mut o, &mut chain, CheckpointMode::Incremental));
+            kinds.push(checkpoint_into(
+                &mut o,
+                &mut chain,
+                CheckpointMode::Incremental,
+            ));
             assert_eq!(
                 PartitionState::from_chain(&chain, wps).unwrap(),
                 o.state(),
                 "round {round}: the reader folds what the writer holds"
             );
         }
-        assert!(kinds.iter().filter(|k| **k == Kind::Delta).count() > 20, "{kinds:?}");
-        assert!(kinds.contains(&Kind::Base), "compacted now and then: {kinds:?}");
-        assert!(chain.bytes <= 2 * chain.base.len().max(super::super::incremental::MIN_BASE_BYTES) + 64);
+        assert!(
+            kinds.iter().filter(|k| **k == Kind::Delta).count() > 20,
+            "{kinds:?}"
+        );
+        assert!(
+            kinds.contains(&Kind::Base),
+            "compacted now and then: {kinds:?}"
+        );
+        assert!(
+            chain.bytes
+                <= 2 * chain
+                    .base
+                    .len()
+                    .max(super::super::incremental::MIN_BASE_BYTES)
+                    + 64
+        );
         // Full mode writes the whole partition every time, in the format older members read.
         o.put_window(3, &window("dev-0", t)).unwrap();
-        assert_eq!(checkpoint_into(&mut o, &mut chain, CheckpointMode::Full), Kind::Base);
-        assert_eq!(chain.base, o.state().encode(), "the value versions before wrote");
+        assert_eq!(
+            checkpoint_into(&mut o, &mut chain, CheckpointMode::Full),
+            Kind::Base
+        );
+        assert_eq!(
+            chain.base,
+            o.state().encode(),
+            "the value versions before wrote"
+        );
         assert_eq!(PartitionState::from_chain(&chain, wps).unwrap(), o.state());
     }
 
@@ -780,12 +814,20 @@ mod tests {
         let d = PartitionDelta::decode(&delta).unwrap();
         assert_eq!(d.windows, vec![window("dev-7", 1000)]);
         assert_eq!(d.lanes, vec![("gw".to_string(), 0, 9)]);
-        assert!(delta.len() * 100 < base.len(), "{} vs {}", delta.len(), base.len());
+        assert!(
+            delta.len() * 100 < base.len(),
+            "{} vs {}",
+            delta.len(),
+            base.len()
+        );
     }
 
     #[test]
     fn deltas_and_chains_with_bad_bytes_are_named_not_panicked_on() {
-        assert_eq!(PartitionDelta::decode(&[]).unwrap(), PartitionDelta::default());
+        assert_eq!(
+            PartitionDelta::decode(&[]).unwrap(),
+            PartitionDelta::default()
+        );
         assert!(PartitionDelta::decode(&[9])
             .unwrap_err()
             .contains("delta format 9"));
