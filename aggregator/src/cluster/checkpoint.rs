@@ -235,10 +235,9 @@ impl KvCheckpoints {
 
     /// The last base of `partition` and the deltas after it, with the epoch and revision of the
     /// last record; `None` for a partition never checkpointed (or deleted). A base read last is
-    /// one read; otherwise the key's history is read, record by record, keeping only what
-    /// follows the latest base.
+    /// one read; otherwise the key's records are read one by one, oldest first (a base write
+    /// purges those before it), keeping only what follows the latest base.
     async fn read_chain(&self, partition: u32) -> Result<Option<(Chain, Head)>, CheckpointError> {
-        use futures_util::StreamExt;
         let k = key(partition);
         let Some(last) = super::kv::live_entry(&self.store, &k).await? else {
             return Ok(None);
@@ -263,37 +262,50 @@ impl KvCheckpoints {
             };
             return Ok(Some((chain, head)));
         }
+        // Record by record through STREAM.MSG.GET (the permission every read already needs; no
+        // consumer): the first record of the subject from `seq` on, up to the last one read above.
+        let subject = format!("{}{}", self.store.prefix, k);
         let read = async {
-            let mut history = self
-                .store
-                .history(&k)
-                .await
-                .map_err(|e| KvError::op(&self.store, "history", &k, e))?;
             let mut chain: Option<Chain> = None;
             let mut head = None;
-            while let Some(entry) = history.next().await {
-                let entry = entry.map_err(|e| KvError::op(&self.store, "history", &k, e))?;
-                if entry.operation != kv::Operation::Put {
+            let mut seq = 1;
+            while seq <= last.revision {
+                let msg = match self
+                    .store
+                    .stream
+                    .get_first_raw_message_by_subject(&subject, seq)
+                    .await
+                {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => break,
+                    Err(e) => return Err(KvError::op(&self.store, "read", &k, e).into()),
+                };
+                seq = msg.sequence + 1;
+                let deleted = msg
+                    .headers
+                    .get("KV-Operation")
+                    .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+                if deleted {
                     chain = None;
                     head = None;
                     continue;
                 }
                 let (epoch, kind, payload) =
-                    decode_record(&entry.value).map_err(corrupt(entry.revision))?;
+                    decode_record(&msg.payload).map_err(corrupt(msg.sequence))?;
                 match (kind, &mut chain) {
                     (Kind::Base, _) => {
                         chain = Some(Chain {
                             base: payload,
                             deltas: Vec::new(),
-                            bytes: entry.value.len(),
+                            bytes: msg.payload.len(),
                         })
                     }
                     (Kind::Delta, Some(c)) => {
                         c.deltas.push(payload);
-                        c.bytes += entry.value.len();
+                        c.bytes += msg.payload.len();
                     }
                     (Kind::Delta, None) => {
-                        return Err(corrupt(entry.revision)(
+                        return Err(corrupt(msg.sequence)(
                             "a delta record without a base before it (the base fell out of \
                              the bucket's history)"
                                 .into(),
@@ -302,11 +314,8 @@ impl KvCheckpoints {
                 }
                 head = Some(Head {
                     epoch,
-                    revision: entry.revision,
+                    revision: msg.sequence,
                 });
-                if entry.revision >= last.revision {
-                    break;
-                }
             }
             Ok(chain.zip(head))
         };

@@ -152,11 +152,11 @@ pub(super) async fn run(b: &ClusterBench, base: &Path) -> anyhow::Result<()> {
             let (n0, rate0) = *first.get_or_insert((n, r.rate));
             let plural = |n: usize| if n == 1 { "" } else { "s" };
             println!(
-            "cluster throughput, checkpoint {}, {n} aggregator{}: {:>10.0} summaries/s = {:>11.0} readings/s (each summary stands for {READINGS_PER_WINDOW}); {:.1} checkpoint writes/s, {:.2} MB/s checkpointed ({:.1} KB per write, {:.0} bytes per applied summary); {} summaries, first publish to last ack {:.2} s, {} resent; x{:.2} vs {n0} aggregator{}; CPU s: aggregators {}, nats-server {}, bench process {} of {:.1} s x {cores} cores; settled in {:.1} s{}",
-            mode_name(mode),
+            "cluster throughput, {n} aggregator{}: {:>10.0} summaries/s = {:>11.0} readings/s (each summary stands for {READINGS_PER_WINDOW}); checkpoint {}: {:.1} writes/s, {:.2} MB/s checkpointed ({:.1} KB per write, {:.0} bytes per applied summary); {} summaries, first publish to last ack {:.2} s, {} resent; x{:.2} vs {n0} aggregator{}; CPU s: aggregators {}, nats-server {}, bench process {} of {:.1} s x {cores} cores; settled in {:.1} s{}",
             plural(n),
             r.rate,
             r.rate * READINGS_PER_WINDOW as f64,
+            mode_name(mode),
             r.checkpoints as f64 / r.secs,
             r.checkpoint_bytes as f64 / r.secs / 1e6,
             r.checkpoint_bytes as f64 / r.checkpoints.max(1) as f64 / 1e3,
