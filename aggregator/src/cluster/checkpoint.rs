@@ -643,6 +643,24 @@ mod tests {
     }
 
     #[test]
+    fn delta_records_carry_their_epoch_and_are_never_read_as_a_whole_state() {
+        let d = encode_delta(9, b"changes");
+        assert_eq!(
+            decode_record(&d).unwrap(),
+            (9, Kind::Delta, Bytes::from_static(b"changes"))
+        );
+        assert_eq!(
+            decode_record(&encode(3, b"all")).unwrap(),
+            (3, Kind::Base, Bytes::from_static(b"all"))
+        );
+        let e = decode(&d).unwrap_err();
+        assert!(e.contains("version 2") && e.contains("delta"), "{e}");
+        assert!(decode_record(&Bytes::from_static(&[VERSION_DELTA, 1]))
+            .unwrap_err()
+            .contains("shorter"));
+    }
+
+    #[test]
     fn bad_values_are_reported_not_panicked_on() {
         assert!(decode(&Bytes::new()).unwrap_err().contains("empty"));
         assert!(decode(&Bytes::from_static(&[1, 2, 3]))

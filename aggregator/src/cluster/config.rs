@@ -233,6 +233,22 @@ mod tests {
     }
 
     #[test]
+    fn checkpoints_are_incremental_unless_full_is_asked_for() {
+        let c = ClusterConfig::nats(vec!["nats://n1:4222".into()]);
+        assert_eq!(c.checkpoint, CheckpointMode::Incremental);
+        let full: ClusterConfig = serde_json::from_value(serde_json::json!({
+            "type": "nats", "servers": ["nats://n1:4222"], "checkpoint": "full"
+        }))
+        .unwrap();
+        assert_eq!(full.checkpoint, CheckpointMode::Full);
+        let e = serde_json::from_value::<ClusterConfig>(serde_json::json!({
+            "type": "nats", "servers": ["nats://n1:4222"], "checkpoint": "sometimes"
+        }))
+        .unwrap_err();
+        assert!(e.to_string().contains("incremental"), "{e}");
+    }
+
+    #[test]
     fn unknown_types_and_fields_are_rejected() {
         let bad_type = serde_json::json!({"type": "etcd", "servers": []});
         assert!(serde_json::from_value::<ClusterConfig>(bad_type).is_err());

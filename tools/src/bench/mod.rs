@@ -959,6 +959,18 @@ pub(crate) fn wall_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// `--cluster-checkpoint`: `incremental` or `full`.
+fn parse_checkpoint_mode(
+    s: &str,
+) -> Result<edgewatch_aggregator::cluster::config::CheckpointMode, String> {
+    use edgewatch_aggregator::cluster::config::CheckpointMode;
+    match s {
+        "incremental" => Ok(CheckpointMode::Incremental),
+        "full" => Ok(CheckpointMode::Full),
+        other => Err(format!("expected incremental or full, got {other:?}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -980,17 +992,5 @@ mod tests {
         let without = pipeline_run(DetectorConfig::default(), &data.readings, &[]).unwrap();
         assert_eq!(without.pca_events, 0);
         assert_eq!(without.windows, r.run.windows);
-    }
-}
-
-/// `--cluster-checkpoint`: `incremental` or `full`.
-fn parse_checkpoint_mode(
-    s: &str,
-) -> Result<edgewatch_aggregator::cluster::config::CheckpointMode, String> {
-    use edgewatch_aggregator::cluster::config::CheckpointMode;
-    match s {
-        "incremental" => Ok(CheckpointMode::Incremental),
-        "full" => Ok(CheckpointMode::Full),
-        other => Err(format!("expected incremental or full, got {other:?}")),
     }
 }
