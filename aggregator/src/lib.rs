@@ -283,7 +283,8 @@ impl Aggregator {
                     handle.clone(),
                     cfg.state.windows_per_series,
                     Duration::from_millis(c.lease_ttl_ms / 2),
-                );
+                )
+                .with_mode(c.checkpoint);
                 let interval = Duration::from_millis(c.checkpoint_interval_ms);
                 let acks = client.clone();
                 let apply = tokio::task::spawn_blocking(move || {

@@ -348,6 +348,17 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// The kept window of (`device`, `metric`) starting at `start_ms`, if any (what an incremental
+    /// checkpoint writes for a window that changed).
+    pub fn window(&self, device: &str, metric: &str, start_ms: i64) -> Option<&WindowSummary> {
+        self.series
+            .get(&(device.to_string(), metric.to_string()))
+            .and_then(|s| s.get(&start_ms))
+            .map(|(_, w)| w)
+    }
+}
+
 impl StateStore for MemoryStore {
     fn put_window(&mut self, partition: u32, s: &WindowSummary) -> Result<Applied, StoreError> {
         validate(s)?;

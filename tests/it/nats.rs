@@ -580,3 +580,254 @@ async fn a_killed_stream_leader_is_replaced_and_the_restarted_node_catches_up() 
         Some(&b"b"[..])
     );
 }
+
+mod incremental {
+    //! Incremental checkpoints on the real cluster: a chain of base and delta records per
+    //! partition, fenced like whole checkpoints, read back by a take-over.
+
+    use super::shared;
+    use edgewatch_aggregator::cluster::incremental::Compaction;
+    use edgewatch_aggregator::cluster::store::{KvStore, PartitionDelta, PartitionState};
+    use edgewatch_aggregator::cluster::{Chain, CheckpointError, KvCheckpoints, TakeOverWrite};
+    use edgewatch_aggregator::state::LaneId;
+    use edgewatch_aggregator::store::StateStore;
+    use edgewatch_models::wire::WindowSummary;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    const WPS: usize = 4;
+
+    fn window(device: &str, start: i64, count: u64) -> WindowSummary {
+        WindowSummary {
+            device: device.into(),
+            metric: "temp".into(),
+            start_ms: start,
+            end_ms: start + 1000,
+            count,
+            min: 1.0,
+            max: 2.0,
+            mean: 1.5,
+            std: 0.1,
+            first_ts_ms: start,
+            last_ts_ms: start + 900,
+            max_score: 0.2,
+            revision: 0,
+        }
+    }
+
+    fn fold(chain: &Chain) -> Result<Vec<u8>, String> {
+        PartitionState::from_chain(chain, WPS).map(|s| s.encode())
+    }
+
+    /// Readings per device over the kept windows.
+    fn counts(windows: &[WindowSummary]) -> BTreeMap<String, u64> {
+        let mut c = BTreeMap::new();
+        for w in windows {
+            *c.entry(w.device.clone()).or_default() += w.count;
+        }
+        c
+    }
+
+    /// Applies `rounds` rounds of windows (for 50 devices in the first 4 rounds, then for 5) and
+    /// a lane seq to partition 5 of `store`, checkpointing after each; returns the kinds written.
+    fn apply_rounds(
+        store: &mut KvStore,
+        rounds: std::ops::Range<i64>,
+    ) -> Vec<edgewatch_aggregator::cluster::checkpoint::Kind> {
+        let mut kinds = Vec::new();
+        for round in rounds {
+            for d in 0..if round < 4 { 50 } else { 5 } {
+                let w = window(&format!("dev-{d}"), round * 1000, (round as u64 + 1) * 10);
+                store.put_window(5, &w).unwrap();
+            }
+            store
+                .put_lane_seq(LaneId::new("gw-1", 5, 0), round as u64 + 1)
+                .unwrap();
+            for w in store.checkpoint(None) {
+                assert!(w.result.is_ok(), "round {round}: {:?}", w.result);
+                kinds.push(w.kind);
+            }
+        }
+        kinds
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_take_over_after_incremental_checkpoints_restores_the_owner_s_state_and_fences_its_deltas(
+    ) {
+        use edgewatch_aggregator::cluster::checkpoint::Kind;
+        let nats = shared();
+        let (js_a, js_b) = (nats.js(0).await, nats.js(1).await);
+        let ckpt_a = KvCheckpoints::open_chained(&js_a, "t_incr_ckpt", 3)
+            .await
+            .unwrap();
+        let ckpt_b = KvCheckpoints::open_chained(&js_b, "t_incr_ckpt", 3)
+            .await
+            .unwrap();
+
+        // A takes partition 5 (never checkpointed) under epoch 10 and checkpoints 12 rounds.
+        let (chain, fence_a) = ckpt_a
+            .take_over_chain(5, 10, TakeOverWrite::Marker, fold)
+            .await
+            .unwrap();
+        assert_eq!(
+            PartitionState::from_chain(&chain, WPS).unwrap(),
+            PartitionState::default()
+        );
+        let mut a = KvStore::new(
+            ckpt_a.clone(),
+            tokio::runtime::Handle::current(),
+            WPS,
+            Duration::from_secs(10),
+        );
+        a.own(
+            fence_a,
+            &PartitionState::default(),
+            Compaction::new(chain.base.len(), 0, 0),
+        );
+        let (mut a, kinds) = tokio::task::spawn_blocking(move || {
+            let kinds = apply_rounds(&mut a, 0..12);
+            (a, kinds)
+        })
+        .await
+        .unwrap();
+        let deltas = kinds.iter().filter(|k| **k == Kind::Delta).count();
+        assert!(deltas >= 6, "mostly deltas: {kinds:?}");
+        let held = a.load().unwrap();
+        let held_windows: Vec<WindowSummary> = held.windows.into_iter().map(|(_, w)| w).collect();
+        assert_eq!(
+            held_windows.len(),
+            50 * WPS,
+            "evicted down to {WPS} per series"
+        );
+
+        // B takes over under epoch 20: base + deltas fold to exactly what A held.
+        let (chain, fence_b) = ckpt_b
+            .take_over_chain(5, 20, TakeOverWrite::Marker, fold)
+            .await
+            .unwrap();
+        assert!(
+            chain.deltas.len() >= 2,
+            "read a base and {} deltas",
+            chain.deltas.len()
+        );
+        let restored = PartitionState::from_chain(&chain, WPS).unwrap();
+        assert_eq!(restored.windows, held_windows);
+        assert_eq!(counts(&restored.windows), counts(&held_windows));
+        assert_eq!(restored.lanes, vec![("gw-1".to_string(), 0, 12)]);
+
+        // A, unaware, applies more and checkpoints a delta: refused, nothing of it stored.
+        let (a, written) = tokio::task::spawn_blocking(move || {
+            a.put_window(5, &window("dev-0", 99_000, 7)).unwrap();
+            let w = a.checkpoint(None);
+            (a, w)
+        })
+        .await
+        .unwrap();
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0].kind, Kind::Delta, "a delta was attempted");
+        let e = written[0].result.as_ref().unwrap_err();
+        assert!(
+            matches!(e, CheckpointError::Fenced { partition: 5, .. }),
+            "{e}"
+        );
+        drop(a);
+
+        // B continues incrementally from where A was; a third owner reads B's state, not A's.
+        let mut b = KvStore::new(
+            ckpt_b.clone(),
+            tokio::runtime::Handle::current(),
+            WPS,
+            Duration::from_secs(10),
+        );
+        let delta_bytes = chain.bytes - chain.base.len();
+        b.own(
+            fence_b,
+            &restored,
+            Compaction::new(chain.base.len(), chain.deltas.len(), delta_bytes),
+        );
+        let b = tokio::task::spawn_blocking(move || {
+            apply_rounds(&mut b, 12..15);
+            b
+        })
+        .await
+        .unwrap();
+        let (chain, _) = ckpt_a
+            .take_over_chain(5, 30, TakeOverWrite::Marker, fold)
+            .await
+            .unwrap();
+        let third = PartitionState::from_chain(&chain, WPS).unwrap();
+        let b_windows: Vec<WindowSummary> = b
+            .load()
+            .unwrap()
+            .windows
+            .into_iter()
+            .map(|(_, w)| w)
+            .collect();
+        assert_eq!(third.windows, b_windows);
+        assert!(
+            !third.windows.iter().any(|w| w.start_ms == 99_000),
+            "the deposed owner's delta is nowhere"
+        );
+        assert_eq!(third.lanes, vec![("gw-1".to_string(), 0, 15)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_of_the_format_before_deltas_is_read_and_an_old_reader_refuses_a_delta_by_name(
+    ) {
+        let nats = shared();
+        let js = nats.js(2).await;
+        // A member of the previous version: history 1, whole checkpoints.
+        let old = KvCheckpoints::open(&js, "t_incr_old", 3).await.unwrap();
+        let (_, mut fence) = old.take_over(2, 5).await.unwrap();
+        let st = PartitionState {
+            windows: vec![window("dev-1", 0, 10), window("dev-2", 0, 20)],
+            lanes: vec![("gw".into(), 0, 42)],
+        };
+        old.write(&mut fence, &st.encode()).await.unwrap();
+
+        // A member of this version opens the same bucket (raising its history) and reads it.
+        let new = KvCheckpoints::open_chained(&js, "t_incr_old", 3)
+            .await
+            .unwrap();
+        let (chain, mut fence) = new
+            .take_over_chain(2, 6, TakeOverWrite::Marker, fold)
+            .await
+            .unwrap();
+        assert_eq!(PartitionState::from_chain(&chain, WPS).unwrap(), st);
+        let delta = PartitionDelta {
+            windows: vec![window("dev-3", 0, 30)],
+            lanes: vec![("gw".into(), 0, 43)],
+            dropped: vec![],
+        };
+        new.write_delta(&mut fence, &delta.encode()).await.unwrap();
+
+        // A member of the previous version now refuses the bucket, naming the setting, and
+        // reading a delta as a whole checkpoint names the format instead of misreading it.
+        let e = KvCheckpoints::open(&js, "t_incr_old", 3).await.unwrap_err();
+        assert!(e.to_string().contains("history 64 (want 1)"), "{e}");
+        let e = old.take_over(2, 7).await.unwrap_err();
+        assert!(
+            matches!(e, CheckpointError::Corrupt { partition: 2, .. })
+                && e.to_string().contains("version 2"),
+            "{e}"
+        );
+
+        // The next owner reads the old base and the delta after it.
+        let (chain, _) = new
+            .take_over_chain(2, 8, TakeOverWrite::Marker, fold)
+            .await
+            .unwrap();
+        let got = PartitionState::from_chain(&chain, WPS).unwrap();
+        assert_eq!(counts(&got.windows).get("dev-3"), Some(&30));
+        assert_eq!(got.windows.len(), 3);
+        assert_eq!(got.lanes, vec![("gw".to_string(), 0, 43)]);
+        // In full mode a take-over compacts into one whole value again, readable by anyone.
+        let (chain, _) = new
+            .take_over_chain(2, 9, TakeOverWrite::Base, fold)
+            .await
+            .unwrap();
+        assert!(chain.deltas.is_empty());
+        let stored = old.read(2).await.unwrap().unwrap();
+        assert_eq!(PartitionState::decode(&stored.state).unwrap(), got);
+    }
+}

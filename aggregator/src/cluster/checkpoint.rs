@@ -7,9 +7,14 @@
 //! still expects the revision it last wrote, fails with [`CheckpointError::Fenced`], however late
 //! it arrives and whatever that owner believes about its lease.
 //!
-//! Value layout: version byte `1`, the epoch as u64 little-endian, then the state bytes as given.
-//! A value is one NATS message, so its size is bounded by the servers' `max_payload` (1 MiB by
-//! default). Not owned here: how state is serialised, when checkpoints are taken, the lease.
+//! Value layout: version byte `1`, the epoch as u64 little-endian, then the state bytes as given:
+//! a *base*, the whole state. Incremental checkpoints ([`KvCheckpoints::write_delta`]) append
+//! *delta* records (version byte `2`, the epoch, then the delta bytes) to the same key by the same
+//! compare-and-set, in a bucket that keeps [`CHAIN_HISTORY`] values per key; a partition's
+//! checkpoint is then its last base and the deltas after it ([`KvCheckpoints::take_over_chain`]
+//! reads them in order). A base write purges the records before it. A value is one NATS message,
+//! so its size is bounded by the servers' `max_payload` (1 MiB by default). Not owned here: how
+//! state and deltas are serialised, when to write a base, the lease.
 
 use super::kv::KvError;
 use super::lease::key;
@@ -20,7 +25,18 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub const CHECKPOINTS_BUCKET: &str = "checkpoints";
 
 const VERSION: u8 = 1;
+/// A delta record: applies on top of the base and deltas before it.
+const VERSION_DELTA: u8 = 2;
 const HEADER: usize = 1 + 8;
+
+/// Values kept per key in the checkpoints bucket in incremental mode: a base and the deltas after
+/// it. [`MAX_DELTAS`] keeps a base well inside it, and a base write purges what precedes it.
+pub const CHAIN_HISTORY: i64 = 64;
+
+/// At most this many deltas follow a base: the writer compacts at this count, and a take-over that
+/// finds this many writes a base instead of a marker. Below [`CHAIN_HISTORY`] with room for
+/// deltas written by an owner that was fenced a moment later (each appends at most one).
+pub const MAX_DELTAS: usize = 48;
 
 /// How many times [`KvCheckpoints::take_over`] re-reads when a write of the previous owner lands
 /// between its read and its write.
@@ -93,7 +109,13 @@ pub struct Checkpoint {
 #[derive(Debug, Clone)]
 pub struct KvCheckpoints {
     store: kv::Store,
+    /// Whether the bucket keeps more than one value per key (chains of records); a base write
+    /// then purges the records before it.
+    chained: bool,
 }
+
+/// How long reading a partition's chain of records may take.
+const CHAIN_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn encode(epoch: u64, state: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(HEADER + state.len());
@@ -103,24 +125,81 @@ fn encode(epoch: u64, state: &[u8]) -> Bytes {
     b.freeze()
 }
 
-/// The epoch and state of a stored value.
+fn encode_delta(epoch: u64, delta: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(HEADER + delta.len());
+    b.put_u8(VERSION_DELTA);
+    b.put_u64_le(epoch);
+    b.put_slice(delta);
+    b.freeze()
+}
+
+/// The epoch and state of a stored base value.
 fn decode(value: &Bytes) -> Result<(u64, Bytes), String> {
-    match value.first() {
-        None => Err("empty value".into()),
-        Some(&VERSION) if value.len() >= HEADER => {
-            let mut epoch = [0u8; 8];
-            epoch.copy_from_slice(&value[1..HEADER]);
-            Ok((u64::from_le_bytes(epoch), value.slice(HEADER..)))
-        }
-        Some(&VERSION) => Err(format!("{} bytes, shorter than the header", value.len())),
-        Some(v) => Err(format!("unknown format version {v}")),
+    match decode_record(value)? {
+        (epoch, Kind::Base, state) => Ok((epoch, state)),
+        (_, Kind::Delta, _) => Err(format!(
+            "unknown format version {VERSION_DELTA} (a delta record of an incremental \
+             checkpoint: read it with take_over_chain)"
+        )),
     }
+}
+
+/// What a stored record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The whole state.
+    Base,
+    /// Changes on top of the records before it.
+    Delta,
+}
+
+/// The epoch, kind and payload of a stored record.
+fn decode_record(value: &Bytes) -> Result<(u64, Kind, Bytes), String> {
+    let kind = match value.first() {
+        None => return Err("empty value".into()),
+        Some(&VERSION) => Kind::Base,
+        Some(&VERSION_DELTA) => Kind::Delta,
+        Some(v) => return Err(format!("unknown format version {v}")),
+    };
+    if value.len() < HEADER {
+        return Err(format!("{} bytes, shorter than the header", value.len()));
+    }
+    let mut epoch = [0u8; 8];
+    epoch.copy_from_slice(&value[1..HEADER]);
+    Ok((u64::from_le_bytes(epoch), kind, value.slice(HEADER..)))
+}
+
+/// A partition's checkpoint as a chain: its last base and the deltas after it, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chain {
+    /// The base's payload (empty for a partition never checkpointed).
+    pub base: Bytes,
+    /// The deltas' payloads after the base, in write order.
+    pub deltas: Vec<Bytes>,
+    /// Bytes stored: the base's and the deltas' values.
+    pub bytes: usize,
+}
+
+/// How a take-over marks its epoch in the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeOverWrite {
+    /// An empty delta when fewer than [`MAX_DELTAS`] deltas follow the base, else a base.
+    Marker,
+    /// Always the whole state as a base (full mode: what older members read).
+    Base,
+}
+
+/// The last record of a chain as read: the epoch and revision a take-over checks and expects.
+struct Head {
+    epoch: u64,
+    revision: u64,
 }
 
 impl KvCheckpoints {
     /// Checkpoints in `store` (a bucket without TTL).
     pub fn new(store: kv::Store) -> Self {
-        Self { store }
+        let chained = store.stream.cached_info().config.max_messages_per_subject > 1;
+        Self { store, chained }
     }
 
     /// Opens (creating if needed) bucket `bucket`, without TTL, with `replicas` replicas.
@@ -132,6 +211,252 @@ impl KvCheckpoints {
         Ok(Self::new(
             super::kv::ensure_bucket(js, bucket, None, replicas).await?,
         ))
+    }
+
+    /// Opens (creating if needed) bucket `bucket` for chains of records (incremental
+    /// checkpoints): keeping [`CHAIN_HISTORY`] values per key, raising an existing bucket's
+    /// history to it.
+    pub async fn open_chained(
+        js: &async_nats::jetstream::Context,
+        bucket: &str,
+        replicas: usize,
+    ) -> Result<Self, CheckpointError> {
+        Ok(Self::new(
+            super::kv::ensure_bucket_history(
+                js,
+                bucket,
+                None,
+                replicas,
+                super::kv::History::AtLeast(CHAIN_HISTORY),
+            )
+            .await?,
+        ))
+    }
+
+    /// The last base of `partition` and the deltas after it, with the epoch and revision of the
+    /// last record; `None` for a partition never checkpointed (or deleted). A base read last is
+    /// one read; otherwise the key's records are read one by one, oldest first (a base write
+    /// purges those before it), keeping only what follows the latest base.
+    async fn read_chain(&self, partition: u32) -> Result<Option<(Chain, Head)>, CheckpointError> {
+        let k = key(partition);
+        let Some(last) = super::kv::live_entry(&self.store, &k).await? else {
+            return Ok(None);
+        };
+        let corrupt = |revision: u64| {
+            move |reason: String| CheckpointError::Corrupt {
+                partition,
+                revision,
+                reason,
+            }
+        };
+        let (epoch, kind, payload) = decode_record(&last.value).map_err(corrupt(last.revision))?;
+        if kind == Kind::Base {
+            let chain = Chain {
+                base: payload,
+                deltas: Vec::new(),
+                bytes: last.value.len(),
+            };
+            let head = Head {
+                epoch,
+                revision: last.revision,
+            };
+            return Ok(Some((chain, head)));
+        }
+        // Record by record through STREAM.MSG.GET (the permission every read already needs; no
+        // consumer): the first record of the subject from `seq` on, up to the last one read above.
+        let subject = format!("{}{}", self.store.prefix, k);
+        let read = async {
+            let mut chain: Option<Chain> = None;
+            let mut head = None;
+            let mut seq = 1;
+            while seq <= last.revision {
+                let msg = match self
+                    .store
+                    .stream
+                    .get_first_raw_message_by_subject(&subject, seq)
+                    .await
+                {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => break,
+                    Err(e) => return Err(KvError::op(&self.store, "read", &k, e).into()),
+                };
+                seq = msg.sequence + 1;
+                let deleted = msg
+                    .headers
+                    .get("KV-Operation")
+                    .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+                if deleted {
+                    chain = None;
+                    head = None;
+                    continue;
+                }
+                let (epoch, kind, payload) =
+                    decode_record(&msg.payload).map_err(corrupt(msg.sequence))?;
+                match (kind, &mut chain) {
+                    (Kind::Base, _) => {
+                        chain = Some(Chain {
+                            base: payload,
+                            deltas: Vec::new(),
+                            bytes: msg.payload.len(),
+                        })
+                    }
+                    (Kind::Delta, Some(c)) => {
+                        c.deltas.push(payload);
+                        c.bytes += msg.payload.len();
+                    }
+                    (Kind::Delta, None) => {
+                        return Err(corrupt(msg.sequence)(
+                            "a delta record without a base before it (the base fell out of \
+                             the bucket's history)"
+                                .into(),
+                        ))
+                    }
+                }
+                head = Some(Head {
+                    epoch,
+                    revision: msg.sequence,
+                });
+            }
+            Ok(chain.zip(head))
+        };
+        match tokio::time::timeout(CHAIN_READ_TIMEOUT, read).await {
+            Ok(r) => r,
+            Err(_) => Err(CheckpointError::Timeout {
+                partition,
+                after: CHAIN_READ_TIMEOUT,
+            }),
+        }
+    }
+
+    /// Takes `partition` over under `epoch` like [`KvCheckpoints::take_over`], reading its chain
+    /// (last base and the deltas after it) and appending a record under `epoch` that fences every
+    /// previous owner: an empty delta, or with [`TakeOverWrite::Base`] or [`MAX_DELTAS`] deltas
+    /// after the base, a base made by `compact` from the chain (the state it folds to). Returns
+    /// the chain to resume from (the appended record included) and the fence.
+    pub async fn take_over_chain(
+        &self,
+        partition: u32,
+        epoch: u64,
+        write: TakeOverWrite,
+        compact: impl Fn(&Chain) -> Result<Vec<u8>, String>,
+    ) -> Result<(Chain, CheckpointFence), CheckpointError> {
+        let k = key(partition);
+        let mut last_conflict = String::new();
+        for _ in 0..TAKE_OVER_ATTEMPTS {
+            let current = self.read_chain(partition).await?;
+            if let Some((_, head)) = &current {
+                if head.epoch > epoch {
+                    return Err(CheckpointError::Fenced {
+                        partition,
+                        epoch,
+                        reason: format!("the stored checkpoint has epoch {}", head.epoch),
+                    });
+                }
+            }
+            let expected = current.as_ref().map_or(0, |(_, h)| h.revision);
+            let (value, chain, base) = match current {
+                None => (encode(epoch, b""), Chain::default(), true),
+                Some((chain, head)) => {
+                    let compacting = chain.deltas.len() >= MAX_DELTAS
+                        || (write == TakeOverWrite::Base && !chain.deltas.is_empty());
+                    if compacting {
+                        let state = compact(&chain).map_err(|reason| CheckpointError::Corrupt {
+                            partition,
+                            revision: head.revision,
+                            reason,
+                        })?;
+                        let value = encode(epoch, &state);
+                        let chain = Chain {
+                            base: Bytes::from(state),
+                            deltas: Vec::new(),
+                            bytes: value.len(),
+                        };
+                        (value, chain, true)
+                    } else if write == TakeOverWrite::Base {
+                        (encode(epoch, &chain.base), chain, true)
+                    } else {
+                        let mut chain = chain;
+                        let marker = encode_delta(epoch, b"");
+                        chain.deltas.push(Bytes::new());
+                        chain.bytes += marker.len();
+                        (marker, chain, false)
+                    }
+                }
+            };
+            let written = if expected == 0 {
+                self.store
+                    .create(&k, value)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        kv::CreateErrorKind::AlreadyExists => {
+                            kv::UpdateError::new(kv::UpdateErrorKind::WrongLastRevision)
+                        }
+                        _ => kv::UpdateError::with_source(kv::UpdateErrorKind::Other, e),
+                    })
+            } else {
+                self.store.update(&k, value, expected).await
+            };
+            match written {
+                Ok(revision) => {
+                    if base {
+                        self.purge_before(partition, revision).await;
+                    }
+                    return Ok((
+                        chain,
+                        CheckpointFence {
+                            partition,
+                            epoch,
+                            revision,
+                        },
+                    ));
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    last_conflict = format!("revision {expected} was overwritten");
+                }
+                Err(e) => return Err(KvError::op(&self.store, "update", &k, e).into()),
+            }
+        }
+        Err(CheckpointError::Fenced {
+            partition,
+            epoch,
+            reason: format!(
+                "{TAKE_OVER_ATTEMPTS} take-over attempts conflicted, last: {last_conflict}"
+            ),
+        })
+    }
+
+    /// Removes the records of `partition` before `revision` (a base just written there) from a
+    /// chained bucket, so a key holds one base and the deltas after it. Best effort: records left
+    /// behind are skipped by readers (they start at the last base) and dropped by the history
+    /// limit.
+    async fn purge_before(&self, partition: u32, revision: u64) {
+        // nats-server reads a purge up to sequence 1 as "no bound" and purges the whole subject,
+        // the base included; nothing precedes the stream's first message anyway.
+        if !self.chained || revision <= 1 {
+            return;
+        }
+        let subject = format!("{}{}", self.store.prefix, key(partition));
+        if let Err(e) = self
+            .store
+            .stream
+            .purge()
+            .filter(subject)
+            .sequence(revision)
+            .await
+        {
+            tracing::debug!(partition, revision, error = %e, "purging checkpoint records before a base failed; readers skip them");
+        }
+    }
+
+    /// Appends `delta` to the chain of `fence.partition` under `fence.epoch`, by the same
+    /// compare-and-set as [`KvCheckpoints::write`] (and the same resynchronisation after a write
+    /// that timed out but landed): [`CheckpointError::Fenced`] when anyone else wrote since.
+    pub async fn write_delta(
+        &self,
+        fence: &mut CheckpointFence,
+        delta: &[u8],
+    ) -> Result<u64, CheckpointError> {
+        self.write_kind(fence, Kind::Delta, delta).await
     }
 
     /// The last checkpoint of `partition`, if any (read from the stream leader).
@@ -148,6 +473,23 @@ impl KvCheckpoints {
             epoch,
             revision: entry.revision,
             state,
+        }))
+    }
+
+    /// The epoch and revision of the last record of `partition` (a base or a delta).
+    async fn read_head(&self, partition: u32) -> Result<Option<Head>, CheckpointError> {
+        let Some(entry) = super::kv::live_entry(&self.store, &key(partition)).await? else {
+            return Ok(None);
+        };
+        let (epoch, _, _) =
+            decode_record(&entry.value).map_err(|reason| CheckpointError::Corrupt {
+                partition,
+                revision: entry.revision,
+                reason,
+            })?;
+        Ok(Some(Head {
+            epoch,
+            revision: entry.revision,
         }))
     }
 
@@ -231,14 +573,25 @@ impl KvCheckpoints {
         fence: &mut CheckpointFence,
         state: &[u8],
     ) -> Result<u64, CheckpointError> {
-        match self.write_once(fence, state).await {
+        let revision = self.write_kind(fence, Kind::Base, state).await?;
+        self.purge_before(fence.partition, revision).await;
+        Ok(revision)
+    }
+
+    async fn write_kind(
+        &self,
+        fence: &mut CheckpointFence,
+        kind: Kind,
+        state: &[u8],
+    ) -> Result<u64, CheckpointError> {
+        match self.write_once(fence, kind, state).await {
             Err(fenced @ CheckpointError::Fenced { .. }) => {
-                match self.read(fence.partition).await? {
+                match self.read_head(fence.partition).await? {
                     Some(current)
                         if current.epoch == fence.epoch && current.revision != fence.revision =>
                     {
                         fence.revision = current.revision;
-                        self.write_once(fence, state).await
+                        self.write_once(fence, kind, state).await
                     }
                     _ => Err(fenced),
                 }
@@ -250,14 +603,15 @@ impl KvCheckpoints {
     async fn write_once(
         &self,
         fence: &mut CheckpointFence,
+        kind: Kind,
         state: &[u8],
     ) -> Result<u64, CheckpointError> {
         let k = key(fence.partition);
-        match self
-            .store
-            .update(&k, encode(fence.epoch, state), fence.revision)
-            .await
-        {
+        let value = match kind {
+            Kind::Base => encode(fence.epoch, state),
+            Kind::Delta => encode_delta(fence.epoch, state),
+        };
+        match self.store.update(&k, value, fence.revision).await {
             Ok(revision) => {
                 fence.revision = revision;
                 Ok(revision)
@@ -286,6 +640,24 @@ mod tests {
         let v = encode(42, b"state");
         assert_eq!(decode(&v).unwrap(), (42, Bytes::from_static(b"state")));
         assert_eq!(decode(&encode(7, b"")).unwrap(), (7, Bytes::new()));
+    }
+
+    #[test]
+    fn delta_records_carry_their_epoch_and_are_never_read_as_a_whole_state() {
+        let d = encode_delta(9, b"changes");
+        assert_eq!(
+            decode_record(&d).unwrap(),
+            (9, Kind::Delta, Bytes::from_static(b"changes"))
+        );
+        assert_eq!(
+            decode_record(&encode(3, b"all")).unwrap(),
+            (3, Kind::Base, Bytes::from_static(b"all"))
+        );
+        let e = decode(&d).unwrap_err();
+        assert!(e.contains("version 2") && e.contains("delta"), "{e}");
+        assert!(decode_record(&Bytes::from_static(&[VERSION_DELTA, 1]))
+            .unwrap_err()
+            .contains("shorter"));
     }
 
     #[test]

@@ -37,6 +37,23 @@ pub struct ClusterConfig {
     /// most the number of NATS nodes.
     #[serde(default = "default_replicas")]
     pub replicas: usize,
+    /// How partitions are checkpointed: `incremental` (only what changed since the last
+    /// checkpoint, compacted into a whole base now and then) or `full` (the whole partition every
+    /// time: the format before incremental checkpoints, which members of older versions read).
+    #[serde(default)]
+    pub checkpoint: CheckpointMode,
+}
+
+/// `cluster.checkpoint`: what each checkpoint of a partition writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointMode {
+    /// Only the windows and lanes changed since the last checkpoint, as a delta record after a
+    /// base; a whole base again when the deltas since the last one outgrow it.
+    #[default]
+    Incremental,
+    /// The whole partition every time (what versions before incremental checkpoints wrote).
+    Full,
 }
 
 /// The coordination backend (`type:`).
@@ -98,6 +115,7 @@ impl ClusterConfig {
             heartbeat_ms: default_heartbeat_ms(),
             checkpoint_interval_ms: default_checkpoint_interval_ms(),
             replicas: default_replicas(),
+            checkpoint: CheckpointMode::default(),
         }
     }
 
@@ -212,6 +230,22 @@ mod tests {
         assert_eq!(c.lease_ttl_ms, 15_000);
         assert_eq!(c.heartbeat_ms, 4000);
         assert!(c.problems().is_empty(), "{:?}", c.problems());
+    }
+
+    #[test]
+    fn checkpoints_are_incremental_unless_full_is_asked_for() {
+        let c = ClusterConfig::nats(vec!["nats://n1:4222".into()]);
+        assert_eq!(c.checkpoint, CheckpointMode::Incremental);
+        let full: ClusterConfig = serde_json::from_value(serde_json::json!({
+            "type": "nats", "servers": ["nats://n1:4222"], "checkpoint": "full"
+        }))
+        .unwrap();
+        assert_eq!(full.checkpoint, CheckpointMode::Full);
+        let e = serde_json::from_value::<ClusterConfig>(serde_json::json!({
+            "type": "nats", "servers": ["nats://n1:4222"], "checkpoint": "sometimes"
+        }))
+        .unwrap_err();
+        assert!(e.to_string().contains("incremental"), "{e}");
     }
 
     #[test]

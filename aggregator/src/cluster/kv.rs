@@ -184,11 +184,22 @@ pub async fn connect(cfg: &ClusterConfig, name: &str) -> Result<async_nats::Clie
 
 /// The stream settings of bucket `name`: what `create_key_value` would send, with history 1,
 /// `max_age` = `ttl` (none: keys never expire) and `allow_direct: false`.
+#[cfg(test)]
 fn stream_config(name: &str, ttl: Option<Duration>, replicas: usize) -> stream::Config {
+    history_config(name, ttl, replicas, 1)
+}
+
+/// [`stream_config`] keeping the last `history` values of each key.
+fn history_config(
+    name: &str,
+    ttl: Option<Duration>,
+    replicas: usize,
+    history: i64,
+) -> stream::Config {
     stream::Config {
         name: format!("KV_{name}"),
         subjects: vec![format!("$KV.{name}.>")],
-        max_messages_per_subject: 1,
+        max_messages_per_subject: history,
         max_messages: -1,
         max_bytes: -1,
         max_message_size: -1,
@@ -218,14 +229,65 @@ pub async fn ensure_bucket(
     ttl: Option<Duration>,
     replicas: usize,
 ) -> Result<kv::Store, KvError> {
-    let want = stream_config(name, ttl, replicas);
-    let stream = js
+    ensure_bucket_history(js, name, ttl, replicas, History::Exactly(1)).await
+}
+
+/// How many values of each key a bucket keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum History {
+    /// Exactly this many; another setting is refused.
+    Exactly(i64),
+    /// Created with 1; any existing setting is accepted as it is.
+    Any,
+    /// At least this many: created so, and an existing bucket keeping fewer is raised to it (a
+    /// stream update: older members that want history 1 then refuse the bucket).
+    AtLeast(i64),
+}
+
+/// [`ensure_bucket`] with the history `history` (the checkpoints bucket keeps a chain of records
+/// per partition in incremental mode).
+pub async fn ensure_bucket_history(
+    js: &jetstream::Context,
+    name: &str,
+    ttl: Option<Duration>,
+    replicas: usize,
+    history: History,
+) -> Result<kv::Store, KvError> {
+    let want_history = match history {
+        History::Exactly(n) | History::AtLeast(n) => n,
+        History::Any => 1,
+    };
+    let want = history_config(name, ttl, replicas, want_history);
+    let mut stream = js
         .get_or_create_stream(want.clone())
         .await
         .map_err(|source| KvError::CreateBucket {
             bucket: name.to_string(),
             source,
         })?;
+    if let History::AtLeast(n) = history {
+        let got = &stream.cached_info().config;
+        if got.max_messages_per_subject < n {
+            let mut raised = got.clone();
+            raised.max_messages_per_subject = n;
+            js.update_stream(raised)
+                .await
+                .map_err(|e| KvError::Mismatch {
+                    bucket: name.to_string(),
+                    what: format!(
+                        "history {} cannot be raised to {n}: {e}",
+                        got.max_messages_per_subject
+                    ),
+                })?;
+            stream = js
+                .get_stream(format!("KV_{name}"))
+                .await
+                .map_err(|e| KvError::Mismatch {
+                    bucket: name.to_string(),
+                    what: format!("stream KV_{name} not found after raising its history: {e}"),
+                })?;
+        }
+    }
     let got = &stream.cached_info().config;
     let mut diffs = Vec::new();
     if got.max_age != want.max_age {
@@ -234,8 +296,16 @@ pub async fn ensure_bucket(
             got.max_age, want.max_age
         ));
     }
-    if got.max_messages_per_subject != 1 {
-        diffs.push(format!("history {} (want 1)", got.max_messages_per_subject));
+    let history_ok = match history {
+        History::Exactly(n) => got.max_messages_per_subject == n,
+        History::Any => got.max_messages_per_subject >= 1,
+        History::AtLeast(n) => got.max_messages_per_subject >= n,
+    };
+    if !history_ok {
+        diffs.push(format!(
+            "history {} (want {want_history})",
+            got.max_messages_per_subject
+        ));
     }
     if got.num_replicas != replicas {
         diffs.push(format!("replicas {} (want {replicas})", got.num_replicas));

@@ -1,8 +1,9 @@
 //! Cluster mode on NATS JetStream: aggregators coordinate through the KV of a NATS cluster — a
 //! heartbeat per member ([`members`]), a lease per partition taken by compare-and-set with a bucket
 //! TTL and fenced by its revision ([`lease`]), and checkpoints of partition state written by
-//! compare-and-set under that revision ([`checkpoint`], [`store`]); see `DESIGN.md`, "Partition
-//! ownership", and the shared NATS notes.
+//! compare-and-set under that revision ([`checkpoint`], [`store`]; incremental ones, a base and the
+//! deltas after it, decided in [`incremental`]); see `DESIGN.md`, "Partition ownership", and the
+//! shared NATS notes.
 //!
 //! [`node`] runs a member: the coordinator that takes, renews and gives back partitions, and the
 //! apply loop that checkpoints them and acknowledges after each checkpoint; [`plan`] holds the
@@ -12,6 +13,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod incremental;
 pub mod kv;
 pub mod lease;
 pub mod members;
@@ -21,7 +23,9 @@ pub mod status;
 pub mod store;
 pub mod trainer;
 
-pub use checkpoint::{Checkpoint, CheckpointError, CheckpointFence, KvCheckpoints};
+pub use checkpoint::{
+    Chain, Checkpoint, CheckpointError, CheckpointFence, KvCheckpoints, TakeOverWrite,
+};
 pub use config::{ClusterConfig, ClusterKind, NatsCredentials};
 pub use kv::{connect, ensure_bucket, KvError};
 pub use lease::{wanted, Lease, LeaseError, LeaseTiming, Leases};

@@ -8,8 +8,9 @@
 //! it (renewal refused, local validity run out, or a checkpoint write fenced): drop it without
 //! acknowledging anything more. Acks for a partition go out only once its state is checkpointed.
 
-use super::checkpoint::{CheckpointError, CheckpointFence, KvCheckpoints};
-use super::config::ClusterConfig;
+use super::checkpoint::{CheckpointError, CheckpointFence, KvCheckpoints, TakeOverWrite};
+use super::config::{CheckpointMode, ClusterConfig};
+use super::incremental::Compaction;
 use super::lease::{Lease, LeaseError, Leases};
 use super::members::{MemberInfo, Members, OwnedPartition};
 use super::plan::{Action, Plan, Renewal, Verdict};
@@ -48,6 +49,8 @@ pub enum Control {
         fence: CheckpointFence,
         /// The state it resumes from.
         state: PartitionState,
+        /// Where the partition's chain of checkpoint records stands after the take-over.
+        compaction: Compaction,
         /// Answered once the partition is owned.
         done: oneshot::Sender<()>,
     },
@@ -127,12 +130,21 @@ impl Buckets {
             cfg.lease_timing(),
             id,
         );
+        // Incremental checkpoints keep a chain of records per key; full ones take the bucket as
+        // it is (history 1 when created by them, as every version before incremental checkpoints).
+        let history = match cfg.checkpoint {
+            CheckpointMode::Incremental => {
+                super::kv::History::AtLeast(super::checkpoint::CHAIN_HISTORY)
+            }
+            CheckpointMode::Full => super::kv::History::Any,
+        };
         let checkpoints = KvCheckpoints::new(
-            super::kv::ensure_bucket(
+            super::kv::ensure_bucket_history(
                 &js,
                 &bucket_name(prefix, super::checkpoint::CHECKPOINTS_BUCKET),
                 None,
                 cfg.replicas,
+                history,
             )
             .await?,
         );
@@ -415,22 +427,41 @@ impl Coordinator {
                 return;
             }
         };
-        let state = match self.buckets.checkpoints.take_over(p, lease.revision).await {
-            Ok((bytes, fence)) => {
-                match PartitionState::decode(bytes.as_deref().unwrap_or_default()) {
-                    Ok(state) => Some((fence, state)),
-                    Err(e) => {
-                        tracing::error!(aggregator = %self.id(), partition = p, error = %e, "checkpoint cannot be decoded; not taking the partition (repair or delete key p{p} of the checkpoints bucket)");
-                        None
-                    }
+        let wps = self.shared.cfg.state.windows_per_series;
+        let write = match self.cluster.checkpoint {
+            CheckpointMode::Incremental => TakeOverWrite::Marker,
+            CheckpointMode::Full => TakeOverWrite::Base,
+        };
+        let taken = self
+            .buckets
+            .checkpoints
+            .take_over_chain(p, lease.revision, write, |chain| {
+                PartitionState::from_chain(chain, wps).map(|s| s.encode())
+            })
+            .await;
+        let state = match taken {
+            Ok((chain, fence)) => match PartitionState::from_chain(&chain, wps) {
+                Ok(state) => {
+                    let delta_bytes = chain.bytes.saturating_sub(chain.base.len());
+                    let compaction =
+                        Compaction::new(chain.base.len(), chain.deltas.len(), delta_bytes);
+                    Some((fence, state, compaction))
                 }
+                Err(e) => {
+                    tracing::error!(aggregator = %self.id(), partition = p, error = %e, "checkpoint cannot be decoded; not taking the partition (repair or delete key p{p} of the checkpoints bucket)");
+                    None
+                }
+            },
+            Err(e @ CheckpointError::Corrupt { .. }) => {
+                tracing::error!(aggregator = %self.id(), partition = p, error = %e, "checkpoint cannot be decoded; not taking the partition (repair or delete key p{p} of the checkpoints bucket)");
+                None
             }
             Err(e) => {
                 tracing::warn!(aggregator = %self.id(), partition = p, error = %e, "take-over failed");
                 None
             }
         };
-        let Some((fence, state)) = state else {
+        let Some((fence, state, compaction)) = state else {
             let _ = self.buckets.leases.release(lease).await;
             return;
         };
@@ -438,7 +469,12 @@ impl Coordinator {
         let windows = state.windows.len();
         if self
             .ctl
-            .send(Input::Control(Control::Own { fence, state, done }))
+            .send(Input::Control(Control::Own {
+                fence,
+                state,
+                compaction,
+                done,
+            }))
             .await
             .is_err()
             || wait.await.is_err()
@@ -623,11 +659,16 @@ impl Loop {
                 &mut self.touched,
                 &mut self.warnings,
             ),
-            Input::Control(Control::Own { fence, state, done }) => {
+            Input::Control(Control::Own {
+                fence,
+                state,
+                compaction,
+                done,
+            }) => {
                 let p = fence.partition;
                 let epoch = fence.epoch;
                 self.lock().load_partition(p, &state.windows, &state.lanes);
-                store.own(fence, &state);
+                store.own(fence, &state, compaction);
                 self.shared.owned.set(p, epoch);
                 let _ = done.send(());
             }

@@ -15,9 +15,18 @@
 //! is one NATS message, bounded by the servers' `max_payload` (1 MiB by default); partitions whose
 //! state outgrows it need more partitions or a higher `max_payload`.
 //!
+//! Incremental mode (`cluster.checkpoint: incremental`, the default) writes that value only as a
+//! *base*: a checkpoint appends a [`PartitionDelta`] of the windows and lanes changed since the
+//! last one ([`super::incremental`] tracks them and decides when to compact into a new base), and
+//! a take-over folds base and deltas back into the same state ([`PartitionState::from_chain`]).
+//! Delta value: format byte `1`, then postcard of [`PartitionDelta`]; an empty value is an empty
+//! delta (the marker a take-over appends).
+//!
 //! (The lease *epoch* of [`super::checkpoint`] fences owners; a *lane* epoch names an agent's outbox.)
 
-use super::checkpoint::{CheckpointError, CheckpointFence, KvCheckpoints};
+use super::checkpoint::{Chain, CheckpointError, CheckpointFence, Kind, KvCheckpoints};
+use super::config::CheckpointMode;
+use super::incremental::{Changes, Compaction};
 use crate::state::{Applied, LaneId};
 use crate::store::{MemoryStore, Snapshot, StateStore, StoreError, StoredLane};
 use edgewatch_models::wire::{LaneKind, WindowSummary};
@@ -83,6 +92,89 @@ impl PartitionState {
     }
 }
 
+/// Format of a [`PartitionDelta`] value.
+const DELTA_FORMAT: u8 = 1;
+
+/// What changed in a partition between two checkpoints: windows added or revised (as they are
+/// now), lanes moved (their seq now) and lanes dropped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionDelta {
+    /// Windows added or revised.
+    pub windows: Vec<WindowSummary>,
+    /// (agent, lane epoch, last applied seq) of the lanes that moved.
+    pub lanes: Vec<(String, u64, u64)>,
+    /// (agent, lane epoch) of the lanes dropped.
+    pub dropped: Vec<(String, u64)>,
+}
+
+impl PartitionDelta {
+    /// The delta value.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![DELTA_FORMAT];
+        // Serialising plain structs into a Vec cannot fail.
+        out.extend(postcard::to_allocvec(self).unwrap_or_default());
+        out
+    }
+
+    /// Decodes a delta value (an empty value is an empty delta).
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        match bytes.split_first() {
+            None => Ok(Self::default()),
+            Some((&DELTA_FORMAT, rest)) => {
+                postcard::from_bytes(rest).map_err(|e| format!("undecodable delta: {e}"))
+            }
+            Some((v, _)) => Err(format!("unknown delta format {v}")),
+        }
+    }
+}
+
+impl PartitionState {
+    /// The state a chain of checkpoint records folds to: the base, then each delta in order,
+    /// windows kept as a partition's store keeps them (`windows_per_series` newest per series, a
+    /// higher revision replacing a window), lanes set or dropped. Memory: the state itself, plus
+    /// one decoded record at a time.
+    pub fn from_chain(chain: &Chain, windows_per_series: usize) -> Result<Self, String> {
+        let base = Self::decode(&chain.base).map_err(|e| format!("base: {e}"))?;
+        if chain.deltas.iter().all(|d| d.is_empty()) {
+            return Ok(base);
+        }
+        let mut model = MemoryStore::new(windows_per_series);
+        let mut windows = base.windows;
+        windows.sort_by(crate::store::window_order);
+        for w in windows {
+            // Stored windows were validated when first put.
+            let _ = model.put_window(0, &w);
+        }
+        let mut lanes: BTreeMap<(String, u64), u64> = base
+            .lanes
+            .into_iter()
+            .map(|(a, e, s)| ((a, e), s))
+            .collect();
+        for (i, bytes) in chain.deltas.iter().enumerate() {
+            let d = PartitionDelta::decode(bytes).map_err(|e| format!("delta {}: {e}", i + 1))?;
+            for w in &d.windows {
+                let _ = model.put_window(0, w);
+            }
+            for (a, e, s) in d.lanes {
+                lanes.insert((a, e), s);
+            }
+            for key in d.dropped {
+                lanes.remove(&key);
+            }
+        }
+        Ok(Self {
+            windows: model
+                .load()
+                .unwrap_or_default()
+                .windows
+                .into_iter()
+                .map(|(_, w)| w)
+                .collect(),
+            lanes: lanes.into_iter().map(|((a, e), s)| (a, e, s)).collect(),
+        })
+    }
+}
+
 /// One owned partition.
 #[derive(Debug)]
 struct Owned {
@@ -94,12 +186,127 @@ struct Owned {
     dirty: bool,
     /// When the oldest change not yet checkpointed was made.
     dirty_since: Option<Instant>,
+    /// What changed since the last checkpoint (incremental mode).
+    changes: Changes,
+    /// Where the partition's chain of records stands.
+    compaction: Compaction,
 }
 
 impl Owned {
+    fn new(
+        fence: CheckpointFence,
+        state: &PartitionState,
+        windows_per_series: usize,
+        compaction: Compaction,
+    ) -> Self {
+        let mut model = MemoryStore::new(windows_per_series);
+        let mut windows: Vec<&WindowSummary> = state.windows.iter().collect();
+        windows.sort_by(|a, b| crate::store::window_order(a, b));
+        for w in windows {
+            // Stored windows were validated when first put.
+            let _ = model.put_window(fence.partition, w);
+        }
+        let mut lanes = BTreeMap::new();
+        for (agent, epoch, seq) in &state.lanes {
+            lanes
+                .entry(agent.clone())
+                .or_insert_with(BTreeMap::new)
+                .insert(*epoch, *seq);
+        }
+        Self {
+            model,
+            lanes,
+            fence,
+            dirty: false,
+            dirty_since: None,
+            changes: Changes::default(),
+            compaction,
+        }
+    }
+
     fn mark_dirty(&mut self) {
         self.dirty = true;
         self.dirty_since.get_or_insert_with(Instant::now);
+    }
+
+    fn put_window(
+        &mut self,
+        partition: u32,
+        summary: &WindowSummary,
+    ) -> Result<Applied, StoreError> {
+        let applied = self.model.put_window(partition, summary)?;
+        if applied != Applied::Duplicate {
+            self.mark_dirty();
+        }
+        if matches!(applied, Applied::New | Applied::Revised) {
+            let limit = self.compaction.max_changes();
+            self.changes
+                .window(&summary.device, &summary.metric, summary.start_ms, limit);
+        }
+        Ok(applied)
+    }
+
+    fn put_lane_seq(&mut self, agent: &str, epoch: u64, seq: u64) {
+        // Looked up by &str: this runs for every batch, and resends must not mark it dirty.
+        match self.lanes.get_mut(agent) {
+            Some(epochs) => match epochs.get_mut(&epoch) {
+                Some(s) if *s >= seq => return,
+                Some(s) => *s = seq,
+                None => {
+                    epochs.insert(epoch, seq);
+                }
+            },
+            None => {
+                self.lanes
+                    .insert(agent.to_string(), BTreeMap::from([(epoch, seq)]));
+            }
+        }
+        self.mark_dirty();
+        let limit = self.compaction.max_changes();
+        self.changes.lane(agent, epoch, limit);
+    }
+
+    fn drop_lane(&mut self, agent: &str, epoch: u64) {
+        let Some(epochs) = self.lanes.get_mut(agent) else {
+            return;
+        };
+        if epochs.remove(&epoch).is_some() {
+            if epochs.is_empty() {
+                self.lanes.remove(agent);
+            }
+            self.mark_dirty();
+            let limit = self.compaction.max_changes();
+            self.changes.lane(agent, epoch, limit);
+        }
+    }
+
+    /// The delta of the changes listed (incremental mode, not everything changed).
+    fn delta(&self) -> PartitionDelta {
+        let mut d = PartitionDelta::default();
+        for (device, metric, start) in self.changes.windows() {
+            // A window evicted since it changed is gone from the reader's fold too.
+            if let Some(w) = self.model.window(device, metric, *start) {
+                d.windows.push(w.clone());
+            }
+        }
+        for (agent, epoch) in self.changes.lanes() {
+            match self.lanes.get(agent).and_then(|e| e.get(epoch)) {
+                Some(seq) => d.lanes.push((agent.clone(), *epoch, *seq)),
+                None => d.dropped.push((agent.clone(), *epoch)),
+            }
+        }
+        d
+    }
+
+    /// What the next checkpoint writes in `mode`: the kind and the value.
+    fn next_write(&self, mode: CheckpointMode) -> (Kind, Vec<u8>) {
+        if mode == CheckpointMode::Incremental && !self.changes.all() {
+            let delta = self.delta().encode();
+            if self.compaction.next(delta.len()) == Kind::Delta {
+                return (Kind::Delta, delta);
+            }
+        }
+        (Kind::Base, self.state().encode())
     }
 }
 
@@ -126,6 +333,8 @@ pub struct Written {
     pub result: Result<(), CheckpointError>,
     /// Bytes written.
     pub bytes: usize,
+    /// Whether it was a base (the whole partition) or a delta.
+    pub kind: Kind,
 }
 
 /// Owned partitions' state, checkpointed to the KV.
@@ -135,6 +344,8 @@ pub struct KvStore {
     windows_per_series: usize,
     owned: BTreeMap<u32, Owned>,
     write_timeout: Duration,
+    /// What each checkpoint writes.
+    mode: CheckpointMode,
     /// The training bucket, while this member is the fleet trainer.
     training: Option<super::trainer::KvTraining>,
 }
@@ -167,8 +378,15 @@ impl KvStore {
             windows_per_series,
             owned: BTreeMap::new(),
             write_timeout,
+            mode: CheckpointMode::Incremental,
             training: None,
         }
+    }
+
+    /// Checkpoints in `mode` from now on (incremental by default).
+    pub fn with_mode(mut self, mode: CheckpointMode) -> Self {
+        self.mode = mode;
+        self
     }
 
     /// The write timeout of checkpoints (the trainer's writes use it too).
@@ -203,35 +421,12 @@ impl KvStore {
         })
     }
 
-    /// Starts owning `fence.partition` from `state` (what the take-over read).
-    pub fn own(&mut self, fence: CheckpointFence, state: &PartitionState) {
+    /// Starts owning `fence.partition` from `state` (what the take-over read, whose chain of
+    /// records stands at `compaction`).
+    pub fn own(&mut self, fence: CheckpointFence, state: &PartitionState, compaction: Compaction) {
         let partition = fence.partition;
-        let mut model = MemoryStore::new(self.windows_per_series);
-        let mut windows: Vec<&WindowSummary> = state.windows.iter().collect();
-        windows.sort_by(|a, b| crate::store::window_order(a, b));
-        for w in windows {
-            // Stored windows were validated when first put.
-            let _ = model.put_window(partition, w);
-        }
-        self.owned.insert(
-            partition,
-            Owned {
-                model,
-                lanes: state.lanes.iter().fold(
-                    BTreeMap::new(),
-                    |mut lanes, (agent, epoch, seq)| {
-                        lanes
-                            .entry(agent.clone())
-                            .or_insert_with(BTreeMap::new)
-                            .insert(*epoch, *seq);
-                        lanes
-                    },
-                ),
-                fence,
-                dirty: false,
-                dirty_since: None,
-            },
-        );
+        let owned = Owned::new(fence, state, self.windows_per_series, compaction);
+        self.owned.insert(partition, owned);
     }
 
     /// Stops owning `partition`, without writing anything.
@@ -277,21 +472,26 @@ impl KvStore {
             if !o.dirty || only.is_some_and(|ps| !ps.contains(&partition)) {
                 continue;
             }
-            let bytes = o.state().encode();
+            let (kind, bytes) = o.next_write(self.mode);
             let mut fence = o.fence.clone();
             let cps = self.checkpoints.clone();
             let timeout = self.write_timeout;
             tasks.push(self.handle.spawn(async move {
                 let len = bytes.len();
-                let result =
-                    match tokio::time::timeout(timeout, cps.write(&mut fence, &bytes)).await {
-                        Ok(r) => r.map(|_| ()),
-                        Err(_) => Err(CheckpointError::Timeout {
-                            partition: fence.partition,
-                            after: timeout,
-                        }),
-                    };
-                (fence, result, len)
+                let write = async {
+                    match kind {
+                        Kind::Base => cps.write(&mut fence, &bytes).await,
+                        Kind::Delta => cps.write_delta(&mut fence, &bytes).await,
+                    }
+                };
+                let result = match tokio::time::timeout(timeout, write).await {
+                    Ok(r) => r.map(|_| ()),
+                    Err(_) => Err(CheckpointError::Timeout {
+                        partition: fence.partition,
+                        after: timeout,
+                    }),
+                };
+                (fence, result, len, kind)
             }));
         }
         let done = self.handle.block_on(async {
@@ -304,12 +504,16 @@ impl KvStore {
             done
         });
         let mut out = Vec::with_capacity(done.len());
-        for (fence, result, bytes) in done {
+        for (fence, result, bytes, kind) in done {
             let partition = fence.partition;
             if let Some(o) = self.owned.get_mut(&partition) {
                 if result.is_ok() {
                     o.dirty = false;
                     o.dirty_since = None;
+                    o.changes.clear();
+                    o.compaction.written(kind, bytes);
+                } else {
+                    o.compaction.failed(kind, bytes);
                 }
                 // A timed-out write keeps the old revision; `write` re-reads on the conflict.
                 if fence.revision > o.fence.revision {
@@ -320,6 +524,7 @@ impl KvStore {
                 partition,
                 result,
                 bytes,
+                kind,
             });
         }
         out
@@ -338,12 +543,7 @@ impl StateStore for KvStore {
         partition: u32,
         summary: &WindowSummary,
     ) -> Result<Applied, StoreError> {
-        let o = self.owned_mut(partition)?;
-        let applied = o.model.put_window(partition, summary)?;
-        if applied != Applied::Duplicate {
-            o.mark_dirty();
-        }
-        Ok(applied)
+        self.owned_mut(partition)?.put_window(partition, summary)
     }
 
     fn put_lane_seq(&mut self, lane: LaneId<'_>, seq: u64) -> Result<(), StoreError> {
@@ -352,22 +552,8 @@ impl StateStore for KvStore {
                 .put_lane(lane.agent, lane.partition, lane.epoch, seq);
             return Ok(());
         }
-        let o = self.owned_mut(lane.partition)?;
-        // Looked up by &str: this runs for every batch, and resends must not mark it dirty.
-        match o.lanes.get_mut(lane.agent) {
-            Some(epochs) => match epochs.get_mut(&lane.epoch) {
-                Some(s) if *s >= seq => return Ok(()),
-                Some(s) => *s = seq,
-                None => {
-                    epochs.insert(lane.epoch, seq);
-                }
-            },
-            None => {
-                o.lanes
-                    .insert(lane.agent.to_string(), BTreeMap::from([(lane.epoch, seq)]));
-            }
-        }
-        o.mark_dirty();
+        self.owned_mut(lane.partition)?
+            .put_lane_seq(lane.agent, lane.epoch, seq);
         Ok(())
     }
 
@@ -378,18 +564,9 @@ impl StateStore for KvStore {
             }
             return Ok(());
         }
-        let Some(o) = self.owned.get_mut(&lane.partition) else {
-            return Ok(()); // nothing stored for a partition not owned
-        };
-        let Some(epochs) = o.lanes.get_mut(lane.agent) else {
-            return Ok(());
-        };
-        if epochs.remove(&lane.epoch).is_some() {
-            if epochs.is_empty() {
-                o.lanes.remove(lane.agent);
-            }
-            o.mark_dirty();
-        }
+        if let Some(o) = self.owned.get_mut(&lane.partition) {
+            o.drop_lane(lane.agent, lane.epoch);
+        } // nothing stored for a partition not owned
         Ok(())
     }
 
@@ -446,6 +623,7 @@ impl StateStore for KvStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn window(device: &str, start: i64) -> WindowSummary {
         WindowSummary {
@@ -512,5 +690,156 @@ mod tests {
             st.lanes,
             vec![("gw-1".to_string(), 0, 9), ("gw-2".to_string(), 0, 3)]
         );
+    }
+
+    fn fence() -> CheckpointFence {
+        CheckpointFence {
+            partition: 3,
+            epoch: 1,
+            revision: 1,
+        }
+    }
+
+    /// Writes the next checkpoint of `o` into `chain` as the KV would hold it (a base replaces
+    /// the chain), as `KvStore::checkpoint` does on success; returns its kind.
+    fn checkpoint_into(o: &mut Owned, chain: &mut Chain, mode: CheckpointMode) -> Kind {
+        let (kind, bytes) = o.next_write(mode);
+        match kind {
+            Kind::Base => {
+                *chain = Chain {
+                    base: bytes.clone().into(),
+                    deltas: Vec::new(),
+                    bytes: bytes.len(),
+                }
+            }
+            Kind::Delta => {
+                chain.bytes += bytes.len();
+                chain.deltas.push(bytes.clone().into());
+            }
+        }
+        o.changes.clear();
+        o.dirty = false;
+        o.compaction.written(kind, bytes.len());
+        kind
+    }
+
+    fn revised(mut w: WindowSummary, revision: u32, count: u64) -> WindowSummary {
+        w.revision = revision;
+        w.count = count;
+        w
+    }
+
+    #[test]
+    fn base_and_deltas_fold_back_to_the_writer_s_state() {
+        let wps = 3;
+        let mut o = Owned::new(
+            fence(),
+            &PartitionState::default(),
+            wps,
+            Compaction::default(),
+        );
+        let mut chain = Chain::default();
+        let mut kinds = Vec::new();
+        let mut t = 0;
+        for round in 0..40 {
+            for d in 0..20 {
+                // New windows (evicting old ones past 3 per series), a revision, a late window.
+                o.put_window(3, &window(&format!("dev-{d}"), t)).unwrap();
+                if round % 3 == 0 {
+                    o.put_window(3, &revised(window(&format!("dev-{d}"), t), 2, 99))
+                        .unwrap();
+                }
+            }
+            o.put_window(3, &window("late", -1000 * round)).unwrap();
+            o.put_lane_seq("gw-1", 0, round as u64 + 1);
+            o.put_lane_seq(&format!("gw-{round}"), 7, 5);
+            if round > 2 {
+                o.drop_lane(&format!("gw-{}", round - 2), 7);
+            }
+            t += 1000;
+            kinds.push(checkpoint_into(
+                &mut o,
+                &mut chain,
+                CheckpointMode::Incremental,
+            ));
+            assert_eq!(
+                PartitionState::from_chain(&chain, wps).unwrap(),
+                o.state(),
+                "round {round}: the reader folds what the writer holds"
+            );
+        }
+        assert!(
+            kinds.iter().filter(|k| **k == Kind::Delta).count() > 20,
+            "{kinds:?}"
+        );
+        assert!(
+            kinds.contains(&Kind::Base),
+            "compacted now and then: {kinds:?}"
+        );
+        assert!(
+            chain.bytes
+                <= 2 * chain
+                    .base
+                    .len()
+                    .max(super::super::incremental::MIN_BASE_BYTES)
+                    + 64
+        );
+        // Full mode writes the whole partition every time, in the format older members read.
+        o.put_window(3, &window("dev-0", t)).unwrap();
+        assert_eq!(
+            checkpoint_into(&mut o, &mut chain, CheckpointMode::Full),
+            Kind::Base
+        );
+        assert_eq!(
+            chain.base,
+            o.state().encode(),
+            "the value versions before wrote"
+        );
+        assert_eq!(PartitionState::from_chain(&chain, wps).unwrap(), o.state());
+    }
+
+    #[test]
+    fn a_delta_holds_only_what_changed() {
+        let mut state = PartitionState::default();
+        for d in 0..1000 {
+            state.windows.push(window(&format!("dev-{d}"), 0));
+        }
+        let base = state.encode();
+        let mut o = Owned::new(fence(), &state, 60, Compaction::new(base.len(), 0, 0));
+        o.put_window(3, &window("dev-7", 1000)).unwrap();
+        o.put_window(3, &window("dev-7", 0)).unwrap(); // a duplicate: not a change
+        o.put_lane_seq("gw", 0, 9);
+        let (kind, delta) = o.next_write(CheckpointMode::Incremental);
+        assert_eq!(kind, Kind::Delta);
+        let d = PartitionDelta::decode(&delta).unwrap();
+        assert_eq!(d.windows, vec![window("dev-7", 1000)]);
+        assert_eq!(d.lanes, vec![("gw".to_string(), 0, 9)]);
+        assert!(
+            delta.len() * 100 < base.len(),
+            "{} vs {}",
+            delta.len(),
+            base.len()
+        );
+    }
+
+    #[test]
+    fn deltas_and_chains_with_bad_bytes_are_named_not_panicked_on() {
+        assert_eq!(
+            PartitionDelta::decode(&[]).unwrap(),
+            PartitionDelta::default()
+        );
+        assert!(PartitionDelta::decode(&[9])
+            .unwrap_err()
+            .contains("delta format 9"));
+        assert!(PartitionDelta::decode(&[DELTA_FORMAT, 0xff, 0xff])
+            .unwrap_err()
+            .contains("undecodable"));
+        let chain = Chain {
+            base: PartitionState::default().encode().into(),
+            deltas: vec![Bytes::new(), Bytes::from_static(&[DELTA_FORMAT, 0xff])],
+            bytes: 0,
+        };
+        let e = PartitionState::from_chain(&chain, 3).unwrap_err();
+        assert!(e.contains("delta 2"), "{e}");
     }
 }

@@ -55,6 +55,9 @@ kv_publish() {
         printf '      "$JS.API.STREAM.INFO.KV_%s_%s", "$JS.API.STREAM.CREATE.KV_%s_%s",\n' "$b" "$what" "$b" "$what"
         printf '      "$JS.API.STREAM.MSG.GET.KV_%s_%s", "$KV.%s_%s.>",\n' "$b" "$what" "$b" "$what"
     done
+    # Incremental checkpoints raise the checkpoints bucket's history once and purge the records
+    # before each new base.
+    printf '      "$JS.API.STREAM.UPDATE.KV_%s_checkpoints", "$JS.API.STREAM.PURGE.KV_%s_checkpoints",\n' "$b" "$b"
 }
 
 cat <<EOF

@@ -89,6 +89,11 @@ pub struct BenchArgs {
     /// `cluster.checkpoint_interval_ms` of the cluster section's aggregators.
     #[arg(long, default_value_t = 200)]
     pub cluster_checkpoint_ms: u64,
+    /// `cluster.checkpoint` modes of the cluster section's throughput runs, each run with every
+    /// aggregator count (e.g. `--cluster-checkpoint full --cluster-checkpoint incremental`, to
+    /// compare checkpoint bytes per applied summary side by side); default incremental only.
+    #[arg(long, value_parser = parse_checkpoint_mode)]
+    pub cluster_checkpoint: Vec<edgewatch_aggregator::cluster::config::CheckpointMode>,
     /// Synthetic agents (MQTT clients) of the cluster section; each has a lane per partition.
     #[arg(long, default_value_t = 4)]
     pub cluster_agents: usize,
@@ -219,6 +224,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                         summaries: args.cluster_summaries,
                         lease_ttl_ms: args.cluster_lease_ttl_ms,
                         checkpoint_ms: args.cluster_checkpoint_ms,
+                        checkpoint_modes: if args.cluster_checkpoint.is_empty() {
+                            vec![edgewatch_aggregator::cluster::config::CheckpointMode::Incremental]
+                        } else {
+                            args.cluster_checkpoint.clone()
+                        },
                         agents: args.cluster_agents,
                         batch: args.cluster_batch,
                         ack_timeout_ms: args.cluster_ack_timeout_ms,
@@ -947,6 +957,18 @@ pub(crate) fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `--cluster-checkpoint`: `incremental` or `full`.
+fn parse_checkpoint_mode(
+    s: &str,
+) -> Result<edgewatch_aggregator::cluster::config::CheckpointMode, String> {
+    use edgewatch_aggregator::cluster::config::CheckpointMode;
+    match s {
+        "incremental" => Ok(CheckpointMode::Incremental),
+        "full" => Ok(CheckpointMode::Full),
+        other => Err(format!("expected incremental or full, got {other:?}")),
+    }
 }
 
 #[cfg(test)]

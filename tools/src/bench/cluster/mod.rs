@@ -26,6 +26,7 @@ use super::delivery::Scratch;
 use crate::broker::{BrokerConfig, EmbeddedBroker};
 use agents::Load;
 use anyhow::{bail, Context};
+use edgewatch_aggregator::cluster::config::CheckpointMode;
 use edgewatch_aggregator::cluster::wanted;
 use logs::{log_warnings, tail};
 use metrics::{diagnose, get_json, owned, scrape_all, COUNTERS};
@@ -63,6 +64,8 @@ pub(super) struct ClusterBench {
     pub lease_ttl_ms: u64,
     /// `cluster.checkpoint_interval_ms`.
     pub checkpoint_ms: u64,
+    /// `cluster.checkpoint` of the throughput runs: every aggregator count runs in each.
+    pub checkpoint_modes: Vec<CheckpointMode>,
     /// Synthetic agents (MQTT clients), each with a lane per partition.
     pub agents: usize,
     /// Records per published batch.
@@ -139,20 +142,25 @@ pub(super) async fn run(b: &ClusterBench, base: &Path) -> anyhow::Result<()> {
         broker: broker.addr(),
         dir: scratch.0.clone(),
         runs: 0,
+        mode: CheckpointMode::default(),
     };
-    let mut first: Option<(usize, f64)> = None;
-    for &n in &b.aggregators {
-        let r = env.throughput(n, per_lane).await?;
-        let (n0, rate0) = *first.get_or_insert((n, r.rate));
-        let plural = |n: usize| if n == 1 { "" } else { "s" };
-        println!(
-            "cluster throughput, {n} aggregator{}: {:>10.0} summaries/s = {:>11.0} readings/s (each summary stands for {READINGS_PER_WINDOW}); {:.1} checkpoint writes/s, {:.2} MB/s checkpointed ({:.1} KB per write); {} summaries, first publish to last ack {:.2} s, {} resent; x{:.2} vs {n0} aggregator{}; CPU s: aggregators {}, nats-server {}, bench process {} of {:.1} s x {cores} cores; settled in {:.1} s{}",
+    for &mode in &b.checkpoint_modes {
+        env.mode = mode;
+        let mut first: Option<(usize, f64)> = None;
+        for &n in &b.aggregators {
+            let r = env.throughput(n, per_lane).await?;
+            let (n0, rate0) = *first.get_or_insert((n, r.rate));
+            let plural = |n: usize| if n == 1 { "" } else { "s" };
+            println!(
+            "cluster throughput, {n} aggregator{}: {:>10.0} summaries/s = {:>11.0} readings/s (each summary stands for {READINGS_PER_WINDOW}); checkpoint {}: {:.1} writes/s, {:.2} MB/s checkpointed ({:.1} KB per write, {:.0} bytes per applied summary); {} summaries, first publish to last ack {:.2} s, {} resent; x{:.2} vs {n0} aggregator{}; CPU s: aggregators {}, nats-server {}, bench process {} of {:.1} s x {cores} cores; settled in {:.1} s{}",
             plural(n),
             r.rate,
             r.rate * READINGS_PER_WINDOW as f64,
+            mode_name(mode),
             r.checkpoints as f64 / r.secs,
             r.checkpoint_bytes as f64 / r.secs / 1e6,
             r.checkpoint_bytes as f64 / r.checkpoints.max(1) as f64 / 1e3,
+            r.checkpoint_bytes as f64 / r.applied.max(1) as f64,
             r.summaries,
             r.secs,
             r.resent,
@@ -172,7 +180,9 @@ pub(super) async fn run(b: &ClusterBench, base: &Path) -> anyhow::Result<()> {
                 )
             },
         );
+        }
     }
+    env.mode = CheckpointMode::default();
     if b.failover_aggregators >= 2 {
         let f = env.failover(b.failover_aggregators).await?;
         println!(
@@ -198,6 +208,13 @@ pub(super) async fn run(b: &ClusterBench, base: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn mode_name(mode: CheckpointMode) -> &'static str {
+    match mode {
+        CheckpointMode::Incremental => "incremental",
+        CheckpointMode::Full => "full",
+    }
+}
+
 fn fmt_cpu(secs: Option<f64>) -> String {
     secs.map_or_else(|| "n/a".into(), |s| format!("{s:.1}"))
 }
@@ -210,6 +227,8 @@ struct Env<'a> {
     broker: SocketAddr,
     dir: PathBuf,
     runs: usize,
+    /// `cluster.checkpoint` of the aggregators started next.
+    mode: CheckpointMode,
 }
 
 /// Figures of one throughput run.
@@ -219,6 +238,8 @@ struct Throughput {
     rate: f64,
     checkpoints: u64,
     checkpoint_bytes: u64,
+    /// Summaries applied as new.
+    applied: u64,
     resent: u64,
     settle: Duration,
     cpu: Cpu,
@@ -341,6 +362,7 @@ impl Env<'_> {
             rate: summaries as f64 / secs,
             checkpoints: delta(0),
             checkpoint_bytes: delta(1),
+            applied: delta(2),
             resent,
             settle,
             cpu,

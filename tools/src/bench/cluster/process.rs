@@ -71,6 +71,7 @@ impl Env<'_> {
         c.lease_ttl_ms = self.b.lease_ttl_ms;
         c.heartbeat_ms = self.b.heartbeat_ms();
         c.checkpoint_interval_ms = self.b.checkpoint_ms;
+        c.checkpoint = self.mode;
         cfg.cluster = Some(c);
         let yaml = self.dir.join(format!("{id}.yaml"));
         std::fs::write(
