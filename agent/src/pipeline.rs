@@ -593,6 +593,8 @@ impl Pipeline {
             check_restored(&self.params, s)?;
             // Episode state carries over; threshold and re-arm rules are this configuration's.
             s.gate = s.gate.retuned(&self.params.gate);
+            // A restored detector read its own copy of the parameters: keep one for all series.
+            s.detector.share_params(&self.params.prototype);
             let mut key = String::with_capacity(s.device.len() + 1 + s.metric.len());
             key.push_str(&s.device);
             key.push('\u{0}');
