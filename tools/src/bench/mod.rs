@@ -9,6 +9,7 @@
 
 mod cluster;
 mod delivery;
+mod memory;
 
 use crate::broker::{BrokerConfig, EmbeddedBroker};
 use anyhow::{bail, Context};
@@ -109,6 +110,19 @@ pub struct BenchArgs {
     /// Readings per series of the memory section: enough to fill every detector's buffers.
     #[arg(long, default_value_t = 300)]
     pub memory_readings_per_series: usize,
+    /// Series fed to the memory section's agent process (`edgewatch agent` with `state.dir`,
+    /// through the embedded broker); 0 skips that part.
+    #[arg(long, default_value_t = 10_000)]
+    pub memory_agent_series: usize,
+    /// Readings per series fed to the memory section's agent process.
+    #[arg(long, default_value_t = 60)]
+    pub memory_agent_readings_per_series: usize,
+    /// How long the memory section's agent process is left idle after loading, its RSS sampled.
+    #[arg(long, default_value_t = 600)]
+    pub memory_idle_secs: u64,
+    /// RSS sampling interval of the memory section's idle agent process, seconds.
+    #[arg(long, default_value_t = 10)]
+    pub memory_sample_secs: u64,
 }
 
 /// A part of `edgewatch bench`.
@@ -126,7 +140,8 @@ pub enum Section {
     Drain,
     /// Restart of an agent with a checkpoint: outbox open, pipeline restore, first reading.
     Restart,
-    /// Agent memory and checkpoint bytes per series, per detector preset (the README's limits).
+    /// Agent memory and checkpoint bytes per series, per detector preset (the README's limits),
+    /// then an agent process with `state.dir` loaded with series and its RSS while idle.
     Memory,
     /// Aggregators in cluster mode on a 3-node NATS cluster (needs nats-server): throughput with
     /// 1, 2 and 3 aggregators, and failover after a SIGKILL. Skipped, with a note, by a run of
@@ -159,6 +174,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if sections.contains(&Section::Memory) {
         memory_section(&args)?;
+        if args.memory_agent_series > 0 {
+            let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+            let run = memory::ProcessRun {
+                series: args.memory_agent_series,
+                readings_per_series: args.memory_agent_readings_per_series,
+                idle_secs: args.memory_idle_secs,
+                sample_secs: args.memory_sample_secs,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(memory::agent_process(&run, &base))?;
+        }
     }
     if sections
         .iter()
@@ -316,6 +344,7 @@ fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
         for name in presets {
             let out = std::process::Command::new(std::env::current_exe()?)
                 .args(["bench", "--section", "memory", "--detector", &name])
+                .arg("--memory-agent-series=0")
                 .arg(format!("--memory-series={}", args.memory_series))
                 .arg(format!(
                     "--memory-readings-per-series={}",
@@ -375,13 +404,15 @@ fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
         let after = resident_bytes();
         let rows = p.take_changed()?;
         let row_bytes: usize = rows.rows.iter().map(|(_, r)| r.len() + 5).sum();
+        let state_bytes = cfg.detector.build()?.state_bytes();
         if metrics.series.load(Relaxed) != n as u64 {
             bail!("{} series created of {n}", metrics.series.load(Relaxed));
         }
         println!(
-            "agent memory [{label}]: {:>6.0} bytes resident per series, {:>5.0} bytes of checkpoint per series ({n} series, {} readings each; resident {:.1} -> {:.1} MiB)",
+            "agent memory [{label}]: {:>6.0} bytes resident per series, {:>5.0} bytes of checkpoint per series, {state_bytes} bytes of detector state per series, {} bytes per open window ({n} series, {} readings each; resident {:.1} -> {:.1} MiB)",
             after.saturating_sub(before) as f64 / n as f64,
             row_bytes as f64 / n as f64,
+            std::mem::size_of::<edgewatch_models::window::WindowAggregate>(),
             args.memory_readings_per_series,
             before as f64 / 1048576.0,
             after as f64 / 1048576.0
