@@ -393,6 +393,7 @@ impl Detector for Ensemble {
 mod tests {
     use super::*;
     use crate::detect::{DetectorConfig, EventGate, GateConfig};
+    use std::sync::Arc;
 
     /// Seeded standard normal samples (xorshift64* + Box-Muller), so the tests are reproducible.
     pub(crate) struct Gauss(u64);
@@ -444,6 +445,177 @@ mod tests {
             }
         }
         (alarms, spikes, caught)
+    }
+
+    #[test]
+    fn restored_series_share_the_parameters_again_and_score_the_same() {
+        let proto = Ensemble::new(EnsembleConfig::default()).unwrap();
+        let mut d = proto.clone();
+        assert!(Arc::ptr_eq(&d.p, &proto.p), "a clone shares the parameters");
+        let mut g = Gauss(3);
+        for i in 0..3_000 {
+            let (ts, v) = sensor(i, &mut g);
+            d.update(ts, v);
+        }
+        let bytes = postcard::to_stdvec(&d).unwrap();
+        let mut back: Ensemble = postcard::from_bytes(&bytes).unwrap();
+        assert!(!Arc::ptr_eq(&back.p, &proto.p));
+        back.share_params(&proto);
+        assert!(Arc::ptr_eq(&back.p, &proto.p));
+        assert_eq!(back, d);
+        // Other parameters are never shared.
+        let other = Ensemble::new(EnsembleConfig {
+            spike_half_life: 10,
+            ..EnsembleConfig::default()
+        })
+        .unwrap();
+        back.share_params(&other);
+        assert!(Arc::ptr_eq(&back.p, &proto.p));
+        for i in 3_000..4_000 {
+            let (ts, v) = sensor(i, &mut g);
+            assert_eq!(d.update(ts, v).to_bits(), back.update(ts, v).to_bits());
+        }
+    }
+
+    /// The ensemble as it was before its state was made compact (f64 MAD window and seasonal
+    /// profile): its components' z values, for the equivalence test below.
+    struct Reference {
+        mad: std::collections::VecDeque<f64>,
+        level: f64,
+        var: f64,
+        n: u64,
+        profile: Vec<f64>,
+        counts: Vec<u16>,
+    }
+
+    impl Reference {
+        fn mad_z(&mut self, window: usize, warmup: usize, v: f64) -> Option<f64> {
+            let z = (self.mad.len() >= warmup).then(|| {
+                let mut s: Vec<f64> = self.mad.iter().copied().collect();
+                s.sort_by(f64::total_cmp);
+                let n = s.len();
+                let med = if n % 2 == 1 {
+                    s[n / 2]
+                } else {
+                    0.5 * s[n / 2 - 1] + 0.5 * s[n / 2]
+                };
+                let mut d: Vec<f64> = s.iter().map(|x| (x - med).abs()).collect();
+                d.sort_by(f64::total_cmp);
+                let floor = 1e-9 * (1.0 + med.abs());
+                let mad = 1.4826 * d[n / 2];
+                let spread = if mad > floor {
+                    mad
+                } else {
+                    let q = |p: f64| s[((n - 1) as f64 * p).round() as usize];
+                    ((q(0.9) - q(0.1)) / 2.563).max(floor)
+                };
+                (v - med) / spread
+            });
+            if self.mad.len() == window {
+                self.mad.pop_front();
+            }
+            self.mad.push_back(v);
+            z
+        }
+
+        fn seasonal_z(&mut self, c: &SeasonalConfig, ts: i64, v: f64) -> Option<f64> {
+            let b = ((ts.rem_euclid(c.period_ms) as u64 * c.buckets as u64 / c.period_ms as u64)
+                as usize)
+                .min(c.buckets - 1);
+            if self.n == 0 {
+                self.level = v;
+            }
+            let resid = v - self.level - self.profile[b];
+            let sd = self.var.sqrt().max(1e-9 * (1.0 + self.level.abs()));
+            let warm = self.n >= c.warmup as u64;
+            let z = (warm && self.counts[b] >= c.min_bucket_count).then_some(resid / sd);
+            self.n += 1;
+            let r = if warm {
+                resid.clamp(-c.clip_z * sd, c.clip_z * sd)
+            } else {
+                resid
+            };
+            let al = c.alpha_level.max(1.0 / self.n as f64);
+            let av = c.alpha_var.max(1.0 / self.n as f64);
+            self.counts[b] = self.counts[b].saturating_add(1);
+            let asn = c.alpha_season.max(1.0 / f64::from(self.counts[b]));
+            self.level += al * r;
+            self.profile[b] += asn * (1.0 - al) * r;
+            self.var = (1.0 - av) * self.var + av * r * r;
+            z
+        }
+    }
+
+    #[test]
+    fn compact_mad_and_seasonal_state_match_the_f64_computation_within_1e_4_sigma() {
+        let cfg = EnsembleConfig::default();
+        let p = Ensemble::new(cfg.clone()).unwrap().p;
+        // A sensor at 1e6 with unit noise and a daily cycle (f32 alone would keep ~0.06 of it), and
+        // a small one: offsets from the first reading keep both.
+        for (offset, scale) in [(1e6, 1.0), (0.0, 1e-3), (-40.0, 10.0)] {
+            let mut mad = MadState::new(&p.mad);
+            let mut seasonal = SeasonalState::new(&p.seasonal);
+            let mut r = Reference {
+                mad: Default::default(),
+                level: 0.0,
+                var: 0.0,
+                n: 0,
+                profile: vec![0.0; cfg.seasonal.buckets],
+                counts: vec![0; cfg.seasonal.buckets],
+            };
+            let mut g = Gauss(9);
+            let mut worst: f64 = 0.0;
+            for i in 0..20_000 {
+                let (ts, v) = sensor(i * 60, &mut g);
+                let v = offset + scale * v;
+                let pairs = [
+                    (
+                        mad.z_update(&p.mad, v),
+                        r.mad_z(cfg.mad.window, cfg.mad.warmup, v),
+                    ),
+                    (
+                        seasonal.z_update(&p.seasonal, ts, v),
+                        r.seasonal_z(&cfg.seasonal, ts, v),
+                    ),
+                ];
+                for (got, want) in pairs {
+                    assert_eq!(got.is_some(), want.is_some(), "at {i}");
+                    if let (Some(a), Some(b)) = (got, want) {
+                        worst = worst.max((a - b).abs());
+                    }
+                }
+            }
+            assert!(worst < 1e-4, "offset {offset}, scale {scale}: |dz| up to {worst}");
+        }
+    }
+
+    #[test]
+    fn a_mad_window_over_256_readings_uses_two_byte_tags_and_matches_a_full_sort() {
+        let cfg = MadConfig {
+            window: 300,
+            warmup: 3,
+        };
+        cfg.check().unwrap();
+        let mut mad = MadState::new(&cfg);
+        let mut r = Reference {
+            mad: Default::default(),
+            level: 0.0,
+            var: 0.0,
+            n: 0,
+            profile: Vec::new(),
+            counts: Vec::new(),
+        };
+        let mut g = Gauss(5);
+        for i in 0..2_000 {
+            // Quantised readings: many ties, so the oldest must be found by its tag.
+            let v = (g.next() * 4.0).round();
+            let (a, b) = (mad.z_update(&cfg, v), r.mad_z(300, 3, v));
+            assert_eq!(a.is_some(), b.is_some());
+            if let (Some(a), Some(b)) = (a, b) {
+                assert!((a - b).abs() < 1e-9, "at {i}: {a} vs {b}");
+            }
+        }
+        assert_eq!(mad.heap_bytes(), 300 * 4 + 300 * 2);
     }
 
     #[test]
