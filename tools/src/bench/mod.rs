@@ -14,12 +14,13 @@ mod memory;
 use crate::broker::{BrokerConfig, EmbeddedBroker};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use edgewatch_agent::outbox::{Outbox, OutboxConfig, Record};
 use edgewatch_agent::pipeline::{Output, Pipeline};
 use edgewatch_agent::{Agent, AgentConfig, AgentMetrics};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
 use edgewatch_models::detect::DetectorConfig;
 use edgewatch_models::multi::{Aligner, FitOptions, PcaModel};
-use edgewatch_models::wire::model_key;
+use edgewatch_models::wire::{model_key, WindowSummary};
 use edgewatch_simulators::{Fleet, SimulatorConfig};
 use futures_util::StreamExt;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -388,6 +389,7 @@ fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
             .map(|i| format!("sensors/device-{i:06}/temperature"))
             .collect();
         let mut sink = Vec::new();
+        let mut summaries = Vec::new();
         for r in 0..args.memory_readings_per_series {
             for (i, topic) in topics.iter().enumerate() {
                 use std::fmt::Write as _;
@@ -397,7 +399,13 @@ fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
                 let _ = p.handle_topic(topic, payload.as_bytes(), arrival);
             }
             p.drain_outputs_into(&mut sink);
-            sink.clear();
+            // A sample of the closed windows, stored below for the bytes per outbox record.
+            for o in sink.drain(..) {
+                if let (Output::Summary { partition, summary }, true) = (o, summaries.len() < 1000)
+                {
+                    summaries.push((partition, summary));
+                }
+            }
         }
         topics.clear();
         topics.shrink_to_fit();
@@ -405,11 +413,12 @@ fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
         let rows = p.take_changed()?;
         let row_bytes: usize = rows.rows.iter().map(|(_, r)| r.len() + 5).sum();
         let state_bytes = cfg.detector.build()?.state_bytes();
+        let record_bytes = outbox_record_bytes(summaries)?;
         if metrics.series.load(Relaxed) != n as u64 {
             bail!("{} series created of {n}", metrics.series.load(Relaxed));
         }
         println!(
-            "agent memory [{label}]: {:>6.0} bytes resident per series, {:>5.0} bytes of checkpoint per series, {state_bytes} bytes of detector state per series, {} bytes per open window ({n} series, {} readings each; resident {:.1} -> {:.1} MiB)",
+            "agent memory [{label}]: {:>6.0} bytes resident per series, {:>5.0} bytes of checkpoint per series, {state_bytes} bytes of detector state per series, {} bytes per open window, {record_bytes:.0} bytes per outbox record (summary, key + value) ({n} series, {} readings each; resident {:.1} -> {:.1} MiB)",
             after.saturating_sub(before) as f64 / n as f64,
             row_bytes as f64 / n as f64,
             std::mem::size_of::<edgewatch_models::window::WindowAggregate>(),
@@ -420,6 +429,22 @@ fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
         drop(p);
     }
     Ok(())
+}
+
+/// Key + value bytes per stored summary record: `summaries` appended to a temporary outbox.
+fn outbox_record_bytes(summaries: Vec<(u32, WindowSummary)>) -> anyhow::Result<f64> {
+    let n = summaries.len();
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let mut outbox = Outbox::open_temporary(OutboxConfig {
+        max_outbox_bytes: 1 << 30,
+        normal_score_below: 0.5,
+    })?;
+    for (partition, summary) in summaries {
+        outbox.append(partition, Record::Summary(summary))?;
+    }
+    Ok(outbox.bytes() as f64 / n as f64)
 }
 
 /// Resident set size of this process, bytes (Linux `/proc/self/statm`; 0 elsewhere).
