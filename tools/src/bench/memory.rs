@@ -154,7 +154,7 @@ pub(super) async fn agent_process(run: &ProcessRun, base: &Path) -> anyhow::Resu
                 .await?;
             published += 1;
             // rumqttd drops rather than pushes back: keep at most 20k readings in flight.
-            if published % 5_000 == 0 {
+            if published.is_multiple_of(5_000) {
                 while published.saturating_sub(agent.readings().await.unwrap_or(0)) > 20_000 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
