@@ -219,8 +219,9 @@ pub enum SnapshotError {
     /// Taken under another window size or lateness, detector configuration or partition count (or
     /// by an agent whose detector or window types differ).
     #[error(
-        "snapshot was taken with another window, detector or partitions configuration \
-         (fingerprint {found:016x}, expected {expected:016x})"
+        "snapshot was taken with another window, detector or partitions configuration, or by an \
+         edgewatch version with another state layout (fingerprint {found:016x}, expected \
+         {expected:016x})"
     )]
     Incompatible {
         /// Fingerprint stored in the snapshot.

@@ -51,7 +51,10 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3, Xxh3DefaultBuilder};
 /// Version of the snapshot layout. Bump it when the header or the body's shape changes; the
 /// fingerprint also catches most changes to detector and window fields, but not all (a reorder of
 /// two fields of one type).
-pub const SNAPSHOT_VERSION: u8 = 4;
+/// 5: the compact ensemble (parameters shared per configuration, `f32` MAD window and seasonal
+/// profile); snapshots and checkpoint rows of version 4 are refused with a message naming both
+/// versions (rows: their fingerprint, which covers the version), and the agent starts empty.
+pub const SNAPSHOT_VERSION: u8 = 5;
 /// Version byte + fingerprint before the body, checksum after it.
 const SNAPSHOT_OVERHEAD: usize = 1 + 8 + 8;
 
@@ -607,6 +610,8 @@ impl Pipeline {
             check_restored(&self.params, s)?;
             // Episode state carries over; threshold and re-arm rules are this configuration's.
             s.gate = s.gate.retuned(&self.params.gate);
+            // A restored detector read its own copy of the parameters: keep one for all series.
+            s.detector.share_params(&self.params.prototype);
             let mut key = String::with_capacity(s.device.len() + 1 + s.metric.len());
             key.push_str(&s.device);
             key.push('\u{0}');
@@ -1787,6 +1792,33 @@ mod tests {
             // May decode into other (valid) state; must never panic.
             let _ = Pipeline::restore(&cfg, Arc::new(AgentMetrics::default()), &frame(fp, &bad));
         }
+    }
+
+    #[test]
+    fn a_version_4_snapshot_from_before_the_compact_ensemble_is_refused_naming_both_versions() {
+        let (cfg, bytes) = sample_snapshot();
+        let mut old = bytes.clone();
+        old[0] = 4;
+        let sum = xxh3_64(&old[..old.len() - 8]);
+        let n = old.len();
+        old[n - 8..].copy_from_slice(&sum.to_le_bytes());
+        let e = restore_err(&cfg, &old);
+        assert_eq!(
+            e.to_string(),
+            "snapshot format version 4 is not the supported version 5"
+        );
+        // Rows carry no version byte: their fingerprint (which covers the version) refuses them.
+        let mut p = Pipeline::new(&cfg, Arc::new(AgentMetrics::default())).unwrap();
+        let rows = p.take_changed().unwrap();
+        let e = Pipeline::restore_rows(
+            &cfg,
+            Arc::new(AgentMetrics::default()),
+            rows.fingerprint ^ 1,
+            Vec::<&[u8]>::new(),
+        )
+        .err()
+        .expect("another fingerprint is refused");
+        assert!(e.to_string().contains("another state layout"), "{e}");
     }
 
     #[test]

@@ -325,6 +325,63 @@ fn bench_runs_every_section_with_tiny_sizes() {
     );
 }
 
+/// The `memory` section of `edgewatch bench` at tiny sizes: the in-process lines per preset, then
+/// an agent process with `state.dir` loaded through the embedded broker and sampled while idle.
+#[test]
+fn bench_memory_section_runs_with_tiny_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = edgewatch()
+        .args([
+            "bench",
+            "--section",
+            "memory",
+            "--memory-series",
+            "50",
+            "--memory-readings-per-series",
+            "20",
+            "--memory-agent-series",
+            "200",
+            "--memory-agent-readings-per-series",
+            "5",
+            "--memory-idle-secs",
+            "2",
+            "--memory-sample-secs",
+            "1",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "agent memory [default]:",
+        "agent memory [zscore]:",
+        "bytes of detector state per series",
+        "bytes per open window",
+        "agent process memory: 200 series x 5 readings loaded",
+        "bytes per series (load average",
+        "agent process memory idle +   1 s: RSS",
+        "agent process memory idle 2 s: RSS",
+    ] {
+        assert!(text.contains(line), "no {line:?} in {text}");
+    }
+    // 1,016 bytes of ensemble state per series (the README's sizing table).
+    assert!(
+        text.contains("1016 bytes of detector state per series"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the bench removes its state directory"
+    );
+}
+
 /// The `cluster` section of `edgewatch bench` at tiny sizes: its own 3-node nats-server cluster,
 /// aggregators as child processes, a throughput run with two of them and a failover run (one of
 /// two killed). Needs nats-server, like the cluster tests.

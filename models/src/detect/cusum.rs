@@ -6,7 +6,8 @@
 //! `h`: this detector answers "has the level moved?", not "is this reading odd?". On reaching `h` the
 //! sums restart and the baseline jumps to the new level, so one shift raises one alarm.
 
-use super::{unit, Detector, Ewma, EwmaConfig};
+use super::ewma::EwmaState;
+use super::{unit, Detector, EwmaConfig};
 use crate::ModelError;
 use serde::{Deserialize, Serialize};
 
@@ -62,18 +63,30 @@ impl Default for CusumConfig {
 /// Two-sided CUSUM over an EWMA baseline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cusum {
+    p: CusumParams,
+    s: CusumState,
+}
+
+/// Validated parameters of a CUSUM, kept apart from its state (the ensemble keeps them once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct CusumParams {
     k: f64,
     h: f64,
     clip_z: f64,
-    baseline: Ewma,
+    baseline: EwmaConfig,
+}
+
+/// What a CUSUM learns: its baseline and the two sums.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct CusumState {
+    baseline: EwmaState,
     hi: f64,
     lo: f64,
 }
 
-impl Cusum {
-    /// Builds a detector, rejecting alpha outside (0, 1], a warmup < 2, a negative `k` and a
-    /// non-positive `h` or `clip_z`.
-    pub fn new(cfg: CusumConfig) -> Result<Self, ModelError> {
+impl CusumParams {
+    /// Rejects alpha outside (0, 1], a warmup < 2, a negative `k` and a non-positive `h` or `clip_z`.
+    pub(crate) fn new(cfg: CusumConfig) -> Result<Self, ModelError> {
         if !(cfg.k.is_finite() && cfg.k >= 0.0) {
             return Err(ModelError::invalid(
                 "k",
@@ -88,42 +101,60 @@ impl Cusum {
                 ));
             }
         }
-        let baseline = Ewma::new(EwmaConfig {
+        let baseline = EwmaConfig {
             alpha: cfg.alpha,
             alpha_var: None,
             warmup: cfg.warmup,
             clip_z: 4.0,
-        })?;
+        };
+        baseline.check()?;
         Ok(Self {
             k: cfg.k,
             h: cfg.h,
             clip_z: cfg.clip_z,
             baseline,
-            hi: 0.0,
-            lo: 0.0,
         })
     }
+}
 
+impl CusumState {
     /// Feeds one reading and returns the larger sum over `h` (≥ 0; ≥ 1 is an alarm, after which the
     /// sums restart). `None` during warm-up or for a non-finite value (which is ignored).
     #[inline]
-    pub(crate) fn ratio_update(&mut self, value: f64) -> Option<f64> {
-        let z = self.baseline.z_update(value)?;
-        let z = z.clamp(-self.clip_z, self.clip_z);
-        self.hi = (self.hi + z - self.k).max(0.0);
-        self.lo = (self.lo - z - self.k).max(0.0);
+    pub(crate) fn ratio_update(&mut self, p: &CusumParams, value: f64) -> Option<f64> {
+        let z = self.baseline.z_update(&p.baseline, value)?;
+        let z = z.clamp(-p.clip_z, p.clip_z);
+        self.hi = (self.hi + z - p.k).max(0.0);
+        self.lo = (self.lo - z - p.k).max(0.0);
         let s = self.hi.max(self.lo);
-        if s >= self.h {
+        if s >= p.h {
             self.hi = 0.0;
             self.lo = 0.0;
-            self.baseline.rebase(value);
+            self.baseline.rebase(&p.baseline, value);
         }
-        Some(s / self.h)
+        Some(s / p.h)
+    }
+}
+
+impl Cusum {
+    /// Builds a detector, rejecting alpha outside (0, 1], a warmup < 2, a negative `k` and a
+    /// non-positive `h` or `clip_z`.
+    pub fn new(cfg: CusumConfig) -> Result<Self, ModelError> {
+        Ok(Self {
+            p: CusumParams::new(cfg)?,
+            s: CusumState::default(),
+        })
+    }
+
+    /// Feeds one reading and returns the larger sum over `h` (see [`CusumState::ratio_update`]).
+    #[inline]
+    pub(crate) fn ratio_update(&mut self, value: f64) -> Option<f64> {
+        self.s.ratio_update(&self.p, value)
     }
 
     /// Heap bytes owned (none).
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.baseline.heap_bytes()
+        0
     }
 }
 

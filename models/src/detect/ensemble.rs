@@ -28,13 +28,19 @@
 //! Half-Space Trees add nothing measurable (so they are off by default), and the stuck path is
 //! neutral while catching the simulator's frozen sensors.
 
-use super::likelihood::{neg_log10_tail, surprise_score};
+use super::cusum::{CusumParams, CusumState};
+use super::ewma::EwmaState;
+use super::likelihood::{neg_log10_tail, surprise_score, StageState};
+use super::mad::MadState;
+use super::seasonal::SeasonalState;
+use super::stuck::StuckState;
 use super::{
-    unit, Cusum, CusumConfig, Detector, Ewma, EwmaConfig, Hst, HstConfig, LikelihoodStage,
-    LikelihoodStageConfig, Mad, MadConfig, Seasonal, SeasonalConfig, Stuck, StuckConfig,
+    unit, CusumConfig, Detector, EwmaConfig, Hst, HstConfig, LikelihoodStageConfig, MadConfig,
+    SeasonalConfig, StuckConfig,
 };
 use crate::ModelError;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// |z| at which a component's raw score for the likelihood path saturates at 1 (linear below): the
 /// stage averages raw scores, so they must stay on a bounded, roughly linear scale.
@@ -154,19 +160,24 @@ impl Default for EnsembleConfig {
     }
 }
 
-/// Decaying peak of a surprise stream, to discount surprises that are usual for this series.
+/// Constants of the spike path's decaying peak (see [`PeakState::discount`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Peak {
+struct PeakParams {
     /// Per-reading decay factor; 1 disables the discount.
     decay: f64,
     free: f64,
     min_episodes: f64,
+}
+
+/// Decaying peak of a surprise stream, to discount surprises that are usual for this series.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct PeakState {
     peak: f64,
     episodes: f64,
     in_episode: bool,
 }
 
-impl Peak {
+impl PeakParams {
     fn new(half_life: u32, free: f64, min_episodes: f64) -> Self {
         let decay = match half_life {
             0 => 1.0,
@@ -176,48 +187,82 @@ impl Peak {
             decay,
             free,
             min_episodes,
-            peak: 0.0,
-            episodes: 0.0,
-            in_episode: false,
         }
     }
+}
 
+impl PeakState {
     /// `l` minus how far the peak before it exceeds `free` — once there were `min_episodes` recent
     /// episodes above `free`; then `l` joins the peak and the episode count.
     #[inline]
-    fn discount(&mut self, l: f64) -> f64 {
-        if self.decay >= 1.0 {
+    fn discount(&mut self, p: &PeakParams, l: f64) -> f64 {
+        if p.decay >= 1.0 {
             return l;
         }
-        let d = if self.episodes >= self.min_episodes {
-            (self.peak - self.free).max(0.0)
+        let d = if self.episodes >= p.min_episodes {
+            (self.peak - p.free).max(0.0)
         } else {
             0.0
         };
-        self.episodes *= self.decay;
-        if l > self.free && !self.in_episode {
+        self.episodes *= p.decay;
+        if l > p.free && !self.in_episode {
             self.episodes += 1.0;
         }
-        self.in_episode = l > self.free;
+        self.in_episode = l > p.free;
         if l.is_finite() {
-            self.peak = (self.peak * self.decay).max(l);
+            self.peak = (self.peak * p.decay).max(l);
         }
         l - d
+    }
+}
+
+/// Everything an ensemble reads but never changes, validated: one copy per configuration, shared
+/// by every series' [`Ensemble`] through an `Arc`, so a series holds only what it learns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct EnsembleParams {
+    ewma: EwmaConfig,
+    mad: MadConfig,
+    seasonal: SeasonalConfig,
+    cusum: CusumParams,
+    stuck: StuckConfig,
+    likelihood: LikelihoodStageConfig,
+    /// Normalised to sum 1.
+    weights: [f64; 5],
+    spike: PeakParams,
+}
+
+/// Serde for the shared parameters: written like the value itself, read into a fresh `Arc`
+/// ([`Ensemble::share_params`] joins it to the configuration's copy again).
+mod shared {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::sync::Arc;
+
+    pub(super) fn serialize<S: Serializer, T: Serialize>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+        T::serialize(v, s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Arc<T>, D::Error> {
+        T::deserialize(d).map(Arc::new)
     }
 }
 
 /// Combined detector; see the module documentation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ensemble {
-    ewma: Ewma,
-    mad: Mad,
-    seasonal: Seasonal,
-    cusum: Option<Cusum>,
-    hst: Option<Hst>,
-    stuck: Option<Stuck>,
-    stage: LikelihoodStage,
-    weights: [f64; 5],
-    spike: Peak,
+    #[serde(with = "shared")]
+    p: Arc<EnsembleParams>,
+    ewma: EwmaState,
+    mad: MadState,
+    seasonal: SeasonalState,
+    /// Updated only with a CUSUM weight above 0 (an `Option` would cost more than it saves).
+    cusum: CusumState,
+    /// Off by default, and large: boxed so that it costs one pointer when off.
+    hst: Option<Box<Hst>>,
+    stuck: Option<StuckState>,
+    stage: StageState,
+    spike: PeakState,
 }
 
 impl Ensemble {
@@ -252,35 +297,58 @@ impl Ensemble {
             ));
         }
         // Validate every component, even those not built, so a typo is never silently ignored.
-        let cusum = Cusum::new(cfg.cusum)?;
+        let cusum = CusumParams::new(cfg.cusum)?;
         let hst = Hst::new(cfg.hst)?;
-        let stuck = Stuck::new(cfg.stuck)?;
-        Ok(Self {
-            ewma: Ewma::new(cfg.ewma)?,
-            mad: Mad::new(cfg.mad)?,
-            seasonal: Seasonal::new(cfg.seasonal)?,
-            cusum: (cfg.weights[3] > 0.0).then_some(cusum),
-            hst: (cfg.weights[4] > 0.0).then_some(hst),
-            stuck: cfg.detect_stuck.then_some(stuck),
-            stage: LikelihoodStage::new(cfg.likelihood)?,
+        cfg.stuck.check()?;
+        cfg.ewma.check()?;
+        cfg.mad.check()?;
+        cfg.seasonal.check()?;
+        cfg.likelihood.check()?;
+        let p = EnsembleParams {
+            ewma: cfg.ewma,
+            mad: cfg.mad,
+            seasonal: cfg.seasonal,
+            cusum,
+            stuck: cfg.stuck,
+            likelihood: cfg.likelihood,
             weights: cfg.weights.map(|w| w / sum),
-            spike: Peak::new(
+            spike: PeakParams::new(
                 cfg.spike_half_life,
                 cfg.spike_peak_free,
                 cfg.spike_min_episodes,
             ),
+        };
+        Ok(Self {
+            ewma: EwmaState::default(),
+            mad: MadState::new(&p.mad),
+            seasonal: SeasonalState::new(&p.seasonal),
+            cusum: CusumState::default(),
+            hst: (p.weights[4] > 0.0).then(|| Box::new(hst)),
+            stuck: cfg.detect_stuck.then(StuckState::default),
+            stage: StageState::new(&p.likelihood),
+            spike: PeakState::default(),
+            p: Arc::new(p),
         })
     }
 
-    /// Heap bytes owned by all components.
+    /// Heap bytes owned by this series' components (the shared parameters are not counted: one copy
+    /// serves every series).
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.ewma.heap_bytes()
-            + self.mad.heap_bytes()
+        self.mad.heap_bytes()
             + self.seasonal.heap_bytes()
-            + self.cusum.as_ref().map_or(0, Cusum::heap_bytes)
-            + self.hst.as_ref().map_or(0, Hst::heap_bytes)
-            + self.stuck.as_ref().map_or(0, Stuck::heap_bytes)
+            + self
+                .hst
+                .as_ref()
+                .map_or(0, |h| std::mem::size_of::<Hst>() + h.heap_bytes())
             + self.stage.heap_bytes()
+    }
+
+    /// Shares `other`'s parameters when they are equal to this one's (after a restore, which reads
+    /// a copy per series), so they are kept once.
+    pub(crate) fn share_params(&mut self, other: &Ensemble) {
+        if !Arc::ptr_eq(&self.p, &other.p) && self.p == other.p {
+            self.p = other.p.clone();
+        }
     }
 }
 
@@ -290,19 +358,20 @@ impl Detector for Ensemble {
         if !value.is_finite() {
             return 0.0;
         }
-        let ze = self.ewma.z_update(value);
-        let zm = self.mad.z_update(value);
-        let zs = self.seasonal.z_update(ts_ms, value);
-        let w = &self.weights;
+        let p = &*self.p;
+        let ze = self.ewma.z_update(&p.ewma, value);
+        let zm = self.mad.z_update(&p.mad, value);
+        let zs = self.seasonal.z_update(&p.seasonal, ts_ms, value);
+        let w = &p.weights;
         let raw_of = |z: Option<f64>| z.map_or(0.0, |z| unit(z.abs() / RAW_Z_MAX));
         let mut raw = w[0] * raw_of(ze) + w[1] * raw_of(zm) + w[2] * raw_of(zs);
-        if let Some(c) = &mut self.cusum {
-            raw += w[3] * unit(c.ratio_update(value).unwrap_or(0.0));
+        if w[3] > 0.0 {
+            raw += w[3] * unit(self.cusum.ratio_update(&p.cusum, value).unwrap_or(0.0));
         }
         if let Some(h) = &mut self.hst {
             raw += w[4] * h.update(ts_ms, value);
         }
-        let l_likely = self.stage.surprise(raw);
+        let l_likely = self.stage.surprise(&p.likelihood, raw);
         let l_spike = match (ze, zm) {
             // Below |z| = 2 the surprise is < 1.4 (a score < 0.22): not worth a logarithm per reading.
             (Some(a), Some(b)) if a.signum() == b.signum() && a.abs().min(b.abs()) > 2.0 => {
@@ -310,8 +379,8 @@ impl Detector for Ensemble {
             }
             _ => 0.0,
         };
-        let l_stuck = self.stuck.as_mut().map_or(0.0, |d| d.surprise(value));
-        let l = l_likely.max(self.spike.discount(l_spike)).max(l_stuck);
+        let l_stuck = self.stuck.as_mut().map_or(0.0, |d| d.surprise(&p.stuck, value));
+        let l = l_likely.max(self.spike.discount(&p.spike, l_spike)).max(l_stuck);
         surprise_score(l)
     }
 
@@ -324,6 +393,7 @@ impl Detector for Ensemble {
 mod tests {
     use super::*;
     use crate::detect::{DetectorConfig, EventGate, GateConfig};
+    use std::sync::Arc;
 
     /// Seeded standard normal samples (xorshift64* + Box-Muller), so the tests are reproducible.
     pub(crate) struct Gauss(u64);
@@ -375,6 +445,177 @@ mod tests {
             }
         }
         (alarms, spikes, caught)
+    }
+
+    #[test]
+    fn restored_series_share_the_parameters_again_and_score_the_same() {
+        let proto = Ensemble::new(EnsembleConfig::default()).unwrap();
+        let mut d = proto.clone();
+        assert!(Arc::ptr_eq(&d.p, &proto.p), "a clone shares the parameters");
+        let mut g = Gauss(3);
+        for i in 0..3_000 {
+            let (ts, v) = sensor(i, &mut g);
+            d.update(ts, v);
+        }
+        let bytes = postcard::to_stdvec(&d).unwrap();
+        let mut back: Ensemble = postcard::from_bytes(&bytes).unwrap();
+        assert!(!Arc::ptr_eq(&back.p, &proto.p));
+        back.share_params(&proto);
+        assert!(Arc::ptr_eq(&back.p, &proto.p));
+        assert_eq!(back, d);
+        // Other parameters are never shared.
+        let other = Ensemble::new(EnsembleConfig {
+            spike_half_life: 10,
+            ..EnsembleConfig::default()
+        })
+        .unwrap();
+        back.share_params(&other);
+        assert!(Arc::ptr_eq(&back.p, &proto.p));
+        for i in 3_000..4_000 {
+            let (ts, v) = sensor(i, &mut g);
+            assert_eq!(d.update(ts, v).to_bits(), back.update(ts, v).to_bits());
+        }
+    }
+
+    /// The ensemble as it was before its state was made compact (f64 MAD window and seasonal
+    /// profile): its components' z values, for the equivalence test below.
+    struct Reference {
+        mad: std::collections::VecDeque<f64>,
+        level: f64,
+        var: f64,
+        n: u64,
+        profile: Vec<f64>,
+        counts: Vec<u16>,
+    }
+
+    impl Reference {
+        fn mad_z(&mut self, window: usize, warmup: usize, v: f64) -> Option<f64> {
+            let z = (self.mad.len() >= warmup).then(|| {
+                let mut s: Vec<f64> = self.mad.iter().copied().collect();
+                s.sort_by(f64::total_cmp);
+                let n = s.len();
+                let med = if n % 2 == 1 {
+                    s[n / 2]
+                } else {
+                    0.5 * s[n / 2 - 1] + 0.5 * s[n / 2]
+                };
+                let mut d: Vec<f64> = s.iter().map(|x| (x - med).abs()).collect();
+                d.sort_by(f64::total_cmp);
+                let floor = 1e-9 * (1.0 + med.abs());
+                let mad = 1.4826 * d[n / 2];
+                let spread = if mad > floor {
+                    mad
+                } else {
+                    let q = |p: f64| s[((n - 1) as f64 * p).round() as usize];
+                    ((q(0.9) - q(0.1)) / 2.563).max(floor)
+                };
+                (v - med) / spread
+            });
+            if self.mad.len() == window {
+                self.mad.pop_front();
+            }
+            self.mad.push_back(v);
+            z
+        }
+
+        fn seasonal_z(&mut self, c: &SeasonalConfig, ts: i64, v: f64) -> Option<f64> {
+            let b = ((ts.rem_euclid(c.period_ms) as u64 * c.buckets as u64 / c.period_ms as u64)
+                as usize)
+                .min(c.buckets - 1);
+            if self.n == 0 {
+                self.level = v;
+            }
+            let resid = v - self.level - self.profile[b];
+            let sd = self.var.sqrt().max(1e-9 * (1.0 + self.level.abs()));
+            let warm = self.n >= c.warmup as u64;
+            let z = (warm && self.counts[b] >= c.min_bucket_count).then_some(resid / sd);
+            self.n += 1;
+            let r = if warm {
+                resid.clamp(-c.clip_z * sd, c.clip_z * sd)
+            } else {
+                resid
+            };
+            let al = c.alpha_level.max(1.0 / self.n as f64);
+            let av = c.alpha_var.max(1.0 / self.n as f64);
+            self.counts[b] = self.counts[b].saturating_add(1);
+            let asn = c.alpha_season.max(1.0 / f64::from(self.counts[b]));
+            self.level += al * r;
+            self.profile[b] += asn * (1.0 - al) * r;
+            self.var = (1.0 - av) * self.var + av * r * r;
+            z
+        }
+    }
+
+    #[test]
+    fn compact_mad_and_seasonal_state_match_the_f64_computation_within_1e_4_sigma() {
+        let cfg = EnsembleConfig::default();
+        let p = Ensemble::new(cfg.clone()).unwrap().p;
+        // A sensor at 1e6 with unit noise and a daily cycle (f32 alone would keep ~0.06 of it), and
+        // a small one: offsets from the first reading keep both.
+        for (offset, scale) in [(1e6, 1.0), (0.0, 1e-3), (-40.0, 10.0)] {
+            let mut mad = MadState::new(&p.mad);
+            let mut seasonal = SeasonalState::new(&p.seasonal);
+            let mut r = Reference {
+                mad: Default::default(),
+                level: 0.0,
+                var: 0.0,
+                n: 0,
+                profile: vec![0.0; cfg.seasonal.buckets],
+                counts: vec![0; cfg.seasonal.buckets],
+            };
+            let mut g = Gauss(9);
+            let mut worst: f64 = 0.0;
+            for i in 0..20_000 {
+                let (ts, v) = sensor(i * 60, &mut g);
+                let v = offset + scale * v;
+                let pairs = [
+                    (
+                        mad.z_update(&p.mad, v),
+                        r.mad_z(cfg.mad.window, cfg.mad.warmup, v),
+                    ),
+                    (
+                        seasonal.z_update(&p.seasonal, ts, v),
+                        r.seasonal_z(&cfg.seasonal, ts, v),
+                    ),
+                ];
+                for (got, want) in pairs {
+                    assert_eq!(got.is_some(), want.is_some(), "at {i}");
+                    if let (Some(a), Some(b)) = (got, want) {
+                        worst = worst.max((a - b).abs());
+                    }
+                }
+            }
+            assert!(worst < 1e-4, "offset {offset}, scale {scale}: |dz| up to {worst}");
+        }
+    }
+
+    #[test]
+    fn a_mad_window_over_256_readings_uses_two_byte_tags_and_matches_a_full_sort() {
+        let cfg = MadConfig {
+            window: 300,
+            warmup: 3,
+        };
+        cfg.check().unwrap();
+        let mut mad = MadState::new(&cfg);
+        let mut r = Reference {
+            mad: Default::default(),
+            level: 0.0,
+            var: 0.0,
+            n: 0,
+            profile: Vec::new(),
+            counts: Vec::new(),
+        };
+        let mut g = Gauss(5);
+        for i in 0..2_000 {
+            // Quantised readings: many ties, so the oldest must be found by its tag.
+            let v = (g.next() * 4.0).round();
+            let (a, b) = (mad.z_update(&cfg, v), r.mad_z(300, 3, v));
+            assert_eq!(a.is_some(), b.is_some());
+            if let (Some(a), Some(b)) = (a, b) {
+                assert!((a - b).abs() < 1e-9, "at {i}: {a} vs {b}");
+            }
+        }
+        assert_eq!(mad.heap_bytes(), 300 * 4 + 300 * 2);
     }
 
     #[test]

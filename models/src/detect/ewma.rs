@@ -56,21 +56,28 @@ impl Default for EwmaConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ewma {
     cfg: EwmaConfig,
+    s: EwmaState,
+}
+
+/// What an EWMA chart learns (its parameters live apart, so a detector that runs one chart per
+/// series, like the ensemble, keeps them once for every series).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct EwmaState {
     n: u64,
     mean: f64,
     var: f64,
 }
 
-impl Ewma {
-    /// Builds a detector, rejecting alphas outside (0, 1], a warmup < 2 and a non-positive `clip_z`.
-    pub fn new(cfg: EwmaConfig) -> Result<Self, ModelError> {
-        if !(cfg.alpha > 0.0 && cfg.alpha <= 1.0) {
+impl EwmaConfig {
+    /// Rejects alphas outside (0, 1], a warmup < 2 and a non-positive `clip_z`.
+    pub(crate) fn check(&self) -> Result<(), ModelError> {
+        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
             return Err(ModelError::invalid(
                 "alpha",
-                format!("must be in (0, 1], got {}", cfg.alpha),
+                format!("must be in (0, 1], got {}", self.alpha),
             ));
         }
-        if let Some(a) = cfg.alpha_var {
+        if let Some(a) = self.alpha_var {
             if !(a > 0.0 && a <= 1.0) {
                 return Err(ModelError::invalid(
                     "alpha_var",
@@ -78,55 +85,47 @@ impl Ewma {
                 ));
             }
         }
-        if cfg.warmup < 2 {
+        if self.warmup < 2 {
             return Err(ModelError::invalid(
                 "warmup",
-                format!("must be >= 2, got {}", cfg.warmup),
+                format!("must be >= 2, got {}", self.warmup),
             ));
         }
-        if !(cfg.clip_z.is_finite() && cfg.clip_z > 0.0) {
+        if !(self.clip_z.is_finite() && self.clip_z > 0.0) {
             return Err(ModelError::invalid(
                 "clip_z",
-                format!("must be a finite number > 0, got {}", cfg.clip_z),
+                format!("must be a finite number > 0, got {}", self.clip_z),
             ));
         }
-        Ok(Self {
-            cfg,
-            n: 0,
-            mean: 0.0,
-            var: 0.0,
-        })
+        Ok(())
     }
+}
 
+impl EwmaState {
     /// Signed z of `value` against the current mean and spread, then learns from it.
     /// Returns `None` during warm-up or for a non-finite value (which is ignored).
     #[inline]
-    pub(crate) fn z_update(&mut self, value: f64) -> Option<f64> {
+    pub(crate) fn z_update(&mut self, cfg: &EwmaConfig, value: f64) -> Option<f64> {
         if !value.is_finite() {
             return None;
         }
         let sd = self.var.sqrt().max(1e-9 * (1.0 + self.mean.abs()));
-        let warm = self.n >= self.cfg.warmup as u64;
+        let warm = self.n >= cfg.warmup as u64;
         let z = (value - self.mean) / sd;
         self.n += 1;
         // A cumulative average until 1/n drops below alpha, so early readings are not over-weighted.
-        let alpha = self.cfg.alpha.max(1.0 / self.n as f64);
+        let alpha = cfg.alpha.max(1.0 / self.n as f64);
         let mut diff = value - self.mean;
         if warm {
-            let c = self.cfg.clip_z * sd;
+            let c = cfg.clip_z * sd;
             diff = diff.clamp(-c, c);
         }
-        let alpha_var = self
-            .cfg
-            .alpha_var
-            .map_or(alpha, |a| a.max(1.0 / self.n as f64));
+        let alpha_var = cfg.alpha_var.map_or(alpha, |a| a.max(1.0 / self.n as f64));
         self.mean += alpha * diff;
         self.var = (1.0 - alpha_var) * (self.var + alpha_var * diff * diff);
         if !(self.mean.is_finite() && self.var.is_finite()) {
             // Only reachable with values near f64::MAX; start afresh rather than score NaN forever.
-            self.n = 0;
-            self.mean = 0.0;
-            self.var = 0.0;
+            *self = Self::default();
             return None;
         }
         warm.then_some(z)
@@ -134,11 +133,29 @@ impl Ewma {
 
     /// Restarts the mean at `level` (after a detected level shift), keeping the spread and learning
     /// the new level quickly, as if only `warmup` readings had been seen.
-    pub(crate) fn rebase(&mut self, level: f64) {
+    pub(crate) fn rebase(&mut self, cfg: &EwmaConfig, level: f64) {
         if level.is_finite() {
             self.mean = level;
-            self.n = self.n.min(self.cfg.warmup as u64);
+            self.n = self.n.min(cfg.warmup as u64);
         }
+    }
+}
+
+impl Ewma {
+    /// Builds a detector, rejecting alphas outside (0, 1], a warmup < 2 and a non-positive `clip_z`.
+    pub fn new(cfg: EwmaConfig) -> Result<Self, ModelError> {
+        cfg.check()?;
+        Ok(Self {
+            cfg,
+            s: EwmaState::default(),
+        })
+    }
+
+    /// Signed z of `value` against the current mean and spread, then learns from it.
+    /// Returns `None` during warm-up or for a non-finite value (which is ignored).
+    #[inline]
+    pub(crate) fn z_update(&mut self, value: f64) -> Option<f64> {
+        self.s.z_update(&self.cfg, value)
     }
 
     /// Heap bytes owned (none).
@@ -200,11 +217,11 @@ mod tests {
         for i in 0..1000 {
             d.update(i, alternating(i));
         }
-        assert!((d.mean - 100.0).abs() < 0.2, "mean {}", d.mean);
+        assert!((d.s.mean - 100.0).abs() < 0.2, "mean {}", d.s.mean);
         for i in 1000..3000 {
             d.update(i, alternating(i) + 50.0);
         }
-        assert!((d.mean - 150.0).abs() < 0.2, "mean {}", d.mean);
+        assert!((d.s.mean - 150.0).abs() < 0.2, "mean {}", d.s.mean);
         assert!(d.update(3000, 150.0) < 0.2);
     }
 

@@ -115,47 +115,103 @@ pub(crate) fn surprise_score(l: f64) -> f64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LikelihoodStage {
     cfg: LikelihoodStageConfig,
-    recent: Vec<f64>,
-    next: usize,
+    s: StageState,
+}
+
+/// What a likelihood stage learns (its parameters live apart).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct StageState {
+    /// The last `short_window` raw scores, a ring.
+    recent: Box<[f64]>,
     n: u64,
     mean: f64,
     var: f64,
+    /// Next slot of `recent` (< 64).
+    next: u8,
+}
+
+impl LikelihoodStageConfig {
+    /// Rejects every parameter outside its documented range, naming it.
+    pub(crate) fn check(&self) -> Result<(), ModelError> {
+        if !(1..=64).contains(&self.short_window) {
+            return Err(ModelError::invalid(
+                "short_window",
+                format!("must be in [1, 64], got {}", self.short_window),
+            ));
+        }
+        if self.long_window < self.short_window {
+            return Err(ModelError::invalid(
+                "long_window",
+                format!(
+                    "must be >= short_window={}, got {}",
+                    self.short_window, self.long_window
+                ),
+            ));
+        }
+        if self.warmup == 0 {
+            return Err(ModelError::invalid("warmup", "must be >= 1, got 0"));
+        }
+        if !(self.min_std.is_finite() && self.min_std > 0.0) {
+            return Err(ModelError::invalid(
+                "min_std",
+                format!("must be a finite number > 0, got {}", self.min_std),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl StageState {
+    /// A fresh state for `cfg` (checked).
+    pub(crate) fn new(cfg: &LikelihoodStageConfig) -> Self {
+        Self {
+            recent: vec![0.0; cfg.short_window].into_boxed_slice(),
+            n: 0,
+            mean: 0.0,
+            var: 0.0,
+            next: 0,
+        }
+    }
+
+    /// Surprise `−log10 p` (≥ 0, may be +inf) of the short-term mean of raw scores including `raw`
+    /// against their long-term distribution, then learns from it.
+    #[inline]
+    pub(crate) fn surprise(&mut self, cfg: &LikelihoodStageConfig, raw: f64) -> f64 {
+        let next = usize::from(self.next);
+        self.recent[next] = unit(raw);
+        // short_window ≤ 64 (checked), so the slot fits in a u8.
+        self.next = ((next + 1) % self.recent.len()) as u8;
+        self.n += 1;
+        let filled = (self.n as usize).min(self.recent.len());
+        let short = self.recent.iter().sum::<f64>() / filled as f64;
+        let sd = self.var.sqrt().max(cfg.min_std);
+        let z = (short - self.mean) / sd;
+        let out = if self.n > cfg.warmup as u64 && z > 0.0 {
+            neg_log10_tail(z)
+        } else {
+            0.0
+        };
+        let alpha = (1.0 / cfg.long_window as f64).max(1.0 / self.n as f64);
+        let diff = short - self.mean;
+        let incr = alpha * diff;
+        self.mean += incr;
+        self.var = (1.0 - alpha) * (self.var + diff * incr);
+        out
+    }
+
+    /// Heap bytes owned (the ring).
+    pub(crate) fn heap_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.recent)
+    }
 }
 
 impl LikelihoodStage {
     /// Validates the parameters (each error names the bad value).
     pub fn new(cfg: LikelihoodStageConfig) -> Result<Self, ModelError> {
-        if !(1..=64).contains(&cfg.short_window) {
-            return Err(ModelError::invalid(
-                "short_window",
-                format!("must be in [1, 64], got {}", cfg.short_window),
-            ));
-        }
-        if cfg.long_window < cfg.short_window {
-            return Err(ModelError::invalid(
-                "long_window",
-                format!(
-                    "must be >= short_window={}, got {}",
-                    cfg.short_window, cfg.long_window
-                ),
-            ));
-        }
-        if cfg.warmup == 0 {
-            return Err(ModelError::invalid("warmup", "must be >= 1, got 0"));
-        }
-        if !(cfg.min_std.is_finite() && cfg.min_std > 0.0) {
-            return Err(ModelError::invalid(
-                "min_std",
-                format!("must be a finite number > 0, got {}", cfg.min_std),
-            ));
-        }
+        cfg.check()?;
         Ok(Self {
-            recent: vec![0.0; cfg.short_window],
+            s: StageState::new(&cfg),
             cfg,
-            next: 0,
-            n: 0,
-            mean: 0.0,
-            var: 0.0,
         })
     }
 
@@ -168,31 +224,12 @@ impl LikelihoodStage {
     /// As [`LikelihoodStage::update`] but returns the surprise `−log10 p` itself (≥ 0, may be +inf).
     #[inline]
     pub(crate) fn surprise(&mut self, raw: f64) -> f64 {
-        self.recent[self.next] = unit(raw);
-        self.next = (self.next + 1) % self.recent.len();
-        self.n += 1;
-        let filled = (self.n as usize).min(self.recent.len());
-        // Summing ≤ 64 values beats a running sum that would drift.
-        let short = self.recent.iter().sum::<f64>() / filled as f64;
-        let sd = self.var.sqrt().max(self.cfg.min_std);
-        let z = (short - self.mean) / sd;
-        // Below the long-term mean the surprise is < log10(2); skipping it saves the exp and the log.
-        let out = if self.n > self.cfg.warmup as u64 && z > 0.0 {
-            neg_log10_tail(z)
-        } else {
-            0.0
-        };
-        let alpha = (1.0 / self.cfg.long_window as f64).max(1.0 / self.n as f64);
-        let diff = short - self.mean;
-        let incr = alpha * diff;
-        self.mean += incr;
-        self.var = (1.0 - alpha) * (self.var + diff * incr);
-        out
+        self.s.surprise(&self.cfg, raw)
     }
 
-    /// Heap bytes owned (the short-term ring).
+    /// Heap bytes owned (the ring).
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.recent.capacity() * std::mem::size_of::<f64>()
+        self.s.heap_bytes()
     }
 }
 

@@ -2,8 +2,9 @@
 //! median absolute deviation (MAD × 1.4826, which equals σ on Gaussian data), scored like `ewma.rs`
 //! by its two-sided Gaussian tail (0.5 ⇔ |z| ≈ 4.42).
 //!
-//! The window is kept twice: a ring in arrival order (to know what leaves) and a sorted array (the
-//! order statistics). A reading costs two binary searches, one `memmove` of at most `window` floats
+//! The window is kept once, sorted (the order statistics), as `f32` offsets from the series' first
+//! reading, each with a one- or two-byte arrival tag that says which one leaves next (about 5 bytes
+//! per reading of window). A reading costs a binary search, a tag scan, one `memmove` of at most `window` floats
 //! (cache-resident; faster than a tree up to the 4096-reading cap) and an O(log w) selection of the
 //! MAD as the k-th smallest of two sorted deviation sequences — never a re-sort. When more than half
 //! the window is one repeated value (quantised or stuck sensors) the MAD is 0; the spread then falls
@@ -13,7 +14,6 @@ use super::likelihood::two_sided_score;
 use super::Detector;
 use crate::ModelError;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 
 /// Largest accepted window: beyond it the `memmove` would dominate and a tree would be the better choice.
 const MAX_WINDOW: usize = 4096;
@@ -50,136 +50,253 @@ impl Default for MadConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Mad {
     cfg: MadConfig,
-    ring: VecDeque<f64>,
-    sorted: Vec<f64>,
+    s: MadState,
 }
 
-impl Mad {
-    /// Builds a detector, rejecting a window outside [3, 4096] or a warmup outside [3, window].
-    pub fn new(cfg: MadConfig) -> Result<Self, ModelError> {
-        if !(3..=MAX_WINDOW).contains(&cfg.window) {
+/// The window of a MAD detector (its parameters live apart), kept compact: the readings as `f32`
+/// offsets from the series' first reading, sorted, and beside each one its arrival tag (the slot it
+/// would have in a ring), so the oldest is found without keeping a second copy in arrival order.
+/// Offsets keep 24 bits of mantissa relative to how far a reading is from the first one, not to
+/// its magnitude, so a sensor at 1e6 ± 0.01 keeps its spread.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct MadState {
+    /// The first finite reading; every reading is kept as `reading − anchor`.
+    anchor: f64,
+    /// The window's offsets in ascending order (`len` of them in use).
+    sorted: Box<[f32]>,
+    /// Arrival tag of each entry of `sorted`: one byte each for windows up to 256, else two
+    /// (little-endian).
+    tags: Box<[u8]>,
+    len: u16,
+    /// Tag of the next reading; once the window is full, the tag of the oldest.
+    head: u16,
+}
+
+impl MadConfig {
+    /// Rejects a window outside [3, 4096] or a warmup outside [3, window].
+    pub(crate) fn check(&self) -> Result<(), ModelError> {
+        if !(3..=MAX_WINDOW).contains(&self.window) {
             return Err(ModelError::invalid(
                 "window",
-                format!("must be in [3, {MAX_WINDOW}], got {}", cfg.window),
+                format!("must be in [3, {MAX_WINDOW}], got {}", self.window),
             ));
         }
-        if cfg.warmup < 3 || cfg.warmup > cfg.window {
+        if self.warmup < 3 || self.warmup > self.window {
             return Err(ModelError::invalid(
                 "warmup",
-                format!("must be in [3, window={}], got {}", cfg.window, cfg.warmup),
+                format!("must be in [3, window={}], got {}", self.window, self.warmup),
             ));
         }
-        Ok(Self {
-            ring: VecDeque::with_capacity(cfg.window),
-            sorted: Vec::with_capacity(cfg.window),
-            cfg,
-        })
+        Ok(())
     }
 
-    /// Median of the window (0 when empty).
-    pub(crate) fn median(&self) -> f64 {
-        let s = &self.sorted;
+    /// Bytes per arrival tag.
+    fn tag_width(&self) -> usize {
+        if self.window <= 256 {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+impl MadState {
+    /// An empty window for `cfg` (checked).
+    pub(crate) fn new(cfg: &MadConfig) -> Self {
+        Self {
+            anchor: 0.0,
+            sorted: vec![0.0; cfg.window].into_boxed_slice(),
+            tags: vec![0; cfg.window * cfg.tag_width()].into_boxed_slice(),
+            len: 0,
+            head: 0,
+        }
+    }
+
+    /// The offsets in the window, ascending.
+    fn offsets(&self) -> &[f32] {
+        &self.sorted[..usize::from(self.len)]
+    }
+
+    /// Median of the window's offsets (0 when empty).
+    fn median_offset(&self) -> f64 {
+        let s = self.offsets();
         let n = s.len();
         match n {
             0 => 0.0,
-            _ if n % 2 == 1 => s[n / 2],
-            // Halves first: the sum of two values near f64::MAX would overflow.
-            _ => 0.5 * s[n / 2 - 1] + 0.5 * s[n / 2],
+            _ if n % 2 == 1 => f64::from(s[n / 2]),
+            _ => 0.5 * f64::from(s[n / 2 - 1]) + 0.5 * f64::from(s[n / 2]),
         }
     }
 
-    /// Robust spread (σ-equivalent) of the window, never 0.
-    pub(crate) fn spread(&self, median: f64) -> f64 {
-        let s = &self.sorted;
+    /// Median of the window (0 when empty).
+    #[cfg(test)]
+    fn median(&self) -> f64 {
+        if self.len == 0 {
+            return 0.0;
+        }
+        self.anchor + self.median_offset()
+    }
+
+    /// Robust spread (σ-equivalent) of the window around its median offset `m`, never 0.
+    fn spread(&self, m: f64) -> f64 {
+        let s = self.offsets();
         let n = s.len();
-        let floor = 1e-9 * (1.0 + median.abs());
+        let floor = 1e-9 * (1.0 + (self.anchor + m).abs());
         if n < 2 {
             return floor;
         }
-        let mad = 1.4826 * kth_deviation(s, median, n / 2);
+        let mad = 1.4826 * kth_deviation(s, m, n / 2);
         if mad > floor {
             return mad;
         }
-        // 10-90 % range / 2.563 is σ on Gaussian data.
-        let q = |p: f64| s[((n - 1) as f64 * p).round() as usize];
+        // Over half the window is one value: fall back to the 10-90 % quantile range (a Gaussian's
+        // is 2.563 σ), then to the floor.
+        let q = |p: f64| f64::from(s[((n - 1) as f64 * p).round() as usize]);
         ((q(0.9) - q(0.1)) / 2.563).max(floor)
+    }
+
+    /// Whether the buffers agree with `cfg` and each other (a state read from disk might not).
+    fn consistent(&self, cfg: &MadConfig) -> bool {
+        self.sorted.len() == cfg.window
+            && self.tags.len() == cfg.window * cfg.tag_width()
+            && usize::from(self.len) <= cfg.window
+            && usize::from(self.head) < cfg.window
     }
 
     /// Signed robust z of `value` against the window, then slides the window. `None` during warm-up
     /// or for a non-finite value (which is ignored).
     #[inline]
-    pub(crate) fn z_update(&mut self, value: f64) -> Option<f64> {
+    pub(crate) fn z_update(&mut self, cfg: &MadConfig, value: f64) -> Option<f64> {
         if !value.is_finite() {
             return None;
         }
-        let z = (self.ring.len() >= self.cfg.warmup).then(|| {
-            let med = self.median();
-            (value - med) / self.spread(med)
-        });
-        let old = if self.ring.len() == self.cfg.window {
-            self.ring.pop_front()
-        } else {
-            None
-        };
-        let s = &mut self.sorted;
-        let j = lower_bound(s, value);
-        match old {
-            Some(old) => {
-                // Replace `old` by `value` with one shift of the values between their two positions.
-                // `old` is in `sorted` (both hold the same finite values), so `i` is in bounds.
-                let i = lower_bound(s, old).min(s.len() - 1);
-                if j > i {
-                    s.copy_within(i + 1..j, i);
-                    s[j - 1] = value;
-                } else {
-                    s.copy_within(j..i, j + 1);
-                    s[j] = value;
-                }
-            }
-            None => s.insert(j, value),
+        if !self.consistent(cfg) {
+            *self = Self::new(cfg);
         }
-        self.ring.push_back(value);
+        let len = usize::from(self.len);
+        if len == 0 {
+            self.anchor = value;
+        }
+        let offset = value - self.anchor;
+        let z = (len >= cfg.warmup).then(|| {
+            let m = self.median_offset();
+            (offset - m) / self.spread(m)
+        });
+        // Beyond f32's range the offset is clamped: only readings ~3e38 from the first one.
+        let x = offset.clamp(f64::from(f32::MIN), f64::from(f32::MAX)) as f32;
+        let w = cfg.tag_width();
+        let head = self.head;
+        let j = lower_bound(self.offsets(), f64::from(x));
+        if len == cfg.window {
+            // The oldest reading leaves: the entry tagged `head` (found by its tag, not its value).
+            let i = find_tag(&self.tags[..len * w], w, head).unwrap_or(len - 1);
+            let (s, t) = (&mut self.sorted, &mut self.tags);
+            if j > i {
+                s.copy_within(i + 1..j, i);
+                t.copy_within((i + 1) * w..j * w, i * w);
+                s[j - 1] = x;
+                set_tag(t, w, j - 1, head);
+            } else {
+                s.copy_within(j..i, j + 1);
+                t.copy_within(j * w..i * w, (j + 1) * w);
+                s[j] = x;
+                set_tag(t, w, j, head);
+            }
+        } else {
+            let (s, t) = (&mut self.sorted, &mut self.tags);
+            s.copy_within(j..len, j + 1);
+            t.copy_within(j * w..len * w, (j + 1) * w);
+            s[j] = x;
+            set_tag(t, w, j, head);
+            self.len += 1;
+        }
+        // window ≤ 4096 (checked), so tags fit in a u16.
+        self.head = ((usize::from(head) + 1) % cfg.window) as u16;
         z
     }
 
-    /// Heap bytes owned (ring and sorted copy of the window).
+    /// Heap bytes owned (the sorted offsets and their tags).
     pub(crate) fn heap_bytes(&self) -> usize {
-        (self.ring.capacity() + self.sorted.capacity()) * std::mem::size_of::<f64>()
+        std::mem::size_of_val(&*self.sorted) + self.tags.len()
+    }
+}
+
+/// Position of the entry tagged `tag` in tags of `w` bytes each.
+#[inline]
+fn find_tag(tags: &[u8], w: usize, tag: u16) -> Option<usize> {
+    if w == 1 {
+        // Windows of up to 256 readings have tags below 256.
+        tags.iter().position(|&t| t == tag as u8)
+    } else {
+        let tag = tag.to_le_bytes();
+        tags.chunks_exact(2).position(|t| t == tag)
+    }
+}
+
+/// Sets the tag of entry `i` (`w` bytes each).
+#[inline]
+fn set_tag(tags: &mut [u8], w: usize, i: usize, tag: u16) {
+    if w == 1 {
+        tags[i] = tag as u8;
+    } else {
+        tags[2 * i..2 * i + 2].copy_from_slice(&tag.to_le_bytes());
+    }
+}
+
+impl Mad {
+    /// Builds a detector, rejecting a window outside [3, 4096] or a warmup outside [3, window].
+    pub fn new(cfg: MadConfig) -> Result<Self, ModelError> {
+        cfg.check()?;
+        Ok(Self {
+            s: MadState::new(&cfg),
+            cfg,
+        })
+    }
+
+    /// Signed robust z (see [`MadState::z_update`]).
+    #[inline]
+    pub(crate) fn z_update(&mut self, value: f64) -> Option<f64> {
+        self.s.z_update(&self.cfg, value)
+    }
+
+    /// Heap bytes owned (the window).
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.s.heap_bytes()
     }
 }
 
 /// First index whose value is not below `x` (`s.len()` if none): a binary search whose steps compile
 /// to conditional moves, because the comparisons on noisy data are unpredictable branches.
 #[inline]
-fn lower_bound(s: &[f64], x: f64) -> usize {
+fn lower_bound(s: &[f32], x: f64) -> usize {
     let (mut base, mut size) = (0usize, s.len());
     if size == 0 {
         return 0;
     }
     while size > 1 {
         let half = size / 2;
-        // Arithmetic rather than `if`, which the compiler would turn back into a branch.
-        base += usize::from(s[base + half] < x) * half;
+        base += usize::from(f64::from(s[base + half]) < x) * half;
         size -= half;
     }
-    base + usize::from(s[base] < x)
+    base + usize::from(f64::from(s[base]) < x)
 }
 
 /// The k-th smallest (0-based) of |s[i] − m| over a sorted slice, in O(log n).
 ///
 /// Values below `m` give deviations ascending leftwards, the others ascending rightwards: two sorted
 /// sequences, and the k-th of their union is found by binary search on how many come from the left.
-fn kth_deviation(s: &[f64], m: f64, k: usize) -> f64 {
+fn kth_deviation(s: &[f32], m: f64, k: usize) -> f64 {
+    let v = |i: usize| f64::from(s[i]);
     let half = s.len() / 2;
     // With `m` the median, the values below it are exactly the lower half unless it is tied.
-    let h = if half > 0 && s[half - 1] < m && s[half] >= m {
+    let h = if half > 0 && v(half - 1) < m && v(half) >= m {
         half
     } else {
         lower_bound(s, m)
     };
     let (na, nb) = (h, s.len() - h);
-    let a = |i: usize| m - s[h - 1 - i];
-    let b = |j: usize| s[h + j] - m;
+    let a = |i: usize| m - v(h - 1 - i);
+    let b = |j: usize| v(h + j) - m;
     let take = (k + 1).min(s.len());
     let (mut lo, mut hi) = (take.saturating_sub(nb), take.min(na));
     while lo < hi {
@@ -239,9 +356,10 @@ mod tests {
         for (i, v) in [1.0, 1.0, 2.0, 2.0, 4.0, 6.0, 9.0].into_iter().enumerate() {
             d.update(i as i64, v);
         }
-        assert_eq!(d.median(), 2.0);
+        assert_eq!(d.s.median(), 2.0);
         // Deviations 1,1,0,0,2,4,7 → median 1.
-        assert!((d.spread(2.0) - 1.4826).abs() < 1e-12);
+        // Offsets from the first reading (1.0): the median offset is 1.
+        assert!((d.s.spread(1.0) - 1.4826).abs() < 1e-12);
         // (2 + 3·1.4826 − 2) / 1.4826 = 3 robust sigmas.
         let s = d.update(7, 2.0 + 3.0 * 1.4826);
         assert!((s - two_sided_score(3.0)).abs() < 1e-9, "{s}");
@@ -278,8 +396,12 @@ mod tests {
             }
             let tail = &v[v.len().saturating_sub(window)..];
             let (med, mad) = naive_mad(tail);
-            prop_assert_eq!(d.median(), med);
-            prop_assert_eq!(kth_deviation(&d.sorted, med, tail.len() / 2), mad);
+            // Offsets from the first reading in f32: within 24 bits of the values' span (2e3).
+            let tol = 2e3 * f64::from(f32::EPSILON);
+            prop_assert!((d.s.median() - med).abs() <= tol, "{} vs {}", d.s.median(), med);
+            let m = d.s.median_offset();
+            let got = kth_deviation(d.s.offsets(), m, tail.len() / 2);
+            prop_assert!((got - mad).abs() <= 2.0 * tol, "{} vs {}", got, mad);
         }
     }
 

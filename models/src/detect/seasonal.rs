@@ -38,7 +38,7 @@ pub struct SeasonalConfig {
     /// Readings needed before any score above 0 (≥ 2).
     #[serde(default = "default_warmup")]
     pub warmup: usize,
-    /// Readings a bucket needs before readings in it are scored (≥ 1).
+    /// Readings a bucket needs before readings in it are scored, in [1, 255].
     #[serde(default = "default_min_bucket_count")]
     pub min_bucket_count: u16,
     /// Residuals are clipped to ±`clip_z` standard deviations before they are learnt (> 0).
@@ -86,37 +86,45 @@ impl Default for SeasonalConfig {
     }
 }
 
-/// Level + time-of-day profile baseline.
+/// Level + time-of-day profile detector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Seasonal {
     cfg: SeasonalConfig,
+    s: SeasonalState,
+}
+
+/// What a seasonal baseline learns (its parameters live apart). The profile is kept in `f32`: it
+/// holds offsets from the level (about the size of the cycle, not of the readings), where 24 bits
+/// of mantissa are far below the residual spread that scores are made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SeasonalState {
     n: u64,
     level: f64,
     var: f64,
-    profile: Vec<f64>,
-    counts: Vec<u16>,
+    profile: Box<[f32]>,
+    /// Readings seen per bucket, saturating at 255 (`min_bucket_count` is at most 255).
+    counts: Box<[u8]>,
 }
 
-impl Seasonal {
-    /// Builds a detector, rejecting a non-positive period, a bucket count outside [1, 2016], weights
-    /// outside (0, 1], a warmup < 2, a zero `min_bucket_count` and a non-positive `clip_z`.
-    pub fn new(cfg: SeasonalConfig) -> Result<Self, ModelError> {
-        if !(1..=MAX_PERIOD_MS).contains(&cfg.period_ms) {
+impl SeasonalConfig {
+    /// Rejects every parameter outside its documented range, naming it.
+    pub(crate) fn check(&self) -> Result<(), ModelError> {
+        if !(1..=MAX_PERIOD_MS).contains(&self.period_ms) {
             return Err(ModelError::invalid(
                 "period_ms",
-                format!("must be in [1, {MAX_PERIOD_MS}], got {}", cfg.period_ms),
+                format!("must be in [1, {MAX_PERIOD_MS}], got {}", self.period_ms),
             ));
         }
-        if !(1..=2016).contains(&cfg.buckets) {
+        if !(1..=2016).contains(&self.buckets) {
             return Err(ModelError::invalid(
                 "buckets",
-                format!("must be in [1, 2016], got {}", cfg.buckets),
+                format!("must be in [1, 2016], got {}", self.buckets),
             ));
         }
         for (name, v) in [
-            ("alpha_level", cfg.alpha_level),
-            ("alpha_season", cfg.alpha_season),
-            ("alpha_var", cfg.alpha_var),
+            ("alpha_level", self.alpha_level),
+            ("alpha_season", self.alpha_season),
+            ("alpha_var", self.alpha_var),
         ] {
             if !(v > 0.0 && v <= 1.0) {
                 return Err(ModelError::invalid(
@@ -125,73 +133,83 @@ impl Seasonal {
                 ));
             }
         }
-        if cfg.warmup < 2 {
+        if self.warmup < 2 {
             return Err(ModelError::invalid(
                 "warmup",
-                format!("must be >= 2, got {}", cfg.warmup),
+                format!("must be >= 2, got {}", self.warmup),
             ));
         }
-        if cfg.min_bucket_count == 0 {
+        if !(1..=255).contains(&self.min_bucket_count) {
             return Err(ModelError::invalid(
                 "min_bucket_count",
-                "must be >= 1, got 0",
+                format!("must be in [1, 255], got {}", self.min_bucket_count),
             ));
         }
-        if !(cfg.clip_z.is_finite() && cfg.clip_z > 0.0) {
+        if !(self.clip_z.is_finite() && self.clip_z > 0.0) {
             return Err(ModelError::invalid(
                 "clip_z",
-                format!("must be a finite number > 0, got {}", cfg.clip_z),
+                format!("must be a finite number > 0, got {}", self.clip_z),
             ));
         }
-        Ok(Self {
+        Ok(())
+    }
+
+    #[inline]
+    fn bucket(&self, ts_ms: i64) -> usize {
+        let phase = ts_ms.rem_euclid(self.period_ms) as u64;
+        let b = phase * self.buckets as u64 / self.period_ms as u64;
+        (b as usize).min(self.buckets - 1)
+    }
+}
+
+impl SeasonalState {
+    /// A fresh state for `cfg` (checked).
+    pub(crate) fn new(cfg: &SeasonalConfig) -> Self {
+        Self {
             n: 0,
             level: 0.0,
             var: 0.0,
-            profile: vec![0.0; cfg.buckets],
-            counts: vec![0; cfg.buckets],
-            cfg,
-        })
+            profile: vec![0.0; cfg.buckets].into_boxed_slice(),
+            counts: vec![0; cfg.buckets].into_boxed_slice(),
+        }
     }
 
-    /// Profile bucket of a timestamp; any i64 maps into [0, buckets).
+    /// Signed z of the residual of `value` against level + profile, then learns from it. `None`
+    /// during warm-up, in a bucket seen fewer than `min_bucket_count` times, or for a non-finite
+    /// value (which is ignored).
     #[inline]
-    fn bucket(&self, ts_ms: i64) -> usize {
-        // phase < period_ms ≤ 1e12 and buckets ≤ 2016, so the product fits comfortably in a u64.
-        let phase = ts_ms.rem_euclid(self.cfg.period_ms) as u64;
-        let b = phase * self.cfg.buckets as u64 / self.cfg.period_ms as u64;
-        (b as usize).min(self.cfg.buckets - 1)
-    }
-
-    /// Signed z of the residual, then learns from the reading. `None` during warm-up, in a bucket not
-    /// yet seen `min_bucket_count` times, or for a non-finite value (which is ignored).
-    #[inline]
-    pub(crate) fn z_update(&mut self, ts_ms: i64, value: f64) -> Option<f64> {
+    pub(crate) fn z_update(&mut self, cfg: &SeasonalConfig, ts_ms: i64, value: f64) -> Option<f64> {
         if !value.is_finite() {
             return None;
         }
-        let b = self.bucket(ts_ms);
+        let b = cfg.bucket(ts_ms);
         if self.n == 0 {
             self.level = value;
         }
-        let resid = value - self.level - self.profile[b];
+        let profile = f64::from(self.profile[b]);
+        let resid = value - self.level - profile;
         let sd = self.var.sqrt().max(1e-9 * (1.0 + self.level.abs()));
-        let warm = self.n >= self.cfg.warmup as u64;
-        let z = (warm && self.counts[b] >= self.cfg.min_bucket_count).then_some(resid / sd);
+        let warm = self.n >= cfg.warmup as u64;
+        let z = (warm && u16::from(self.counts[b]) >= cfg.min_bucket_count).then_some(resid / sd);
         self.n += 1;
         let r = if warm {
-            resid.clamp(-self.cfg.clip_z * sd, self.cfg.clip_z * sd)
+            resid.clamp(-cfg.clip_z * sd, cfg.clip_z * sd)
         } else {
             resid
         };
-        let al = self.cfg.alpha_level.max(1.0 / self.n as f64);
-        let av = self.cfg.alpha_var.max(1.0 / self.n as f64);
+        let al = cfg.alpha_level.max(1.0 / self.n as f64);
+        let av = cfg.alpha_var.max(1.0 / self.n as f64);
         let c = self.counts[b].saturating_add(1);
         self.counts[b] = c;
-        let asn = self.cfg.alpha_season.max(1.0 / c as f64);
+        // The count saturates at 255: below alpha_season = 1/255 the bucket's weight stops falling there.
+        let asn = cfg.alpha_season.max(1.0 / f64::from(c));
         self.level += al * r;
-        self.profile[b] += asn * (1.0 - al) * r;
+        // Beyond f32's range the offset is clamped (and then finite): only reachable with readings
+        // whose cycle alone exceeds 3e38.
+        let p = (profile + asn * (1.0 - al) * r).clamp(f64::from(f32::MIN), f64::from(f32::MAX));
+        self.profile[b] = p as f32;
         self.var = (1.0 - av) * self.var + av * r * r;
-        if !(self.level.is_finite() && self.var.is_finite() && self.profile[b].is_finite()) {
+        if !(self.level.is_finite() && self.var.is_finite() && p.is_finite()) {
             // Only reachable with values near f64::MAX; start afresh rather than score NaN forever.
             self.n = 0;
             self.level = 0.0;
@@ -205,8 +223,34 @@ impl Seasonal {
 
     /// Heap bytes owned (the profile and its counters).
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.profile.capacity() * std::mem::size_of::<f64>()
-            + self.counts.capacity() * std::mem::size_of::<u16>()
+        std::mem::size_of_val(&*self.profile) + std::mem::size_of_val(&*self.counts)
+    }
+}
+
+impl Seasonal {
+    /// Builds a detector, rejecting parameters outside their ranges.
+    pub fn new(cfg: SeasonalConfig) -> Result<Self, ModelError> {
+        cfg.check()?;
+        Ok(Self {
+            s: SeasonalState::new(&cfg),
+            cfg,
+        })
+    }
+
+    #[cfg(test)]
+    fn bucket(&self, ts_ms: i64) -> usize {
+        self.cfg.bucket(ts_ms)
+    }
+
+    /// Signed z of the residual (see [`SeasonalState::z_update`]).
+    #[inline]
+    pub(crate) fn z_update(&mut self, ts_ms: i64, value: f64) -> Option<f64> {
+        self.s.z_update(&self.cfg, ts_ms, value)
+    }
+
+    /// Heap bytes owned (the profile and its counters).
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.s.heap_bytes()
     }
 }
 

@@ -57,74 +57,106 @@ impl Default for StuckConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stuck {
     cfg: StuckConfig,
+    s: StuckState,
+}
+
+/// What a run-of-repeats detector learns (its parameters live apart).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct StuckState {
+    /// Finite readings seen.
     n: u64,
-    /// Previous finite reading (none yet). State holds no NaN or infinity, so it survives JSON.
-    last: Option<f64>,
-    run: u32,
-    reported: bool,
+    /// Previous finite reading (meaningful once `n > 0`). State holds no NaN or infinity, so it
+    /// survives JSON.
+    last: f64,
     min: f64,
     max: f64,
     rate: f64,
+    run: u32,
+    reported: bool,
 }
 
-impl Stuck {
-    /// Builds a detector, rejecting alpha outside (0, 1], a floor outside (0, 1) and a zero warmup.
-    pub fn new(cfg: StuckConfig) -> Result<Self, ModelError> {
-        if !(cfg.alpha > 0.0 && cfg.alpha <= 1.0) {
-            return Err(ModelError::invalid(
-                "alpha",
-                format!("must be in (0, 1], got {}", cfg.alpha),
-            ));
-        }
-        if !(cfg.min_repeat_rate > 0.0 && cfg.min_repeat_rate < 1.0) {
-            return Err(ModelError::invalid(
-                "min_repeat_rate",
-                format!("must be in (0, 1), got {}", cfg.min_repeat_rate),
-            ));
-        }
-        if cfg.warmup == 0 {
-            return Err(ModelError::invalid("warmup", "must be >= 1, got 0"));
-        }
-        Ok(Self {
-            cfg,
+impl Default for StuckState {
+    fn default() -> Self {
+        Self {
             n: 0,
-            last: None,
-            run: 0,
-            reported: false,
+            last: 0.0,
             min: f64::MAX,
             max: f64::MIN,
             rate: 0.0,
-        })
+            run: 0,
+            reported: false,
+        }
     }
+}
 
+impl StuckConfig {
+    /// Rejects alpha outside (0, 1], a floor outside (0, 1) and a zero warmup.
+    pub(crate) fn check(&self) -> Result<(), ModelError> {
+        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
+            return Err(ModelError::invalid(
+                "alpha",
+                format!("must be in (0, 1], got {}", self.alpha),
+            ));
+        }
+        if !(self.min_repeat_rate > 0.0 && self.min_repeat_rate < 1.0) {
+            return Err(ModelError::invalid(
+                "min_repeat_rate",
+                format!("must be in (0, 1), got {}", self.min_repeat_rate),
+            ));
+        }
+        if self.warmup == 0 {
+            return Err(ModelError::invalid("warmup", "must be >= 1, got 0"));
+        }
+        Ok(())
+    }
+}
+
+impl StuckState {
     /// Surprise `−log10 p` of the current run of repeats, then learns from the reading; 0 for a
     /// non-finite value (which is ignored) and during warm-up.
     #[inline]
-    pub(crate) fn surprise(&mut self, value: f64) -> f64 {
+    pub(crate) fn surprise(&mut self, cfg: &StuckConfig, value: f64) -> f64 {
         if !value.is_finite() {
             return 0.0;
         }
-        let repeat = self.last == Some(value);
+        let repeat = self.n > 0 && self.last == value;
         self.run = if repeat {
             self.run.saturating_add(1)
         } else {
             0
         };
         self.reported &= repeat;
-        self.last = Some(value);
+        self.last = value;
         self.n += 1;
         let at_bound = value <= self.min || value >= self.max;
         self.min = self.min.min(value);
         self.max = self.max.max(value);
-        let l = if self.n > self.cfg.warmup as u64 && !self.reported && !at_bound {
-            f64::from(self.run) * -self.rate.max(self.cfg.min_repeat_rate).log10()
+        let l = if self.n > cfg.warmup as u64 && !self.reported && !at_bound {
+            f64::from(self.run) * -self.rate.max(cfg.min_repeat_rate).log10()
         } else {
             0.0
         };
         self.reported |= l >= REPORTED_L;
-        let alpha = self.cfg.alpha.max(1.0 / self.n as f64);
+        let alpha = cfg.alpha.max(1.0 / self.n as f64);
         self.rate += alpha * (f64::from(u8::from(repeat)) - self.rate);
         l
+    }
+}
+
+impl Stuck {
+    /// Builds a detector, rejecting alpha outside (0, 1], a floor outside (0, 1) and a zero warmup.
+    pub fn new(cfg: StuckConfig) -> Result<Self, ModelError> {
+        cfg.check()?;
+        Ok(Self {
+            cfg,
+            s: StuckState::default(),
+        })
+    }
+
+    /// Surprise `−log10 p` of the current run of repeats (see [`StuckState::surprise`]).
+    #[inline]
+    pub(crate) fn surprise(&mut self, value: f64) -> f64 {
+        self.s.surprise(&self.cfg, value)
     }
 
     /// Heap bytes owned (none).

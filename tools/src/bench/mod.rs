@@ -9,16 +9,18 @@
 
 mod cluster;
 mod delivery;
+mod memory;
 
 use crate::broker::{BrokerConfig, EmbeddedBroker};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use edgewatch_agent::outbox::{Outbox, OutboxConfig, Record};
 use edgewatch_agent::pipeline::{Output, Pipeline};
 use edgewatch_agent::{Agent, AgentConfig, AgentMetrics};
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
 use edgewatch_models::detect::DetectorConfig;
 use edgewatch_models::multi::{Aligner, FitOptions, PcaModel};
-use edgewatch_models::wire::model_key;
+use edgewatch_models::wire::{model_key, WindowSummary};
 use edgewatch_simulators::{Fleet, SimulatorConfig};
 use futures_util::StreamExt;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -114,6 +116,19 @@ pub struct BenchArgs {
     /// Readings per series of the memory section: enough to fill every detector's buffers.
     #[arg(long, default_value_t = 300)]
     pub memory_readings_per_series: usize,
+    /// Series fed to the memory section's agent process (`edgewatch agent` with `state.dir`,
+    /// through the embedded broker); 0 skips that part.
+    #[arg(long, default_value_t = 10_000)]
+    pub memory_agent_series: usize,
+    /// Readings per series fed to the memory section's agent process.
+    #[arg(long, default_value_t = 60)]
+    pub memory_agent_readings_per_series: usize,
+    /// How long the memory section's agent process is left idle after loading, its RSS sampled.
+    #[arg(long, default_value_t = 600)]
+    pub memory_idle_secs: u64,
+    /// RSS sampling interval of the memory section's idle agent process, seconds.
+    #[arg(long, default_value_t = 10)]
+    pub memory_sample_secs: u64,
 }
 
 /// A part of `edgewatch bench`.
@@ -131,7 +146,8 @@ pub enum Section {
     Drain,
     /// Restart of an agent with a checkpoint: outbox open, pipeline restore, first reading.
     Restart,
-    /// Agent memory and checkpoint bytes per series, per detector preset (the README's limits).
+    /// Agent memory and checkpoint bytes per series, per detector preset (the README's limits),
+    /// then an agent process with `state.dir` loaded with series and its RSS while idle.
     Memory,
     /// Aggregators in cluster mode on a 3-node NATS cluster (needs nats-server): throughput with
     /// 1, 2 and 3 aggregators, and failover after a SIGKILL. Skipped, with a note, by a run of
@@ -164,6 +180,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if sections.contains(&Section::Memory) {
         memory_section(&args)?;
+        if args.memory_agent_series > 0 {
+            let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+            let run = memory::ProcessRun {
+                series: args.memory_agent_series,
+                readings_per_series: args.memory_agent_readings_per_series,
+                idle_secs: args.memory_idle_secs,
+                sample_secs: args.memory_sample_secs,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(memory::agent_process(&run, &base))?;
+        }
     }
     if sections
         .iter()
@@ -326,6 +355,7 @@ fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
         for name in presets {
             let out = std::process::Command::new(std::env::current_exe()?)
                 .args(["bench", "--section", "memory", "--detector", &name])
+                .arg("--memory-agent-series=0")
                 .arg(format!("--memory-series={}", args.memory_series))
                 .arg(format!(
                     "--memory-readings-per-series={}",
@@ -369,6 +399,7 @@ fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
             .map(|i| format!("sensors/device-{i:06}/temperature"))
             .collect();
         let mut sink = Vec::new();
+        let mut summaries = Vec::new();
         for r in 0..args.memory_readings_per_series {
             for (i, topic) in topics.iter().enumerate() {
                 use std::fmt::Write as _;
@@ -378,20 +409,29 @@ fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
                 let _ = p.handle_topic(topic, payload.as_bytes(), arrival);
             }
             p.drain_outputs_into(&mut sink);
-            sink.clear();
+            // A sample of the closed windows, stored below for the bytes per outbox record.
+            for o in sink.drain(..) {
+                if let (Output::Summary { partition, summary }, true) = (o, summaries.len() < 1000)
+                {
+                    summaries.push((partition, summary));
+                }
+            }
         }
         topics.clear();
         topics.shrink_to_fit();
         let after = resident_bytes();
         let rows = p.take_changed()?;
         let row_bytes: usize = rows.rows.iter().map(|(_, r)| r.len() + 5).sum();
+        let state_bytes = cfg.detector.build()?.state_bytes();
+        let record_bytes = outbox_record_bytes(summaries)?;
         if metrics.series.load(Relaxed) != n as u64 {
             bail!("{} series created of {n}", metrics.series.load(Relaxed));
         }
         println!(
-            "agent memory [{label}]: {:>6.0} bytes resident per series, {:>5.0} bytes of checkpoint per series ({n} series, {} readings each; resident {:.1} -> {:.1} MiB)",
+            "agent memory [{label}]: {:>6.0} bytes resident per series, {:>5.0} bytes of checkpoint per series, {state_bytes} bytes of detector state per series, {} bytes per open window, {record_bytes:.0} bytes per outbox record (summary, key + value) ({n} series, {} readings each; resident {:.1} -> {:.1} MiB)",
             after.saturating_sub(before) as f64 / n as f64,
             row_bytes as f64 / n as f64,
+            std::mem::size_of::<edgewatch_models::window::WindowAggregate>(),
             args.memory_readings_per_series,
             before as f64 / 1048576.0,
             after as f64 / 1048576.0
@@ -399,6 +439,22 @@ fn memory_section(args: &BenchArgs) -> anyhow::Result<()> {
         drop(p);
     }
     Ok(())
+}
+
+/// Key + value bytes per stored summary record: `summaries` appended to a temporary outbox.
+fn outbox_record_bytes(summaries: Vec<(u32, WindowSummary)>) -> anyhow::Result<f64> {
+    let n = summaries.len();
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let mut outbox = Outbox::open_temporary(OutboxConfig {
+        max_outbox_bytes: 1 << 30,
+        normal_score_below: 0.5,
+    })?;
+    for (partition, summary) in summaries {
+        outbox.append(partition, Record::Summary(summary))?;
+    }
+    Ok(outbox.bytes() as f64 / n as f64)
 }
 
 /// Resident set size of this process, bytes (Linux `/proc/self/statm`; 0 elsewhere).
