@@ -396,7 +396,16 @@ fn drop_evicted(
     Ok(())
 }
 
-/// Publishes one cumulative [`AckBatch`] per agent for the lanes in `touched`.
+/// Publishes one cumulative [`AckBatch`] per agent for the lanes in `touched`, at QoS 0.
+///
+/// QoS 1 would buy nothing: the acks are cumulative (the next one covers a lost one), the agent
+/// resends a lane whose ack does not come within `uplink.ack_timeout_ms` (the owner re-applies
+/// idempotently and acks again), and rumqttc drops unacknowledged publishes on a clean-session
+/// reconnect anyway. It would cost latency: the broker's PubAck is a small packet this client
+/// never answers, so the kernel delays its TCP ACK (up to 40 ms, longer once inflated), and a
+/// broker that leaves Nagle on (rumqttd always, mosquitto by default) holds the next message to
+/// this aggregator — an anomaly event on its way to the feed — until that ACK: publish → feed
+/// latency was spread evenly over 0–45 ms because of it (`bench --section latency`).
 pub(crate) fn send_acks(shared: &Shared, topics: &Topics, client: &AsyncClient, touched: &Touched) {
     let mut by_agent: BTreeMap<&str, Vec<Ack>> = BTreeMap::new();
     for ((agent, lane, epoch), upto_seq) in touched {
@@ -420,8 +429,10 @@ pub(crate) fn send_acks(shared: &Shared, topics: &Topics, client: &AsyncClient, 
                 continue;
             }
         };
-        // A full request queue only delays the ack: the next one is cumulative.
-        match client.try_publish(topics.acks(agent), QoS::AtLeastOnce, false, payload) {
+        // A full request queue only delays the ack: the next one is cumulative. QoS 0 (see the
+        // function's doc): no PubAck comes back for it, which would hold the next message to this
+        // aggregator behind brokers' Nagle delay.
+        match client.try_publish(topics.acks(agent), QoS::AtMostOnce, false, payload) {
             Ok(()) => {
                 shared.metrics.acks_sent_total.fetch_add(1, Relaxed);
             }

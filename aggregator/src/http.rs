@@ -131,6 +131,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: Ca
             },
         };
         shared.metrics.http_connections_total.fetch_add(1, Relaxed);
+        // Feed events are small writes a client does not answer: no Nagle delay for them.
+        let _ = stream.set_nodelay(true);
         let slot = match server.limits.admit() {
             Admission::Now(slot) => Ok(slot),
             Admission::Soon(slot) => Err(slot),

@@ -5,6 +5,7 @@ mod acl;
 mod agents;
 mod auth;
 mod bad_input;
+mod bench_latency;
 mod broker_restart;
 mod browser;
 mod cli;

@@ -9,6 +9,7 @@
 
 mod cluster;
 mod delivery;
+mod latency;
 mod memory;
 
 use crate::broker::{BrokerConfig, EmbeddedBroker};
@@ -22,14 +23,12 @@ use edgewatch_models::detect::DetectorConfig;
 use edgewatch_models::multi::{Aligner, FitOptions, PcaModel};
 use edgewatch_models::wire::{model_key, WindowSummary};
 use edgewatch_simulators::{Fleet, SimulatorConfig};
-use futures_util::StreamExt;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 /// Arguments of `edgewatch bench`.
@@ -47,9 +46,9 @@ pub struct BenchArgs {
     /// Readings published through the embedded broker for the end-to-end figure.
     #[arg(long, default_value_t = 500_000)]
     pub e2e_readings: u64,
-    /// Spikes published (one every 10 ms, over a background load) for the latency figure.
-    #[arg(long, default_value_t = 500)]
-    pub latency_spikes: usize,
+    /// Options of the latency section.
+    #[command(flatten)]
+    pub latency: latency::LatencyArgs,
     /// Detector presets to bench in process (default: the default detector and zscore).
     #[arg(long)]
     pub detector: Vec<String>,
@@ -215,12 +214,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                         r.ingest_per_sec, args.e2e_readings
                     );
                 }
-                Section::Latency => {
-                    let (p50, p99, n) = latency(args.latency_spikes).await?;
-                    println!(
-                        "publish -> feed event latency: p50 {p50:.2} ms, p99 {p99:.2} ms ({n} events)"
-                    );
-                }
+                Section::Latency => latency::run(&args.latency, &base).await?,
                 Section::Durability => delivery::durability(args.durability_readings, &base).await?,
                 Section::Drain => {
                     let rates = if args.drain_rate.is_empty() {
@@ -759,7 +753,6 @@ fn pipeline_with_models_on(
 struct Stack {
     broker: EmbeddedBroker,
     agent: Arc<AgentMetrics>,
-    feed_url: String,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -784,7 +777,6 @@ async fn stack(detector: DetectorConfig, state: Option<&Path>) -> anyhow::Result
     agg.http.listen = "127.0.0.1:0".into();
     agg.state.dir = state.map(|d| d.join("aggregator"));
     let agg = Aggregator::bind(agg).await?;
-    let feed_url = agg.feed_url();
     let mut cfg = AgentConfig::with_id("bench-gw");
     cfg.source.mqtt.host = host;
     cfg.source.mqtt.port = port;
@@ -806,7 +798,6 @@ async fn stack(detector: DetectorConfig, state: Option<&Path>) -> anyhow::Result
     Ok(Stack {
         broker,
         agent: metrics,
-        feed_url,
         stop,
         tasks,
     })
@@ -909,103 +900,6 @@ async fn end_to_end(readings: u64, state: Option<&Path>) -> anyhow::Result<EndTo
         ingest_per_sec: readings as f64 / ingest,
         delivered_per_sec: readings as f64 / delivered,
     })
-}
-
-async fn latency(spikes: usize) -> anyhow::Result<(f64, f64, usize)> {
-    let stack = stack(
-        DetectorConfig::preset("zscore").context("zscore preset")?,
-        None,
-    )
-    .await?;
-    let (ws, _) = tokio_tungstenite::connect_async(stack.feed_url.as_str()).await?;
-    let sent: Arc<Mutex<HashMap<(String, i64), Instant>>> = Arc::default();
-    let lat: Arc<Mutex<Vec<f64>>> = Arc::default();
-    let reader = {
-        let (sent, lat) = (sent.clone(), lat.clone());
-        tokio::spawn(async move {
-            let (_w, mut r) = ws.split();
-            while let Some(Ok(Message::Text(t))) = r.next().await {
-                let now = Instant::now();
-                if let Ok(e) = serde_json::from_str::<edgewatch_models::wire::AnomalyEvent>(&t) {
-                    if let Some(at) = sent
-                        .lock()
-                        .ok()
-                        .and_then(|s| s.get(&(e.device.clone(), e.ts_ms)).copied())
-                    {
-                        if let Ok(mut l) = lat.lock() {
-                            l.push(now.duration_since(at).as_secs_f64() * 1e3);
-                        }
-                    }
-                }
-            }
-        })
-    };
-    let client = stack.publisher("bench-latency");
-    let devices = 200usize;
-    let t0 = 1_767_225_600_000i64;
-    // Warm every series up with ordinary readings.
-    for i in 0..100i64 {
-        for d in 0..devices {
-            let v = 20.0 + ((i * 7 + d as i64) % 5) as f64 * 0.2;
-            client
-                .publish(
-                    format!("sensors/lat-{d}/temp"),
-                    QoS::AtMostOnce,
-                    false,
-                    format!(r#"{{"ts":{},"value":{v}}}"#, t0 + i * 1000),
-                )
-                .await?;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // Then, every 10 ms, a spike on the next series amid ordinary readings of the others.
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    for k in 0..spikes {
-        tick.tick().await;
-        let step = 100 + (k / devices) as i64 * 2;
-        let d = k % devices;
-        for other in (0..devices).filter(|o| o % 20 == k % 20 && *o != d) {
-            client
-                .publish(
-                    format!("sensors/lat-{other}/temp"),
-                    QoS::AtMostOnce,
-                    false,
-                    format!(r#"{{"ts":{},"value":20.2}}"#, t0 + step * 1000),
-                )
-                .await?;
-        }
-        let ts = t0 + step * 1000;
-        if let Ok(mut s) = sent.lock() {
-            s.insert((format!("lat-{d}"), ts), Instant::now());
-        }
-        client
-            .publish(
-                format!("sensors/lat-{d}/temp"),
-                QoS::AtMostOnce,
-                false,
-                format!(r#"{{"ts":{ts},"value":90.0}}"#),
-            )
-            .await?;
-        client
-            .publish(
-                format!("sensors/lat-{d}/temp"),
-                QoS::AtMostOnce,
-                false,
-                format!(r#"{{"ts":{},"value":20.2}}"#, ts + 1000),
-            )
-            .await?;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    reader.abort();
-    stack.stop().await;
-    let mut l = lat.lock().map(|l| l.clone()).unwrap_or_default();
-    if l.is_empty() {
-        bail!("no spike reached the feed");
-    }
-    l.sort_by(f64::total_cmp);
-    let pct = |p: f64| l[((l.len() - 1) as f64 * p).round() as usize];
-    Ok((pct(0.5), pct(0.99), l.len()))
 }
 
 /// The wall clock, ms since the Unix epoch: the arrival time of in-process workloads.
