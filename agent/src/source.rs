@@ -153,35 +153,33 @@ impl Handler {
 }
 
 impl LinkHandler for Handler {
-    fn on_event(&mut self, event: LinkEvent) -> impl Future<Output = Flow> {
-        async move {
-            match event {
-                LinkEvent::Connected => {
-                    self.metrics.source_connected.store(1, Relaxed);
-                    for f in &self.filters {
-                        if let Err(e) = self.client.try_subscribe(f.clone(), self.qos) {
-                            tracing::error!(filter = %f, error = %e, "subscribe request failed");
-                        }
+    async fn on_event(&mut self, event: LinkEvent) -> Flow {
+        match event {
+            LinkEvent::Connected => {
+                self.metrics.source_connected.store(1, Relaxed);
+                for f in &self.filters {
+                    if let Err(e) = self.client.try_subscribe(f.clone(), self.qos) {
+                        tracing::error!(filter = %f, error = %e, "subscribe request failed");
                     }
+                }
+                Flow::Continue
+            }
+            // Stopping in after_checkpoint mode: leave it unacknowledged for the broker to
+            // redeliver after the restart.
+            LinkEvent::Publish(_) if !self.accepting.load(Relaxed) => Flow::Continue,
+            LinkEvent::Publish(p) => {
+                if self.batch.push(p) {
+                    self.flush().await
+                } else {
                     Flow::Continue
                 }
-                // Stopping in after_checkpoint mode: leave it unacknowledged for the broker to
-                // redeliver after the restart.
-                LinkEvent::Publish(_) if !self.accepting.load(Relaxed) => Flow::Continue,
-                LinkEvent::Publish(p) => {
-                    if self.batch.push(p) {
-                        self.flush().await
-                    } else {
-                        Flow::Continue
-                    }
-                }
-                LinkEvent::Disconnected => {
-                    self.metrics.source_connected.store(0, Relaxed);
-                    // What arrived before the failure is the worker's, as if queued one by one.
-                    self.flush().await
-                }
-                LinkEvent::PubAck => Flow::Continue,
             }
+            LinkEvent::Disconnected => {
+                self.metrics.source_connected.store(0, Relaxed);
+                // What arrived before the failure is the worker's, as if queued one by one.
+                self.flush().await
+            }
+            LinkEvent::PubAck => Flow::Continue,
         }
     }
 
@@ -189,10 +187,8 @@ impl LinkHandler for Handler {
         self.flush()
     }
 
-    fn on_stop(&mut self) -> impl Future<Output = ()> {
-        async move {
-            self.flush().await;
-        }
+    async fn on_stop(&mut self) {
+        self.flush().await;
     }
 }
 
