@@ -88,6 +88,18 @@ pub trait LinkHandler {
     fn backoff_seed(&self) -> u64 {
         u64::from(std::process::id())
     }
+
+    /// The event loop holds no more decoded packets: the next poll waits on the network. A
+    /// handler that gathers publishes into batches hands its batch on here (or on `on_stop`), so
+    /// nothing waits in it while the loop is blocked.
+    fn on_drained(&mut self) -> impl Future<Output = Flow> {
+        std::future::ready(Flow::Continue)
+    }
+
+    /// The loop is ending (cancelled, disconnected, every client handle gone, or `Flow::Stop`).
+    fn on_stop(&mut self) -> impl Future<Output = ()> {
+        std::future::ready(())
+    }
 }
 
 impl<F, Fut> LinkHandler for F
@@ -104,14 +116,30 @@ where
 
 /// Polls `eventloop` until `cancel`, until our own Disconnect has been sent, until every client
 /// handle is gone or until the handler says stop; `addresses` are the link's brokers (see
-/// [`crate::options`]), `name` names the link in logs. Backs off after errors.
+/// [`crate::options`]), `name` names the link in logs. Backs off after errors. Whenever the event
+/// loop has no decoded packet left, [`LinkHandler::on_drained`] runs; [`LinkHandler::on_stop`] last.
 pub async fn poll_loop<C, H>(
-    mut eventloop: EventLoop,
+    eventloop: EventLoop,
     addresses: Vec<MqttOptions>,
     name: &str,
     counters: &C,
     cancel: CancellationToken,
     mut handler: H,
+) where
+    C: LinkCounters + ?Sized,
+    H: LinkHandler,
+{
+    poll(eventloop, addresses, name, counters, cancel, &mut handler).await;
+    handler.on_stop().await;
+}
+
+async fn poll<C, H>(
+    mut eventloop: EventLoop,
+    addresses: Vec<MqttOptions>,
+    name: &str,
+    counters: &C,
+    cancel: CancellationToken,
+    handler: &mut H,
 ) where
     C: LinkCounters + ?Sized,
     H: LinkHandler,
@@ -210,6 +238,11 @@ pub async fn poll_loop<C, H>(
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(retry.delay_ms)) => {}
             }
+        }
+        // rumqttc reads up to 10 packets per socket read and hands them out one per poll: once
+        // none is left, the next poll blocks.
+        if eventloop.state.events.is_empty() && handler.on_drained().await == Flow::Stop {
+            return;
         }
     }
 }

@@ -382,6 +382,51 @@ fn bench_memory_section_runs_with_tiny_sizes() {
     );
 }
 
+/// The `ingest` section of `edgewatch bench` at tiny sizes: mosquitto, the broker's forwarding rate
+/// and an agent child process under the same load, every reading counted (figures not checked).
+#[test]
+fn bench_ingest_section_runs_with_tiny_sizes() {
+    crate::common::require("mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let out = edgewatch()
+        .args([
+            "bench",
+            "--section",
+            "ingest",
+            "--ingest-broker",
+            "mosquitto",
+            "--ingest-readings",
+            "2000",
+            "--ingest-series",
+            "50",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "ingest via mosquitto: broker 1->1 forwarding",
+        "received 2000 of 2000",
+        "ingest via mosquitto: agent",
+        "us CPU per reading",
+        "% of a core (processed 2000 of 2000, 2000 messages",
+        "load average",
+    ] {
+        assert!(text.contains(line), "no {line:?} in {text}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the bench removes its configuration directories"
+    );
+}
+
 /// The `cluster` section of `edgewatch bench` at tiny sizes: its own 3-node nats-server cluster,
 /// aggregators as child processes, a throughput run with two of them and a failover run (one of
 /// two killed). Needs nats-server, like the cluster tests.

@@ -9,8 +9,11 @@
 
 mod cluster;
 mod delivery;
+mod ingest;
 mod latency;
 mod memory;
+
+pub use ingest::IngestBroker;
 
 use crate::broker::{BrokerConfig, EmbeddedBroker};
 use anyhow::{bail, Context};
@@ -128,6 +131,22 @@ pub struct BenchArgs {
     /// RSS sampling interval of the memory section's idle agent process, seconds.
     #[arg(long, default_value_t = 10)]
     pub memory_sample_secs: u64,
+    /// Readings the raw publisher sends per run of the ingest section.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub ingest_readings: u64,
+    /// Series the ingest section's readings are spread over.
+    #[arg(long, default_value_t = 1_000)]
+    pub ingest_series: usize,
+    /// QoS of the ingest section's raw publisher (0 or 1; the subscribers take QoS 1).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub ingest_qos: u8,
+    /// Broker of the ingest section (default: mosquitto when installed, else embedded).
+    #[arg(long, value_enum)]
+    pub ingest_broker: Option<IngestBroker>,
+    /// Agent binaries the ingest section runs in turn under the same load (repeatable; default:
+    /// this binary), e.g. a build of main, then this one.
+    #[arg(long)]
+    pub ingest_agent: Vec<PathBuf>,
 }
 
 /// A part of `edgewatch bench`.
@@ -152,6 +171,9 @@ pub enum Section {
     /// 1, 2 and 3 aggregators, and failover after a SIGKILL. Skipped, with a note, by a run of
     /// every section when nats-server is not installed.
     Cluster,
+    /// Agent CPU per reading through a real broker (mosquitto by default) next to the broker's
+    /// own forwarding rate, the agent running as a child process.
+    Ingest,
 }
 
 /// Runs the selected benchmarks and prints the figures.
@@ -258,6 +280,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                         failover_aggregators: args.cluster_failover_aggregators,
                     };
                     cluster::run(&b, &base).await?
+                }
+                Section::Ingest => {
+                    let b = ingest::IngestBench {
+                        readings: args.ingest_readings,
+                        series: args.ingest_series,
+                        qos: args.ingest_qos,
+                        broker: args.ingest_broker,
+                        agents: args.ingest_agent.clone(),
+                        base: base.clone(),
+                    };
+                    ingest::run(&b).await?
                 }
             }
         }
