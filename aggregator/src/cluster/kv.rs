@@ -136,6 +136,30 @@ pub(crate) async fn live_entry(store: &kv::Store, key: &str) -> Result<Option<kv
     Ok(entry.filter(|e| e.operation == kv::Operation::Put))
 }
 
+/// Every key of `store` that has a subject in its stream (deleted and purged keys included: read
+/// them with [`live_entry`]), sorted. Listed from the stream's subjects by stream info requests,
+/// with no consumer: a KV key listing creates an ordered consumer per call, and on nats-server 2.9
+/// one created under CPU contention can end before its last key (a take-over once missed the last
+/// written training sample this way) or never see it.
+pub(crate) async fn list_keys(store: &kv::Store) -> Result<Vec<String>, KvError> {
+    let prefix = format!("$KV.{}.", store.name);
+    let mut subjects = store
+        .stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .map_err(|e| KvError::op(store, "list", "*", e))?;
+    let mut keys = Vec::new();
+    while let Some(item) = futures_util::StreamExt::next(&mut subjects).await {
+        let (subject, _) = item.map_err(|e| KvError::op(store, "list", "*", e))?;
+        if let Some(k) = subject.strip_prefix(&prefix) {
+            keys.push(k.to_string());
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
+}
+
 /// How long ago (ms, this host's clock against the server's stamp) `entry` was written.
 pub(crate) fn age_ms(entry: &kv::Entry) -> i64 {
     super::lease::now_ms() - (entry.created.unix_timestamp_nanos() / 1_000_000) as i64

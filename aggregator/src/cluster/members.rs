@@ -8,7 +8,6 @@
 use super::kv::KvError;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -113,27 +112,11 @@ impl Members {
 
     /// The live members' keys and entries, sorted by key.
     ///
-    /// Listed from the stream's subjects (a stream info request), then each key read once to skip
-    /// members that left (a delete marker), with no consumer: a KV key listing creates a consumer
-    /// per call, and on 2.9 one that is created while keys are rewritten or expire may never see
-    /// its last key, which would stall the caller (found under CPU contention).
+    /// Listed from the stream's subjects ([`kv::list_keys`]: a consumer-based listing stalled
+    /// under CPU contention on 2.9), then each key read once to skip members that left (a delete
+    /// marker).
     async fn live(&self) -> Result<Vec<(String, kv::Entry)>, KvError> {
-        let prefix = format!("$KV.{}.", self.store.name);
-        let mut subjects = self
-            .store
-            .stream
-            .info_with_subjects(format!("{prefix}>"))
-            .await
-            .map_err(|e| KvError::op(&self.store, "list", "*", e))?;
-        let mut keys = Vec::new();
-        while let Some(item) = subjects.next().await {
-            let (subject, _) = item.map_err(|e| KvError::op(&self.store, "list", "*", e))?;
-            if let Some(k) = subject.strip_prefix(&prefix) {
-                keys.push(k.to_string());
-            }
-        }
-        keys.sort();
-        keys.dedup();
+        let keys = super::kv::list_keys(&self.store).await?;
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
             if let Some(e) = super::kv::live_entry(&self.store, &k).await? {

@@ -18,7 +18,6 @@
 //! handle: the apply loop calls them from its blocking thread.
 
 use super::checkpoint::{CheckpointError, CheckpointFence, KvCheckpoints};
-use super::kv::KvError;
 use super::lease::TRAINER;
 use crate::store::StoreError;
 use crate::training::StoredModel;
@@ -91,15 +90,6 @@ pub struct TrainingBucket {
     store: kv::Store,
 }
 
-fn op_err(
-    store: &kv::Store,
-    op: &'static str,
-    key: &str,
-    e: impl Into<async_nats::Error>,
-) -> KvError {
-    KvError::op(store, op, key, e)
-}
-
 impl TrainingBucket {
     /// The bucket `store` (no TTL).
     pub fn new(store: kv::Store) -> Self {
@@ -131,16 +121,8 @@ impl TrainingBucket {
                 .map(|(a, id, e, s)| ((a, id, e), s))
                 .collect();
         }
-        let mut keys = self
-            .store
-            .keys()
-            .await
-            .map_err(|e| op_err(&self.store, "list", "keys", e))?;
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(|e| op_err(&self.store, "list", "keys", e))?);
-        }
-        names.sort();
+        // From the stream's subjects, not a KV key listing (see `kv::list_keys`).
+        let names = super::kv::list_keys(&self.store).await?;
         // Reads in flight at once: one at a time costs a round trip per key (see NATS.md).
         let store = &self.store;
         let mut entries = futures_util::stream::iter(names)
