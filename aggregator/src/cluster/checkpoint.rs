@@ -383,19 +383,7 @@ impl KvCheckpoints {
                     }
                 }
             };
-            let written = if expected == 0 {
-                self.store
-                    .create(&k, value)
-                    .await
-                    .map_err(|e| match e.kind() {
-                        kv::CreateErrorKind::AlreadyExists => {
-                            kv::UpdateError::new(kv::UpdateErrorKind::WrongLastRevision)
-                        }
-                        _ => kv::UpdateError::with_source(kv::UpdateErrorKind::Other, e),
-                    })
-            } else {
-                self.store.update(&k, value, expected).await
-            };
+            let written = self.put_expecting(&k, value, expected).await;
             match written {
                 Ok(revision) => {
                     if base {
@@ -423,6 +411,30 @@ impl KvCheckpoints {
                 "{TAKE_OVER_ATTEMPTS} take-over attempts conflicted, last: {last_conflict}"
             ),
         })
+    }
+
+    /// Writes `value` at `k` by compare-and-set on revision `expected`; `expected` 0 means no
+    /// checkpoint yet: `create` (which also succeeds over a delete marker), so that a concurrent
+    /// first writer makes this one conflict instead of being overwritten. A conflict is
+    /// `WrongLastRevision` either way.
+    async fn put_expecting(
+        &self,
+        k: &str,
+        value: Bytes,
+        expected: u64,
+    ) -> Result<u64, kv::UpdateError> {
+        if expected != 0 {
+            return self.store.update(k, value, expected).await;
+        }
+        self.store
+            .create(k, value)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::CreateErrorKind::AlreadyExists => {
+                    kv::UpdateError::new(kv::UpdateErrorKind::WrongLastRevision)
+                }
+                _ => kv::UpdateError::with_source(kv::UpdateErrorKind::Other, e),
+            })
     }
 
     /// Removes the records of `partition` before `revision` (a base just written there) from a
@@ -521,19 +533,7 @@ impl KvCheckpoints {
             // concurrent first writer makes this attempt conflict instead of being overwritten.
             let expected = current.as_ref().map_or(0, |c| c.revision);
             let value = encode(epoch, state.as_deref().unwrap_or_default());
-            let written = match current {
-                Some(_) => self.store.update(&k, value, expected).await,
-                None => self
-                    .store
-                    .create(&k, value)
-                    .await
-                    .map_err(|e| match e.kind() {
-                        kv::CreateErrorKind::AlreadyExists => {
-                            kv::UpdateError::new(kv::UpdateErrorKind::WrongLastRevision)
-                        }
-                        _ => kv::UpdateError::with_source(kv::UpdateErrorKind::Other, e),
-                    }),
-            };
+            let written = self.put_expecting(&k, value, expected).await;
             match written {
                 Ok(revision) => {
                     return Ok((

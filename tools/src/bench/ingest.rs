@@ -43,12 +43,7 @@ pub(super) struct IngestBench {
 
 /// Path of the mosquitto binary, if installed.
 pub(super) fn find_mosquitto() -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|d| Path::new(d).join("mosquitto"))
-        .find(|p| p.is_file())
+    super::find_program("mosquitto")
 }
 
 /// A broker for the section: a mosquitto child (killed on drop) or the embedded broker.
@@ -103,20 +98,9 @@ async fn start_broker(kind: IngestBroker, base: &Path) -> anyhow::Result<(Broker
                 .context("mosquitto not found on PATH or in /usr/sbin (apt-get install -y mosquitto, or --ingest-broker embedded)")?;
             let scratch = Scratch::new(base, "ingest-mosquitto")?;
             let port = free_port()?;
-            let conf = scratch.0.join("mosquitto.conf");
             // Unlimited queues: a subscriber slower than the publisher is queued for, never
             // dropped, so every reading reaches it and the figures count the same readings.
-            std::fs::write(
-                &conf,
-                format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n"),
-            )?;
-            let child = Command::new(&bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting {}", bin.display()))?;
+            let (child, _) = super::spawn_mosquitto(&bin, &scratch.0, port)?;
             let b = Broker::Mosquitto {
                 child,
                 _dir: scratch,

@@ -23,8 +23,8 @@ use futures_util::StreamExt;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -247,26 +247,14 @@ struct Mosquitto {
 
 impl Mosquitto {
     fn start(dir: &Path) -> anyhow::Result<Self> {
-        let bin = find_program("mosquitto").context(
+        let bin = super::find_program("mosquitto").context(
             "mosquitto not found on PATH or in /usr/sbin: apt-get install -y mosquitto, or measure --latency-broker embedded",
         )?;
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .context("reserving a port for mosquitto")?
             .port();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n"),
-        )
-        .with_context(|| format!("writing {}", conf.display()))?;
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+        let (child, conf) = super::spawn_mosquitto(&bin, dir, port)?;
         let mut m = Mosquitto {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -293,17 +281,6 @@ impl Drop for Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `program` on PATH or in /usr/sbin, /sbin.
-fn find_program(program: &str) -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file())
 }
 
 /// An MQTT publisher for the bench's sensors: no Nagle, room for bursts.

@@ -954,6 +954,41 @@ fn parse_checkpoint_mode(
     }
 }
 
+/// `program` on PATH or in /usr/sbin, /sbin.
+pub(crate) fn find_program(program: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// Starts mosquitto `bin` listening on 127.0.0.1:`port`, its configuration written in `dir`:
+/// anonymous clients, no limit on a client's queued and in-flight QoS 1 messages (so a slow
+/// subscriber is queued for, never dropped). Returns the child and the configuration's path.
+pub(crate) fn spawn_mosquitto(
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+) -> anyhow::Result<(std::process::Child, PathBuf)> {
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n"),
+    )
+    .with_context(|| format!("writing {}", conf.display()))?;
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok((child, conf))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,13 +12,7 @@ use std::time::{Duration, Instant};
 
 /// `nats-server` from `PATH`, `/usr/sbin` or `/sbin`.
 pub(in crate::bench) fn find_nats_server() -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|d| Path::new(d).join("nats-server"))
-        .find(|p| p.is_file())
+    crate::bench::find_program("nats-server")
 }
 
 /// Three nats-server nodes with JetStream, clustered on loopback.
