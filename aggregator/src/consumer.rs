@@ -378,6 +378,32 @@ fn refuse(
     }
 }
 
+/// Why a record of `lane` with `seq`, for `device`, has no place here: its seq jumps too far
+/// above the lane's applied seq, or its device belongs to another partition than the lane's.
+fn misplaced(
+    state: &FleetState,
+    lane: LaneId<'_>,
+    seq: u64,
+    device: &str,
+    partition: u32,
+    partitions: u32,
+) -> Option<(Refusal, String)> {
+    if let Err(why) = state.check_seq(lane, seq) {
+        let applied_seq = state.lane_seq(lane).unwrap_or(0);
+        return Some((
+            why,
+            format!("seq too far above the lane's applied seq {applied_seq}"),
+        ));
+    }
+    let owner = partition_of(device, partitions);
+    (owner != partition).then(|| {
+        (
+            Refusal::Partition,
+            format!("device {device:?} belongs to partition {owner} of {partitions}"),
+        )
+    })
+}
+
 /// Drops the lanes `state` evicted (see [`FleetState::take_evicted`]) from `store`, counted.
 fn drop_evicted(
     shared: &Shared,
@@ -489,24 +515,8 @@ fn apply(
                     m.summaries_duplicate_total.fetch_add(1, Relaxed);
                     continue;
                 }
-                let refused = if let Err(why) = state.check_seq(lane, r.seq) {
-                    let applied_seq = state.lane_seq(lane).unwrap_or(0);
-                    Some((
-                        why,
-                        format!("seq too far above the lane's applied seq {applied_seq}"),
-                    ))
-                } else if partition_of(&r.item.device, partitions) != partition {
-                    Some((
-                        Refusal::Partition,
-                        format!(
-                            "device {:?} belongs to partition {} of {partitions}",
-                            r.item.device,
-                            partition_of(&r.item.device, partitions)
-                        ),
-                    ))
-                } else {
-                    r.item.check().err().map(|e| (Refusal::InvalidSummary, e))
-                };
+                let refused = misplaced(&state, lane, r.seq, &r.item.device, partition, partitions)
+                    .or_else(|| r.item.check().err().map(|e| (Refusal::InvalidSummary, e)));
                 if let Some((why, detail)) = refused {
                     refuse(shared, warnings, why, 1, lane, r.seq, &detail);
                     continue;
@@ -706,27 +716,12 @@ fn apply_training(
             if state.lane_seq(lane).is_some_and(|c| r.seq <= c) {
                 continue;
             }
-            if let Err(why) = state.check_seq(lane, r.seq) {
-                let applied_seq = state.lane_seq(lane).unwrap_or(0);
-                Some((
-                    why,
-                    format!("seq too far above the lane's applied seq {applied_seq}"),
-                ))
-            } else if partition_of(&r.item.device, partitions) != partition {
-                Some((
-                    Refusal::Partition,
-                    format!(
-                        "device {:?} belongs to partition {} of {partitions}",
-                        r.item.device,
-                        partition_of(&r.item.device, partitions)
-                    ),
-                ))
-            } else {
+            misplaced(&state, lane, r.seq, &r.item.device, partition, partitions).or_else(|| {
                 r.item
                     .check()
                     .err()
                     .map(|e| (Refusal::InvalidSample, format!("training sample: {e}")))
-            }
+            })
         };
         if let Some((why, detail)) = refused {
             refuse(shared, warnings, why, 1, lane, r.seq, &detail);
