@@ -51,9 +51,9 @@ pub struct ClusterConfig {
 pub enum CheckpointMode {
     /// Only the windows and lanes changed since the last checkpoint, as a delta record after a
     /// base; a whole base again when the deltas since the last one outgrow it.
+    #[default]
     Incremental,
     /// The whole partition every time (what versions before incremental checkpoints wrote).
-    #[default]
     Full,
 }
 
