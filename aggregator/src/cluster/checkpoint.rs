@@ -7,6 +7,14 @@
 //! still expects the revision it last wrote, fails with [`CheckpointError::Fenced`], however late
 //! it arrives and whatever that owner believes about its lease.
 //!
+//! Except that nats-server checks a write's expected revision before proposing it, not when
+//! applying it (2.9, nats-server issue 4320; later versions lose the in-flight state across a
+//! leader change): two writes expecting the same revision that arrive together can both land.
+//! [`KvCheckpoints::take_over_chain`] therefore looks for a record that landed between the revision
+//! it read and its own, and takes over again from what precedes its own record if one did (the
+//! previous owner had that write acknowledged); [`KvCheckpoints::take_over`], on a bucket keeping
+//! one value per key, cannot see it.
+//!
 //! Value layout: version byte `1`, the epoch as u64 little-endian, then the state bytes as given:
 //! a *base*, the whole state. Incremental checkpoints ([`KvCheckpoints::write_delta`]) append
 //! *delta* records (version byte `2`, the epoch, then the delta bytes) to the same key by the same

@@ -17,6 +17,9 @@ struct Record {
     payload: Vec<u8>,
 }
 
+/// (epoch, revision) of a key's last record.
+type Head = (u64, u64);
+
 /// A partition's checkpoint key in a bucket keeping [`CHAIN_HISTORY`] values per key, written by
 /// compare-and-set on its last revision (0: no record yet, `create`).
 #[derive(Debug, Default)]
@@ -50,25 +53,52 @@ impl Key {
         Some(self.last)
     }
 
+    /// A write nats-server accepts whatever its expected revision: one of two that expected the
+    /// same revision and passed the server's check together (nats-server 2.9, issue 4320).
+    fn force(&mut self, kind: Kind, epoch: u64, payload: &[u8]) -> u64 {
+        let expected = self.head().map_or(0, |(_, r)| r);
+        self.update(expected, kind, epoch, payload)
+            .expect("the head expected")
+    }
+
+    /// A record after `after` and before `before`, as `KvCheckpoints::landed_between` looks.
+    fn landed_between(&self, after: u64, before: u64) -> Option<u64> {
+        self.records
+            .iter()
+            .map(|r| r.revision)
+            .find(|&r| r > after && r < before)
+    }
+
     fn purge_before(&mut self, revision: u64) {
         self.records.retain(|r| r.revision >= revision);
     }
 
     /// What `read_chain` reads: the last base and the deltas after it.
-    fn chain(&self) -> Result<Option<(Chain, (u64, u64))>, String> {
-        let Some(head) = self.head() else {
+    fn chain(&self) -> Result<Option<(Chain, Head)>, String> {
+        self.chain_before(None)
+    }
+
+    /// [`Key::chain`] of the records before revision `before`.
+    fn chain_before(&self, before: Option<u64>) -> Result<Option<(Chain, Head)>, String> {
+        let records: Vec<&Record> = self
+            .records
+            .iter()
+            .filter(|r| before.is_none_or(|b| r.revision < b))
+            .collect();
+        let Some(head) = records.last().map(|r| (r.epoch, r.revision)) else {
             return Ok(None);
         };
-        let Some(at) = self.records.iter().rposition(|r| r.kind == Kind::Base) else {
+        let Some(at) = records.iter().rposition(|r| r.kind == Kind::Base) else {
             return Err("a delta record without a base before it".into());
         };
-        let base = &self.records[at];
+        let records = &records[..];
+        let base = records[at];
         let mut chain = Chain {
             base: base.payload.clone().into(),
             deltas: Vec::new(),
             bytes: base.payload.len() + 9,
         };
-        for r in &self.records[at + 1..] {
+        for r in &records[at + 1..] {
             chain.deltas.push(r.payload.clone().into());
             chain.bytes += r.payload.len() + 9;
         }
@@ -109,6 +139,20 @@ enum Outcome {
     InFlight,
 }
 
+/// What races a take-over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Race {
+    /// Nothing.
+    None,
+    /// The write in flight, if any, lands between the take-over's read and its write.
+    InFlight,
+    /// A write of the previous owner expecting the same revision as the take-over's lands just
+    /// before it, and is acknowledged.
+    Before,
+    /// The same, landing just after it.
+    After,
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     /// A window of series `series` starting at `start` (× 1 s), at `revision`.
@@ -121,9 +165,8 @@ enum Op {
     Write(Outcome),
     /// The write still in flight reaches the KV now (its compare-and-set decides).
     Land,
-    /// Another member takes the partition over; the in-flight write, if any, lands between its
-    /// read of the chain and its own write when `race` is set.
-    TakeOver { race: bool },
+    /// Another member takes the partition over, racing the previous owner as `race` says.
+    TakeOver { race: Race },
     /// The previous owner, not knowing it was fenced, writes once more.
     StaleWrite,
 }
@@ -140,7 +183,12 @@ fn op() -> impl Strategy<Value = Op> {
             1 => Just(Outcome::InFlight),
         ].prop_map(Op::Write),
         1 => Just(Op::Land),
-        1 => any::<bool>().prop_map(|race| Op::TakeOver { race }),
+        1 => prop_oneof![
+            Just(Race::None),
+            Just(Race::InFlight),
+            Just(Race::Before),
+            Just(Race::After),
+        ].prop_map(|race| Op::TakeOver { race }),
         1 => Just(Op::StaleWrite),
     ]
 }
@@ -149,7 +197,12 @@ fn window(series: u8, start: i8, revision: u8) -> WindowSummary {
     let start_ms = i64::from(start) * 1000;
     WindowSummary {
         device: format!("dev-{series}"),
-        metric: if series % 2 == 0 { "temp" } else { "rh" }.into(),
+        metric: if series.is_multiple_of(2) {
+            "temp"
+        } else {
+            "rh"
+        }
+        .into(),
         start_ms,
         end_ms: start_ms + 1000,
         count: 10 + u64::from(revision),
@@ -343,7 +396,7 @@ impl Sim {
     }
 
     /// A new owner's take-over, as `KvCheckpoints::take_over_chain` and the node make it.
-    fn take_over(&mut self, race: bool) {
+    fn take_over(&mut self, race: Race) {
         self.epoch += 1;
         let epoch = self.epoch;
         let write = match self.mode {
@@ -351,45 +404,115 @@ impl Sim {
             CheckpointMode::Full => TakeOverWrite::Base,
         };
         let mut race = race;
+        // The record this take-over wrote over records it had not read.
+        let mut own: Option<u64> = None;
+        let mut landed_after = false;
         for _ in 0..5 {
-            let (chain, (head_epoch, expected)) = self
+            let (chain, (head_epoch, head)) = self
                 .key
-                .chain()
+                .chain_before(own)
                 .unwrap_or_else(|e| panic!("take-over: {e}\n{}", self.log.join("\n")))
                 .expect("a chain");
             assert!(head_epoch < epoch);
-            if std::mem::take(&mut race) {
+            let expected = own.unwrap_or(head);
+            let race_now = std::mem::replace(&mut race, Race::None);
+            if race_now == Race::InFlight {
                 self.land();
             }
-            let (kind, value, chain) = if take_over_compacts(chain.deltas.len(), write) {
-                let state = PartitionState::from_chain(&chain, self.wps)
-                    .unwrap()
-                    .encode();
-                let len = state.len();
-                let chain = Chain {
-                    base: state.clone().into(),
-                    deltas: Vec::new(),
-                    bytes: len + 9,
+            let (kind, value, chain) =
+                if own.is_some() || take_over_compacts(chain.deltas.len(), write) {
+                    let state = PartitionState::from_chain(&chain, self.wps)
+                        .unwrap()
+                        .encode();
+                    let len = state.len();
+                    let chain = Chain {
+                        base: state.clone().into(),
+                        deltas: Vec::new(),
+                        bytes: len + 9,
+                    };
+                    (Kind::Base, state, chain)
+                } else if write == TakeOverWrite::Base {
+                    let base = chain.base.to_vec();
+                    (Kind::Base, base, chain)
+                } else {
+                    let mut chain = chain;
+                    chain.deltas.push(Vec::new().into());
+                    chain.bytes += 9;
+                    (Kind::Delta, Vec::new(), chain)
                 };
-                (Kind::Base, state, chain)
-            } else if write == TakeOverWrite::Base {
-                let base = chain.base.to_vec();
-                (Kind::Base, base, chain)
+            let landed = if matches!(race_now, Race::Before | Race::After) && self.owner.dirty {
+                // Both writes expected `expected` and passed the server's check together.
+                let (okind, opayload) = self.owner.next_write(self.mode);
+                let ostate = self.owner.state();
+                let (theirs, ours) = if race_now == Race::Before {
+                    let theirs = self.key.force(okind, self.owner.fence.epoch, &opayload);
+                    (theirs, self.key.force(kind, epoch, &value))
+                } else {
+                    let ours = self.key.force(kind, epoch, &value);
+                    (
+                        self.key.force(okind, self.owner.fence.epoch, &opayload),
+                        ours,
+                    )
+                };
+                self.log.push(format!(
+                    "  -> the previous owner's {okind:?} landed at {theirs} beside the take-over's at {ours}"
+                ));
+                let mut fence = self.owner.fence.clone();
+                fence.revision = theirs;
+                self.owner.write_done(okind, opayload.len(), fence, true);
+                self.acked = lanes(&ostate);
+                if okind == Kind::Base {
+                    self.key.purge_before(theirs);
+                }
+                self.landed = ostate;
+                landed_after = race_now == Race::After;
+                Some(ours)
             } else {
-                let mut chain = chain;
-                chain.deltas.push(Vec::new().into());
-                chain.bytes += 9;
-                (Kind::Delta, Vec::new(), chain)
+                self.key.update(expected, kind, epoch, &value)
             };
-            let Some(revision) = self.key.update(expected, kind, epoch, &value) else {
+            let Some(revision) = landed else {
                 self.log
                     .push("  -> take-over conflicted; reading again".into());
+                own = None;
                 continue;
             };
+            if let Some(other) = self.key.landed_between(expected, revision) {
+                self.log.push(format!(
+                    "  -> revision {other} landed beside the take-over's {revision}: again"
+                ));
+                own = Some(revision);
+                continue;
+            }
             if kind == Kind::Base {
                 self.key.purge_before(revision);
             }
             let state = PartitionState::from_chain(&chain, self.wps).unwrap();
+            let delta_bytes = chain.bytes.saturating_sub(chain.base.len());
+            let compaction = Compaction::new(chain.base.len(), chain.deltas.len(), delta_bytes);
+            let fence = CheckpointFence {
+                partition: 3,
+                epoch,
+                revision,
+            };
+            let mut owner = Owned::new(fence, &state, self.wps, compaction);
+            assert_eq!(owner.state(), state);
+            if landed_after {
+                // The previous owner's write landed on top of this take-over's record: the new
+                // owner's first write is fenced (it drops the partition), and the previous owner
+                // writes on until its lease runs out (a later take-over reads everything).
+                owner.put_lane_seq("probe", 0, 1);
+                let (kind, payload) = owner.next_write(self.mode);
+                let mut fence = owner.fence.clone();
+                assert!(
+                    !self.key.write(&mut fence, kind, &payload),
+                    "a take-over that missed the previous owner's acknowledged write writes on\n{}",
+                    self.log.join("\n")
+                );
+                self.log
+                    .push("  -> the new owner is fenced at its first write".into());
+                self.stale = Some(owner);
+                return;
+            }
             assert_eq!(
                 state,
                 self.landed,
@@ -405,15 +528,6 @@ impl Sim {
                     self.log.join("\n")
                 );
             }
-            let delta_bytes = chain.bytes.saturating_sub(chain.base.len());
-            let compaction = Compaction::new(chain.base.len(), chain.deltas.len(), delta_bytes);
-            let fence = CheckpointFence {
-                partition: 3,
-                epoch,
-                revision,
-            };
-            let owner = Owned::new(fence, &state, self.wps, compaction);
-            assert_eq!(owner.state(), state);
             self.stale = Some(std::mem::replace(&mut self.owner, owner));
             self.acked = lanes(&state);
             self.log
@@ -438,7 +552,7 @@ fn run(wps: usize, mode: CheckpointMode, ops: &[Op]) {
         sim.apply(op);
     }
     sim.apply(&Op::Write(Outcome::Ok));
-    sim.apply(&Op::TakeOver { race: false });
+    sim.apply(&Op::TakeOver { race: Race::None });
 }
 
 proptest! {
@@ -458,5 +572,85 @@ proptest! {
         ops in prop::collection::vec(op(), 1..200),
     ) {
         run(wps, CheckpointMode::Full, &ops);
+    }
+}
+
+/// The shrunk failing inputs of the model before take-overs checked for a write landing beside
+/// theirs: an acknowledged write of the previous owner, landed just before the take-over's record
+/// (both expected the same revision), is in what the new owner resumes from.
+#[test]
+fn a_previous_owner_s_write_landing_just_before_a_take_over_s_is_resumed_from() {
+    let ops = [
+        Op::Put {
+            series: 0,
+            start: 0,
+            revision: 0,
+        },
+        Op::TakeOver { race: Race::Before },
+    ];
+    for mode in [CheckpointMode::Incremental, CheckpointMode::Full] {
+        for wps in [1, 3] {
+            run(wps, mode, &ops);
+        }
+    }
+}
+
+/// Landed just after it instead: the new owner's first write is fenced, the previous owner's
+/// writes go on, and the next take-over resumes from all of them.
+#[test]
+fn a_previous_owner_s_write_landing_just_after_a_take_over_s_fences_the_new_owner() {
+    let ops = [
+        Op::Put {
+            series: 0,
+            start: 0,
+            revision: 0,
+        },
+        Op::Lane {
+            agent: 0,
+            epoch: 0,
+            seq: 3,
+        },
+        Op::TakeOver { race: Race::After },
+        Op::StaleWrite,
+        Op::Put {
+            series: 1,
+            start: 2,
+            revision: 0,
+        },
+        Op::Write(Outcome::Ok),
+    ];
+    for mode in [CheckpointMode::Incremental, CheckpointMode::Full] {
+        run(2, mode, &ops);
+    }
+}
+
+/// A write that timed out, still in flight while the next one succeeds, never lands after it;
+/// one that landed although its answer was lost is built on by the next.
+#[test]
+fn writes_that_time_out_land_only_where_they_were_made_for() {
+    let put = |start| Op::Put {
+        series: 0,
+        start,
+        revision: 0,
+    };
+    let ops = [
+        put(0),
+        Op::Write(Outcome::InFlight),
+        put(1),
+        Op::Write(Outcome::Ok),
+        Op::Land,
+        put(2),
+        Op::Write(Outcome::Landed),
+        put(3),
+        Op::Write(Outcome::Ok),
+        put(4),
+        Op::Write(Outcome::InFlight),
+        Op::TakeOver {
+            race: Race::InFlight,
+        },
+        Op::StaleWrite,
+    ];
+    for mode in [CheckpointMode::Incremental, CheckpointMode::Full] {
+        run(2, mode, &ops);
     }
 }
