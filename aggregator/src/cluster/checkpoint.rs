@@ -473,33 +473,46 @@ impl KvCheckpoints {
     }
 
     /// The revision of a record of `partition` after `after` and before `before`, if any: one
-    /// that landed although `before` was written expecting `after`.
+    /// that landed although `before` was written expecting `after` (delete markers, which a
+    /// `create` expecting 0 writes over, are not records).
     async fn landed_between(
         &self,
         partition: u32,
         after: u64,
         before: u64,
     ) -> Result<Option<u64>, CheckpointError> {
-        if before <= after + 1 {
-            return Ok(None);
-        }
         let k = key(partition);
         let subject = format!("{}{}", self.store.prefix, k);
-        match self
-            .store
-            .stream
-            .get_first_raw_message_by_subject(&subject, after + 1)
-            .await
-        {
-            Ok(m) => Ok((m.sequence < before).then_some(m.sequence)),
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+        let mut seq = after + 1;
+        while seq < before {
+            let msg = match self
+                .store
+                .stream
+                .get_first_raw_message_by_subject(&subject, seq)
+                .await
             {
-                Ok(None)
+                Ok(m) => m,
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(KvError::op(&self.store, "read", &k, e).into()),
+            };
+            if msg.sequence >= before {
+                return Ok(None);
             }
-            Err(e) => Err(KvError::op(&self.store, "read", &k, e).into()),
+            let marker = msg
+                .headers
+                .get("KV-Operation")
+                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            if !marker {
+                return Ok(Some(msg.sequence));
+            }
+            seq = msg.sequence + 1;
         }
+        Ok(None)
     }
 
     /// Writes `value` at `k` by compare-and-set on revision `expected`; `expected` 0 means no
