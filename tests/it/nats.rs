@@ -830,4 +830,69 @@ mod incremental {
         let stored = old.read(2).await.unwrap().unwrap();
         assert_eq!(PartitionState::decode(&stored.state).unwrap(), got);
     }
+
+    /// nats-server 2.9 checks a write's expected revision before proposing it, not when applying
+    /// it (nats-server issue 4320): two writes expecting the same revision that arrive together
+    /// both land. A previous owner's delta racing a take-over's marker so: whenever the previous
+    /// owner's write succeeded (it then acknowledges what it holds), the new owner resumes with
+    /// it, or else the new owner's own next write is fenced (and the partition taken over again
+    /// from the whole chain). Never does the new owner go on without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_previous_owner_s_write_racing_a_take_over_is_never_lost() {
+        let nats = shared();
+        let (js_a, js_b) = (nats.js(0).await, nats.js(1).await);
+        let ckpt_a = KvCheckpoints::open_chained(&js_a, "t_race_ckpt", 3)
+            .await
+            .unwrap();
+        let ckpt_b = KvCheckpoints::open_chained(&js_b, "t_race_ckpt", 3)
+            .await
+            .unwrap();
+        let (mut acked, mut resumed, mut fenced) = (0, 0, 0);
+        for p in 0..120u32 {
+            let (_, mut fence_a) = ckpt_a
+                .take_over_chain(p, 10, TakeOverWrite::Marker, fold)
+                .await
+                .unwrap();
+            let seq = u64::from(p) + 1;
+            let delta = PartitionDelta {
+                windows: vec![window("dev-race", i64::from(p) * 1000, 10)],
+                lanes: vec![("gw".to_string(), 0, seq)],
+                dropped: Vec::new(),
+            }
+            .encode();
+            // The previous owner's write goes out around the time of the take-over's own write.
+            let delay = Duration::from_micros(u64::from(p % 12) * 400);
+            let (a, b) = tokio::join!(
+                async {
+                    tokio::time::sleep(delay).await;
+                    ckpt_a.write_delta(&mut fence_a, &delta).await
+                },
+                ckpt_b.take_over_chain(p, 20, TakeOverWrite::Marker, fold)
+            );
+            let (chain, mut fence_b) = b.expect("the take-over");
+            if a.is_err() {
+                continue; // fenced: the previous owner acknowledges nothing
+            }
+            acked += 1;
+            let state = PartitionState::from_chain(&chain, WPS).unwrap();
+            if state.lanes.contains(&("gw".to_string(), 0, seq)) {
+                assert_eq!(state.windows.len(), 1, "p{p}: {state:?}");
+                resumed += 1;
+                continue;
+            }
+            let next = ckpt_b
+                .write_delta(&mut fence_b, &PartitionDelta::default().encode())
+                .await;
+            assert!(
+                matches!(next, Err(CheckpointError::Fenced { .. })),
+                "p{p}: the previous owner's acknowledged write is lost: the new owner resumed \
+                 without it and writes on ({next:?})"
+            );
+            fenced += 1;
+        }
+        eprintln!(
+            "previous owner's write acknowledged {acked} times: resumed by the new owner \
+             {resumed}, new owner fenced {fenced}"
+        );
+    }
 }

@@ -7,6 +7,14 @@
 //! still expects the revision it last wrote, fails with [`CheckpointError::Fenced`], however late
 //! it arrives and whatever that owner believes about its lease.
 //!
+//! Except that nats-server checks a write's expected revision before proposing it, not when
+//! applying it (2.9, nats-server issue 4320; later versions lose the in-flight state across a
+//! leader change): two writes expecting the same revision that arrive together can both land.
+//! [`KvCheckpoints::take_over_chain`] therefore looks for a record that landed between the revision
+//! it read and its own, and takes over again from what precedes its own record if one did (the
+//! previous owner had that write acknowledged); [`KvCheckpoints::take_over`], on a bucket keeping
+//! one value per key, cannot see it.
+//!
 //! Value layout: version byte `1`, the epoch as u64 little-endian, then the state bytes as given:
 //! a *base*, the whole state. Incremental checkpoints ([`KvCheckpoints::write_delta`]) append
 //! *delta* records (version byte `2`, the epoch, then the delta bytes) to the same key by the same
@@ -189,6 +197,24 @@ pub enum TakeOverWrite {
     Base,
 }
 
+/// Whether a write whose compare-and-set on `fence.revision` conflicted may be retried on top of
+/// the key's last record (`head_epoch`, `head_revision`): only when that record carries this
+/// owner's own epoch (a write of its own that timed out but landed; no other owner writes under
+/// it). The fence then adopts its revision.
+pub(crate) fn resync(fence: &mut CheckpointFence, head_epoch: u64, head_revision: u64) -> bool {
+    if head_epoch == fence.epoch && head_revision != fence.revision {
+        fence.revision = head_revision;
+        return true;
+    }
+    false
+}
+
+/// Whether a take-over that found `deltas` deltas after the base writes a new base folded from
+/// the chain (rather than the base again, or a marker).
+pub(crate) fn take_over_compacts(deltas: usize, write: TakeOverWrite) -> bool {
+    deltas >= MAX_DELTAS || (write == TakeOverWrite::Base && deltas > 0)
+}
+
 /// The last record of a chain as read: the epoch and revision a take-over checks and expects.
 struct Head {
     epoch: u64,
@@ -237,7 +263,14 @@ impl KvCheckpoints {
     /// last record; `None` for a partition never checkpointed (or deleted). A base read last is
     /// one read; otherwise the key's records are read one by one, oldest first (a base write
     /// purges those before it), keeping only what follows the latest base.
-    async fn read_chain(&self, partition: u32) -> Result<Option<(Chain, Head)>, CheckpointError> {
+    ///
+    /// With `before`, only the records before revision `before` are read (what preceded a record
+    /// this owner wrote).
+    async fn read_chain(
+        &self,
+        partition: u32,
+        before: Option<u64>,
+    ) -> Result<Option<(Chain, Head)>, CheckpointError> {
         let k = key(partition);
         let Some(last) = super::kv::live_entry(&self.store, &k).await? else {
             return Ok(None);
@@ -250,7 +283,8 @@ impl KvCheckpoints {
             }
         };
         let (epoch, kind, payload) = decode_record(&last.value).map_err(corrupt(last.revision))?;
-        if kind == Kind::Base {
+        let upto = before.map_or(last.revision, |b| last.revision.min(b.saturating_sub(1)));
+        if kind == Kind::Base && upto == last.revision {
             let chain = Chain {
                 base: payload,
                 deltas: Vec::new(),
@@ -269,7 +303,7 @@ impl KvCheckpoints {
             let mut chain: Option<Chain> = None;
             let mut head = None;
             let mut seq = 1;
-            while seq <= last.revision {
+            while seq <= upto {
                 let msg = match self
                     .store
                     .stream
@@ -280,6 +314,9 @@ impl KvCheckpoints {
                     Err(e) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => break,
                     Err(e) => return Err(KvError::op(&self.store, "read", &k, e).into()),
                 };
+                if msg.sequence > upto {
+                    break;
+                }
                 seq = msg.sequence + 1;
                 let deleted = msg
                     .headers
@@ -342,8 +379,10 @@ impl KvCheckpoints {
     ) -> Result<(Chain, CheckpointFence), CheckpointError> {
         let k = key(partition);
         let mut last_conflict = String::new();
+        // The revision of a record this take-over wrote over records it had not read (see below).
+        let mut own: Option<u64> = None;
         for _ in 0..TAKE_OVER_ATTEMPTS {
-            let current = self.read_chain(partition).await?;
+            let current = self.read_chain(partition, own).await?;
             if let Some((_, head)) = &current {
                 if head.epoch > epoch {
                     return Err(CheckpointError::Fenced {
@@ -353,13 +392,11 @@ impl KvCheckpoints {
                     });
                 }
             }
-            let expected = current.as_ref().map_or(0, |(_, h)| h.revision);
+            let expected = own.unwrap_or(current.as_ref().map_or(0, |(_, h)| h.revision));
             let (value, chain, base) = match current {
                 None => (encode(epoch, b""), Chain::default(), true),
                 Some((chain, head)) => {
-                    let compacting = chain.deltas.len() >= MAX_DELTAS
-                        || (write == TakeOverWrite::Base && !chain.deltas.is_empty());
-                    if compacting {
+                    if own.is_some() || take_over_compacts(chain.deltas.len(), write) {
                         let state = compact(&chain).map_err(|reason| CheckpointError::Corrupt {
                             partition,
                             revision: head.revision,
@@ -386,6 +423,27 @@ impl KvCheckpoints {
             let written = self.put_expecting(&k, value, expected).await;
             match written {
                 Ok(revision) => {
+                    // nats-server checks the expected revision before proposing a write, not when
+                    // applying it (2.9; leader-local in later versions): a write of the previous
+                    // owner that expected the same revision can land just before this one, and
+                    // that owner has it acknowledged. Then this record misses it: read what
+                    // preceded this record and write it as a base on top (a compare-and-set on
+                    // this record, which no one else expects).
+                    if let Some(seq) = self.landed_between(partition, expected, revision).await? {
+                        tracing::warn!(
+                            partition,
+                            epoch,
+                            revision,
+                            other = seq,
+                            "a write expecting the same checkpoint revision landed beside the \
+                             take-over's; taking over again from what precedes it"
+                        );
+                        last_conflict = format!(
+                            "revision {seq} landed beside this take-over's revision {revision}"
+                        );
+                        own = Some(revision);
+                        continue;
+                    }
                     if base {
                         self.purge_before(partition, revision).await;
                     }
@@ -400,6 +458,7 @@ impl KvCheckpoints {
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     last_conflict = format!("revision {expected} was overwritten");
+                    own = None;
                 }
                 Err(e) => return Err(KvError::op(&self.store, "update", &k, e).into()),
             }
@@ -411,6 +470,49 @@ impl KvCheckpoints {
                 "{TAKE_OVER_ATTEMPTS} take-over attempts conflicted, last: {last_conflict}"
             ),
         })
+    }
+
+    /// The revision of a record of `partition` after `after` and before `before`, if any: one
+    /// that landed although `before` was written expecting `after` (delete markers, which a
+    /// `create` expecting 0 writes over, are not records).
+    async fn landed_between(
+        &self,
+        partition: u32,
+        after: u64,
+        before: u64,
+    ) -> Result<Option<u64>, CheckpointError> {
+        let k = key(partition);
+        let subject = format!("{}{}", self.store.prefix, k);
+        let mut seq = after + 1;
+        while seq < before {
+            let msg = match self
+                .store
+                .stream
+                .get_first_raw_message_by_subject(&subject, seq)
+                .await
+            {
+                Ok(m) => m,
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(KvError::op(&self.store, "read", &k, e).into()),
+            };
+            if msg.sequence >= before {
+                return Ok(None);
+            }
+            let marker = msg
+                .headers
+                .get("KV-Operation")
+                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            if !marker {
+                return Ok(Some(msg.sequence));
+            }
+            seq = msg.sequence + 1;
+        }
+        Ok(None)
     }
 
     /// Writes `value` at `k` by compare-and-set on revision `expected`; `expected` 0 means no
@@ -587,10 +689,7 @@ impl KvCheckpoints {
         match self.write_once(fence, kind, state).await {
             Err(fenced @ CheckpointError::Fenced { .. }) => {
                 match self.read_head(fence.partition).await? {
-                    Some(current)
-                        if current.epoch == fence.epoch && current.revision != fence.revision =>
-                    {
-                        fence.revision = current.revision;
+                    Some(current) if resync(fence, current.epoch, current.revision) => {
                         self.write_once(fence, kind, state).await
                     }
                     _ => Err(fenced),

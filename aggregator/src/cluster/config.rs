@@ -37,10 +37,10 @@ pub struct ClusterConfig {
     /// most the number of NATS nodes.
     #[serde(default = "default_replicas")]
     pub replicas: usize,
-    /// How partitions are checkpointed: `full` (the whole partition every time: the format every
-    /// version reads; the default) or `incremental` (only what changed since the last checkpoint,
-    /// compacted into a whole base now and then; experimental: one CI run of
-    /// `cluster_killing_the_lease_leader_node_loses_nothing` lost a record with it).
+    /// How partitions are checkpointed: `incremental` (only what changed since the last
+    /// checkpoint, compacted into a whole base now and then; the default) or `full` (the whole
+    /// partition every time: the format before incremental checkpoints, which members of older
+    /// versions read).
     #[serde(default)]
     pub checkpoint: CheckpointMode,
 }
@@ -51,9 +51,9 @@ pub struct ClusterConfig {
 pub enum CheckpointMode {
     /// Only the windows and lanes changed since the last checkpoint, as a delta record after a
     /// base; a whole base again when the deltas since the last one outgrow it.
+    #[default]
     Incremental,
     /// The whole partition every time (what versions before incremental checkpoints wrote).
-    #[default]
     Full,
 }
 
@@ -234,14 +234,14 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_are_full_unless_incremental_is_asked_for() {
+    fn checkpoints_are_incremental_unless_full_is_asked_for() {
         let c = ClusterConfig::nats(vec!["nats://n1:4222".into()]);
-        assert_eq!(c.checkpoint, CheckpointMode::Full);
-        let incremental: ClusterConfig = serde_json::from_value(serde_json::json!({
-            "type": "nats", "servers": ["nats://n1:4222"], "checkpoint": "incremental"
+        assert_eq!(c.checkpoint, CheckpointMode::Incremental);
+        let full: ClusterConfig = serde_json::from_value(serde_json::json!({
+            "type": "nats", "servers": ["nats://n1:4222"], "checkpoint": "full"
         }))
         .unwrap();
-        assert_eq!(incremental.checkpoint, CheckpointMode::Incremental);
+        assert_eq!(full.checkpoint, CheckpointMode::Full);
         let e = serde_json::from_value::<ClusterConfig>(serde_json::json!({
             "type": "nats", "servers": ["nats://n1:4222"], "checkpoint": "sometimes"
         }))

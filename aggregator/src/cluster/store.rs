@@ -298,6 +298,24 @@ impl Owned {
         d
     }
 
+    /// Notes how a write of [`Owned::next_write`] (`kind`, `bytes`) ended, with the fence it
+    /// left: `ok`, everything changed is checkpointed; otherwise the changes stay for the next
+    /// write (which may have to carry them on top of this one, had it landed after all).
+    fn write_done(&mut self, kind: Kind, bytes: usize, fence: CheckpointFence, ok: bool) {
+        if ok {
+            self.dirty = false;
+            self.dirty_since = None;
+            self.changes.clear();
+            self.compaction.written(kind, bytes);
+        } else {
+            self.compaction.failed(kind, bytes);
+        }
+        // A timed-out write keeps the old revision; `write` re-reads on the conflict.
+        if fence.revision > self.fence.revision {
+            self.fence = fence;
+        }
+    }
+
     /// What the next checkpoint writes in `mode`: the kind and the value.
     fn next_write(&self, mode: CheckpointMode) -> (Kind, Vec<u8>) {
         if mode == CheckpointMode::Incremental && !self.changes.all() {
@@ -507,18 +525,7 @@ impl KvStore {
         for (fence, result, bytes, kind) in done {
             let partition = fence.partition;
             if let Some(o) = self.owned.get_mut(&partition) {
-                if result.is_ok() {
-                    o.dirty = false;
-                    o.dirty_since = None;
-                    o.changes.clear();
-                    o.compaction.written(kind, bytes);
-                } else {
-                    o.compaction.failed(kind, bytes);
-                }
-                // A timed-out write keeps the old revision; `write` re-reads on the conflict.
-                if fence.revision > o.fence.revision {
-                    o.fence = fence;
-                }
+                o.write_done(kind, bytes, fence, result.is_ok());
             }
             out.push(Written {
                 partition,
@@ -843,3 +850,7 @@ mod tests {
         assert!(e.contains("delta 2"), "{e}");
     }
 }
+
+#[cfg(test)]
+#[path = "store_model.rs"]
+mod model;
