@@ -529,7 +529,10 @@ mod tests {
     }
 
     /// The matcher before it worked on bytes: `split('/')` level by level.
-    fn matches_by_split<'t>(p: &TopicPattern, topic: &'t str) -> Option<(&'t str, Option<&'t str>)> {
+    fn matches_by_split<'t>(
+        p: &TopicPattern,
+        topic: &'t str,
+    ) -> Option<(&'t str, Option<&'t str>)> {
         let (mut device, mut metric) = (None, None);
         let mut parts = topic.split('/');
         for level in &p.levels {

@@ -616,7 +616,11 @@ impl Pipeline {
             key.push_str(&s.device);
             key.push('\u{0}');
             key.push_str(&s.metric);
-            if table.index.insert(SeriesKey::new(key.as_bytes()), i).is_some() {
+            if table
+                .index
+                .insert(SeriesKey::new(key.as_bytes()), i)
+                .is_some()
+            {
                 return Err(SnapshotError::Invalid {
                     detail: format!("series {:?}/{:?} appears twice", s.device, s.metric),
                 }

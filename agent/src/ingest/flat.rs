@@ -216,7 +216,10 @@ mod tests {
         );
         assert_eq!(f("{}"), Some((None, None)));
         assert_eq!(f(r#"{"value":1,"value":2}"#), Some((Some(2.0), None)));
-        assert_eq!(f(r#"{"value":-0}"#).unwrap().0.unwrap().to_bits(), (-0.0f64).to_bits());
+        assert_eq!(
+            f(r#"{"value":-0}"#).unwrap().0.unwrap().to_bits(),
+            (-0.0f64).to_bits()
+        );
         assert_eq!(f(r#"{"value":1e-400}"#), Some((Some(0.0), None)));
         assert_eq!(
             f(r#"{"value":12345678901234567890123}"#),
@@ -254,8 +257,12 @@ mod tests {
 
     fn number() -> impl Strategy<Value = String> {
         prop_oneof![
-            any::<f64>().prop_filter("finite", |v| v.is_finite()).prop_map(|v| v.to_string()),
-            any::<f64>().prop_filter("finite", |v| v.is_finite()).prop_map(|v| format!("{v:e}")),
+            any::<f64>()
+                .prop_filter("finite", |v| v.is_finite())
+                .prop_map(|v| v.to_string()),
+            any::<f64>()
+                .prop_filter("finite", |v| v.is_finite())
+                .prop_map(|v| format!("{v:e}")),
             any::<i64>().prop_map(|v| v.to_string()),
             any::<u64>().prop_map(|v| v.to_string()),
             "-?(0|[1-9][0-9]{0,25})(\\.[0-9]{1,25})?([eE][+-]?[0-9]{1,3})?",
@@ -298,5 +305,4 @@ mod tests {
             }
         }
     }
-
 }

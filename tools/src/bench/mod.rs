@@ -673,9 +673,7 @@ fn pipeline_run_with(
     after(&mut pipeline)?;
     Ok(PipelineRun {
         rate: readings as f64 / secs,
-        cpu_rate: cpu_secs
-            .filter(|s| *s > 0.0)
-            .map(|s| readings as f64 / s),
+        cpu_rate: cpu_secs.filter(|s| *s > 0.0).map(|s| readings as f64 / s),
         windows,
         pca_events,
     })
