@@ -168,8 +168,22 @@ impl Mapping {
             return Err(IngestError::EmptyPayload);
         }
         let metric = topic_metric.or(self.fixed_metric.as_deref());
-        // JSON must be UTF-8; serde_json does not check strings it skips, so check the whole payload.
-        if !matches!(self.format, PayloadFormat::Number) && std::str::from_utf8(payload).is_err() {
+        // The common flat payload of the JSON value mapping, decoded without serde (`None`: serde
+        // decodes it, or says what is wrong with it, below).
+        let flat = match &self.format {
+            PayloadFormat::Json {
+                value_field,
+                timestamp_field,
+                ..
+            } => flat::value_and_ts(payload, value_field, timestamp_field.as_deref()),
+            _ => None,
+        };
+        // JSON must be UTF-8; serde_json does not check strings it skips, so check the whole payload
+        // (a payload the flat path took is ASCII).
+        if !matches!(self.format, PayloadFormat::Number)
+            && flat.is_none()
+            && std::str::from_utf8(payload).is_err()
+        {
             return Err(IngestError::NotUtf8 { what: "payload" });
         }
         match &self.format {
@@ -197,8 +211,7 @@ impl Mapping {
                 let metric = metric.ok_or(IngestError::NoMetric)?;
                 check_name("metric", metric, MAX_METRIC_BYTES)?;
                 let ts_field = timestamp_field.as_deref();
-                // The common flat payload without serde; anything else (and every error) through it.
-                let (value, ts) = match flat::value_and_ts(payload, value_field, ts_field) {
+                let (value, ts) = match flat {
                     Some(found) => found,
                     None => {
                         let seed = ValueSeed {
