@@ -178,22 +178,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// What serde_json (with `float_roundtrip`, as the agent builds it) makes of the same payload.
+    /// What the serde path (the visitor the mapping falls back to, serde_json with
+    /// `float_roundtrip` as the agent builds it) makes of the same payload.
     fn serde(payload: &[u8], value: &str, ts: Option<&str>) -> Option<(Option<f64>, Option<f64>)> {
-        let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
-        let obj = v.as_object()?;
-        let num = |k: &str| -> Result<Option<f64>, ()> {
-            match obj.get(k) {
-                None => Ok(None),
-                Some(x) => x.as_f64().map(Some).ok_or(()),
-            }
+        use serde::de::DeserializeSeed;
+        let seed = super::super::ValueSeed {
+            value_field: value,
+            ts_field: ts,
         };
-        let value_of = num(value).ok()?;
-        let ts_of = match ts {
-            Some(t) if t != value => num(t).ok()?,
-            _ => None,
-        };
-        Some((value_of, ts_of))
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        seed.deserialize(&mut de)
+            .and_then(|r| de.end().map(|_| r))
+            .ok()
     }
 
     fn same(a: Option<(Option<f64>, Option<f64>)>, b: Option<(Option<f64>, Option<f64>)>) -> bool {
