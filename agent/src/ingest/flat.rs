@@ -104,10 +104,11 @@ impl<'a> Cursor<'a> {
         self.i - start
     }
 
-    /// A JSON number (RFC 8259 grammar), correctly rounded; `None` if malformed or beyond `f64`.
+    /// Skips a JSON number (RFC 8259 grammar) without converting it, as serde_json skips one it
+    /// ignores (whatever its magnitude). Returns whether it is negative, where its integer digits
+    /// are and whether it is an integer; `None` if malformed.
     #[inline]
-    fn number(&mut self) -> Option<f64> {
-        let start = self.i;
+    fn scan_number(&mut self) -> Option<(bool, usize, usize, bool)> {
         let negative = self.peek() == Some(b'-');
         if negative {
             self.i += 1;
@@ -139,6 +140,14 @@ impl<'a> Cursor<'a> {
             }
             integer = false;
         }
+        Some((negative, int_start, int_end, integer))
+    }
+
+    /// A JSON number, correctly rounded; `None` if malformed or beyond `f64`.
+    #[inline]
+    fn number(&mut self) -> Option<f64> {
+        let start = self.i;
+        let (negative, int_start, int_end, integer) = self.scan_number()?;
         // Integers of up to 15 digits are exact in an f64: no decimal conversion needed.
         if integer && int_end - int_start <= 15 {
             let n = self.b[int_start..int_end]
@@ -158,7 +167,7 @@ impl<'a> Cursor<'a> {
     fn skip_scalar(&mut self) -> Option<()> {
         match self.peek()? {
             b'"' => self.string().map(|_| ()),
-            b'-' | b'0'..=b'9' => self.number().map(|_| ()),
+            b'-' | b'0'..=b'9' => self.scan_number().map(|_| ()),
             b't' => self.word(b"true"),
             b'f' => self.word(b"false"),
             b'n' => self.word(b"null"),
