@@ -9,6 +9,8 @@ use crate::error::IngestError;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use std::fmt;
 
+mod flat;
+
 /// Longest device id accepted, in bytes (DESIGN: any UTF-8 up to 256 bytes).
 pub const MAX_DEVICE_ID_BYTES: usize = 256;
 /// Longest metric name accepted, in bytes.
@@ -80,18 +82,28 @@ impl TopicPattern {
     pub fn matches<'t>(&self, topic: &'t str) -> Option<(&'t str, Option<&'t str>)> {
         let mut device = None;
         let mut metric = None;
-        let mut parts = topic.split('/');
-        for level in &self.levels {
-            let part = parts.next()?;
+        let mut rest = topic;
+        let last = self.levels.len().checked_sub(1)?;
+        for (k, level) in self.levels.iter().enumerate() {
+            // The topic's levels as `split('/')` gives them, the last one taking the rest (which
+            // must hold no further level).
+            let part = if k == last {
+                if rest.as_bytes().contains(&b'/') {
+                    return None;
+                }
+                rest
+            } else {
+                let cut = rest.bytes().position(|b| b == b'/')?;
+                let part = &rest[..cut];
+                rest = &rest[cut + 1..];
+                part
+            };
             match level {
                 Level::Literal(l) if l == part => {}
                 Level::Literal(_) => return None,
                 Level::Device => device = Some(part),
                 Level::Metric => metric = Some(part),
             }
-        }
-        if parts.next().is_some() {
-            return None;
         }
         Some((device?, metric))
     }
@@ -156,8 +168,22 @@ impl Mapping {
             return Err(IngestError::EmptyPayload);
         }
         let metric = topic_metric.or(self.fixed_metric.as_deref());
-        // JSON must be UTF-8; serde_json does not check strings it skips, so check the whole payload.
-        if !matches!(self.format, PayloadFormat::Number) && std::str::from_utf8(payload).is_err() {
+        // The common flat payload of the JSON value mapping, decoded without serde (`None`: serde
+        // decodes it, or says what is wrong with it, below).
+        let flat = match &self.format {
+            PayloadFormat::Json {
+                value_field,
+                timestamp_field,
+                ..
+            } => flat::value_and_ts(payload, value_field, timestamp_field.as_deref()),
+            _ => None,
+        };
+        // JSON must be UTF-8; serde_json does not check strings it skips, so check the whole payload
+        // (a payload the flat path took is ASCII).
+        if !matches!(self.format, PayloadFormat::Number)
+            && flat.is_none()
+            && std::str::from_utf8(payload).is_err()
+        {
             return Err(IngestError::NotUtf8 { what: "payload" });
         }
         match &self.format {
@@ -184,15 +210,20 @@ impl Mapping {
             } => {
                 let metric = metric.ok_or(IngestError::NoMetric)?;
                 check_name("metric", metric, MAX_METRIC_BYTES)?;
-                let seed = ValueSeed {
-                    value_field,
-                    ts_field: timestamp_field.as_deref(),
+                let ts_field = timestamp_field.as_deref();
+                let (value, ts) = match flat {
+                    Some(found) => found,
+                    None => {
+                        let seed = ValueSeed {
+                            value_field,
+                            ts_field,
+                        };
+                        let mut de = serde_json::Deserializer::from_slice(payload);
+                        seed.deserialize(&mut de)
+                            .and_then(|r| de.end().map(|_| r))
+                            .map_err(json_error)?
+                    }
                 };
-                let mut de = serde_json::Deserializer::from_slice(payload);
-                let (value, ts) = seed
-                    .deserialize(&mut de)
-                    .and_then(|r| de.end().map(|_| r))
-                    .map_err(json_error)?;
                 let value = value.ok_or_else(|| IngestError::MissingField {
                     field: value_field.clone(),
                 })?;
@@ -508,6 +539,42 @@ mod tests {
         assert_eq!(p.matches("sensors/d1"), None);
         assert_eq!(p.matches("sensors/d1/temp/x"), None);
         assert_eq!(p.matches("other/d1/temp"), None);
+    }
+
+    /// The matcher before it worked on bytes: `split('/')` level by level.
+    fn matches_by_split<'t>(
+        p: &TopicPattern,
+        topic: &'t str,
+    ) -> Option<(&'t str, Option<&'t str>)> {
+        let (mut device, mut metric) = (None, None);
+        let mut parts = topic.split('/');
+        for level in &p.levels {
+            let part = parts.next()?;
+            match level {
+                Level::Literal(l) if l == part => {}
+                Level::Literal(_) => return None,
+                Level::Device => device = Some(part),
+                Level::Metric => metric = Some(part),
+            }
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        Some((device?, metric))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn matching_agrees_with_splitting_the_topic(
+            pattern in proptest::sample::select(vec![
+                "sensors/{device}/{metric}", "{device}", "a/{device}", "{device}/{metric}/v",
+                "a//{device}", "a/{metric}/{device}/b",
+            ]),
+            topic in "[ab/é]{0,3}(sensors|a|b|v)?(/[abv]{0,2}){0,4}/?",
+        ) {
+            let p = TopicPattern::parse(pattern).unwrap();
+            proptest::prop_assert_eq!(p.matches(&topic), matches_by_split(&p, &topic));
+        }
     }
 
     #[test]

@@ -145,7 +145,7 @@ struct Params {
 /// The series table and the state that goes with it.
 struct Table {
     /// `device \0 metric` → position in `series`.
-    index: HashMap<Box<str>, usize, Xxh3DefaultBuilder>,
+    index: HashMap<SeriesKey, usize, Xxh3DefaultBuilder>,
     /// Every series in creation order (never removed), so iteration order survives a restore.
     series: Vec<Series>,
     key: String,
@@ -616,7 +616,11 @@ impl Pipeline {
             key.push_str(&s.device);
             key.push('\u{0}');
             key.push_str(&s.metric);
-            if table.index.insert(key.into(), i).is_some() {
+            if table
+                .index
+                .insert(SeriesKey::new(key.as_bytes()), i)
+                .is_some()
+            {
                 return Err(SnapshotError::Invalid {
                     detail: format!("series {:?}/{:?} appears twice", s.device, s.metric),
                 }
@@ -745,6 +749,66 @@ fn check_restored(p: &Params, s: &Series) -> Result<(), SnapshotError> {
     Ok(())
 }
 
+/// Bytes of a series key kept in the index's own memory: `device \0 metric` of up to this length
+/// (most) is compared without following a pointer to a separate allocation.
+const INLINE_KEY: usize = 46;
+
+/// A series key (`device \0 metric`) of the index: inline when short, else on the heap. It hashes
+/// and compares as its bytes, so the index is looked up with a `&[u8]`.
+#[derive(Debug, Clone)]
+enum SeriesKey {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Heap(Box<[u8]>),
+}
+
+impl SeriesKey {
+    fn new(key: &[u8]) -> Self {
+        if key.len() <= INLINE_KEY {
+            let mut bytes = [0; INLINE_KEY];
+            bytes[..key.len()].copy_from_slice(key);
+            // INLINE_KEY < 256.
+            Self::Inline {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            Self::Heap(key.into())
+        }
+    }
+
+    #[inline]
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Heap(b) => b,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for SeriesKey {
+    #[inline]
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl std::hash::Hash for SeriesKey {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes, which `Borrow` requires.
+        self.as_bytes().hash(state)
+    }
+}
+
+impl PartialEq for SeriesKey {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for SeriesKey {}
+
 impl Table {
     #[inline]
     fn apply(
@@ -768,7 +832,7 @@ impl Table {
         self.key.push_str(r.device);
         self.key.push('\u{0}');
         self.key.push_str(r.metric);
-        let series = match self.index.get(self.key.as_str()) {
+        let series = match self.index.get(self.key.as_bytes()) {
             Some(&i) => &mut self.series[i],
             None => {
                 if self.series.len() >= p.max_series {
@@ -790,7 +854,7 @@ impl Table {
                 };
                 metrics.series.fetch_add(1, Relaxed);
                 self.index
-                    .insert(self.key.as_str().into(), self.series.len());
+                    .insert(SeriesKey::new(self.key.as_bytes()), self.series.len());
                 self.series.push(s);
                 let last = self.series.len() - 1;
                 &mut self.series[last]
@@ -1572,6 +1636,24 @@ mod tests {
         p.handle(b"sensors/a/t", br#"{"value":1,"ts":2000}"#, 0)
             .unwrap();
         assert_eq!(p.series(), 1);
+    }
+
+    #[test]
+    fn short_and_long_series_keys_are_found_and_kept_apart() {
+        let (mut p, m) = pipeline();
+        let long = "d".repeat(200);
+        for device in ["a", "ab", long.as_str(), &long[..199]] {
+            for ts in [1_000, 2_000] {
+                feed(&mut p, device, ts, 1.0);
+            }
+        }
+        assert_eq!(p.series(), 4);
+        assert_eq!(m.series.load(Relaxed), 4);
+        let key = |k: &[u8]| SeriesKey::new(k);
+        assert_eq!(key(b"a\0t"), key(b"a\0t"));
+        assert_ne!(key(b"a\0t"), key(b"a\0u"));
+        assert_eq!(key(long.as_bytes()).as_bytes(), long.as_bytes());
+        assert!(matches!(key(long.as_bytes()), SeriesKey::Heap(_)));
     }
 
     #[test]

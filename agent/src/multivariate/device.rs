@@ -8,7 +8,7 @@
 use super::table::Slots;
 use edgewatch_models::detect::EventGate;
 use edgewatch_models::multi::{
-    AlignConfig, Aligner, DeviceSampler, MultiScore, PcaModel, PcaScorer, SamplerConfig,
+    AlignConfig, Aligner, BoundScorer, DeviceSampler, MultiScore, PcaModel, SamplerConfig,
 };
 use edgewatch_models::wire::TrainingSample;
 use edgewatch_models::ModelError;
@@ -16,7 +16,7 @@ use edgewatch_models::ModelError;
 /// The model running for a device and its scoring state.
 pub(super) struct Running {
     pub(super) model: PcaModel,
-    pub(super) scorer: PcaScorer,
+    pub(super) scorer: BoundScorer,
     pub(super) gate: EventGate,
     /// The model's own aligner, when its features are not the shared aligner's.
     own: Option<Aligner>,
@@ -74,7 +74,7 @@ impl Device {
         Ok(Self {
             shared: Aligner::new(&model.features, align)?,
             model: Some(Running {
-                scorer: model.scorer(),
+                scorer: model.bound_scorer(),
                 model,
                 gate,
                 own: None,
@@ -136,7 +136,7 @@ impl Device {
             }
         }
         self.model = Some(Running {
-            scorer: model.scorer(),
+            scorer: model.bound_scorer(),
             model,
             gate,
             own,
@@ -203,7 +203,7 @@ impl Device {
             None => self.shared.vector(),
             Some(a) => a.vector(),
         };
-        let s = r.scorer.score(&r.model, vector);
+        let s = r.scorer.score(vector);
         let onset = r.gate.update(s.score);
         Some((s, onset, r.gate.armed()))
     }

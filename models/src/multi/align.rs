@@ -47,6 +47,22 @@ struct AlignerState {
     updated: Vec<bool>,
 }
 
+/// One slot of an [`Aligner`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Slot {
+    /// (event time, value) of the newest finite reading.
+    reading: Option<(i64, f64)>,
+    /// Updated since the last vector was released.
+    updated: bool,
+}
+
+impl Slot {
+    const EMPTY: Slot = Slot {
+        reading: None,
+        updated: false,
+    };
+}
+
 /// One device's latest reading per metric, aligned in event time. See [`Aligner::push`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "AlignerState", into = "AlignerState")]
@@ -55,12 +71,11 @@ pub struct Aligner {
     staleness_ms: i64,
     /// Fresh slots needed for a vector: ceil(min_fill · n), at least 1.
     need: usize,
-    /// Per slot: (event time, value) of the newest finite reading.
-    slots: Vec<Option<(i64, f64)>>,
+    /// Per slot: the newest finite reading and whether it came since the last vector was
+    /// released (one array, so a push touches one allocation besides the vector).
+    slots: Vec<Slot>,
     /// Event time of the last stored reading.
     now_ms: i64,
-    /// Per slot: updated since the last vector was released.
-    updated: Vec<bool>,
     /// Event time of the reading that completed the last vector (`i64::MIN`: none yet).
     last_vector_ms: i64,
     /// Slot values at `now_ms`, NaN where empty or stale.
@@ -99,9 +114,8 @@ impl Aligner {
             features: features.to_vec(),
             staleness_ms: cfg.staleness_ms,
             need,
-            slots: vec![None; n],
+            slots: vec![Slot::EMPTY; n],
             now_ms: i64::MIN,
-            updated: vec![false; n],
             last_vector_ms: i64::MIN,
             vector: vec![f64::NAN; n],
         })
@@ -124,18 +138,19 @@ impl Aligner {
         if !value.is_finite() || slot >= self.slots.len() {
             return false;
         }
-        if matches!(self.slots[slot], Some((t, _)) if t > ts_ms) {
+        if matches!(self.slots[slot].reading, Some((t, _)) if t > ts_ms) {
             return false;
         }
-        self.slots[slot] = Some((ts_ms, value));
+        let s = &mut self.slots[slot];
+        s.reading = Some((ts_ms, value));
+        let again = std::mem::replace(&mut s.updated, true);
         self.now_ms = ts_ms;
-        let again = std::mem::replace(&mut self.updated[slot], true);
         let (mut fresh, mut waiting) = (0, false);
-        for ((v, s), u) in self.vector.iter_mut().zip(&self.slots).zip(&self.updated) {
-            *v = match *s {
+        for (v, s) in self.vector.iter_mut().zip(&self.slots) {
+            *v = match s.reading {
                 Some((t, x)) if ts_ms.saturating_sub(t) <= self.staleness_ms => {
                     fresh += 1;
-                    waiting |= !u;
+                    waiting |= !s.updated;
                     x
                 }
                 _ => f64::NAN,
@@ -149,13 +164,13 @@ impl Aligner {
             // The round spans as long as the time between rounds: it started mid-round (a model
             // swapped in between two readings of a round) and holds readings of two rounds.
             // Start over from this reading, so the next round is a whole one.
-            self.updated.fill(false);
-            self.updated[slot] = true;
+            self.slots.iter_mut().for_each(|s| s.updated = false);
+            self.slots[slot].updated = true;
             return false;
         }
         let ready = fresh >= self.need && (!waiting || again);
         if ready {
-            self.updated.fill(false);
+            self.slots.iter_mut().for_each(|s| s.updated = false);
             self.last_vector_ms = ts_ms;
         }
         ready
@@ -173,8 +188,8 @@ impl Aligner {
         let mut times: Vec<i64> = self
             .slots
             .iter()
-            .flatten()
-            .map(|&(t, _)| t)
+            .filter_map(|s| s.reading)
+            .map(|(t, _)| t)
             .filter(|&t| now.saturating_sub(t) <= self.staleness_ms)
             .collect();
         // Two readings are two readings: only three or more show which gap is the round's edge.
@@ -198,8 +213,8 @@ impl Aligner {
         if gap <= 0 || gap <= rest.saturating_mul(4) {
             return false;
         }
-        for (u, s) in self.updated.iter_mut().zip(&self.slots) {
-            *u = matches!(*s, Some((t, _)) if t >= after && now.saturating_sub(t) <= self.staleness_ms);
+        for s in &mut self.slots {
+            s.updated = matches!(s.reading, Some((t, _)) if t >= after && now.saturating_sub(t) <= self.staleness_ms);
         }
         self.last_vector_ms = before;
         true
@@ -214,8 +229,8 @@ impl Aligner {
         let oldest = self
             .slots
             .iter()
-            .flatten()
-            .map(|&(t, _)| t)
+            .filter_map(|s| s.reading)
+            .map(|(t, _)| t)
             .filter(|&t| ts_ms.saturating_sub(t) <= self.staleness_ms)
             .min()
             .unwrap_or(ts_ms);
@@ -241,9 +256,9 @@ impl From<Aligner> for AlignerState {
             features: a.features,
             staleness_ms: a.staleness_ms,
             need: a.need,
-            slots: a.slots,
+            slots: a.slots.iter().map(|s| s.reading).collect(),
             now_ms: a.now_ms,
-            updated: a.updated,
+            updated: a.slots.iter().map(|s| s.updated).collect(),
         }
     }
 }
@@ -274,13 +289,18 @@ impl TryFrom<AlignerState> for Aligner {
             .collect();
         let mut updated = s.updated;
         updated.resize(n, false);
+        let slots = s
+            .slots
+            .iter()
+            .zip(updated)
+            .map(|(&reading, updated)| Slot { reading, updated })
+            .collect();
         Ok(Self {
             features: s.features,
             staleness_ms: s.staleness_ms,
             need: s.need,
-            slots: s.slots,
+            slots,
             now_ms: s.now_ms,
-            updated,
             last_vector_ms: i64::MIN,
             vector,
         })

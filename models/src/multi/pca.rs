@@ -345,35 +345,20 @@ impl PcaScorer {
     /// vector 0 instead of panicking: validate artifacts from outside before use.
     pub fn score(&mut self, model: &PcaModel, x: &[f64]) -> MultiScore {
         if !self.refresh(model) {
-            return MultiScore {
-                score: 0.0,
-                t2: 0.0,
-                spe: 0.0,
-                top: 0,
-            };
+            return MultiScore::ZERO;
         }
         let (t2, spe) = self.statistics(model, x);
         let (score, spe_decides) = self.combine(t2, spe);
-        if !spe_decides {
-            // Contribution of feature j to T²: z_j · Σ_a (t_a / λ_a) p_aj (they sum to T²),
-            // accumulated in r (the residual is no longer needed).
-            self.r.iter_mut().for_each(|r| *r = 0.0);
-            for ((p, t), l) in model.components.iter().zip(&self.t).zip(&model.eigenvalues) {
-                let w = t / l;
-                self.r.iter_mut().zip(p).for_each(|(r, pj)| *r += w * pj);
-            }
-            self.r.iter_mut().zip(&self.z).for_each(|(r, z)| *r *= z);
-        } else {
-            self.r.iter_mut().for_each(|r| *r *= *r);
-        }
-        let mut top = 0;
-        let mut best = f64::NEG_INFINITY;
-        for (j, (&c, &present)) in self.r.iter().zip(&self.present).enumerate() {
-            if present && c > best {
-                best = c;
-                top = j;
-            }
-        }
+        let components = model.components.iter().map(Vec::as_slice);
+        let top = top_feature(
+            spe_decides,
+            components,
+            &model.eigenvalues,
+            &self.z,
+            &self.present,
+            &self.t,
+            &mut self.r,
+        );
         MultiScore {
             score,
             t2,
@@ -386,10 +371,7 @@ impl PcaScorer {
     /// Returns whether the model's shapes agree (else nothing may be indexed).
     fn refresh(&mut self, model: &PcaModel) -> bool {
         let n = model.features.len();
-        let shapes_agree = model.means.len() == n
-            && model.scales.len() == n
-            && model.eigenvalues.len() == model.components.len()
-            && model.components.iter().all(|p| p.len() == n);
+        let shapes_agree = shapes_agree(model);
         if self.z.len() != n {
             self.z = vec![0.0; n];
             self.r = vec![0.0; n];
@@ -409,52 +391,25 @@ impl PcaScorer {
 
     /// T² and SPE of `x`; fills z, present, t and the residual r.
     fn statistics(&mut self, model: &PcaModel, x: &[f64]) -> (f64, f64) {
-        let columns = self.z.iter_mut().zip(self.present.iter_mut());
-        let params = model.means.iter().zip(&model.scales);
-        for (j, ((z, present), (mean, scale))) in columns.zip(params).enumerate() {
-            let v = if j < x.len() { x[j] } else { f64::NAN };
-            let zj = (v - mean) / scale;
-            *present = zj.is_finite();
-            *z = if *present {
-                zj.clamp(-Z_CLAMP, Z_CLAMP)
-            } else {
-                0.0
-            };
-        }
-        let mut t2 = 0.0;
-        for ((t, p), l) in self
-            .t
-            .iter_mut()
-            .zip(&model.components)
-            .zip(&model.eigenvalues)
-        {
-            *t = p.iter().zip(&self.z).map(|(a, b)| a * b).sum();
-            t2 += *t * *t / l;
-        }
-        // r = z − P Pᵀ z, explicitly (no cancellation as in ||z||² − ||Pᵀ z||²).
-        self.r.copy_from_slice(&self.z);
-        for (p, t) in model.components.iter().zip(&self.t) {
-            self.r.iter_mut().zip(p).for_each(|(r, pj)| *r -= t * pj);
-        }
-        let spe = self
-            .r
-            .iter()
-            .zip(&self.present)
-            .map(|(r, &present)| if present { r * r } else { 0.0 })
-            .sum();
-        (t2, spe)
+        let m = ModelNumbers {
+            means: &model.means,
+            scales: &model.scales,
+            components: model.components.iter().map(Vec::as_slice),
+            eigenvalues: &model.eigenvalues,
+        };
+        statistics(
+            &m,
+            x,
+            &mut self.z,
+            &mut self.present,
+            &mut self.t,
+            &mut self.r,
+        )
     }
 
     /// Combined score of (T², SPE), and whether SPE is the more surprising of the two.
     fn combine(&self, t2: f64, spe: f64) -> (f64, bool) {
-        // One cube root when T² decides, two when SPE does (`reaches` compares without one).
-        let zt = self.wh_t2.z(t2);
-        let spe_decides = self.wh_spe.reaches(spe, zt);
-        if self.wh_t2.is_quiet(t2) && self.wh_spe.is_quiet(spe) {
-            // Both far from their limits: the tail below gives exactly 0 (see `QUIET_Z`).
-            return (0.0, spe_decides);
-        }
-        (self.full_score(zt, spe, spe_decides), spe_decides)
+        combine(&self.wh_t2, &self.wh_spe, t2, spe)
     }
 
     /// [`PcaScorer::combine`] without the quiet early-out: what it must equal bit for bit.
@@ -466,9 +421,211 @@ impl PcaScorer {
     }
 
     /// The score from the tail probability of the deciding statistic (`zt`: T²'s z).
+    #[cfg(test)]
     fn full_score(&self, zt: f64, spe: f64, spe_decides: bool) -> f64 {
-        let l = neg_log10_tail(if spe_decides { self.wh_spe.z(spe) } else { zt });
-        surprise_score(l - std::f64::consts::LOG10_2)
+        full_score(&self.wh_spe, zt, spe, spe_decides)
+    }
+}
+
+impl MultiScore {
+    /// What a model whose shapes disagree gives every vector.
+    const ZERO: MultiScore = MultiScore {
+        score: 0.0,
+        t2: 0.0,
+        spe: 0.0,
+        top: 0,
+    };
+}
+
+/// Whether `model`'s array lengths agree with its features and components.
+fn shapes_agree(model: &PcaModel) -> bool {
+    let n = model.features.len();
+    model.means.len() == n
+        && model.scales.len() == n
+        && model.eigenvalues.len() == model.components.len()
+        && model.components.iter().all(|p| p.len() == n)
+}
+
+/// A model's numbers as slices: the model's own arrays, or a [`BoundScorer`]'s copy of them.
+struct ModelNumbers<'a, C> {
+    means: &'a [f64],
+    scales: &'a [f64],
+    /// The components, each of the features' length.
+    components: C,
+    eigenvalues: &'a [f64],
+}
+
+/// T² and SPE of `x` under `m`; fills z, present, t and the residual r (one code path for both
+/// scorers, so they agree bit for bit).
+fn statistics<'a, C: Iterator<Item = &'a [f64]> + Clone>(
+    m: &ModelNumbers<'a, C>,
+    x: &[f64],
+    z: &mut [f64],
+    present: &mut [bool],
+    t: &mut [f64],
+    r: &mut [f64],
+) -> (f64, f64) {
+    let columns = z.iter_mut().zip(present.iter_mut());
+    let params = m.means.iter().zip(m.scales);
+    for (j, ((z, present), (mean, scale))) in columns.zip(params).enumerate() {
+        let v = if j < x.len() { x[j] } else { f64::NAN };
+        let zj = (v - mean) / scale;
+        *present = zj.is_finite();
+        *z = if *present {
+            zj.clamp(-Z_CLAMP, Z_CLAMP)
+        } else {
+            0.0
+        };
+    }
+    let mut t2 = 0.0;
+    for ((t, p), l) in t.iter_mut().zip(m.components.clone()).zip(m.eigenvalues) {
+        *t = p.iter().zip(&*z).map(|(a, b)| a * b).sum();
+        t2 += *t * *t / l;
+    }
+    // r = z − P Pᵀ z, explicitly (no cancellation as in ||z||² − ||Pᵀ z||²).
+    r.copy_from_slice(z);
+    for (p, t) in m.components.clone().zip(&*t) {
+        r.iter_mut().zip(p).for_each(|(r, pj)| *r -= t * pj);
+    }
+    let spe = r
+        .iter()
+        .zip(&*present)
+        .map(|(r, &present)| if present { r * r } else { 0.0 })
+        .sum();
+    (t2, spe)
+}
+
+/// The feature contributing most to the deciding statistic (after [`statistics`]; uses r as
+/// scratch).
+fn top_feature<'a>(
+    spe_decides: bool,
+    components: impl Iterator<Item = &'a [f64]>,
+    eigenvalues: &[f64],
+    z: &[f64],
+    present: &[bool],
+    t: &[f64],
+    r: &mut [f64],
+) -> usize {
+    if !spe_decides {
+        // Contribution of feature j to T²: z_j · Σ_a (t_a / λ_a) p_aj (they sum to T²),
+        // accumulated in r (the residual is no longer needed).
+        r.iter_mut().for_each(|r| *r = 0.0);
+        for ((p, t), l) in components.zip(t).zip(eigenvalues) {
+            let w = t / l;
+            r.iter_mut().zip(p).for_each(|(r, pj)| *r += w * pj);
+        }
+        r.iter_mut().zip(z).for_each(|(r, z)| *r *= z);
+    } else {
+        r.iter_mut().for_each(|r| *r *= *r);
+    }
+    let mut top = 0;
+    let mut best = f64::NEG_INFINITY;
+    for (j, (&c, &present)) in r.iter().zip(present).enumerate() {
+        if present && c > best {
+            best = c;
+            top = j;
+        }
+    }
+    top
+}
+
+/// Combined score of (T², SPE), and whether SPE is the more surprising of the two.
+fn combine(wh_t2: &WilsonHilferty, wh_spe: &WilsonHilferty, t2: f64, spe: f64) -> (f64, bool) {
+    // One cube root when T² decides, two when SPE does (`reaches` compares without one).
+    let zt = wh_t2.z(t2);
+    let spe_decides = wh_spe.reaches(spe, zt);
+    if wh_t2.is_quiet(t2) && wh_spe.is_quiet(spe) {
+        // Both far from their limits: the tail below gives exactly 0 (see `QUIET_Z`).
+        return (0.0, spe_decides);
+    }
+    (full_score(wh_spe, zt, spe, spe_decides), spe_decides)
+}
+
+/// The score from the tail probability of the deciding statistic (`zt`: T²'s z).
+fn full_score(wh_spe: &WilsonHilferty, zt: f64, spe: f64, spe_decides: bool) -> f64 {
+    let l = neg_log10_tail(if spe_decides { wh_spe.z(spe) } else { zt });
+    surprise_score(l - std::f64::consts::LOG10_2)
+}
+
+/// A scorer bound to one model, for a hot path that scores many vectors against it: the model's
+/// numbers are copied once into one buffer beside the scratch space, so a vector touches one
+/// allocation rather than one per array and component. Its scores are [`PcaScorer::score`]'s for
+/// the same model, bit for bit (one code path). Build it again when the model changes.
+#[derive(Debug, Clone)]
+pub struct BoundScorer {
+    n: usize,
+    k: usize,
+    /// means (n) | scales (n) | components (k rows of n) | eigenvalues (k) | z (n) | r (n) | t (k).
+    data: Box<[f64]>,
+    present: Box<[bool]>,
+    wh_t2: WilsonHilferty,
+    wh_spe: WilsonHilferty,
+    /// The model's shapes agreed (else every vector scores 0, as with [`PcaScorer`]).
+    valid: bool,
+}
+
+impl PcaModel {
+    /// A [`BoundScorer`] for this model.
+    pub fn bound_scorer(&self) -> BoundScorer {
+        let valid = shapes_agree(self);
+        let (n, k) = if valid {
+            (self.features.len(), self.components.len())
+        } else {
+            (0, 0)
+        };
+        let mut data = Vec::with_capacity(5 * n + k * n + 2 * k);
+        if valid {
+            data.extend_from_slice(&self.means);
+            data.extend_from_slice(&self.scales);
+            self.components
+                .iter()
+                .for_each(|p| data.extend_from_slice(p));
+            data.extend_from_slice(&self.eigenvalues);
+        }
+        data.resize(5 * n + k * n + 2 * k, 0.0);
+        BoundScorer {
+            n,
+            k,
+            data: data.into_boxed_slice(),
+            present: vec![false; n].into_boxed_slice(),
+            wh_t2: self.t2.wilson_hilferty(),
+            wh_spe: self.spe.wilson_hilferty(),
+            valid,
+        }
+    }
+}
+
+impl BoundScorer {
+    /// Scores one vector (laid out as the model's features): [`PcaScorer::score`] with the model
+    /// this scorer was bound to. Allocates nothing.
+    pub fn score(&mut self, x: &[f64]) -> MultiScore {
+        if !self.valid {
+            return MultiScore::ZERO;
+        }
+        let (n, k) = (self.n, self.k);
+        let (model, scratch) = self.data.split_at_mut(2 * n + k * n + k);
+        let (means, rest) = model.split_at(n);
+        let (scales, rest) = rest.split_at(n);
+        let (components, eigenvalues) = rest.split_at(k * n);
+        let (z, scratch) = scratch.split_at_mut(n);
+        let (r, t) = scratch.split_at_mut(n);
+        // n > 0 for a valid model (features are never empty once validated; chunks need n ≥ 1).
+        let rows = components.chunks_exact(n.max(1));
+        let m = ModelNumbers {
+            means,
+            scales,
+            components: rows.clone(),
+            eigenvalues,
+        };
+        let (t2, spe) = statistics(&m, x, z, &mut self.present, t, r);
+        let (score, spe_decides) = combine(&self.wh_t2, &self.wh_spe, t2, spe);
+        let top = top_feature(spe_decides, rows, eigenvalues, z, &self.present, t, r);
+        MultiScore {
+            score,
+            t2,
+            spe,
+            top,
+        }
     }
 }
 

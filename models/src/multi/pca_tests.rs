@@ -519,3 +519,55 @@ fn every_z_below_the_quiet_bound_scores_zero() {
     assert_eq!(score(-1e-6), 0.0);
     assert!(score(1e-3) > 0.0);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// A bound scorer gives what `PcaScorer::score` gives for its model, bit for bit: normal
+    /// vectors, far-off ones, missing (NaN) slots and short vectors, on models of 2 to 6 features.
+    #[test]
+    fn a_bound_scorer_scores_exactly_as_the_scorer_does(
+        seed in 0u64..1000,
+        features in 2usize..7,
+        vectors in prop::collection::vec(
+            prop::collection::vec(prop_oneof![
+                4 => -3.0f64..3.0,
+                1 => -200.0f64..200.0,
+                1 => Just(f64::NAN),
+            ], 0..8),
+            1..20,
+        ),
+    ) {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let names: Vec<String> = (0..features).map(|j| format!("m{j}")).collect();
+        let mut rows = Vec::new();
+        for _ in 0..300 {
+            let load = gauss(&mut rng);
+            for j in 0..features {
+                rows.push(j as f64 + (1.0 + j as f64) * load + 0.3 * gauss(&mut rng));
+            }
+        }
+        let m = PcaModel::fit("d", names, &rows, 0, 1, &FitOptions::default()).unwrap();
+        let (mut s, mut b) = (m.scorer(), m.bound_scorer());
+        for v in &vectors {
+            // Vectors around the training data: load-driven, plus the drawn offsets.
+            let x: Vec<f64> = v.iter().enumerate().map(|(j, d)| j as f64 + d).collect();
+            let (a, c) = (s.score(&m, &x), b.score(&x));
+            prop_assert_eq!(a.score.to_bits(), c.score.to_bits());
+            prop_assert_eq!(a.t2.to_bits(), c.t2.to_bits());
+            prop_assert_eq!(a.spe.to_bits(), c.spe.to_bits());
+            prop_assert_eq!(a.top, c.top);
+        }
+    }
+}
+
+/// A model whose shapes disagree scores 0 through a bound scorer too, without panicking.
+#[test]
+fn a_bound_scorer_of_a_malformed_model_scores_zero() {
+    let mut m = pump_model();
+    m.means.pop();
+    let mut b = m.bound_scorer();
+    let r = b.score(&[1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(r, m.scorer().score(&m, &[1.0, 2.0, 3.0, 4.0]));
+    assert_eq!(r.score, 0.0);
+}
