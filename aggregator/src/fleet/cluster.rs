@@ -60,6 +60,11 @@ pub(crate) struct PeerRecord {
     pub excluded: usize,
     /// Per-metric median of the training profiles.
     pub medians: Vec<f64>,
+    /// Per-metric median of the whole class's profiles now (rewritten every tick by the
+    /// trainer): minus `medians`, the class's movement since the fit, taken out before scoring.
+    pub now_medians: Vec<f64>,
+    /// Event time of the newest profile behind `now_medians` (ms).
+    pub now_at_ms: i64,
 }
 
 /// The key of `class` in the peers bucket.
@@ -90,17 +95,22 @@ impl PeerRecord {
                 r.model.features, r.class.metrics
             ));
         }
-        if r.medians.len() != r.class.metrics.len() {
-            return Err(format!(
-                "{} medians for {} metrics",
-                r.medians.len(),
-                r.class.metrics.len()
-            ));
+        let n = r.class.metrics.len();
+        for (what, v) in [("medians", &r.medians), ("now_medians", &r.now_medians)] {
+            if v.len() != n || v.iter().any(|x| !x.is_finite()) {
+                return Err(format!("{what}: need {n} finite values, got {v:?}"));
+            }
         }
         Ok(r)
     }
 
     fn into_class_model(self) -> (ClassKey, ClassModel) {
+        let shift = self
+            .now_medians
+            .iter()
+            .zip(&self.medians)
+            .map(|(a, b)| a - b)
+            .collect();
         (
             self.class,
             ClassModel {
@@ -110,6 +120,7 @@ impl PeerRecord {
                 excluded: self.excluded,
                 medians: self.medians,
                 trainer: Some((self.trainer, self.epoch)),
+                shift: Some(shift),
             },
         )
     }
@@ -145,6 +156,25 @@ impl PeerBuckets {
     }
 }
 
+/// `f`, failed when it takes longer than `timeout`.
+async fn timed<T>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// What the trainer writes to a class record.
+enum Update<'a> {
+    /// A new fit: the next version.
+    Fit(&'a TrainingSet, PeerModel),
+    /// Where the class stands now (the record's model kept); skipped when there is no record.
+    Medians(Vec<f64>, i64),
+}
+
 /// What became of one compare-and-set write of a class record.
 enum Written {
     Ok(u64),
@@ -165,6 +195,12 @@ struct Sync {
     /// An epoch found fenced: no more fits under it.
     fenced: Option<u64>,
     pruned: Instant,
+    /// The trainer's view of every member's profiles, under its epoch: read in full at each
+    /// fit, kept current in between by a watch of the profiles bucket.
+    pool: Option<(u64, Pool)>,
+    watch: Option<kv::Watch>,
+    /// The class medians last written, so unchanged ones are not rewritten.
+    written: HashMap<ClassKey, Vec<f64>>,
 }
 
 /// Runs the member's side until `cancel`, every `tick`: writes the profiles changed since the last
@@ -190,6 +226,9 @@ pub(crate) async fn sync_loop(
         fitted: None,
         fenced: None,
         pruned: Instant::now(),
+        pool: None,
+        watch: None,
+        written: HashMap::new(),
     };
     let mut timer = tokio::time::interval(tick);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -201,15 +240,23 @@ pub(crate) async fn sync_loop(
         s.upload().await;
         let epoch = *role.borrow();
         s.fleet().set_trainer_epoch(epoch.unwrap_or(0));
-        if let Some(e) = epoch {
-            let refit = Duration::from_millis(s.shared.cfg.fleet.refit_interval_ms);
-            let due = match s.fitted {
-                Some((fe, at)) => fe != e || at.elapsed() >= refit,
-                None => true,
-            };
-            if due && s.fenced != Some(e) {
-                s.fitted = Some((e, Instant::now()));
-                s.train(e).await;
+        match epoch {
+            Some(e) if s.fenced != Some(e) => {
+                let refit = Duration::from_millis(s.shared.cfg.fleet.refit_interval_ms);
+                let due = match s.fitted {
+                    Some((fe, at)) => fe != e || at.elapsed() >= refit,
+                    None => true,
+                };
+                if due {
+                    s.fitted = Some((e, Instant::now()));
+                    s.train(e).await;
+                } else {
+                    s.follow(e).await;
+                }
+            }
+            _ => {
+                s.pool = None;
+                s.watch = None;
             }
         }
         s.adopt().await;
@@ -227,16 +274,6 @@ impl Sync {
 
     fn id(&self) -> &str {
         &self.shared.cfg.id
-    }
-
-    async fn timed<T>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, String>>,
-    ) -> Result<T, String> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
-        }
     }
 
     fn warn(&mut self, kind: &'static str, error: &str, what: &str) {
@@ -307,7 +344,8 @@ impl Sync {
         };
         let sets = pool.training_sets();
         let read = pool.len();
-        drop(pool);
+        self.pool = Some((epoch, pool));
+        self.start_watch().await;
         let opts = self.fleet().peer_options();
         if sets.is_empty() {
             tracing::debug!(aggregator = %self.id(), profiles = read, refused, "no class ready for a peer model fit");
@@ -336,7 +374,16 @@ impl Sync {
                     continue;
                 }
             };
-            match self.write(epoch, &set, model).await {
+            match write_record(
+                self.kv.peers.clone(),
+                self.shared.cfg.id.clone(),
+                self.timeout,
+                epoch,
+                &set.class,
+                Update::Fit(&set, model),
+            )
+            .await
+            {
                 Ok(Written::Ok(version)) => {
                     self.fleet().count_fit();
                     tracing::info!(aggregator = %self.id(), epoch, class = %set.class.name().escape_debug(), version,
@@ -344,9 +391,7 @@ impl Sync {
                         fit_ms = started.elapsed().as_millis() as u64, "peer model fitted from the fleet's profiles");
                 }
                 Ok(Written::Fenced(theirs)) => {
-                    self.fenced = Some(epoch);
-                    tracing::warn!(aggregator = %self.id(), epoch, theirs, class = %set.class.name().escape_debug(),
-                        "a newer trainer wrote the class's peer model: this member no longer fits peer models under its epoch");
+                    self.fenced(epoch, theirs, &set.class);
                     return;
                 }
                 Err(e) => {
@@ -365,9 +410,10 @@ impl Sync {
     /// refused (counted and logged at a bounded rate).
     async fn gather(&mut self) -> Result<(Pool, u64), String> {
         let store = self.kv.profiles.clone();
-        let mut keys = self
-            .timed(async { list_keys(&store).await.map_err(|e| e.to_string()) })
-            .await?;
+        let mut keys = timed(self.timeout, async {
+            list_keys(&store).await.map_err(|e| e.to_string())
+        })
+        .await?;
         let cfg = self.shared.cfg.fleet.clone();
         let mut refused = 0u64;
         if keys.len() > cfg.max_devices {
@@ -425,76 +471,131 @@ impl Sync {
         Ok((pool, refused))
     }
 
-    /// Writes `set`'s model by compare-and-set under `epoch`, its version one above the stored one.
-    async fn write(
-        &self,
-        epoch: u64,
-        set: &TrainingSet,
-        mut model: PeerModel,
-    ) -> Result<Written, String> {
-        let store = self.kv.peers.clone();
-        let key = class_key(&set.class);
-        let n = set.class.metrics.len();
-        let medians: Vec<f64> = (0..n)
-            .map(|j| {
-                let mut col: Vec<f64> = set.rows.chunks_exact(n).map(|r| r[j]).collect();
-                super::robust::median(&mut col)
-            })
-            .collect();
-        let trainer = self.shared.cfg.id.clone();
-        self.timed(async move {
-            for _ in 0..3 {
-                let current = live_entry(&store, &key).await.map_err(|e| e.to_string())?;
-                let (theirs, version) = current
-                    .as_ref()
-                    .and_then(|c| serde_json::from_slice::<PeerRecord>(&c.value).ok())
-                    .map_or((0, 0), |r| (r.epoch, r.model.version));
-                if theirs > epoch {
-                    return Ok(Written::Fenced(theirs));
-                }
-                model.version = version.saturating_add(1);
-                let record = PeerRecord {
-                    epoch,
-                    trainer: trainer.clone(),
-                    fitted_at_ms: super::run::now_ms(),
-                    class: set.class.clone(),
-                    model: model.clone(),
-                    trained: set.devices(),
-                    excluded: set.excluded,
-                    medians: medians.clone(),
-                };
-                let v = Bytes::from(serde_json::to_vec(&record).map_err(|e| e.to_string())?);
-                let written = match &current {
-                    Some(c) => store.update(&key, v, c.revision).await.map_err(|e| {
-                        (
-                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                            e.to_string(),
-                        )
-                    }),
-                    None => store.create(&key, v).await.map_err(|e| {
-                        (
-                            e.kind() == kv::CreateErrorKind::AlreadyExists,
-                            e.to_string(),
-                        )
-                    }),
-                };
-                match written {
-                    Ok(_) => return Ok(Written::Ok(model.version)),
-                    Err((true, _)) => continue, // written in between: look again
-                    Err((false, e)) => return Err(format!("write {key}: {e}")),
-                }
-            }
-            Err(format!("write {key}: conflicted 3 times"))
+    fn fenced(&mut self, epoch: u64, theirs: u64, class: &ClassKey) {
+        self.fenced = Some(epoch);
+        self.pool = None;
+        self.watch = None;
+        tracing::warn!(aggregator = %self.id(), epoch, theirs, class = %class.name().escape_debug(),
+            "a newer trainer wrote the class's peer model: this member writes no more peer models under its epoch");
+    }
+
+    /// Starts watching the profiles bucket (its current values first, then every write).
+    async fn start_watch(&mut self) {
+        let store = self.kv.profiles.clone();
+        match timed(self.timeout, async {
+            store
+                .watch_with_history(">")
+                .await
+                .map_err(|e| e.to_string())
         })
         .await
+        {
+            Ok(w) => self.watch = Some(w),
+            Err(e) => {
+                self.watch = None;
+                self.fleet().count_store_errors(1);
+                self.warn(
+                    "profile_watch",
+                    &e,
+                    "cannot watch the fleet's profiles; the next tick retries",
+                );
+            }
+        }
+    }
+
+    /// Between fits: takes the profiles written since the last tick into the pool and writes
+    /// where each class stands now.
+    async fn follow(&mut self, epoch: u64) {
+        if self.pool.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            // Not gathered under this epoch (the last fit's read failed): the next fit reads.
+            return;
+        }
+        if self.watch.is_none() {
+            self.start_watch().await;
+        }
+        let mut refused = 0u64;
+        let mut bad = None;
+        if let (Some(w), Some((_, pool))) = (self.watch.as_mut(), self.pool.as_mut()) {
+            // Bounded per tick: a flood of writes is taken over several ticks.
+            for _ in 0..self.shared.cfg.fleet.max_devices.max(1) {
+                let Some(item) = futures_util::FutureExt::now_or_never(w.next()) else {
+                    break;
+                };
+                let entry = match item {
+                    Some(Ok(e)) => e,
+                    // Ended or failed (a NATS node went away): watched again next tick.
+                    Some(Err(_)) | None => {
+                        self.watch = None;
+                        break;
+                    }
+                };
+                if entry.operation != kv::Operation::Put {
+                    pool.remove(&entry.key);
+                    continue;
+                }
+                let result = match unhex(&entry.key) {
+                    Some(device) => pool.insert(&device, &entry.value),
+                    None => Err((
+                        Refused::Invalid,
+                        "key is not a hex-encoded device id".into(),
+                    )),
+                };
+                if let Err((_, why)) = result {
+                    refused += 1;
+                    bad.get_or_insert_with(|| format!("profile key {}: {why}", entry.key));
+                }
+            }
+        }
+        if refused > 0 {
+            self.fleet().count_profiles_refused(refused);
+        }
+        if let Some(e) = bad {
+            self.warn("profile_refused", &e, "fleet profile records refused");
+        }
+        let Some((_, pool)) = self.pool.as_ref() else {
+            return;
+        };
+        let now = pool.class_medians();
+        for (class, (medians, at_ms)) in now {
+            if self.written.get(&class) == Some(&medians) {
+                continue;
+            }
+            match write_record(
+                self.kv.peers.clone(),
+                self.shared.cfg.id.clone(),
+                self.timeout,
+                epoch,
+                &class,
+                Update::Medians(medians.clone(), at_ms),
+            )
+            .await
+            {
+                Ok(Written::Ok(_)) => {
+                    self.written.insert(class, medians);
+                }
+                Ok(Written::Fenced(theirs)) => {
+                    self.fenced(epoch, theirs, &class);
+                    return;
+                }
+                Err(e) => {
+                    self.fleet().count_store_errors(1);
+                    self.warn(
+                        "peer_write",
+                        &e,
+                        "class medians write failed; the next tick retries",
+                    );
+                }
+            }
+        }
     }
 
     /// Adopts every class record of the peers bucket written since the last look.
     async fn adopt(&mut self) {
         let store = self.kv.peers.clone();
-        let keys = match self
-            .timed(async { list_keys(&store).await.map_err(|e| e.to_string()) })
-            .await
+        let keys = match timed(self.timeout, async {
+            list_keys(&store).await.map_err(|e| e.to_string())
+        })
+        .await
         {
             Ok(k) => k,
             Err(e) => {
@@ -514,9 +615,10 @@ impl Sync {
         }
         let mut events = Vec::new();
         for key in keys.into_iter().take(MAX_CLASSES) {
-            let entry = match self
-                .timed(async { live_entry(&store, &key).await.map_err(|e| e.to_string()) })
-                .await
+            let entry = match timed(self.timeout, async {
+                live_entry(&store, &key).await.map_err(|e| e.to_string())
+            })
+            .await
             {
                 Ok(Some(e)) => e,
                 Ok(None) => continue,
@@ -561,6 +663,92 @@ impl Sync {
     }
 }
 
+/// Writes a class record to `store` by compare-and-set under `epoch`: a fit as the next version,
+/// or the class's medians now into the stored record. `Fenced` when a newer trainer wrote it.
+async fn write_record(
+    store: kv::Store,
+    trainer: String,
+    timeout: Duration,
+    epoch: u64,
+    class: &ClassKey,
+    update: Update<'_>,
+) -> Result<Written, String> {
+    let key = class_key(class);
+    {
+        timed(timeout, async move {
+            for _ in 0..3 {
+                let current = live_entry(&store, &key).await.map_err(|e| e.to_string())?;
+                let stored = current
+                    .as_ref()
+                    .and_then(|c| serde_json::from_slice::<PeerRecord>(&c.value).ok());
+                let theirs = stored.as_ref().map_or(0, |r| r.epoch);
+                if theirs > epoch {
+                    return Ok(Written::Fenced(theirs));
+                }
+                let record = match (&update, stored) {
+                    (Update::Fit(set, model), stored) => {
+                        let n = set.class.metrics.len();
+                        let medians: Vec<f64> = (0..n)
+                            .map(|j| {
+                                let mut col: Vec<f64> =
+                                    set.rows.chunks_exact(n).map(|r| r[j]).collect();
+                                super::robust::median(&mut col)
+                            })
+                            .collect();
+                        let mut model = model.clone();
+                        model.version = stored.map_or(0, |r| r.model.version).saturating_add(1);
+                        PeerRecord {
+                            epoch,
+                            trainer: trainer.clone(),
+                            fitted_at_ms: super::run::now_ms(),
+                            class: set.class.clone(),
+                            model,
+                            trained: set.devices(),
+                            excluded: set.excluded,
+                            now_medians: medians.clone(),
+                            medians,
+                            now_at_ms: set.to_ms,
+                        }
+                    }
+                    (Update::Medians(..), None) => return Ok(Written::Ok(0)),
+                    (Update::Medians(now, at_ms), Some(mut r)) => {
+                        if now.len() != r.medians.len() || now.iter().any(|v| !v.is_finite()) {
+                            return Ok(Written::Ok(r.model.version));
+                        }
+                        r.epoch = epoch;
+                        r.now_medians = now.clone();
+                        r.now_at_ms = *at_ms;
+                        r
+                    }
+                };
+                let version = record.model.version;
+                let v = Bytes::from(serde_json::to_vec(&record).map_err(|e| e.to_string())?);
+                let written = match &current {
+                    Some(c) => store.update(&key, v, c.revision).await.map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            e.to_string(),
+                        )
+                    }),
+                    None => store.create(&key, v).await.map_err(|e| {
+                        (
+                            e.kind() == kv::CreateErrorKind::AlreadyExists,
+                            e.to_string(),
+                        )
+                    }),
+                };
+                match written {
+                    Ok(_) => return Ok(Written::Ok(version)),
+                    Err((true, _)) => continue, // written in between: look again
+                    Err((false, e)) => return Err(format!("write {key}: {e}")),
+                }
+            }
+            Err(format!("write {key}: conflicted 3 times"))
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,6 +771,8 @@ mod tests {
             trained: 6,
             excluded: 0,
             medians: vec![5.0, 20.0],
+            now_medians: vec![5.5, 20.0],
+            now_at_ms: 0,
         };
         (class_key(&class), r)
     }
@@ -614,6 +804,14 @@ mod tests {
         bad.medians.pop();
         let e = PeerRecord::parse(&key, &serde_json::to_vec(&bad).unwrap()).unwrap_err();
         assert!(e.contains("medians"), "{e}");
+        let mut bad = r.clone();
+        bad.now_medians.push(1.0);
+        let e = PeerRecord::parse(&key, &serde_json::to_vec(&bad).unwrap()).unwrap_err();
+        assert!(e.contains("now_medians"), "{e}");
+        // The class's movement since the fit is what members take out.
+        let (_, cm) = back.into_class_model();
+        assert_eq!(cm.shift, Some(vec![0.5, 0.0]));
+        assert_eq!(cm.trainer, Some(("agg-2".into(), 7)));
         assert!(PeerRecord::parse(&key, b"{").is_err());
         assert!(PeerRecord::parse(&key, &vec![b' '; MAX_PEER_RECORD_BYTES + 1]).is_err());
     }

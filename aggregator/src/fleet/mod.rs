@@ -140,12 +140,13 @@ pub(crate) struct ClassModel {
     pub trained: usize,
     /// Complete profiles of the class left out of the fit.
     pub excluded: usize,
-    /// Per-metric median of the training profiles: where the class stood at the fit. In cluster
-    /// mode, where this member's own devices stood when the model was adopted (the baseline of
-    /// the class's movement), NaN when it holds too few of them to say (then no shift).
+    /// Per-metric median of the training profiles: where the class stood at the fit.
     pub medians: Vec<f64>,
-    /// Cluster mode: the member that fitted it and the trainer epoch it was written under.
+    /// Cluster mode: the member that fitted it and the trainer epoch it was last written under.
     pub trainer: Option<(String, u64)>,
+    /// Cluster mode: how far the whole class's median profile has moved since the fit, as the
+    /// trainer last measured it over every member's profiles (a member alone sees too few).
+    pub shift: Option<Vec<f64>>,
 }
 
 /// The profiles of one class ready for a fit (see [`Profiles::training_sets`]).
@@ -313,8 +314,14 @@ impl Profiles {
             .map(|m| m.value_at(at_ms))
             .collect::<Option<_>>()?;
         let class = dev.class();
-        let fit_medians = self.models.get(&class)?.medians.clone();
-        let shift = self.shift(&class, &fit_medians, at_ms);
+        let cm = self.models.get(&class)?;
+        let shift = match &cm.shift {
+            Some(s) => s.clone(),
+            None => {
+                let fit_medians = cm.medians.clone();
+                self.shift(&class, &fit_medians, at_ms)
+            }
+        };
         let model = self.models.get(&class)?;
         let dev = self.devices.get_mut(&s.device)?;
         score_device(&s.device, dev, &profile, model, &shift, &self.agent)
@@ -437,30 +444,19 @@ impl Profiles {
         out
     }
 
-    /// Cluster mode: adopts a class model the trainer fitted (its version kept), unless the one
-    /// in use is the same version; scores this member's devices of the class against it. The
-    /// baseline of the class's movement is where this member's own devices of the class stand
-    /// now, when it holds at least `min_devices` of them; with fewer its median says more about
-    /// those few devices than about the class, so they are scored without a shift.
-    pub(crate) fn adopt(&mut self, class: &ClassKey, mut cm: ClassModel) -> Vec<FleetEvent> {
-        if self
-            .models
-            .get(class)
-            .is_some_and(|m| m.model.version == cm.model.version && m.trainer == cm.trainer)
-        {
-            return Vec::new();
+    /// Cluster mode: adopts a class model the trainer fitted (its version kept) and scores this
+    /// member's devices of the class against it; the same model again only takes its newer
+    /// `shift` (the class's movement since the fit, measured by the trainer over the whole fleet).
+    pub(crate) fn adopt(&mut self, class: &ClassKey, cm: ClassModel) -> Vec<FleetEvent> {
+        if let Some(m) = self.models.get_mut(class) {
+            if m.model == cm.model {
+                m.shift = cm.shift;
+                m.trainer = cm.trainer;
+                return Vec::new();
+            }
         }
-        let local = self
-            .devices
-            .values()
-            .filter(|d| d.complete(self.cfg.min_windows) && d.in_class(class))
-            .count();
-        cm.medians = if local >= self.cfg.min_devices.max(3) {
-            self.medians_at(class, None)
-        } else {
-            vec![f64::NAN; class.metrics.len()]
-        };
-        let shift = vec![0.0; class.metrics.len()];
+        let n = class.metrics.len();
+        let shift = cm.shift.clone().unwrap_or_else(|| vec![0.0; n]);
         let mut events = Vec::new();
         for (id, dev) in self.devices.iter_mut() {
             if dev.complete(self.cfg.min_windows) && dev.in_class(class) {
@@ -500,6 +496,7 @@ impl Profiles {
             excluded: set.excluded,
             medians,
             trainer: None,
+            shift: None,
         };
         // Against the whole class's medians now (the excluded devices included).
         let now = self.medians_at(&set.class, None);

@@ -133,10 +133,34 @@ impl Pool {
         Ok(())
     }
 
-    /// The classes ready for a fit, as in static mode: complete profiles (`min_windows`) not
-    /// silent for two profile windows of event time behind the median device, grouped by metric
-    /// set and the trainer's own `fleet.groups` label of the device (a record cannot choose it).
-    pub(crate) fn training_sets(&self) -> Vec<TrainingSet> {
+    /// Forgets a device's record (deleted or purged from the bucket).
+    pub(crate) fn remove(&mut self, key: &str) {
+        self.records.remove(key);
+    }
+
+    /// Every class's per-metric median over its complete, not silent profiles (those outside
+    /// their group included, as in static mode): where the class stands now, and the event time
+    /// of its newest profile. The members take the class's movement since the fit out of their
+    /// devices' profiles with it.
+    pub(crate) fn class_medians(&self) -> BTreeMap<ClassKey, (Vec<f64>, i64)> {
+        self.classes()
+            .into_iter()
+            .map(|(class, members)| {
+                let n = class.metrics.len();
+                let medians = (0..n)
+                    .map(|j| {
+                        let mut col: Vec<f64> = members.iter().map(|c| c.values[j]).collect();
+                        super::robust::median(&mut col)
+                    })
+                    .collect();
+                let at = members.iter().map(|c| c.end_ms).max().unwrap_or(0);
+                (class, (medians, at))
+            })
+            .collect()
+    }
+
+    /// The complete, not silent profiles by class.
+    fn classes(&self) -> BTreeMap<ClassKey, Vec<Candidate>> {
         let mut ends: Vec<i64> = self.records.values().map(|r| r.end_ms).collect();
         let stale = super::stale_before(&mut ends, self.cfg.profile_window_ms);
         let mut classes: BTreeMap<ClassKey, Vec<Candidate>> = BTreeMap::new();
@@ -154,7 +178,14 @@ impl Pool {
                 end_ms: r.end_ms,
             });
         }
-        training_sets_of(classes, self.cfg.min_devices)
+        classes
+    }
+
+    /// The classes ready for a fit, as in static mode: complete profiles (`min_windows`) not
+    /// silent for two profile windows of event time behind the median device, grouped by metric
+    /// set and the trainer's own `fleet.groups` label of the device (a record cannot choose it).
+    pub(crate) fn training_sets(&self) -> Vec<TrainingSet> {
+        training_sets_of(self.classes(), self.cfg.min_devices)
     }
 }
 

@@ -434,3 +434,132 @@ fn a_device_that_comes_back_and_leaves_again_raises_a_second_event() {
     assert!((30..50).contains(&at[0].1) && at[1].1 >= 90, "{at:?}");
     assert_ne!(events[0].1.id, events[1].1.id);
 }
+
+/// Cluster mode, without the KV: three members each profile a third of the fleet and export
+/// their profiles (as JSON, as the bucket holds them) every window; one pool (the trainer's) fits
+/// the class model from all of them and measures where the class stands every window; every member
+/// adopts both, and the drifting device raises its event at its own member only, while the
+/// fleet-wide load cycle raises none.
+#[test]
+fn members_profiles_make_one_fleet_model_and_the_owner_of_a_drifter_raises_the_event() {
+    struct Fleet {
+        members: Vec<Profiles>,
+        pool: pool::Pool,
+        model: Option<(ClassKey, ClassModel)>,
+        events: Vec<(usize, FleetEvent)>,
+    }
+    impl Fleet {
+        /// One window of every device, then a trainer tick: profiles exported to the pool, the
+        /// class medians taken to every member with the model in use.
+        fn window(&mut self, i: i64, drift: f64) {
+            for d in 0..8 {
+                for (j, m) in METRICS.iter().enumerate() {
+                    let extra = if d == 0 && j == 1 { drift } else { 0.0 };
+                    let mean = BASE[j] * (1.0 + 0.01 * wobble(d, j, i)) + extra;
+                    let w = window(&format!("pump-{d}"), m, i, mean);
+                    let e = self.members[d % 3].observe(7, &w);
+                    self.events.extend(e.map(|e| (d % 3, e)));
+                }
+            }
+            self.export();
+            if let Some((class, mut cm)) = self.model.clone() {
+                let (now, _) = &self.pool.class_medians()[&class];
+                cm.shift = Some(now.iter().zip(&cm.medians).map(|(a, b)| a - b).collect());
+                self.adopt(&class, cm);
+            }
+        }
+
+        fn export(&mut self) {
+            for (m, p) in self.members.iter_mut().enumerate() {
+                for r in p.export(&format!("agg-{m}")) {
+                    let bytes = serde_json::to_vec(&r).unwrap();
+                    self.pool.insert(&r.device, &bytes).unwrap();
+                }
+            }
+        }
+
+        fn adopt(&mut self, class: &ClassKey, cm: ClassModel) {
+            for (m, p) in self.members.iter_mut().enumerate() {
+                let e = p.adopt(class, cm.clone());
+                self.events.extend(e.into_iter().map(|e| (m, e)));
+            }
+        }
+
+        /// The trainer's fit: version `version`, from the pool.
+        fn fit(&mut self, version: u64) -> usize {
+            let sets = self.pool.training_sets();
+            assert_eq!(sets.len(), 1);
+            let set = &sets[0];
+            let mut model = set.fit(&PeerOptions::default()).unwrap();
+            model.version = version;
+            let n = set.class.metrics.len();
+            let medians = (0..n)
+                .map(|j| {
+                    let mut col: Vec<f64> = set.rows.chunks_exact(n).map(|r| r[j]).collect();
+                    robust::median(&mut col)
+                })
+                .collect();
+            let cm = ClassModel {
+                model,
+                fitted_at_ms: 1,
+                trained: set.devices(),
+                excluded: set.excluded,
+                medians,
+                trainer: Some(("agg-1".into(), 9)),
+                shift: Some(vec![0.0; n]),
+            };
+            self.model = Some((set.class.clone(), cm.clone()));
+            self.adopt(&set.class, cm.clone());
+            // The same model again changes nothing.
+            let before = self.events.len();
+            self.adopt(&set.class, cm);
+            assert_eq!(self.events.len(), before);
+            set.devices() + set.excluded
+        }
+    }
+    let mut f = Fleet {
+        members: (0..3)
+            .map(|m| Profiles::new(&cfg(), &format!("agg-{m}")).unwrap())
+            .collect(),
+        pool: pool::Pool::new(&cfg()),
+        model: None,
+        events: Vec::new(),
+    };
+    for i in 0..30 {
+        f.window(i, 0.0);
+    }
+    assert_eq!(f.fit(1), 8, "the model saw every member's devices");
+    assert!(f.events.is_empty(), "identical devices: {:?}", f.events);
+    // Exported once per window: nothing new to write without a new window.
+    assert!(f.members.iter_mut().all(|p| p.export("x").is_empty()));
+    for p in &f.members {
+        let c = &p.classes()[0];
+        let m = c.model.as_ref().unwrap();
+        assert_eq!(
+            (m.model.version, m.trainer.clone()),
+            (1, Some(("agg-1".into(), 9)))
+        );
+        assert!(
+            (2..=3).contains(&c.standings.len()),
+            "this member's devices only"
+        );
+    }
+    // Device 0's flow drifts by 0.1 per window from window 30; refits every 10 windows.
+    for k in 0..6 {
+        for i in 30 + 10 * k..40 + 10 * k {
+            f.window(i, 0.1 * (i - 30) as f64);
+        }
+        f.fit(2 + k as u64);
+    }
+    assert_eq!(f.events.len(), 1, "one event, by the owner: {:?}", f.events);
+    let (m, (_, e)) = &f.events[0];
+    assert_eq!(
+        (*m, e.device.as_str(), e.metric.as_str()),
+        (0, "pump-0", "flow")
+    );
+    assert_eq!(e.agent, "agg-0");
+    assert_eq!(f.members[0].classes()[0].outside[0].0, "pump-0");
+    // The refits leave it out of the model (excluded, still counted in the class).
+    let sets = f.pool.training_sets();
+    assert_eq!((sets[0].devices(), sets[0].excluded), (7, 1));
+}
