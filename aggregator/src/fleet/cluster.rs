@@ -120,7 +120,7 @@ impl PeerRecord {
                 excluded: self.excluded,
                 medians: self.medians,
                 trainer: Some((self.trainer, self.epoch)),
-                shift: Some(shift),
+                shift: Some((shift, self.now_at_ms)),
             },
         )
     }
@@ -200,7 +200,7 @@ struct Sync {
     pool: Option<(u64, Pool)>,
     watch: Option<kv::Watch>,
     /// The class medians last written, so unchanged ones are not rewritten.
-    written: HashMap<ClassKey, Vec<f64>>,
+    written: HashMap<ClassKey, (Vec<f64>, i64)>,
 }
 
 /// Runs the member's side until `cancel`, every `tick`: writes the profiles changed since the last
@@ -557,7 +557,11 @@ impl Sync {
         };
         let now = pool.class_medians();
         for (class, (medians, at_ms)) in now {
-            if self.written.get(&class) == Some(&medians) {
+            if self
+                .written
+                .get(&class)
+                .is_some_and(|(m, t)| *m == medians && *t == at_ms)
+            {
                 continue;
             }
             match write_record(
@@ -571,7 +575,7 @@ impl Sync {
             .await
             {
                 Ok(Written::Ok(_)) => {
-                    self.written.insert(class, medians);
+                    self.written.insert(class, (medians, at_ms));
                 }
                 Ok(Written::Fenced(theirs)) => {
                     self.fenced(epoch, theirs, &class);
@@ -810,7 +814,7 @@ mod tests {
         assert!(e.contains("now_medians"), "{e}");
         // The class's movement since the fit is what members take out.
         let (_, cm) = back.into_class_model();
-        assert_eq!(cm.shift, Some(vec![0.5, 0.0]));
+        assert_eq!(cm.shift, Some((vec![0.5, 0.0], 0)));
         assert_eq!(cm.trainer, Some(("agg-2".into(), 7)));
         assert!(PeerRecord::parse(&key, b"{").is_err());
         assert!(PeerRecord::parse(&key, &vec![b' '; MAX_PEER_RECORD_BYTES + 1]).is_err());

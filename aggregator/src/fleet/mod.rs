@@ -145,8 +145,9 @@ pub(crate) struct ClassModel {
     /// Cluster mode: the member that fitted it and the trainer epoch it was last written under.
     pub trainer: Option<(String, u64)>,
     /// Cluster mode: how far the whole class's median profile has moved since the fit, as the
-    /// trainer last measured it over every member's profiles (a member alone sees too few).
-    pub shift: Option<Vec<f64>>,
+    /// trainer last measured it over every member's profiles (a member alone sees too few), and
+    /// the window end (event time, ms) it describes.
+    pub shift: Option<(Vec<f64>, i64)>,
 }
 
 /// The profiles of one class ready for a fit (see [`Profiles::training_sets`]).
@@ -297,6 +298,14 @@ impl Profiles {
             dev.last_end_ms = s.end_ms;
             dev.last_window = (s.start_ms, s.last_ts_ms);
         }
+        if self
+            .models
+            .get(&dev.class())
+            .is_some_and(|m| m.shift.is_some())
+        {
+            // Cluster mode: scored when the trainer's class medians reach this window (`adopt`).
+            return None;
+        }
         let window_done = s.end_ms > dev.scored_to_ms
             && dev.metrics.values().all(|m| m.last_end_ms >= s.end_ms)
             && dev.complete(self.cfg.min_windows);
@@ -314,14 +323,8 @@ impl Profiles {
             .map(|m| m.value_at(at_ms))
             .collect::<Option<_>>()?;
         let class = dev.class();
-        let cm = self.models.get(&class)?;
-        let shift = match &cm.shift {
-            Some(s) => s.clone(),
-            None => {
-                let fit_medians = cm.medians.clone();
-                self.shift(&class, &fit_medians, at_ms)
-            }
-        };
+        let fit_medians = self.models.get(&class)?.medians.clone();
+        let shift = self.shift(&class, &fit_medians, at_ms);
         let model = self.models.get(&class)?;
         let dev = self.devices.get_mut(&s.device)?;
         score_device(&s.device, dev, &profile, model, &shift, &self.agent)
@@ -444,25 +447,26 @@ impl Profiles {
         out
     }
 
-    /// Cluster mode: adopts a class model the trainer fitted (its version kept) and scores this
-    /// member's devices of the class against it; the same model again only takes its newer
-    /// `shift` (the class's movement since the fit, measured by the trainer over the whole fleet).
+    /// Cluster mode: adopts a class model the trainer fitted (its version kept) with where the
+    /// class stands now (its `shift`), and scores this member's devices of the class: all of them
+    /// against a new model; against the same model, each device with a window not scored yet once
+    /// the trainer's medians reach that window (a device is never scored against medians older
+    /// than its profile, so a backlog replayed in a burst does not look like a departure).
     pub(crate) fn adopt(&mut self, class: &ClassKey, cm: ClassModel) -> Vec<FleetEvent> {
-        if let Some(m) = self.models.get_mut(class) {
-            if m.model == cm.model {
-                m.shift = cm.shift;
-                m.trainer = cm.trainer;
-                return Vec::new();
-            }
-        }
         let n = class.metrics.len();
-        let shift = cm.shift.clone().unwrap_or_else(|| vec![0.0; n]);
+        let (shift, at_ms) = cm.shift.clone().unwrap_or((vec![0.0; n], i64::MAX));
+        let same = self.models.get(class).is_some_and(|m| m.model == cm.model);
         let mut events = Vec::new();
         for (id, dev) in self.devices.iter_mut() {
-            if dev.complete(self.cfg.min_windows) && dev.in_class(class) {
-                let profile: Vec<f64> = dev.metrics.values().map(|m| m.value).collect();
-                events.extend(score_device(id, dev, &profile, &cm, &shift, &self.agent));
+            if !(dev.complete(self.cfg.min_windows) && dev.in_class(class)) {
+                continue;
             }
+            if same && (dev.last_end_ms > at_ms || dev.scored_to_ms >= dev.last_end_ms) {
+                continue;
+            }
+            dev.scored_to_ms = dev.last_end_ms;
+            let profile: Vec<f64> = dev.metrics.values().map(|m| m.value).collect();
+            events.extend(score_device(id, dev, &profile, &cm, &shift, &self.agent));
         }
         self.medians.remove(class);
         self.models.insert(class.clone(), cm);

@@ -139,9 +139,10 @@ impl Pool {
     }
 
     /// Every class's per-metric median over its complete, not silent profiles (those outside
-    /// their group included, as in static mode): where the class stands now, and the event time
-    /// of its newest profile. The members take the class's movement since the fit out of their
-    /// devices' profiles with it.
+    /// their group included, as in static mode): where the class stands now, and the window end
+    /// it describes (the median of the profiles' latest window ends: one clock far ahead cannot
+    /// move it). The members take the class's movement since the fit out of their devices'
+    /// profiles with it.
     pub(crate) fn class_medians(&self) -> BTreeMap<ClassKey, (Vec<f64>, i64)> {
         self.classes()
             .into_iter()
@@ -153,7 +154,8 @@ impl Pool {
                         super::robust::median(&mut col)
                     })
                     .collect();
-                let at = members.iter().map(|c| c.end_ms).max().unwrap_or(0);
+                let mut ends: Vec<i64> = members.iter().map(|c| c.end_ms).collect();
+                let at = super::robust::median_i64(&mut ends);
                 (class, (medians, at))
             })
             .collect()

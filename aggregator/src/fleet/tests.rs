@@ -463,8 +463,9 @@ fn members_profiles_make_one_fleet_model_and_the_owner_of_a_drifter_raises_the_e
             }
             self.export();
             if let Some((class, mut cm)) = self.model.clone() {
-                let (now, _) = &self.pool.class_medians()[&class];
-                cm.shift = Some(now.iter().zip(&cm.medians).map(|(a, b)| a - b).collect());
+                let (now, at) = &self.pool.class_medians()[&class];
+                let shift = now.iter().zip(&cm.medians).map(|(a, b)| a - b).collect();
+                cm.shift = Some((shift, *at));
                 self.adopt(&class, cm);
             }
         }
@@ -506,7 +507,7 @@ fn members_profiles_make_one_fleet_model_and_the_owner_of_a_drifter_raises_the_e
                 excluded: set.excluded,
                 medians,
                 trainer: Some(("agg-1".into(), 9)),
-                shift: Some(vec![0.0; n]),
+                shift: Some((vec![0.0; n], set.to_ms)),
             };
             self.model = Some((set.class.clone(), cm.clone()));
             self.adopt(&set.class, cm.clone());
