@@ -215,17 +215,28 @@ async fn fleet_cluster_peer_models_come_from_every_member_and_survive_a_killed_t
             })
             .collect()
     };
-    let mut owner = None;
-    wait_until("each partition owned once", Duration::from_secs(60), || {
-        owner = owners(&members);
-        owner.is_some()
-    })
+    // Every member owns some partitions and the split holds for two heartbeats.
+    let mut owner: Option<BTreeMap<u32, String>> = None;
+    let mut since = std::time::Instant::now();
+    wait_until(
+        "each partition owned once, by all three members, stably",
+        Duration::from_secs(60),
+        || {
+            let now =
+                owners(&members).filter(|o| o.values().collect::<BTreeSet<_>>().len() == IDS.len());
+            if now != owner || now.is_none() {
+                owner = now;
+                since = std::time::Instant::now();
+            }
+            owner.is_some() && since.elapsed() > Duration::from_secs(2)
+        },
+    )
     .await;
     let owner = owner.unwrap();
     // Three devices on each member's partitions.
     let mut devices: Vec<String> = Vec::new();
     let mut by_member: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for n in 0.. {
+    for n in 0..100_000 {
         let name = format!("pump-{n}");
         let o = &owner[&partition_of(&name, PARTITIONS)];
         let mine = by_member.entry(o.clone()).or_default();
@@ -237,6 +248,7 @@ async fn fleet_cluster_peer_models_come_from_every_member_and_survive_a_killed_t
             break;
         }
     }
+    assert_eq!(devices.len(), PER_MEMBER * IDS.len(), "{by_member:?}");
     let fleet = devices.len() as u64;
 
     let (client, mut el) = AsyncClient::new(MqttOptions::new("fleet-pub", "127.0.0.1", port), 100);
