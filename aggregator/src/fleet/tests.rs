@@ -564,3 +564,86 @@ fn members_profiles_make_one_fleet_model_and_the_owner_of_a_drifter_raises_the_e
     let sets = f.pool.training_sets();
     assert_eq!((sets[0].devices(), sets[0].excluded), (7, 1));
 }
+
+/// Cluster mode: a device is never scored against class medians older than its profile. A backlog
+/// replayed in a burst (the whole fleet moving while the trainer's medians lag) raises nothing;
+/// once the medians reach the device's window it is scored, once.
+#[test]
+fn in_cluster_mode_a_device_waits_for_the_class_medians_of_its_window() {
+    let mut p = Profiles::new(&cfg(), "agg-1").unwrap();
+    let mut pool = pool::Pool::new(&cfg());
+    let feed_all = |p: &mut Profiles, from: i64, to: i64, level: f64| {
+        let mut events = Vec::new();
+        for i in from..to {
+            for d in 0..6 {
+                for (j, m) in METRICS.iter().enumerate() {
+                    let mean = BASE[j] * (level + 0.001 * wobble(d, j, i));
+                    events.extend(p.observe(7, &window(&format!("pump-{d}"), m, i, mean)));
+                }
+            }
+        }
+        events
+    };
+    let export = |p: &mut Profiles, pool: &mut pool::Pool| {
+        for r in p.export("agg-1") {
+            pool.insert(&r.device, &serde_json::to_vec(&r).unwrap())
+                .unwrap();
+        }
+    };
+    feed_all(&mut p, 0, 20, 1.0);
+    export(&mut p, &mut pool);
+    let set = pool.training_sets().remove(0);
+    let model = set.fit(&PeerOptions::default()).unwrap();
+    let n = set.class.metrics.len();
+    let medians: Vec<f64> = pool.class_medians()[&set.class].0.clone();
+    let cm = ClassModel {
+        model,
+        fitted_at_ms: 1,
+        trained: set.devices(),
+        excluded: 0,
+        medians: medians.clone(),
+        trainer: Some(("agg-2".into(), 4)),
+        shift: Some((vec![0.0; n], set.to_ms)),
+    };
+    assert!(p.adopt(&set.class, cm.clone()).is_empty());
+    // The whole fleet rises by 20 % in a burst: nothing is scored against the old medians.
+    assert!(feed_all(&mut p, 20, 60, 1.2).is_empty());
+    let same_medians = ClassModel {
+        shift: Some((vec![0.0; n], set.to_ms)),
+        ..cm.clone()
+    };
+    assert!(
+        p.adopt(&set.class, same_medians).is_empty(),
+        "medians behind the devices"
+    );
+    let standing = |p: &Profiles| p.classes()[0].standings.clone();
+    let before = standing(&p);
+    // The trainer's medians reach the burst's last window: scored once, against the class's move.
+    export(&mut p, &mut pool);
+    let (now, at) = pool.class_medians()[&set.class].clone();
+    assert_eq!(at, 60 * MIN);
+    let moved = ClassModel {
+        shift: Some((now.iter().zip(&medians).map(|(a, b)| a - b).collect(), at)),
+        ..cm.clone()
+    };
+    assert!(
+        p.adopt(&set.class, moved.clone()).is_empty(),
+        "the class moved as one"
+    );
+    let after = standing(&p);
+    assert_ne!(before, after, "scored");
+    assert!(after.iter().all(|(_, s)| s.score < THRESHOLD), "{after:?}");
+    // Without the class's move taken out, the same profiles would all be outside.
+    let mut q = Profiles::new(&cfg(), "agg-1").unwrap();
+    feed_all(&mut q, 0, 60, 1.0);
+    feed_all(&mut q, 60, 100, 1.2);
+    let unshifted = ClassModel {
+        shift: Some((vec![0.0; n], i64::MAX)),
+        ..cm
+    };
+    assert!(!q.adopt(&set.class, unshifted).is_empty());
+    // Scored once per window: the same medians again score nothing new.
+    let again = standing(&p);
+    assert!(p.adopt(&set.class, moved).is_empty());
+    assert_eq!(again, standing(&p));
+}
