@@ -239,7 +239,9 @@ pub(crate) async fn sync_loop(
         }
         s.upload().await;
         let epoch = *role.borrow();
-        s.fleet().set_trainer_epoch(epoch.unwrap_or(0));
+        // A fenced epoch is not training any more, whatever the lease renewals say so far.
+        let training = epoch.filter(|e| s.fenced != Some(*e));
+        s.fleet().set_trainer_epoch(training.unwrap_or(0));
         match epoch {
             Some(e) if s.fenced != Some(e) => {
                 let refit = Duration::from_millis(s.shared.cfg.fleet.refit_interval_ms);
@@ -345,6 +347,8 @@ impl Sync {
         let sets = pool.training_sets();
         let read = pool.len();
         self.pool = Some((epoch, pool));
+        // A fit rewrites the records' medians: the next tick writes where each class stands.
+        self.written.clear();
         self.start_watch().await;
         let opts = self.fleet().peer_options();
         if sets.is_empty() {
@@ -414,7 +418,8 @@ impl Sync {
             list_keys(&store).await.map_err(|e| e.to_string())
         })
         .await?;
-        let cfg = self.shared.cfg.fleet.clone();
+        // The live configuration: reloads of min_devices, min_windows and peers apply here too.
+        let cfg = self.fleet().config();
         let mut refused = 0u64;
         if keys.len() > cfg.max_devices {
             // The rest are not even read: a million forged keys cannot make a fit unbounded.

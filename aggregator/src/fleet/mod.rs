@@ -222,6 +222,11 @@ impl Profiles {
         Ok(())
     }
 
+    /// The configuration in force (the live part of reloads included).
+    pub(crate) fn config(&self) -> &FleetConfig {
+        &self.cfg
+    }
+
     /// The options the next peer model fit uses.
     pub(crate) fn peer_options(&self) -> PeerOptions {
         self.cfg.peers.clone()

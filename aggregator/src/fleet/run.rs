@@ -69,6 +69,11 @@ impl Fleet {
         self.lock().prune();
     }
 
+    /// See [`Profiles::config`].
+    pub(crate) fn config(&self) -> FleetConfig {
+        self.lock().config().clone()
+    }
+
     /// See [`Profiles::peer_options`].
     pub(crate) fn peer_options(&self) -> edgewatch_models::multi::PeerOptions {
         self.lock().peer_options()
