@@ -169,8 +169,8 @@ async fn timed<T>(
 
 /// What the trainer writes to a class record.
 enum Update<'a> {
-    /// A new fit: the next version.
-    Fit(&'a TrainingSet, PeerModel),
+    /// A new fit: the next version, with where the whole class stands (medians, window end).
+    Fit(&'a TrainingSet, PeerModel, Option<(Vec<f64>, i64)>),
     /// Where the class stands now (the record's model kept); skipped when there is no record.
     Medians(Vec<f64>, i64),
 }
@@ -345,6 +345,7 @@ impl Sync {
             }
         };
         let sets = pool.training_sets();
+        let mut now = pool.class_medians();
         let read = pool.len();
         self.pool = Some((epoch, pool));
         // A fit rewrites the records' medians: the next tick writes where each class stands.
@@ -384,7 +385,7 @@ impl Sync {
                 self.timeout,
                 epoch,
                 &set.class,
-                Update::Fit(&set, model),
+                Update::Fit(&set, model, now.remove(&set.class)),
             )
             .await
             {
@@ -695,7 +696,7 @@ async fn write_record(
                     return Ok(Written::Fenced(theirs));
                 }
                 let record = match (&update, stored) {
-                    (Update::Fit(set, model), stored) => {
+                    (Update::Fit(set, model, now), stored) => {
                         let n = set.class.metrics.len();
                         let medians: Vec<f64> = (0..n)
                             .map(|j| {
@@ -706,6 +707,12 @@ async fn write_record(
                             .collect();
                         let mut model = model.clone();
                         model.version = stored.map_or(0, |r| r.model.version).saturating_add(1);
+                        // Where the whole class stands (the left-out devices included, as in
+                        // static mode), and the window that describes.
+                        let (now_medians, now_at_ms) = now
+                            .clone()
+                            .filter(|(m, _)| m.len() == n && m.iter().all(|v| v.is_finite()))
+                            .unwrap_or_else(|| (medians.clone(), set.to_ms));
                         PeerRecord {
                             epoch,
                             trainer: trainer.clone(),
@@ -714,9 +721,9 @@ async fn write_record(
                             model,
                             trained: set.devices(),
                             excluded: set.excluded,
-                            now_medians: medians.clone(),
                             medians,
-                            now_at_ms: set.to_ms,
+                            now_medians,
+                            now_at_ms,
                         }
                     }
                     (Update::Medians(..), None) => return Ok(Written::Ok(0)),

@@ -453,10 +453,10 @@ impl Profiles {
     }
 
     /// Cluster mode: adopts a class model the trainer fitted (its version kept) with where the
-    /// class stands now (its `shift`), and scores this member's devices of the class: all of them
-    /// against a new model; against the same model, each device with a window not scored yet once
-    /// the trainer's medians reach that window (a device is never scored against medians older
-    /// than its profile, so a backlog replayed in a burst does not look like a departure).
+    /// class stands now (its `shift`), and scores this member's devices of the class whose latest
+    /// window the trainer's medians have reached: all of them against a new model, against the
+    /// same model those with a window not scored yet. A device is never scored against medians
+    /// older than its profile, so a backlog replayed in a burst does not look like a departure.
     pub(crate) fn adopt(&mut self, class: &ClassKey, cm: ClassModel) -> Vec<FleetEvent> {
         let n = class.metrics.len();
         let (shift, at_ms) = cm.shift.clone().unwrap_or((vec![0.0; n], i64::MAX));
@@ -466,7 +466,7 @@ impl Profiles {
             if !(dev.complete(self.cfg.min_windows) && dev.in_class(class)) {
                 continue;
             }
-            if same && (dev.last_end_ms > at_ms || dev.scored_to_ms >= dev.last_end_ms) {
+            if dev.last_end_ms > at_ms || (same && dev.scored_to_ms >= dev.last_end_ms) {
                 continue;
             }
             dev.scored_to_ms = dev.last_end_ms;
