@@ -3,7 +3,7 @@
 //! agents do, through the embedded broker); the member holding the trainer lease fits the class
 //! peer model from every member's profiles (the model's device count is the whole fleet); a
 //! drifting device owned by another member raises its `detector: fleet` event at that member; a
-//! forged profile record is refused and counted; the trainer killed with SIGKILL hands the fits
+//! forged profile record and a forged peer model record are refused and counted; the trainer killed with SIGKILL hands the fits
 //! to another member, which resumes the version count from the bucket and refits.
 
 use crate::common::*;
@@ -318,6 +318,27 @@ async fn fleet_cluster_peer_models_come_from_every_member_and_survive_a_killed_t
         },
     )
     .await;
+
+    // A forged peer model record (not even JSON) is refused and counted by every member, which
+    // keeps the model it uses.
+    let peers = js.get_key_value("edgewatch_v1_peers").await.unwrap();
+    peers
+        .put("m.7a7a", b"{\"epoch\": 99999".to_vec().into())
+        .await
+        .unwrap();
+    wait_until(
+        "the forged peer record refused everywhere",
+        Duration::from_secs(20),
+        || {
+            members
+                .values()
+                .all(|m| metric(m, "edgewatch_fleet_peer_models_refused_total") >= 1)
+        },
+    )
+    .await;
+    assert!(members
+        .values()
+        .all(|m| model(m).is_some_and(|md| md["devices"] == fleet)));
 
     // A device of another member than the trainer drifts: its owner raises the event.
     let (drift_owner, drifter) = by_member
