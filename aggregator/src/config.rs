@@ -272,8 +272,8 @@ fn default_training_class_devices() -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
-    /// Profile devices, fit peer groups and raise `detector: "fleet"` events. Static ownership
-    /// only (single aggregator or static ranges); refused in cluster mode for now.
+    /// Profile devices, fit peer groups and raise `detector: "fleet"` events. In cluster mode the
+    /// member holding the trainer lease fits the peer models from every member's profiles.
     #[serde(default)]
     pub enabled: bool,
     /// Time constant of the per-metric EWMA of window means that makes a device's profile.
@@ -812,9 +812,6 @@ impl AggregatorConfig {
                 .into_iter()
                 .map(|p| format!("training.{p}")),
         );
-        if self.fleet.enabled && self.cluster.is_some() {
-            out.push("fleet.enabled: not available in cluster mode yet (each member sees only its partitions' devices); use static ownership".into());
-        }
         if let Some(c) = &self.cluster {
             out.extend(c.problems().into_iter().map(|p| format!("cluster.{p}")));
             if let Some(dir) = &self.state.dir {
@@ -994,13 +991,12 @@ mod tests {
     }
 
     #[test]
-    fn fleet_is_refused_in_cluster_mode() {
+    fn fleet_runs_in_cluster_mode() {
         let mut c = AggregatorConfig::with_id("a1");
         c.cluster = Some(ClusterConfig::nats(vec!["nats://n1:4222".into()]));
         c.fleet.enabled = true;
         let p = c.problems();
-        assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].starts_with("fleet.enabled: not available in cluster mode"));
+        assert!(p.is_empty(), "{p:?}");
     }
 
     #[test]

@@ -327,7 +327,7 @@ impl Server {
                 Err(e) => text(StatusCode::BAD_REQUEST, &e),
             },
             "/api/fleet" => match &shared.fleet {
-                Some(f) => json_response(StatusCode::OK, &f.report(crate::fleet::run::now_ms())),
+                Some(f) => json_response(StatusCode::OK, &f.report(crate::fleet::run::now_ms(), shared.cfg.cluster.is_some())),
                 None => json_response(
                     StatusCode::NOT_FOUND,
                     &json!({"error": format!("fleet peer groups are off on aggregator {} (set fleet.enabled: true)", shared.cfg.id)}),

@@ -65,6 +65,8 @@ pub struct Aggregator {
     store: Option<Box<dyn store::StateStore>>,
     listener: TcpListener,
     addr: SocketAddr,
+    /// Cluster mode with `fleet.enabled`: the profiles and peer models buckets.
+    peer_buckets: Option<fleet::cluster::PeerBuckets>,
 }
 
 impl Aggregator {
@@ -98,9 +100,15 @@ impl Aggregator {
         let (store, state, cluster, owned) = if let Some(c) = &cfg.cluster {
             // State lives in the cluster's KV; partitions are owned as their leases are won.
             let buckets =
-                cluster::node::Buckets::join(c, &cfg.prefix, &cfg.id, cfg.training.enabled)
-                    .await
-                    .map_err(AggregatorError::Cluster)?;
+                // The trainer role (and its bucket) also fits the fleet peer models.
+                cluster::node::Buckets::join(
+                    c,
+                    &cfg.prefix,
+                    &cfg.id,
+                    cfg.training.enabled || cfg.fleet.enabled,
+                )
+                .await
+                .map_err(AggregatorError::Cluster)?;
             tracing::info!(aggregator = %cfg.id, servers = %c.servers.join(","), "joined the nats cluster");
             (
                 None,
@@ -112,6 +120,14 @@ impl Aggregator {
             let (store, state) = Self::open_store(&cfg)?;
             let owned = ownership::Ownership::fixed(cfg.partitions, cfg.owned_set());
             (Some(store), state, None, owned)
+        };
+        let peer_buckets = match (&cluster, &cfg.cluster) {
+            (Some(b), Some(c)) if cfg.fleet.enabled => Some(
+                fleet::cluster::PeerBuckets::open(&b.js, &cfg.prefix, &cfg.fleet, c.replicas)
+                    .await
+                    .map_err(AggregatorError::Cluster)?,
+            ),
+            _ => None,
         };
         let fleet = if cfg.fleet.enabled {
             let f = fleet::run::Fleet::new(&cfg.fleet, &cfg.id)
@@ -168,6 +184,7 @@ impl Aggregator {
             store,
             listener,
             addr,
+            peer_buckets,
         })
     }
 
@@ -318,7 +335,19 @@ impl Aggregator {
                     started_ms: cluster::lease::now_ms(),
                     last_applied: (Instant::now(), shared.owned.applied()),
                 };
-                // The fleet trainer role runs beside the coordinator (its take-over may be slow).
+                // The fleet trainer role runs beside the coordinator (its take-over may be slow);
+                // the fleet peer models are fitted under its lease (`fleet::cluster`).
+                let (role_tx, role_rx) = tokio::sync::watch::channel(None);
+                if let Some(kv) = self.peer_buckets.clone() {
+                    tokio::spawn(fleet::cluster::sync_loop(
+                        shared.clone(),
+                        kv,
+                        role_rx,
+                        Duration::from_millis(c.heartbeat_ms),
+                        Duration::from_millis(c.lease_ttl_ms / 2),
+                        leaving.clone(),
+                    ));
+                }
                 let trainer = buckets.training.clone().map(|bucket| {
                     cluster::trainer::TrainerRole {
                         shared: shared.clone(),
@@ -329,6 +358,7 @@ impl Aggregator {
                         client: client.clone(),
                         fenced: fenced_rx,
                         lease: None,
+                        role: role_tx,
                     }
                     .run(leaving.clone())
                 });

@@ -22,6 +22,7 @@ mod examples;
 mod failover;
 mod fleet;
 mod fleet_api;
+mod fleet_cluster;
 mod forgery;
 mod hostile;
 mod http_limits;

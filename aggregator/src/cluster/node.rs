@@ -95,8 +95,11 @@ pub struct Buckets {
     pub leases: Leases,
     /// Partition checkpoints.
     pub checkpoints: KvCheckpoints,
-    /// Training sets, models and the trainer's lane seqs (opened only with `training.enabled`).
+    /// Training sets, models and the trainer's lane seqs (opened only with `training.enabled`,
+    /// or `fleet.enabled`, whose peer models the trainer fits).
     pub training: Option<TrainingBucket>,
+    /// The JetStream context the buckets were opened with (more buckets: `fleet::cluster`).
+    pub(crate) js: async_nats::jetstream::Context,
 }
 
 impl Buckets {
@@ -166,6 +169,7 @@ impl Buckets {
             leases,
             checkpoints,
             training,
+            js,
         })
     }
 }
@@ -197,6 +201,7 @@ impl Buckets {
             leases,
             checkpoints,
             training: None,
+            js,
         })
     }
 

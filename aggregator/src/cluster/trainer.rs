@@ -56,11 +56,13 @@ struct ModelValue {
     stored: StoredModel,
 }
 
-fn hex(s: &str) -> String {
+/// `s`'s bytes in lower-case hex: any id makes a valid KV key.
+pub(crate) fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<String> {
+/// The inverse of [`hex`]; `None` for anything else.
+pub(crate) fn unhex(s: &str) -> Option<String> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
@@ -428,6 +430,9 @@ pub(crate) struct TrainerRole {
     /// A training write was fenced in the apply loop: another member trains.
     pub(crate) fenced: tokio::sync::mpsc::UnboundedReceiver<()>,
     pub(crate) lease: Option<super::lease::Lease>,
+    /// The lease's revision while this member trains, else `None`: the fleet peer models are
+    /// fitted under it (`fleet::cluster`).
+    pub(crate) role: tokio::sync::watch::Sender<Option<u64>>,
 }
 
 impl TrainerRole {
@@ -547,13 +552,17 @@ impl TrainerRole {
         }
         let epoch = lease.revision;
         self.lease = Some(lease);
+        self.role.send_replace(Some(epoch));
         let topics = edgewatch_models::wire::Topics::new(&self.shared.cfg.prefix);
-        if let Err(e) = self
-            .client
-            .subscribe(topics.all_samples_filter(), super::node::PARTITION_QOS)
-            .await
-        {
-            tracing::warn!(aggregator = %self.id(), error = %e, "subscribe request failed; the next reconnect subscribes");
+        // Without training the role fits only the fleet peer models: no training lanes.
+        if self.shared.training.is_some() {
+            if let Err(e) = self
+                .client
+                .subscribe(topics.all_samples_filter(), super::node::PARTITION_QOS)
+                .await
+            {
+                tracing::warn!(aggregator = %self.id(), error = %e, "subscribe request failed; the next reconnect subscribes");
+            }
         }
         tracing::info!(aggregator = %self.id(), epoch, devices, models, load_ms = started.elapsed().as_millis() as u64,
             "this member is the fleet trainer: it applies the training lanes and fits the device models");
@@ -567,8 +576,11 @@ impl TrainerRole {
         let Some(lease) = self.lease.take() else {
             return;
         };
+        self.role.send_replace(None);
         let topics = edgewatch_models::wire::Topics::new(&self.shared.cfg.prefix);
-        let _ = self.client.unsubscribe(topics.all_samples_filter()).await;
+        if self.shared.training.is_some() {
+            let _ = self.client.unsubscribe(topics.all_samples_filter()).await;
+        }
         let (done, wait) = tokio::sync::oneshot::channel();
         let _ = self
             .ctl
@@ -577,7 +589,8 @@ impl TrainerRole {
                 done: Some(done),
             }))
             .await;
-        let written = wait.await.unwrap_or(false);
+        // Without training there are no lanes to write: the lease is given back at once.
+        let written = wait.await.unwrap_or(false) || self.shared.training.is_none();
         if checkpoint && written {
             if let Err(e) = self.leases.release(lease).await {
                 tracing::warn!(aggregator = %self.id(), error = %e, "trainer lease release failed; it expires by itself");

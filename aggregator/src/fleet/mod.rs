@@ -3,6 +3,8 @@
 //! [`PeerModel`] per class, and `detector: "fleet"` events when a device leaves its peer group.
 //! Pure bookkeeping here (time is a value passed in); [`run`] holds the refit task and publishing.
 
+pub(crate) mod cluster;
+pub(crate) mod pool;
 mod robust;
 pub(crate) mod run;
 mod score;
@@ -15,7 +17,7 @@ use edgewatch_models::detect::EventGate;
 use edgewatch_models::multi::{PeerModel, PeerOptions};
 use edgewatch_models::wire::{AnomalyEvent, WindowSummary};
 use edgewatch_models::ModelError;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
 /// A peer score at or above this raises an event (the peer model scores 0.5 at its limit).
@@ -31,7 +33,7 @@ const TRIM_SHARE: usize = 4;
 pub(crate) const DETECTOR: &str = "fleet";
 
 /// Devices are peers when they share a group label (or none) and their metric set.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub(crate) struct ClassKey {
     /// The configured group label of its devices, if any.
     pub label: Option<String>,
@@ -102,6 +104,8 @@ struct DeviceProfile {
     scored_to_ms: i64,
     gate: EventGate,
     standing: Option<Standing>,
+    /// Cluster mode: the window end of the profile last exported to the profiles bucket.
+    exported_to_ms: i64,
 }
 
 impl DeviceProfile {
@@ -138,6 +142,12 @@ pub(crate) struct ClassModel {
     pub excluded: usize,
     /// Per-metric median of the training profiles: where the class stood at the fit.
     pub medians: Vec<f64>,
+    /// Cluster mode: the member that fitted it and the trainer epoch it was last written under.
+    pub trainer: Option<(String, u64)>,
+    /// Cluster mode: how far the whole class's median profile has moved since the fit, as the
+    /// trainer last measured it over every member's profiles (a member alone sees too few), and
+    /// the window end (event time, ms) it describes.
+    pub shift: Option<(Vec<f64>, i64)>,
 }
 
 /// The profiles of one class ready for a fit (see [`Profiles::training_sets`]).
@@ -212,6 +222,11 @@ impl Profiles {
         Ok(())
     }
 
+    /// The configuration in force (the live part of reloads included).
+    pub(crate) fn config(&self) -> &FleetConfig {
+        &self.cfg
+    }
+
     /// The options the next peer model fit uses.
     pub(crate) fn peer_options(&self) -> PeerOptions {
         self.cfg.peers.clone()
@@ -246,6 +261,7 @@ impl Profiles {
                 scored_to_ms: i64::MIN,
                 gate: self.gate.clone(),
                 standing: None,
+                exported_to_ms: i64::MIN,
             };
             self.devices.insert(s.device.clone(), profile);
         }
@@ -286,6 +302,14 @@ impl Profiles {
         if s.end_ms >= dev.last_end_ms {
             dev.last_end_ms = s.end_ms;
             dev.last_window = (s.start_ms, s.last_ts_ms);
+        }
+        if self
+            .models
+            .get(&dev.class())
+            .is_some_and(|m| m.shift.is_some())
+        {
+            // Cluster mode: scored when the trainer's class medians reach this window (`adopt`).
+            return None;
         }
         let window_done = s.end_ms > dev.scored_to_ms
             && dev.metrics.values().all(|m| m.last_end_ms >= s.end_ms)
@@ -383,52 +407,75 @@ impl Profiles {
     /// window, so one sender's clock far ahead cannot age everybody else out) and the models of
     /// emptied classes.
     pub(crate) fn training_sets(&mut self) -> Vec<TrainingSet> {
-        let mut ends: Vec<i64> = self.devices.values().map(|d| d.last_end_ms).collect();
-        let stale_before = if ends.is_empty() {
-            i64::MIN
-        } else {
-            let mid = ends.len() / 2;
-            let now = *ends.select_nth_unstable(mid).1;
-            now.saturating_sub(2 * self.cfg.profile_window_ms as i64)
-        };
-        self.devices.retain(|_, d| d.last_end_ms >= stale_before);
-        let mut classes: BTreeMap<ClassKey, Vec<&DeviceProfile>> = BTreeMap::new();
+        self.prune();
+        let mut classes: BTreeMap<ClassKey, Vec<Candidate>> = BTreeMap::new();
         for d in self.devices.values() {
             if d.complete(self.cfg.min_windows) {
-                classes.entry(d.class()).or_default().push(d);
+                classes.entry(d.class()).or_default().push(Candidate {
+                    values: d.metrics.values().map(|m| m.value).collect(),
+                    outside: d.outside(),
+                    end_ms: d.last_end_ms,
+                });
             }
         }
         self.models.retain(|k, _| classes.contains_key(k));
+        training_sets_of(classes, self.cfg.min_devices)
+    }
+
+    /// Drops the devices silent for two `profile_window_ms` (event time, counted from the median
+    /// device's latest window, so one sender's clock far ahead cannot age everybody else out).
+    pub(crate) fn prune(&mut self) {
+        let mut ends: Vec<i64> = self.devices.values().map(|d| d.last_end_ms).collect();
+        let stale_before = stale_before(&mut ends, self.cfg.profile_window_ms);
+        self.devices.retain(|_, d| d.last_end_ms >= stale_before);
+    }
+
+    /// Cluster mode: the complete profiles whose window end moved since their last export (each
+    /// at most once per window), marked exported; `member` (this aggregator) is named in them.
+    pub(crate) fn export(&mut self, member: &str) -> Vec<pool::ProfileRecord> {
+        let min_windows = self.cfg.min_windows;
         let mut out = Vec::new();
-        for (class, members) in classes {
-            if members.len() < self.cfg.min_devices {
-                continue;
-            }
-            let n = class.metrics.len();
-            let cap = members.len() / TRIM_SHARE;
-            let outside = members.iter().filter(|d| d.outside()).count();
-            // Most of the class outside says the model is stale, not the devices: keep them all.
-            let skip_outside = outside <= cap;
-            let mut rows: Vec<f64> = Vec::with_capacity(members.len() * n);
-            for d in &members {
-                if !(skip_outside && d.outside()) {
-                    rows.extend(d.metrics.values().map(|m| m.value));
-                }
-            }
-            let left = if skip_outside { cap - outside } else { cap };
-            let rows = trim_outliers(&rows, n, left);
-            let to_ms = members.iter().map(|d| d.last_end_ms).max().unwrap_or(0);
-            let set = TrainingSet {
-                excluded: members.len() - rows.len() / n.max(1),
-                class,
-                rows,
-                to_ms,
-            };
-            if set.devices() >= 3 {
-                out.push(set);
+        for (id, d) in self.devices.iter_mut() {
+            if d.last_end_ms > d.exported_to_ms && d.complete(min_windows) {
+                d.exported_to_ms = d.last_end_ms;
+                out.push(pool::ProfileRecord {
+                    device: id.clone(),
+                    metrics: d.metrics.keys().cloned().collect(),
+                    values: d.metrics.values().map(|m| m.value).collect(),
+                    windows: d.metrics.values().map(|m| m.windows).min().unwrap_or(0),
+                    end_ms: d.last_end_ms,
+                    outside: d.outside(),
+                    member: member.to_string(),
+                });
             }
         }
         out
+    }
+
+    /// Cluster mode: adopts a class model the trainer fitted (its version kept) with where the
+    /// class stands now (its `shift`), and scores this member's devices of the class whose latest
+    /// window the trainer's medians have reached: all of them against a new model, against the
+    /// same model those with a window not scored yet. A device is never scored against medians
+    /// older than its profile, so a backlog replayed in a burst does not look like a departure.
+    pub(crate) fn adopt(&mut self, class: &ClassKey, cm: ClassModel) -> Vec<FleetEvent> {
+        let n = class.metrics.len();
+        let (shift, at_ms) = cm.shift.clone().unwrap_or((vec![0.0; n], i64::MAX));
+        let same = self.models.get(class).is_some_and(|m| m.model == cm.model);
+        let mut events = Vec::new();
+        for (id, dev) in self.devices.iter_mut() {
+            if !(dev.complete(self.cfg.min_windows) && dev.in_class(class)) {
+                continue;
+            }
+            if dev.last_end_ms > at_ms || (same && dev.scored_to_ms >= dev.last_end_ms) {
+                continue;
+            }
+            dev.scored_to_ms = dev.last_end_ms;
+            let profile: Vec<f64> = dev.metrics.values().map(|m| m.value).collect();
+            events.extend(score_device(id, dev, &profile, &cm, &shift, &self.agent));
+        }
+        self.medians.remove(class);
+        self.models.insert(class.clone(), cm);
+        events
     }
 
     /// Installs a class's new model (its version one above the previous one) fitted at wall-clock
@@ -457,6 +504,8 @@ impl Profiles {
             trained: set.devices(),
             excluded: set.excluded,
             medians,
+            trainer: None,
+            shift: None,
         };
         // Against the whole class's medians now (the excluded devices included).
         let now = self.medians_at(&set.class, None);
@@ -477,6 +526,15 @@ impl Profiles {
         events
     }
 
+    /// Marks `devices`' profiles not exported yet.
+    pub(crate) fn unexport(&mut self, devices: &[String]) {
+        for d in devices {
+            if let Some(p) = self.devices.get_mut(d) {
+                p.exported_to_ms = i64::MIN;
+            }
+        }
+    }
+
     /// Every class with its devices, its model and the devices currently outside their group.
     pub(crate) fn classes(&self) -> Vec<ClassReport> {
         let mut classes: BTreeMap<ClassKey, ClassReport> = BTreeMap::new();
@@ -490,6 +548,8 @@ impl Profiles {
                 complete: 0,
                 model: self.models.get(&key).cloned(),
                 outside: Vec::new(),
+                standings: Vec::new(),
+                standings_total: 0,
             });
             r.devices += 1;
             if d.complete(self.cfg.min_windows) {
@@ -498,10 +558,19 @@ impl Profiles {
             if let Some(s) = d.standing.as_ref().filter(|_| d.outside()) {
                 r.outside.push((id.clone(), s.clone()));
             }
+            if let Some(s) = &d.standing {
+                r.standings_total += 1;
+                r.standings.push((id.clone(), s.clone()));
+                // Keep the furthest MAX_LISTED (amortised: trim when twice over).
+                if r.standings.len() >= 2 * MAX_LISTED {
+                    trim_standings(&mut r.standings);
+                }
+            }
         }
         let mut out: Vec<ClassReport> = classes.into_values().collect();
         for r in &mut out {
             r.outside.sort_by(|a, b| a.0.cmp(&b.0));
+            trim_standings(&mut r.standings);
         }
         out
     }
@@ -530,6 +599,67 @@ impl Profiles {
 #[cfg(test)]
 type MetricValue = (String, f64);
 
+/// One complete profile of a class offered for a fit.
+#[derive(Debug, Clone)]
+pub(crate) struct Candidate {
+    /// Its value per metric of the class.
+    pub values: Vec<f64>,
+    /// Outside its group at its last scoring.
+    pub outside: bool,
+    /// Event time of its latest window (ms).
+    pub end_ms: i64,
+}
+
+/// Where devices count as silent: two `profile_window_ms` before the median of `ends` (the
+/// devices' latest window ends, reordered); `i64::MIN` when there are none.
+pub(crate) fn stale_before(ends: &mut [i64], profile_window_ms: u64) -> i64 {
+    if ends.is_empty() {
+        return i64::MIN;
+    }
+    let mid = ends.len() / 2;
+    let now = *ends.select_nth_unstable(mid).1;
+    now.saturating_sub(2 * profile_window_ms.min(i64::MAX as u64 / 4) as i64)
+}
+
+/// The classes of `classes` ready for a fit: at least `min_devices` complete profiles, less the
+/// devices outside their group and the robust outliers (at most a quarter of the class), so a
+/// device drifting between refits cannot drag its group's model along; at least 3 left.
+pub(crate) fn training_sets_of(
+    classes: BTreeMap<ClassKey, Vec<Candidate>>,
+    min_devices: usize,
+) -> Vec<TrainingSet> {
+    let mut out = Vec::new();
+    for (class, members) in classes {
+        if members.len() < min_devices {
+            continue;
+        }
+        let n = class.metrics.len();
+        let cap = members.len() / TRIM_SHARE;
+        let outside = members.iter().filter(|d| d.outside).count();
+        // Most of the class outside says the model is stale, not the devices: keep them all.
+        let skip_outside = outside <= cap;
+        let mut rows: Vec<f64> = Vec::with_capacity(members.len() * n);
+        for d in &members {
+            if !(skip_outside && d.outside) && d.values.len() == n {
+                rows.extend(d.values.iter().copied());
+            }
+        }
+        let left = if skip_outside { cap - outside } else { cap };
+        let rows = trim_outliers(&rows, n, left);
+        let to_ms = members.iter().map(|d| d.end_ms).max().unwrap_or(0);
+        let set = TrainingSet {
+            excluded: members.len() - rows.len() / n.max(1),
+            class,
+            rows,
+            to_ms,
+        };
+        if set.devices() >= 3 {
+            out.push(set);
+        }
+    }
+    out
+}
+
 /// One class in `GET /api/fleet`.
 #[derive(Debug, Clone)]
 pub(crate) struct ClassReport {
@@ -540,6 +670,19 @@ pub(crate) struct ClassReport {
     pub complete: usize,
     pub model: Option<ClassModel>,
     pub outside: Vec<(String, Standing)>,
+    /// This aggregator's devices of the class and their distance to their group, furthest first,
+    /// at most [`MAX_LISTED`].
+    pub standings: Vec<(String, Standing)>,
+    /// Devices of the class with a standing.
+    pub standings_total: usize,
+}
+
+/// Most device distances listed per class in `GET /api/fleet`.
+pub(crate) const MAX_LISTED: usize = 100;
+
+fn trim_standings(v: &mut Vec<(String, Standing)>) {
+    v.sort_by(|a, b| b.1.ratio.total_cmp(&a.1.ratio).then_with(|| a.0.cmp(&b.0)));
+    v.truncate(MAX_LISTED);
 }
 
 #[cfg(test)]

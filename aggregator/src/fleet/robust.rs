@@ -55,6 +55,15 @@ pub(super) fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// The lower median of `v` (reordered); 0 for an empty slice.
+pub(super) fn median_i64(v: &mut [i64]) -> i64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let mid = (v.len() - 1) / 2;
+    *v.select_nth_unstable(mid).1
+}
+
 /// The label of the first group whose glob matches `device`.
 pub(super) fn label_of(groups: &[FleetGroup], device: &str) -> Option<String> {
     groups

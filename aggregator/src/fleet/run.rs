@@ -24,6 +24,14 @@ pub(crate) struct Fleet {
     fits_total: AtomicU64,
     /// Fits that failed (logged).
     fit_errors_total: AtomicU64,
+    /// Cluster mode: profile records refused by the trainer (malformed, forged, beyond `max_devices`).
+    profiles_refused_total: AtomicU64,
+    /// Cluster mode: peer model records refused (malformed or forged).
+    peers_refused_total: AtomicU64,
+    /// Cluster mode: profile and peer model reads and writes that failed (retried).
+    store_errors_total: AtomicU64,
+    /// Cluster mode: the trainer epoch while this member fits the peer models, else 0.
+    trainer_epoch: AtomicU64,
 }
 
 impl Fleet {
@@ -34,7 +42,71 @@ impl Fleet {
             events_total: AtomicU64::new(0),
             fits_total: AtomicU64::new(0),
             fit_errors_total: AtomicU64::new(0),
+            profiles_refused_total: AtomicU64::new(0),
+            peers_refused_total: AtomicU64::new(0),
+            store_errors_total: AtomicU64::new(0),
+            trainer_epoch: AtomicU64::new(0),
         })
+    }
+
+    /// See [`Profiles::export`].
+    pub(crate) fn export(&self, member: &str) -> Vec<super::pool::ProfileRecord> {
+        self.lock().export(member)
+    }
+
+    /// Marks `devices`' profiles not exported (their write failed: the next tick retries).
+    pub(crate) fn unexport(&self, devices: Vec<String>) {
+        self.lock().unexport(&devices);
+    }
+
+    /// See [`Profiles::adopt`].
+    pub(crate) fn adopt(&self, class: &super::ClassKey, cm: super::ClassModel) -> Vec<FleetEvent> {
+        self.lock().adopt(class, cm)
+    }
+
+    /// See [`Profiles::prune`].
+    pub(crate) fn prune(&self) {
+        self.lock().prune();
+    }
+
+    /// See [`Profiles::config`].
+    pub(crate) fn config(&self) -> FleetConfig {
+        self.lock().config().clone()
+    }
+
+    /// See [`Profiles::peer_options`].
+    pub(crate) fn peer_options(&self) -> edgewatch_models::multi::PeerOptions {
+        self.lock().peer_options()
+    }
+
+    /// Notes the trainer epoch this member fits under (0: it does not).
+    pub(crate) fn set_trainer_epoch(&self, epoch: u64) {
+        self.trainer_epoch.store(epoch, Relaxed);
+    }
+
+    /// Counts a class model fitted.
+    pub(crate) fn count_fit(&self) {
+        self.fits_total.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a failed fit.
+    pub(crate) fn count_fit_error(&self) {
+        self.fit_errors_total.fetch_add(1, Relaxed);
+    }
+
+    /// Counts refused profile records.
+    pub(crate) fn count_profiles_refused(&self, n: u64) {
+        self.profiles_refused_total.fetch_add(n, Relaxed);
+    }
+
+    /// Counts refused peer model records.
+    pub(crate) fn count_peers_refused(&self, n: u64) {
+        self.peers_refused_total.fetch_add(n, Relaxed);
+    }
+
+    /// Counts failed KV reads or writes.
+    pub(crate) fn count_store_errors(&self, n: u64) {
+        self.store_errors_total.fetch_add(n, Relaxed);
     }
 
     /// See [`Profiles::retune`].
@@ -99,6 +171,26 @@ impl Fleet {
                 self.fit_errors_total.load(Relaxed),
             ),
             ("edgewatch_fleet_windows_refused_total", "counter", refused),
+            (
+                "edgewatch_fleet_profiles_refused_total",
+                "counter",
+                self.profiles_refused_total.load(Relaxed),
+            ),
+            (
+                "edgewatch_fleet_peer_models_refused_total",
+                "counter",
+                self.peers_refused_total.load(Relaxed),
+            ),
+            (
+                "edgewatch_fleet_store_errors_total",
+                "counter",
+                self.store_errors_total.load(Relaxed),
+            ),
+            (
+                "edgewatch_fleet_trainer",
+                "gauge",
+                u64::from(self.trainer_epoch.load(Relaxed) > 0),
+            ),
             ("edgewatch_fleet_devices", "gauge", devices as u64),
             ("edgewatch_fleet_models", "gauge", models as u64),
         ] {
@@ -110,7 +202,8 @@ impl Fleet {
     }
 
     /// `GET /api/fleet`: every class, its model and the devices outside their group.
-    pub(crate) fn report(&self, now_ms: i64) -> Value {
+    /// `shared_cluster`: the aggregator runs in cluster mode (the models come from the trainer).
+    pub(crate) fn report(&self, now_ms: i64, shared_cluster: bool) -> Value {
         let classes: Vec<Value> = self
             .lock()
             .classes()
@@ -120,6 +213,11 @@ impl Fleet {
                     .outside
                     .iter()
                     .map(|(device, s)| json!({"device": device, "standing": s}))
+                    .collect();
+                let distances: Vec<Value> = c
+                    .standings
+                    .iter()
+                    .map(|(device, s)| json!({"device": device, "ratio": s.ratio, "score": s.score, "cluster": s.cluster, "model_version": s.model_version}))
                     .collect();
                 json!({
                     "class": c.class,
@@ -138,13 +236,24 @@ impl Fleet {
                         "age_s": age_s(now_ms, m.fitted_at_ms),
                         "trained": m.trained,
                         "excluded": m.excluded,
+                        "devices": m.trained + m.excluded,
+                        "trainer": m.trainer.as_ref().map(|t| t.0.as_str()),
+                        "epoch": m.trainer.as_ref().map(|t| t.1),
                         "linfa_version": m.model.linfa_version,
                     })),
                     "outside": outside,
+                    "distances": distances,
+                    "distances_truncated": c.standings_total > c.standings.len(),
                 })
             })
             .collect();
-        json!({ "classes": classes })
+        let epoch = self.trainer_epoch.load(Relaxed);
+        json!({
+            "classes": classes,
+            "mode": if shared_cluster { "cluster" } else { "static" },
+            "trainer": shared_cluster.then_some(epoch > 0),
+            "trainer_epoch": (epoch > 0).then_some(epoch),
+        })
     }
 
     /// The entries of `GET /api/models` (peer models today; PCA device models share the shape).
@@ -191,6 +300,10 @@ pub(crate) async fn refit_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let Some(fleet) = shared.fleet.as_ref() else {
         return;
     };
+    if shared.cfg.cluster.is_some() {
+        // The trainer fits from the whole fleet's profiles (see `cluster::sync_loop`).
+        return;
+    }
     let period = Duration::from_millis(shared.cfg.fleet.refit_interval_ms);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -434,3 +434,216 @@ fn a_device_that_comes_back_and_leaves_again_raises_a_second_event() {
     assert!((30..50).contains(&at[0].1) && at[1].1 >= 90, "{at:?}");
     assert_ne!(events[0].1.id, events[1].1.id);
 }
+
+/// Cluster mode, without the KV: three members each profile a third of the fleet and export
+/// their profiles (as JSON, as the bucket holds them) every window; one pool (the trainer's) fits
+/// the class model from all of them and measures where the class stands every window; every member
+/// adopts both, and the drifting device raises its event at its own member only, while the
+/// fleet-wide load cycle raises none.
+#[test]
+fn members_profiles_make_one_fleet_model_and_the_owner_of_a_drifter_raises_the_event() {
+    struct Fleet {
+        members: Vec<Profiles>,
+        pool: pool::Pool,
+        model: Option<(ClassKey, ClassModel)>,
+        events: Vec<(usize, FleetEvent)>,
+    }
+    impl Fleet {
+        /// One window of every device, then a trainer tick: profiles exported to the pool, the
+        /// class medians taken to every member with the model in use.
+        fn window(&mut self, i: i64, drift: f64) {
+            for d in 0..8 {
+                for (j, m) in METRICS.iter().enumerate() {
+                    let extra = if d == 0 && j == 1 { drift } else { 0.0 };
+                    let mean = BASE[j] * (1.0 + 0.01 * wobble(d, j, i)) + extra;
+                    let w = window(&format!("pump-{d}"), m, i, mean);
+                    let e = self.members[d % 3].observe(7, &w);
+                    self.events.extend(e.map(|e| (d % 3, e)));
+                }
+            }
+            self.export();
+            if let Some((class, mut cm)) = self.model.clone() {
+                let (now, at) = &self.pool.class_medians()[&class];
+                let shift = now.iter().zip(&cm.medians).map(|(a, b)| a - b).collect();
+                cm.shift = Some((shift, *at));
+                self.adopt(&class, cm);
+            }
+        }
+
+        fn export(&mut self) {
+            for (m, p) in self.members.iter_mut().enumerate() {
+                for r in p.export(&format!("agg-{m}")) {
+                    let bytes = serde_json::to_vec(&r).unwrap();
+                    self.pool.insert(&r.device, &bytes).unwrap();
+                }
+            }
+        }
+
+        fn adopt(&mut self, class: &ClassKey, cm: ClassModel) {
+            for (m, p) in self.members.iter_mut().enumerate() {
+                let e = p.adopt(class, cm.clone());
+                self.events.extend(e.into_iter().map(|e| (m, e)));
+            }
+        }
+
+        /// The trainer's fit: version `version`, from the pool.
+        fn fit(&mut self, version: u64) -> usize {
+            let sets = self.pool.training_sets();
+            assert_eq!(sets.len(), 1);
+            let set = &sets[0];
+            let mut model = set.fit(&PeerOptions::default()).unwrap();
+            model.version = version;
+            let n = set.class.metrics.len();
+            let medians = (0..n)
+                .map(|j| {
+                    let mut col: Vec<f64> = set.rows.chunks_exact(n).map(|r| r[j]).collect();
+                    robust::median(&mut col)
+                })
+                .collect();
+            let cm = ClassModel {
+                model,
+                fitted_at_ms: 1,
+                trained: set.devices(),
+                excluded: set.excluded,
+                medians,
+                trainer: Some(("agg-1".into(), 9)),
+                shift: Some((vec![0.0; n], set.to_ms)),
+            };
+            self.model = Some((set.class.clone(), cm.clone()));
+            self.adopt(&set.class, cm.clone());
+            // The same model again changes nothing.
+            let before = self.events.len();
+            self.adopt(&set.class, cm);
+            assert_eq!(self.events.len(), before);
+            set.devices() + set.excluded
+        }
+    }
+    let mut f = Fleet {
+        members: (0..3)
+            .map(|m| Profiles::new(&cfg(), &format!("agg-{m}")).unwrap())
+            .collect(),
+        pool: pool::Pool::new(&cfg()),
+        model: None,
+        events: Vec::new(),
+    };
+    for i in 0..30 {
+        f.window(i, 0.0);
+    }
+    assert_eq!(f.fit(1), 8, "the model saw every member's devices");
+    assert!(f.events.is_empty(), "identical devices: {:?}", f.events);
+    // Exported once per window: nothing new to write without a new window.
+    assert!(f.members.iter_mut().all(|p| p.export("x").is_empty()));
+    for p in &f.members {
+        let c = &p.classes()[0];
+        let m = c.model.as_ref().unwrap();
+        assert_eq!(
+            (m.model.version, m.trainer.clone()),
+            (1, Some(("agg-1".into(), 9)))
+        );
+        assert!(
+            (2..=3).contains(&c.standings.len()),
+            "this member's devices only"
+        );
+    }
+    // Device 0's flow drifts by 0.1 per window from window 30; refits every 10 windows.
+    for k in 0..6 {
+        for i in 30 + 10 * k..40 + 10 * k {
+            f.window(i, 0.1 * (i - 30) as f64);
+        }
+        f.fit(2 + k as u64);
+    }
+    assert_eq!(f.events.len(), 1, "one event, by the owner: {:?}", f.events);
+    let (m, (_, e)) = &f.events[0];
+    assert_eq!(
+        (*m, e.device.as_str(), e.metric.as_str()),
+        (0, "pump-0", "flow")
+    );
+    assert_eq!(e.agent, "agg-0");
+    assert_eq!(f.members[0].classes()[0].outside[0].0, "pump-0");
+    // The refits leave it out of the model (excluded, still counted in the class).
+    let sets = f.pool.training_sets();
+    assert_eq!((sets[0].devices(), sets[0].excluded), (7, 1));
+}
+
+/// Cluster mode: a device is never scored against class medians older than its profile. A backlog
+/// replayed in a burst (the whole fleet moving while the trainer's medians lag) raises nothing;
+/// once the medians reach the device's window it is scored, once.
+#[test]
+fn in_cluster_mode_a_device_waits_for_the_class_medians_of_its_window() {
+    let mut p = Profiles::new(&cfg(), "agg-1").unwrap();
+    let mut pool = pool::Pool::new(&cfg());
+    let feed_all = |p: &mut Profiles, from: i64, to: i64, level: f64| {
+        let mut events = Vec::new();
+        for i in from..to {
+            for d in 0..6 {
+                for (j, m) in METRICS.iter().enumerate() {
+                    let mean = BASE[j] * (level + 0.001 * wobble(d, j, i));
+                    events.extend(p.observe(7, &window(&format!("pump-{d}"), m, i, mean)));
+                }
+            }
+        }
+        events
+    };
+    let export = |p: &mut Profiles, pool: &mut pool::Pool| {
+        for r in p.export("agg-1") {
+            pool.insert(&r.device, &serde_json::to_vec(&r).unwrap())
+                .unwrap();
+        }
+    };
+    feed_all(&mut p, 0, 20, 1.0);
+    export(&mut p, &mut pool);
+    let set = pool.training_sets().remove(0);
+    let model = set.fit(&PeerOptions::default()).unwrap();
+    let n = set.class.metrics.len();
+    let medians: Vec<f64> = pool.class_medians()[&set.class].0.clone();
+    let cm = ClassModel {
+        model,
+        fitted_at_ms: 1,
+        trained: set.devices(),
+        excluded: 0,
+        medians: medians.clone(),
+        trainer: Some(("agg-2".into(), 4)),
+        shift: Some((vec![0.0; n], set.to_ms)),
+    };
+    assert!(p.adopt(&set.class, cm.clone()).is_empty());
+    // The whole fleet rises by 20 % in a burst: nothing is scored against the old medians.
+    assert!(feed_all(&mut p, 20, 60, 1.2).is_empty());
+    let same_medians = ClassModel {
+        shift: Some((vec![0.0; n], set.to_ms)),
+        ..cm.clone()
+    };
+    assert!(
+        p.adopt(&set.class, same_medians).is_empty(),
+        "medians behind the devices"
+    );
+    let standing = |p: &Profiles| p.classes()[0].standings.clone();
+    let before = standing(&p);
+    // The trainer's medians reach the burst's last window: scored once, against the class's move.
+    export(&mut p, &mut pool);
+    let (now, at) = pool.class_medians()[&set.class].clone();
+    assert_eq!(at, 60 * MIN);
+    let moved = ClassModel {
+        shift: Some((now.iter().zip(&medians).map(|(a, b)| a - b).collect(), at)),
+        ..cm.clone()
+    };
+    assert!(
+        p.adopt(&set.class, moved.clone()).is_empty(),
+        "the class moved as one"
+    );
+    let after = standing(&p);
+    assert_ne!(before, after, "scored");
+    assert!(after.iter().all(|(_, s)| s.score < THRESHOLD), "{after:?}");
+    // Without the class's move taken out, the same profiles would all be outside.
+    let mut q = Profiles::new(&cfg(), "agg-1").unwrap();
+    feed_all(&mut q, 0, 60, 1.0);
+    feed_all(&mut q, 60, 100, 1.2);
+    let unshifted = ClassModel {
+        shift: Some((vec![0.0; n], i64::MAX)),
+        ..cm
+    };
+    assert!(!q.adopt(&set.class, unshifted).is_empty());
+    // Scored once per window: the same medians again score nothing new.
+    let again = standing(&p);
+    assert!(p.adopt(&set.class, moved).is_empty());
+    assert_eq!(again, standing(&p));
+}
