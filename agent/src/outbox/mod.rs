@@ -163,7 +163,8 @@ pub struct Outbox {
     checkpoints: sled::Tree,
     /// Key + value bytes of the stored checkpoint: its header and every row, by index.
     checkpoint_bytes: u64,
-    checkpoint_rows: Vec<u64>,
+    /// A temporary outbox's checkpoint (nothing of it survives the process, so no file).
+    checkpoint_mem: Option<MemCheckpoint>,
     lanes: BTreeMap<u32, Lane>,
     bytes: u64,
     summaries: u64,
@@ -318,7 +319,7 @@ impl Outbox {
             meta,
             checkpoints,
             checkpoint_bytes: 0,
-            checkpoint_rows: Vec::new(),
+            checkpoint_mem: None,
             lanes: BTreeMap::new(),
             bytes: 0,
             summaries: 0,

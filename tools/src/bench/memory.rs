@@ -26,6 +26,8 @@ pub(super) struct ProcessRun {
     pub idle_secs: u64,
     /// Sampling interval while idle, seconds.
     pub sample_secs: u64,
+    /// A profiler command to run the agent under (`--memory-agent-wrapper`).
+    pub wrapper: Option<String>,
 }
 
 /// The child agent; killed if the bench fails half-way.
@@ -108,7 +110,17 @@ pub(super) async fn agent_process(run: &ProcessRun, base: &Path) -> anyhow::Resu
     let cfg = dir.0.join("agent.yaml");
     std::fs::write(&cfg, yaml)?;
     let log = dir.0.join("agent.log");
-    let child = Command::new(std::env::current_exe()?)
+    let exe = std::env::current_exe()?;
+    let mut words = run.wrapper.iter().flat_map(|w| w.split_whitespace());
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    let child = command
         .args(["agent", "--config"])
         .arg(&cfg)
         .env("NO_COLOR", "1")
