@@ -122,12 +122,10 @@ impl<R: Read> FileReader<R> {
 }
 
 fn read_exact(input: &mut impl Read, hash: &mut Xxh3, buf: &mut [u8]) -> Result<(), String> {
-    input
-        .read_exact(buf)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => "checkpoint file cut short".to_string(),
-            _ => format!("reading: {e}"),
-        })?;
+    input.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => "checkpoint file cut short".to_string(),
+        _ => format!("reading: {e}"),
+    })?;
     hash.update(buf);
     Ok(())
 }
@@ -304,7 +302,9 @@ impl Outbox {
                             u32::from_be_bytes([k[1], k[2], k[3], k[4]]),
                             v.to_vec(),
                         ))),
-                        Some(Ok((k, _))) => Err(format!("legacy row key {} is not 5 bytes", hex(&k))),
+                        Some(Ok((k, _))) => {
+                            Err(format!("legacy row key {} is not 5 bytes", hex(&k)))
+                        }
                         Some(Err(e)) => {
                             storage = Some(e);
                             Err(String::new())
@@ -470,17 +470,26 @@ mod tests {
         let mut o = Outbox::open(dir.path(), cfg()).unwrap();
         assert!(o.checkpoint().unwrap().is_none());
         o.put_checkpoint(b"h1", &rows(0..5, 1)).unwrap();
-        assert_eq!(o.checkpoint().unwrap(), Some((b"h1".to_vec(), rows(0..5, 1))));
+        assert_eq!(
+            o.checkpoint().unwrap(),
+            Some((b"h1".to_vec(), rows(0..5, 1)))
+        );
         // Only rows 1 and 6 changed (out of order on purpose), 5 is new.
-        o.put_checkpoint(b"h2", &[(6, vec![2]), (1, vec![2, 2])]).unwrap();
+        o.put_checkpoint(b"h2", &[(6, vec![2]), (1, vec![2, 2])])
+            .unwrap();
         let mut want = rows(0..5, 1);
         want[1].1 = vec![2, 2];
         want.push((6, vec![2]));
-        assert_eq!(o.checkpoint().unwrap(), Some((b"h2".to_vec(), want.clone())));
+        assert_eq!(
+            o.checkpoint().unwrap(),
+            Some((b"h2".to_vec(), want.clone()))
+        );
         let size = o.checkpoint_bytes();
         assert_eq!(
             size,
-            std::fs::metadata(dir.path().join(CHECKPOINT_FILE)).unwrap().len()
+            std::fs::metadata(dir.path().join(CHECKPOINT_FILE))
+                .unwrap()
+                .len()
         );
         drop(o);
         let o = Outbox::open(dir.path(), cfg()).unwrap();
@@ -522,7 +531,10 @@ mod tests {
                 Some((b"old".to_vec(), rows(0..3, 1))),
                 "cut {cut}"
             );
-            assert!(!dir.path().join(CHECKPOINT_TMP).exists(), "leftover deleted");
+            assert!(
+                !dir.path().join(CHECKPOINT_TMP).exists(),
+                "leftover deleted"
+            );
         }
     }
 
@@ -554,7 +566,9 @@ mod tests {
         }
         let mut longer = full.clone();
         longer.push(0);
-        assert!(read_all(&longer).unwrap_err().contains("after its checksum"));
+        assert!(read_all(&longer)
+            .unwrap_err()
+            .contains("after its checksum"));
         let mut v2 = full.clone();
         v2[8] = 2;
         assert!(read_all(&v2).unwrap_err().contains("version 2"));
