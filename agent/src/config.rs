@@ -172,8 +172,8 @@ fn default_models_min_fill() -> f64 {
     1.0
 }
 
-/// Where and how the agent keeps its durable state (outbox and pipeline checkpoints, one sled
-/// database).
+/// Where and how the agent keeps its durable state (the outbox's sled database and the pipeline
+/// checkpoint file beside it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {

@@ -3,8 +3,9 @@
 //!
 //! **Owns:** the sled database in one directory (a `records` tree keyed `partition (u32 BE) ++ seq
 //! (u64 BE)`, so a lane is one ordered key range, a `meta` tree holding each lane's acked seq and
-//! next seq, and an `epoch` tree holding the outbox's lane epoch), the byte accounting, and the disk
-//! budget (coarsening, eviction). **Does not own:**
+//! next seq, and an `epoch` tree holding the outbox's lane epoch), the pipeline checkpoint file
+//! beside it (`store.rs`; a `checkpoint` tree of older versions is read once and emptied), the byte
+//! accounting, and the disk budget (coarsening, eviction). **Does not own:**
 //! the network, retries, timers or async: it is a synchronous state machine that the uplink task drives
 //! (from `spawn_blocking` or a dedicated thread, since sled calls block).
 //!
