@@ -16,6 +16,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// Environment variable naming a profiler command the agent process runs under, split at spaces
+/// (for example `heaptrack -o /tmp/agent`); the RSS printed is then the profiler's wrapper's, and
+/// the agent is left running when the bench ends (stop it by its pid so the profiler writes out).
+pub(super) const WRAPPER_ENV: &str = "EDGEWATCH_BENCH_AGENT_WRAPPER";
+
 /// Sizes of the agent-process run.
 pub(super) struct ProcessRun {
     /// Distinct series (device ids `dev-00000…`, one metric each).
@@ -26,7 +31,7 @@ pub(super) struct ProcessRun {
     pub idle_secs: u64,
     /// Sampling interval while idle, seconds.
     pub sample_secs: u64,
-    /// A profiler command to run the agent under (`--memory-agent-wrapper`).
+    /// A profiler command to run the agent under ([`WRAPPER_ENV`]).
     pub wrapper: Option<String>,
 }
 

@@ -131,10 +131,6 @@ pub struct BenchArgs {
     /// RSS sampling interval of the memory section's idle agent process, seconds.
     #[arg(long, default_value_t = 10)]
     pub memory_sample_secs: u64,
-    /// A profiler command the memory section's agent process runs under, split at spaces (for
-    /// example `heaptrack -o /tmp/agent`); its RSS is then the profiler's and the agent's.
-    #[arg(long)]
-    pub memory_agent_wrapper: Option<String>,
     /// Readings the raw publisher sends per run of the ingest section.
     #[arg(long, default_value_t = 1_000_000)]
     pub ingest_readings: u64,
@@ -212,7 +208,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 readings_per_series: args.memory_agent_readings_per_series,
                 idle_secs: args.memory_idle_secs,
                 sample_secs: args.memory_sample_secs,
-                wrapper: args.memory_agent_wrapper.clone(),
+                wrapper: std::env::var(memory::WRAPPER_ENV)
+                    .ok()
+                    .filter(|w| !w.trim().is_empty()),
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
