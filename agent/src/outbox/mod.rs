@@ -166,6 +166,8 @@ pub struct Outbox {
     checkpoint_bytes: u64,
     /// A temporary outbox's checkpoint (nothing of it survives the process, so no file).
     checkpoint_mem: Option<MemCheckpoint>,
+    /// The checkpoint being handed over in chunks.
+    staging: Staging,
     lanes: BTreeMap<u32, Lane>,
     bytes: u64,
     summaries: u64,
@@ -338,6 +340,7 @@ impl Outbox {
             checkpoints,
             checkpoint_bytes: 0,
             checkpoint_mem: None,
+            staging: Staging::Idle,
             lanes: BTreeMap::new(),
             bytes: 0,
             summaries: 0,

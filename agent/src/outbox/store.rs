@@ -7,9 +7,13 @@
 //! so they moved out. A database from before is still read, and emptied once the first file is
 //! written.
 //!
-//! File format ([`FILE_MAGIC`], version [`FILE_VERSION`]): magic (8 bytes), version (u8), header
-//! length (u32) and header, then per row its index (u32), length (u32) and bytes, in ascending index
-//! order, then the end mark (u32 `0xFFFF_FFFF`), the row count (u32) and an XXH3-64 checksum of
+//! The agent hands a checkpoint over in chunks of rows ([`Outbox::stage_checkpoint_rows`]), then
+//! the header with the last chunk ([`Outbox::put_checkpoint`]); the rows go to the temporary file
+//! as they come, so memory holds one chunk, not every changed row.
+//!
+//! File format ([`FILE_MAGIC`], version [`FILE_VERSION`]): magic (8 bytes), version (u8), then per
+//! row its index (u32), length (u32) and bytes, in ascending index order, then the end mark (u32
+//! `0xFFFF_FFFF`), header length (u32) and header, the row count (u32) and an XXH3-64 checksum of
 //! everything before it; integers little-endian.
 
 use super::*;
@@ -51,12 +55,13 @@ struct FileReader<R: Read> {
     hash: Xxh3,
     rows: u32,
     last: Option<u32>,
-    done: bool,
+    /// Read once the end mark is reached.
+    header: Option<Vec<u8>>,
 }
 
 impl<R: Read> FileReader<R> {
-    /// Checks magic and version and returns the reader with the header.
-    fn open(mut input: R) -> Result<(Self, Vec<u8>), String> {
+    /// Checks magic and version.
+    fn open(mut input: R) -> Result<Self, String> {
         let mut hash = Xxh3::new();
         let mut magic = [0u8; 9];
         read_exact(&mut input, &mut hash, &mut magic)?;
@@ -69,25 +74,25 @@ impl<R: Read> FileReader<R> {
                 magic[8]
             ));
         }
-        let len = read_u32(&mut input, &mut hash)? as usize;
-        let header = read_vec(&mut input, &mut hash, len)?;
-        let reader = FileReader {
+        Ok(FileReader {
             input,
             hash,
             rows: 0,
             last: None,
-            done: false,
-        };
-        Ok((reader, header))
+            header: None,
+        })
     }
 
-    /// The next row, `None` after the last one (once the end mark and checksum are verified).
+    /// The next row, `None` after the last one (once the header and checksum are read and
+    /// verified: [`FileReader::header`]).
     fn next_row(&mut self) -> Result<Option<(u32, Vec<u8>)>, String> {
-        if self.done {
+        if self.header.is_some() {
             return Ok(None);
         }
         let index = read_u32(&mut self.input, &mut self.hash)?;
         if index == END {
+            let len = read_u32(&mut self.input, &mut self.hash)? as usize;
+            let header = read_vec(&mut self.input, &mut self.hash, len)?;
             let count = read_u32(&mut self.input, &mut self.hash)?;
             let expected = self.hash.digest();
             let mut sum = [0u8; 8];
@@ -107,7 +112,7 @@ impl<R: Read> FileReader<R> {
             if self.input.read(&mut extra).map_err(|e| e.to_string())? != 0 {
                 return Err("checkpoint file has bytes after its checksum".into());
             }
-            self.done = true;
+            self.header = Some(header);
             return Ok(None);
         }
         if self.last.is_some_and(|l| l >= index) {
@@ -118,6 +123,15 @@ impl<R: Read> FileReader<R> {
         self.last = Some(index);
         self.rows += 1;
         Ok(Some((index, row)))
+    }
+
+    /// Every remaining row, then the header.
+    fn read_all(mut self) -> Result<StoredCheckpoint, String> {
+        let mut rows = Vec::new();
+        while let Some(row) = self.next_row()? {
+            rows.push(row);
+        }
+        Ok((self.header.take().unwrap_or_default(), rows))
     }
 }
 
@@ -156,7 +170,7 @@ struct FileWriter<W: Write> {
 }
 
 impl<W: Write> FileWriter<W> {
-    fn new(out: W, header: &[u8]) -> std::io::Result<Self> {
+    fn new(out: W) -> std::io::Result<Self> {
         let mut w = FileWriter {
             out,
             hash: Xxh3::new(),
@@ -164,8 +178,6 @@ impl<W: Write> FileWriter<W> {
         };
         w.put(FILE_MAGIC)?;
         w.put(&[FILE_VERSION])?;
-        w.put(&(header.len() as u32).to_le_bytes())?;
-        w.put(header)?;
         Ok(w)
     }
 
@@ -182,8 +194,10 @@ impl<W: Write> FileWriter<W> {
         Ok(())
     }
 
-    fn finish(mut self) -> std::io::Result<W> {
+    fn finish(mut self, header: &[u8]) -> std::io::Result<W> {
         self.put(&END.to_le_bytes())?;
+        self.put(&(header.len() as u32).to_le_bytes())?;
+        self.put(header)?;
         let rows = self.rows;
         self.put(&rows.to_le_bytes())?;
         let sum = self.hash.digest();
@@ -192,37 +206,56 @@ impl<W: Write> FileWriter<W> {
     }
 }
 
-/// Merges the rows of the stored checkpoint (ascending) with the new ones (ascending): a new row
-/// replaces the stored row of its index.
-fn merge(
-    mut old: impl FnMut() -> Result<Option<(u32, Vec<u8>)>, String>,
-    new: &[&(u32, Vec<u8>)],
-    mut emit: impl FnMut(u32, &[u8]) -> Result<(), String>,
-) -> Result<(), String> {
-    let mut new = new.iter().peekable();
-    let mut cur = old()?;
-    loop {
-        match (&cur, new.peek()) {
-            (None, None) => return Ok(()),
-            (Some((i, row)), Some((j, _))) if i < j => {
-                emit(*i, row)?;
-                cur = old()?;
-            }
-            (Some((i, row)), None) => {
-                emit(*i, row)?;
-                cur = old()?;
-            }
-            (Some((i, _)), Some((j, row))) if i == j => {
-                emit(*j, row)?;
-                cur = old()?;
-                new.next();
-            }
-            (_, Some((j, row))) => {
-                emit(*j, row)?;
-                new.next();
-            }
+/// The rows of the stored checkpoint, read while the next one is written.
+enum OldRows {
+    None,
+    File(FileReader<BufReader<File>>),
+    /// A database from before the file.
+    Legacy(sled::Iter),
+}
+
+impl OldRows {
+    fn next(&mut self) -> Result<Option<(u32, Vec<u8>)>, String> {
+        match self {
+            OldRows::None => Ok(None),
+            OldRows::File(r) => r.next_row(),
+            OldRows::Legacy(it) => match it.next() {
+                None => Ok(None),
+                Some(Ok((k, v))) if k.len() == 5 => Ok(Some((
+                    u32::from_be_bytes([k[1], k[2], k[3], k[4]]),
+                    v.to_vec(),
+                ))),
+                Some(Ok((k, _))) => Err(format!(
+                    "legacy checkpoint row key {} is not 5 bytes",
+                    hex(&k)
+                )),
+                Some(Err(e)) => Err(format!("reading the legacy checkpoint: {e}")),
+            },
         }
     }
+}
+
+/// A checkpoint being written: the temporary file, the stored rows streamed through it, and the
+/// next stored row not yet passed.
+pub(super) struct Staged {
+    writer: FileWriter<BufWriter<File>>,
+    old: OldRows,
+    cur: Option<(u32, Vec<u8>)>,
+    last: Option<u32>,
+}
+
+/// Where a checkpoint being handed over stands.
+#[derive(Default)]
+pub(super) enum Staging {
+    /// None under way.
+    #[default]
+    Idle,
+    /// A durable outbox's temporary file.
+    File(Box<Staged>),
+    /// A temporary outbox's rows so far.
+    Memory(Vec<(u32, Vec<u8>)>),
+    /// A chunk failed; [`Outbox::put_checkpoint`] reports it.
+    Failed(OutboxError),
 }
 
 impl Outbox {
@@ -247,93 +280,164 @@ impl Outbox {
         }
     }
 
-    /// Stores the agent's pipeline checkpoint. It first flushes the database, then writes the
-    /// checkpoint file (temporary file, fsync, rename, directory fsync): everything appended before
-    /// it is durable before the checkpoint is, so a recovered checkpoint never covers a window
-    /// whose summary was lost, and a crash leaves the previous checkpoint or this one, never a mix.
-    /// `header` replaces the stored one and each `(index, row)` replaces that row; rows not given
-    /// stay as they are (a checkpoint hands over only the series that changed). The file is
-    /// rewritten whole, streaming the stored rows through: memory holds only the new rows.
+    /// Hands over a chunk of the checkpoint being taken: rows in ascending index order, each above
+    /// the previous chunk's. They are written to the temporary file at once (a temporary outbox
+    /// keeps them); a failure is remembered and reported by [`Outbox::put_checkpoint`].
+    pub fn stage_checkpoint_rows(&mut self, rows: &[(u32, Vec<u8>)]) {
+        if let Err(e) = self.stage(rows) {
+            self.abort_staged();
+            self.staging = Staging::Failed(e);
+        }
+    }
+
+    fn stage(&mut self, rows: &[(u32, Vec<u8>)]) -> Result<(), OutboxError> {
+        let last = match &self.staging {
+            Staging::Failed(_) => return Ok(()),
+            Staging::Idle => None,
+            Staging::File(st) => st.last,
+            Staging::Memory(m) => m.last().map(|(i, _)| *i),
+        };
+        let mut prev = last;
+        for (i, _) in rows {
+            if prev.is_some_and(|p| p >= *i) {
+                return Err(OutboxError::InvalidConfig(format!(
+                    "checkpoint rows must come in ascending index order, got {i} after {}",
+                    prev.unwrap_or_default()
+                )));
+            }
+            prev = Some(*i);
+        }
+        if self.temporary {
+            match &mut self.staging {
+                Staging::Memory(m) => m.extend(rows.iter().cloned()),
+                _ => self.staging = Staging::Memory(rows.to_vec()),
+            }
+            return Ok(());
+        }
+        if matches!(self.staging, Staging::Idle) {
+            let tmp = self.path.join(CHECKPOINT_TMP);
+            let file = File::create(&tmp).map_err(self.cp_io("create the temporary file"))?;
+            let writer = FileWriter::new(BufWriter::with_capacity(64 << 10, file))
+                .map_err(self.cp_io("write"))?;
+            let mut old = match self.open_file()? {
+                Some(reader) => OldRows::File(reader),
+                None if !self.checkpoints.is_empty() => {
+                    OldRows::Legacy(self.checkpoints.scan_prefix([CHECKPOINT_ROW]))
+                }
+                None => OldRows::None,
+            };
+            let cur = old.next().map_err(|p| self.cp_damaged(p))?;
+            self.staging = Staging::File(Box::new(Staged {
+                writer,
+                old,
+                cur,
+                last: None,
+            }));
+        }
+        let Staging::File(st) = &mut self.staging else {
+            unreachable!("staging was set above")
+        };
+        let (path, file) = (self.path.clone(), self.path.join(CHECKPOINT_FILE));
+        let io = |op| {
+            let (path, file) = (path.clone(), file.clone());
+            move |source| OutboxError::CheckpointIo {
+                path,
+                file,
+                op,
+                source,
+            }
+        };
+        let damaged = |problem| OutboxError::CheckpointDamaged {
+            path: path.clone(),
+            file: file.clone(),
+            problem,
+        };
+        for (j, row) in rows {
+            while let Some((i, old)) = &st.cur {
+                if i >= j {
+                    break;
+                }
+                st.writer.row(*i, old).map_err(io("write"))?;
+                st.cur = st.old.next().map_err(damaged)?;
+            }
+            if st.cur.as_ref().is_some_and(|(i, _)| i == j) {
+                st.cur = st.old.next().map_err(damaged)?;
+            }
+            st.writer.row(*j, row).map_err(io("write"))?;
+            st.last = Some(*j);
+        }
+        Ok(())
+    }
+
+    /// Drops a checkpoint under way and its temporary file.
+    fn abort_staged(&mut self) {
+        if let Staging::File(_) = std::mem::take(&mut self.staging) {
+            let _ = std::fs::remove_file(self.path.join(CHECKPOINT_TMP));
+        }
+    }
+
+    /// Stores the agent's pipeline checkpoint: `rows` (the last chunk, after those handed to
+    /// [`Outbox::stage_checkpoint_rows`]) and `header`. It flushes the database, then renames the
+    /// completed, fsynced temporary file over the checkpoint file: everything appended before it
+    /// is durable before the checkpoint is, so a recovered checkpoint never covers a window whose
+    /// summary was lost, and a crash leaves the previous checkpoint or this one, never a mix.
+    /// Each `(index, row)` replaces that row; rows not given stay as they are (a checkpoint hands
+    /// over only the series that changed). The file is rewritten whole, the stored rows streamed
+    /// through: memory holds only one chunk of rows.
     pub fn put_checkpoint(
         &mut self,
         header: &[u8],
         rows: &[(u32, Vec<u8>)],
     ) -> Result<(), OutboxError> {
-        let mut sorted: Vec<&(u32, Vec<u8>)> = rows.iter().collect();
-        sorted.sort_by_key(|(i, _)| *i);
-        sorted.dedup_by_key(|(i, _)| *i);
-        if sorted.len() != rows.len() {
-            return Err(OutboxError::InvalidConfig(
-                "checkpoint rows must have distinct indexes".into(),
-            ));
-        }
-        if self.temporary {
-            let (h, stored) = self.checkpoint_mem.get_or_insert_with(Default::default);
-            *h = header.to_vec();
-            for (i, row) in rows {
-                stored.insert(*i, row.clone());
-            }
-            self.checkpoint_bytes =
-                (header.len() + stored.values().map(|r| 8 + r.len()).sum::<usize>()) as u64;
-            return Ok(());
-        }
-        self.flush()?;
-        let new = &sorted;
-        let tmp = self.path.join(CHECKPOINT_TMP);
-        let file = File::create(&tmp).map_err(self.cp_io("create the temporary file"))?;
-        let mut writer = FileWriter::new(BufWriter::with_capacity(64 << 10, file), header)
-            .map_err(self.cp_io("write"))?;
-        let mut io_err = None;
-        let emit = |i: u32, row: &[u8]| {
-            writer.row(i, row).map_err(|e| {
-                io_err = Some(e);
-                String::new()
-            })
-        };
-        let merged = match self.open_file()? {
-            Some((mut reader, _)) => merge(|| reader.next_row(), new, emit),
-            None => {
-                let mut legacy = self.checkpoints.scan_prefix([CHECKPOINT_ROW]);
-                let mut storage = None;
-                let r = merge(
-                    || match legacy.next() {
-                        None => Ok(None),
-                        Some(Ok((k, v))) if k.len() == 5 => Ok(Some((
-                            u32::from_be_bytes([k[1], k[2], k[3], k[4]]),
-                            v.to_vec(),
-                        ))),
-                        Some(Ok((k, _))) => {
-                            Err(format!("legacy row key {} is not 5 bytes", hex(&k)))
-                        }
-                        Some(Err(e)) => {
-                            storage = Some(e);
-                            Err(String::new())
-                        }
-                    },
-                    new,
-                    emit,
-                );
-                if let Some(e) = storage {
-                    return Err(self.storage("read legacy checkpoint")(e));
+        self.stage_checkpoint_rows(rows);
+        let staged = match std::mem::take(&mut self.staging) {
+            Staging::Failed(e) => return Err(e),
+            Staging::Idle => {
+                // No rows at all: stage an empty chunk to start the file.
+                self.stage_checkpoint_rows(&[]);
+                match std::mem::take(&mut self.staging) {
+                    Staging::Failed(e) => return Err(e),
+                    other => other,
                 }
-                r
             }
+            other => other,
         };
-        if let Some(e) = io_err {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(self.cp_io("write")(e));
+        let st = match staged {
+            Staging::Memory(new) => {
+                let (h, stored) = self.checkpoint_mem.get_or_insert_with(Default::default);
+                *h = header.to_vec();
+                stored.extend(new);
+                self.checkpoint_bytes =
+                    (header.len() + stored.values().map(|r| 8 + r.len()).sum::<usize>()) as u64;
+                return Ok(());
+            }
+            Staging::File(st) => st,
+            Staging::Idle | Staging::Failed(_) => unreachable!("handled above"),
+        };
+        let result = self.finish_staged(*st, header);
+        if result.is_err() {
+            let _ = std::fs::remove_file(self.path.join(CHECKPOINT_TMP));
         }
-        if let Err(problem) = merged {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(self.cp_damaged(problem));
+        result
+    }
+
+    fn finish_staged(&mut self, mut st: Staged, header: &[u8]) -> Result<(), OutboxError> {
+        while let Some((i, row)) = st.cur.take() {
+            st.writer.row(i, &row).map_err(self.cp_io("write"))?;
+            st.cur = st.old.next().map_err(|p| self.cp_damaged(p))?;
         }
-        let file = writer
-            .finish()
+        let file = st
+            .writer
+            .finish(header)
             .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
             .map_err(self.cp_io("write"))?;
         file.sync_all().map_err(self.cp_io("fsync"))?;
         drop(file);
-        std::fs::rename(&tmp, self.checkpoint_file()).map_err(self.cp_io("rename"))?;
+        drop(st.old);
+        // The records this checkpoint covers become durable before it does.
+        self.flush()?;
+        std::fs::rename(self.path.join(CHECKPOINT_TMP), self.checkpoint_file())
+            .map_err(self.cp_io("rename"))?;
         File::open(&self.path)
             .and_then(|d| d.sync_all())
             .map_err(self.cp_io("fsync the directory"))?;
@@ -349,9 +453,8 @@ impl Outbox {
         Ok(())
     }
 
-    /// The checkpoint file opened, with its header; `None` when there is none.
-    #[allow(clippy::type_complexity)]
-    fn open_file(&self) -> Result<Option<(FileReader<BufReader<File>>, Vec<u8>)>, OutboxError> {
+    /// The checkpoint file opened (magic and version checked); `None` when there is none.
+    fn open_file(&self) -> Result<Option<FileReader<BufReader<File>>>, OutboxError> {
         let file = match File::open(self.checkpoint_file()) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -373,12 +476,8 @@ impl Outbox {
                 )
             }));
         }
-        if let Some((mut reader, header)) = self.open_file()? {
-            let mut rows = Vec::new();
-            while let Some(row) = reader.next_row().map_err(|p| self.cp_damaged(p))? {
-                rows.push(row);
-            }
-            return Ok(Some((header, rows)));
+        if let Some(reader) = self.open_file()? {
+            return reader.read_all().map(Some).map_err(|p| self.cp_damaged(p));
         }
         let Some(header) = self
             .checkpoints
@@ -403,6 +502,8 @@ impl Outbox {
 
     /// Deletes the stored checkpoint (the agent starts from empty state and will not use it).
     pub fn clear_checkpoint(&mut self) -> Result<(), OutboxError> {
+        self.abort_staged();
+        self.staging = Staging::Idle;
         self.checkpoint_mem = None;
         if !self.temporary {
             for name in [CHECKPOINT_FILE, CHECKPOINT_TMP] {
@@ -474,8 +575,8 @@ mod tests {
             o.checkpoint().unwrap(),
             Some((b"h1".to_vec(), rows(0..5, 1)))
         );
-        // Only rows 1 and 6 changed (out of order on purpose), 5 is new.
-        o.put_checkpoint(b"h2", &[(6, vec![2]), (1, vec![2, 2])])
+        // Only row 1 changed, 6 is new.
+        o.put_checkpoint(b"h2", &[(1, vec![2, 2]), (6, vec![2])])
             .unwrap();
         let mut want = rows(0..5, 1);
         want[1].1 = vec![2, 2];
@@ -498,14 +599,56 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_indexes_are_refused() {
+    fn rows_out_of_order_or_repeated_are_refused_and_leave_the_stored_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let mut o = Outbox::open(dir.path(), cfg()).unwrap();
         let err = o
             .put_checkpoint(b"h", &[(1, vec![1]), (1, vec![2])])
             .unwrap_err();
-        assert!(err.to_string().contains("distinct"), "{err}");
+        assert!(err.to_string().contains("ascending"), "{err}");
         assert!(o.checkpoint().unwrap().is_none());
+        o.put_checkpoint(b"ok", &rows(0..2, 1)).unwrap();
+        // A later chunk below an earlier one fails the whole checkpoint, at its end.
+        o.stage_checkpoint_rows(&[(5, vec![5])]);
+        o.stage_checkpoint_rows(&[(3, vec![3])]);
+        let err = o.put_checkpoint(b"bad", &[(9, vec![9])]).unwrap_err();
+        assert!(err.to_string().contains("3 after 5"), "{err}");
+        assert!(!dir.path().join(CHECKPOINT_TMP).exists());
+        assert_eq!(
+            o.checkpoint().unwrap(),
+            Some((b"ok".to_vec(), rows(0..2, 1)))
+        );
+        // The next checkpoint starts clean.
+        o.put_checkpoint(b"next", &[(1, vec![7])]).unwrap();
+        assert_eq!(
+            o.checkpoint().unwrap(),
+            Some((b"next".to_vec(), vec![(0, vec![1, 0, 7]), (1, vec![7])]))
+        );
+    }
+
+    /// Chunks handed over one by one make the same file as one call, and nothing is visible
+    /// before the last.
+    #[test]
+    fn a_checkpoint_in_chunks_is_invisible_until_its_header_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::open(dir.path(), cfg()).unwrap();
+        o.put_checkpoint(b"h1", &rows(0..10, 1)).unwrap();
+        o.stage_checkpoint_rows(&rows(2..4, 2));
+        o.stage_checkpoint_rows(&rows(6..7, 2));
+        assert_eq!(
+            o.checkpoint().unwrap(),
+            Some((b"h1".to_vec(), rows(0..10, 1)))
+        );
+        o.put_checkpoint(b"h2", &rows(9..12, 2)).unwrap();
+        let mut want = rows(0..10, 1);
+        for i in [2, 3, 6, 9] {
+            want[i].1[0] = 2;
+        }
+        want.extend(rows(10..12, 2));
+        assert_eq!(o.checkpoint().unwrap(), Some((b"h2".to_vec(), want)));
+        // A header-only checkpoint keeps every row.
+        o.put_checkpoint(b"h3", &[]).unwrap();
+        assert_eq!(o.checkpoint().unwrap().unwrap().1.len(), 12);
     }
 
     /// A crash mid-write leaves the temporary file: the old checkpoint is read, whole, and the
@@ -518,11 +661,11 @@ mod tests {
         drop(o);
         // Every cut of a new file's bytes, as a crash before the rename leaves it.
         let mut full = Vec::new();
-        let mut w = FileWriter::new(&mut full, b"new").unwrap();
+        let mut w = FileWriter::new(&mut full).unwrap();
         for (i, r) in rows(0..3, 9) {
             w.row(i, &r).unwrap();
         }
-        w.finish().unwrap();
+        w.finish(b"new").unwrap();
         for cut in [0, 5, full.len() / 2, full.len() - 1, full.len()] {
             std::fs::write(dir.path().join(CHECKPOINT_TMP), &full[..cut]).unwrap();
             let o = Outbox::open(dir.path(), cfg()).unwrap();
@@ -542,19 +685,12 @@ mod tests {
     #[test]
     fn a_damaged_file_is_an_error_naming_the_file() {
         let mut full = Vec::new();
-        let mut w = FileWriter::new(&mut full, b"hdr").unwrap();
+        let mut w = FileWriter::new(&mut full).unwrap();
         for (i, r) in rows(0..3, 4) {
             w.row(i, &r).unwrap();
         }
-        w.finish().unwrap();
-        let read_all = |bytes: &[u8]| -> Result<StoredCheckpoint, String> {
-            let (mut r, h) = FileReader::open(bytes)?;
-            let mut rows = Vec::new();
-            while let Some(row) = r.next_row()? {
-                rows.push(row);
-            }
-            Ok((h, rows))
-        };
+        w.finish(b"hdr").unwrap();
+        let read_all = |bytes: &[u8]| FileReader::open(bytes)?.read_all();
         assert_eq!(read_all(&full), Ok((b"hdr".to_vec(), rows(0..3, 4))));
         for cut in 0..full.len() {
             assert!(read_all(&full[..cut]).is_err(), "cut {cut}");
@@ -576,7 +712,8 @@ mod tests {
         let mut huge = Vec::new();
         huge.extend_from_slice(FILE_MAGIC);
         huge.push(FILE_VERSION);
-        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        huge.extend_from_slice(&0u32.to_le_bytes());
+        huge.extend_from_slice(&(u32::MAX - 1).to_le_bytes());
         assert!(read_all(&huge).unwrap_err().contains("cut short"));
 
         let dir = tempfile::tempdir().unwrap();
