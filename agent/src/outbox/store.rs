@@ -209,9 +209,9 @@ impl<W: Write> FileWriter<W> {
 /// The rows of the stored checkpoint, read while the next one is written.
 enum OldRows {
     None,
-    File(FileReader<BufReader<File>>),
+    File(Box<FileReader<BufReader<File>>>),
     /// A database from before the file.
-    Legacy(sled::Iter),
+    Legacy(Box<sled::Iter>),
 }
 
 impl OldRows {
@@ -320,9 +320,9 @@ impl Outbox {
             let writer = FileWriter::new(BufWriter::with_capacity(64 << 10, file))
                 .map_err(self.cp_io("write"))?;
             let mut old = match self.open_file()? {
-                Some(reader) => OldRows::File(reader),
+                Some(reader) => OldRows::File(Box::new(reader)),
                 None if !self.checkpoints.is_empty() => {
-                    OldRows::Legacy(self.checkpoints.scan_prefix([CHECKPOINT_ROW]))
+                    OldRows::Legacy(Box::new(self.checkpoints.scan_prefix([CHECKPOINT_ROW])))
                 }
                 None => OldRows::None,
             };
