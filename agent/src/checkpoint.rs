@@ -1,11 +1,12 @@
 //! The agent's stored checkpoint: a small header plus one row per series (rows come from
-//! [`crate::pipeline::Pipeline::take_changed`]; the outbox stores both in its database).
+//! [`crate::pipeline::Pipeline::take_changed_upto`]; the outbox stores both in its checkpoint
+//! file).
 //! This module owns both codecs (header, row framing), [`take`] (the pipeline task hands a
 //! checkpoint to the uplink) and [`restore`] (the pipeline at start-up).
 //!
-//! A checkpoint writes the header and only the rows of series that changed since the previous one,
-//! in one atomic batch flushed with the outbox records it covers: an idle agent writes nothing, a
-//! busy one writes its active series. The header says when it was taken, whether it was the clean
+//! A checkpoint hands over the header and only the rows of series that changed since the previous
+//! one, in chunks of [`CHUNK_ROWS`]; the outbox streams them into a new checkpoint file, made
+//! durable after the outbox records it covers: an idle agent writes nothing. The header says when it was taken, whether it was the clean
 //! shutdown's, the reading rate before it (for the loss estimate after a crash), the configuration
 //! fingerprint and series count the rows make up, and, in `after_checkpoint` mode, the packet ids of
 //! readings it covers whose acks were still to be sent.

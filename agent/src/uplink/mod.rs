@@ -49,8 +49,9 @@ use tokio::time::Instant;
 pub(crate) enum ToUplink {
     /// Outputs of one pipeline batch, in order.
     Outputs(Vec<Output>),
-    /// A pipeline checkpoint covering every output sent before it: stored in the outbox database,
-    /// flushed together with those outputs, then `done` is signalled.
+    /// A pipeline checkpoint covering every output sent before it (with the last chunk of its
+    /// rows): stored in the outbox's checkpoint file once those outputs are flushed, then `done`
+    /// is signalled.
     Checkpoint {
         header: Vec<u8>,
         rows: Vec<(u32, Vec<u8>)>,
