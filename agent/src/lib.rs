@@ -570,8 +570,9 @@ async fn open_outbox(cfg: &AgentConfig) -> Result<Outbox, AgentError> {
     };
     let dir = cfg.state.dir.clone();
     let agent = cfg.id.clone();
+    let cache = cfg.state.cache_bytes;
     let opened = tokio::task::spawn_blocking(move || match &dir {
-        Some(dir) => Outbox::open(dir, ocfg),
+        Some(dir) => Outbox::open_with_cache(dir, ocfg, cache),
         None => {
             tracing::warn!(agent = %agent, "no state.dir: the outbox is temporary, so a restart loses what was not yet acknowledged");
             Outbox::open_temporary(ocfg)

@@ -555,10 +555,19 @@ impl Pipeline {
     /// [`Pipeline::new`]), one row each, and marks them clean. Store the rows by index, replacing
     /// older ones; rows `0..series` then hold the whole state ([`Pipeline::restore_rows`]).
     pub fn take_changed(&mut self) -> Result<ChangedSeries, SnapshotError> {
+        self.take_changed_upto(usize::MAX)
+    }
+
+    /// [`Pipeline::take_changed`] for at most `max_rows` series (the lowest indexes): called until
+    /// it returns fewer, it hands a checkpoint over in bounded chunks.
+    pub fn take_changed_upto(&mut self, max_rows: usize) -> Result<ChangedSeries, SnapshotError> {
         let mut rows = Vec::new();
         for (i, s) in self.table.series.iter_mut().enumerate() {
             if !s.dirty {
                 continue;
+            }
+            if rows.len() >= max_rows {
+                break;
             }
             let row = postcard::to_stdvec(&*s).map_err(|e| SnapshotError::Encode {
                 detail: e.to_string(),

@@ -28,6 +28,30 @@ pub enum OutboxError {
         #[source]
         source: sled::Error,
     },
+    /// The checkpoint file could not be read or written.
+    #[error("outbox {}: checkpoint file {}: {op} failed: {source} (retryable if the disk has room and is writable)", path.display(), file.display())]
+    CheckpointIo {
+        /// Database directory.
+        path: PathBuf,
+        /// The checkpoint file.
+        file: PathBuf,
+        /// The operation, e.g. `write` or `rename`.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The checkpoint file is not one this agent wrote whole (damaged, cut short, or of another
+    /// format).
+    #[error("outbox {}: checkpoint file {}: {problem} (not retryable: the agent starts from empty state and deletes it)", path.display(), file.display())]
+    CheckpointDamaged {
+        /// Database directory.
+        path: PathBuf,
+        /// The checkpoint file.
+        file: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
     /// A stored record does not decode.
     #[error("outbox {}: record at key {key} (partition {partition}, seq {seq}) is corrupt: {source} (not retryable: the stored value is damaged)", path.display())]
     Corrupt {

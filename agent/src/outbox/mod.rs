@@ -3,8 +3,9 @@
 //!
 //! **Owns:** the sled database in one directory (a `records` tree keyed `partition (u32 BE) ++ seq
 //! (u64 BE)`, so a lane is one ordered key range, a `meta` tree holding each lane's acked seq and
-//! next seq, and an `epoch` tree holding the outbox's lane epoch), the byte accounting, and the disk
-//! budget (coarsening, eviction). **Does not own:**
+//! next seq, and an `epoch` tree holding the outbox's lane epoch), the pipeline checkpoint file
+//! beside it (`store.rs`; a `checkpoint` tree of older versions is read once and emptied), the byte
+//! accounting, and the disk budget (coarsening, eviction). **Does not own:**
 //! the network, retries, timers or async: it is a synchronous state machine that the uplink task drives
 //! (from `spawn_blocking` or a dedicated thread, since sled calls block).
 //!
@@ -163,7 +164,10 @@ pub struct Outbox {
     checkpoints: sled::Tree,
     /// Key + value bytes of the stored checkpoint: its header and every row, by index.
     checkpoint_bytes: u64,
-    checkpoint_rows: Vec<u64>,
+    /// A temporary outbox's checkpoint (nothing of it survives the process, so no file).
+    checkpoint_mem: Option<MemCheckpoint>,
+    /// The checkpoint being handed over in chunks.
+    staging: Staging,
     lanes: BTreeMap<u32, Lane>,
     bytes: u64,
     summaries: u64,
@@ -225,14 +229,16 @@ fn check_finite(partition: u32, record: &Record) -> Result<(), OutboxError> {
     }
 }
 
-/// sled's page cache bound. sled's default (1 GiB) would let a gateway agent's memory grow with
-/// what it once wrote; records are read back only for resends, so a small cache costs little.
-pub const SLED_CACHE_BYTES: u64 = 16 << 20;
+/// sled's page cache bound by default (`state.cache_bytes`). sled's own default (1 GiB) would let a
+/// gateway agent's memory grow with what it once wrote; records are read back only for resends,
+/// so a small cache costs little. sled's memory use exceeds this bound (its page table and log
+/// buffers come on top, about 10 MB more at 10 k series).
+pub const SLED_CACHE_BYTES: u64 = 4 << 20;
 
-fn sled_config() -> sled::Config {
+fn sled_config(cache_bytes: u64) -> sled::Config {
     sled::Config::new()
         .flush_every_ms(None)
-        .cache_capacity(SLED_CACHE_BYTES)
+        .cache_capacity(cache_bytes)
 }
 
 /// How long [`Outbox::open`] waits for a previous handle on the same directory to let go of it.
@@ -241,10 +247,10 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Opens sled with background flushing off. sled releases its directory lock from background threads
 /// some milliseconds after the last handle is dropped, so a reopen in the same process retries a lock
 /// conflict for up to [`LOCK_WAIT`].
-fn open_db(path: &Path) -> sled::Result<sled::Db> {
+fn open_db(path: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
-        match sled_config().path(path).open() {
+        match sled_config(cache_bytes).path(path).open() {
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>
@@ -262,6 +268,21 @@ impl Outbox {
     /// open with an error naming its key. If the directory is locked (another handle, possibly one just
     /// dropped in this process), waits up to 2 s before failing with a retryable error. Blocking.
     pub fn open(path: &Path, cfg: OutboxConfig) -> Result<Outbox, OutboxError> {
+        Self::open_with_cache(path, cfg, SLED_CACHE_BYTES)
+    }
+
+    /// [`Outbox::open`] with sled's page cache bounded to `cache_bytes` (> 0) instead of
+    /// [`SLED_CACHE_BYTES`].
+    pub fn open_with_cache(
+        path: &Path,
+        cfg: OutboxConfig,
+        cache_bytes: u64,
+    ) -> Result<Outbox, OutboxError> {
+        if cache_bytes == 0 {
+            return Err(OutboxError::InvalidConfig(
+                "the outbox cache must be > 0 bytes, got 0".into(),
+            ));
+        }
         if cfg.max_outbox_bytes == 0 {
             return Err(OutboxError::InvalidConfig(
                 "max_outbox_bytes must be > 0, got 0".into(),
@@ -276,7 +297,7 @@ impl Outbox {
             path: path.to_path_buf(),
             source,
         };
-        let db = open_db(path).map_err(open_err)?;
+        let db = open_db(path, cache_bytes).map_err(open_err)?;
         Self::with_db(db, path, cfg, false)
     }
 
@@ -284,7 +305,7 @@ impl Outbox {
     /// durability (an agent without `state.dir`).
     pub fn open_temporary(cfg: OutboxConfig) -> Result<Outbox, OutboxError> {
         let path = Path::new("(temporary outbox)");
-        let db = sled_config()
+        let db = sled_config(SLED_CACHE_BYTES)
             .temporary(true)
             .open()
             .map_err(|source| OutboxError::Open {
@@ -318,7 +339,8 @@ impl Outbox {
             meta,
             checkpoints,
             checkpoint_bytes: 0,
-            checkpoint_rows: Vec::new(),
+            checkpoint_mem: None,
+            staging: Staging::Idle,
             lanes: BTreeMap::new(),
             bytes: 0,
             summaries: 0,

@@ -49,13 +49,17 @@ use tokio::time::Instant;
 pub(crate) enum ToUplink {
     /// Outputs of one pipeline batch, in order.
     Outputs(Vec<Output>),
-    /// A pipeline checkpoint covering every output sent before it: stored in the outbox database,
-    /// flushed together with those outputs, then `done` is signalled.
+    /// A pipeline checkpoint covering every output sent before it (with the last chunk of its
+    /// rows): stored in the outbox's checkpoint file once those outputs are flushed, then `done`
+    /// is signalled.
     Checkpoint {
         header: Vec<u8>,
         rows: Vec<(u32, Vec<u8>)>,
         done: Option<oneshot::Sender<()>>,
     },
+    /// A chunk of the rows of the checkpoint being taken (ascending indexes), ahead of the
+    /// [`ToUplink::Checkpoint`] that completes it: written to the checkpoint's temporary file.
+    CheckpointRows(Vec<(u32, Vec<u8>)>),
     /// New batching settings from a reload (`uplink.batch_max_records`, `uplink.batch_max_delay_ms`),
     /// in force from the next round.
     Batching {
@@ -183,6 +187,11 @@ impl Uplink {
                     Some(ToUplink::Batching { batch_max, max_delay }) => {
                         self.s.batch_max = batch_max;
                         self.s.max_delay = max_delay;
+                    }
+                    Some(ToUplink::CheckpointRows(rows)) => {
+                        self.metrics.checkpoint_rows_total.fetch_add(rows.len() as u64, Relaxed);
+                        self.outbox.stage_checkpoint_rows(&rows);
+                        continue;
                     }
                     Some(ToUplink::Checkpoint { header, rows, done }) => {
                         self.metrics.checkpoint_rows_total.fetch_add(rows.len() as u64, Relaxed);

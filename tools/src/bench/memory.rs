@@ -16,6 +16,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// Environment variable naming a profiler command the agent process runs under, split at spaces
+/// (for example `heaptrack -o /tmp/agent`); the RSS printed is then the profiler's wrapper's, and
+/// the agent is left running when the bench ends (stop it by its pid so the profiler writes out).
+pub(super) const WRAPPER_ENV: &str = "EDGEWATCH_BENCH_AGENT_WRAPPER";
+
 /// Sizes of the agent-process run.
 pub(super) struct ProcessRun {
     /// Distinct series (device ids `dev-00000…`, one metric each).
@@ -26,6 +31,8 @@ pub(super) struct ProcessRun {
     pub idle_secs: u64,
     /// Sampling interval while idle, seconds.
     pub sample_secs: u64,
+    /// A profiler command to run the agent under ([`WRAPPER_ENV`]).
+    pub wrapper: Option<String>,
 }
 
 /// The child agent; killed if the bench fails half-way.
@@ -108,7 +115,17 @@ pub(super) async fn agent_process(run: &ProcessRun, base: &Path) -> anyhow::Resu
     let cfg = dir.0.join("agent.yaml");
     std::fs::write(&cfg, yaml)?;
     let log = dir.0.join("agent.log");
-    let child = Command::new(std::env::current_exe()?)
+    let exe = std::env::current_exe()?;
+    let mut words = run.wrapper.iter().flat_map(|w| w.split_whitespace());
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    let child = command
         .args(["agent", "--config"])
         .arg(&cfg)
         .env("NO_COLOR", "1")

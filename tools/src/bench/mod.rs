@@ -208,6 +208,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 readings_per_series: args.memory_agent_readings_per_series,
                 idle_secs: args.memory_idle_secs,
                 sample_secs: args.memory_sample_secs,
+                wrapper: std::env::var(memory::WRAPPER_ENV)
+                    .ok()
+                    .filter(|w| !w.trim().is_empty()),
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
