@@ -82,6 +82,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 mod budget;
 mod error;
+mod journal;
 mod lanes;
 mod store;
 
@@ -168,6 +169,8 @@ pub struct Outbox {
     checkpoint_mem: Option<MemCheckpoint>,
     /// The checkpoint being handed over in chunks.
     staging: Staging,
+    /// The checkpoint file and its journal.
+    files: CheckpointFiles,
     lanes: BTreeMap<u32, Lane>,
     bytes: u64,
     summaries: u64,
@@ -341,6 +344,7 @@ impl Outbox {
             checkpoint_bytes: 0,
             checkpoint_mem: None,
             staging: Staging::Idle,
+            files: CheckpointFiles::default(),
             lanes: BTreeMap::new(),
             bytes: 0,
             summaries: 0,

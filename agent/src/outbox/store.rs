@@ -11,7 +11,12 @@
 //! the header with the last chunk ([`Outbox::put_checkpoint`]); the rows go to the temporary file
 //! as they come, so memory holds one chunk, not every changed row.
 //!
-//! File format ([`FILE_MAGIC`], version [`FILE_VERSION`]): magic (8 bytes), version (u8), then per
+//! A checkpoint that changed few series (its rows under half the file's size, and the journal
+//! still under half of it too) is appended to the journal instead (`outbox::journal`); the next
+//! one past those bounds rewrites the file, folding the journal in, and starts a new journal.
+//!
+//! File format ([`FILE_MAGIC`], version [`FILE_VERSION`]): magic (8 bytes), version (u8), generation
+//! (u64, one more than the file it replaced: the journal names it), then per
 //! row its index (u32), length (u32) and bytes, in ascending index order, then the end mark (u32
 //! `0xFFFF_FFFF`), header length (u32) and header, the row count (u32) and an XXH3-64 checksum of
 //! everything before it; integers little-endian.
@@ -38,7 +43,10 @@ const CHECKPOINT_TMP: &str = "pipeline.checkpoint.tmp";
 pub const FILE_MAGIC: &[u8; 8] = b"EWCKPT\r\n";
 
 /// Version of the checkpoint file layout.
-pub const FILE_VERSION: u8 = 1;
+pub const FILE_VERSION: u8 = 2;
+
+/// The journal is folded into a new checkpoint file once it passes half the file's size, or this.
+const JOURNAL_MIN_BYTES: u64 = 256 << 10;
 
 /// Marks the end of the rows (no series has this index).
 const END: u32 = u32::MAX;
@@ -57,6 +65,8 @@ struct FileReader<R: Read> {
     last: Option<u32>,
     /// Read once the end mark is reached.
     header: Option<Vec<u8>>,
+    /// The file's generation (see the module doc).
+    generation: u64,
 }
 
 impl<R: Read> FileReader<R> {
@@ -74,12 +84,15 @@ impl<R: Read> FileReader<R> {
                 magic[8]
             ));
         }
+        let mut generation = [0u8; 8];
+        read_exact(&mut input, &mut hash, &mut generation)?;
         Ok(FileReader {
             input,
             hash,
             rows: 0,
             last: None,
             header: None,
+            generation: u64::from_le_bytes(generation),
         })
     }
 
@@ -170,7 +183,7 @@ struct FileWriter<W: Write> {
 }
 
 impl<W: Write> FileWriter<W> {
-    fn new(out: W) -> std::io::Result<Self> {
+    fn new(out: W, generation: u64) -> std::io::Result<Self> {
         let mut w = FileWriter {
             out,
             hash: Xxh3::new(),
@@ -178,6 +191,7 @@ impl<W: Write> FileWriter<W> {
         };
         w.put(FILE_MAGIC)?;
         w.put(&[FILE_VERSION])?;
+        w.put(&generation.to_le_bytes())?;
         Ok(w)
     }
 
@@ -209,7 +223,13 @@ impl<W: Write> FileWriter<W> {
 /// The rows of the stored checkpoint, read while the next one is written.
 enum OldRows {
     None,
-    File(Box<FileReader<BufReader<File>>>),
+    /// The checkpoint file's rows (its next one read ahead) with the journal's committed rows
+    /// over them.
+    File {
+        reader: Box<FileReader<BufReader<File>>>,
+        next: Option<(u32, Vec<u8>)>,
+        journal: std::iter::Peekable<std::collections::btree_map::IntoIter<u32, Vec<u8>>>,
+    },
     /// A database from before the file.
     Legacy(Box<sled::Iter>),
 }
@@ -218,7 +238,30 @@ impl OldRows {
     fn next(&mut self) -> Result<Option<(u32, Vec<u8>)>, String> {
         match self {
             OldRows::None => Ok(None),
-            OldRows::File(r) => r.next_row(),
+            OldRows::File {
+                reader,
+                next,
+                journal,
+            } => {
+                if next.is_none() {
+                    *next = reader.next_row()?;
+                }
+                let from_file = match (&next, journal.peek()) {
+                    (Some((i, _)), Some((j, _))) => i < j,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if from_file {
+                    return Ok(next.take());
+                }
+                let row = journal.next();
+                if let (Some((i, _)), Some((j, _))) = (&next, &row) {
+                    if i == j {
+                        *next = None; // replaced by the journal's
+                    }
+                }
+                Ok(row)
+            }
             OldRows::Legacy(it) => match it.next() {
                 None => Ok(None),
                 Some(Ok((k, v))) if k.len() == 5 => Ok(Some((
@@ -242,6 +285,34 @@ pub(super) struct Staged {
     old: OldRows,
     cur: Option<(u32, Vec<u8>)>,
     last: Option<u32>,
+    /// The new file's generation.
+    generation: u64,
+    /// Bytes of the rows handed over.
+    bytes: u64,
+}
+
+/// A checkpoint being appended to the journal.
+pub(super) struct Appending {
+    out: BufWriter<File>,
+    last: Option<u32>,
+    /// Bytes appended so far.
+    bytes: u64,
+}
+
+/// Where the checkpoint file and its journal stand (a durable outbox).
+#[derive(Debug, Default)]
+pub(super) struct CheckpointFiles {
+    /// The checkpoint file's generation and size (0: none).
+    pub generation: u64,
+    pub file_bytes: u64,
+    /// The journal's length up to its last commit.
+    pub journal_bytes: u64,
+    /// Whether the next checkpoint may be appended to the journal: it belongs to the file and
+    /// ends at its last commit (cleared by any failure, so the next checkpoint rewrites the file).
+    pub appendable: bool,
+    /// Whether the last checkpoint's rows reached half the file's size (then the next one rewrites
+    /// it: appending would only double the writes).
+    pub dense: bool,
 }
 
 /// Where a checkpoint being handed over stands.
@@ -252,6 +323,8 @@ pub(super) enum Staging {
     Idle,
     /// A durable outbox's temporary file.
     File(Box<Staged>),
+    /// A durable outbox's journal.
+    Append(Box<Appending>),
     /// A temporary outbox's rows so far.
     Memory(Vec<(u32, Vec<u8>)>),
     /// A chunk failed; [`Outbox::put_checkpoint`] reports it.
@@ -295,6 +368,7 @@ impl Outbox {
             Staging::Failed(_) => return Ok(()),
             Staging::Idle => None,
             Staging::File(st) => st.last,
+            Staging::Append(a) => a.last,
             Staging::Memory(m) => m.last().map(|(i, _)| *i),
         };
         let mut prev = last;
@@ -314,13 +388,53 @@ impl Outbox {
             }
             return Ok(());
         }
+        if matches!(self.staging, Staging::Idle) && self.may_append() {
+            // Cleared until this checkpoint commits: a failure half-way leaves frames after the
+            // last commit, which the next checkpoint must not follow.
+            self.files.appendable = false;
+            let out = std::fs::OpenOptions::new()
+                .append(true)
+                .open(self.journal_file())
+                .map_err(self.cp_io("open the journal"))?;
+            self.staging = Staging::Append(Box::new(Appending {
+                out: BufWriter::with_capacity(64 << 10, out),
+                last: None,
+                bytes: 0,
+            }));
+        }
+        if let Staging::Append(a) = &mut self.staging {
+            if !rows.is_empty() {
+                let (path, file) = (self.path.clone(), self.path.join(journal::JOURNAL_FILE));
+                a.bytes +=
+                    journal::write_frame(&mut a.out, journal::ROWS, &journal::rows_payload(rows))
+                        .map_err(|source| OutboxError::CheckpointIo {
+                        path,
+                        file,
+                        op: "append to the journal",
+                        source,
+                    })?;
+                a.last = rows.last().map(|(i, _)| *i);
+            }
+            return Ok(());
+        }
         if matches!(self.staging, Staging::Idle) {
+            let generation = self.files.generation.wrapping_add(1);
             let tmp = self.path.join(CHECKPOINT_TMP);
             let file = File::create(&tmp).map_err(self.cp_io("create the temporary file"))?;
-            let writer = FileWriter::new(BufWriter::with_capacity(64 << 10, file))
+            let writer = FileWriter::new(BufWriter::with_capacity(64 << 10, file), generation)
                 .map_err(self.cp_io("write"))?;
             let mut old = match self.open_file()? {
-                Some(reader) => OldRows::File(Box::new(reader)),
+                Some(reader) => {
+                    let journal = journal::read(&self.journal_file(), reader.generation)
+                        .map_err(self.cp_io("read the journal"))?
+                        .map(|j| j.rows)
+                        .unwrap_or_default();
+                    OldRows::File {
+                        reader: Box::new(reader),
+                        next: None,
+                        journal: journal.into_iter().peekable(),
+                    }
+                }
                 None if !self.checkpoints.is_empty() => {
                     OldRows::Legacy(Box::new(self.checkpoints.scan_prefix([CHECKPOINT_ROW])))
                 }
@@ -332,6 +446,8 @@ impl Outbox {
                 old,
                 cur,
                 last: None,
+                generation,
+                bytes: 0,
             }));
         }
         let Staging::File(st) = &mut self.staging else {
@@ -365,6 +481,7 @@ impl Outbox {
             }
             st.writer.row(*j, row).map_err(io("write"))?;
             st.last = Some(*j);
+            st.bytes += 8 + row.len() as u64;
         }
         Ok(())
     }
@@ -412,6 +529,7 @@ impl Outbox {
                 return Ok(());
             }
             Staging::File(st) => st,
+            Staging::Append(a) => return self.commit_append(*a, header),
             Staging::Idle | Staging::Failed(_) => unreachable!("handled above"),
         };
         let result = self.finish_staged(*st, header);
@@ -419,6 +537,49 @@ impl Outbox {
             let _ = std::fs::remove_file(self.path.join(CHECKPOINT_TMP));
         }
         result
+    }
+
+    /// Whether the next checkpoint goes to the journal (see the module doc).
+    fn may_append(&self) -> bool {
+        let f = &self.files;
+        !self.temporary
+            && f.appendable
+            && f.file_bytes > 0
+            && !f.dense
+            && f.journal_bytes <= (f.file_bytes / 2).max(JOURNAL_MIN_BYTES)
+    }
+
+    fn journal_file(&self) -> PathBuf {
+        self.path.join(journal::JOURNAL_FILE)
+    }
+
+    /// Ends a checkpoint appended to the journal: the database flushed first (what the checkpoint
+    /// covers is durable before it is), then the commit frame written and synced.
+    fn commit_append(&mut self, mut a: Appending, header: &[u8]) -> Result<(), OutboxError> {
+        let rows = a.bytes;
+        self.flush()?;
+        let (path, file) = (self.path.clone(), self.journal_file());
+        let io = |op| {
+            move |source| OutboxError::CheckpointIo {
+                path,
+                file,
+                op,
+                source,
+            }
+        };
+        let committed = journal::write_frame(&mut a.out, journal::COMMIT, header)
+            .and_then(|n| {
+                let out = a.out.into_inner().map_err(|e| e.into_error())?;
+                out.sync_data()?;
+                Ok(n)
+            })
+            .map_err(io("append to the journal"))?;
+        let f = &mut self.files;
+        f.journal_bytes += rows + committed;
+        f.appendable = true;
+        f.dense = rows.saturating_mul(2) >= f.file_bytes;
+        self.checkpoint_bytes = f.file_bytes + f.journal_bytes;
+        Ok(())
     }
 
     fn finish_staged(&mut self, mut st: Staged, header: &[u8]) -> Result<(), OutboxError> {
@@ -447,10 +608,34 @@ impl Outbox {
                 .clear()
                 .map_err(self.storage("clear legacy checkpoint"))?;
         }
-        self.checkpoint_bytes = std::fs::metadata(self.checkpoint_file())
+        let file_bytes = std::fs::metadata(self.checkpoint_file())
             .map_err(self.cp_io("stat"))?
             .len();
+        self.files = CheckpointFiles {
+            generation: st.generation,
+            file_bytes,
+            journal_bytes: 0,
+            appendable: false,
+            dense: st.bytes.saturating_mul(2) >= file_bytes,
+        };
+        self.checkpoint_bytes = file_bytes;
+        // A new, empty journal for this file. The one there names the previous generation, so
+        // until this is done (or if it fails) it is ignored, and the next checkpoint rewrites the
+        // file again.
+        if self.new_journal(st.generation).is_ok() {
+            self.files.journal_bytes = journal::JOURNAL_HEADER_BYTES;
+            self.files.appendable = true;
+            self.checkpoint_bytes += journal::JOURNAL_HEADER_BYTES;
+        }
         Ok(())
+    }
+
+    /// Replaces the journal with an empty one for the checkpoint file of `generation`, durably.
+    fn new_journal(&self, generation: u64) -> std::io::Result<()> {
+        let mut f = File::create(self.journal_file())?;
+        journal::write_header(&mut f, generation)?;
+        f.sync_all()?;
+        File::open(&self.path)?.sync_all()
     }
 
     /// The checkpoint file opened (magic and version checked); `None` when there is none.
@@ -477,7 +662,21 @@ impl Outbox {
             }));
         }
         if let Some(reader) = self.open_file()? {
-            return reader.read_all().map(Some).map_err(|p| self.cp_damaged(p));
+            let generation = reader.generation;
+            let (mut header, mut rows) = reader.read_all().map_err(|p| self.cp_damaged(p))?;
+            if let Some(j) = journal::read(&self.journal_file(), generation)
+                .map_err(self.cp_io("read the journal"))?
+            {
+                if let Some(h) = j.header {
+                    header = h;
+                }
+                if !j.rows.is_empty() {
+                    let mut all: BTreeMap<u32, Vec<u8>> = rows.into_iter().collect();
+                    all.extend(j.rows);
+                    rows = all.into_iter().collect();
+                }
+            }
+            return Ok(Some((header, rows)));
         }
         let Some(header) = self
             .checkpoints
@@ -506,7 +705,8 @@ impl Outbox {
         self.staging = Staging::Idle;
         self.checkpoint_mem = None;
         if !self.temporary {
-            for name in [CHECKPOINT_FILE, CHECKPOINT_TMP] {
+            self.files = CheckpointFiles::default();
+            for name in [CHECKPOINT_FILE, CHECKPOINT_TMP, journal::JOURNAL_FILE] {
                 match std::fs::remove_file(self.path.join(name)) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -536,11 +736,23 @@ impl Outbox {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(self.cp_io("delete the temporary file")(e)),
         }
-        let mut total = match std::fs::metadata(self.checkpoint_file()) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(self.cp_io("stat")(e)),
-        };
+        let mut total = 0;
+        // A damaged file is reported by `checkpoint` (the agent then clears it).
+        if let Ok(Some(reader)) = self.open_file() {
+            let file_bytes = std::fs::metadata(self.checkpoint_file())
+                .map_err(self.cp_io("stat"))?
+                .len();
+            let j = journal::read(&self.journal_file(), reader.generation)
+                .map_err(self.cp_io("read the journal"))?;
+            self.files = CheckpointFiles {
+                generation: reader.generation,
+                file_bytes,
+                journal_bytes: j.as_ref().map_or(0, |j| j.committed),
+                appendable: j.as_ref().is_some_and(|j| j.clean),
+                dense: false,
+            };
+            total = file_bytes + self.files.journal_bytes;
+        }
         for item in self.checkpoints.iter() {
             let (k, v) = item.map_err(self.storage("read checkpoint"))?;
             total += (k.len() + v.len()) as u64;
@@ -586,11 +798,10 @@ mod tests {
             Some((b"h2".to_vec(), want.clone()))
         );
         let size = o.checkpoint_bytes();
+        let on_disk = |name| std::fs::metadata(dir.path().join(name)).unwrap().len();
         assert_eq!(
             size,
-            std::fs::metadata(dir.path().join(CHECKPOINT_FILE))
-                .unwrap()
-                .len()
+            on_disk(CHECKPOINT_FILE) + on_disk(journal::JOURNAL_FILE)
         );
         drop(o);
         let o = Outbox::open(dir.path(), cfg()).unwrap();
@@ -651,6 +862,168 @@ mod tests {
         assert_eq!(o.checkpoint().unwrap().unwrap().1.len(), 12);
     }
 
+    fn generation(dir: &Path) -> u64 {
+        let f = File::open(dir.join(CHECKPOINT_FILE)).unwrap();
+        FileReader::open(BufReader::new(f)).unwrap().generation
+    }
+
+    /// Checkpoints of few changed rows are appended to the journal, the file untouched, until the
+    /// journal passes half the file; a dense one rewrites the file. Every state reads back as a
+    /// plain model of "the latest row of each index" says, also after reopening.
+    #[test]
+    fn sparse_checkpoints_go_to_the_journal_and_dense_ones_rewrite_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::open(dir.path(), cfg()).unwrap();
+        let big = |i: u32, tag: u8| (i, vec![tag; 100 + (i as usize % 7)]);
+        let mut model: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+        let all: Vec<_> = (0..4000).map(|i| big(i, 1)).collect();
+        o.put_checkpoint(b"h0", &all).unwrap();
+        model.extend(all);
+        let file_bytes = o.files.file_bytes;
+        assert!(file_bytes > 400_000);
+        let first = generation(dir.path());
+        // Sparse: 20 rows of 4000 each time.
+        let mut appended = 0;
+        for round in 0..400u32 {
+            let rows: Vec<_> = (0..20)
+                .map(|k| big((round * 37 + k * 101) % 4000, round as u8))
+                .collect();
+            let mut sorted = rows.clone();
+            sorted.sort_by_key(|(i, _)| *i);
+            sorted.dedup_by_key(|(i, _)| *i);
+            let header = format!("h{round}");
+            let gen_before = generation(dir.path());
+            o.put_checkpoint(header.as_bytes(), &sorted).unwrap();
+            model.extend(sorted);
+            if generation(dir.path()) == gen_before {
+                appended += 1;
+                assert!(
+                    o.files.journal_bytes <= (file_bytes / 2).max(JOURNAL_MIN_BYTES) + 20 * 200,
+                    "bounded journal"
+                );
+            }
+            if round % 50 == 0 {
+                drop(o);
+                o = Outbox::open(dir.path(), cfg()).unwrap();
+            }
+            let (h, got) = o.checkpoint().unwrap().unwrap();
+            assert_eq!(h, header.as_bytes());
+            assert_eq!(
+                got,
+                model.clone().into_iter().collect::<Vec<_>>(),
+                "round {round}"
+            );
+        }
+        assert!(
+            appended > 350,
+            "most sparse checkpoints were appended: {appended}"
+        );
+        assert!(
+            generation(dir.path()) > first,
+            "the journal was folded in at least once"
+        );
+        // Dense: every row changes; the file is rewritten, the journal emptied.
+        let g = generation(dir.path());
+        let all: Vec<_> = (0..4000).map(|i| big(i, 200)).collect();
+        // (The first is appended unless the journal is full, and makes the next one rewrite.)
+        o.put_checkpoint(b"dense", &all).unwrap();
+        o.put_checkpoint(b"dense", &all).unwrap();
+        model.extend(all);
+        assert!(generation(dir.path()) > g);
+        assert_eq!(o.files.journal_bytes, journal::JOURNAL_HEADER_BYTES);
+        assert_eq!(
+            o.checkpoint().unwrap().unwrap().1,
+            model.into_iter().collect::<Vec<_>>()
+        );
+    }
+
+    /// A crash mid-append (any cut after the last commit) or a checkpoint that failed half-way
+    /// leaves exactly the last committed checkpoint; the next one rewrites the file without the
+    /// uncommitted rows.
+    #[test]
+    fn a_crash_or_a_failure_mid_append_leaves_the_last_committed_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::open(dir.path(), cfg()).unwrap();
+        o.put_checkpoint(b"h1", &rows(0..100, 1)).unwrap();
+        o.put_checkpoint(b"h2", &[(3, vec![2])]).unwrap();
+        let mut want = rows(0..100, 1);
+        want[3].1 = vec![2];
+        let committed = std::fs::read(dir.path().join(journal::JOURNAL_FILE)).unwrap();
+        o.put_checkpoint(b"h3", &[(4, vec![3])]).unwrap();
+        let full = std::fs::read(dir.path().join(journal::JOURNAL_FILE)).unwrap();
+        assert!(full.len() > committed.len(), "h3 was appended");
+        drop(o);
+        for cut in committed.len()..full.len() {
+            std::fs::write(dir.path().join(journal::JOURNAL_FILE), &full[..cut]).unwrap();
+            let o = Outbox::open(dir.path(), cfg()).unwrap();
+            assert_eq!(
+                o.checkpoint().unwrap(),
+                Some((b"h2".to_vec(), want.clone())),
+                "cut {cut}"
+            );
+            assert_eq!(o.may_append(), cut == committed.len(), "cut {cut}");
+        }
+        // The next checkpoint after a cut rewrites the file, without the cut frames.
+        std::fs::write(
+            dir.path().join(journal::JOURNAL_FILE),
+            &full[..committed.len() + 3],
+        )
+        .unwrap();
+        let mut o = Outbox::open(dir.path(), cfg()).unwrap();
+        let g = generation(dir.path());
+        o.put_checkpoint(b"h4", &[(5, vec![4])]).unwrap();
+        assert_eq!(generation(dir.path()), g + 1, "rewritten");
+        want[5].1 = vec![4];
+        assert_eq!(
+            o.checkpoint().unwrap(),
+            Some((b"h4".to_vec(), want.clone()))
+        );
+        drop(o);
+        // A checkpoint failing half-way: its first chunk reached the journal, never committed.
+        let mut o = Outbox::open(dir.path(), cfg()).unwrap();
+        o.put_checkpoint(b"h5", &[(7, vec![5])]).unwrap();
+        want[7].1 = vec![5];
+        o.stage_checkpoint_rows(&[(8, vec![9, 9])]);
+        o.stage_checkpoint_rows(&[(1, vec![9, 9])]); // out of order: the checkpoint fails
+        assert!(o.put_checkpoint(b"bad", &[]).is_err());
+        assert_eq!(
+            o.checkpoint().unwrap(),
+            Some((b"h5".to_vec(), want.clone()))
+        );
+        o.put_checkpoint(b"h6", &[(9, vec![6])]).unwrap();
+        want[9].1 = vec![6];
+        assert_eq!(
+            o.checkpoint().unwrap(),
+            Some((b"h6".to_vec(), want.clone()))
+        );
+        drop(o);
+        let o = Outbox::open(dir.path(), cfg()).unwrap();
+        assert_eq!(o.checkpoint().unwrap(), Some((b"h6".to_vec(), want)));
+    }
+
+    /// A crash after a new checkpoint file replaced the old one but before the journal was reset:
+    /// the journal names the old file's generation and is ignored.
+    #[test]
+    fn a_journal_left_from_the_previous_file_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::open(dir.path(), cfg()).unwrap();
+        o.put_checkpoint(b"h1", &rows(0..10, 1)).unwrap();
+        o.put_checkpoint(b"h2", &[(2, vec![2])]).unwrap();
+        let stale = std::fs::read(dir.path().join(journal::JOURNAL_FILE)).unwrap();
+        // A dense checkpoint is appended and makes the next one rewrite the file.
+        o.put_checkpoint(b"h3", &rows(0..10, 3)).unwrap();
+        let g = generation(dir.path());
+        o.put_checkpoint(b"h3", &rows(0..10, 3)).unwrap();
+        assert_eq!(generation(dir.path()), g + 1);
+        drop(o);
+        std::fs::write(dir.path().join(journal::JOURNAL_FILE), stale).unwrap();
+        let o = Outbox::open(dir.path(), cfg()).unwrap();
+        assert_eq!(
+            o.checkpoint().unwrap(),
+            Some((b"h3".to_vec(), rows(0..10, 3)))
+        );
+    }
+
     /// A crash mid-write leaves the temporary file: the old checkpoint is read, whole, and the
     /// leftover is deleted on open.
     #[test]
@@ -661,7 +1034,7 @@ mod tests {
         drop(o);
         // Every cut of a new file's bytes, as a crash before the rename leaves it.
         let mut full = Vec::new();
-        let mut w = FileWriter::new(&mut full).unwrap();
+        let mut w = FileWriter::new(&mut full, 1).unwrap();
         for (i, r) in rows(0..3, 9) {
             w.row(i, &r).unwrap();
         }
@@ -685,7 +1058,7 @@ mod tests {
     #[test]
     fn a_damaged_file_is_an_error_naming_the_file() {
         let mut full = Vec::new();
-        let mut w = FileWriter::new(&mut full).unwrap();
+        let mut w = FileWriter::new(&mut full, 1).unwrap();
         for (i, r) in rows(0..3, 4) {
             w.row(i, &r).unwrap();
         }
@@ -706,12 +1079,13 @@ mod tests {
             .unwrap_err()
             .contains("after its checksum"));
         let mut v2 = full.clone();
-        v2[8] = 2;
-        assert!(read_all(&v2).unwrap_err().contains("version 2"));
+        v2[8] = 3;
+        assert!(read_all(&v2).unwrap_err().contains("version 3"));
         // A huge damaged length is an error, not a huge allocation.
         let mut huge = Vec::new();
         huge.extend_from_slice(FILE_MAGIC);
         huge.push(FILE_VERSION);
+        huge.extend_from_slice(&1u64.to_le_bytes());
         huge.extend_from_slice(&0u32.to_le_bytes());
         huge.extend_from_slice(&(u32::MAX - 1).to_le_bytes());
         assert!(read_all(&huge).unwrap_err().contains("cut short"));
