@@ -64,7 +64,7 @@ fn link(nats: &NatsCluster, primary: usize) -> String {
 
 /// GET `path` from `addr` as JSON; `None` on any failure (a member starting, stopping or busy:
 /// the callers poll).
-fn try_json(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
+pub(crate) fn try_json(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
     let addr = addr.to_string();
     let r = edgewatch_tools::http::Get::new(&addr, path)
         .send_blocking()

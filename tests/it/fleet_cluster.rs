@@ -6,6 +6,7 @@
 //! forged profile record and a forged peer model record are refused and counted; the trainer killed with SIGKILL hands the fits
 //! to another member, which resumes the version count from the bucket and refits.
 
+use crate::cluster_crash::try_json;
 use crate::common::*;
 use crate::crash::{wait_http, Proc};
 use crate::nats::NatsCluster;
@@ -29,18 +30,6 @@ const IDS: [&str; 3] = ["agg-1", "agg-2", "agg-3"];
 struct Member {
     addr: SocketAddr,
     proc: Option<Proc>,
-}
-
-/// GET `path` from `addr` as JSON; `None` on any failure (a member joining or busy: callers poll).
-fn try_json(addr: SocketAddr, path: &str) -> Option<Value> {
-    let addr = addr.to_string();
-    let r = edgewatch_tools::http::Get::new(&addr, path)
-        .send_blocking()
-        .ok()?;
-    if r.status != 200 {
-        return None;
-    }
-    serde_json::from_slice(&r.body).ok()
 }
 
 fn start(dir: &std::path::Path, id: &str, nats: &NatsCluster, broker: u16) -> Member {

@@ -20,7 +20,6 @@ use crate::Shared;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use edgewatch_models::multi::PeerModel;
-use edgewatch_models::ModelError;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -356,16 +355,7 @@ impl Sync {
             tracing::debug!(aggregator = %self.id(), profiles = read, refused, "no class ready for a peer model fit");
             return;
         }
-        let fitted = tokio::task::spawn_blocking(move || {
-            sets.into_iter()
-                .map(|s| {
-                    let r = s.fit(&opts);
-                    (s, r)
-                })
-                .collect::<Vec<(TrainingSet, Result<PeerModel, ModelError>)>>()
-        })
-        .await;
-        let Ok(fitted) = fitted else {
+        let Some(fitted) = TrainingSet::fit_all(sets, opts).await else {
             self.fleet().count_fit_error();
             tracing::error!(aggregator = %self.id(), "peer model fit panicked");
             return;

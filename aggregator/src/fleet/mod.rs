@@ -173,6 +173,24 @@ impl TrainingSet {
     pub(crate) fn devices(&self) -> usize {
         self.rows.len() / self.class.metrics.len().max(1)
     }
+
+    /// Fits every set's model on a blocking thread, each beside its result; `None` if a fit
+    /// panicked (only linfa could).
+    pub(crate) async fn fit_all(
+        sets: Vec<TrainingSet>,
+        opts: PeerOptions,
+    ) -> Option<Vec<(TrainingSet, Result<PeerModel, ModelError>)>> {
+        tokio::task::spawn_blocking(move || {
+            sets.into_iter()
+                .map(|s| {
+                    let r = s.fit(&opts);
+                    (s, r)
+                })
+                .collect()
+        })
+        .await
+        .ok()
+    }
 }
 
 /// A `fleet` event and its device's partition.

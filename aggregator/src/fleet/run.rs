@@ -5,7 +5,6 @@
 use super::{FleetEvent, Profiles, TrainingSet};
 use crate::config::FleetConfig;
 use crate::Shared;
-use edgewatch_models::multi::PeerModel;
 use edgewatch_models::ModelError;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -319,16 +318,7 @@ pub(crate) async fn refit_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         if sets.is_empty() {
             continue;
         }
-        let fitted = tokio::task::spawn_blocking(move || {
-            sets.into_iter()
-                .map(|s| {
-                    let r = s.fit(&opts);
-                    (s, r)
-                })
-                .collect::<Vec<(TrainingSet, Result<PeerModel, ModelError>)>>()
-        })
-        .await;
-        let Ok(fitted) = fitted else {
+        let Some(fitted) = TrainingSet::fit_all(sets, opts).await else {
             // Only a panic in linfa gets here; the next tick tries again.
             fleet.fit_errors_total.fetch_add(1, Relaxed);
             tracing::error!(aggregator = %shared.cfg.id, "peer model fit panicked");
