@@ -177,10 +177,22 @@ impl Drop for FeedClient {
 }
 
 /// Polls `cond` every 50 ms until true, panicking with `what` after `timeout`.
-pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub async fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    wait_until_or(what, timeout, cond, String::new).await;
+}
+
+/// [`wait_until`], with `context()` (logs, the last state seen) in the panic message.
+pub async fn wait_until_or(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+    context: impl FnOnce() -> String,
+) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            panic!("timed out waiting for {what}\n{}", context());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

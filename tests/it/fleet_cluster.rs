@@ -211,13 +211,18 @@ async fn fleet_cluster_peer_models_come_from_every_member_and_survive_a_killed_t
     // Every member owns some partitions and the split holds for two heartbeats.
     let mut owner: Option<BTreeMap<u32, String>> = None;
     let mut since = std::time::Instant::now();
-    wait_until(
+    let seen = std::cell::RefCell::new(Vec::new());
+    wait_until_or(
         "each partition owned once, by all three members, stably",
         Duration::from_secs(90),
         || {
             let Some(now) = owners(&members) else {
                 return false;
             };
+            let mut seen = seen.borrow_mut();
+            if seen.last() != Some(&now) {
+                seen.push(now.clone());
+            }
             let now = now.filter(|o| o.values().collect::<BTreeSet<_>>().len() == IDS.len());
             if now != owner || now.is_none() {
                 owner = now;
@@ -225,6 +230,7 @@ async fn fleet_cluster_peer_models_come_from_every_member_and_survive_a_killed_t
             }
             owner.is_some() && since.elapsed() > Duration::from_secs(2)
         },
+        || format!("splits seen: {:?}\n{}", seen.borrow(), logs(&members)),
     )
     .await;
     let owner = owner.unwrap();

@@ -8,7 +8,7 @@
 use super::table::Slots;
 use edgewatch_models::detect::EventGate;
 use edgewatch_models::multi::{
-    AlignConfig, Aligner, BoundScorer, DeviceSampler, MultiScore, PcaModel, SamplerConfig,
+    AlignConfig, Aligner, BoundScorer, DeviceSampler, PcaModel, SamplerConfig,
 };
 use edgewatch_models::wire::TrainingSample;
 use edgewatch_models::ModelError;
@@ -33,6 +33,17 @@ pub(super) struct Sampled {
 pub(super) struct Released {
     pub(super) shared: bool,
     pub(super) model: bool,
+}
+
+/// A model's verdict on one vector: [`Device::score`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Scored {
+    /// The model's score.
+    pub(super) score: f64,
+    /// The vector starts an episode: the index of the feature that contributed most.
+    pub(super) onset: Option<usize>,
+    /// The event gate is armed after it (no episode in progress).
+    pub(super) armed: bool,
 }
 
 /// One device's model, sampler and aligners.
@@ -194,18 +205,22 @@ impl Device {
         Released { shared, model }
     }
 
-    /// Scores the model's vector: the score, whether it starts an episode, and whether the gate
-    /// is armed after it (`None` without a model).
+    /// Scores the model's vector (`None` without a model). The top feature is worked out only
+    /// for a vector that starts an episode: no other needs it.
     #[inline]
-    pub(super) fn score(&mut self) -> Option<(MultiScore, bool, bool)> {
+    pub(super) fn score(&mut self) -> Option<Scored> {
         let r = self.model.as_mut()?;
         let vector = match &r.own {
             None => self.shared.vector(),
             Some(a) => a.vector(),
         };
-        let s = r.scorer.score(vector);
-        let onset = r.gate.update(s.score);
-        Some((s, onset, r.gate.armed()))
+        let s = r.scorer.score_deferred(vector);
+        let onset = r.gate.update(s.score).then(|| r.scorer.top_of_last(&s));
+        Some(Scored {
+            score: s.score,
+            onset,
+            armed: r.gate.armed(),
+        })
     }
 
     /// Offers the shared aligner's vector to the sampler (a device of one metric has nothing to

@@ -268,14 +268,14 @@ impl DeviceModels {
         let released = d.push(slots, ts_ms, value);
         let mut onset = None;
         if released.model {
-            if let Some((s, fired, armed)) = d.score() {
-                if !armed {
+            if let Some(s) = d.score() {
+                if !s.armed {
                     // The whole episode, not only its onset, is left out of training.
                     if let Some(sampled) = &mut d.sampled {
                         sampled.sampler.note_anomaly(ts_ms);
                     }
                 }
-                onset = fired.then_some(s);
+                onset = s.onset.map(|top| (s.score, top));
             }
         }
         let sample = if released.shared {
@@ -284,13 +284,13 @@ impl DeviceModels {
             None
         };
         let d = self.devices.get(ix);
-        let hit = onset.and_then(|s| {
+        let hit = onset.and_then(|(score, top)| {
             let r = d.model.as_ref()?;
             Some(Hit {
-                metric: r.model.features.get(s.top)?,
-                value: d.model_vector().get(s.top).copied()?,
-                score: if s.score.is_finite() {
-                    s.score.clamp(0.0, 1.0)
+                metric: r.model.features.get(top)?,
+                value: d.model_vector().get(top).copied()?,
+                score: if score.is_finite() {
+                    score.clamp(0.0, 1.0)
                 } else {
                     0.0
                 },

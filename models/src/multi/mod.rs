@@ -15,7 +15,9 @@ mod train;
 
 pub use align::{AlignConfig, Aligner};
 pub use limit::Limit;
-pub use pca::{BoundScorer, FitOptions, FitQuality, MultiScore, PcaModel, PcaScorer};
+pub use pca::{
+    BoundScorer, DeferredScore, FitOptions, FitQuality, MultiScore, PcaModel, PcaScorer,
+};
 pub use peers::{PeerModel, PeerOptions, PeerScore};
 pub use sample::{DeviceSampler, SamplerConfig};
 pub use train::{Added, DeviceSet, FitJob, KeptSample, TrainConfig, Trainer};

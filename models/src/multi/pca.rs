@@ -595,12 +595,43 @@ impl PcaModel {
     }
 }
 
+/// A score whose top feature is not computed yet: [`BoundScorer::score_deferred`]. The top feature
+/// costs a pass over the components that only an event needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeferredScore {
+    /// Anomaly score in [0, 1], as [`MultiScore::score`].
+    pub score: f64,
+    /// Hotelling's T², as [`MultiScore::t2`].
+    pub t2: f64,
+    /// Squared prediction error, as [`MultiScore::spe`].
+    pub spe: f64,
+    /// SPE decided the score (which statistic [`BoundScorer::top_of_last`] breaks down).
+    spe_decides: bool,
+}
+
 impl BoundScorer {
     /// Scores one vector (laid out as the model's features): [`PcaScorer::score`] with the model
     /// this scorer was bound to. Allocates nothing.
     pub fn score(&mut self, x: &[f64]) -> MultiScore {
+        let d = self.score_deferred(x);
+        MultiScore {
+            score: d.score,
+            t2: d.t2,
+            spe: d.spe,
+            top: self.top_of_last(&d),
+        }
+    }
+
+    /// [`BoundScorer::score`] without the top feature: ask [`BoundScorer::top_of_last`] for it
+    /// before the next vector is scored (it is computed from this score's scratch space).
+    pub fn score_deferred(&mut self, x: &[f64]) -> DeferredScore {
         if !self.valid {
-            return MultiScore::ZERO;
+            return DeferredScore {
+                score: 0.0,
+                t2: 0.0,
+                spe: 0.0,
+                spe_decides: false,
+            };
         }
         let (n, k) = (self.n, self.k);
         let (model, scratch) = self.data.split_at_mut(2 * n + k * n + k);
@@ -610,22 +641,42 @@ impl BoundScorer {
         let (z, scratch) = scratch.split_at_mut(n);
         let (r, t) = scratch.split_at_mut(n);
         // n > 0 for a valid model (features are never empty once validated; chunks need n ≥ 1).
-        let rows = components.chunks_exact(n.max(1));
         let m = ModelNumbers {
             means,
             scales,
-            components: rows.clone(),
+            components: components.chunks_exact(n.max(1)),
             eigenvalues,
         };
         let (t2, spe) = statistics(&m, x, z, &mut self.present, t, r);
         let (score, spe_decides) = combine(&self.wh_t2, &self.wh_spe, t2, spe);
-        let top = top_feature(spe_decides, rows, eigenvalues, z, &self.present, t, r);
-        MultiScore {
+        DeferredScore {
             score,
             t2,
             spe,
-            top,
+            spe_decides,
         }
+    }
+
+    /// The top feature of `last`, the score this scorer gave last (any other gives a meaningless
+    /// index within the features). Once per score: it reuses the scratch space.
+    pub fn top_of_last(&mut self, last: &DeferredScore) -> usize {
+        if !self.valid {
+            return 0;
+        }
+        let (n, k) = (self.n, self.k);
+        let (model, scratch) = self.data.split_at_mut(2 * n + k * n + k);
+        let (components, eigenvalues) = model[2 * n..].split_at(k * n);
+        let (z, scratch) = scratch.split_at_mut(n);
+        let (r, t) = scratch.split_at_mut(n);
+        top_feature(
+            last.spe_decides,
+            components.chunks_exact(n.max(1)),
+            eigenvalues,
+            z,
+            &self.present,
+            t,
+            r,
+        )
     }
 }
 

@@ -557,6 +557,12 @@ proptest! {
             prop_assert_eq!(a.t2.to_bits(), c.t2.to_bits());
             prop_assert_eq!(a.spe.to_bits(), c.spe.to_bits());
             prop_assert_eq!(a.top, c.top);
+            // Deferred: the same numbers, and the same top feature when asked for after.
+            let d = b.score_deferred(&x);
+            prop_assert_eq!(a.score.to_bits(), d.score.to_bits());
+            prop_assert_eq!(a.t2.to_bits(), d.t2.to_bits());
+            prop_assert_eq!(a.spe.to_bits(), d.spe.to_bits());
+            prop_assert_eq!(a.top, b.top_of_last(&d));
         }
     }
 }
@@ -570,4 +576,6 @@ fn a_bound_scorer_of_a_malformed_model_scores_zero() {
     let r = b.score(&[1.0, 2.0, 3.0, 4.0]);
     assert_eq!(r, m.scorer().score(&m, &[1.0, 2.0, 3.0, 4.0]));
     assert_eq!(r.score, 0.0);
+    let d = b.score_deferred(&[1.0, 2.0, 3.0, 4.0]);
+    assert_eq!((d.score, b.top_of_last(&d)), (0.0, 0));
 }

@@ -23,7 +23,27 @@ pub(super) struct NatsCluster {
 }
 
 impl NatsCluster {
+    /// Starts the three nodes in `dir` and waits until each is healthy. Ports are picked free just
+    /// before the nodes bind them, so another program may take one in between: a node that exits
+    /// on "address already in use" starts the whole cluster again on fresh ports, in a fresh
+    /// subdirectory (up to three attempts).
     pub(super) async fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            let here = dir.join(format!("nats-{attempt}"));
+            std::fs::create_dir_all(&here)
+                .with_context(|| format!("creating {}", here.display()))?;
+            match Self::try_start(bin, &here).await {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    tracing::warn!(attempt, "nats-server: a port was taken meanwhile; starting the cluster again on fresh ports");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
         let version = Command::new(bin)
             .arg("--version")
             .output()
