@@ -298,10 +298,13 @@ fn run(command: Command) -> Result<(), Failure> {
             }
             tokio_runtime()?.block_on(async {
                 let stop = edgewatch::shutdown::on_signal_or_deadline(None);
+                // Caught from before the bind: the HTTP API answers from there on, and a SIGHUP
+                // sent once it does must reload, not end the process.
+                let hangups = edgewatch::shutdown::hangups();
                 let agg = edgewatch_aggregator::Aggregator::bind(cfg)
                     .await
                     .map_err(runtime)?;
-                edgewatch::shutdown::on_hangup(aggregator_reload(config.clone(), agg.reloader()));
+                hangups.serve(aggregator_reload(config.clone(), agg.reloader()));
                 println!("{}", agg.feed_url());
                 edgewatch::systemd::notify("READY=1");
                 edgewatch::systemd::spawn_watchdog();

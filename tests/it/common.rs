@@ -196,3 +196,29 @@ pub async fn wait_until_or(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Publishes `records` (window summaries of lane `partition`) as agent `agent`'s batch, at QoS 1
+/// under the default prefix, as the agent's uplink would.
+pub async fn publish_summaries(
+    client: &rumqttc::AsyncClient,
+    agent: &str,
+    partition: u32,
+    records: Vec<edgewatch_models::wire::Sequenced<edgewatch_models::wire::WindowSummary>>,
+) {
+    let batch = edgewatch_models::wire::Batch {
+        agent: agent.into(),
+        partition,
+        records,
+        acked: 0,
+        epoch: 0,
+    };
+    client
+        .publish(
+            edgewatch_models::wire::Topics::new("edgewatch/v1").summaries(partition, agent),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&batch).unwrap(),
+        )
+        .await
+        .unwrap();
+}

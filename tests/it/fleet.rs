@@ -7,8 +7,8 @@ use crate::common::*;
 use crate::wait::SubAckTap;
 use edgewatch_aggregator::{Aggregator, AggregatorConfig};
 use edgewatch_models::partition::partition_of;
-use edgewatch_models::wire::{Batch, Sequenced, Topics, WindowSummary};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use edgewatch_models::wire::{Sequenced, WindowSummary};
+use rumqttc::{AsyncClient, MqttOptions};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -55,7 +55,6 @@ async fn publish(
     to: i64,
     drift: impl Fn(i64) -> f64,
 ) {
-    let topics = Topics::new("edgewatch/v1");
     for i in from..to {
         let mut by_partition: BTreeMap<u32, Vec<WindowSummary>> = BTreeMap::new();
         for d in 0..DEVICES {
@@ -81,22 +80,7 @@ async fn publish(
                     }
                 })
                 .collect();
-            let batch = Batch {
-                agent: "gw-fleet".into(),
-                partition,
-                records,
-                acked: 0,
-                epoch: 0,
-            };
-            client
-                .publish(
-                    topics.summaries(partition, "gw-fleet"),
-                    QoS::AtLeastOnce,
-                    false,
-                    serde_json::to_vec(&batch).unwrap(),
-                )
-                .await
-                .unwrap();
+            publish_summaries(client, "gw-fleet", partition, records).await;
         }
     }
 }

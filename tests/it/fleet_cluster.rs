@@ -11,8 +11,8 @@ use crate::common::*;
 use crate::crash::{wait_http, Proc};
 use crate::nats::NatsCluster;
 use edgewatch_models::partition::partition_of;
-use edgewatch_models::wire::{Batch, Sequenced, Topics, WindowSummary};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use edgewatch_models::wire::{Sequenced, WindowSummary};
+use rumqttc::{AsyncClient, MqttOptions};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -104,7 +104,6 @@ fn summary(device: &str, d: usize, j: usize, i: i64, extra: f64) -> WindowSummar
 /// Publishes windows `from..to` of `devices` as agent `gw-fleet`: one batch per partition and
 /// window, seqs `window * devices-per-partition`-stable so a republished window is a duplicate.
 async fn publish(client: &AsyncClient, devices: &[String], from: i64, to: i64, drifter: &str) {
-    let topics = Topics::new("edgewatch/v1");
     for i in from..to {
         let mut by_partition: BTreeMap<u32, Vec<WindowSummary>> = BTreeMap::new();
         for (d, name) in devices.iter().enumerate() {
@@ -132,22 +131,7 @@ async fn publish(client: &AsyncClient, devices: &[String], from: i64, to: i64, d
                     item,
                 })
                 .collect();
-            let batch = Batch {
-                agent: "gw-fleet".into(),
-                partition,
-                records,
-                acked: 0,
-                epoch: 0,
-            };
-            client
-                .publish(
-                    topics.summaries(partition, "gw-fleet"),
-                    QoS::AtLeastOnce,
-                    false,
-                    serde_json::to_vec(&batch).unwrap(),
-                )
-                .await
-                .unwrap();
+            publish_summaries(client, "gw-fleet", partition, records).await;
         }
     }
 }

@@ -161,6 +161,13 @@ pub enum Kind {
     Delta,
 }
 
+/// Whether a raw stream message of a key is a delete or purge marker, not a record.
+fn is_marker(msg: &async_nats::jetstream::message::StreamMessage) -> bool {
+    msg.headers
+        .get("KV-Operation")
+        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
+}
+
 /// The epoch, kind and payload of a stored record.
 fn decode_record(value: &Bytes) -> Result<(u64, Kind, Bytes), String> {
     let kind = match value.first() {
@@ -298,31 +305,13 @@ impl KvCheckpoints {
         }
         // Record by record through STREAM.MSG.GET (the permission every read already needs; no
         // consumer): the first record of the subject from `seq` on, up to the last one read above.
-        let subject = format!("{}{}", self.store.prefix, k);
         let read = async {
             let mut chain: Option<Chain> = None;
             let mut head = None;
             let mut seq = 1;
-            while seq <= upto {
-                let msg = match self
-                    .store
-                    .stream
-                    .get_first_raw_message_by_subject(&subject, seq)
-                    .await
-                {
-                    Ok(m) => m,
-                    Err(e) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => break,
-                    Err(e) => return Err(KvError::op(&self.store, "read", &k, e).into()),
-                };
-                if msg.sequence > upto {
-                    break;
-                }
+            while let Some(msg) = self.next_record(&k, seq, upto.saturating_add(1)).await? {
                 seq = msg.sequence + 1;
-                let deleted = msg
-                    .headers
-                    .get("KV-Operation")
-                    .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-                if deleted {
+                if is_marker(&msg) {
                     chain = None;
                     head = None;
                     continue;
@@ -482,37 +471,45 @@ impl KvCheckpoints {
         before: u64,
     ) -> Result<Option<u64>, CheckpointError> {
         let k = key(partition);
-        let subject = format!("{}{}", self.store.prefix, k);
         let mut seq = after + 1;
-        while seq < before {
-            let msg = match self
-                .store
-                .stream
-                .get_first_raw_message_by_subject(&subject, seq)
-                .await
-            {
-                Ok(m) => m,
-                Err(e)
-                    if e.kind()
-                        == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
-                {
-                    return Ok(None)
-                }
-                Err(e) => return Err(KvError::op(&self.store, "read", &k, e).into()),
-            };
-            if msg.sequence >= before {
-                return Ok(None);
-            }
-            let marker = msg
-                .headers
-                .get("KV-Operation")
-                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-            if !marker {
+        while let Some(msg) = self.next_record(&k, seq, before).await? {
+            if !is_marker(&msg) {
                 return Ok(Some(msg.sequence));
             }
             seq = msg.sequence + 1;
         }
         Ok(None)
+    }
+
+    /// The first record of key `k` at stream sequence `seq` or later and below `below` (delete
+    /// markers included), read through STREAM.MSG.GET: the permission every read already needs,
+    /// and no consumer.
+    async fn next_record(
+        &self,
+        k: &str,
+        seq: u64,
+        below: u64,
+    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, CheckpointError> {
+        if seq >= below {
+            return Ok(None);
+        }
+        let subject = format!("{}{}", self.store.prefix, k);
+        match self
+            .store
+            .stream
+            .get_first_raw_message_by_subject(&subject, seq)
+            .await
+        {
+            Ok(m) if m.sequence < below => Ok(Some(m)),
+            Ok(_) => Ok(None),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(KvError::op(&self.store, "read", k, e).into()),
+        }
     }
 
     /// Writes `value` at `k` by compare-and-set on revision `expected`; `expected` 0 means no
