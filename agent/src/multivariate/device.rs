@@ -13,9 +13,11 @@ use edgewatch_models::multi::{
 use edgewatch_models::wire::TrainingSample;
 use edgewatch_models::ModelError;
 
-/// The model running for a device and its scoring state.
+/// The model running for a device and its scoring state. The model itself is boxed: only an
+/// event and a swap read it, so the scorer, the gate and the aligners a reading touches stay
+/// together in the device's entry.
 pub(super) struct Running {
-    pub(super) model: PcaModel,
+    pub(super) model: Box<PcaModel>,
     pub(super) scorer: BoundScorer,
     pub(super) gate: EventGate,
     /// The model's own aligner, when its features are not the shared aligner's.
@@ -86,7 +88,7 @@ impl Device {
             shared: Aligner::new(&model.features, align)?,
             model: Some(Running {
                 scorer: model.bound_scorer(),
-                model,
+                model: Box::new(model),
                 gate,
                 own: None,
             }),
@@ -148,7 +150,7 @@ impl Device {
         }
         self.model = Some(Running {
             scorer: model.bound_scorer(),
-            model,
+            model: Box::new(model),
             gate,
             own,
         });

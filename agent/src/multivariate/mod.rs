@@ -183,7 +183,7 @@ impl DeviceModels {
         let found = self.devices.find(model.key.as_str());
         let running = found.and_then(|ix| self.devices.get(ix).model.as_ref());
         if let Some(r) = running {
-            if r.model == model {
+            if *r.model == model {
                 return Ok(ModelOffer::Unchanged {
                     device: model.key,
                     version: r.model.version,
