@@ -617,7 +617,7 @@ async fn hostile_device_ids_and_huge_values_are_shown_as_text_and_drawn() {
         (-1e-300, -2.0, 3.0),
         (2.0, 1.0, 3.0),
     ];
-    let records = values
+    let records: Vec<Sequenced<WindowSummary>> = values
         .iter()
         .enumerate()
         .map(|(i, &(mean, min, max))| {
@@ -644,26 +644,11 @@ async fn hostile_device_ids_and_huge_values_are_shown_as_text_and_drawn() {
         })
         .collect();
     seqs.insert(partition, values.len() as u64);
-    let batch = Batch {
-        agent: AGENT.into(),
-        partition,
-        records,
-        acked: 0,
-        epoch: 0,
-    };
     let hostile = event(device, "m", start + WINDOW_MS + 5, 1.0);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         // Until the aggregator, perhaps still subscribing, has both.
-        client
-            .publish(
-                Topics::new("edgewatch/v1").summaries(partition, AGENT),
-                QoS::AtLeastOnce,
-                false,
-                serde_json::to_vec(&batch).unwrap(),
-            )
-            .await
-            .unwrap();
+        publish_summaries(&client, AGENT, partition, records.clone()).await;
         publish_event(&client, &mut seqs, hostile.clone()).await;
         let s = tokio::task::spawn_blocking(move || get_json(addr, "/api/status"))
             .await
@@ -940,7 +925,6 @@ async fn pages_are_public_typed_and_cached_while_the_api_needs_the_token() {
 /// Publishes every device's windows from `start` as agent `gw-dash` does: a batch per partition
 /// and window (the broker takes packets of up to 10 kB).
 async fn publish_windows(client: &AsyncClient, seqs: &mut BTreeMap<u32, u64>, start: i64) {
-    let topics = Topics::new("edgewatch/v1");
     for i in 0..WINDOWS {
         let mut by_partition: BTreeMap<u32, Vec<WindowSummary>> = BTreeMap::new();
         for d in 0..DEVICES {
@@ -981,22 +965,7 @@ async fn publish_windows(client: &AsyncClient, seqs: &mut BTreeMap<u32, u64>, st
                     }
                 })
                 .collect();
-            let batch = Batch {
-                agent: AGENT.into(),
-                partition,
-                records,
-                acked: 0,
-                epoch: 0,
-            };
-            client
-                .publish(
-                    topics.summaries(partition, AGENT),
-                    QoS::AtLeastOnce,
-                    false,
-                    serde_json::to_vec(&batch).unwrap(),
-                )
-                .await
-                .unwrap();
+            publish_summaries(client, AGENT, partition, records).await;
         }
     }
 }
