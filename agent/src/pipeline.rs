@@ -965,7 +965,7 @@ impl Table {
             };
             outputs.push(Output::Anomaly { partition, event });
         }
-        if let Some((partition, sample)) = seen.sample {
+        if let Some((partition, sample)) = seen.sample.map(|b| *b) {
             metrics.training_samples_total.fetch_add(1, Relaxed);
             outputs.push(Output::Training { partition, sample });
         }

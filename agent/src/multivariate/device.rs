@@ -6,7 +6,7 @@
 //! other side changes. What a model or a sampler does with a vector is not decided here.
 
 use super::table::Slots;
-use edgewatch_models::detect::EventGate;
+use edgewatch_models::detect::{EventGate, GateQuestion};
 use edgewatch_models::multi::{
     AlignConfig, Aligner, BoundScorer, DeviceSampler, PcaModel, SamplerConfig,
 };
@@ -22,6 +22,14 @@ pub(super) struct Running {
     pub(super) gate: EventGate,
     /// The model's own aligner, when its features are not the shared aligner's.
     own: Option<Aligner>,
+}
+
+/// A scorer for `model` ready for the questions of `gate` (its cut-offs found at the swap, not
+/// at the first vectors).
+fn scorer_for(model: &PcaModel, gate: &EventGate) -> BoundScorer {
+    let mut scorer = model.bound_scorer();
+    scorer.prepare([gate.threshold(), gate.rearm_level()]);
+    scorer
 }
 
 /// A sampled device's training sampler.
@@ -40,10 +48,9 @@ pub(super) struct Released {
 /// A model's verdict on one vector: [`Device::score`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Scored {
-    /// The model's score.
-    pub(super) score: f64,
-    /// The vector starts an episode: the index of the feature that contributed most.
-    pub(super) onset: Option<usize>,
+    /// The vector starts an episode: the model's score and the index of the feature that
+    /// contributed most.
+    pub(super) onset: Option<(f64, usize)>,
     /// The event gate is armed after it (no episode in progress).
     pub(super) armed: bool,
 }
@@ -87,7 +94,7 @@ impl Device {
         Ok(Self {
             shared: Aligner::new(&model.features, align)?,
             model: Some(Running {
-                scorer: model.bound_scorer(),
+                scorer: scorer_for(&model, &gate),
                 model: Box::new(model),
                 gate,
                 own: None,
@@ -149,7 +156,7 @@ impl Device {
             }
         }
         self.model = Some(Running {
-            scorer: model.bound_scorer(),
+            scorer: scorer_for(&model, &gate),
             model: Box::new(model),
             gate,
             own,
@@ -207,8 +214,10 @@ impl Device {
         Released { shared, model }
     }
 
-    /// Scores the model's vector (`None` without a model). The top feature is worked out only
-    /// for a vector that starts an episode: no other needs it.
+    /// Feeds the model's vector to its event gate (`None` without a model). The model answers
+    /// the gate's question (the score reaching its threshold, or falling below its re-arm level)
+    /// from T² and SPE alone; the score and top feature are worked out only for a vector that
+    /// starts an episode, the one that reports them.
     #[inline]
     pub(super) fn score(&mut self) -> Option<Scored> {
         let r = self.model.as_mut()?;
@@ -216,10 +225,16 @@ impl Device {
             None => self.shared.vector(),
             Some(a) => a.vector(),
         };
-        let s = r.scorer.score_deferred(vector);
-        let onset = r.gate.update(s.score).then(|| r.scorer.top_of_last(&s));
+        let yes = match r.gate.question() {
+            GateQuestion::Reaches(level) => r.scorer.reaches(vector, level),
+            GateQuestion::Below(level) => !r.scorer.reaches(vector, level),
+            GateQuestion::None => false,
+        };
+        let onset = r.gate.answer(yes).then(|| {
+            let s = r.scorer.score_deferred(vector);
+            (s.score, r.scorer.top_of_last(&s))
+        });
         Some(Scored {
-            score: s.score,
             onset,
             armed: r.gate.armed(),
         })

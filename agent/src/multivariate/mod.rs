@@ -79,11 +79,12 @@ pub(crate) struct Hit<'a> {
     pub version: u64,
 }
 
-/// What one reading gave: a `pca` onset, and a training sample whose period it closed.
+/// What one reading gave: a `pca` onset, and a training sample whose period it closed (boxed:
+/// rare, and the result of every reading stays small).
 #[derive(Debug, Default)]
 pub(crate) struct Observed<'a> {
     pub hit: Option<Hit<'a>>,
-    pub sample: Option<(u32, TrainingSample)>,
+    pub sample: Option<Box<(u32, TrainingSample)>>,
 }
 
 /// A series' cached place in the device table (model and sampling): not checkpointed, resolved
@@ -275,7 +276,7 @@ impl DeviceModels {
                         sampled.sampler.note_anomaly(ts_ms);
                     }
                 }
-                onset = s.onset.map(|top| (s.score, top));
+                onset = s.onset;
             }
         }
         let sample = if released.shared {
@@ -297,7 +298,10 @@ impl DeviceModels {
                 version: r.model.version,
             })
         });
-        Observed { hit, sample }
+        Observed {
+            hit,
+            sample: sample.map(Box::new),
+        }
     }
 
     /// A device or metric not sampled yet (`ix`: the device's entry, if it has one): a new device
@@ -638,7 +642,7 @@ pub(crate) mod tests {
                 if let Some(h) = seen.hit {
                     hits.push((i, h.metric.to_string(), h.version, h.score));
                 }
-                samples.extend(seen.sample.map(|(_, s)| s));
+                samples.extend(seen.sample.map(|b| b.1));
                 *f.link(device, metric) = link;
             }
         }

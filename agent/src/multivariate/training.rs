@@ -135,7 +135,8 @@ pub(super) mod tests {
             let sample = self
                 .m
                 .observe(&mut link, device, metric, partition, ts_ms, value)
-                .sample;
+                .sample
+                .map(|b| *b);
             *self.link(device, metric) = link;
             sample
         }

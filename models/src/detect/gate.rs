@@ -38,6 +38,17 @@ impl Default for GateConfig {
     }
 }
 
+/// What [`EventGate::question`] asks of the next score (NaN counting as 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GateQuestion {
+    /// Whether it is at or above the level (armed: an event is due if so).
+    Reaches(f64),
+    /// Whether it is below the level (in an episode, past the gap: the gate re-arms if so).
+    Below(f64),
+    /// Nothing: the score changes nothing (in an episode, within the gap).
+    None,
+}
+
 /// One event per episode; see the module documentation. Small, `Copy`-cheap and serde (it is
 /// checkpointed with its series).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +90,11 @@ impl EventGate {
         self.threshold
     }
 
+    /// The level a score must fall below for the gate to re-arm after an event.
+    pub fn rearm_level(&self) -> f64 {
+        self.rearm_below
+    }
+
     /// Whether the next score at or above the threshold raises an event.
     pub fn armed(&self) -> bool {
         self.armed
@@ -98,8 +114,34 @@ impl EventGate {
     #[inline]
     pub fn update(&mut self, score: f64) -> bool {
         let score = if score.is_nan() { 0.0 } else { score };
+        let yes = match self.question() {
+            GateQuestion::Reaches(level) => score >= level,
+            GateQuestion::Below(level) => score < level,
+            GateQuestion::None => false,
+        };
+        self.answer(yes)
+    }
+
+    /// The one thing the next [`EventGate::update`] needs to know of its score: for a scorer that
+    /// can answer it more cheaply than by working out the score (a PCA model compares its
+    /// statistics with cut-offs). Then [`EventGate::answer`] does what `update` would.
+    #[inline]
+    pub fn question(&self) -> GateQuestion {
         if self.armed {
-            if score >= self.threshold {
+            GateQuestion::Reaches(self.threshold)
+        } else if self.since.saturating_add(1) >= self.min_gap {
+            GateQuestion::Below(self.rearm_below)
+        } else {
+            GateQuestion::None
+        }
+    }
+
+    /// [`EventGate::update`] given the answer to [`EventGate::question`] (anything for
+    /// [`GateQuestion::None`]: it is not read); true when an episode starts.
+    #[inline]
+    pub fn answer(&mut self, yes: bool) -> bool {
+        if self.armed {
+            if yes {
                 self.armed = false;
                 self.since = 0;
                 return true;
@@ -107,7 +149,7 @@ impl EventGate {
             return false;
         }
         self.since = self.since.saturating_add(1);
-        if self.since >= self.min_gap && score < self.rearm_below {
+        if self.since >= self.min_gap && yes {
             self.armed = true;
         }
         false
@@ -154,6 +196,26 @@ mod tests {
             events,
             [false, true, false, false, false, false, false, false, false, false, true, false]
         );
+    }
+
+    /// The question names the one comparison update makes: the threshold while armed, nothing
+    /// within the gap after an event, the re-arm level after it.
+    #[test]
+    fn the_question_is_the_one_comparison_the_next_score_meets() {
+        let mut g = gate(3);
+        assert_eq!(g.question(), GateQuestion::Reaches(0.5));
+        assert!(!g.answer(false));
+        assert!(g.answer(true), "an onset");
+        assert_eq!(g.question(), GateQuestion::None);
+        assert!(!g.answer(true), "within the gap: not read");
+        assert_eq!(g.question(), GateQuestion::None);
+        assert!(!g.answer(false));
+        assert_eq!(g.question(), GateQuestion::Below(0.4));
+        assert!(!g.answer(false), "not below: the episode goes on");
+        assert_eq!(g.question(), GateQuestion::Below(0.4));
+        assert!(!g.answer(true));
+        assert!(g.armed());
+        assert_eq!(g.question(), GateQuestion::Reaches(0.5));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 mod gate;
 mod silence;
 
-pub use gate::{EventGate, GateConfig};
+pub use gate::{EventGate, GateConfig, GateQuestion};
 /// The shared surprise scale, also used by the multivariate models (`crate::multi`).
 pub(crate) use likelihood::{neg_log10_tail, surprise_score};
 pub use likelihood::{LikelihoodStage, LikelihoodStageConfig};

@@ -34,7 +34,8 @@ impl Default for AlignConfig {
     }
 }
 
-/// The serialised form of an [`Aligner`]: the derived vector is rebuilt on load.
+/// The serialised form of an [`Aligner`]: the last vector released is not kept (all NaN after a
+/// load, until the next).
 #[derive(Serialize, Deserialize)]
 struct AlignerState {
     features: Vec<String>,
@@ -50,17 +51,50 @@ struct AlignerState {
 /// One slot of an [`Aligner`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Slot {
-    /// (event time, value) of the newest finite reading.
-    reading: Option<(i64, f64)>,
+    /// Event time of the newest finite reading (meaningful when `held`).
+    ts_ms: i64,
+    /// Its value.
+    value: f64,
+    /// The slot holds a reading.
+    held: bool,
     /// Updated since the last vector was released.
     updated: bool,
 }
 
 impl Slot {
     const EMPTY: Slot = Slot {
-        reading: None,
+        ts_ms: 0,
+        value: f64::NAN,
+        held: false,
         updated: false,
     };
+
+    /// A slot from its serialised reading.
+    fn of(reading: Option<(i64, f64)>, updated: bool) -> Self {
+        match reading {
+            Some((ts_ms, value)) => Slot {
+                ts_ms,
+                value,
+                held: true,
+                updated,
+            },
+            None => Slot {
+                updated,
+                ..Slot::EMPTY
+            },
+        }
+    }
+
+    /// The reading held, if any.
+    fn reading(&self) -> Option<(i64, f64)> {
+        self.held.then_some((self.ts_ms, self.value))
+    }
+
+    /// Whether the slot holds a reading at most `staleness_ms` older than `now_ms`.
+    #[inline]
+    fn fresh_at(&self, now_ms: i64, staleness_ms: i64) -> bool {
+        self.held && now_ms.saturating_sub(self.ts_ms) <= staleness_ms
+    }
 }
 
 /// One device's latest reading per metric, aligned in event time. See [`Aligner::push`].
@@ -72,13 +106,14 @@ pub struct Aligner {
     /// Fresh slots needed for a vector: ceil(min_fill · n), at least 1.
     need: usize,
     /// Per slot: the newest finite reading and whether it came since the last vector was
-    /// released (one array, so a push touches one allocation besides the vector).
+    /// released (one array: a push inside a round touches nothing else).
     slots: Vec<Slot>,
     /// Event time of the last stored reading.
     now_ms: i64,
     /// Event time of the reading that completed the last vector (`i64::MIN`: none yet).
     last_vector_ms: i64,
-    /// Slot values at `now_ms`, NaN where empty or stale.
+    /// The last vector released: slot values at its reading, NaN where empty or stale (all NaN
+    /// before the first, and after a restore).
     vector: Vec<f64>,
 }
 
@@ -134,33 +169,74 @@ impl Aligner {
     /// round of readings, not one per reading. Returns false without changing anything for a
     /// NaN/infinite value, an unknown slot, or a reading older than the value its slot already holds
     /// (a late reading never overwrites a newer one). Allocates nothing.
+    ///
+    /// A reading inside a round costs a look at the slots up to the first one still awaited; the
+    /// slots are counted and the vector built only when the round may be complete.
+    #[inline]
     pub fn push(&mut self, slot: usize, ts_ms: i64, value: f64) -> bool {
-        if !value.is_finite() || slot >= self.slots.len() {
+        let Some(again) = self.store(slot, ts_ms, value) else {
+            return false;
+        };
+        if !again && self.awaits(ts_ms) {
+            // A fresh slot has no reading of this round yet: not complete, whatever else holds.
             return false;
         }
-        if matches!(self.slots[slot].reading, Some((t, _)) if t > ts_ms) {
-            return false;
+        self.end_round(slot, ts_ms, again)
+    }
+
+    /// Stores a reading in its slot; `None` (nothing changed) for a non-finite value, an unknown
+    /// slot or a reading older than the slot's, else whether the slot was updated already this round.
+    #[inline]
+    fn store(&mut self, slot: usize, ts_ms: i64, value: f64) -> Option<bool> {
+        if !value.is_finite() {
+            return None;
         }
-        let s = &mut self.slots[slot];
-        s.reading = Some((ts_ms, value));
+        let s = self.slots.get_mut(slot)?;
+        if s.held && s.ts_ms > ts_ms {
+            return None;
+        }
+        (s.held, s.ts_ms, s.value) = (true, ts_ms, value);
         let again = std::mem::replace(&mut s.updated, true);
         self.now_ms = ts_ms;
-        let (mut fresh, mut waiting) = (0, false);
-        for (v, s) in self.vector.iter_mut().zip(&self.slots) {
-            *v = match s.reading {
-                Some((t, x)) if ts_ms.saturating_sub(t) <= self.staleness_ms => {
-                    fresh += 1;
-                    waiting |= !s.updated;
-                    x
-                }
-                _ => f64::NAN,
-            };
+        Some(again)
+    }
+
+    /// [`Aligner::push`] without its shortcut inside a round: what push must equal.
+    #[cfg(test)]
+    fn push_unshortened(&mut self, slot: usize, ts_ms: i64, value: f64) -> bool {
+        match self.store(slot, ts_ms, value) {
+            Some(again) => self.end_round(slot, ts_ms, again),
+            None => false,
+        }
+    }
+
+    /// Whether a slot fresh at `ts_ms` has had no reading since the last vector.
+    #[inline]
+    fn awaits(&self, ts_ms: i64) -> bool {
+        let staleness = self.staleness_ms;
+        self.slots
+            .iter()
+            .any(|s| !s.updated && s.fresh_at(ts_ms, staleness))
+    }
+
+    /// The rest of [`Aligner::push`], once the round may be complete (no fresh slot awaited, or
+    /// `slot` got its second reading of the round).
+    fn end_round(&mut self, slot: usize, ts_ms: i64, again: bool) -> bool {
+        let staleness = self.staleness_ms;
+        // The pushed slot is fresh: the oldest fresh reading is at most ts_ms.
+        let (mut fresh, mut waiting, mut oldest) = (0, false, ts_ms);
+        for s in &self.slots {
+            if s.fresh_at(ts_ms, staleness) {
+                fresh += 1;
+                waiting |= !s.updated;
+                oldest = oldest.min(s.ts_ms);
+            }
         }
         let complete = fresh >= self.need && !waiting;
         if complete && !again && self.last_vector_ms == i64::MIN && self.first_round() {
             return false;
         }
-        if complete && !again && self.mixes_rounds(ts_ms) {
+        if complete && !again && self.mixes_rounds(ts_ms, oldest) {
             // The round spans as long as the time between rounds: it started mid-round (a model
             // swapped in between two readings of a round) and holds readings of two rounds.
             // Start over from this reading, so the next round is a whole one.
@@ -170,7 +246,14 @@ impl Aligner {
         }
         let ready = fresh >= self.need && (!waiting || again);
         if ready {
-            self.slots.iter_mut().for_each(|s| s.updated = false);
+            for (v, s) in self.vector.iter_mut().zip(&mut self.slots) {
+                *v = if s.fresh_at(ts_ms, staleness) {
+                    s.value
+                } else {
+                    f64::NAN
+                };
+                s.updated = false;
+            }
             self.last_vector_ms = ts_ms;
         }
         ready
@@ -188,7 +271,7 @@ impl Aligner {
         let mut times: Vec<i64> = self
             .slots
             .iter()
-            .filter_map(|s| s.reading)
+            .filter_map(|s| s.reading())
             .map(|(t, _)| t)
             .filter(|&t| now.saturating_sub(t) <= self.staleness_ms)
             .collect();
@@ -214,32 +297,26 @@ impl Aligner {
             return false;
         }
         for s in &mut self.slots {
-            s.updated = matches!(s.reading, Some((t, _)) if t >= after && now.saturating_sub(t) <= self.staleness_ms);
+            s.updated = s.held && s.ts_ms >= after && s.fresh_at(now, self.staleness_ms);
         }
         self.last_vector_ms = before;
         true
     }
 
-    /// Whether the fresh slots, completed at `ts_ms`, span at least half the time since the
-    /// previous vector: readings of two rounds rather than one.
-    fn mixes_rounds(&self, ts_ms: i64) -> bool {
+    /// Whether the fresh slots, completed at `ts_ms` with the oldest fresh reading at `oldest`,
+    /// span at least half the time since the previous vector: readings of two rounds rather than one.
+    fn mixes_rounds(&self, ts_ms: i64, oldest: i64) -> bool {
         if self.last_vector_ms == i64::MIN {
             return false;
         }
-        let oldest = self
-            .slots
-            .iter()
-            .filter_map(|s| s.reading)
-            .map(|(t, _)| t)
-            .filter(|&t| ts_ms.saturating_sub(t) <= self.staleness_ms)
-            .min()
-            .unwrap_or(ts_ms);
         let spread = ts_ms.saturating_sub(oldest);
         let period = ts_ms.saturating_sub(self.last_vector_ms);
         spread > 0 && period > 0 && spread.saturating_mul(2) >= period
     }
 
-    /// The current vector: one value per feature, NaN for a slot empty or stale at the last push.
+    /// The vector of the last [`Aligner::push`] that returned true: one value per feature, NaN for
+    /// a slot empty or stale at that reading. All NaN before the first vector (and after a restore
+    /// from a checkpoint, until the next one).
     pub fn vector(&self) -> &[f64] {
         &self.vector
     }
@@ -256,7 +333,7 @@ impl From<Aligner> for AlignerState {
             features: a.features,
             staleness_ms: a.staleness_ms,
             need: a.need,
-            slots: a.slots.iter().map(|s| s.reading).collect(),
+            slots: a.slots.iter().map(Slot::reading).collect(),
             now_ms: a.now_ms,
             updated: a.slots.iter().map(|s| s.updated).collect(),
         }
@@ -279,21 +356,13 @@ impl TryFrom<AlignerState> for Aligner {
         if s.slots.iter().flatten().any(|(_, v)| !v.is_finite()) {
             return Err("aligner state: a slot holds a non-finite value".into());
         }
-        let vector = s
-            .slots
-            .iter()
-            .map(|slot| match *slot {
-                Some((t, x)) if s.now_ms.saturating_sub(t) <= s.staleness_ms => x,
-                _ => f64::NAN,
-            })
-            .collect();
         let mut updated = s.updated;
         updated.resize(n, false);
         let slots = s
             .slots
             .iter()
             .zip(updated)
-            .map(|(&reading, updated)| Slot { reading, updated })
+            .map(|(&reading, updated)| Slot::of(reading, updated))
             .collect();
         Ok(Self {
             features: s.features,
@@ -302,7 +371,7 @@ impl TryFrom<AlignerState> for Aligner {
             slots,
             now_ms: s.now_ms,
             last_vector_ms: i64::MIN,
-            vector,
+            vector: vec![f64::NAN; n],
         })
     }
 }
@@ -352,10 +421,10 @@ mod tests {
         assert!(a.vector()[2].is_nan());
         assert!(a.push(2, 1020, 3.0));
         assert_eq!(a.vector(), &[1.0, 2.0, 3.0]);
-        // 150 ms later flow (1000) and current (1010) are stale relative to the new reading.
+        // 150 ms later flow (1000) and current (1010) are stale relative to the new reading: no
+        // vector, and the last one stays as it was.
         assert!(!a.push(2, 1150, 4.0));
-        assert!(a.vector()[0].is_nan() && a.vector()[1].is_nan());
-        assert_eq!(a.vector()[2], 4.0);
+        assert_eq!(a.vector(), &[1.0, 2.0, 3.0]);
         // Exactly staleness_ms old still counts.
         assert!(!a.push(0, 1200, 5.0));
         assert!(a.push(1, 1250, 6.0));
@@ -506,6 +575,52 @@ mod tests {
                     v.iter().all(|&x| x == v[0]),
                     "start {start}: mixed vector {v:?} in {vectors:?}"
                 );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The shortcut inside a round changes nothing: push releases exactly when the full
+        /// check does, and every vector holds each slot's latest reading where it is fresh at the
+        /// releasing reading, NaN elsewhere. Streams of a few metrics with jittered, late, equal
+        /// and far-apart timestamps, NaN values and unknown slots.
+        #[test]
+        fn push_releases_what_the_full_check_does(
+            n in 1usize..6,
+            staleness in 1i64..3000,
+            fill in 1u8..=4,
+            stream in proptest::collection::vec(
+                (0usize..7, -400i64..1500, proptest::prop_oneof![9 => -1e3f64..1e3, 1 => proptest::strategy::Just(f64::NAN)]),
+                1..300,
+            ),
+        ) {
+            let features: Vec<String> = (0..n).map(|j| format!("m{j}")).collect();
+            let c = cfg(staleness, f64::from(fill) / 4.0);
+            let (mut fast, mut full) = (Aligner::new(&features, &c).unwrap(), Aligner::new(&features, &c).unwrap());
+            let mut latest: Vec<Option<(i64, f64)>> = vec![None; n];
+            let mut ts = 0i64;
+            for (slot, step, value) in stream {
+                // Mostly forward in event time, at times backwards (late readings).
+                ts = ts.saturating_add(step);
+                let (a, b) = (fast.push(slot, ts, value), full.push_unshortened(slot, ts, value));
+                proptest::prop_assert_eq!(a, b, "slot {} ts {}", slot, ts);
+                if slot < n && value.is_finite() && latest[slot].is_none_or(|(t, _)| t <= ts) {
+                    latest[slot] = Some((ts, value));
+                }
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                proptest::prop_assert_eq!(bits(fast.vector()), bits(full.vector()));
+                if a {
+                    let want: Vec<f64> = latest
+                        .iter()
+                        .map(|l| match l {
+                            Some((t, v)) if ts.saturating_sub(*t) <= staleness => *v,
+                            _ => f64::NAN,
+                        })
+                        .collect();
+                    proptest::prop_assert_eq!(bits(fast.vector()), bits(&want));
+                }
             }
         }
     }

@@ -531,20 +531,91 @@ fn top_feature<'a>(
 
 /// Combined score of (T², SPE), and whether SPE is the more surprising of the two.
 fn combine(wh_t2: &WilsonHilferty, wh_spe: &WilsonHilferty, t2: f64, spe: f64) -> (f64, bool) {
+    let (score, spe_decides) = combine_lazily(wh_t2, wh_spe, t2, spe);
+    (
+        score,
+        spe_decides.unwrap_or_else(|| spe_decides_of(wh_t2, wh_spe, t2, spe)),
+    )
+}
+
+/// [`combine`] leaving out which statistic decides (`None`) when both are far from their limits:
+/// the score is then exactly 0 (see `QUIET_Z`) and found without a cube root.
+#[inline]
+fn combine_lazily(
+    wh_t2: &WilsonHilferty,
+    wh_spe: &WilsonHilferty,
+    t2: f64,
+    spe: f64,
+) -> (f64, Option<bool>) {
+    if wh_t2.is_quiet(t2) && wh_spe.is_quiet(spe) {
+        return (0.0, None);
+    }
     // One cube root when T² decides, two when SPE does (`reaches` compares without one).
     let zt = wh_t2.z(t2);
     let spe_decides = wh_spe.reaches(spe, zt);
-    if wh_t2.is_quiet(t2) && wh_spe.is_quiet(spe) {
-        // Both far from their limits: the tail below gives exactly 0 (see `QUIET_Z`).
-        return (0.0, spe_decides);
-    }
-    (full_score(wh_spe, zt, spe, spe_decides), spe_decides)
+    (full_score(wh_spe, zt, spe, spe_decides), Some(spe_decides))
+}
+
+/// Whether SPE is the more surprising of (T², SPE).
+fn spe_decides_of(wh_t2: &WilsonHilferty, wh_spe: &WilsonHilferty, t2: f64, spe: f64) -> bool {
+    wh_spe.reaches(spe, wh_t2.z(t2))
 }
 
 /// The score from the tail probability of the deciding statistic (`zt`: T²'s z).
 fn full_score(wh_spe: &WilsonHilferty, zt: f64, spe: f64, spe_decides: bool) -> f64 {
-    let l = neg_log10_tail(if spe_decides { wh_spe.z(spe) } else { zt });
-    surprise_score(l - std::f64::consts::LOG10_2)
+    score_of_z(if spe_decides { wh_spe.z(spe) } else { zt })
+}
+
+/// The score of the deciding statistic's z.
+#[inline]
+fn score_of_z(z: f64) -> f64 {
+    surprise_score(neg_log10_tail(z) - std::f64::consts::LOG10_2)
+}
+
+/// The smallest value of a statistic whose score, were it deciding, reaches `level` (in (0, 1]):
+/// a binary search over the non-negative f64 values (in the order of their bits) through the
+/// score's own code, so comparing with it agrees with working the score out. NaN when no value
+/// reaches the level.
+fn cut_for(wh: &WilsonHilferty, level: f64) -> f64 {
+    let reaches = |bits: u64| score_of_z(wh.z(f64::from_bits(bits))) >= level;
+    let (mut below, mut at) = (0u64, f64::INFINITY.to_bits());
+    if !reaches(at) {
+        return f64::NAN;
+    }
+    if reaches(below) {
+        return 0.0;
+    }
+    // Invariant: `below` does not reach the level, `at` does.
+    while at - below > 1 {
+        let mid = below + (at - below) / 2;
+        if reaches(mid) {
+            at = mid;
+        } else {
+            below = mid;
+        }
+    }
+    f64::from_bits(at)
+}
+
+/// Models of up to this many features (and components) are scored on stack scratch space by
+/// [`BoundScorer::reaches`].
+const STACK_FEATURES: usize = 16;
+
+/// Cut-offs of one score level: the T² and SPE at and above which the score reaches it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Cut {
+    /// The level's bits (`u64::MAX`, a NaN: none yet).
+    level: u64,
+    t2: f64,
+    spe: f64,
+}
+
+impl Cut {
+    const NONE: Cut = Cut {
+        level: u64::MAX,
+        t2: f64::NAN,
+        spe: f64::NAN,
+    };
 }
 
 /// A scorer bound to one model, for a hot path that scores many vectors against it: the model's
@@ -562,6 +633,10 @@ pub struct BoundScorer {
     wh_spe: WilsonHilferty,
     /// The model's shapes agreed (else every vector scores 0, as with [`PcaScorer`]).
     valid: bool,
+    /// Cut-offs of the last two levels [`BoundScorer::reaches`] was asked for (an event gate
+    /// asks for two: its threshold and its re-arm level), and which of them to replace next.
+    cuts: [Cut; 2],
+    replace: usize,
 }
 
 impl PcaModel {
@@ -591,6 +666,8 @@ impl PcaModel {
             wh_t2: self.t2.wilson_hilferty(),
             wh_spe: self.spe.wilson_hilferty(),
             valid,
+            cuts: [Cut::NONE; 2],
+            replace: 0,
         }
     }
 }
@@ -605,8 +682,9 @@ pub struct DeferredScore {
     pub t2: f64,
     /// Squared prediction error, as [`MultiScore::spe`].
     pub spe: f64,
-    /// SPE decided the score (which statistic [`BoundScorer::top_of_last`] breaks down).
-    spe_decides: bool,
+    /// SPE decided the score (which statistic [`BoundScorer::top_of_last`] breaks down); `None`
+    /// when the score is a quiet 0, worked out only if the top feature is asked for.
+    spe_decides: Option<bool>,
 }
 
 impl BoundScorer {
@@ -630,9 +708,101 @@ impl BoundScorer {
                 score: 0.0,
                 t2: 0.0,
                 spe: 0.0,
-                spe_decides: false,
+                spe_decides: Some(false),
             };
         }
+        let (t2, spe) = self.statistics(x);
+        let (score, spe_decides) = combine_lazily(&self.wh_t2, &self.wh_spe, t2, spe);
+        DeferredScore {
+            score,
+            t2,
+            spe,
+            spe_decides,
+        }
+    }
+
+    /// Whether the score of `x` is at or above `level`, as `score(x).score >= level` (up to a
+    /// score within rounding of the level itself), without working the score out: T² and SPE are
+    /// compared with the smallest values whose score reaches the level, found by a binary search
+    /// the first time a level is asked for and kept for the last two levels. What an event gate
+    /// asks of most vectors ([`crate::detect::EventGate::question`]): no cube root, no logarithm.
+    /// Allocates nothing.
+    pub fn reaches(&mut self, x: &[f64], level: f64) -> bool {
+        if level.is_nan() || level <= 0.0 {
+            // Every score is in [0, 1]; nothing reaches NaN.
+            return level <= 0.0;
+        }
+        if !self.valid {
+            return false;
+        }
+        let cut = self.cut(level);
+        let (t2, spe) = self.statistics_on_stack(x);
+        t2 >= cut.t2 || spe >= cut.spe
+    }
+
+    /// T² and SPE of `x` (a valid model) as [`BoundScorer::statistics`] gives them (the same code),
+    /// with scratch space on the stack when the model is small enough, so a vector whose top
+    /// feature nobody asks for writes nothing to the model's buffer.
+    #[inline]
+    fn statistics_on_stack(&mut self, x: &[f64]) -> (f64, f64) {
+        let (n, k) = (self.n, self.k);
+        if n > STACK_FEATURES || k > STACK_FEATURES {
+            return self.statistics(x);
+        }
+        let mut z = [0.0; STACK_FEATURES];
+        let mut r = [0.0; STACK_FEATURES];
+        let mut t = [0.0; STACK_FEATURES];
+        let mut present = [false; STACK_FEATURES];
+        let model = &self.data[..2 * n + k * n + k];
+        let (means, rest) = model.split_at(n);
+        let (scales, rest) = rest.split_at(n);
+        let (components, eigenvalues) = rest.split_at(k * n);
+        let m = ModelNumbers {
+            means,
+            scales,
+            components: components.chunks_exact(n.max(1)),
+            eigenvalues,
+        };
+        statistics(
+            &m,
+            x,
+            &mut z[..n],
+            &mut present[..n],
+            &mut t[..k],
+            &mut r[..n],
+        )
+    }
+
+    /// Finds and keeps the cut-offs of up to two levels now (the binary searches take about a
+    /// hundred scores each), so the first vectors [`BoundScorer::reaches`] is asked about do not
+    /// pay for them: what an event gate will ask, its threshold and its re-arm level.
+    pub fn prepare(&mut self, levels: [f64; 2]) {
+        for level in levels {
+            if level > 0.0 && self.valid {
+                self.cut(level);
+            }
+        }
+    }
+
+    /// The cut-offs of `level` (> 0), from the two kept or found now.
+    fn cut(&mut self, level: f64) -> Cut {
+        let bits = level.to_bits();
+        if let Some(c) = self.cuts.iter().find(|c| c.level == bits) {
+            return *c;
+        }
+        let cut = Cut {
+            level: bits,
+            t2: cut_for(&self.wh_t2, level),
+            spe: cut_for(&self.wh_spe, level),
+        };
+        self.cuts[self.replace] = cut;
+        self.replace = 1 - self.replace;
+        cut
+    }
+
+    /// T² and SPE of `x` (a valid model); fills the scratch space [`BoundScorer::top_of_last`] reads.
+    #[inline]
+    fn statistics(&mut self, x: &[f64]) -> (f64, f64) {
         let (n, k) = (self.n, self.k);
         let (model, scratch) = self.data.split_at_mut(2 * n + k * n + k);
         let (means, rest) = model.split_at(n);
@@ -647,14 +817,7 @@ impl BoundScorer {
             components: components.chunks_exact(n.max(1)),
             eigenvalues,
         };
-        let (t2, spe) = statistics(&m, x, z, &mut self.present, t, r);
-        let (score, spe_decides) = combine(&self.wh_t2, &self.wh_spe, t2, spe);
-        DeferredScore {
-            score,
-            t2,
-            spe,
-            spe_decides,
-        }
+        statistics(&m, x, z, &mut self.present, t, r)
     }
 
     /// The top feature of `last`, the score this scorer gave last (any other gives a meaningless
@@ -668,8 +831,11 @@ impl BoundScorer {
         let (components, eigenvalues) = model[2 * n..].split_at(k * n);
         let (z, scratch) = scratch.split_at_mut(n);
         let (r, t) = scratch.split_at_mut(n);
+        let spe_decides = last
+            .spe_decides
+            .unwrap_or_else(|| spe_decides_of(&self.wh_t2, &self.wh_spe, last.t2, last.spe));
         top_feature(
-            last.spe_decides,
+            spe_decides,
             components.chunks_exact(n.max(1)),
             eigenvalues,
             z,

@@ -579,3 +579,102 @@ fn a_bound_scorer_of_a_malformed_model_scores_zero() {
     let d = b.score_deferred(&[1.0, 2.0, 3.0, 4.0]);
     assert_eq!((d.score, b.top_of_last(&d)), (0.0, 0));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// `reaches` answers what comparing the score would, for any level (three per case, so the
+    /// two kept cut-offs are replaced too), normal and far-off vectors, NaN slots and short
+    /// vectors, on models of 2 to 6 features; only a score within rounding of the level may differ.
+    #[test]
+    fn reaching_a_level_agrees_with_the_score(
+        seed in 0u64..1000,
+        features in 2usize..7,
+        levels in prop::collection::vec(prop_oneof![
+            Just(0.5), Just(0.4), Just(1.0), Just(1e-9), 1e-6f64..1.0,
+        ], 3),
+        vectors in prop::collection::vec(
+            prop::collection::vec(prop_oneof![
+                4 => -3.0f64..3.0,
+                2 => -200.0f64..200.0,
+                1 => Just(f64::NAN),
+            ], 0..8),
+            1..20,
+        ),
+    ) {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let names: Vec<String> = (0..features).map(|j| format!("m{j}")).collect();
+        let mut rows = Vec::new();
+        for _ in 0..300 {
+            let load = gauss(&mut rng);
+            for j in 0..features {
+                rows.push(j as f64 + (1.0 + j as f64) * load + 0.3 * gauss(&mut rng));
+            }
+        }
+        let m = PcaModel::fit("d", names, &rows, 0, 1, &FitOptions::default()).unwrap();
+        let (mut s, mut b) = (m.scorer(), m.bound_scorer());
+        for v in &vectors {
+            let x: Vec<f64> = v.iter().enumerate().map(|(j, d)| j as f64 + d).collect();
+            let score = s.score(&m, &x).score;
+            for &level in &levels {
+                let reached = b.reaches(&x, level);
+                prop_assert!(
+                    reached == (score >= level) || (score - level).abs() < 1e-9,
+                    "score {} level {} reached {}", score, level, reached
+                );
+            }
+        }
+    }
+}
+
+/// The cut-offs sit exactly where the score crosses the level (the value below does not reach
+/// it), a sweep from normal to far-off vectors meets both answers, and levels outside (0, 1]
+/// are answered without a model.
+#[test]
+fn cut_offs_sit_where_the_score_crosses_the_level() {
+    let m = pump_model();
+    let (mut s, mut b) = (m.scorer(), m.bound_scorer());
+    for level in [0.5, 0.4, 0.999] {
+        for wh in [m.t2.wilson_hilferty(), m.spe.wilson_hilferty()] {
+            let cut = cut_for(&wh, level);
+            assert!(cut > 0.0 && cut.is_finite(), "level {level}: {cut}");
+            assert!(score_of_z(wh.z(cut)) >= level);
+            assert!(score_of_z(wh.z(f64::from_bits(cut.to_bits() - 1))) < level);
+        }
+    }
+    for level in [0.5, 0.4, 0.6] {
+        let (mut yes, mut no) = (0, 0);
+        let normal = process(400, 5);
+        for (i, x) in normal.chunks_exact(4).enumerate() {
+            // Ever further off: feature i % 4 by up to 8 of its scales.
+            let mut x = x.to_vec();
+            x[i % 4] += m.scales[i % 4] * 0.02 * i as f64;
+            let score = s.score(&m, &x).score;
+            let reached = b.reaches(&x, level);
+            assert_eq!(reached, score >= level, "vector {i}: score {score}");
+            if reached {
+                yes += 1;
+            } else {
+                no += 1;
+            }
+        }
+        assert!(
+            yes > 10 && no > 10,
+            "level {level}: {yes} reached, {no} not"
+        );
+    }
+    // Prepared: both levels' cut-offs are there before the first vector.
+    let mut p = m.bound_scorer();
+    p.prepare([0.5, 0.4]);
+    assert_eq!(p.cuts.map(|c| c.level), [0.5f64, 0.4].map(f64::to_bits));
+    assert_eq!(p.cuts[1].spe, cut_for(&m.spe.wilson_hilferty(), 0.4));
+    assert!(b.reaches(&[0.0; 4], 0.0));
+    assert!(b.reaches(&[0.0; 4], -1.0));
+    assert!(!b.reaches(&[0.0; 4], f64::NAN));
+    let mut malformed = m.clone();
+    malformed.means.pop();
+    assert!(
+        !malformed.bound_scorer().reaches(&[1e9; 4], 1e-9),
+        "scores 0"
+    );
+}

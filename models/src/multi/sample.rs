@@ -51,6 +51,9 @@ impl SamplerConfig {
     }
 }
 
+/// The open period's event times when none is open (an empty range).
+const NO_PERIOD: (i64, i64) = (1, 0);
+
 /// One device's reservoir of aligned vectors for the current period. See [`DeviceSampler::offer`].
 #[derive(Debug, Clone)]
 pub struct DeviceSampler {
@@ -63,6 +66,9 @@ pub struct DeviceSampler {
     device_hash: u64,
     /// Index of the open period, if any.
     period: Option<i64>,
+    /// Event times of the open period, `[from, to)` (empty when none is open or its bounds
+    /// overflow): an offer inside them needs no division to find its period.
+    open_ms: (i64, i64),
     /// Index of the last closed period: vectors of it or earlier are ignored.
     closed: Option<i64>,
     /// Finite vectors of the right length offered in the open period.
@@ -92,6 +98,7 @@ impl DeviceSampler {
             min_rows: cfg.min_rows.clamp(1, capacity),
             device_hash: xxh3_64(device.as_bytes()),
             period: None,
+            open_ms: NO_PERIOD,
             closed: None,
             seen: 0,
             anomalies: 0,
@@ -122,7 +129,7 @@ impl DeviceSampler {
     /// XXH3-64(device) XOR the period index (through a splitmix64 finaliser); once the reservoir
     /// buffer exists an offer does not allocate (only closing a period does, to build the sample).
     pub fn offer(&mut self, ts_ms: i64, vector: &[f64]) -> Option<TrainingSample> {
-        let k = ts_ms.div_euclid(self.period_ms);
+        let k = self.period_of(ts_ms);
         let mut out = None;
         match self.period {
             Some(open) if k < open => return None,
@@ -202,9 +209,23 @@ impl DeviceSampler {
         (from, from.saturating_add(self.period_ms))
     }
 
+    /// The index of the period holding `ts_ms`: `ts_ms.div_euclid(period_ms)`, without the
+    /// division for a time inside the open period.
+    #[inline]
+    fn period_of(&self, ts_ms: i64) -> i64 {
+        match self.period {
+            Some(open) if ts_ms >= self.open_ms.0 && ts_ms < self.open_ms.1 => open,
+            _ => ts_ms.div_euclid(self.period_ms),
+        }
+    }
+
     /// Opens period `k`: an empty reservoir, its generator and any anomalies pending for it.
     fn open(&mut self, k: i64) {
         self.period = Some(k);
+        self.open_ms = k
+            .checked_mul(self.period_ms)
+            .and_then(|from| Some((from, from.checked_add(self.period_ms)?)))
+            .unwrap_or(NO_PERIOD);
         self.seen = 0;
         self.filled = 0;
         self.buf.clear();
@@ -226,6 +247,7 @@ impl DeviceSampler {
     /// Closes the open period: its sample if it has `min_rows` rows (and passes its check).
     fn close(&mut self) -> Option<TrainingSample> {
         let k = self.period.take()?;
+        self.open_ms = NO_PERIOD;
         self.closed = Some(k);
         let (from_ms, to_ms) = self.bounds(k);
         let n = self.features.len();
@@ -448,5 +470,30 @@ mod tests {
         let sample = neg.expire(0, 0).unwrap();
         assert_eq!((sample.from_ms, sample.to_ms), (-HOUR, 0));
         sample.check().unwrap();
+    }
+
+    proptest::proptest! {
+        /// The open period's bounds find the same period as dividing, near 0 and at both ends of
+        /// the i64 range (where a period's bounds overflow), for periods of 1 ms to a day.
+        #[test]
+        fn the_open_period_is_found_as_dividing_would(
+            period_ms in proptest::prop_oneof![proptest::strategy::Just(1i64), 1i64..86_400_000],
+            open in proptest::prop_oneof![
+                proptest::num::i64::ANY,
+                -3i64..3,
+                proptest::strategy::Just(i64::MIN),
+                proptest::strategy::Just(i64::MAX),
+            ],
+            offsets in proptest::collection::vec(-200_000_000i64..200_000_000, 1..20),
+        ) {
+            let cfg = SamplerConfig { period_ms, capacity: 4, min_rows: 1 };
+            let mut s = DeviceSampler::new("d", vec!["a".into(), "b".into()], &cfg);
+            s.open(open.div_euclid(period_ms));
+            for off in offsets {
+                for ts in [open.saturating_add(off), i64::MIN.saturating_add(off.abs()), i64::MAX.saturating_sub(off.abs())] {
+                    proptest::prop_assert_eq!(s.period_of(ts), ts.div_euclid(period_ms), "ts {}", ts);
+                }
+            }
+        }
     }
 }

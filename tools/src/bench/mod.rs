@@ -710,7 +710,10 @@ fn fit_device_models(
     sim.anomalies.rate_per_series_hour = 0.0;
     let from = data.start_ms - MODELS_TRAIN_MS;
     let mut fleet = Fleet::new(&sim, from)?;
-    let features = data.metrics.clone();
+    // Sorted, as the aggregator fits them (a class's metrics, the agent's sampled features): the
+    // model then scores the aligner the device's training sampler fills.
+    let mut features = data.metrics.clone();
+    features.sort_unstable();
     let align = cfg.models.align();
     let index: HashMap<Arc<str>, usize> = data
         .devices
@@ -735,8 +738,8 @@ fn fit_device_models(
             ) else {
                 continue;
             };
-            // One vector per device and step: when the step's last metric completes it.
-            if aligners[d].push(slot, r.ts_ms, r.value) && slot + 1 == features.len() {
+            // One vector per device and step (the aligner releases it with the step's last metric).
+            if aligners[d].push(slot, r.ts_ms, r.value) {
                 rows[d].extend_from_slice(aligners[d].vector());
             }
         }
