@@ -32,7 +32,7 @@
 use crate::config::AgentConfig;
 use crate::error::{AgentError, IngestError, SnapshotError};
 use crate::ingest::{Mapping, RawReading};
-use crate::multivariate::{DeviceLink, DeviceModels, ModelOffer, ModelRefused, PCA};
+use crate::multivariate::{DeviceLink, DeviceModels, ModelOffer, ModelRefused, Observed, PCA};
 use crate::telemetry::AgentMetrics;
 use edgewatch_models::detect::{
     AnyDetector, Detector, EventGate, Silence, SilenceChange, SilenceConfig,
@@ -948,28 +948,57 @@ impl Table {
             r.ts_ms,
             r.value,
         );
-        if let Some(hit) = seen.hit {
-            metrics.anomalies_total.fetch_add(1, Relaxed);
-            let event = AnomalyEvent {
-                phase: EventPhase::Onset,
-                model_version: Some(hit.version),
-                id: event_id(device, hit.metric, r.ts_ms, PCA),
-                device: device.to_string(),
-                metric: hit.metric.to_string(),
-                ts_ms: r.ts_ms,
-                value: hit.value,
-                score: hit.score,
-                detector: PCA.to_string(),
+        if seen.hit.is_some() || seen.sample.is_some() {
+            emit_observed(
+                seen,
+                p,
+                device,
+                partition,
+                r.ts_ms,
                 window_start_ms,
-                agent: p.agent.to_string(),
-            };
-            outputs.push(Output::Anomaly { partition, event });
-        }
-        if let Some((partition, sample)) = seen.sample.map(|b| *b) {
-            metrics.training_samples_total.fetch_add(1, Relaxed);
-            outputs.push(Output::Training { partition, sample });
+                outputs,
+                metrics,
+            );
         }
         Ok(())
+    }
+}
+
+/// The outputs of a device model's reading: a `pca` event at an episode's onset, and a training
+/// sample whose period the reading closed. Rare, so out of the code every reading runs.
+#[cold]
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn emit_observed(
+    seen: Observed<'_>,
+    p: &Params,
+    device: &str,
+    partition: u32,
+    ts_ms: i64,
+    window_start_ms: i64,
+    outputs: &mut Vec<Output>,
+    metrics: &AgentMetrics,
+) {
+    if let Some(hit) = seen.hit {
+        metrics.anomalies_total.fetch_add(1, Relaxed);
+        let event = AnomalyEvent {
+            phase: EventPhase::Onset,
+            model_version: Some(hit.version),
+            id: event_id(device, hit.metric, ts_ms, PCA),
+            device: device.to_string(),
+            metric: hit.metric.to_string(),
+            ts_ms,
+            value: hit.value,
+            score: hit.score,
+            detector: PCA.to_string(),
+            window_start_ms,
+            agent: p.agent.to_string(),
+        };
+        outputs.push(Output::Anomaly { partition, event });
+    }
+    if let Some((partition, sample)) = seen.sample.map(|b| *b) {
+        metrics.training_samples_total.fetch_add(1, Relaxed);
+        outputs.push(Output::Training { partition, sample });
     }
 }
 

@@ -32,6 +32,14 @@ fn scorer_for(model: &PcaModel, gate: &EventGate) -> BoundScorer {
     scorer
 }
 
+/// The score and top feature of a vector that starts an episode (rare: out of line).
+#[cold]
+#[inline(never)]
+fn onset_of(scorer: &mut BoundScorer, vector: &[f64]) -> (f64, usize) {
+    let s = scorer.score_deferred(vector);
+    (s.score, scorer.top_of_last(&s))
+}
+
 /// A sampled device's training sampler.
 pub(super) struct Sampled {
     pub(super) partition: u32,
@@ -103,10 +111,12 @@ impl Device {
         })
     }
 
-    /// The metric's slots: in the shared aligner, and in the model's own one.
+    /// The metric's slots: in the shared aligner, and in the model's own one; and whether the
+    /// shared aligner feeds the sampler.
     pub(super) fn slots(&self, metric: &str) -> Slots {
         let own = self.model.as_ref().and_then(|r| r.own.as_ref());
         Slots::new(self.shared.slot(metric), own.and_then(|a| a.slot(metric)))
+            .sampled_if(self.sampled.is_some())
     }
 
     /// The sampled features (empty when the device is not sampled).
@@ -230,10 +240,7 @@ impl Device {
             GateQuestion::Below(level) => !r.scorer.reaches(vector, level),
             GateQuestion::None => false,
         };
-        let onset = r.gate.answer(yes).then(|| {
-            let s = r.scorer.score_deferred(vector);
-            (s.score, r.scorer.top_of_last(&s))
-        });
+        let onset = r.gate.answer(yes).then(|| onset_of(&mut r.scorer, vector));
         Some(Scored {
             onset,
             armed: r.gate.armed(),

@@ -251,12 +251,11 @@ impl DeviceModels {
         value: f64,
     ) -> Observed<'_> {
         let found = self.devices.link(&mut link.0, device, |d| d.slots(metric));
-        let sampled = |ix: usize, slots: Slots, devices: &DeviceTable<Device>| {
-            slots.first().is_some() && devices.get(ix).sampled.is_some()
-        };
         let (ix, slots) = match (found, &self.sampling) {
             (Some((ix, slots)), None) => (ix, slots),
-            (Some((ix, slots)), Some(_)) if sampled(ix, slots, &self.devices) => (ix, slots),
+            (Some((ix, slots)), Some(_)) if slots.first().is_some() && slots.sampled() => {
+                (ix, slots)
+            }
             (found, Some(_)) => {
                 match self.add(&mut link.0, device, metric, partition, found.map(|f| f.0)) {
                     Some(found) => found,
@@ -267,6 +266,17 @@ impl DeviceModels {
         };
         let d = self.devices.get_mut(ix);
         let released = d.push(slots, ts_ms, value);
+        if released == device::Released::default() {
+            // Inside a round: nothing more to do (most readings).
+            return Observed::default();
+        }
+        Self::round(d, released, ts_ms)
+    }
+
+    /// The rest of [`DeviceModels::observe`] for a reading that completed a vector: once a round,
+    /// out of line so the code every reading runs stays small.
+    #[inline(never)]
+    fn round(d: &mut Device, released: device::Released, ts_ms: i64) -> Observed<'_> {
         let mut onset = None;
         if released.model {
             if let Some(s) = d.score() {
@@ -284,7 +294,7 @@ impl DeviceModels {
         } else {
             None
         };
-        let d = self.devices.get(ix);
+        let d = &*d;
         let hit = onset.and_then(|(score, top)| {
             let r = d.model.as_ref()?;
             Some(Hit {

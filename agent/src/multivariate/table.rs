@@ -9,29 +9,50 @@ use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 const NONE: u32 = u32::MAX;
 
 /// A metric's slots in a device's entry: one in each of (at most) two aligners, the entry's shared
-/// one and a second one (a model's own).
+/// one and a second one (a model's own); and whether the shared aligner feeds a training sampler
+/// (so the hot path need not look into the entry to know).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Slots([u32; 2]);
+pub(crate) struct Slots {
+    at: [u32; 2],
+    sampled: bool,
+}
 
 impl Slots {
     /// No slot in either aligner.
-    pub(crate) const NONE: Slots = Slots([NONE; 2]);
+    pub(crate) const NONE: Slots = Slots {
+        at: [NONE; 2],
+        sampled: false,
+    };
 
     pub(crate) fn new(first: Option<usize>, second: Option<usize>) -> Self {
         let at = |s: Option<usize>| s.and_then(|s| u32::try_from(s).ok()).unwrap_or(NONE);
-        Self([at(first), at(second)])
+        Self {
+            at: [at(first), at(second)],
+            sampled: false,
+        }
+    }
+
+    /// These slots, the shared aligner feeding a sampler if `sampled`.
+    pub(crate) fn sampled_if(self, sampled: bool) -> Self {
+        Self { sampled, ..self }
     }
 
     /// The slot in the shared aligner.
     #[inline]
     pub(crate) fn first(self) -> Option<usize> {
-        (self.0[0] != NONE).then_some(self.0[0] as usize)
+        (self.at[0] != NONE).then_some(self.at[0] as usize)
     }
 
     /// The slot in the second aligner.
     #[inline]
     pub(crate) fn second(self) -> Option<usize> {
-        (self.0[1] != NONE).then_some(self.0[1] as usize)
+        (self.at[1] != NONE).then_some(self.at[1] as usize)
+    }
+
+    /// Whether the shared aligner feeds a training sampler.
+    #[inline]
+    pub(crate) fn sampled(self) -> bool {
+        self.sampled
     }
 }
 
@@ -59,7 +80,10 @@ impl Default for Link {
 /// Per-device entries in insertion order, found by device id.
 pub(crate) struct DeviceTable<T> {
     index: HashMap<Box<str>, u32, Xxh3DefaultBuilder>,
-    entries: Vec<(u32, T)>,
+    entries: Vec<T>,
+    /// Each entry's generation, apart from the entries: a fresh link checks it without touching
+    /// its entry (four bytes a device, so they stay in cache).
+    gens: Vec<u32>,
     /// Devices added so far, plus one (so a default link is stale).
     added: u32,
 }
@@ -69,6 +93,7 @@ impl<T> DeviceTable<T> {
         Self {
             index: HashMap::with_hasher(Xxh3DefaultBuilder::new()),
             entries: Vec::new(),
+            gens: Vec::new(),
             added: 1,
         }
     }
@@ -87,27 +112,28 @@ impl<T> DeviceTable<T> {
     pub(crate) fn insert(&mut self, device: &str, value: T) -> usize {
         let ix = self.entries.len();
         self.index.insert(device.into(), ix as u32);
-        self.entries.push((0, value));
+        self.entries.push(value);
+        self.gens.push(0);
         self.added = self.added.wrapping_add(1).max(1);
         ix
     }
 
     pub(crate) fn get(&self, ix: usize) -> &T {
-        &self.entries[ix].1
+        &self.entries[ix]
     }
 
     pub(crate) fn get_mut(&mut self, ix: usize) -> &mut T {
-        &mut self.entries[ix].1
+        &mut self.entries[ix]
     }
 
     /// Marks entry `ix` changed in place (its slots may have moved).
     pub(crate) fn touch(&mut self, ix: usize) {
-        let e = &mut self.entries[ix];
-        e.0 = e.0.wrapping_add(1);
+        let g = &mut self.gens[ix];
+        *g = g.wrapping_add(1);
     }
 
     pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.entries.iter_mut().map(|(_, v)| v)
+        self.entries.iter_mut()
     }
 
     /// The index of a series' device, from its link when resolved (indices never move), else by
@@ -132,10 +158,11 @@ impl<T> DeviceTable<T> {
         slots_of: impl FnOnce(&T) -> Slots,
     ) -> Option<(usize, Slots)> {
         if link.ix != NONE {
-            let (gen, entry) = &self.entries[link.ix as usize];
-            if *gen != link.gen {
-                link.gen = *gen;
-                link.slots = slots_of(entry);
+            let ix = link.ix as usize;
+            let gen = self.gens[ix];
+            if gen != link.gen {
+                link.gen = gen;
+                link.slots = slots_of(&self.entries[ix]);
             }
         } else {
             if link.gen == self.added {
@@ -143,11 +170,10 @@ impl<T> DeviceTable<T> {
             }
             match self.index.get(device) {
                 Some(&ix) => {
-                    let (gen, entry) = &self.entries[ix as usize];
                     *link = Link {
                         ix,
-                        slots: slots_of(entry),
-                        gen: *gen,
+                        slots: slots_of(&self.entries[ix as usize]),
+                        gen: self.gens[ix as usize],
                     };
                 }
                 None => {

@@ -265,6 +265,8 @@ impl Aligner {
     /// the last one before it stands for the previous vector. Returns whether it split (nothing is
     /// released then); `false` when no gap dominates (readings together, or evenly spread), or
     /// with fewer than three fresh readings (a device of two metrics cannot tell).
+    #[cold]
+    #[inline(never)]
     fn first_round(&mut self) -> bool {
         let now = self.now_ms;
         // Once per aligner, so this one allocation is not per vector.

@@ -740,37 +740,52 @@ impl BoundScorer {
         t2 >= cut.t2 || spe >= cut.spe
     }
 
-    /// T² and SPE of `x` (a valid model) as [`BoundScorer::statistics`] gives them (the same code),
-    /// with scratch space on the stack when the model is small enough, so a vector whose top
-    /// feature nobody asks for writes nothing to the model's buffer.
+    /// T² and SPE of `x` (a valid model), bit for bit as [`BoundScorer::statistics`] gives them
+    /// (every sum in the same order), in two passes over the features with the scratch space on
+    /// the stack when the model is small enough: no scratch is written to the model's buffer and
+    /// the code stays small, for the vectors whose top feature nobody asks for.
     #[inline]
     fn statistics_on_stack(&mut self, x: &[f64]) -> (f64, f64) {
         let (n, k) = (self.n, self.k);
         if n > STACK_FEATURES || k > STACK_FEATURES {
             return self.statistics(x);
         }
-        let mut z = [0.0; STACK_FEATURES];
-        let mut r = [0.0; STACK_FEATURES];
-        let mut t = [0.0; STACK_FEATURES];
-        let mut present = [false; STACK_FEATURES];
         let model = &self.data[..2 * n + k * n + k];
         let (means, rest) = model.split_at(n);
         let (scales, rest) = rest.split_at(n);
         let (components, eigenvalues) = rest.split_at(k * n);
-        let m = ModelNumbers {
-            means,
-            scales,
-            components: components.chunks_exact(n.max(1)),
-            eigenvalues,
-        };
-        statistics(
-            &m,
-            x,
-            &mut z[..n],
-            &mut present[..n],
-            &mut t[..k],
-            &mut r[..n],
-        )
+        // What `Iterator::sum` starts from, so the sums below are its sums.
+        let start: f64 = std::iter::empty::<f64>().sum();
+        let mut z = [0.0; STACK_FEATURES];
+        let mut t = [start; STACK_FEATURES];
+        let mut present = 0u32;
+        for j in 0..n {
+            let v = if j < x.len() { x[j] } else { f64::NAN };
+            let zj = (v - means[j]) / scales[j];
+            let zj = if zj.is_finite() {
+                present |= 1 << j;
+                zj.clamp(-Z_CLAMP, Z_CLAMP)
+            } else {
+                0.0
+            };
+            z[j] = zj;
+            for (a, t) in t[..k].iter_mut().enumerate() {
+                *t += components[a * n + j] * zj;
+            }
+        }
+        let mut t2 = 0.0;
+        for (t, l) in t[..k].iter().zip(eigenvalues) {
+            t2 += *t * *t / l;
+        }
+        let mut spe = start;
+        for (j, &zj) in z[..n].iter().enumerate() {
+            let mut r = zj;
+            for (a, t) in t[..k].iter().enumerate() {
+                r -= t * components[a * n + j];
+            }
+            spe += if present & (1 << j) != 0 { r * r } else { 0.0 };
+        }
+        (t2, spe)
     }
 
     /// Finds and keeps the cut-offs of up to two levels now (the binary searches take about a
@@ -785,11 +800,20 @@ impl BoundScorer {
     }
 
     /// The cut-offs of `level` (> 0), from the two kept or found now.
+    #[inline]
     fn cut(&mut self, level: f64) -> Cut {
         let bits = level.to_bits();
-        if let Some(c) = self.cuts.iter().find(|c| c.level == bits) {
-            return *c;
+        match self.cuts.iter().find(|c| c.level == bits) {
+            Some(c) => *c,
+            None => self.find_cut(level),
         }
+    }
+
+    /// Finds the cut-offs of `level` and keeps them in place of the older two.
+    #[cold]
+    #[inline(never)]
+    fn find_cut(&mut self, level: f64) -> Cut {
+        let bits = level.to_bits();
         let cut = Cut {
             level: bits,
             t2: cut_for(&self.wh_t2, level),

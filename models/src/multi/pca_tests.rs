@@ -616,6 +616,9 @@ proptest! {
         for v in &vectors {
             let x: Vec<f64> = v.iter().enumerate().map(|(j, d)| j as f64 + d).collect();
             let score = s.score(&m, &x).score;
+            // The stack pass gives the scratch pass's statistics, bit for bit.
+            let (a, c) = (b.statistics(&x), b.statistics_on_stack(&x));
+            prop_assert_eq!((a.0.to_bits(), a.1.to_bits()), (c.0.to_bits(), c.1.to_bits()));
             for &level in &levels {
                 let reached = b.reaches(&x, level);
                 prop_assert!(

@@ -145,9 +145,6 @@ impl DeviceSampler {
         if n == 0 || vector.len() != n || vector.iter().any(|v| !v.is_finite()) {
             return out;
         }
-        if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(self.capacity * n);
-        }
         let i = self.seen;
         self.seen += 1;
         if self.filled < self.capacity {
@@ -220,6 +217,8 @@ impl DeviceSampler {
     }
 
     /// Opens period `k`: an empty reservoir, its generator and any anomalies pending for it.
+    #[cold]
+    #[inline(never)]
     fn open(&mut self, k: i64) {
         self.period = Some(k);
         self.open_ms = k
@@ -229,6 +228,10 @@ impl DeviceSampler {
         self.seen = 0;
         self.filled = 0;
         self.buf.clear();
+        if self.buf.capacity() == 0 {
+            // Once, at the first period: kept from period to period.
+            self.buf.reserve_exact(self.capacity * self.features.len());
+        }
         self.anomalies = match self.pending {
             Some((p, count)) if p == k => count,
             _ => 0,
@@ -245,6 +248,8 @@ impl DeviceSampler {
     }
 
     /// Closes the open period: its sample if it has `min_rows` rows (and passes its check).
+    #[cold]
+    #[inline(never)]
     fn close(&mut self) -> Option<TrainingSample> {
         let k = self.period.take()?;
         self.open_ms = NO_PERIOD;
