@@ -597,6 +597,15 @@ fn cut_for(wh: &WilsonHilferty, level: f64) -> f64 {
     f64::from_bits(at)
 }
 
+/// A bound scorer's model numbers (`2n + kn + k` values) as means, scales, components (k rows of
+/// n) and eigenvalues.
+fn model_parts(model: &[f64], n: usize, k: usize) -> [&[f64]; 4] {
+    let (means, rest) = model.split_at(n);
+    let (scales, rest) = rest.split_at(n);
+    let (components, eigenvalues) = rest.split_at(k * n);
+    [means, scales, components, eigenvalues]
+}
+
 /// Models of up to this many features (and components) are scored on stack scratch space by
 /// [`BoundScorer::reaches`].
 const STACK_FEATURES: usize = 16;
@@ -750,10 +759,8 @@ impl BoundScorer {
         if n > STACK_FEATURES || k > STACK_FEATURES {
             return self.statistics(x);
         }
-        let model = &self.data[..2 * n + k * n + k];
-        let (means, rest) = model.split_at(n);
-        let (scales, rest) = rest.split_at(n);
-        let (components, eigenvalues) = rest.split_at(k * n);
+        let [means, scales, components, eigenvalues] =
+            model_parts(&self.data[..2 * n + k * n + k], n, k);
         // What `Iterator::sum` starts from, so the sums below are its sums.
         let start: f64 = std::iter::empty::<f64>().sum();
         let mut z = [0.0; STACK_FEATURES];
@@ -829,9 +836,7 @@ impl BoundScorer {
     fn statistics(&mut self, x: &[f64]) -> (f64, f64) {
         let (n, k) = (self.n, self.k);
         let (model, scratch) = self.data.split_at_mut(2 * n + k * n + k);
-        let (means, rest) = model.split_at(n);
-        let (scales, rest) = rest.split_at(n);
-        let (components, eigenvalues) = rest.split_at(k * n);
+        let [means, scales, components, eigenvalues] = model_parts(model, n, k);
         let (z, scratch) = scratch.split_at_mut(n);
         let (r, t) = scratch.split_at_mut(n);
         // n > 0 for a valid model (features are never empty once validated; chunks need n ≥ 1).
@@ -852,7 +857,7 @@ impl BoundScorer {
         }
         let (n, k) = (self.n, self.k);
         let (model, scratch) = self.data.split_at_mut(2 * n + k * n + k);
-        let (components, eigenvalues) = model[2 * n..].split_at(k * n);
+        let [_, _, components, eigenvalues] = model_parts(model, n, k);
         let (z, scratch) = scratch.split_at_mut(n);
         let (r, t) = scratch.split_at_mut(n);
         let spe_decides = last

@@ -520,6 +520,21 @@ fn every_z_below_the_quiet_bound_scores_zero() {
     assert!(score(1e-3) > 0.0);
 }
 
+/// A model of `features` metrics fitted on 300 rows that one load drives (metric j at
+/// `j + (1 + j)·load`, plus noise), from `seed`.
+fn load_driven_model(seed: u64, features: usize) -> PcaModel {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let names: Vec<String> = (0..features).map(|j| format!("m{j}")).collect();
+    let mut rows = Vec::new();
+    for _ in 0..300 {
+        let load = gauss(&mut rng);
+        for j in 0..features {
+            rows.push(j as f64 + (1.0 + j as f64) * load + 0.3 * gauss(&mut rng));
+        }
+    }
+    PcaModel::fit("d", names, &rows, 0, 1, &FitOptions::default()).unwrap()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -538,16 +553,7 @@ proptest! {
             1..20,
         ),
     ) {
-        let mut rng = SmallRng::seed_from_u64(seed);
-        let names: Vec<String> = (0..features).map(|j| format!("m{j}")).collect();
-        let mut rows = Vec::new();
-        for _ in 0..300 {
-            let load = gauss(&mut rng);
-            for j in 0..features {
-                rows.push(j as f64 + (1.0 + j as f64) * load + 0.3 * gauss(&mut rng));
-            }
-        }
-        let m = PcaModel::fit("d", names, &rows, 0, 1, &FitOptions::default()).unwrap();
+        let m = load_driven_model(seed, features);
         let (mut s, mut b) = (m.scorer(), m.bound_scorer());
         for v in &vectors {
             // Vectors around the training data: load-driven, plus the drawn offsets.
@@ -602,16 +608,7 @@ proptest! {
             1..20,
         ),
     ) {
-        let mut rng = SmallRng::seed_from_u64(seed);
-        let names: Vec<String> = (0..features).map(|j| format!("m{j}")).collect();
-        let mut rows = Vec::new();
-        for _ in 0..300 {
-            let load = gauss(&mut rng);
-            for j in 0..features {
-                rows.push(j as f64 + (1.0 + j as f64) * load + 0.3 * gauss(&mut rng));
-            }
-        }
-        let m = PcaModel::fit("d", names, &rows, 0, 1, &FitOptions::default()).unwrap();
+        let m = load_driven_model(seed, features);
         let (mut s, mut b) = (m.scorer(), m.bound_scorer());
         for v in &vectors {
             let x: Vec<f64> = v.iter().enumerate().map(|(j, d)| j as f64 + d).collect();
